@@ -1,0 +1,96 @@
+"""Typed configuration: OmegaConf structured dataclasses, nested by concern.
+
+`load_config(path, overrides)` merges defaults <- YAML file <- `key=value` overrides, converts to the
+dataclasses and validates everything before any process group or file is touched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from megakv.config.errors import ConfigError
+from megakv.config.model import ModelConfig, RopeScalingConfig
+from megakv.config.routing import RoutingConfig
+
+__all__ = [
+    "ConfigError",
+    "MegaKVConfig",
+    "ModelConfig",
+    "RopeScalingConfig",
+    "RoutingConfig",
+    "load_config",
+    "load_section",
+    "save_config",
+    "to_yaml",
+]
+
+T = TypeVar("T")
+
+
+@dataclass
+class MegaKVConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+
+    def validate(self) -> None:
+        self.model.validate("model")
+        self.routing.validate(self.model.n_layers, "routing")
+
+
+def _merge(schema: type[T], sources: list[Any]) -> T:
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), *sources)
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        raise ConfigError(str(key), getattr(e, "value", None), str(e).splitlines()[0],
+                          "check the key's spelling and type against megakv/config/") from None
+
+
+def _read_yaml(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("<file>", str(path), "config file not found", "pass the path of a YAML config")
+    return OmegaConf.load(path)
+
+
+def _dotlist(overrides: list[str] | None) -> Any:
+    overrides = list(overrides or [])
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError("<override>", item, "overrides must look like key=value",
+                              "e.g. model.n_layers=8 routing.q_cross=0.5")
+    return OmegaConf.from_dotlist(overrides)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                schema: type[T] = MegaKVConfig) -> T:
+    """Load, merge and validate a config; raises ConfigError naming the field on any mistake."""
+    sources = ([_read_yaml(path)] if path is not None else []) + [_dotlist(overrides)]
+    cfg = _merge(schema, sources)
+    cfg.validate()  # type: ignore[attr-defined]
+    return cfg
+
+
+def load_section(path: str | Path, schema: type[T], prefix: str) -> T:
+    """Load one section (e.g. a model directory's config.yaml, which holds only ModelConfig)."""
+    cfg = _merge(schema, [_read_yaml(path)])
+    cfg.validate(prefix)  # type: ignore[attr-defined]
+    return cfg
+
+
+def to_yaml(cfg: Any) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config atomically (temp file, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(to_yaml(cfg))
+    tmp.replace(path)

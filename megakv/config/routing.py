@@ -1,0 +1,35 @@
+"""Training-time KV routing settings (the `routing:` section)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megakv.config.errors import ConfigError
+
+
+@dataclass
+class RoutingConfig:
+    # rcla | none | cla:K | rdcla:K  (see megakv/routing.py)
+    strategy: str = "rcla"
+    # P(a layer attends with an earlier layer's K/V). For rdcla:K, P(a non-leader uses its leader's K/V).
+    q_cross: float = 0.5
+    # Only route to one of the `max_distance` nearest earlier layers (null: any earlier layer, as the paper).
+    max_distance: int | None = None
+    seed: int = 1234
+    # false: one plan per optimizer step (all micro-batches share it); true: one plan per micro-batch.
+    per_micro_batch: bool = False
+
+    def validate(self, n_layers: int, prefix: str = "routing") -> None:
+        from megakv.routing import parse_strategy  # routing imports config types; avoid a cycle
+
+        try:
+            parse_strategy(self.strategy, n_layers)
+        except ValueError as e:
+            raise ConfigError(f"{prefix}.strategy", self.strategy, str(e),
+                              "use rcla, none, cla:K or rdcla:K with 1 <= K <= n_layers") from None
+        if not 0.0 <= self.q_cross <= 1.0:
+            raise ConfigError(f"{prefix}.q_cross", self.q_cross, "a probability must lie in [0, 1]",
+                              "q_cross is P(cross-layer); the paper sweeps 0.25..0.75")
+        if self.max_distance is not None and self.max_distance < 1:
+            raise ConfigError(f"{prefix}.max_distance", self.max_distance, "must be >= 1 or null",
+                              "null lets a layer read any earlier layer")

@@ -1,0 +1,232 @@
+"""The megakv decoder: a Llama / Mistral / Qwen2 / Qwen3-style transformer whose attention layers take
+their K/V from a *source layer* chosen by a routing plan (megakv/routing.py).
+
+Reading guide
+  RMSNorm, rotary embeddings (RoPE), SwiGLU MLP, grouped-query attention via
+  torch.nn.functional.scaled_dot_product_attention. Layer l computes its queries from its own input;
+  its K/V come from layer plan[l]. K/V are a layer's own projections of its own input after k-norm and
+  RoPE (exactly what a KV cache holds). A layer computes its K/V only when some layer reads them, so a
+  routed layer that nobody reads skips its K/V projections. Gradients from layer l flow into the K/V
+  projections of its source layer.
+
+The module tree is embed -> layers.{i} -> norm -> lm_head with index-keyed names, so pipeline
+parallelism can cut it into stages without renaming checkpoint keys. There are no parallelism calls
+in this file; megakv/parallel/ wraps it from the outside.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megakv.config.model import ModelConfig
+from megakv.routing import RoutingPlan
+
+KV = tuple[torch.Tensor, torch.Tensor]  # (k, v), each (batch, n_kv_heads, seq, head_dim)
+Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each (batch, seq, head_dim)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 for stability under bf16, then return to the input dtype (as HF does).
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_inverse_frequencies(cfg: ModelConfig) -> torch.Tensor:
+    dim = cfg.resolved_head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    scaling = cfg.rope_scaling
+    if scaling.type == "llama3":
+        # Llama 3.1: long wavelengths are slowed down by `factor`, short ones kept, the middle blended.
+        old_len = scaling.original_max_position_embeddings
+        low_wavelen = old_len / scaling.low_freq_factor
+        high_wavelen = old_len / scaling.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+        smooth = (old_len / wavelen - scaling.low_freq_factor) / (
+            scaling.high_freq_factor - scaling.low_freq_factor)
+        blended = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv_freq = torch.where(medium, blended, scaled)
+    return inv_freq.float()
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.register_buffer("inv_freq", rope_inverse_frequencies(cfg), persistent=False)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> Rope:
+        freqs = position_ids[..., None].float() * self.inv_freq  # (batch, seq, head_dim / 2)
+        angles = torch.cat([freqs, freqs], dim=-1)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, rope: Rope) -> torch.Tensor:
+    """x: (batch, heads, seq, head_dim). Half-split rotation, the layout of HF Llama/Qwen weights."""
+    cos, sin = rope[0].unsqueeze(1), rope[1].unsqueeze(1)
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-second, first], dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim
+        self.q_proj = nn.Linear(cfg.d_model, self.n_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=cfg.out_bias)
+        self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+
+    def _heads(self, x: torch.Tensor, n_heads: int, norm: RMSNorm | None) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        x = x.view(batch, seq, n_heads, self.head_dim)
+        if norm is not None:
+            x = norm(x)
+        return x.transpose(1, 2)
+
+    def project_q(self, h: torch.Tensor, rope: Rope) -> torch.Tensor:
+        return apply_rope(self._heads(self.q_proj(h), self.n_heads, self.q_norm), rope)
+
+    def project_kv(self, h: torch.Tensor, rope: Rope) -> KV:
+        k = apply_rope(self._heads(self.k_proj(h), self.n_kv_heads, self.k_norm), rope)
+        v = self._heads(self.v_proj(h), self.n_kv_heads, None)
+        return k, v
+
+    def attend(self, q: torch.Tensor, kv: KV, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """q: (batch, heads, q_len, head_dim); kv over k_len >= q_len positions ending at the query's.
+
+        attn_mask (bool, True = may attend, broadcastable to (batch, heads, q_len, k_len)) overrides the
+        default causal mask; pass one when the batch has padding.
+        """
+        k, v = kv
+        q_len, k_len = q.shape[2], k.shape[2]
+        if attn_mask is None and q_len > 1:
+            if q_len == k_len:
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            else:  # queries are the last q_len positions: bottom-right aligned causal mask
+                attn_mask = torch.ones(q_len, k_len, dtype=torch.bool, device=q.device).tril(k_len - q_len)
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=True)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=True)
+        batch, _, seq, _ = out.shape
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg)
+
+    def forward(self, x: torch.Tensor, rope: Rope, shared_kv: KV | None = None,
+                attn_mask: torch.Tensor | None = None, project_own_kv: bool = True,
+                extend_kv: Callable[[KV], KV] | None = None) -> tuple[torch.Tensor, KV | None]:
+        """Returns (output, this layer's own K/V or None when it did not project them).
+
+        shared_kv=None: the layer attends with its own K/V. Otherwise it attends to `shared_kv`, and
+        projects its own K/V only if `project_own_kv` (a later layer reads them). `extend_kv` (e.g. a
+        cache append) turns the own K/V of the new positions into those of the full sequence.
+        """
+        h = self.attn_norm(x)
+        q = self.attn.project_q(h, rope)
+        own_kv = None
+        if shared_kv is None or project_own_kv:
+            own_kv = self.attn.project_kv(h, rope)
+            if extend_kv is not None:
+                own_kv = extend_kv(own_kv)
+        x = x + self.attn.attend(q, own_kv if shared_kv is None else shared_kv, attn_mask)
+        x = x + self.mlp(self.mlp_norm(x))
+        return x, own_kv
+
+
+class MegaKVModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.rope = RotaryEmbedding(cfg)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.cfg.init_std
+        # GPT-2 style: residual-branch outputs are scaled down with depth to keep activations stable.
+        residual_std = std / math.sqrt(2 * self.cfg.n_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                is_residual_out = name.endswith("o_proj") or name.endswith("down_proj")
+                nn.init.normal_(module.weight, std=residual_std if is_residual_out else std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    def output_weight(self) -> torch.Tensor:
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.norm(x), self.output_weight())
+
+    def default_positions(self, input_ids: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        seq = input_ids.shape[1]
+        positions = torch.arange(offset, offset + seq, device=input_ids.device)
+        return positions.unsqueeze(0).expand(input_ids.shape[0], seq)
+
+    def forward(self, input_ids: torch.Tensor, plan: RoutingPlan | None = None,
+                position_ids: torch.Tensor | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (batch, seq, vocab) for token ids (batch, seq) under a routing plan (default: own K/V)."""
+        if plan is None:
+            plan = RoutingPlan.own(self.cfg.n_layers)
+        if plan.n_layers != self.cfg.n_layers:
+            raise ValueError(f"routing plan has {plan.n_layers} layers, the model has {self.cfg.n_layers}")
+        if position_ids is None:
+            position_ids = self.default_positions(input_ids)
+        x = self.embed(input_ids)
+        rope = self.rope(position_ids, x.dtype)
+        kv_by_layer: dict[int, KV] = {}
+        for index, layer in enumerate(self.layers):
+            source = plan[index]
+            shared = None if source == index else kv_by_layer[source]
+            x, own_kv = layer(x, rope, shared, attn_mask, project_own_kv=plan.kv_needed[index])
+            if plan.last_reader[index] > index:
+                kv_by_layer[index] = own_kv
+            # Drop K/V that no later layer reads, so activation memory follows the plan.
+            if source != index and plan.last_reader[source] == index:
+                del kv_by_layer[source]
+        return self.head(x)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
