@@ -82,16 +82,16 @@ class ModelConfig:
         if self.family in ("llama", "mistral"):
             need(not self.qk_norm, "qk_norm", f"family {self.family} has no q/k norm",
                  "set family=qwen3 to export a model with q/k norm")
-        if self.family in ("mistral", "qwen2", "qwen3"):
-            need(not self.out_bias, "out_bias", f"family {self.family} has no output-projection bias",
-                 "set family=llama (attention_bias) or out_bias=false")
         if self.family == "mistral":
-            need(not self.qkv_bias, "qkv_bias", "mistral has no attention bias", "set family=qwen2 or llama")
+            need(not (self.qkv_bias or self.out_bias), "qkv_bias", "mistral has no attention bias",
+                 "set family=qwen2 (q/k/v bias) or llama (attention_bias)")
         if self.family == "qwen2":
-            need(self.qkv_bias, "qkv_bias", "qwen2 always has q/k/v bias", "set qkv_bias=true")
-        if self.family == "llama":
+            need(self.qkv_bias and not self.out_bias, "qkv_bias",
+                 "qwen2 always has q/k/v bias and never an output-projection bias",
+                 "set qkv_bias=true and out_bias=false")
+        if self.family in ("llama", "qwen3"):
             need(self.qkv_bias == self.out_bias, "qkv_bias",
-                 f"llama's attention_bias covers q/k/v and output together (out_bias={self.out_bias})",
+                 f"{self.family}'s attention_bias covers q/k/v and output together (out_bias={self.out_bias})",
                  "set qkv_bias and out_bias to the same value, or use family=qwen2 for q/k/v bias only")
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             value = getattr(self, name)

@@ -1,0 +1,1 @@
+"""Interchange with Hugging Face transformers (Llama, Mistral, Qwen2, Qwen3)."""

@@ -1,0 +1,101 @@
+"""Read and write transformers checkpoint directories (`save_pretrained` layout) for megakv models."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from megakv.config import ModelConfig
+from megakv.hf.mapping import (
+    HF_CLASSES,
+    UnsupportedCheckpoint,
+    hf_config_from_model_config,
+    model_config_from_hf,
+    state_dict_from_hf,
+    state_dict_to_hf,
+)
+from megakv.model_dir import write_directory_atomically
+
+# Files that make up a transformers tokenizer; carried between formats when present.
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
+    "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+)
+
+
+def read_hf_config(hf_dir: str | Path) -> dict:
+    path = Path(hf_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{hf_dir} has no config.json: expected a transformers checkpoint directory "
+                                f"written by save_pretrained")
+    return json.loads(path.read_text())
+
+
+def read_hf_weights(hf_dir: str | Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    hf_dir = Path(hf_dir)
+    if (hf_dir / "model.safetensors").is_file():
+        return load_file(str(hf_dir / "model.safetensors"))
+    index = hf_dir / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weights: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            weights.update(load_file(str(hf_dir / shard)))
+        return weights
+    if (hf_dir / "pytorch_model.bin").is_file():
+        return torch.load(hf_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{hf_dir} holds no weights (model.safetensors, a sharded index or pytorch_model.bin)")
+
+
+def load_hf_checkpoint(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """A transformers Llama/Mistral/Qwen2/Qwen3 directory -> (ModelConfig, megakv state dict)."""
+    cfg = model_config_from_hf(read_hf_config(hf_dir))
+    hf_weights = read_hf_weights(hf_dir)
+    if cfg.tie_embeddings is False and "lm_head.weight" not in hf_weights:
+        raise UnsupportedCheckpoint(f"{hf_dir}: lm_head.weight is missing but tie_word_embeddings is false")
+    return cfg, state_dict_from_hf(hf_weights, cfg)
+
+
+def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
+    src, dst = Path(src), Path(dst)
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            dst.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src / name, dst / name)
+            copied.append(name)
+    return copied
+
+
+def save_hf_checkpoint(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], out_dir: str | Path,
+                       tokenizer_dir: str | Path | None = None, overwrite: bool = False,
+                       dtype: torch.dtype | None = None) -> Path:
+    """Write `cfg` + weights as a transformers directory that `AutoModelForCausalLM.from_pretrained` loads."""
+    from huggingface_hub import save_torch_state_dict
+    from transformers import GenerationConfig
+
+    hf_cfg = hf_config_from_model_config(cfg)
+    tensors = state_dict_to_hf(state_dict, cfg)
+    if cfg.tie_embeddings:
+        tensors.pop("lm_head.weight", None)
+    tensors = {k: (v.to(dtype) if dtype is not None else v).detach().contiguous().cpu() for k, v in tensors.items()}
+    if dtype is not None:
+        hf_cfg.dtype = str(dtype).removeprefix("torch.")
+
+    def fill(tmp: Path) -> None:
+        hf_cfg.save_pretrained(tmp)
+        GenerationConfig.from_model_config(hf_cfg).save_pretrained(tmp)
+        save_torch_state_dict(tensors, tmp)
+        if tokenizer_dir is not None:
+            copy_tokenizer_files(tokenizer_dir, tmp)
+
+    return write_directory_atomically(out_dir, fill, overwrite)
+
+
+__all__ = ["HF_CLASSES", "TOKENIZER_FILES", "copy_tokenizer_files", "load_hf_checkpoint", "read_hf_config",
+           "read_hf_weights", "save_hf_checkpoint"]

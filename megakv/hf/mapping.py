@@ -1,0 +1,182 @@
+"""Config and state-dict mapping between megakv and transformers' Llama / Mistral / Qwen2 / Qwen3.
+
+The two models compute the same function with the all-own routing plan; only names differ:
+  model.embed_tokens            <-> embed
+  model.layers.{i}.input_layernorm / post_attention_layernorm <-> layers.{i}.attn_norm / mlp_norm
+  model.layers.{i}.self_attn.*  <-> layers.{i}.attn.*   (q/k/v/o_proj, q_norm, k_norm)
+  model.layers.{i}.mlp.*        <-> layers.{i}.mlp.*    (gate/up/down_proj)
+  model.norm, lm_head           <-> norm, lm_head       (lm_head absent when embeddings are tied)
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+from megakv.config.model import ModelConfig, RopeScalingConfig
+
+HF_CLASSES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+}
+
+_RENAMES = [  # (megakv pattern, HF pattern); applied to the part after "layers.{i}." or to top-level keys
+    (r"^embed\.", "model.embed_tokens."),
+    (r"^norm\.", "model.norm."),
+    (r"^lm_head\.", "lm_head."),
+    (r"^layers\.(\d+)\.attn_norm\.", r"model.layers.\1.input_layernorm."),
+    (r"^layers\.(\d+)\.mlp_norm\.", r"model.layers.\1.post_attention_layernorm."),
+    (r"^layers\.(\d+)\.attn\.", r"model.layers.\1.self_attn."),
+    (r"^layers\.(\d+)\.mlp\.", r"model.layers.\1.mlp."),
+]
+
+
+class UnsupportedCheckpoint(ValueError):
+    """A transformers checkpoint megakv cannot represent exactly; the message says what and why."""
+
+
+def _rename(key: str, rules: list[tuple[str, str]]) -> str:
+    for pattern, replacement in rules:
+        new, count = re.subn(pattern, replacement, key)
+        if count:
+            return new
+    raise KeyError(key)
+
+
+_TO_HF = _RENAMES
+_FROM_HF = [
+    (r"^model\.embed_tokens\.", "embed."),
+    (r"^model\.norm\.", "norm."),
+    (r"^lm_head\.", "lm_head."),
+    (r"^model\.layers\.(\d+)\.input_layernorm\.", r"layers.\1.attn_norm."),
+    (r"^model\.layers\.(\d+)\.post_attention_layernorm\.", r"layers.\1.mlp_norm."),
+    (r"^model\.layers\.(\d+)\.self_attn\.", r"layers.\1.attn."),
+    (r"^model\.layers\.(\d+)\.mlp\.", r"layers.\1.mlp."),
+]
+
+
+def state_dict_to_hf(state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, tensor in state_dict.items():
+        if key.startswith("rope."):
+            continue
+        out[_rename(key, _TO_HF)] = tensor
+    return out
+
+
+def state_dict_from_hf(hf_state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, tensor in hf_state_dict.items():
+        if key.endswith("rotary_emb.inv_freq"):
+            continue  # recomputed from the config
+        if cfg.tie_embeddings and key == "lm_head.weight":
+            continue  # the same tensor as the embedding
+        try:
+            out[_rename(key, _FROM_HF)] = tensor
+        except KeyError:
+            raise UnsupportedCheckpoint(
+                f"unexpected weight {key!r} in the transformers checkpoint: megakv maps only "
+                f"{', '.join(HF_CLASSES)} decoder weights") from None
+    return out
+
+
+def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, RopeScalingConfig]:
+    # transformers 5 stores rope settings in `rope_parameters`; 4.x in `rope_theta` + `rope_scaling`.
+    params = dict(hf.get("rope_parameters") or {})
+    legacy = hf.get("rope_scaling") or {}
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    kind = params.get("rope_type") or legacy.get("rope_type") or legacy.get("type") or "default"
+    source = params if params.get("rope_type") not in (None, "default") else legacy
+    if kind == "default":
+        return theta, RopeScalingConfig()
+    if kind == "llama3":
+        return theta, RopeScalingConfig(
+            type="llama3", factor=float(source["factor"]), low_freq_factor=float(source["low_freq_factor"]),
+            high_freq_factor=float(source["high_freq_factor"]),
+            original_max_position_embeddings=int(source["original_max_position_embeddings"]))
+    raise UnsupportedCheckpoint(f"rope type {kind!r} is not supported (megakv implements default and llama3)")
+
+
+def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+    """A transformers config (as a dict, e.g. config.json) -> ModelConfig. Refuses what it cannot match."""
+    family = hf.get("model_type")
+    if family not in HF_CLASSES:
+        raise UnsupportedCheckpoint(
+            f"model_type {family!r} is not supported: megakv imports {', '.join(HF_CLASSES)} checkpoints")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise UnsupportedCheckpoint(f"hidden_act {hf.get('hidden_act')!r}: megakv's MLP is SwiGLU (silu)")
+    if hf.get("mlp_bias"):
+        raise UnsupportedCheckpoint("mlp_bias=true is not supported (megakv's MLP has no bias)")
+    max_len = int(hf.get("max_position_embeddings", 2048))
+    window = hf.get("sliding_window")
+    uses_window = window is not None and (family == "mistral" or hf.get("use_sliding_window", False))
+    if uses_window and window < max_len:
+        # megakv has no sliding-window attention; within the window both are the same function.
+        max_len = int(window)
+    theta, scaling = _rope_from_hf(hf)
+    n_heads = int(hf["num_attention_heads"])
+    attention_bias = bool(hf.get("attention_bias", False))
+    head_dim = hf.get("head_dim")
+    eos = hf.get("eos_token_id")
+    cfg = ModelConfig(
+        family=family,
+        vocab_size=int(hf["vocab_size"]),
+        d_model=int(hf["hidden_size"]),
+        n_layers=int(hf["num_hidden_layers"]),
+        n_heads=n_heads,
+        n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
+        head_dim=int(head_dim) if head_dim else None,
+        ffn_hidden=int(hf["intermediate_size"]),
+        max_seq_len=max_len,
+        rope_theta=theta,
+        rope_scaling=scaling,
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        qk_norm=family == "qwen3",
+        qkv_bias=family == "qwen2" or (family in ("llama", "qwen3") and attention_bias),
+        out_bias=family in ("llama", "qwen3") and attention_bias,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        init_std=float(hf.get("initializer_range", 0.02)),
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=eos[0] if isinstance(eos, list) else eos,
+        pad_token_id=hf.get("pad_token_id"),
+    )
+    cfg.validate()
+    return cfg
+
+
+def hf_config_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+    """Keyword arguments for the transformers config class of `cfg.family`."""
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling.type == "llama3":
+        s = cfg.rope_scaling
+        rope = {"rope_type": "llama3", "rope_theta": cfg.rope_theta, "factor": s.factor,
+                "low_freq_factor": s.low_freq_factor, "high_freq_factor": s.high_freq_factor,
+                "original_max_position_embeddings": s.original_max_position_embeddings}
+    kwargs: dict[str, Any] = dict(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ffn_hidden,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+        head_dim=cfg.resolved_head_dim, hidden_act="silu", max_position_embeddings=cfg.max_seq_len,
+        initializer_range=cfg.init_std, rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings,
+        rope_parameters=rope, bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
+        pad_token_id=cfg.pad_token_id, attention_dropout=0.0,
+    )
+    if cfg.family in ("llama", "qwen3"):
+        kwargs["attention_bias"] = cfg.qkv_bias
+    if cfg.family == "mistral":
+        kwargs["sliding_window"] = None
+    if cfg.family in ("qwen2", "qwen3"):
+        kwargs["use_sliding_window"] = False
+    return kwargs
+
+
+def hf_config_from_model_config(cfg: ModelConfig):
+    import transformers
+
+    config_class = getattr(transformers, HF_CLASSES[cfg.family][0])
+    hf_cfg = config_class(**hf_config_kwargs(cfg))
+    hf_cfg.architectures = [HF_CLASSES[cfg.family][1]]
+    return hf_cfg

@@ -1,0 +1,92 @@
+"""A megakv model directory: `config.yaml` (ModelConfig), `model.safetensors` and, when known, `tokenizer/`
+(a copy of the tokenizer the model was trained with). Written atomically: a crash leaves no
+half-written directory that looks complete.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from megakv.config import ModelConfig, load_section, save_config
+from megakv.model import MegaKVModel, rope_inverse_frequencies
+
+CONFIG_FILE = "config.yaml"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_DIR = "tokenizer"
+
+
+def write_directory_atomically(out_dir: str | Path, fill: Callable[[Path], None], overwrite: bool = False) -> Path:
+    """Create `out_dir` by filling a temporary sibling and renaming it into place."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists and is not empty: choose a new output directory "
+                              f"or pass --overwrite")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        fill(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def save_model_dir(model_cfg: ModelConfig, state_dict: dict[str, torch.Tensor], out_dir: str | Path,
+                   tokenizer_dir: str | Path | None = None, overwrite: bool = False) -> Path:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items() if not k.startswith("rope.")}
+    if model_cfg.tie_embeddings:
+        tensors.pop("lm_head.weight", None)
+
+    def fill(tmp: Path) -> None:
+        save_config(model_cfg, tmp / CONFIG_FILE)
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "producer": "megakv"})
+        if tokenizer_dir is not None:
+            shutil.copytree(tokenizer_dir, tmp / TOKENIZER_DIR)
+
+    return write_directory_atomically(out_dir, fill, overwrite)
+
+
+def is_model_dir(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
+
+
+def load_model_config(model_dir: str | Path) -> ModelConfig:
+    model_dir = Path(model_dir)
+    if not is_model_dir(model_dir):
+        raise FileNotFoundError(
+            f"{model_dir} is not a megakv model directory (needs {CONFIG_FILE} and {WEIGHTS_FILE}); "
+            f"convert a transformers checkpoint with `megakv-convert from-hf` or a training run with "
+            f"`megakv-convert from-checkpoint`")
+    return load_section(model_dir / CONFIG_FILE, ModelConfig, "model")
+
+
+def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
+               dtype: torch.dtype | None = None) -> MegaKVModel:
+    cfg = load_model_config(model_dir)
+    with torch.device("meta"):
+        model = MegaKVModel(cfg)
+    state = load_file(str(Path(model_dir) / WEIGHTS_FILE), device=str(device))
+    model.to_empty(device=device)
+    model.rope.inv_freq.copy_(rope_inverse_frequencies(cfg))  # buffers are not in the weights file
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or missing:
+        raise ValueError(f"{model_dir}: weights do not match config.yaml "
+                         f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval()
+
+
+def tokenizer_path(model_dir: str | Path) -> Path | None:
+    path = Path(model_dir) / TOKENIZER_DIR
+    return path if path.is_dir() else None
