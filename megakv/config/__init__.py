@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from megakv.config.errors import ConfigError
+from megakv.config.errors import UNSET, ConfigError
 from megakv.config.model import ModelConfig, RopeScalingConfig
 from megakv.config.routing import RoutingConfig
 
@@ -48,7 +48,8 @@ def _merge(schema: type[T], sources: list[Any]) -> T:
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "?"
-        raise ConfigError(str(key), getattr(e, "value", None), str(e).splitlines()[0],
+        value = getattr(e, "value", None)
+        raise ConfigError(str(key), UNSET if value is None else value, str(e).splitlines()[0],
                           "check the key's spelling and type against megakv/config/") from None
 
 
