@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Submit preprocess_array.sbatch as an array of N tasks (default 16) and merge.sbatch to run after it.
+# INPUT, TOKENIZER and OUTPUT_DIR (and optionally PREP_ARGS, MERGED_NAME, MEGAKV_VENV) must be exported.
+# Extra sbatch options for both jobs (partition, account, --cpus-per-task, --mem, ...) go after N:
+#   bash data_prep/submit_preprocess.sh 64 --partition=cpu --cpus-per-task=4 --mem=8G
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+tasks=${1:-16}
+shift || true
+: "${INPUT:?export INPUT}" "${TOKENIZER:?export TOKENIZER}" "${OUTPUT_DIR:?export OUTPUT_DIR}"
+array=$(sbatch --parsable --array=0-$((tasks - 1)) "$@" "$here/preprocess_array.sbatch")
+merge=$(sbatch --parsable --dependency=afterok:"${array%%;*}" "$@" "$here/merge.sbatch")
+echo "array job ${array%%;*} ($tasks tasks), then merge job ${merge%%;*} -> $OUTPUT_DIR/${MERGED_NAME:-train}"

@@ -1,0 +1,34 @@
+"""megakv-merge: concatenate `.bin/.idx` pairs into one, streaming (flat memory).
+
+    megakv-merge --inputs PREFIX... --output-prefix OUT [--overwrite]
+
+Inputs may be globs (`out/part_*`); they are merged in the given (globs: sorted) order, and the result is
+byte-identical to preprocessing all their inputs at once in that order.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from megakv.data.cli_support import run_cli
+from megakv.data.merge import merge
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="megakv-merge", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--inputs", nargs="+", required=True, help="prefixes or globs of pairs to merge")
+    p.add_argument("--output-prefix", required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing pair at the output")
+    args = p.parse_args(argv)
+
+    def run() -> None:
+        meta = merge(args.inputs, args.output_prefix, overwrite=args.overwrite)
+        print(f"{args.output_prefix}: merged {meta['merged_count']} pairs, {meta['documents']:,} documents, "
+              f"{meta['tokens']:,} tokens ({meta['dtype']}) in {meta['seconds']:.1f} s", flush=True)
+
+    return run_cli(run)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,75 @@
+"""megakv-tokenizer: train a SentencePiece tokenizer, import a Hugging Face one, or show one.
+
+    megakv-tokenizer train --input PATH... --vocab-size N --output DIR
+    megakv-tokenizer import --from HF_DIR --output DIR [--eos-token TOKEN]
+    megakv-tokenizer info DIR
+    megakv-tokenizer encode DIR "some text"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+from dataclasses import asdict
+
+from megakv.data.cli_support import run_cli
+from megakv.data.documents import iter_texts
+from megakv.data.sources import FORMATS, TXT_UNITS, expand_inputs
+from megakv.data.tokenizer import import_hf_tokenizer, load_tokenizer, read_info, train_sentencepiece
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megakv-tokenizer", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train a SentencePiece tokenizer on local text")
+    train.add_argument("--input", nargs="+", required=True, help="files, globs or directories")
+    train.add_argument("--vocab-size", type=int, required=True)
+    train.add_argument("--output", required=True, help="tokenizer directory to write")
+    train.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
+    train.add_argument("--text-key", default="text", help="jsonl / parquet field holding the text")
+    train.add_argument("--format", choices=FORMATS, help="input format (default: from file names)")
+    train.add_argument("--txt-unit", choices=TXT_UNITS, default="document",
+                       help="what one document of a .txt file is")
+    train.add_argument("--max-sentences", type=int, default=2_000_000,
+                       help="lines sampled for training (bounds memory and time)")
+    imp = sub.add_parser("import", help="save a Hugging Face tokenizer directory as a megakv one")
+    imp.add_argument("--from", dest="source", required=True, help="directory AutoTokenizer loads offline")
+    imp.add_argument("--output", required=True)
+    imp.add_argument("--eos-token", help="end-of-document token, if the tokenizer declares none")
+    info = sub.add_parser("info", help="print a tokenizer directory's metadata")
+    info.add_argument("directory")
+    enc = sub.add_parser("encode", help="print the ids of a text (a quick check)")
+    enc.add_argument("directory")
+    enc.add_argument("text")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+
+    def run() -> None:
+        if args.command == "train":
+            skipped: Counter = Counter()
+            files = expand_inputs(args.input, args.format)
+            texts = iter_texts(files, args.text_key, args.txt_unit, skipped)
+            info = train_sentencepiece(texts, args.output, args.vocab_size, model_type=args.model_type,
+                                       max_sentences=args.max_sentences)
+            print(f"trained {info.kind} {args.model_type} tokenizer, vocab {info.vocab_size}, eos {info.eos_id} "
+                  f"-> {args.output}" + (f" (skipped records: {dict(skipped)})" if skipped else ""))
+        elif args.command == "import":
+            info = import_hf_tokenizer(args.source, args.output, args.eos_token)
+            print(f"imported {args.source}: vocab {info.vocab_size}, eos {info.eos_id} -> {args.output}")
+        elif args.command == "info":
+            print(json.dumps(asdict(read_info(args.directory)), indent=2))
+        else:
+            tok = load_tokenizer(args.directory)
+            ids = tok.encode(args.text)
+            print(json.dumps({"ids": ids, "decoded": tok.decode(ids)}, ensure_ascii=False))
+
+    return run_cli(run)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,51 @@
+"""Training data settings (the `data:` section). seq_len is not here: it is the model's `max_seq_len`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from megakv.config.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    # Prefixes of `.bin/.idx` pairs written by megakv-prep / megakv-merge (or Megatron), without suffix.
+    datasets: list[str] = field(default_factory=list)
+    # Sampling weight of each dataset (any positive scale). None: proportional to each one's size.
+    weights: list[float] | None = None
+    # Extra held-out datasets, used whole for validation only (e.g. the `*_valid` pairs of megakv-data).
+    valid_datasets: list[str] = field(default_factory=list)
+    # Tokenizer directory; None: the `tokenizer/` saved beside the first dataset.
+    tokenizer: str | None = None
+    # Fraction of each training dataset's documents held out for validation (whole documents).
+    valid_fraction: float = 0.01
+    # Seed of the train/validation split; kept apart from `seed` so runs with different seeds share it.
+    split_seed: int = 1234
+    # Seed of the sample order (documents and samples are reshuffled every epoch from it).
+    seed: int = 1234
+    # Where sample orders are cached; None: `index-cache/` beside the first dataset. Must be on a
+    # filesystem every rank sees (one rank builds the cache, the others read it).
+    cache_dir: str | None = None
+
+    def validate(self, prefix: str = "data") -> None:
+        def fail(name: str, problem: str, fix: str) -> None:
+            raise ConfigError(f"{prefix}.{name}", getattr(self, name), problem, fix)
+
+        if not self.datasets:
+            fail("datasets", "no training datasets", "list the prefixes written by megakv-prep, e.g. "
+                 "data.datasets=[data/shakespeare/shakespeare_train]")
+        for name in ("datasets", "valid_datasets"):
+            for p in getattr(self, name):
+                if not p or p.endswith((".bin", ".idx")):
+                    fail(name, f"entry {p!r} is not a dataset prefix", "give the path without .bin / .idx")
+        if self.weights is not None:
+            if len(self.weights) != len(self.datasets):
+                fail("weights", f"{len(self.weights)} weights for {len(self.datasets)} datasets",
+                     "give one weight per dataset, or null for weights proportional to size")
+            if any(not w > 0 for w in self.weights):
+                fail("weights", "weights must be positive", "drop a dataset instead of giving it weight 0")
+        if not 0.0 <= self.valid_fraction < 1.0:
+            fail("valid_fraction", "must be in [0, 1)", "e.g. 0.01; 0 holds nothing out")
+        for name in ("seed", "split_seed"):
+            if not 0 <= getattr(self, name) < 2**32:
+                fail(name, "must be in [0, 2**32)", "pick a smaller non-negative integer")

@@ -1,0 +1,82 @@
+"""Hash-named on-disk cache of sample orders, built by one rank while the others wait.
+
+An entry is a few `.npy` arrays named `{key}-{array}.npy` plus `{key}.json` (its human-readable
+description, written last: the entry is complete once the json exists). The key is a hash of the
+description, so a change of data, seed, seq_len or split can never pick up a stale entry. Every file is
+written under a temporary name and renamed, so readers never see a partial file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from megakv.data.errors import DataError
+
+CACHE_VERSION = 1
+
+
+def cache_key(description: dict) -> str:
+    text = json.dumps({"cache_version": CACHE_VERSION, **description}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+class IndexCache:
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self.built = 0  # entries this process built (tests check that only the builder builds)
+
+    def _marker(self, key: str) -> Path:
+        return self.directory / f"{key}.json"
+
+    def has(self, key: str) -> bool:
+        return self._marker(key).exists()
+
+    def load(self, key: str) -> dict[str, np.ndarray]:
+        names = json.loads(self._marker(key).read_text())["arrays"]
+        return {name: np.load(self.directory / f"{key}-{name}.npy", mmap_mode="r") for name in names}
+
+    def save(self, key: str, description: dict, arrays: dict[str, np.ndarray]) -> None:
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            for name, array in arrays.items():
+                final = self.directory / f"{key}-{name}.npy"
+                tmp = final.with_name(f"{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+                with open(tmp, "wb") as f:
+                    np.save(f, np.ascontiguousarray(array))
+                tmp.replace(final)
+            marker = self._marker(key)
+            tmp = marker.with_name(f"{marker.name}.tmp-{uuid.uuid4().hex[:8]}")
+            tmp.write_text(json.dumps({**description, "arrays": list(arrays)}, indent=2, sort_keys=True))
+            tmp.replace(marker)
+        except OSError as e:
+            raise DataError(f"cannot write the index cache in {self.directory}: {e}",
+                            "set data.cache_dir to a writable directory") from None
+        self.built += 1
+
+    def get_or_build(self, key: str, description: dict, build: Callable[[], dict[str, np.ndarray]],
+                     may_build: bool) -> dict[str, np.ndarray] | None:
+        """Load the entry; build and save it first if allowed; None if absent and not allowed."""
+        if not self.has(key):
+            if not may_build:
+                return None
+            self.save(key, description, build())
+        return self.load(key)
+
+    def wait_for(self, keys: list[str], timeout_s: float, poll_s: float = 0.5) -> None:
+        """Poll until every entry exists (when there is no barrier to wait on)."""
+        deadline = time.monotonic() + timeout_s
+        while not all(self.has(k) for k in keys):
+            if time.monotonic() > deadline:
+                missing = [k for k in keys if not self.has(k)]
+                raise DataError(f"gave up after {timeout_s:.0f} s waiting for {len(missing)} index cache entries "
+                                f"in {self.directory} (e.g. {missing[0]})",
+                                "make sure exactly one process builds (is_builder=True) and that "
+                                "data.cache_dir is on a filesystem every process sees")
+            time.sleep(poll_s)

@@ -1,0 +1,261 @@
+"""Input files -> one `.bin/.idx` pair, tokenized by a pool of worker processes.
+
+The main process reads raw records (sources.py) into batches of about 1 MiB and hands them to workers,
+which decode, validate (documents.py), tokenize and append the end-of-document token; results come back
+in order and are streamed into the writer. At most a few batches are in flight, so memory is flat
+whatever the input size. `workers=1` runs everything in this process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import multiprocessing
+import time
+from collections import Counter, deque
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from megakv.data.documents import Skip, record_text
+from megakv.data.errors import DataError
+from megakv.data.indexed import IndexedDataset, IndexedWriter, idx_path, optimal_dtype, pair_exists
+from megakv.data.metadata import read_meta, write_meta
+from megakv.data.progress import Progress
+from megakv.data.sources import InputFile, RecordReader, expand_inputs, select_shard
+from megakv.data.tokenizer import TokenizerInfo, cached_tokenizer, save_beside_data
+
+BATCH_BYTES = 1 << 18  # 256 KiB: small enough to spread a few large documents over the workers
+BATCH_RECORDS = 4096
+EXAMPLES_PER_REASON = 3  # skipped records listed by file:line in the summary
+
+
+@dataclass(frozen=True)
+class PrepOptions:
+    text_key: str = "text"
+    txt_unit: str = "document"  # txt files: a whole file, a paragraph or a line is one document
+    format: str | None = None  # force a format instead of reading it from file names
+    prepend_bos: bool = False
+    strict: bool = False  # fail on the first bad record instead of skipping it
+
+
+@dataclass
+class PrepSummary:
+    output_prefix: str
+    files: int = 0
+    documents: int = 0
+    tokens: int = 0
+    input_bytes: int = 0
+    seconds: float = 0.0
+    dtype: str = ""
+    skipped: Counter = field(default_factory=Counter)
+    skipped_examples: dict[str, list[str]] = field(default_factory=dict)
+    already_done: bool = False
+
+    def format(self) -> str:
+        if self.already_done:
+            return f"{self.output_prefix}: already prepared from the same inputs and tokenizer; nothing to do"
+        rate = self.tokens / self.seconds if self.seconds else 0.0
+        lines = [f"{self.output_prefix}: {self.documents:,} documents, {self.tokens:,} tokens ({self.dtype}) "
+                 f"from {self.files:,} files ({self.input_bytes / 2**20:,.1f} MiB) in {self.seconds:,.1f} s "
+                 f"({rate:,.0f} tokens/s, {self.documents / max(self.seconds, 1e-9):,.0f} docs/s)"]
+        if self.skipped:
+            lines.append(f"skipped {sum(self.skipped.values()):,} records: " + ", ".join(
+                f"{reason}={n:,} (e.g. {', '.join(self.skipped_examples.get(reason, []))})"
+                for reason, n in sorted(self.skipped.items())))
+        else:
+            lines.append("skipped 0 records")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class _Task:
+    tokenizer_dir: str
+    options: PrepOptions
+    vocab_size: int
+    eos_id: int
+    bos_id: int | None
+    dtype: str
+    formats: tuple[str, ...]  # per record
+    items: tuple[tuple[int, int, object], ...]  # (file index, line, payload)
+
+
+@dataclass
+class _Result:
+    tokens: np.ndarray
+    lengths: np.ndarray
+    skips: list[tuple[int, int, str, str]]  # (file index, line, reason, detail)
+    out_of_vocab: tuple[int, int, int] | None  # (file index, line, token id)
+
+
+def encode_task(task: _Task) -> _Result:
+    """Worker: decode + validate + tokenize one batch (runs in a worker process, or inline)."""
+    texts, kept, skips = [], [], []
+    for fmt, (file_index, line, payload) in zip(task.formats, task.items):
+        try:
+            texts.append(record_text(fmt, payload, task.options.text_key))
+            kept.append((file_index, line))
+        except Skip as s:
+            skips.append((file_index, line, s.reason, s.detail))
+    tokenizer = cached_tokenizer(task.tokenizer_dir)
+    ids = tokenizer.encode_batch(texts) if texts else []
+    raw_lengths = np.fromiter((len(x) for x in ids), np.int64, len(ids))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), np.int64, int(raw_lengths.sum()))
+    out_of_vocab = None
+    if len(flat) and (int(flat.max()) >= task.vocab_size or int(flat.min()) < 0):
+        bad = int(np.flatnonzero((flat >= task.vocab_size) | (flat < 0))[0])
+        doc = int(np.searchsorted(np.cumsum(raw_lengths), bad, side="right"))
+        out_of_vocab = (*kept[doc], int(flat[bad]))
+    ends = np.cumsum(raw_lengths)
+    tokens = np.insert(flat, ends, task.eos_id)  # end-of-document token after every document
+    lengths = raw_lengths + 1
+    if task.options.prepend_bos and task.bos_id is not None:
+        tokens = np.insert(tokens, np.concatenate([[0], np.cumsum(lengths)[:-1]]), task.bos_id)
+        lengths = lengths + 1
+    return _Result(tokens.astype(task.dtype), lengths, skips, out_of_vocab)
+
+
+def _batches(files: list[InputFile], options: PrepOptions, make_task, progress: Progress
+             ) -> Iterator[_Task]:
+    formats, items, size = [], [], 0
+    done_bytes = 0
+    for file_index, file in enumerate(files):
+        reader = RecordReader(file, options.text_key, options.txt_unit)
+        for line, payload in reader:
+            formats.append(file.format)
+            items.append((file_index, line, payload))
+            size += len(payload) if isinstance(payload, (bytes, str)) else 64
+            if size >= BATCH_BYTES or len(items) >= BATCH_RECORDS:
+                progress.read_to(done_bytes + reader.position())
+                yield make_task(tuple(formats), tuple(items))
+                formats, items, size = [], [], 0
+        done_bytes += file.size
+        progress.read_to(done_bytes)
+    if items:
+        yield make_task(tuple(formats), tuple(items))
+
+
+def inputs_fingerprint(files: list[InputFile], options: PrepOptions, tokenizer: TokenizerInfo) -> str:
+    """Identifies a preprocessing job: same files (path, size, mtime), options and tokenizer."""
+    digest = hashlib.sha256()
+    for f in files:
+        stat = f.path.stat()
+        digest.update(f"{f.path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    digest.update(json.dumps(asdict(options), sort_keys=True).encode())
+    digest.update(tokenizer.fingerprint.encode())
+    return digest.hexdigest()[:24]
+
+
+def _check_output(prefix: Path, fingerprint: str, overwrite: bool) -> bool:
+    """True if the output already holds exactly this job's result; raises if it holds something else."""
+    if not pair_exists(prefix):
+        return False
+    meta = read_meta(prefix)
+    if meta is not None and meta.get("inputs_fingerprint") == fingerprint:
+        try:
+            IndexedDataset(prefix)  # and it must still be intact
+            return True
+        except DataError:
+            if not overwrite:
+                raise
+    if overwrite:
+        return False
+    raise DataError(f"{idx_path(prefix)} already holds a different dataset (made from other inputs, options "
+                    "or tokenizer)", "choose another --output-prefix, or pass --overwrite to replace it")
+
+
+def preprocess(inputs: list[str], tokenizer: str | Path, output_prefix: str | Path, *, workers: int = 1,
+               options: PrepOptions = PrepOptions(), shard: tuple[int, int] | None = None,
+               overwrite: bool = False, eos_token: str | None = None, progress: bool = True) -> PrepSummary:
+    """Tokenize `inputs` (files, globs, directories) into `output_prefix`.bin/.idx (+ .meta.json).
+
+    The tokenizer is saved as `tokenizer/` beside the output. `shard=(i, n)` keeps only the i-th of n
+    contiguous, byte-balanced runs of the input files (one SLURM array task each).
+    """
+    started = time.time()
+    prefix = Path(output_prefix)
+    files = expand_inputs(inputs, options.format)
+    if shard is not None:
+        files = select_shard(files, *shard)
+    tokenizer_dir, info = save_beside_data(tokenizer, prefix.parent, eos_token)
+    if options.prepend_bos and info.bos_id is None:
+        raise DataError(f"--prepend-bos was given but the tokenizer in {tokenizer_dir} has no BOS token",
+                        "drop --prepend-bos or use a tokenizer with a BOS token")
+    fingerprint = inputs_fingerprint(files, options, info)
+    summary = PrepSummary(str(prefix), files=len(files), input_bytes=sum(f.size for f in files))
+    if _check_output(prefix, fingerprint, overwrite):
+        summary.already_done = True
+        return summary
+    dtype = optimal_dtype(info.vocab_size)
+    summary.dtype = dtype.name
+
+    def make_task(formats, items) -> _Task:
+        return _Task(str(tokenizer_dir), options, info.vocab_size, info.eos_id, info.bos_id, dtype.name,
+                     formats, items)
+
+    max_token_id = -1
+    bar = Progress(summary.input_bytes, desc=prefix.name, enabled=progress)
+    with IndexedWriter(prefix, dtype) as writer, bar:
+        results = _run(_batches(files, options, make_task, bar), workers)
+        for result in results:
+            for file_index, line, reason, detail in result.skips:
+                where = f"{files[file_index].path}:{line}"
+                if options.strict:
+                    raise DataError(f"{where}: {detail} ({reason})",
+                                    "fix or remove that record, or run without --strict to skip and count "
+                                    "bad records")
+                summary.skipped[reason] += 1
+                examples = summary.skipped_examples.setdefault(reason, [])
+                if len(examples) < EXAMPLES_PER_REASON:
+                    examples.append(where)
+            if result.out_of_vocab is not None:
+                file_index, line, token = result.out_of_vocab
+                raise DataError(f"{files[file_index].path}:{line}: token id {token} is outside the vocabulary "
+                                f"of {info.vocab_size} declared by {tokenizer_dir}",
+                                "the tokenizer's metadata is wrong: re-import it with megakv-tokenizer")
+            writer.add_documents(result.tokens, result.lengths)
+            if len(result.tokens):
+                max_token_id = max(max_token_id, int(result.tokens.max()))
+            bar.wrote(len(result.lengths), len(result.tokens))
+        summary.documents, summary.tokens = writer.num_documents, writer.num_tokens
+        summary.seconds = time.time() - started
+        meta = {
+            "documents": summary.documents, "tokens": summary.tokens, "dtype": dtype.name,
+            "max_token_id": max_token_id, "vocab_size": info.vocab_size, "eos_id": info.eos_id,
+            "tokenizer": {"dir": tokenizer_dir.name, "fingerprint": info.fingerprint},
+            "inputs_fingerprint": fingerprint,
+            "inputs": {"files": len(files), "bytes": summary.input_bytes,
+                       "first_files": [str(f.path) for f in files[:20]]},
+            "options": asdict(options), "shard": list(shard) if shard else None,
+            "skipped": dict(summary.skipped), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        writer.finalize(before_commit=lambda: write_meta(prefix, meta))
+    summary.seconds = time.time() - started
+    return summary
+
+
+def _run(tasks: Iterator[_Task], workers: int) -> Iterator[_Result]:
+    """Results in task order; at most 2 * workers tasks in flight (flat memory)."""
+    if workers <= 1:
+        for task in tasks:
+            yield encode_task(task)
+        return
+    # spawn: a forked child would inherit the parent's threads and locks (tqdm, torch) in unknown states.
+    # ProcessPoolExecutor, not multiprocessing.Pool: a dead worker raises BrokenProcessPool instead of hanging.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        pending: deque = deque()
+        try:
+            for task in tasks:
+                pending.append(pool.submit(encode_task, task))
+                if len(pending) >= 2 * workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()

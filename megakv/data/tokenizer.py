@@ -1,0 +1,295 @@
+"""Tokenizers: train a SentencePiece model, import a Hugging Face tokenizer directory, save, load.
+
+A megakv tokenizer directory is self-contained: the tokenizer's own files plus `megakv_tokenizer.json`
+(kind, vocab size, special ids, fingerprint). One is saved beside every prepared dataset and copied into
+every model directory, so training can refuse a model whose vocabulary does not fit the data and
+generation decodes with exactly the tokenizer the data was made with.
+
+Kinds:
+  sentencepiece   `tokenizer.model` (trained here: BPE by default, byte fallback, lossless round trip)
+  huggingface     anything `transformers.AutoTokenizer.from_pretrained(dir)` loads offline
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Protocol
+
+from megakv.data.errors import DataError
+
+METADATA_FILE = "megakv_tokenizer.json"
+SPM_MODEL_FILE = "tokenizer.model"
+KINDS = ("sentencepiece", "huggingface")
+# SentencePiece ids fixed at training time (Llama convention for unk/bos/eos, plus a pad).
+SPM_SPECIAL_IDS = {"unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": 3}
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    kind: str
+    vocab_size: int
+    eos_id: int
+    bos_id: int | None
+    pad_id: int | None
+    unk_id: int | None
+    fingerprint: str  # sha256 of the tokenizer's files: identifies it across copies
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def read(cls, directory: str | Path) -> TokenizerInfo:
+        path = Path(directory) / METADATA_FILE
+        try:
+            raw = json.loads(path.read_text())
+            return cls(**{name: raw[name] for name in cls.__dataclass_fields__})
+        except FileNotFoundError:
+            raise DataError(f"{path} not found: {directory} is not a megakv tokenizer directory",
+                            "create one with `megakv-tokenizer train` or `megakv-tokenizer import`") from None
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(f"{path} is malformed ({e})", "re-create the tokenizer directory") from None
+
+
+class Tokenizer(Protocol):
+    vocab_size: int
+    eos_id: int
+    bos_id: int | None
+    pad_id: int | None
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+class _WithInfo:
+    def __init__(self, info: TokenizerInfo):
+        self.info = info
+        self.vocab_size, self.eos_id = info.vocab_size, info.eos_id
+        self.bos_id, self.pad_id, self.unk_id = info.bos_id, info.pad_id, info.unk_id
+
+
+class SentencePieceTokenizer(_WithInfo):
+    def __init__(self, directory: Path, info: TokenizerInfo):
+        import sentencepiece as spm
+
+        super().__init__(info)
+        self._sp = spm.SentencePieceProcessor(model_file=str(directory / SPM_MODEL_FILE))
+
+    def encode(self, text: str) -> list[int]:
+        return self._sp.encode(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        # One thread: parallelism comes from the worker processes, never from hidden threads.
+        return self._sp.encode(texts, num_threads=1)
+
+    def decode(self, ids: list[int]) -> str:
+        return self._sp.decode([int(i) for i in ids])
+
+
+class HuggingFaceTokenizer(_WithInfo):
+    def __init__(self, tok, info: TokenizerInfo):
+        super().__init__(info)
+        self._tok = tok
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        out = self._tok(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)
+        return out["input_ids"]
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode([int(i) for i in ids])
+
+
+def _load_hf(directory: Path):
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # worker processes give the parallelism
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    except Exception as e:  # transformers raises many types (OSError, ValueError, KeyError...)
+        raise DataError(f"cannot load a Hugging Face tokenizer from {directory}: {e}",
+                        "pass a megakv tokenizer directory or one AutoTokenizer loads offline "
+                        "(tokenizer.json / tokenizer_config.json ...)") from None
+
+
+def load_tokenizer(directory: str | Path) -> Tokenizer:
+    """Load a megakv tokenizer directory (or, failing that, a plain Hugging Face one)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise DataError(f"tokenizer directory {directory} not found",
+                        "pass the tokenizer/ directory written beside the prepared data")
+    if (directory / METADATA_FILE).exists():
+        info = TokenizerInfo.read(directory)
+        if info.kind == "sentencepiece":
+            return SentencePieceTokenizer(directory, info)
+        return HuggingFaceTokenizer(_load_hf(directory), info)
+    # A plain Hugging Face directory may also hold model weights: do not hash it just to load it.
+    tok = _load_hf(directory)
+    return HuggingFaceTokenizer(tok, _hf_info(tok, fingerprint="unsaved", eos_token=None))
+
+
+@lru_cache(maxsize=4)
+def cached_tokenizer(directory: str) -> Tokenizer:
+    """One loaded tokenizer per process and directory (worker processes call this for every batch)."""
+    return load_tokenizer(directory)
+
+
+def read_info(directory: str | Path) -> TokenizerInfo:
+    """Metadata of a tokenizer directory without loading the tokenizer (megakv directories only)."""
+    return TokenizerInfo.read(directory)
+
+
+# ---------------------------------------------------------------------------------------------- saving
+
+
+def _fingerprint_dir(directory: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != METADATA_FILE):
+        digest.update(str(path.relative_to(directory)).encode() + b"\0")
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def _write_metadata(directory: Path, info: TokenizerInfo) -> None:
+    tmp = directory / f"{METADATA_FILE}.tmp"
+    tmp.write_text(info.to_json())
+    tmp.replace(directory / METADATA_FILE)
+
+
+def _sentences(texts: Iterable[str], max_bytes: int) -> Iterator[str]:
+    # SentencePiece trains on lines; newlines themselves are a user-defined symbol (see below).
+    for text in texts:
+        for line in text.split("\n"):
+            if line.strip() and len(line.encode("utf-8", "surrogatepass")) <= max_bytes:
+                yield line
+
+
+def train_sentencepiece(texts: Iterable[str], output_dir: str | Path, vocab_size: int, *,
+                        model_type: str = "bpe", max_sentences: int = 2_000_000,
+                        character_coverage: float = 0.9999, seed: int = 0) -> TokenizerInfo:
+    """Train a lossless SentencePiece tokenizer on `texts` and save it as a megakv tokenizer directory.
+
+    Lossless: identity normalisation, whitespace kept, `\\n` a piece of its own, byte fallback for any
+    character outside the vocabulary, so decode(encode(s)) == s for every string.
+    """
+    import sentencepiece as spm
+
+    if model_type not in ("bpe", "unigram"):
+        raise DataError(f"unknown SentencePiece model type {model_type!r}", "use bpe or unigram")
+    min_vocab = 256 + len(SPM_SPECIAL_IDS) + 1 + 1  # byte pieces + specials + "\n" + at least one piece
+    if vocab_size < min_vocab:
+        raise DataError(f"vocab size {vocab_size} is too small for a byte-fallback tokenizer",
+                        f"use at least {min_vocab} (typical: 8000 to 64000)")
+    output_dir = Path(output_dir)
+    model = io.BytesIO()
+    max_bytes = 16384
+    spm.set_random_generator_seed(seed)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=_sentences(texts, max_bytes), model_writer=model, vocab_size=vocab_size,
+            model_type=model_type, byte_fallback=True, normalization_rule_name="identity",
+            remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True,
+            user_defined_symbols=["\n"], character_coverage=character_coverage,
+            input_sentence_size=max_sentences, shuffle_input_sentence=True,
+            max_sentence_length=max_bytes, num_threads=os.cpu_count() or 1, minloglevel=2,
+            **SPM_SPECIAL_IDS, pad_piece="<pad>",
+        )
+    except RuntimeError as e:
+        raise DataError(f"SentencePiece training failed: {e}",
+                        "adjust --vocab-size as the message says (larger when the text has many distinct "
+                        "characters, smaller when there is little text), or give more text") from None
+    if not model.getvalue():
+        raise DataError("SentencePiece produced no model (was the input empty?)", "check --input")
+    tmp = output_dir.with_name(f"{output_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    (tmp / SPM_MODEL_FILE).write_bytes(model.getvalue())
+    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    info = TokenizerInfo(kind="sentencepiece", vocab_size=sp.get_piece_size(), eos_id=sp.eos_id(),
+                         bos_id=sp.bos_id(), pad_id=sp.pad_id(), unk_id=sp.unk_id(),
+                         fingerprint=_fingerprint_dir(tmp))
+    _write_metadata(tmp, info)
+    _replace_dir(tmp, output_dir)
+    return info
+
+
+def _hf_info(tok, fingerprint: str, eos_token: str | None) -> TokenizerInfo:
+    vocab_size = max(len(tok), max(tok.get_vocab().values(), default=-1) + 1)
+    eos_id = tok.convert_tokens_to_ids(eos_token) if eos_token is not None else tok.eos_token_id
+    if eos_id is None or (eos_token is not None and eos_id == tok.unk_token_id):
+        raise DataError(f"the tokenizer has no end-of-document token (eos_token={eos_token or tok.eos_token!r})",
+                        "pass --eos-token with a token of its vocabulary, e.g. '</s>' or '<|endoftext|>'")
+    return TokenizerInfo(kind="huggingface", vocab_size=int(vocab_size), eos_id=int(eos_id),
+                         bos_id=tok.bos_token_id, pad_id=tok.pad_token_id, unk_id=tok.unk_token_id,
+                         fingerprint=fingerprint)
+
+
+def import_hf_tokenizer(source: str | Path, output_dir: str | Path, eos_token: str | None = None) -> TokenizerInfo:
+    """Save a Hugging Face tokenizer directory (loaded offline) as a megakv tokenizer directory."""
+    tok = _load_hf(Path(source))
+    output_dir = Path(output_dir)
+    tmp = output_dir.with_name(f"{output_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tok.save_pretrained(str(tmp))  # only the tokenizer's files, even if `source` also holds weights
+    info = _hf_info(tok, _fingerprint_dir(tmp), eos_token)
+    _write_metadata(tmp, info)
+    _replace_dir(tmp, output_dir)
+    return info
+
+
+def _replace_dir(tmp: Path, target: Path) -> None:
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+
+
+def save_beside_data(source: str | Path, data_dir: str | Path,
+                     eos_token: str | None = None) -> tuple[Path, TokenizerInfo]:
+    """Make `data_dir/tokenizer` hold the tokenizer `source` (megakv or Hugging Face directory).
+
+    Safe when several processes (a SLURM array) do it at once: each prepares a private copy and renames
+    it into place; whoever loses the race checks that the winner's copy is the same tokenizer.
+    """
+    source, target = Path(source), Path(data_dir) / "tokenizer"
+    if not source.is_dir():
+        raise DataError(f"tokenizer directory {source} not found",
+                        "train one with `megakv-tokenizer train` or pass a Hugging Face tokenizer directory")
+    if target.exists() and source.resolve() == target.resolve():
+        return target, TokenizerInfo.read(target)
+    tmp = target.with_name(f"tokenizer.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        if (source / METADATA_FILE).exists():
+            shutil.copytree(source, tmp)
+            info = TokenizerInfo.read(tmp)
+        else:
+            info = import_hf_tokenizer(source, tmp, eos_token)
+        if not target.exists():
+            try:
+                os.rename(tmp, target)
+                return target, info
+            except OSError:  # another process won the race; compare below
+                pass
+        existing = TokenizerInfo.read(target)
+        if existing.fingerprint != info.fingerprint:
+            raise DataError(f"{target} already holds a different tokenizer (fingerprint "
+                            f"{existing.fingerprint[:12]} vs {info.fingerprint[:12]} of {source})",
+                            "datasets in one directory share one tokenizer: write to another directory, "
+                            f"or delete {target} and every dataset made with it")
+        return target, existing
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)

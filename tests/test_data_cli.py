@@ -1,0 +1,91 @@
+"""The console scripts and the data_prep/ SLURM scripts, end to end on small real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from data_fixtures import synthetic_documents, write_jsonl
+
+from megakv.cli import data as data_cli
+from megakv.cli import merge as merge_cli
+from megakv.cli import prep as prep_cli
+from megakv.cli import tokenizer as tokenizer_cli
+from megakv.data.indexed import IndexedDataset
+from megakv.data.tokenizer import load_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _corpus(root: Path, files: int = 4, per_file: int = 25) -> list[Path]:
+    docs = synthetic_documents(files * per_file, seed=13)
+    return [write_jsonl(root / f"shard_{i:02d}.jsonl", docs[i * per_file:(i + 1) * per_file]) for i in range(files)]
+
+
+def test_tokenizer_prep_merge_info(tmp_path, capsys):
+    files = _corpus(tmp_path / "raw")
+    assert tokenizer_cli.main(["train", "--input", str(tmp_path / "raw"), "--vocab-size", "400",
+                               "--output", str(tmp_path / "tok")]) == 0
+    assert "vocab 400" in capsys.readouterr().out
+    assert tokenizer_cli.main(["encode", str(tmp_path / "tok"), "to be\nor not"]) == 0
+    assert json.loads(capsys.readouterr().out)["decoded"] == "to be\nor not"
+    assert prep_cli.main(["--input", str(tmp_path / "raw" / "*.jsonl"), "--tokenizer", str(tmp_path / "tok"),
+                          "--output-prefix", str(tmp_path / "all" / "train"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "100 documents" in out and "skipped 0 records" in out
+    for i, f in enumerate(files):
+        assert prep_cli.main(["--input", str(f), "--tokenizer", str(tmp_path / "tok"),
+                              "--output-prefix", str(tmp_path / "parts" / f"p{i}"), "--no-progress"]) == 0
+    assert merge_cli.main(["--inputs", str(tmp_path / "parts" / "p*"),
+                           "--output-prefix", str(tmp_path / "merged" / "train")]) == 0
+    assert "merged 4 pairs" in capsys.readouterr().out
+    for suffix in (".bin", ".idx"):
+        merged, once = tmp_path / "merged" / f"train{suffix}", tmp_path / "all" / f"train{suffix}"
+        assert merged.read_bytes() == once.read_bytes()
+    assert data_cli.main(["info", str(tmp_path / "merged" / "train")]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["documents"], info["dtype"], info["vocab_size"]) == (100, "uint16", 400)
+
+
+def test_errors_are_one_clear_line_and_exit_code_2(tmp_path, capsys):
+    _corpus(tmp_path / "raw", files=1)
+    assert prep_cli.main(["--input", str(tmp_path / "nothing.jsonl"), "--tokenizer", str(tmp_path / "tok"),
+                          "--output-prefix", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: input") and "Fix:" in err and "Traceback" not in err
+    assert merge_cli.main(["--inputs", str(tmp_path / "x_*"), "--output-prefix", str(tmp_path / "m")]) == 2
+    assert "matched no .idx files" in capsys.readouterr().err
+    assert data_cli.main(["info", str(tmp_path / "missing")]) == 2
+    with pytest.raises(SystemExit):
+        prep_cli.main(["--input", "x", "--tokenizer", "t", "--output-prefix", "o", "--shard-index", "1"])
+
+
+def test_slurm_array_scripts_prepare_and_merge(tmp_path):
+    """Runs data_prep/*.sbatch with bash and the environment SLURM gives an array job's tasks."""
+    _corpus(tmp_path / "raw", files=5)
+    assert tokenizer_cli.main(["train", "--input", str(tmp_path / "raw"), "--vocab-size", "400",
+                               "--output", str(tmp_path / "tok")]) == 0
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "INPUT": f"{tmp_path / 'raw'}/*.jsonl", "TOKENIZER": str(tmp_path / "tok"),
+           "OUTPUT_DIR": str(tmp_path / "out"), "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_MIN": "0",
+           "SLURM_CPUS_PER_TASK": "1", "PREP_ARGS": "--no-progress"}
+    for task in range(3):
+        run = subprocess.run(["bash", str(REPO / "data_prep" / "preprocess_array.sbatch")], capture_output=True,
+                             text=True, env={**env, "SLURM_ARRAY_TASK_ID": str(task)})
+        assert run.returncode == 0, run.stderr
+    run = subprocess.run(["bash", str(REPO / "data_prep" / "merge.sbatch")], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr
+    assert prep_cli.main(["--input", str(tmp_path / "raw"), "--tokenizer", str(tmp_path / "tok"),
+                          "--output-prefix", str(tmp_path / "once" / "train"), "--no-progress"]) == 0
+    for suffix in (".bin", ".idx"):
+        assert (tmp_path / "out" / f"train{suffix}").read_bytes() == (tmp_path / "once" / f"train{suffix}").read_bytes()
+    assert len(list((tmp_path / "out").glob("part_*.idx"))) == 3
+    tok = load_tokenizer(tmp_path / "out" / "tokenizer")
+    assert tok.decode(IndexedDataset(tmp_path / "out" / "train")[0][:-1].tolist()).startswith("Document 0")
+    missing = subprocess.run(["bash", str(REPO / "data_prep" / "preprocess_array.sbatch")], capture_output=True,
+                             text=True, env={k: v for k, v in env.items() if k != "INPUT"})
+    assert missing.returncode != 0 and "set INPUT" in missing.stderr

@@ -1,0 +1,63 @@
+"""Merging pairs: identical to preprocessing everything at once; refuses to mix tokenizers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from data_fixtures import module_tokenizer, synthetic_documents, train_tokenizer, write_jsonl
+
+from megakv.data.errors import DataError
+from megakv.data.indexed import IndexedDataset
+from megakv.data.merge import merge
+from megakv.data.metadata import read_meta
+from megakv.data.preprocess import preprocess
+
+tokenizer_dir = pytest.fixture(scope="module")(module_tokenizer)
+
+
+def _files(root: Path) -> list[str]:
+    docs = synthetic_documents(90, seed=21)
+    return [str(write_jsonl(root / f"part{i}.jsonl", docs[i * 30:(i + 1) * 30])) for i in range(3)]
+
+
+def test_merge_equals_preprocessing_everything_at_once(tmp_path, tokenizer_dir):
+    files = _files(tmp_path / "in")
+    preprocess(files, tokenizer_dir, tmp_path / "once" / "all", progress=False)
+    for i, f in enumerate(files):
+        preprocess([f], tokenizer_dir, tmp_path / "parts" / f"part_{i:02d}", progress=False)
+    meta = merge([str(tmp_path / "parts" / "part_*")], tmp_path / "merged" / "all")
+    for suffix in (".bin", ".idx"):
+        assert (tmp_path / "merged" / f"all{suffix}").read_bytes() == (tmp_path / "once" / f"all{suffix}").read_bytes()
+    once = read_meta(tmp_path / "once" / "all")
+    assert (meta["documents"], meta["tokens"], meta["max_token_id"]) == (90, once["tokens"], once["max_token_id"])
+    assert meta["merged_count"] == 3 and meta["tokenizer"]["fingerprint"] == once["tokenizer"]["fingerprint"]
+    assert (tmp_path / "merged" / "tokenizer" / "tokenizer.model").exists()  # the tokenizer travels along
+    assert len(IndexedDataset(tmp_path / "merged" / "all")) == 90
+
+
+def test_merge_refuses_pairs_from_different_tokenizers(tmp_path, tokenizer_dir):
+    files = _files(tmp_path / "in")
+    preprocess(files[:1], tokenizer_dir, tmp_path / "a" / "x", progress=False)
+    other = train_tokenizer(tmp_path / "other_tok", synthetic_documents(100, seed=5), vocab_size=350)
+    preprocess(files[1:2], other, tmp_path / "b" / "y", progress=False)
+    with pytest.raises(DataError, match="different tokenizers"):
+        merge([str(tmp_path / "a" / "x"), str(tmp_path / "b" / "y")], tmp_path / "m" / "out")
+    assert not (tmp_path / "m").exists() or not any((tmp_path / "m").iterdir())
+
+
+def test_merge_refuses_to_overwrite_and_to_read_its_output(tmp_path, tokenizer_dir):
+    files = _files(tmp_path / "in")
+    preprocess(files[:1], tokenizer_dir, tmp_path / "d" / "a", progress=False)
+    preprocess(files[1:2], tokenizer_dir, tmp_path / "d" / "b", progress=False)
+    merge([str(tmp_path / "d" / "a"), str(tmp_path / "d" / "b")], tmp_path / "d" / "ab")
+    with pytest.raises(DataError, match="already exists"):
+        merge([str(tmp_path / "d" / "a")], tmp_path / "d" / "ab")
+    with pytest.raises(DataError, match="also an input"):
+        merge([str(tmp_path / "d" / "a"), str(tmp_path / "d" / "ab")], tmp_path / "d" / "ab", overwrite=True)
+    with pytest.raises(DataError, match="matched no .idx"):
+        merge([str(tmp_path / "none_*")], tmp_path / "d" / "zz")
+    merge([str(tmp_path / "d" / "b.idx"), str(tmp_path / "d" / "a.bin")], tmp_path / "d" / "ab", overwrite=True)
+    ab = IndexedDataset(tmp_path / "d" / "ab")
+    b = IndexedDataset(tmp_path / "d" / "b")
+    assert ab[0].tolist() == b[0].tolist()  # the given order, b first

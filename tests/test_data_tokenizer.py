@@ -1,0 +1,132 @@
+"""Tokenizers: SentencePiece training, Hugging Face import, saving beside data, loading for generation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from data_fixtures import module_tokenizer, synthetic_documents
+
+from megakv.data.errors import DataError
+from megakv.data.tokenizer import (
+    METADATA_FILE,
+    TokenizerInfo,
+    import_hf_tokenizer,
+    load_tokenizer,
+    read_info,
+    save_beside_data,
+    train_sentencepiece,
+)
+
+TRICKY = ["HAMLET\nTo be, or not  to be:\n\n  that is\tthe question.", " leading space", "trailing \n\n",
+          "digits 12345 and unicode café — 日本 🙂", "\n", "a"]
+
+tokenizer_dir = pytest.fixture(scope="module")(module_tokenizer)
+
+
+def test_trained_sentencepiece_is_lossless_with_fixed_special_ids(tokenizer_dir):
+    info = read_info(tokenizer_dir)
+    assert (info.kind, info.vocab_size, info.unk_id, info.bos_id, info.eos_id, info.pad_id) == (
+        "sentencepiece", 400, 0, 1, 2, 3)
+    tok = load_tokenizer(tokenizer_dir)
+    assert (tok.vocab_size, tok.eos_id, tok.bos_id, tok.pad_id) == (400, 2, 1, 3)
+    for text in TRICKY:
+        ids = tok.encode(text)
+        assert all(0 <= i < 400 for i in ids)
+        assert tok.eos_id not in ids
+        assert tok.decode(ids) == text
+    assert tok.encode_batch(TRICKY) == [tok.encode(t) for t in TRICKY]
+
+
+def test_the_directory_is_self_contained(tokenizer_dir, tmp_path):
+    assert sorted(p.name for p in tokenizer_dir.iterdir()) == [METADATA_FILE, "tokenizer.model"]
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for p in tokenizer_dir.iterdir():
+        (copy / p.name).write_bytes(p.read_bytes())
+    assert load_tokenizer(copy).encode(TRICKY[0]) == load_tokenizer(tokenizer_dir).encode(TRICKY[0])
+    assert json.loads((copy / METADATA_FILE).read_text())["fingerprint"] == read_info(tokenizer_dir).fingerprint
+
+
+def test_vocab_size_too_small_or_too_large_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match="too small"):
+        train_sentencepiece(["some text"], tmp_path / "t", 100)
+    with pytest.raises(DataError, match="--vocab-size"):
+        train_sentencepiece(["tiny corpus of few words"] * 3, tmp_path / "t", 5000)
+    assert not (tmp_path / "t").exists()
+
+
+def _hf_tokenizer(directory: Path, eos: bool = True) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(synthetic_documents(80), trainer)
+    kwargs = {"eos_token": "<|endoftext|>"} if eos else {}
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", **kwargs).save_pretrained(str(directory))
+    return directory
+
+
+def test_hugging_face_directory_is_imported_and_loaded_offline(tmp_path):
+    source = _hf_tokenizer(tmp_path / "hf")
+    plain = load_tokenizer(source)  # a plain HF directory loads too
+    info = import_hf_tokenizer(source, tmp_path / "imported")
+    assert (info.kind, info.vocab_size, info.eos_id, info.bos_id) == ("huggingface", 400, 1, None)
+    assert import_hf_tokenizer(source, tmp_path / "again").fingerprint == info.fingerprint
+    tok = load_tokenizer(tmp_path / "imported")
+    text = synthetic_documents(3, seed=5)[2]
+    assert tok.encode(text) == plain.encode(text)
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_hugging_face_tokenizer_without_eos_needs_eos_token(tmp_path):
+    source = _hf_tokenizer(tmp_path / "hf", eos=False)
+    with pytest.raises(DataError, match="--eos-token"):
+        import_hf_tokenizer(source, tmp_path / "out")
+    info = import_hf_tokenizer(source, tmp_path / "out", eos_token="<|endoftext|>")
+    assert info.eos_id == 1
+    with pytest.raises(DataError, match="--eos-token"):
+        import_hf_tokenizer(source, tmp_path / "out2", eos_token="<not-a-token>")
+
+
+def test_saving_beside_data_refuses_a_different_tokenizer(tokenizer_dir, tmp_path):
+    target, info = save_beside_data(tokenizer_dir, tmp_path / "data")
+    assert target == tmp_path / "data" / "tokenizer" and info == read_info(tokenizer_dir)
+    assert save_beside_data(tokenizer_dir, tmp_path / "data")[1] == info  # same one again: fine
+    other = tmp_path / "other"
+    train_sentencepiece(synthetic_documents(100, seed=7), other, 350)
+    with pytest.raises(DataError, match="already holds a different tokenizer"):
+        save_beside_data(other, tmp_path / "data")
+    assert [p.name for p in (tmp_path / "data").iterdir()] == ["tokenizer"]  # no temp dirs left
+
+
+def test_missing_or_malformed_metadata_is_explained(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        load_tokenizer(tmp_path / "nothing")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / METADATA_FILE).write_text("{}")
+    with pytest.raises(DataError, match="malformed"):
+        TokenizerInfo.read(tmp_path / "bad")
+    with pytest.raises(DataError, match="not a megakv tokenizer directory"):
+        read_info(tmp_path)
+
+
+def test_preprocessing_with_a_hugging_face_directory(tmp_path):
+    from data_fixtures import write_jsonl
+
+    from megakv.data.indexed import IndexedDataset
+    from megakv.data.preprocess import preprocess
+
+    source = _hf_tokenizer(tmp_path / "hf")
+    docs = synthetic_documents(12, seed=6)
+    preprocess([str(write_jsonl(tmp_path / "c.jsonl", docs))], source, tmp_path / "out" / "d", progress=False)
+    saved = tmp_path / "out" / "tokenizer"
+    assert read_info(saved).kind == "huggingface" and (saved / "tokenizer.json").exists()
+    tok, ds = load_tokenizer(saved), IndexedDataset(tmp_path / "out" / "d")
+    assert [tok.decode(ds[i][:-1].tolist()) for i in range(len(ds))] == docs
+    assert all(ds[i][-1] == 1 for i in range(len(ds)))
