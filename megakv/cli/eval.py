@@ -1,0 +1,80 @@
+"""megakv-eval: validation loss / perplexity of one model at several KV retention plans.
+
+  megakv-eval --model DIR --data data/val_text_document --retain every:1 every:2 every:3 every:4 \
+      --json eval.json --plot eval.png
+  megakv-eval --model DIR --data held_out.txt --retain all 0,3,5
+
+Every plan is scored on the same token windows. `--data` is a `.bin/.idx` prefix or a text file
+(encoded with the model's tokenizer, or --tokenizer DIR).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from megakv.inference.cli_support import DTYPES, add_model_arguments, apply_runtime_options, run_cli
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help=".bin/.idx prefix or a text file of held-out data")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer directory for text data (default: the model's)")
+    parser.add_argument("--max-tokens", type=int, default=65536, help="evaluate at most this many tokens")
+    parser.add_argument("--seq-len", type=int, default=None, help="window length (default: the model's max_seq_len)")
+    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    parser.add_argument("--cache-dtype", choices=sorted(DTYPES), default="bfloat16",
+                        help="dtype in which KV bytes per token are reported (default: bfloat16)")
+
+
+def load_windows(args: argparse.Namespace, model, tokenizer_dir):
+    from megakv.eval.data import load_eval_tokens, make_windows
+
+    if args.max_tokens < 2:
+        raise ValueError(f"--max-tokens must be >= 2, got {args.max_tokens}")
+    tokens = load_eval_tokens(args.data, args.tokenizer or tokenizer_dir, args.max_tokens)
+    return make_windows(tokens, args.seq_len or model.cfg.max_seq_len, model.cfg.vocab_size)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megakv-eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
+    add_data_arguments(parser)
+    parser.add_argument("--retain", nargs="+", default=["every:1", "every:2", "every:3", "every:4"],
+                        help="retention plans: all, every:K, or layer lists like 0,3,5 (default: every:1..4)")
+    parser.add_argument("--json", default=None, help="write the results as JSON here")
+    parser.add_argument("--plot", default=None, help="write a PNG plot of loss vs retention here")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    from megakv.eval.loss import evaluate_plans
+    from megakv.eval.report import format_table, plot_loss_vs_retention, write_json
+    from megakv.inference.engine import resolve_plan
+    from megakv.inference.loading import resolve_model
+
+    apply_runtime_options(args)
+    model, tokenizer_dir = resolve_model(args.model, args.device, DTYPES[args.dtype])
+    for spec in args.retain:  # reject a bad plan before spending time on the others
+        resolve_plan(spec, model.cfg.n_layers)
+    windows = load_windows(args, model, tokenizer_dir)
+    results = evaluate_plans(model, args.retain, windows, args.batch_size, DTYPES[args.cache_dtype])
+    print(f"model {args.model} ({model.cfg.n_layers} layers), data {args.data}: {len(windows)} windows of "
+          f"{windows.shape[1] - 1} tokens")
+    print(format_table(results))
+    if args.json:
+        path = write_json(results, args.json, model=str(args.model), data=str(args.data),
+                          n_layers=model.cfg.n_layers, windows=len(windows), seq_len=windows.shape[1] - 1)
+        print(f"wrote {path}")
+    if args.plot:
+        print(f"wrote {plot_loss_vs_retention(results, args.plot, title=f'{args.model}')}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_cli("megakv-eval", lambda: _run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

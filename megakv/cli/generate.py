@@ -1,0 +1,114 @@
+"""megakv-generate: generate text with a KV cache kept only for the retained layers.
+
+  megakv-generate --model DIR --prompt "Once upon a time" --retain every:2 --max-new-tokens 64 --stats
+  megakv-generate --model DIR --prompt "a" --prompt "b c" --retain 0,3,5 --temperature 0.8 --top-p 0.9 --seed 1
+  megakv-generate --model DIR --prompt-ids "5 17 42"      # a model without a tokenizer: ids in, ids out
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from megakv.inference.cli_support import DTYPES, add_model_arguments, apply_runtime_options, run_cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megakv-generate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
+    prompts = parser.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt", action="append", help="a text prompt (repeat for a batch)")
+    prompts.add_argument("--prompt-ids", action="append",
+                         help="a prompt as token ids, e.g. '5 17 42' (repeat for a batch)")
+    parser.add_argument("--retain", default="all",
+                        help="layers that keep a KV cache: all, every:K, or a list like 0,3,5 (default: all)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = all)")
+    parser.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    parser.add_argument("--add-bos", action="store_true", help="prepend the tokenizer's bos token to each prompt")
+    parser.add_argument("--no-eos-stop", action="store_true", help="do not stop at the end-of-sequence token")
+    parser.add_argument("--stats", action="store_true",
+                        help="also print cache bytes, time to first token and decode tokens/s")
+    return parser
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(",", " ").split()]
+    except ValueError:
+        raise ValueError(f"--prompt-ids {text!r}: expected integers separated by spaces or commas") from None
+
+
+def continuation_text(tokenizer, prompt: list[int], new: list[int], eos: int | None) -> str:
+    """The text the new tokens add to the prompt: decoded together, so spacing at the seam is right."""
+    if new and new[-1] == eos:
+        new = new[:-1]
+    prefix, whole = tokenizer.decode(prompt), tokenizer.decode(prompt + new)
+    return whole[len(prefix):] if whole.startswith(prefix) else tokenizer.decode(new)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from megakv.inference.engine import InferenceEngine
+    from megakv.inference.loading import resolve_model
+    from megakv.inference.sampling import SamplingConfig
+
+    apply_runtime_options(args)
+    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    model, tokenizer_dir = resolve_model(args.model, args.device, DTYPES[args.dtype])
+    engine = InferenceEngine(model, args.retain)
+    tokenizer = None
+    if args.prompt is not None:
+        if tokenizer_dir is None:
+            raise ValueError(f"{args.model} has no tokenizer, so text prompts cannot be encoded: pass --prompt-ids")
+        from megakv.data.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(tokenizer_dir)
+        prompts = [tokenizer.encode(text) for text in args.prompt]
+        if args.add_bos:
+            if tokenizer.bos_id is None:
+                raise ValueError("--add-bos: the tokenizer has no bos token")
+            prompts = [[tokenizer.bos_id, *ids] for ids in prompts]
+    else:
+        prompts = [_parse_ids(text) for text in args.prompt_ids]
+    vocab = model.cfg.vocab_size
+    if any(not 0 <= i < vocab for ids in prompts for i in ids):
+        raise ValueError(f"a prompt token id lies outside the model's vocabulary [0, {vocab})")
+    if any(not ids for ids in prompts):
+        raise ValueError("a prompt encodes to no tokens: give it some text (or use --add-bos)")
+
+    eos = tokenizer.eos_id if tokenizer is not None else model.cfg.eos_token_id
+    pad = next((i for i in (getattr(tokenizer, "pad_id", None), eos, model.cfg.pad_token_id) if i is not None), 0)
+    longest = max(len(ids) for ids in prompts) + args.max_new_tokens
+    if longest > model.cfg.max_seq_len:
+        print(f"megakv-generate: warning: {longest} positions exceed the model's trained context "
+              f"({model.cfg.max_seq_len}); quality past it is not guaranteed", file=sys.stderr)
+    result = engine.generate(prompts, args.max_new_tokens, sampling, None if args.no_eos_stop else eos, pad)
+
+    for index, new in enumerate(result.tokens):
+        if len(prompts) > 1:
+            print(f"--- [{index}] ({result.finish_reasons[index]})")
+        if tokenizer is not None:
+            print(args.prompt[index] + continuation_text(tokenizer, prompts[index], new, eos))
+        else:
+            print(" ".join(str(i) for i in new))
+    if args.stats:
+        s = result.stats
+        full = len(model.layers)
+        print(f"# retained layers: {list(s.retained)} ({len(s.retained)}/{full} = {len(s.retained) / full:.1%})")
+        print(f"# KV cache: {s.cache_bytes_per_token} bytes/token/sequence, {s.cache_bytes} bytes allocated "
+              f"(batch {s.batch} x {s.prompt_tokens + args.max_new_tokens} positions, {args.dtype})")
+        print(f"# time to first token: {1000 * s.ttft_s:.1f} ms (prompt {s.prompt_tokens} tokens x batch {s.batch})")
+        print(f"# decode: {s.new_tokens - 1} steps, {s.decode_tokens_per_s:.1f} tokens/s over the batch")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_cli("megakv-generate", lambda: _run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Loss and perplexity of a model under one or several deployment plans, on the same windows."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from megakv.inference.cache import kv_bytes_per_token
+from megakv.inference.engine import resolve_plan
+from megakv.model import MegaKVModel
+from megakv.routing import RoutingPlan
+
+
+@dataclass(frozen=True)
+class PlanLoss:
+    retain: str  # the spec as given (every:2, 0,3,5, ...)
+    retained: tuple[int, ...]
+    retained_fraction: float
+    kv_bytes_per_token: int  # at `cache_dtype`
+    cache_dtype: str
+    loss: float  # mean next-token cross-entropy (nats)
+    perplexity: float
+    tokens: int  # predicted tokens
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def mean_loss(model: MegaKVModel, plan: RoutingPlan, windows: torch.Tensor, batch_size: int = 8) -> tuple[float, int]:
+    """(mean cross-entropy over all predicted tokens, their count) for windows (n, seq + 1)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = model.embed.weight.device
+    total, count = 0.0, 0
+    for start in range(0, len(windows), batch_size):
+        batch = windows[start:start + batch_size].to(device)
+        logits = model(batch[:, :-1], plan=plan)
+        total += F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum").item()
+        count += batch[:, 1:].numel()
+    return total / count, count
+
+
+def evaluate_plans(model: MegaKVModel, specs: Sequence[str], windows: torch.Tensor, batch_size: int = 8,
+                   cache_dtype: torch.dtype = torch.bfloat16) -> list[PlanLoss]:
+    """One PlanLoss per retention spec, all on the same windows."""
+    results = []
+    for spec in specs:
+        plan = resolve_plan(spec, model.cfg.n_layers)
+        loss, count = mean_loss(model, plan, windows, batch_size)
+        results.append(PlanLoss(
+            retain=spec if isinstance(spec, str) else ",".join(map(str, spec)), retained=plan.retained,
+            retained_fraction=plan.retained_fraction,
+            kv_bytes_per_token=kv_bytes_per_token(model.cfg, len(plan.retained), cache_dtype),
+            cache_dtype=str(cache_dtype).removeprefix("torch."), loss=loss,
+            perplexity=math.exp(min(loss, 700.0)), tokens=count))
+    return results

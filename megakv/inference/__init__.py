@@ -1,0 +1,16 @@
+"""Inference with a KV cache shared across depth: prefill, incremental decode, sampling, model loading.
+
+  from megakv.inference import InferenceEngine, SamplingConfig, resolve_model
+  model, tokenizer_dir = resolve_model("models/demo")
+  out = InferenceEngine(model, retain="every:2").generate([[5, 17, 42]], max_new_tokens=32)
+  out.tokens, out.stats.cache_bytes_per_token, out.stats.ttft_s, out.stats.decode_tokens_per_s
+"""
+
+from megakv.inference.cache import RetainedKVCache, kv_bytes_per_token
+from megakv.inference.engine import GenerationOutput, GenerationStats, InferenceEngine, forward_layers, resolve_plan
+from megakv.inference.loading import model_from_state_dict, resolve_model
+from megakv.inference.sampling import SamplingConfig, sample_next_token
+
+__all__ = ["GenerationOutput", "GenerationStats", "InferenceEngine", "RetainedKVCache", "SamplingConfig",
+           "forward_layers", "kv_bytes_per_token", "model_from_state_dict", "resolve_model", "resolve_plan",
+           "sample_next_token"]

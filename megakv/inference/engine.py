@@ -1,0 +1,165 @@
+"""Prefill and incremental decode with a KV cache shared across depth.
+
+Deployment rule: a plan retains a set S of layers; layer l attends with its own queries to the K/V of
+mu(l) = the nearest retained layer at or below l. A retained layer projects its K/V for the new
+positions, writes them into its cache slot and attends to the whole cached prefix. A layer outside S
+never runs its K/V projections: it attends to the prefix K/V its source produced earlier in the same
+step. Prefill therefore does no extra work and the cache is |S|/L of a full one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from megakv.inference.cache import RetainedKVCache
+from megakv.inference.padding import attention_mask, left_pad, positions_from_valid
+from megakv.inference.sampling import SamplingConfig, sample_next_token
+from megakv.model import KV, MegaKVModel
+from megakv.routing import RoutingPlan, deployment_plan
+
+# extend(layer, kv of the new positions) -> kv of the whole prefix (a cache write), or None without a cache.
+ExtendKV = Callable[[int, KV], KV]
+
+
+def resolve_plan(retain: str | Sequence[int] | RoutingPlan, n_layers: int) -> RoutingPlan:
+    """`every:K`, `all`, `0,3,5`, a list of retained layers, or a ready RoutingPlan."""
+    if isinstance(retain, RoutingPlan):
+        if retain.n_layers != n_layers:
+            raise ValueError(f"routing plan has {retain.n_layers} layers, the model has {n_layers}")
+        return retain
+    return deployment_plan(retain, n_layers)
+
+
+def forward_layers(model: MegaKVModel, plan: RoutingPlan, x: torch.Tensor, position_ids: torch.Tensor,
+                   attn_mask: torch.Tensor | None, extend: ExtendKV | None) -> torch.Tensor:
+    """Hidden states (batch, q_len, d_model) after the last layer, for the embedded new tokens `x`.
+
+    With `extend`, every layer whose K/V some layer reads (plan.kv_needed, i.e. the retained set) stores
+    its new K/V through it; other layers skip their K/V projections entirely.
+    """
+    rope = model.rope(position_ids, x.dtype)
+    prefix_kv: dict[int, KV] = {}
+    for index, layer in enumerate(model.layers):
+        source, stores = plan[index], plan.kv_needed[index]
+        store = (lambda kv, i=index: extend(i, kv)) if (stores and extend is not None) else None
+        shared = None if source == index else prefix_kv[source]
+        x, own_kv = layer(x, rope, shared, attn_mask, project_own_kv=stores, extend_kv=store)
+        if stores:
+            prefix_kv[index] = own_kv
+        if source != index and plan.last_reader[source] == index:
+            del prefix_kv[source]  # nobody reads it any more in this step
+    return x
+
+
+@dataclass
+class GenerationStats:
+    retained: tuple[int, ...]
+    batch: int
+    prompt_tokens: int  # longest prompt (padded width)
+    new_tokens: int  # decode steps taken, including the token produced by prefill
+    cache_bytes: int  # allocated for the whole batch and every position
+    cache_bytes_per_token: int  # per sequence: 2 * |S| * n_kv_heads * head_dim * element size
+    ttft_s: float  # prefill + first token
+    decode_s: float  # the remaining new_tokens - 1 steps
+    decode_step_s: list[float] = field(default_factory=list, repr=False)  # each decode step (for robust stats)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Generated tokens per second over the whole batch, after the first token."""
+        steps = self.new_tokens - 1
+        return self.batch * steps / self.decode_s if steps > 0 and self.decode_s > 0 else float("nan")
+
+
+@dataclass
+class GenerationOutput:
+    tokens: list[list[int]]  # new tokens per prompt (ending with eos when it stopped on eos)
+    finish_reasons: list[str]  # "eos" or "length"
+    stats: GenerationStats
+    first_logits: torch.Tensor | None = field(default=None, repr=False)  # (batch, vocab) at the last prompt token
+
+
+class InferenceEngine:
+    """Generation from a MegaKVModel under one deployment plan."""
+
+    def __init__(self, model: MegaKVModel, retain: str | Sequence[int] | RoutingPlan = "all"):
+        self.model = model.eval()
+        self.plan = resolve_plan(retain, model.cfg.n_layers)
+
+    @property
+    def retained(self) -> tuple[int, ...]:
+        return self.plan.retained
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed.weight.device
+
+    def new_cache(self, batch: int, max_len: int) -> RetainedKVCache:
+        return RetainedKVCache(self.model.cfg, self.retained, batch, max_len, self.dtype, self.device)
+
+    @torch.no_grad()
+    def step(self, input_ids: torch.Tensor, cache: RetainedKVCache, position_ids: torch.Tensor,
+             key_valid: torch.Tensor | None = None, last_only: bool = True) -> torch.Tensor:
+        """Run new tokens (batch, q_len) through the model, appending to `cache`; return their logits.
+
+        key_valid: (batch, cache.length + q_len), False at padding; None when nothing is padded.
+        """
+        mask = attention_mask(key_valid, input_ids.shape[1])
+        hidden = forward_layers(self.model, self.plan, self.model.embed(input_ids), position_ids, mask,
+                                cache.extend)
+        cache.advance(input_ids.shape[1])
+        return self.model.head(hidden[:, -1:] if last_only else hidden)
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32,
+                 sampling: SamplingConfig | None = None, eos_id: int | None = None,
+                 pad_id: int = 0) -> GenerationOutput:
+        """Generate up to `max_new_tokens` per prompt (left-padded into one batch); stop a prompt at `eos_id`."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        sampling = sampling or SamplingConfig()
+        generator = sampling.generator(self.device)
+        ids, valid = left_pad(prompts, pad_id, self.device)
+        batch, width = ids.shape
+        cache = self.new_cache(batch, width + max_new_tokens)
+        key_valid = None if bool(valid.all()) else valid
+        positions = positions_from_valid(valid)
+
+        start = time.perf_counter()
+        first_logits = self.step(ids, cache, positions, key_valid)[:, -1]
+        token = sample_next_token(first_logits, sampling, generator)
+        ttft = time.perf_counter() - start
+
+        out: list[list[int]] = [[] for _ in range(batch)]
+        finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        next_position = positions[:, -1] + 1
+        decode_start, steps, step_times = time.perf_counter(), 1, []
+        while True:
+            for row in (~finished).nonzero().flatten().tolist():
+                out[row].append(int(token[row]))
+            if eos_id is not None:
+                finished |= token == eos_id
+            if bool(finished.all()) or steps == max_new_tokens:
+                break
+            if key_valid is not None:
+                key_valid = torch.cat([key_valid, torch.ones(batch, 1, dtype=torch.bool, device=self.device)], 1)
+            step_start = time.perf_counter()
+            logits = self.step(token[:, None], cache, next_position[:, None], key_valid)[:, -1]
+            token = sample_next_token(logits, sampling, generator)
+            step_times.append(time.perf_counter() - step_start)
+            next_position = next_position + 1
+            steps += 1
+        decode_s = time.perf_counter() - decode_start
+
+        reasons = ["eos" if eos_id is not None and seq and seq[-1] == eos_id else "length" for seq in out]
+        stats = GenerationStats(retained=self.retained, batch=batch, prompt_tokens=width, new_tokens=steps,
+                                cache_bytes=cache.nbytes, cache_bytes_per_token=cache.bytes_per_token,
+                                ttft_s=ttft, decode_s=decode_s, decode_step_s=step_times)
+        return GenerationOutput(out, reasons, stats, first_logits)

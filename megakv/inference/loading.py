@@ -1,0 +1,67 @@
+"""Find the model behind a path: the one place inference, evaluation and export resolve `--model`.
+
+Accepted today:
+  * a megakv model directory (config.yaml + model.safetensors [+ tokenizer/]);
+  * a transformers checkpoint directory (config.json): Llama / Mistral / Qwen2 / Qwen3 through the core
+    weight mapping, or a directory exported by `megakv-convert to-hf-rcla` (model_type "megakv").
+Training run directories are not exportable yet; they get a clear error (extend `resolve_model` here).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from megakv.config.model import ModelConfig
+from megakv.model import MegaKVModel, rope_inverse_frequencies
+from megakv.model_dir import CONFIG_FILE, WEIGHTS_FILE, is_model_dir, load_model, tokenizer_path
+
+HF_TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def model_from_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor], device: str | torch.device = "cpu",
+                          dtype: torch.dtype | None = None, source: str = "checkpoint") -> MegaKVModel:
+    """Build a MegaKVModel holding exactly `state` (no random init of weights that are overwritten)."""
+    with torch.device("meta"):
+        model = MegaKVModel(cfg)
+    model.to_empty(device=device)
+    with torch.no_grad():
+        model.rope.inv_freq.copy_(rope_inverse_frequencies(cfg))  # a buffer, never in the weights
+    state = {k: v for k, v in state.items() if not k.startswith("rope.")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{source}: weights do not match the model config (missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]})")
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval()
+
+
+def _has_hf_tokenizer(path: Path) -> bool:
+    return any((path / name).is_file() for name in HF_TOKENIZER_MARKERS)
+
+
+def resolve_model(path: str | Path, device: str | torch.device = "cpu",
+                  dtype: torch.dtype | None = None) -> tuple[MegaKVModel, Path | None]:
+    """(model in eval mode, tokenizer directory or None) for a model path; see the module docstring."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model path {path} does not exist")
+    if is_model_dir(path):
+        return load_model(path, device, dtype), tokenizer_path(path)
+    if (path / "config.json").is_file():
+        from megakv.hf.modeling import is_megakv_hf_dir, load_megakv_hf_dir
+
+        if is_megakv_hf_dir(path):
+            model, _retain = load_megakv_hf_dir(path, device, dtype)
+        else:
+            from megakv.hf.checkpoint import load_hf_checkpoint
+
+            cfg, state = load_hf_checkpoint(path)  # refuses other architectures with UnsupportedCheckpoint
+            model = model_from_state_dict(cfg, state, device, dtype, source=str(path))
+        return model, path if _has_hf_tokenizer(path) else None
+    raise ValueError(
+        f"{path} is not a model: expected a megakv model directory ({CONFIG_FILE} + {WEIGHTS_FILE}) or a "
+        f"transformers checkpoint directory (config.json + weights). A training run directory must be exported "
+        f"to a model directory first.")

@@ -1,0 +1,112 @@
+"""megakv-generate, megakv-eval and megakv-plan end to end on a tiny model directory with a tokenizer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_inference_support import random_text, tiny_model, write_indexed_split, write_model_dir
+
+from megakv.cli.eval import main as eval_main
+from megakv.cli.generate import main as generate_main
+from megakv.cli.plan import main as plan_main
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return write_model_dir(tmp_path_factory.mktemp("cli"), tiny_model(seed=6))
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory):
+    return write_indexed_split(tmp_path_factory.mktemp("data") / "val", n_docs=8, doc_len=30)
+
+
+def test_generate_text_with_stats(model_dir, capsys):
+    assert generate_main(["--model", str(model_dir), "--prompt", "the cat sat", "--prompt", "hello",
+                          "--retain", "every:2", "--max-new-tokens", "5", "--stats"]) == 0
+    out = capsys.readouterr().out
+    assert "--- [0]" in out and "--- [1]" in out
+    assert "the cat sat" in out
+    assert "# retained layers: [0, 2, 4] (3/6 = 50.0%)" in out
+    assert "# KV cache: 768 bytes/token/sequence" in out
+    assert "time to first token" in out and "tokens/s" in out
+
+
+def test_generate_sampling_is_reproducible(model_dir, capsys):
+    argv = ["--model", str(model_dir), "--prompt", "a fox", "--retain", "0,3", "--temperature", "0.9",
+            "--top-k", "8", "--top-p", "0.95", "--seed", "3", "--max-new-tokens", "6"]
+    assert generate_main(argv) == 0
+    first = capsys.readouterr().out
+    assert generate_main(argv) == 0
+    assert capsys.readouterr().out == first
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--retain", "1,2"], "must include layer 0"),
+    (["--retain", "0,7"], "out of range"),
+    (["--temperature", "-1"], "temperature must be >= 0"),
+])
+def test_generate_bad_input(model_dir, capsys, argv, message):
+    assert generate_main(["--model", str(model_dir), "--prompt", "the"] + argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_eval_cli_on_indexed_split(model_dir, split, tmp_path, capsys):
+    assert eval_main(["--model", str(model_dir), "--data", str(split), "--retain", "every:1", "every:2", "every:4",
+                      "--seq-len", "16", "--json", str(tmp_path / "e.json"), "--plot", str(tmp_path / "e.png")]) == 0
+    out = capsys.readouterr().out
+    assert "every:4" in out and "ppl" in out
+    data = json.loads((tmp_path / "e.json").read_text())
+    assert [r["retained"] for r in data["results"]] == [[0, 1, 2, 3, 4, 5], [0, 2, 4], [0, 4]]
+    assert data["seq_len"] == 16
+    assert (tmp_path / "e.png").stat().st_size > 1000
+
+
+def test_eval_cli_on_text_file(model_dir, tmp_path, capsys):
+    text = tmp_path / "held_out.txt"
+    text.write_text(random_text(300))
+    assert eval_main(["--model", str(model_dir), "--data", str(text), "--retain", "all", "0,3"]) == 0
+    assert "0,3" in capsys.readouterr().out
+
+
+def test_eval_cli_bad_input(model_dir, split, tmp_path, capsys):
+    assert eval_main(["--model", str(model_dir), "--data", str(tmp_path / "none"), "--retain", "all"]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert eval_main(["--model", str(model_dir), "--data", str(split), "--retain", "all", "3,4"]) == 2
+    assert "must include layer 0" in capsys.readouterr().err
+
+
+def test_plan_cli(model_dir, split, tmp_path, capsys):
+    assert plan_main(["--model", str(model_dir), "--data", str(split), "--budget", "50%", "--seq-len", "16",
+                      "--max-evaluations", "30", "--json", str(tmp_path / "p.json")]) == 0
+    out = capsys.readouterr().out
+    assert "best: --retain 0" in out
+    data = json.loads((tmp_path / "p.json").read_text())
+    assert data["max_layers"] == 3 and data["best"]["layers"] <= 3
+    assert data["best"]["loss"] <= min(c["loss"] for c in data["every_k"]) + 1e-12
+
+
+@pytest.mark.parametrize("budget,message", [("0.1", "below one layer"), ("10B", "below one layer's cache"),
+                                            ("much", "bad budget")])
+def test_plan_cli_bad_budget(model_dir, split, capsys, budget, message):
+    assert plan_main(["--model", str(model_dir), "--data", str(split), "--budget", budget]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_generate_and_export_with_the_data_packages_sentencepiece_tokenizer(tmp_path, capsys):
+    from megakv.data.tokenizer import load_tokenizer, train_sentencepiece
+    from megakv.hf.modeling import export_for_transformers
+    from megakv.inference.loading import resolve_model
+    from megakv.model_dir import save_model_dir
+
+    info = train_sentencepiece([random_text(3000)], tmp_path / "spm", vocab_size=300)
+    model = tiny_model(seed=7, vocab_size=info.vocab_size, eos_token_id=info.eos_id, bos_token_id=info.bos_id,
+                       pad_token_id=info.pad_id)
+    model_dir = save_model_dir(model.cfg, model.state_dict(), tmp_path / "model", tokenizer_dir=tmp_path / "spm")
+    assert generate_main(["--model", str(model_dir), "--prompt", "the king says", "--max-new-tokens", "4",
+                          "--retain", "every:3", "--no-eos-stop"]) == 0
+    assert capsys.readouterr().out.startswith("the king says")
+    out = export_for_transformers(model_dir, tmp_path / "hf", retain="every:2")
+    _, tokenizer_dir = resolve_model(out)
+    assert load_tokenizer(tokenizer_dir).encode("the cat") == load_tokenizer(tmp_path / "spm").encode("the cat")
