@@ -16,6 +16,7 @@ in this file; megakv/parallel/ wraps it from the outside.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -214,19 +215,29 @@ class MegaKVModel(nn.Module):
             raise ValueError(f"routing plan has {plan.n_layers} layers, the model has {self.cfg.n_layers}")
         if position_ids is None:
             position_ids = self.default_positions(input_ids)
-        x = self.embed(input_ids)
+        return self.head(self.run_layers(self.embed(input_ids), position_ids, plan, attn_mask))
+
+    def run_layers(self, x: torch.Tensor, position_ids: torch.Tensor, plan: RoutingPlan,
+                   attn_mask: torch.Tensor | None = None,
+                   extend_kv: Callable[[int, KV], KV] | None = None) -> torch.Tensor:
+        """Hidden states after the last layer for embedded tokens `x` (batch, seq, d_model).
+
+        `extend_kv(layer, kv)`, when given, receives every K/V a layer projects and returns the K/V to attend
+        with (an inference cache appends the new positions and returns the whole cached sequence).
+        """
         rope = self.rope(position_ids, x.dtype)
         kv_by_layer: dict[int, KV] = {}
         for index, layer in enumerate(self.layers):
             source = plan[index]
             shared = None if source == index else kv_by_layer[source]
-            x, own_kv = layer(x, rope, shared, attn_mask, project_own_kv=plan.kv_needed[index])
+            extend = None if extend_kv is None else functools.partial(extend_kv, index)
+            x, own_kv = layer(x, rope, shared, attn_mask, project_own_kv=plan.kv_needed[index], extend_kv=extend)
             if plan.last_reader[index] > index:
                 kv_by_layer[index] = own_kv
             # Drop K/V that no later layer reads, so activation memory follows the plan.
             if source != index and plan.last_reader[source] == index:
                 del kv_by_layer[source]
-        return self.head(x)
+        return x
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

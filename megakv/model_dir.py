@@ -70,21 +70,29 @@ def load_model_config(model_dir: str | Path) -> ModelConfig:
     return load_section(model_dir / CONFIG_FILE, ModelConfig, "model")
 
 
-def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
-               dtype: torch.dtype | None = None) -> MegaKVModel:
-    cfg = load_model_config(model_dir)
+def model_from_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor], device: str | torch.device = "cpu",
+                          dtype: torch.dtype | None = None, source: str = "checkpoint") -> MegaKVModel:
+    """Build a MegaKVModel holding exactly `state`, without first initialising weights that get overwritten."""
     with torch.device("meta"):
         model = MegaKVModel(cfg)
-    state = load_file(str(Path(model_dir) / WEIGHTS_FILE), device=str(device))
     model.to_empty(device=device)
-    model.rope.inv_freq.copy_(rope_inverse_frequencies(cfg))  # buffers are not in the weights file
+    with torch.no_grad():
+        model.rope.inv_freq.copy_(rope_inverse_frequencies(cfg))  # a buffer, never in the weights
+    state = {k: v for k, v in state.items() if not k.startswith("rope.")}
     missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or missing:
-        raise ValueError(f"{model_dir}: weights do not match config.yaml "
-                         f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
+    if missing or unexpected:
+        raise ValueError(f"{source}: weights do not match the model config (missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]})")
     if dtype is not None:
         model.to(dtype)
     return model.eval()
+
+
+def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
+               dtype: torch.dtype | None = None) -> MegaKVModel:
+    cfg = load_model_config(model_dir)
+    state = load_file(str(Path(model_dir) / WEIGHTS_FILE), device=str(device))
+    return model_from_state_dict(cfg, state, device, dtype, source=f"{model_dir}/{WEIGHTS_FILE}")
 
 
 def tokenizer_path(model_dir: str | Path) -> Path | None:

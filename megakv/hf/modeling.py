@@ -261,7 +261,7 @@ def load_megakv_hf_dir(path: str | Path, device: str | torch.device = "cpu",
                        dtype: torch.dtype | None = None) -> tuple[MegaKVModel, str]:
     """An exported directory -> (megakv model, its retain setting), without going through transformers."""
     from megakv.hf.checkpoint import read_hf_weights
-    from megakv.inference.loading import model_from_state_dict
+    from megakv.model_dir import model_from_state_dict
 
     config = MegaKVConfig.from_pretrained(path)
     cfg = config.to_model_config()

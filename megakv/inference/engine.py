@@ -41,18 +41,7 @@ def forward_layers(model: MegaKVModel, plan: RoutingPlan, x: torch.Tensor, posit
     With `extend`, every layer whose K/V some layer reads (plan.kv_needed, i.e. the retained set) stores
     its new K/V through it; other layers skip their K/V projections entirely.
     """
-    rope = model.rope(position_ids, x.dtype)
-    prefix_kv: dict[int, KV] = {}
-    for index, layer in enumerate(model.layers):
-        source, stores = plan[index], plan.kv_needed[index]
-        store = (lambda kv, i=index: extend(i, kv)) if (stores and extend is not None) else None
-        shared = None if source == index else prefix_kv[source]
-        x, own_kv = layer(x, rope, shared, attn_mask, project_own_kv=stores, extend_kv=store)
-        if stores:
-            prefix_kv[index] = own_kv
-        if source != index and plan.last_reader[source] == index:
-            del prefix_kv[source]  # nobody reads it any more in this step
-    return x
+    return model.run_layers(x, position_ids, plan, attn_mask, extend_kv=extend)
 
 
 @dataclass

@@ -13,29 +13,10 @@ from pathlib import Path
 
 import torch
 
-from megakv.config.model import ModelConfig
-from megakv.model import MegaKVModel, rope_inverse_frequencies
-from megakv.model_dir import CONFIG_FILE, WEIGHTS_FILE, is_model_dir, load_model, tokenizer_path
+from megakv.model import MegaKVModel
+from megakv.model_dir import CONFIG_FILE, WEIGHTS_FILE, is_model_dir, load_model, model_from_state_dict, tokenizer_path
 
 HF_TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-
-
-def model_from_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor], device: str | torch.device = "cpu",
-                          dtype: torch.dtype | None = None, source: str = "checkpoint") -> MegaKVModel:
-    """Build a MegaKVModel holding exactly `state` (no random init of weights that are overwritten)."""
-    with torch.device("meta"):
-        model = MegaKVModel(cfg)
-    model.to_empty(device=device)
-    with torch.no_grad():
-        model.rope.inv_freq.copy_(rope_inverse_frequencies(cfg))  # a buffer, never in the weights
-    state = {k: v for k, v in state.items() if not k.startswith("rope.")}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{source}: weights do not match the model config (missing {sorted(missing)[:5]}, "
-                         f"unexpected {sorted(unexpected)[:5]})")
-    if dtype is not None:
-        model.to(dtype)
-    return model.eval()
 
 
 def _has_hf_tokenizer(path: Path) -> bool:
