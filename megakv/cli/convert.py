@@ -2,6 +2,14 @@
 
   megakv-convert from-hf HF_DIR OUT_DIR        transformers Llama/Mistral/Qwen2/Qwen3 -> megakv model dir
   megakv-convert to-hf MEGAKV_DIR OUT_DIR      megakv model dir -> transformers directory (save_pretrained layout)
+  megakv-convert from-checkpoint RUN_DIR OUT_DIR [--hf]
+                                               latest complete training checkpoint (any ZeRO stage) -> megakv
+                                               model dir (fp32, with the run's tokenizer); --hf: transformers dir
+  megakv-convert to-universal RUN_DIR          latest training checkpoint -> DeepSpeed universal checkpoint, so
+                                               `megakv-train --resume auto` can continue on another number of ranks
+  megakv-convert to-hf-rcla MEGAKV_DIR OUT_DIR [--retain every:2]
+                                               megakv model dir -> transformers directory of model_type "megakv"
+                                               (KV shared across depth; cache only for the retained layers)
 """
 
 from __future__ import annotations
@@ -40,6 +48,42 @@ def _to_hf(args: argparse.Namespace) -> Path:
                               overwrite=args.overwrite, dtype=DTYPES[args.dtype] if args.dtype else None)
 
 
+def _to_hf_rcla(args: argparse.Namespace) -> Path:
+    from megakv.hf.modeling import export_for_transformers
+
+    return export_for_transformers(args.src, args.out, retain=args.retain,
+                                   dtype=DTYPES[args.dtype] if args.dtype else None, overwrite=args.overwrite)
+
+
+def _from_checkpoint(args: argparse.Namespace) -> Path:
+    from megakv.train.export import export_model_dir
+
+    return export_model_dir(args.src, args.out, hf=args.hf, overwrite=args.overwrite)
+
+
+def _to_universal(args: argparse.Namespace) -> Path:
+    from megakv.train.export import convert_to_universal
+
+    try:
+        return convert_to_universal(args.src)
+    except RuntimeError as e:  # reported like the other conversion errors
+        raise ValueError(str(e)) from None
+
+
+def _add_training_commands(sub) -> None:
+    p = sub.add_parser("from-checkpoint", help="training run directory -> megakv model directory (fp32 weights of "
+                                               "the latest complete checkpoint, with the run's tokenizer)")
+    p.add_argument("src", metavar="RUN_DIR")
+    p.add_argument("out", metavar="OUT_DIR")
+    p.add_argument("--hf", action="store_true", help="write a transformers checkpoint directory instead")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.set_defaults(func=_from_checkpoint)
+    p = sub.add_parser("to-universal", help="convert a run's latest checkpoint to a DeepSpeed universal checkpoint "
+                                            "(resume on a different number of data-parallel ranks)")
+    p.add_argument("src", metavar="RUN_DIR")
+    p.set_defaults(func=_to_universal)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megakv-convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -55,6 +99,17 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "to-hf":
             p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast weights (default: keep)")
         p.set_defaults(func=func)
+    p = sub.add_parser("to-hf-rcla", help="megakv model directory -> transformers directory (model_type megakv, "
+                                          "loads with AutoModelForCausalLM; KV cache only for retained layers)")
+    p.add_argument("src")
+    p.add_argument("out")
+    p.add_argument("--retain", default="all",
+                   help="default deployment plan stored in config.json (all, every:K, 0,3,5); "
+                        "from_pretrained(..., retain=...) overrides it")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast weights (default: keep)")
+    p.set_defaults(func=_to_hf_rcla)
+    _add_training_commands(sub)
     return parser
 
 

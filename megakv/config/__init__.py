@@ -13,16 +13,31 @@ from typing import Any, TypeVar
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from megakv.config.checkpoint import CheckpointConfig
+from megakv.config.data import DataConfig
 from megakv.config.errors import UNSET, ConfigError
+from megakv.config.logging import LoggingConfig
 from megakv.config.model import ModelConfig, RopeScalingConfig
+from megakv.config.optim import OptimConfig
+from megakv.config.parallel import ParallelConfig
 from megakv.config.routing import RoutingConfig
+from megakv.config.train import DebugConfig, TrainConfig
+from megakv.config.validation import ValidationConfig
 
 __all__ = [
+    "CheckpointConfig",
     "ConfigError",
+    "DataConfig",
+    "DebugConfig",
+    "LoggingConfig",
     "MegaKVConfig",
     "ModelConfig",
+    "OptimConfig",
+    "ParallelConfig",
     "RopeScalingConfig",
     "RoutingConfig",
+    "TrainConfig",
+    "ValidationConfig",
     "load_config",
     "load_section",
     "save_config",
@@ -34,12 +49,34 @@ T = TypeVar("T")
 
 @dataclass
 class MegaKVConfig:
+    """A whole run. Each section validates itself; `validate` adds the checks that span sections. Checks
+    that need the world size or the file system run at launch (megakv/train/preflight.py)."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
 
     def validate(self) -> None:
         self.model.validate("model")
         self.routing.validate(self.model.n_layers, "routing")
+        if self.data.datasets:  # a config may describe only a model; megakv-train requires data at launch
+            self.data.validate("data")
+        self.optim.validate("optim")
+        self.train.validate("train")
+        self.parallel.validate("parallel")
+        self.checkpoint.validate("checkpoint")
+        self.logging.validate("logging")
+        self.validation.validate(self.model.n_layers, "validation")
+        if self.optim.warmup_steps > self.train.steps:
+            raise ConfigError("optim.warmup_steps", self.optim.warmup_steps,
+                              f"longer than the run (train.steps={self.train.steps})",
+                              "use a warm-up of a few percent of train.steps")
 
 
 def _merge(schema: type[T], sources: list[Any]) -> T:

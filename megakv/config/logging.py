@@ -1,0 +1,24 @@
+"""Console, log files and TensorBoard (the `logging:` section)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megakv.config.errors import ConfigError
+
+LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 10  # console line and TensorBoard training scalars every N steps
+    tensorboard: bool = True  # write run_dir/tensorboard/ on the rank that holds the loss
+    level: str = "info"  # level of the rank-prefixed logs (log files of every rank, console of rank 0)
+    other_ranks_console: str = "warning"  # console level of ranks other than 0 (their files keep `level`)
+
+    def validate(self, prefix: str = "logging") -> None:
+        if self.log_every < 1:
+            raise ConfigError(f"{prefix}.log_every", self.log_every, "must be >= 1", "e.g. 10")
+        for name in ("level", "other_ranks_console"):
+            if getattr(self, name) not in LEVELS:
+                raise ConfigError(f"{prefix}.{name}", getattr(self, name), f"expected one of {LEVELS}", "use info")

@@ -1,0 +1,102 @@
+"""Offline tools on a run directory: consolidated fp32 weights and universal-checkpoint conversion.
+
+Neither needs a process group: both read the sharded files DeepSpeed wrote.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from megakv.config import ModelConfig
+from megakv.config.errors import ConfigError
+from megakv.train.checkpoint import (
+    LATEST_UNIVERSAL,
+    TMP_PREFIX,
+    latest_checkpoint,
+    universal_tag,
+    write_pointer,
+)
+from megakv.train.run_dir import CHECKPOINTS, TOKENIZER, checkpoints_dir
+from megakv.train.state import RNG_DIR, STATE_FILE, TrainState
+
+
+def _require_latest(run_dir: Path) -> tuple[str, TrainState]:
+    found = latest_checkpoint(checkpoints_dir(run_dir))
+    if found is None:
+        raise FileNotFoundError(f"{run_dir} has no complete checkpoint ({run_dir / CHECKPOINTS}/latest missing): "
+                                f"pass the run directory of a megakv-train run that saved one")
+    return found
+
+
+def model_config_of(state: TrainState) -> ModelConfig:
+    """The model section of the resolved config stored with the checkpoint."""
+    raw = OmegaConf.create(state.config_yaml)
+    merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), raw.get("model", {}))
+    cfg: ModelConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    try:
+        cfg.validate("model")
+    except ConfigError as e:
+        raise ValueError(f"the checkpoint's model config is invalid: {e}") from None
+    return cfg
+
+
+def consolidated_state_dict(run_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], str]:
+    """fp32 weights of the latest complete checkpoint, whatever the ZeRO stage and number of ranks."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    run_dir = Path(run_dir)
+    tag, state = _require_latest(run_dir)
+    weights = get_fp32_state_dict_from_zero_checkpoint(str(checkpoints_dir(run_dir)), tag=tag)
+    # Own storage per tensor: zero_to_fp32 returns views into one flat buffer, which safetensors refuses.
+    weights = {name: tensor.float().clone() for name, tensor in weights.items()}
+    return model_config_of(state), weights, tag
+
+
+def export_model_dir(run_dir: str | Path, out_dir: str | Path, hf: bool = False, overwrite: bool = False) -> Path:
+    """A megakv model directory (or, with hf=True, a transformers one) with the run's tokenizer."""
+    from megakv.hf.checkpoint import save_hf_checkpoint
+    from megakv.model_dir import save_model_dir
+
+    run_dir = Path(run_dir)
+    cfg, weights, _ = consolidated_state_dict(run_dir)
+    tokenizer = run_dir / TOKENIZER
+    tokenizer_dir = tokenizer if tokenizer.is_dir() else None
+    if hf:
+        return save_hf_checkpoint(cfg, weights, out_dir, tokenizer_dir=tokenizer_dir, overwrite=overwrite)
+    return save_model_dir(cfg, weights, out_dir, tokenizer_dir=tokenizer_dir, overwrite=overwrite)
+
+
+def convert_to_universal(run_dir: str | Path, workers: int = 1) -> Path:
+    """Convert the latest checkpoint so a launch with another data-parallel size can resume from it.
+
+    Runs DeepSpeed's ds_to_universal into a temporary directory, adds the megakv state and RNG files,
+    renames it to `<tag>_universal` and then points `latest_universal` at it.
+    """
+    run_dir = Path(run_dir)
+    ckpt_dir = checkpoints_dir(run_dir)
+    tag, _ = _require_latest(run_dir)
+    target = ckpt_dir / universal_tag(tag)
+    tmp = ckpt_dir / (TMP_PREFIX + universal_tag(tag))
+    shutil.rmtree(tmp, ignore_errors=True)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt_dir / tag),
+           "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", str(workers),
+           "--num_merge_workers", str(workers)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RuntimeError(f"ds_to_universal failed (exit {done.returncode}):\n{done.stdout[-3000:]}\n"
+                           f"{done.stderr[-3000:]}")
+    shutil.copy2(ckpt_dir / tag / STATE_FILE, tmp / STATE_FILE)
+    if (ckpt_dir / tag / RNG_DIR).is_dir():
+        shutil.copytree(ckpt_dir / tag / RNG_DIR, tmp / RNG_DIR)
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)
+    write_pointer(ckpt_dir, target.name, LATEST_UNIVERSAL)
+    return target

@@ -1,0 +1,225 @@
+"""The training loop: plans from rank 0, micro-batches from the loader, one StepRunner step, bookkeeping.
+
+Nothing here depends on how the model is parallelised (megakv/parallel/wrap.py decides that).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import signal
+import time
+
+import torch
+import torch.distributed as dist
+
+from megakv.config import MegaKVConfig, to_yaml
+from megakv.config.errors import ConfigError
+from megakv.parallel import ParallelContext
+from megakv.parallel.wrap import StepRunner, build_model, wrap_model
+from megakv.routing import deployment_plan
+from megakv.train import EXIT_DIVERGED, EXIT_OK
+from megakv.train.checkpoint import CheckpointManager, load_checkpoint
+from megakv.train.metrics import MetricsWriter, format_duration, routing_scalars
+from megakv.train.plans import broadcast_step_plans, check_plans_agree, plans_per_step
+from megakv.train.preflight import Launch
+from megakv.train.run_dir import LOGS, METRICS, TENSORBOARD, TOKENIZER, checkpoints_dir, write_status
+from megakv.train.signals import StopRequest
+from megakv.train.state import TrainState
+from megakv.train.validation import validation_batches, validation_losses
+
+log = logging.getLogger("megakv.train")
+
+
+
+def _load_init_weights(model, model_dir: str) -> None:
+    from megakv.model_dir import load_model
+
+    source = load_model(model_dir)
+    if source.cfg != model.cfg:
+        raise ConfigError("checkpoint.init_from", model_dir, "the model directory's config differs from model:",
+                          "use the same model settings as the directory's config.yaml")
+    model.load_state_dict(source.state_dict())
+
+
+class Trainer:
+    def __init__(self, cfg: MegaKVConfig, launch: Launch, ctx: ParallelContext):
+        self.cfg, self.launch, self.ctx = cfg, launch, ctx
+        self.layout = ctx.layout
+        self.run_dir = launch.run_dir
+        self.seq_len = cfg.model.max_seq_len
+        self.stop = StopRequest().install()
+        self.metrics: MetricsWriter | None = None
+        self.plan_trace = None
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        from megakv.data.loader import build_data
+
+        cfg, ctx = self.cfg, self.ctx
+        self.data = build_data(cfg.data, self.seq_len, is_builder=ctx.is_global_zero, barrier=ctx.barrier,
+                               train_samples=cfg.train.steps * cfg.train.global_batch)
+        if self.data.vocab_size > cfg.model.vocab_size:
+            raise ConfigError("model.vocab_size", cfg.model.vocab_size,
+                              f"the tokenizer has {self.data.vocab_size} tokens", "raise model.vocab_size")
+        resume = self.launch.resume
+        if resume is not None and resume.state.data_fingerprint != self.data.fingerprint:
+            raise ConfigError("data.datasets", cfg.data.datasets,
+                              f"the checkpoint {resume.path} was trained on data with fingerprint "
+                              f"{resume.state.data_fingerprint}, this data has {self.data.fingerprint}",
+                              "resume with the same data (files, weights, split, seed), or start a new run_dir")
+        model = build_model(cfg.model, cfg.train.seed)
+        if cfg.checkpoint.init_from and resume is None:
+            _load_init_weights(model, cfg.checkpoint.init_from)
+        self.runner: StepRunner = wrap_model(model, ctx, self.launch.ds_config, cfg.optim, cfg.train.steps)
+        self.state = TrainState(data_fingerprint=self.data.fingerprint, routing_seed=cfg.routing.seed,
+                                layout={**self.layout.describe(), "zero_stage": cfg.parallel.zero_stage},
+                                config_yaml=to_yaml(cfg))
+        if resume is not None:
+            load_checkpoint(self.runner.engine, resume, self.layout.rank)
+            saved = resume.state
+            self.state.step, self.state.consumed_samples, self.state.tokens = (
+                saved.step, saved.consumed_samples, saved.tokens)
+            self.state.skipped_steps, self.state.nonfinite_in_a_row = saved.skipped_steps, saved.nonfinite_in_a_row
+            log.info("resumed from %s at step %d (%d samples consumed)", resume.path, saved.step,
+                     saved.consumed_samples)
+        self.checkpoints = CheckpointManager(checkpoints_dir(self.run_dir), self.layout.rank,
+                                             cfg.checkpoint.keep_last, cfg.train.debug.sigkill_while_saving_step)
+        if resume is not None and not resume.universal:
+            self.checkpoints.last_saved_step = resume.state.step
+        self.valid_batches, self.valid_weights = validation_batches(
+            self.data.valid, cfg.validation.samples, cfg.train.micro_batch, self.layout.data_rank,
+            self.layout.data_parallel)
+        self.valid_plans = {spec: deployment_plan(spec, cfg.model.n_layers) for spec in cfg.validation.plans}
+        if self.layout.holds_loss:
+            tb_dir = self.run_dir / TENSORBOARD if cfg.logging.tensorboard else None
+            self.metrics = MetricsWriter(self.run_dir / METRICS, tb_dir)
+        if ctx.is_global_zero:
+            tokenizer_copy = self.run_dir / TOKENIZER
+            if self.data.tokenizer_dir is not None and not tokenizer_copy.exists():
+                shutil.copytree(self.data.tokenizer_dir, tokenizer_copy)
+            write_status(self.run_dir, "running", step=self.state.step)
+        if cfg.train.debug.check_plans:
+            self.plan_trace = open(self.run_dir / LOGS / f"plans_rank{self.layout.rank}.txt", "a", buffering=1)
+
+    # ------------------------------------------------------------------ one step
+    def _micro_batches(self):
+        from megakv.data.loader import micro_batches
+
+        return micro_batches(self.data.train, self.state.consumed_samples, self.cfg.train.global_batch,
+                             self.cfg.train.micro_batch, self.layout.data_rank, self.layout.data_parallel)
+
+    def _step(self) -> tuple[float, bool, list, float | None, bool]:
+        cfg, state = self.cfg, self.state
+        number = state.step + 1  # 1-based number of the step being run
+        count = plans_per_step(cfg.routing, self.launch.accumulation_steps)
+        plans = broadcast_step_plans(cfg.routing, cfg.model.n_layers, state.step, count, self.layout.rank,
+                                     self.ctx.device)
+        if cfg.train.debug.check_plans:
+            check_plans_agree(plans, number, self.ctx.device)
+            self.plan_trace.write(f"{number} " + " | ".join(str(p) for p in plans) + "\n")
+        poison = number in cfg.train.debug.nonfinite_loss_at
+        result = self.runner.train_step(self._micro_batches(), plans, poison=poison)
+        if number == cfg.train.debug.sigterm_at_step and self.ctx.is_global_zero:
+            os.kill(os.getpid(), signal.SIGTERM)  # fault injection: a real signal, through the real handler
+        # One collective per step: the loss and whether any rank was asked to stop.
+        summary = torch.tensor([result.loss_sum, result.micro_batches, float(self.stop.requested)],
+                               dtype=torch.float64, device=self.ctx.device)
+        if dist.get_world_size() > 1:
+            dist.all_reduce(summary)
+        loss = float(summary[0] / summary[1])
+        state.step = number
+        state.consumed_samples += cfg.train.global_batch
+        state.tokens += cfg.train.global_batch * self.seq_len
+        return loss, bool(summary[2] > 0), plans, (result.grad_norm if result.applied else None), result.applied
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> int:
+        cfg, state = self.cfg, self.state
+        total = cfg.train.steps
+        tokens_per_step = cfg.train.global_batch * self.seq_len
+        window_time, window_steps = 0.0, 0
+        step_times: list[float] = []
+        validated_at = None
+        while state.step < total:
+            started = time.perf_counter()
+            loss, stop, plans, grad_norm, applied = self._step()
+            elapsed = time.perf_counter() - started
+            window_time, window_steps = window_time + elapsed, window_steps + 1
+            step_times = (step_times + [elapsed])[-50:]
+            finite = math.isfinite(loss) and applied
+            if finite:
+                state.nonfinite_in_a_row = 0
+            else:
+                state.skipped_steps += 1
+                state.nonfinite_in_a_row += 1
+                log.warning("step %d: non-finite loss/gradients (loss=%s); update skipped (%d in a row, %d total)",
+                            state.step, loss, state.nonfinite_in_a_row, state.skipped_steps)
+            lr = self.runner.engine.get_lr()[0]
+            if self.metrics is not None:
+                scalars = {"train/loss": loss if math.isfinite(loss) else None, "train/lr": lr,
+                           "train/grad_norm": grad_norm, "train/tokens_per_s": tokens_per_step / elapsed,
+                           "train/samples_consumed": state.consumed_samples,
+                           "train/skipped_steps": state.skipped_steps, **routing_scalars(plans)}
+                self.metrics.write(state.step, scalars, loss_exact=repr(loss), applied=applied,
+                                   plans=[str(p) for p in plans])
+            if state.step % cfg.logging.log_every == 0 or state.step == total:
+                eta = (total - state.step) * sum(step_times) / len(step_times)
+                if self.ctx.is_global_zero:
+                    gnorm = f"{grad_norm:.3f}" if grad_norm is not None else "-"
+                    log.info("step %d/%d | loss %.4f | lr %.2e | grad norm %s | %s tok/s | ETA %s", state.step, total,
+                             loss, lr, gnorm, f"{tokens_per_step * window_steps / window_time:,.0f}",
+                             format_duration(eta))
+                window_time, window_steps = 0.0, 0
+            if state.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
+                log.error("stopping: %d non-finite steps in a row (train.max_nonfinite_steps); the last good "
+                          "checkpoint is kept", state.nonfinite_in_a_row)
+                self._status("diverged")
+                return EXIT_DIVERGED
+            if cfg.validation.every and state.step % cfg.validation.every == 0:
+                self.validate()
+                validated_at = state.step
+            # Periodic saves wait for a healthy step, so `latest` never lands inside a non-finite streak.
+            if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0 and finite:
+                self.save()
+            if stop:
+                log.warning("stop requested (%s): saving a checkpoint at step %d and exiting",
+                            self.stop.signal_name or "signal on another rank", state.step)
+                self.save()
+                self._status("preempted", signal=self.stop.signal_name)
+                return EXIT_OK
+        if cfg.validation.every and validated_at != state.step:
+            self.validate()
+        if cfg.checkpoint.save_final:
+            self.save()
+        self._status("finished")
+        return EXIT_OK
+
+    def validate(self) -> dict[str, float]:
+        losses = validation_losses(self.runner, self.valid_batches, self.valid_weights, self.valid_plans,
+                                   self.ctx.device)
+        scalars = {f"valid/loss_{spec.replace(':', '')}": value for spec, value in losses.items()}
+        if self.metrics is not None:
+            self.metrics.write(self.state.step, scalars)
+        if self.ctx.is_global_zero:
+            shown = " | ".join(f"{spec} {value:.4f}" for spec, value in losses.items())
+            log.info("step %d validation loss: %s", self.state.step, shown)
+        return losses
+
+    def save(self) -> None:
+        if self.checkpoints.last_saved_step == self.state.step:
+            return
+        self.checkpoints.save(self.runner.engine, self.state)
+
+    def _status(self, state: str, **details) -> None:
+        if self.ctx.is_global_zero:
+            write_status(self.run_dir, state, step=self.state.step, skipped_steps=self.state.skipped_steps,
+                         **details)
+
+    def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+        if self.plan_trace is not None:
+            self.plan_trace.close()

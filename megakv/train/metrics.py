@@ -1,0 +1,54 @@
+"""Scalars for TensorBoard and a machine-readable metrics.jsonl, written by the rank holding the loss."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from megakv.routing import RoutingPlan
+
+
+def routing_scalars(plans: list[RoutingPlan]) -> dict[str, float]:
+    """Fraction of routed layers and the mean source distance of each layer, averaged over the step's plans."""
+    n_layers = plans[0].n_layers
+    out = {"routing/routed_fraction": sum(p.routed_fraction for p in plans) / len(plans)}
+    distances = [sum(p.distances()[layer] for p in plans) / len(plans) for layer in range(n_layers)]
+    out["routing/mean_distance"] = sum(distances) / n_layers
+    for layer in range(1, n_layers):
+        out[f"routing/distance/layer_{layer:02d}"] = distances[layer]
+    return out
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+class MetricsWriter:
+    def __init__(self, metrics_file: Path, tensorboard_dir: Path | None):
+        self.file = open(metrics_file, "a", buffering=1)
+        self.tb = None
+        if tensorboard_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(tensorboard_dir))
+
+    def write(self, step: int, scalars: dict[str, float], **extra) -> None:
+        record = {"step": step, "time": time.time(), **scalars, **extra}
+        self.file.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for name, value in scalars.items():
+                if value is not None:
+                    self.tb.add_scalar(name, value, step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.flush()
+            self.tb.close()

@@ -1,0 +1,52 @@
+"""One routing plan per step (or per micro-batch), made on global rank 0 and broadcast to every rank.
+
+Rank 0 samples from (seed, step, micro-batch) only, so a resumed run draws the same plans; the broadcast
+makes every rank (data-parallel replicas today, tensor/pipeline peers later) use exactly rank 0's plans
+even if some rank's code or library versions differed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megakv.config.routing import RoutingConfig
+from megakv.routing import RoutingPlan, sample_plan
+
+
+def plans_per_step(cfg: RoutingConfig, accumulation_steps: int) -> int:
+    return accumulation_steps if cfg.per_micro_batch else 1
+
+
+def sample_step_plans(cfg: RoutingConfig, n_layers: int, step: int, count: int) -> list[RoutingPlan]:
+    return [sample_plan(cfg.strategy, n_layers, q_cross=cfg.q_cross, seed=cfg.seed, step=step, micro_batch=m,
+                        max_distance=cfg.max_distance) for m in range(count)]
+
+
+def broadcast_step_plans(cfg: RoutingConfig, n_layers: int, step: int, count: int, rank: int,
+                         device: torch.device) -> list[RoutingPlan]:
+    """Rank 0 samples `count` plans for `step`; every rank returns rank 0's plans."""
+    table = torch.empty(count, n_layers, dtype=torch.long, device=device)
+    if rank == 0:
+        plans = sample_step_plans(cfg, n_layers, step, count)
+        table.copy_(torch.tensor([p.sources for p in plans], dtype=torch.long))
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast(table, src=0)
+    return [RoutingPlan(tuple(int(s) for s in row)) for row in table.cpu().tolist()]
+
+
+class PlanDivergence(RuntimeError):
+    pass
+
+
+def check_plans_agree(plans: list[RoutingPlan], step: int, device: torch.device) -> None:
+    """Debug check: all ranks hold identical plans (MIN == MAX elementwise over the world)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    mine = torch.tensor([p.sources for p in plans], dtype=torch.long, device=device)
+    low, high = mine.clone(), mine.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    if not torch.equal(low, high):
+        raise PlanDivergence(f"routing plans differ across ranks at step {step}: this rank has "
+                             f"{[str(p) for p in plans]}, elementwise min {low.tolist()}, max {high.tolist()}")

@@ -1,0 +1,112 @@
+"""Launch-time checks: everything a config or a run directory can get wrong, before any process group.
+
+Knows the world size from the launcher's environment (ParallelLayout), so it can check batch sizes and
+the ZeRO stage against the layout, the data files, the tokenizer against the model, and whether the run
+directory can be resumed (same model; same data-parallel size or a universal checkpoint).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from megakv.config import MegaKVConfig
+from megakv.config.errors import ConfigError
+from megakv.config.model import ModelConfig
+from megakv.parallel.layout import ParallelLayout
+from megakv.train.checkpoint import LATEST_UNIVERSAL, ResumePoint, latest_checkpoint, read_pointer, universal_tag
+from megakv.train.ds_config import build_ds_config, gradient_accumulation_steps
+from megakv.train.run_dir import checkpoints_dir
+from megakv.train.state import TrainState
+
+
+@dataclass
+class Launch:
+    """What the launch-time checks decided; the trainer takes it from here."""
+
+    run_dir: Path
+    data_parallel: int
+    accumulation_steps: int
+    ds_config: dict
+    resume: ResumePoint | None
+
+
+def check_data_files(cfg: MegaKVConfig) -> None:
+    from megakv.data.indexed import bin_path, idx_path, pair_exists
+
+    for name in ("datasets", "valid_datasets"):
+        for i, prefix in enumerate(getattr(cfg.data, name)):
+            if not pair_exists(prefix):
+                raise ConfigError(f"data.{name}[{i}]", prefix,
+                                  f"no prepared dataset: {bin_path(prefix)} and {idx_path(prefix)} must both exist",
+                                  "give the prefix of a .bin/.idx pair written by megakv-prep (without suffix)")
+
+
+def tokenizer_dir(cfg: MegaKVConfig) -> Path:
+    """data.tokenizer, or the tokenizer/ that data preparation saved beside the first dataset."""
+    return Path(cfg.data.tokenizer) if cfg.data.tokenizer else Path(cfg.data.datasets[0]).parent / "tokenizer"
+
+
+def check_tokenizer(cfg: MegaKVConfig) -> None:
+    from megakv.data.errors import DataError
+    from megakv.data.tokenizer import read_info
+
+    directory = tokenizer_dir(cfg)
+    try:
+        vocab = read_info(directory).vocab_size
+    except DataError as e:
+        raise ConfigError("data.tokenizer", cfg.data.tokenizer, e.problem, e.fix or "") from None
+    if vocab > cfg.model.vocab_size:
+        raise ConfigError("model.vocab_size", cfg.model.vocab_size,
+                          f"the tokenizer {directory} has {vocab} tokens, more than the model's embedding rows",
+                          f"set model.vocab_size >= {vocab} (a multiple of 64 is faster)")
+
+
+def _saved_model_config(state: TrainState) -> dict:
+    raw = OmegaConf.create(state.config_yaml).get("model", {})
+    return asdict(OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), raw)))
+
+
+def check_same_model(cfg: MegaKVConfig, state: TrainState, where: Path) -> None:
+    saved, ours = _saved_model_config(state), asdict(cfg.model)
+    for name, value in ours.items():
+        if saved.get(name) != value:
+            raise ConfigError(f"model.{name}", value,
+                              f"the checkpoint in {where} holds a model with {name}={saved.get(name)!r}",
+                              "resume with the model settings of that run, or choose a new train.run_dir")
+
+
+def find_resume(cfg: MegaKVConfig, data_parallel: int) -> ResumePoint | None:
+    run_dir = Path(cfg.train.run_dir)
+    ckpt_dir = checkpoints_dir(run_dir)
+    found = latest_checkpoint(ckpt_dir)
+    if found is None:
+        return None
+    tag, state = found
+    if cfg.checkpoint.resume == "none":
+        raise ConfigError("checkpoint.resume", "none", f"{run_dir} already holds checkpoints (latest: {tag})",
+                          "pass --resume auto to continue that run, or choose a new train.run_dir")
+    check_same_model(cfg, state, ckpt_dir / tag)
+    if state.data_parallel == data_parallel:
+        return ResumePoint(ckpt_dir, tag, state, universal=False)
+    converted = universal_tag(tag)
+    if read_pointer(ckpt_dir, LATEST_UNIVERSAL) == converted and (ckpt_dir / converted).is_dir():
+        return ResumePoint(ckpt_dir, converted, state, universal=True)
+    raise ConfigError("checkpoint.resume", "auto",
+                      f"{ckpt_dir / tag} was written by {state.data_parallel} data-parallel ranks, this launch "
+                      f"has {data_parallel}",
+                      f"run `megakv-convert to-universal {run_dir}` first, or launch {state.data_parallel} ranks")
+
+
+def preflight(cfg: MegaKVConfig, layout: ParallelLayout) -> Launch:
+    data_parallel = cfg.parallel.validate_layout(layout.world_size)
+    accumulation = gradient_accumulation_steps(cfg, data_parallel)
+    cfg.data.validate("data")  # training needs data (a config that only describes a model may omit it)
+    check_data_files(cfg)
+    check_tokenizer(cfg)
+    resume = find_resume(cfg, data_parallel)
+    ds_config = build_ds_config(cfg, data_parallel, load_universal=bool(resume and resume.universal))
+    return Launch(run_dir=Path(cfg.train.run_dir), data_parallel=data_parallel, accumulation_steps=accumulation,
+                  ds_config=ds_config, resume=resume)
