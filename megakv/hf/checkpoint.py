@@ -17,13 +17,11 @@ from megakv.hf.mapping import (
     state_dict_from_hf,
     state_dict_to_hf,
 )
+from megakv.hf.tokenizer import HF_TOKENIZER_FILES
 from megakv.model_dir import write_directory_atomically
 
 # Files that make up a transformers tokenizer; carried between formats when present.
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
-    "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
-)
+TOKENIZER_FILES = HF_TOKENIZER_FILES
 
 
 def read_hf_config(hf_dir: str | Path) -> dict:
@@ -62,12 +60,33 @@ def load_hf_checkpoint(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, torch
 
 
 def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
+    """Put the tokenizer of `src` into `dst` so that transformers and megakv both load it; returns the file names.
+
+    A megakv SentencePiece directory gets transformers files built from it (tokenizer.json, tokenizer_config.json,
+    special_tokens_map.json: same ids, see megakv.hf.tokenizer) besides its own `tokenizer.model`; any other
+    source has its transformers tokenizer files copied. megakv's tokenizer metadata comes along when present,
+    so megakv's tools read `dst` back as the same tokenizer.
+    """
+    import warnings
+
+    from megakv.data.errors import DataError
+    from megakv.data.tokenizer import METADATA_FILE, SPM_MODEL_FILE
+    from megakv.hf.tokenizer import is_sentencepiece_dir, write_hf_tokenizer
+
     src, dst = Path(src), Path(dst)
-    copied = []
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
+    if not src.is_dir():
+        return []
+    try:
+        copied = write_hf_tokenizer(src, dst)
+    except DataError as e:  # a SentencePiece model no exact transformers tokenizer exists for: megakv's files only
+        warnings.warn(f"{dst} gets no transformers tokenizer files: {e}", stacklevel=2)
+        copied = []
+    extra = (SPM_MODEL_FILE, METADATA_FILE) if is_sentencepiece_dir(src) else (METADATA_FILE,) if copied else ()
+    for name in extra:
+        if name not in copied and (src / name).is_file():
             dst.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src / name, dst / name)
+            if (src / name).resolve() != (dst / name).resolve():
+                shutil.copy2(src / name, dst / name)
             copied.append(name)
     return copied
 
