@@ -24,19 +24,28 @@ HF_CLASSES = {
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
 }
 
-_RENAMES = [  # (megakv pattern, HF pattern); applied to the part after "layers.{i}." or to top-level keys
-    (r"^embed\.", "model.embed_tokens."),
-    (r"^norm\.", "model.norm."),
-    (r"^lm_head\.", "lm_head."),
-    (r"^layers\.(\d+)\.attn_norm\.", r"model.layers.\1.input_layernorm."),
-    (r"^layers\.(\d+)\.mlp_norm\.", r"model.layers.\1.post_attention_layernorm."),
-    (r"^layers\.(\d+)\.attn\.", r"model.layers.\1.self_attn."),
-    (r"^layers\.(\d+)\.mlp\.", r"model.layers.\1.mlp."),
+# (megakv prefix, transformers prefix); "{i}" is the layer index. The only place names are mapped.
+_PREFIXES = [
+    ("embed.", "model.embed_tokens."),
+    ("norm.", "model.norm."),
+    ("lm_head.", "lm_head."),
+    ("layers.{i}.attn_norm.", "model.layers.{i}.input_layernorm."),
+    ("layers.{i}.mlp_norm.", "model.layers.{i}.post_attention_layernorm."),
+    ("layers.{i}.attn.", "model.layers.{i}.self_attn."),
+    ("layers.{i}.mlp.", "model.layers.{i}.mlp."),
 ]
 
 
 class UnsupportedCheckpoint(ValueError):
     """A transformers checkpoint megakv cannot represent exactly; the message says what and why."""
+
+
+def _rules(to_hf: bool) -> list[tuple[str, str]]:
+    rules = []
+    for ours, theirs in _PREFIXES:
+        source, target = (ours, theirs) if to_hf else (theirs, ours)
+        rules.append(("^" + re.escape(source).replace(r"\{i\}", r"(\d+)"), target.replace("{i}", r"\1")))
+    return rules
 
 
 def _rename(key: str, rules: list[tuple[str, str]]) -> str:
@@ -47,16 +56,7 @@ def _rename(key: str, rules: list[tuple[str, str]]) -> str:
     raise KeyError(key)
 
 
-_TO_HF = _RENAMES
-_FROM_HF = [
-    (r"^model\.embed_tokens\.", "embed."),
-    (r"^model\.norm\.", "norm."),
-    (r"^lm_head\.", "lm_head."),
-    (r"^model\.layers\.(\d+)\.input_layernorm\.", r"layers.\1.attn_norm."),
-    (r"^model\.layers\.(\d+)\.post_attention_layernorm\.", r"layers.\1.mlp_norm."),
-    (r"^model\.layers\.(\d+)\.self_attn\.", r"layers.\1.attn."),
-    (r"^model\.layers\.(\d+)\.mlp\.", r"layers.\1.mlp."),
-]
+_TO_HF, _FROM_HF = _rules(to_hf=True), _rules(to_hf=False)
 
 
 def state_dict_to_hf(state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
