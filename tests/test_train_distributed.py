@@ -118,6 +118,12 @@ def test_zero_stage_trains_routes_consistently_and_resumes_bit_exactly(dataset, 
         assert tokenizer_path(tmp_path / "model") is not None
         assert all(torch.equal(model.state_dict()[k], v) for k, v in theirs.items())
         assert (tmp_path / "hf" / "config.json").is_file()
+        # Inference tools take the run directory itself as --model, with the same weights and tokenizer.
+        from megakv.inference import resolve_model
+
+        from_run, run_tokenizer = resolve_model(straight)
+        assert run_tokenizer == straight / "tokenizer"
+        assert all(torch.equal(from_run.state_dict()[k], v) for k, v in theirs.items())
 
     if stage == 2:  # 2 ranks -> 1 rank through a universal checkpoint
         moved = tmp_path / "for_universal"

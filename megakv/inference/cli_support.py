@@ -14,8 +14,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
-                        help="megakv model directory, or a transformers checkpoint directory (Llama/Mistral/Qwen2/"
-                             "Qwen3, or one exported by megakv-convert to-hf-rcla)")
+                        help="megakv model directory, training run directory (latest checkpoint), or a transformers "
+                             "checkpoint directory (Llama/Mistral/Qwen2/Qwen3, or one exported by megakv-convert "
+                             "to-hf-rcla)")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                         help="weights and activations dtype (default: float32)")

@@ -4,7 +4,8 @@ Accepted today:
   * a megakv model directory (config.yaml + model.safetensors [+ tokenizer/]);
   * a transformers checkpoint directory (config.json): Llama / Mistral / Qwen2 / Qwen3 through the core
     weight mapping, or a directory exported by `megakv-convert to-hf-rcla` (model_type "megakv").
-Training run directories are not exportable yet; they get a clear error (extend `resolve_model` here).
+  * a training run directory (megakv-train's train.run_dir): the fp32 weights of its latest complete
+    checkpoint, consolidated from any ZeRO stage, with the run's tokenizer.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 
 from megakv.model import MegaKVModel
 from megakv.model_dir import CONFIG_FILE, WEIGHTS_FILE, is_model_dir, load_model, model_from_state_dict, tokenizer_path
+from megakv.train.run_dir import CHECKPOINTS, TOKENIZER
 
 HF_TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
@@ -31,6 +33,13 @@ def resolve_model(path: str | Path, device: str | torch.device = "cpu",
         raise FileNotFoundError(f"model path {path} does not exist")
     if is_model_dir(path):
         return load_model(path, device, dtype), tokenizer_path(path)
+    if (path / CHECKPOINTS).is_dir():
+        from megakv.train.export import consolidated_state_dict
+
+        cfg, state, _tag = consolidated_state_dict(path)
+        tokenizer = path / TOKENIZER
+        return model_from_state_dict(cfg, state, device, dtype, source=str(path)), (
+            tokenizer if tokenizer.is_dir() else None)
     if (path / "config.json").is_file():
         from megakv.hf.modeling import is_megakv_hf_dir, load_megakv_hf_dir
 
@@ -43,6 +52,5 @@ def resolve_model(path: str | Path, device: str | torch.device = "cpu",
             model = model_from_state_dict(cfg, state, device, dtype, source=str(path))
         return model, path if _has_hf_tokenizer(path) else None
     raise ValueError(
-        f"{path} is not a model: expected a megakv model directory ({CONFIG_FILE} + {WEIGHTS_FILE}) or a "
-        f"transformers checkpoint directory (config.json + weights). A training run directory must be exported "
-        f"to a model directory first.")
+        f"{path} is not a model: expected a megakv model directory ({CONFIG_FILE} + {WEIGHTS_FILE}), a training "
+        f"run directory (with {CHECKPOINTS}/) or a transformers checkpoint directory (config.json + weights)")
