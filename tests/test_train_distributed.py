@@ -1,5 +1,5 @@
 """megakv-train end to end on 2 gloo processes: ZeRO 1/2/3 with R-CLA, plans agree, exact resume after
-SIGTERM or a SIGKILL in the middle of a save, universal resume on 1 rank, non-finite steps.
+SIGTERM or a SIGKILL in the middle of a save, universal resume on 1 rank, non-finite steps, bf16 on 2 ranks.
 
 Every launch is the real CLI in real processes (plain env://, torchrun, the deepspeed launcher); results
 are read from the files the runs write.
@@ -155,3 +155,24 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(dataset, tmp_path):
     other = launch_train(overrides(dataset, run_dir, 2, "train.steps=8", "data.seed=99"), nproc=1, resume=True)
     assert other.returncodes == [2] and "data.datasets" in other.output and "fingerprint" in other.output
     assert latest_tag(run_dir) == "step_00000003"
+
+
+def test_bf16_two_ranks_train_and_resume_bit_exactly(dataset, tmp_path):
+    """bf16 on 2 ranks (ZeRO-1): loss falls, plans agree, and a stop + --resume auto continues bit for bit."""
+    straight, interrupted = tmp_path / "bf16", tmp_path / "bf16_resumed"
+    bf16 = ["train.precision=bf16"]
+    run = launch_train(overrides(dataset, straight, 1, *bf16))
+    assert_ok(run, "bf16 run")
+    reference = step_losses(straight)
+    assert reference[STEPS] < reference[1] - 0.3, reference
+    traces = plan_traces(straight)
+    assert traces[0] == traces[1]
+    assert "bf16" in (straight / "ds_config.json").read_text()
+    stop = launch_train(overrides(dataset, interrupted, 1, *bf16, f"train.debug.sigterm_at_step={STEPS // 2}"))
+    assert_ok(stop, "bf16 SIGTERM run")
+    resumed = launch_train(overrides(dataset, interrupted, 1, *bf16), resume=True)
+    assert_ok(resumed, "bf16 resumed run")
+    continued = step_losses(interrupted)
+    for step in range(STEPS // 2 + 1, STEPS + 1):
+        assert continued[step] == reference[step], (step, continued[step], reference[step])
+    assert all(torch.isfinite(w).all() and w.dtype == torch.float32 for w in final_weights(interrupted).values())
