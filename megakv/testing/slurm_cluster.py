@@ -57,6 +57,7 @@ REQUIRED_COMMANDS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "sru
 TERMINAL_STATES = {
     "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
 }
+REQUEUE_SETTLE_S = 2.0  # see wait(): let slurmd finish revoking a requeued job's credential
 
 
 def search_path() -> str:
@@ -412,6 +413,7 @@ class LocalSlurmCluster:
         """Wait until the job (every array task) reaches a terminal state; return its records. Requeued jobs are let
         go at once (release_begin_time) unless release_requeued is False."""
         deadline = time.monotonic() + timeout
+        held_since: dict[str, float] = {}
         while True:
             records = self.job(job_id)
             if records and all(r.get("JobState") in TERMINAL_STATES for r in records):
@@ -419,7 +421,11 @@ class LocalSlurmCluster:
             if release_requeued:
                 for r in records:
                     if r.get("JobState") == "PENDING" and r.get("Reason") == "BeginTime":
-                        self.run(["scontrol", "update", f"JobId={r['JobId']}", "StartTime=now"], check=False)
+                        # slurmd revokes the killed run's credential with one-second resolution: a restart in the
+                        # same second as the requeue is refused ("Job credential revoked"). Wait a little first.
+                        first_seen = held_since.setdefault(r["JobId"], time.monotonic())
+                        if time.monotonic() - first_seen >= REQUEUE_SETTLE_S:
+                            self.run(["scontrol", "update", f"JobId={r['JobId']}", "StartTime=now"], check=False)
             if time.monotonic() > deadline:
                 states = ", ".join(f"{r.get('JobId')}:{r.get('JobState')}({r.get('Reason')})" for r in records)
                 raise TimeoutError(f"job {job_id} not finished after {timeout:.0f} s: {states}\n{self.diagnostics()}")
