@@ -7,6 +7,7 @@ are read from the files the runs write.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -151,10 +152,32 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(dataset, tmp_path):
     assert all(losses[s] != losses[s] for s in (2, 4, 5, 6))  # NaN
     weights = final_weights(run_dir)
     assert all(torch.isfinite(w).all() for w in weights.values())
-    # Resuming that run directory on other data (another sample order) is refused with the field named.
+    # Resuming that run directory on other data settings is refused before training, with the field named.
     other = launch_train(overrides(dataset, run_dir, 2, "train.steps=8", "data.seed=99"), nproc=1, resume=True)
-    assert other.returncodes == [2] and "data.datasets" in other.output and "fingerprint" in other.output
+    assert other.returncodes == [2] and "data.seed" in other.output and "other data" in other.output
     assert latest_tag(run_dir) == "step_00000003"
+
+
+def test_resume_refuses_changed_data_contents(dataset, tmp_path):
+    """Same data settings, different file contents: the data fingerprint refuses the resume (exit code 2)."""
+    from train_data import synthetic_text
+
+    from megakv.data.preprocess import preprocess
+
+    root = tmp_path / "copy"
+    shutil.copytree(dataset.parents[1], root)
+    prefix = root / dataset.relative_to(dataset.parents[1])
+    run_dir = tmp_path / "run"
+    first = launch_train(overrides(prefix, run_dir, 2, "train.steps=2", "checkpoint.every=1",
+                                   "train.debug.check_plans=false"), nproc=1)
+    assert_ok(first, "run on the original data")
+    changed = root / "changed.jsonl"
+    changed.write_text("".join(json.dumps({"text": d}) + "\n" for d in synthetic_text(seed=7)))
+    preprocess([str(changed)], prefix.parent / "tokenizer", prefix, workers=1, progress=False, overwrite=True)
+    again = launch_train(overrides(prefix, run_dir, 2, "train.steps=4", "train.debug.check_plans=false"), nproc=1,
+                         resume=True)
+    assert again.returncodes == [2] and "fingerprint" in again.output and "data.datasets" in again.output
+    assert latest_tag(run_dir) == "step_00000002"
 
 
 def test_bf16_two_ranks_train_and_resume_bit_exactly(dataset, tmp_path):

@@ -13,6 +13,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from megakv.config import MegaKVConfig
+from megakv.config.data import DataConfig
 from megakv.config.errors import ConfigError
 from megakv.config.model import ModelConfig
 from megakv.parallel.layout import ParallelLayout
@@ -64,18 +65,46 @@ def check_tokenizer(cfg: MegaKVConfig) -> None:
                           f"set model.vocab_size >= {vocab} (a multiple of 64 is faster)")
 
 
-def _saved_model_config(state: TrainState) -> dict:
-    raw = OmegaConf.create(state.config_yaml).get("model", {})
-    return asdict(OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), raw)))
+def _saved_section(state: TrainState, name: str, schema: type) -> dict:
+    """One section of the config a checkpoint was written with, completed with today's defaults."""
+    raw = OmegaConf.create(state.config_yaml).get(name, {})
+    return asdict(OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), raw)))
 
 
 def check_same_model(cfg: MegaKVConfig, state: TrainState, where: Path) -> None:
-    saved, ours = _saved_model_config(state), asdict(cfg.model)
+    saved, ours = _saved_section(state, "model", ModelConfig), asdict(cfg.model)
     for name, value in ours.items():
         if saved.get(name) != value:
             raise ConfigError(f"model.{name}", value,
                               f"the checkpoint in {where} holds a model with {name}={saved.get(name)!r}",
                               "resume with the model settings of that run, or choose a new train.run_dir")
+
+
+# The data settings that decide which samples a run reads; cache_dir and the validation sets do not.
+DATA_IDENTITY_FIELDS = ("datasets", "weights", "tokenizer", "valid_fraction", "split_seed", "seed")
+
+
+def _data_identity(data: dict) -> dict:
+    def resolved(path):
+        return None if path is None else str(Path(path).resolve())
+
+    identity = {name: data.get(name) for name in DATA_IDENTITY_FIELDS}
+    identity["datasets"] = [resolved(p) for p in identity["datasets"] or []]
+    identity["tokenizer"] = resolved(identity["tokenizer"])
+    return identity
+
+
+def check_same_data(cfg: MegaKVConfig, state: TrainState, where: Path) -> None:
+    """Refuse, before any process group, to resume on other data settings. (Changed file contents under the
+    same settings are caught once the data is opened, by the data fingerprint.)"""
+    saved = _data_identity(_saved_section(state, "data", DataConfig))
+    ours = _data_identity(asdict(cfg.data))
+    for name in DATA_IDENTITY_FIELDS:
+        if saved[name] != ours[name]:
+            raise ConfigError(f"data.{name}", getattr(cfg.data, name),
+                              f"the checkpoint in {where} was trained with data.{name}={saved[name]!r}: resuming "
+                              "on other data would not continue the same sample order",
+                              "resume with that run's data settings, or choose a new train.run_dir")
 
 
 def find_resume(cfg: MegaKVConfig, data_parallel: int) -> ResumePoint | None:
@@ -89,6 +118,7 @@ def find_resume(cfg: MegaKVConfig, data_parallel: int) -> ResumePoint | None:
         raise ConfigError("checkpoint.resume", "none", f"{run_dir} already holds checkpoints (latest: {tag})",
                           "pass --resume auto to continue that run, or choose a new train.run_dir")
     check_same_model(cfg, state, ckpt_dir / tag)
+    check_same_data(cfg, state, ckpt_dir / tag)
     if state.data_parallel == data_parallel:
         return ResumePoint(ckpt_dir, tag, state, universal=False)
     converted = universal_tag(tag)
