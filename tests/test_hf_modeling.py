@@ -11,10 +11,11 @@ import pytest
 import torch
 import transformers
 from test_inference_support import PAD_ID, VOCAB, tiny_model, write_model_dir
-from transformers.cache_utils import DummyLayer
+from transformers import DynamicCache
 
 from megakv.cli.convert import main as convert_main
 from megakv.cli.generate import main as generate_main
+from megakv.hf.cache import SharedDepthCache
 from megakv.hf.mapping import UnsupportedCheckpoint
 from megakv.hf.modeling import MegaKVConfig, MegaKVForCausalLM, export_for_transformers
 from megakv.inference.engine import InferenceEngine
@@ -39,7 +40,6 @@ def test_export_layout(exported):
     config = MegaKVConfig.from_pretrained(out)
     assert config.model_type == "megakv" and config.retain == "every:2"
     assert config.auto_map["AutoModelForCausalLM"] == "modeling_megakv.MegaKVForCausalLM"
-    assert config.kv_sharing_modes == [None, "reuse", None, "reuse", None, "reuse"]
 
 
 @pytest.mark.parametrize("retain", [None, "all", "every:3", "0,1,5"])
@@ -70,14 +70,76 @@ def test_transformers_generate_equals_megakv_engine(exported, retain):
     ours = InferenceEngine(model, retain).generate(prompts, max_new_tokens=8, pad_id=PAD_ID)
     assert generated.sequences[:, width:].tolist() == ours.tokens
 
-    # transformers' cache holds storage for the retained layers only.
+    # The cache holds storage for the retained layers only, every position but the last token's.
+    assert_cache_holds(returned_cache(generated), retain, batch=3, positions=width + 7)
+
+
+def returned_cache(generated):
+    """The cache generate() returned, under the name the installed transformers uses."""
+    cache = getattr(generated, "cache", None)
+    return cache if cache is not None else generated.past_key_values
+
+
+def assert_cache_holds(cache, retain, batch, positions):
     retained = deployment_plan(retain, 6).retained
-    cache = generated.past_key_values
-    for layer, entry in enumerate(cache.layers):
-        if layer in retained:
-            assert entry.keys.shape == (3, 2, width + 7, 16)
-        else:
-            assert isinstance(entry, DummyLayer) and entry.keys is None
+    assert isinstance(cache, SharedDepthCache) and cache.retained == retained
+    assert len(cache.layers) == len(retained)
+    assert cache.get_seq_length() == positions
+    for entry in cache.layers:
+        assert entry.keys.shape == entry.values.shape == (batch, 2, positions, 16)
+    assert cache.bytes_held() == 2 * len(retained) * batch * positions * 2 * 16 * 4
+
+
+@pytest.mark.parametrize("retain", ["every:1", "every:2", "every:3", "0,4", "0,1,5"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_generate_step_logits_equal_one_full_forward(exported, retain, padded):
+    """Each step's logits in generate() equal the logits of one forward pass over the final sequence."""
+    _, out = exported
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, retain=retain).eval()
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13]] if padded else [[5, 6, 7, 8, 9, 10], [21, 22, 23, 24, 25, 26]]
+    width, new = max(map(len, prompts)), 16
+    ids = torch.tensor([[PAD_ID] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    generated = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
+                            pad_token_id=PAD_ID, eos_token_id=None, return_dict_in_generate=True,
+                            output_logits=True)
+    step_logits = torch.stack(generated.logits, dim=1)  # (batch, new, vocab)
+    full_mask = torch.cat([mask, torch.ones(len(prompts), new, dtype=mask.dtype)], dim=1)
+    with torch.no_grad():
+        full = hf(input_ids=generated.sequences, attention_mask=full_mask, use_cache=False).logits
+    assert (step_logits - full[:, width - 1:-1]).abs().max().item() <= 1e-5
+    assert_cache_holds(returned_cache(generated), retain, batch=len(prompts), positions=width + new - 1)
+
+
+@pytest.mark.parametrize("name", ["past_key_values", "cache"])
+def test_manual_decode_loop_takes_the_cache_under_either_name(exported, name):
+    model, out = exported
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, retain="every:2").eval()
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = model(ids, plan=deployment_plan("every:2", 6))
+        first = hf(input_ids=ids[:, :5], use_cache=True)
+        cache = returned_cache(first)
+        steps = [first.logits]
+        for position in range(5, 9):
+            step = hf(input_ids=ids[:, position:position + 1], use_cache=True, **{name: cache})
+            assert returned_cache(step) is cache
+            steps.append(step.logits)
+    assert (torch.cat(steps, dim=1) - expected).abs().max().item() <= 1e-5
+    assert cache.get_seq_length() == 9 and len(cache.layers) == 3
+
+
+def test_a_filled_foreign_cache_is_refused(exported):
+    _, out = exported
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    foreign = DynamicCache()
+    foreign.update(torch.zeros(1, 2, 3, 16), torch.zeros(1, 2, 3, 16), 0)
+    with pytest.raises(ValueError, match="megakv models keep their own cache"):
+        hf(input_ids=torch.tensor([[5]]), past_key_values=foreign)
+    first = hf(input_ids=torch.tensor([[5, 6]]), use_cache=True)
+    hf.config.retain = "all"
+    with pytest.raises(ValueError, match="config.retain changed mid-generation"):
+        hf(input_ids=torch.tensor([[7]]), past_key_values=returned_cache(first))
 
 
 def test_hf_forward_skips_kv_projections_of_non_retained_layers(exported):

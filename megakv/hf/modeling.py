@@ -5,10 +5,10 @@ plan (`all`, `every:K`, `0,3,5`), which any `from_pretrained(..., retain=...)` c
 `model.config.retain = ...` changes. MegaKVForCausalLM wraps megakv's own MegaKVModel (weights are
 stored under `model.` + megakv's names), so the two compute the same function by construction.
 
-Cache: the config tells transformers which layers reuse another layer's K/V (`kv_sharing_modes`, the
-mechanism transformers itself uses for Gemma-3n/Gemma-4). `DynamicCache(config=...)`, which
-`generate()` builds, then gives those layers a storage-free DummyLayer: the cache holds only the
-retained layers, and a non-retained layer never runs its K/V projections.
+Cache: `SharedDepthCache` (megakv/hf/cache.py), a subclass of transformers' public `Cache` holding one
+`DynamicLayer` per retained layer: the cache holds only the retained layers, and a non-retained layer never
+runs its K/V projections. The forward takes the cache under either name transformers has used
+(`past_key_values`, `cache` since 5.24) and returns it under the name the installed version declares.
 
 Loading: importing this module registers the classes with AutoConfig / AutoModelForCausalLM. An
 exported directory also carries `auto_map` and a two-line shim module (`modeling_megakv.py`) that imports
@@ -35,10 +35,12 @@ from transformers import (
     PreTrainedModel,
 )
 from transformers import initialization as hf_init
+from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from megakv.config.model import ModelConfig, RopeScalingConfig
 from megakv.data.tokenizer import METADATA_FILE as TOKENIZER_METADATA_FILE
+from megakv.hf.cache import SharedDepthCache
 from megakv.inference.engine import forward_layers, resolve_plan
 from megakv.inference.padding import attention_mask as boolean_attention_mask
 from megakv.inference.padding import positions_from_valid
@@ -46,6 +48,9 @@ from megakv.model import MegaKVModel, RMSNorm, RotaryEmbedding, rope_inverse_fre
 from megakv.routing import RoutingPlan
 
 MODEL_TYPE = "megakv"
+# The output field generate() reads the cache from: `cache` since transformers 5.24, `past_key_values` before.
+_OUTPUT_FIELDS = {field.name for field in dataclasses.fields(CausalLMOutputWithPast)}
+OUTPUT_CACHE_FIELD = "cache" if "cache" in _OUTPUT_FIELDS else "past_key_values"
 SHIM_MODULE = "modeling_megakv"
 SHIM_SOURCE = '''"""Loader shim: the megakv model code lives in the installed `megakv` package (pip install megakv)."""
 
@@ -109,12 +114,6 @@ class MegaKVConfig(PreTrainedConfig):
     def plan(self) -> RoutingPlan:
         return resolve_plan(self.retain, self.n_layers)
 
-    @property
-    def kv_sharing_modes(self) -> list[str | None]:
-        """Read by transformers' caches: "reuse" layers get no cache storage."""
-        plan = self.plan
-        return [None if plan.kv_needed[layer] else "reuse" for layer in range(self.n_layers)]
-
 
 def normalise_retain(retain) -> str:
     """Accept a string or a list of layers; store a string (config.json stays readable)."""
@@ -159,18 +158,21 @@ class MegaKVForCausalLM(MegaKVPreTrainedModel, GenerationMixin):
         return self.model.embed if self.model.lm_head is None else self.model.lm_head
 
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.LongTensor | None = None, past_key_values: DynamicCache | None = None,
+                position_ids: torch.LongTensor | None = None, past_key_values: Cache | None = None,
                 inputs_embeds: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
-                use_cache: bool | None = None, logits_to_keep: int = 0, **kwargs) -> CausalLMOutputWithPast:
+                use_cache: bool | None = None, logits_to_keep: int = 0, cache: Cache | None = None,
+                **kwargs) -> CausalLMOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if cache is not None and past_key_values is not None and cache is not past_key_values:
+            raise ValueError("pass the cache once, as `cache` or as `past_key_values`, not both")
+        plan = self.config.plan
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        shared_cache = resolve_cache(cache if cache is not None else past_key_values, plan, use_cache)
+
         hidden = self.model.embed(input_ids) if inputs_embeds is None else inputs_embeds
         batch, q_len = hidden.shape[:2]
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
-
+        past_len = shared_cache.get_seq_length() if shared_cache is not None else 0
         key_valid = None
         if attention_mask is not None:
             if attention_mask.dim() != 2:
@@ -184,16 +186,39 @@ class MegaKVForCausalLM(MegaKVPreTrainedModel, GenerationMixin):
                 position_ids = torch.arange(past_len, past_len + q_len, device=hidden.device).expand(batch, q_len)
 
         extend = None
-        if past_key_values is not None:
-            extend = lambda layer, kv: past_key_values.update(kv[0], kv[1], layer)
-        hidden = forward_layers(self.model, self.config.plan, hidden, position_ids,
+        if shared_cache is not None:
+            extend = lambda layer, kv: shared_cache.update(kv[0], kv[1], layer)
+        hidden = forward_layers(self.model, plan, hidden, position_ids,
                                 boolean_attention_mask(key_valid, q_len), extend)
         logits = self.model.head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
 
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None)
+        # transformers renamed the output field past_key_values -> cache (5.24); generate() reads whichever
+        # its version declares, and feeds that cache back into the next forward.
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{OUTPUT_CACHE_FIELD: shared_cache})
+
+
+def resolve_cache(incoming: Cache | None, plan: RoutingPlan, use_cache: bool) -> SharedDepthCache | None:
+    """The shared-depth cache to read and extend, whatever name or class transformers handed over.
+
+    `generate()` builds an empty DynamicCache for every model before the first forward; megakv swaps it for
+    a SharedDepthCache (storage for the retained layers only) and returns that, which generate then passes
+    back on every later step. A filled cache of another kind cannot be reinterpreted and is refused.
+    """
+    if isinstance(incoming, SharedDepthCache):
+        if incoming.plan != plan:
+            raise ValueError(f"this cache was built for retained layers {list(incoming.retained)}, but the model now "
+                             f"retains {list(plan.retained)} (config.retain changed mid-generation): start a new cache")
+        return incoming
+    if incoming is None:
+        return SharedDepthCache(plan) if use_cache else None
+    if isinstance(incoming, DynamicCache) and incoming.get_seq_length() == 0:
+        return SharedDepthCache(plan)
+    raise ValueError(f"megakv models keep their own cache (SharedDepthCache, retained layers only); got a "
+                     f"{type(incoming).__name__} holding {incoming.get_seq_length()} positions. Pass the cache a "
+                     "megakv model returned, or none; static/quantized cache_implementation is not supported")
 
 
 def register_with_auto_classes() -> None:
