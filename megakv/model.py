@@ -9,17 +9,26 @@ Reading guide
   routed layer that nobody reads skips its K/V projections. Gradients from layer l flow into the K/V
   projections of its source layer.
 
-The module tree is embed -> layers.{i} -> norm -> lm_head with index-keyed names, so pipeline
-parallelism can cut it into stages without renaming checkpoint keys. There are no parallelism calls
-in this file; megakv/parallel/ wraps it from the outside.
+One per-layer step, `run_block`, holds the routing rule: given the K/V bank `live` of earlier layers
+that layer i or a later one reads (exactly `crossing(plan, i)` in megakv/routing.py), it runs layer i
+and leaves in `live` what layers after i read. The dense forward, the inference cache and the pipeline
+stages (megakv/parallel/pipeline.py) all chain this one step, so a stage that starts at layer c only
+needs the hidden state and `live` of the stage before it.
+
+The module tree is embed -> layers.{i} -> norm -> lm_head with index-keyed names. Every weight's initial
+value is a function of (seed, its name) alone (`init_weights`), so a pipeline stage that builds only
+its own layers starts from the dense model's weights. There are no parallelism calls in this file;
+megakv/parallel/ wraps it from the outside.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import zlib
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,6 +38,7 @@ from megakv.routing import RoutingPlan
 
 KV = tuple[torch.Tensor, torch.Tensor]  # (k, v), each (batch, n_kv_heads, seq, head_dim)
 Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each (batch, seq, head_dim)
+LiveKV = dict[int, KV]  # source layer -> its K/V, for the earlier layers that a current or later layer reads
 
 
 class RMSNorm(nn.Module):
@@ -92,19 +102,20 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
-    def _heads(self, x: torch.Tensor, n_heads: int, norm: RMSNorm | None) -> torch.Tensor:
+    def _heads(self, x: torch.Tensor, norm: RMSNorm | None) -> torch.Tensor:
         batch, seq, _ = x.shape
-        x = x.view(batch, seq, n_heads, self.head_dim)
+        # -1: the head count follows the projection's width (a tensor-parallel rank holds fewer heads).
+        x = x.view(batch, seq, -1, self.head_dim)
         if norm is not None:
             x = norm(x)
         return x.transpose(1, 2)
 
     def project_q(self, h: torch.Tensor, rope: Rope) -> torch.Tensor:
-        return apply_rope(self._heads(self.q_proj(h), self.n_heads, self.q_norm), rope)
+        return apply_rope(self._heads(self.q_proj(h), self.q_norm), rope)
 
     def project_kv(self, h: torch.Tensor, rope: Rope) -> KV:
-        k = apply_rope(self._heads(self.k_proj(h), self.n_kv_heads, self.k_norm), rope)
-        v = self._heads(self.v_proj(h), self.n_kv_heads, None)
+        k = apply_rope(self._heads(self.k_proj(h), self.k_norm), rope)
+        v = self._heads(self.v_proj(h), None)
         return k, v
 
     def attend(self, q: torch.Tensor, kv: KV, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -124,7 +135,7 @@ class Attention(nn.Module):
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=True)
         batch, _, seq, _ = out.shape
-        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim))
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
 class SwiGLU(nn.Module):
@@ -167,8 +178,58 @@ class Block(nn.Module):
         return x, own_kv
 
 
+def run_block(block: Block, index: int, x: torch.Tensor, rope: Rope, plan: RoutingPlan, live: LiveKV,
+              attn_mask: torch.Tensor | None = None,
+              extend_kv: Callable[[int, KV], KV] | None = None) -> torch.Tensor:
+    """Run layer `index` with the K/V it reads; keep in `live` what later layers read. Returns its output.
+
+    On entry `live` holds the K/V of every layer j < index with plan.last_reader[j] >= index; on return
+    it holds those with last_reader[j] >= index + 1 (this layer's own K/V added when a later layer reads
+    them, K/V that no later layer reads dropped, so activation memory follows the plan).
+    `extend_kv(layer, kv)`, when given, turns the K/V a layer projects into those it attends with (an
+    inference cache appends the new positions and returns the whole cached sequence).
+    """
+    source = plan[index]
+    shared = None if source == index else live[source]
+    extend = None if extend_kv is None else functools.partial(extend_kv, index)
+    x, own_kv = block(x, rope, shared, attn_mask, project_own_kv=plan.kv_needed[index], extend_kv=extend)
+    if plan.last_reader[index] > index:
+        live[index] = own_kv
+    if source != index and plan.last_reader[source] == index:
+        del live[source]
+    return x
+
+
+def _seeded_generator(seed: int, name: str) -> torch.Generator:
+    """A generator for one named weight: the same (seed, name) gives the same values in any build."""
+    mixed = np.random.SeedSequence([seed, zlib.crc32(name.encode())]).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed(int(mixed[0]) << 32 | int(mixed[1]))
+
+
+def init_weights(module: nn.Module, prefix: str, cfg: ModelConfig, seed: int) -> None:
+    """Initialise `module`, named `prefix` inside a MegaKVModel, as the whole model would be with `seed`."""
+    std = cfg.init_std
+    # GPT-2 style: residual-branch outputs are scaled down with depth to keep activations stable.
+    residual_std = std / math.sqrt(2 * cfg.n_layers)
+    for local_name, sub in module.named_modules():
+        name = f"{prefix}.{local_name}" if local_name else prefix
+        if isinstance(sub, nn.Linear):
+            is_residual_out = name.endswith("o_proj") or name.endswith("down_proj")
+            with torch.no_grad():
+                sub.weight.normal_(0.0, residual_std if is_residual_out else std,
+                                   generator=_seeded_generator(seed, name + ".weight"))
+            if sub.bias is not None:
+                nn.init.zeros_(sub.bias)
+        elif isinstance(sub, nn.Embedding):
+            with torch.no_grad():
+                sub.weight.normal_(0.0, std, generator=_seeded_generator(seed, name + ".weight"))
+        elif isinstance(sub, RMSNorm):
+            nn.init.ones_(sub.weight)
+
+
 class MegaKVModel(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, init_seed: int | None = None):
+        """init_seed=None draws the seed from torch's global generator (torch.manual_seed still decides)."""
         super().__init__()
         cfg.validate()
         self.cfg = cfg
@@ -177,22 +238,13 @@ class MegaKVModel(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.reset_parameters()
+        if init_seed is None:
+            init_seed = int(torch.randint(0, 2**31 - 1, ()))
+        self.reset_parameters(init_seed)
 
-    def reset_parameters(self) -> None:
-        std = self.cfg.init_std
-        # GPT-2 style: residual-branch outputs are scaled down with depth to keep activations stable.
-        residual_std = std / math.sqrt(2 * self.cfg.n_layers)
-        for name, module in self.named_modules():
-            if isinstance(module, nn.Linear):
-                is_residual_out = name.endswith("o_proj") or name.endswith("down_proj")
-                nn.init.normal_(module.weight, std=residual_std if is_residual_out else std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, std=std)
-            elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
+    def reset_parameters(self, seed: int) -> None:
+        for name, child in self.named_children():
+            init_weights(child, name, self.cfg, seed)
 
     def output_weight(self) -> torch.Tensor:
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
@@ -220,23 +272,11 @@ class MegaKVModel(nn.Module):
     def run_layers(self, x: torch.Tensor, position_ids: torch.Tensor, plan: RoutingPlan,
                    attn_mask: torch.Tensor | None = None,
                    extend_kv: Callable[[int, KV], KV] | None = None) -> torch.Tensor:
-        """Hidden states after the last layer for embedded tokens `x` (batch, seq, d_model).
-
-        `extend_kv(layer, kv)`, when given, receives every K/V a layer projects and returns the K/V to attend
-        with (an inference cache appends the new positions and returns the whole cached sequence).
-        """
+        """Hidden states after the last layer for embedded tokens `x` (batch, seq, d_model); see run_block."""
         rope = self.rope(position_ids, x.dtype)
-        kv_by_layer: dict[int, KV] = {}
+        live: LiveKV = {}
         for index, layer in enumerate(self.layers):
-            source = plan[index]
-            shared = None if source == index else kv_by_layer[source]
-            extend = None if extend_kv is None else functools.partial(extend_kv, index)
-            x, own_kv = layer(x, rope, shared, attn_mask, project_own_kv=plan.kv_needed[index], extend_kv=extend)
-            if plan.last_reader[index] > index:
-                kv_by_layer[index] = own_kv
-            # Drop K/V that no later layer reads, so activation memory follows the plan.
-            if source != index and plan.last_reader[source] == index:
-                del kv_by_layer[source]
+            x = run_block(layer, index, x, rope, plan, live, attn_mask, extend_kv)
         return x
 
     def num_parameters(self) -> int:

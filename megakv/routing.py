@@ -92,6 +92,17 @@ class RoutingPlan:
             raise ValueError(f"cannot parse routing plan {text!r}: {e}") from None
 
 
+def crossing(plan: RoutingPlan, boundary: int) -> tuple[int, ...]:
+    """Layers j < boundary whose K/V a layer at or after `boundary` reads, ascending.
+
+    What must cross a pipeline-stage boundary before layer `boundary` besides the hidden state (and what
+    `run_block`'s K/V bank holds on entry to that layer).
+    """
+    if not 0 <= boundary <= plan.n_layers:
+        raise ValueError(f"boundary {boundary} is outside [0, {plan.n_layers}]")
+    return tuple(j for j in range(boundary) if plan.last_reader[j] >= boundary)
+
+
 def validate_sources(sources: Sequence[int]) -> None:
     if len(sources) == 0:
         raise ValueError("a routing plan needs at least one layer")
