@@ -238,6 +238,8 @@ class MegaKVModel(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if self.embed.weight.is_meta:  # built on the meta device to be loaded into: nothing to initialise
+            return
         if init_seed is None:
             init_seed = int(torch.randint(0, 2**31 - 1, ()))
         self.reset_parameters(init_seed)
