@@ -128,7 +128,8 @@ def test_bad_records_are_skipped_and_counted_by_reason(tmp_path, tokenizer_dir):
     (tmp_path / "in" / "bad.txt").write_bytes(b"invalid \xc3\x28 utf8 document")
     (tmp_path / "in" / "blank.txt").write_bytes(b" \n\t\n")
     pq.write_table(pa.table({"text": ["parquet good", None, "   "]}), tmp_path / "in" / "p.parquet")
-    summary = preprocess([str(tmp_path / "in")], tokenizer_dir, tmp_path / "d", progress=False)
+    summary = preprocess([str(tmp_path / "in")], tokenizer_dir, tmp_path / "d", progress=False,
+                         max_skip_fraction=1.0)  # counting is the point here, not refusing
     assert decoded(tmp_path / "d", tokenizer_dir) == ["good one", "good two", "parquet good"]
     expected = {"invalid_utf8": 3, "empty": 5, "missing_field": 3, "not_json": 2, "not_text": 1}
     assert dict(summary.skipped) == expected

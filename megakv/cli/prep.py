@@ -4,7 +4,9 @@
 
 Writes PREFIX.bin, PREFIX.idx, PREFIX.meta.json and the tokenizer as tokenizer/ beside them. Bad records
 (invalid UTF-8, empty text, missing field, non-JSON line) are skipped and counted, or with --strict stop
-the job naming file and line. For a SLURM array, --shard-index/--num-shards pick this task's files.
+the job naming file and line. An empty output, or one that skipped more than --max-skip-fraction of
+its records, is an error (exit 2) naming the top reason. For a SLURM array, --shard-index/--num-shards
+pick this task's files.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import argparse
 
 from megakv.data.cli_support import run_cli
-from megakv.data.preprocess import PrepOptions, preprocess
+from megakv.data.preprocess import DEFAULT_MAX_SKIP_FRACTION, PrepOptions, preprocess
 from megakv.data.sources import FORMATS, TXT_UNITS
 
 
@@ -30,6 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prepend-bos", action="store_true", help="also start every document with BOS")
     p.add_argument("--eos-token", help="end-of-document token for a Hugging Face tokenizer that has none")
     p.add_argument("--strict", action="store_true", help="fail on the first bad record (file:line)")
+    p.add_argument("--max-skip-fraction", type=float, default=DEFAULT_MAX_SKIP_FRACTION,
+                   help="fail (writing nothing) when more than this fraction of the records is skipped; an "
+                        "output without documents always fails (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace a different dataset at PREFIX")
     p.add_argument("--shard-index", type=int, help="keep only this shard of the input files (0-based)")
     p.add_argument("--num-shards", type=int, help="number of shards the input files are split into")
@@ -49,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     def run() -> None:
         summary = preprocess(args.input, args.tokenizer, args.output_prefix, workers=args.workers,
                              options=options, shard=shard, overwrite=args.overwrite, eos_token=args.eos_token,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress,
+                             max_skip_fraction=args.max_skip_fraction)
         print(summary.format(), flush=True)
 
     return run_cli(run)

@@ -32,6 +32,10 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--format", choices=FORMATS, help="input format (default: from file names)")
     train.add_argument("--txt-unit", choices=TXT_UNITS, default="document",
                        help="what one document of a .txt file is")
+    train.add_argument("--character-coverage", type=float, default=0.9999,
+                       help="fraction of characters covered by pieces of their own; rarer ones fall back to "
+                            "bytes. Lower it (e.g. 0.995) when a small --vocab-size is refused (default: "
+                            "%(default)s)")
     train.add_argument("--max-sentences", type=int, default=2_000_000,
                        help="lines sampled for training (bounds memory and time)")
     imp = sub.add_parser("import", help="save a Hugging Face tokenizer directory as a megakv one")
@@ -55,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
             files = expand_inputs(args.input, args.format)
             texts = iter_texts(files, args.text_key, args.txt_unit, skipped)
             info = train_sentencepiece(texts, args.output, args.vocab_size, model_type=args.model_type,
-                                       max_sentences=args.max_sentences)
+                                       max_sentences=args.max_sentences,
+                                       character_coverage=args.character_coverage)
             print(f"trained {info.kind} {args.model_type} tokenizer, vocab {info.vocab_size}, eos {info.eos_id} "
                   f"-> {args.output}" + (f" (skipped records: {dict(skipped)})" if skipped else ""))
         elif args.command == "import":

@@ -32,6 +32,15 @@ from megakv.data.tokenizer import TokenizerInfo, cached_tokenizer, save_beside_d
 BATCH_BYTES = 1 << 18  # 256 KiB: small enough to spread a few large documents over the workers
 BATCH_RECORDS = 4096
 EXAMPLES_PER_REASON = 3  # skipped records listed by file:line in the summary
+# More skipped records than this is almost always a wrong --text-key / --format or a broken input, not dirt.
+DEFAULT_MAX_SKIP_FRACTION = 0.5
+SKIP_FIXES = {
+    "missing_field": "check --text-key: it must name the field that holds the text",
+    "not_text": "check --text-key: it must name a field holding a string",
+    "not_json": "check the input format (--format), or that the file is JSON lines",
+    "invalid_utf8": "re-encode the input as UTF-8",
+    "empty": "check --text-key and --txt-unit, or remove the empty records",
+}
 
 
 @dataclass(frozen=True)
@@ -70,6 +79,29 @@ class PrepSummary:
         else:
             lines.append("skipped 0 records")
         return "\n".join(lines)
+
+    def top_skip(self) -> str:
+        reason, n = self.skipped.most_common(1)[0]
+        examples = self.skipped_examples.get(reason, [])
+        return f"{reason}={n:,}" + (f" (e.g. {', '.join(examples)})" if examples else "")
+
+
+def check_useful(summary: PrepSummary, max_skip_fraction: float) -> None:
+    """Refuse an output with no documents, or one made from too few of its records."""
+    skipped = sum(summary.skipped.values())
+    records = summary.documents + skipped
+    if records == 0:
+        raise DataError(f"the inputs ({summary.files} files) hold no records, so {summary.output_prefix} "
+                        "would be empty", "check --input, --format and --txt-unit")
+    top_reason = summary.skipped.most_common(1)[0][0] if skipped else ""
+    if summary.documents == 0:
+        raise DataError(f"all {skipped:,} records were skipped, so {summary.output_prefix} would be empty; "
+                        f"top reason {summary.top_skip()}", SKIP_FIXES.get(top_reason, "check the input"))
+    if skipped > max_skip_fraction * records:
+        raise DataError(f"{skipped:,} of {records:,} records ({skipped / records:.0%}) were skipped, more than "
+                        f"--max-skip-fraction={max_skip_fraction:g}; top reason {summary.top_skip()}",
+                        SKIP_FIXES.get(top_reason, "check the input") + ", or raise --max-skip-fraction "
+                        "if so many bad records are expected")
 
 
 @dataclass(frozen=True)
@@ -170,12 +202,18 @@ def _check_output(prefix: Path, fingerprint: str, overwrite: bool) -> bool:
 
 def preprocess(inputs: list[str], tokenizer: str | Path, output_prefix: str | Path, *, workers: int = 1,
                options: PrepOptions = PrepOptions(), shard: tuple[int, int] | None = None,
-               overwrite: bool = False, eos_token: str | None = None, progress: bool = True) -> PrepSummary:
+               overwrite: bool = False, eos_token: str | None = None, progress: bool = True,
+               max_skip_fraction: float = DEFAULT_MAX_SKIP_FRACTION) -> PrepSummary:
     """Tokenize `inputs` (files, globs, directories) into `output_prefix`.bin/.idx (+ .meta.json).
+
+    Nothing is written when no document is left, or when more than `max_skip_fraction` of the records
+    were skipped (a DataError names the top reason).
 
     The tokenizer is saved as `tokenizer/` beside the output. `shard=(i, n)` keeps only the i-th of n
     contiguous, byte-balanced runs of the input files (one SLURM array task each).
     """
+    if not 0.0 <= max_skip_fraction <= 1.0:
+        raise DataError(f"--max-skip-fraction={max_skip_fraction} is outside [0, 1]", "e.g. 0.5; 1 allows any")
     started = time.time()
     prefix = Path(output_prefix)
     files = expand_inputs(inputs, options.format)
@@ -222,6 +260,7 @@ def preprocess(inputs: list[str], tokenizer: str | Path, output_prefix: str | Pa
                 max_token_id = max(max_token_id, int(result.tokens.max()))
             bar.wrote(len(result.lengths), len(result.tokens))
         summary.documents, summary.tokens = writer.num_documents, writer.num_tokens
+        check_useful(summary, max_skip_fraction)
         summary.seconds = time.time() - started
         meta = {
             "documents": summary.documents, "tokens": summary.tokens, "dtype": dtype.name,

@@ -31,6 +31,9 @@ SPM_MODEL_FILE = "tokenizer.model"
 KINDS = ("sentencepiece", "huggingface")
 # SentencePiece ids fixed at training time (Llama convention for unk/bos/eos, plus a pad).
 SPM_SPECIAL_IDS = {"unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": 3}
+# Any real tokenizer encodes this into several ordinary tokens; one that cannot is broken or empty.
+PROBE_TEXT = "The quick brown fox jumps over the lazy dog. 0123456789"
+MIN_PROBE_TOKENS = 2
 
 
 @dataclass(frozen=True)
@@ -84,7 +87,16 @@ class SentencePieceTokenizer(_WithInfo):
         import sentencepiece as spm
 
         super().__init__(info)
-        self._sp = spm.SentencePieceProcessor(model_file=str(directory / SPM_MODEL_FILE))
+        model_file = directory / SPM_MODEL_FILE
+        if not model_file.is_file():
+            raise DataError(f"{model_file} not found: the sentencepiece tokenizer directory {directory} is "
+                            "incomplete", "copy the whole tokenizer directory again, or re-create it with "
+                            "`megakv-tokenizer train`")
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=str(model_file))
+        except (RuntimeError, OSError) as e:
+            raise DataError(f"{model_file} is not a SentencePiece model ({e})",
+                            "re-create the tokenizer directory with `megakv-tokenizer train`") from None
 
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text)
@@ -145,6 +157,18 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
 def cached_tokenizer(directory: str) -> Tokenizer:
     """One loaded tokenizer per process and directory (worker processes call this for every batch)."""
     return load_tokenizer(directory)
+
+
+def check_encodes(tokenizer: Tokenizer, directory: str | Path) -> None:
+    """Refuse a tokenizer that cannot turn a plain English sentence into ordinary tokens."""
+    ids = tokenizer.encode(PROBE_TEXT)
+    special = {tokenizer.eos_id, tokenizer.bos_id, tokenizer.pad_id, getattr(tokenizer, "unk_id", None)}
+    ordinary = [i for i in ids if i not in special]
+    if len(ordinary) < MIN_PROBE_TOKENS:  # ids outside the vocabulary are named per record by megakv-prep
+        raise DataError(f"the tokenizer in {directory} (vocab {tokenizer.vocab_size}) cannot encode the probe "
+                        f"text {PROBE_TEXT!r}: it gives {ids[:8]}", "point at a directory holding a complete "
+                        "tokenizer (tokenizer.json, or tokenizer.model / vocab files), or train one with "
+                        "`megakv-tokenizer train`")
 
 
 def read_info(directory: str | Path) -> TokenizerInfo:
@@ -211,7 +235,8 @@ def train_sentencepiece(texts: Iterable[str], output_dir: str | Path, vocab_size
             **SPM_SPECIAL_IDS, pad_piece="<pad>",
         )
     except RuntimeError as e:
-        raise DataError(f"SentencePiece training failed: {e}",
+        message = str(e).replace("--character_coverage", "--character-coverage")  # our CLI's spelling
+        raise DataError(f"SentencePiece training failed: {message}",
                         "adjust --vocab-size as the message says (larger when the text has many distinct "
                         "characters, smaller when there is little text), or give more text") from None
     if not model.getvalue():
@@ -242,12 +267,17 @@ def _hf_info(tok, fingerprint: str, eos_token: str | None) -> TokenizerInfo:
 def import_hf_tokenizer(source: str | Path, output_dir: str | Path, eos_token: str | None = None) -> TokenizerInfo:
     """Save a Hugging Face tokenizer directory (loaded offline) as a megakv tokenizer directory."""
     tok = _load_hf(Path(source))
+    check_encodes(HuggingFaceTokenizer(tok, _hf_info(tok, "unsaved", eos_token)), source)
     output_dir = Path(output_dir)
     tmp = output_dir.with_name(f"{output_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tok.save_pretrained(str(tmp))  # only the tokenizer's files, even if `source` also holds weights
-    info = _hf_info(tok, _fingerprint_dir(tmp), eos_token)
-    _write_metadata(tmp, info)
-    _replace_dir(tmp, output_dir)
+    try:
+        tok.save_pretrained(str(tmp))  # only the tokenizer's files, even if `source` also holds weights
+        info = _hf_info(tok, _fingerprint_dir(tmp), eos_token)
+        _write_metadata(tmp, info)
+        _replace_dir(tmp, output_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
     return info
 
 
@@ -273,6 +303,7 @@ def save_beside_data(source: str | Path, data_dir: str | Path,
     tmp = target.with_name(f"tokenizer.tmp-{uuid.uuid4().hex[:8]}")
     try:
         if (source / METADATA_FILE).exists():
+            check_encodes(load_tokenizer(source), source)  # before a copy can take the target's place
             shutil.copytree(source, tmp)
             info = TokenizerInfo.read(tmp)
         else:
@@ -284,6 +315,9 @@ def save_beside_data(source: str | Path, data_dir: str | Path,
             except OSError:  # another process won the race; compare below
                 pass
         existing = TokenizerInfo.read(target)
+        if existing.fingerprint == info.fingerprint and _fingerprint_dir(target) != existing.fingerprint:
+            raise DataError(f"{target} is damaged: its files no longer match its {METADATA_FILE}",
+                            f"delete {target}; the next run copies {source} again")
         if existing.fingerprint != info.fingerprint:
             raise DataError(f"{target} already holds a different tokenizer (fingerprint "
                             f"{existing.fingerprint[:12]} vs {info.fingerprint[:12]} of {source})",

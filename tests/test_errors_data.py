@@ -1,0 +1,115 @@
+"""Data tools never exit 0 on a useless result: empty or mostly-skipped outputs, broken tokenizers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from data_fixtures import module_tokenizer, synthetic_documents, write_jsonl
+
+from megakv.cli import prep as prep_cli
+from megakv.cli import tokenizer as tokenizer_cli
+from megakv.data.indexed import IndexedDataset, pair_exists
+
+REPO = Path(__file__).resolve().parents[1]
+
+tokenizer_dir = pytest.fixture(scope="module")(module_tokenizer)
+DOCS = synthetic_documents(18, seed=21)
+
+
+def _prep(inputs: list[Path], tokenizer: Path, prefix: Path, *extra: str) -> int:
+    return prep_cli.main(["--input", *map(str, inputs), "--tokenizer", str(tokenizer),
+                          "--output-prefix", str(prefix), "--no-progress", *extra])
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1 and "Fix:" in err, err
+    return err
+
+
+def test_a_wrong_text_key_is_an_error_naming_the_reason(tmp_path, tokenizer_dir, capsys):
+    corpus = write_jsonl(tmp_path / "c.jsonl", DOCS)
+    assert _prep([corpus], tokenizer_dir, tmp_path / "out" / "d", "--text-key", "body") == 2
+    err = _one_error_line(capsys)
+    assert "all 18 records were skipped" in err and "missing_field=18" in err and "--text-key" in err
+    assert not pair_exists(tmp_path / "out" / "d")
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_an_empty_input_is_an_error(tmp_path, tokenizer_dir, capsys, strict):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert _prep([empty], tokenizer_dir, tmp_path / "out" / "d", *(["--strict"] if strict else [])) == 2
+    assert "hold no records" in _one_error_line(capsys)
+    assert not pair_exists(tmp_path / "out" / "d")
+
+
+def test_too_many_skipped_records_fail_unless_allowed(tmp_path, tokenizer_dir, capsys):
+    corpus = tmp_path / "c.jsonl"
+    lines = [json.dumps({"text": DOCS[0]}), json.dumps({"text": ""}), "not json", json.dumps({"other": 1})]
+    corpus.write_text("\n".join(lines) + "\n")
+    assert _prep([corpus], tokenizer_dir, tmp_path / "out" / "d") == 2
+    err = _one_error_line(capsys)
+    assert "3 of 4 records (75%) were skipped, more than --max-skip-fraction=0.5" in err
+    assert not pair_exists(tmp_path / "out" / "d")
+    assert _prep([corpus], tokenizer_dir, tmp_path / "out" / "d", "--max-skip-fraction", "0.8") == 0
+    assert len(IndexedDataset(tmp_path / "out" / "d")) == 1
+    assert "skipped 3 records" in capsys.readouterr().out
+
+
+def test_import_refuses_a_directory_without_a_usable_tokenizer(tmp_path, capsys):
+    source = tmp_path / "not_a_tokenizer"
+    source.mkdir()  # transformers builds an empty GPT-2 tokenizer from this config alone
+    (source / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GPT2Tokenizer",
+                                                               "eos_token": "</s>"}))
+    assert tokenizer_cli.main(["import", "--from", str(source), "--output", str(tmp_path / "tok")]) == 2
+    assert "cannot encode the probe text" in _one_error_line(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["not_a_tokenizer"]
+    # megakv-prep refuses it as well, and leaves no tokenizer/ copy beside the data
+    corpus = write_jsonl(tmp_path / "raw" / "c.jsonl", DOCS)
+    assert _prep([corpus], source, tmp_path / "out" / "d") == 2
+    assert "cannot encode the probe text" in _one_error_line(capsys)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_tokenizer_missing_its_model_file_leaves_no_broken_copy(tmp_path, tokenizer_dir, capsys):
+    broken = tmp_path / "broken_tok"
+    shutil.copytree(tokenizer_dir, broken)
+    (broken / "tokenizer.model").unlink()
+    corpus = write_jsonl(tmp_path / "raw" / "c.jsonl", DOCS)
+    assert _prep([corpus], broken, tmp_path / "out" / "d") == 2
+    assert "tokenizer.model not found" in _one_error_line(capsys)
+    assert not (tmp_path / "out" / "tokenizer").exists()
+    # the source repaired, the same command now works: nothing left behind blocks it
+    shutil.copy(tokenizer_dir / "tokenizer.model", broken / "tokenizer.model")
+    assert _prep([corpus], broken, tmp_path / "out" / "d") == 0
+    assert len(IndexedDataset(tmp_path / "out" / "d")) == len(DOCS)
+
+
+def test_a_damaged_tokenizer_copy_beside_the_data_is_named(tmp_path, tokenizer_dir, capsys):
+    corpus = write_jsonl(tmp_path / "raw" / "c.jsonl", DOCS)
+    assert _prep([corpus], tokenizer_dir, tmp_path / "out" / "d") == 0
+    capsys.readouterr()
+    (tmp_path / "out" / "tokenizer" / "tokenizer.model").write_bytes(b"garbage")
+    assert _prep([corpus], tokenizer_dir, tmp_path / "out" / "e") == 2
+    err = _one_error_line(capsys)
+    assert "is damaged" in err and f"delete {tmp_path / 'out' / 'tokenizer'}" in err
+
+
+def test_the_tiny_recipe_vocabulary_is_reachable_on_the_demo_corpus(tmp_path, capsys):
+    from omegaconf import OmegaConf
+
+    from megakv.data.corpora import shakespeare_corpus
+    from megakv.data.corpora import write_jsonl as write_documents
+
+    vocab = OmegaConf.load(REPO / "megakv" / "recipes" / "tiny.yaml").model.vocab_size
+    corpus = tmp_path / "shakespeare.jsonl"
+    write_documents(shakespeare_corpus()["shakespeare"], corpus)
+    argv = ["train", "--input", str(corpus), "--vocab-size", str(vocab), "--output", str(tmp_path / "tok")]
+    assert tokenizer_cli.main(argv) == 2  # the demo corpus needs more pieces at the default coverage...
+    assert "--character-coverage option" in capsys.readouterr().err  # ...and the error names our option
+    assert tokenizer_cli.main([*argv, "--character-coverage", "0.98"]) == 0  # as tiny.yaml says
+    assert f"vocab {vocab}," in capsys.readouterr().out
