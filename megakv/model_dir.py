@@ -5,6 +5,7 @@ half-written directory that looks complete.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -21,6 +22,25 @@ WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
 
 
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(root: Path) -> None:
+    """Give `root` and everything under it the modes a plain `mkdir`/`open` would have had.
+
+    mkdtemp (and the temp files some writers rename into place) create 0700 / 0600 entries; colleagues on a
+    shared filesystem could not read an export. Respect the umask, as cp/tar/save_pretrained do.
+    """
+    mask = current_umask()
+    for path in [root, *root.rglob("*")]:
+        if path.is_symlink():
+            continue
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def write_directory_atomically(out_dir: str | Path, fill: Callable[[Path], None], overwrite: bool = False) -> Path:
     """Create `out_dir` by filling a temporary sibling and renaming it into place."""
     out_dir = Path(out_dir)
@@ -31,6 +51,7 @@ def write_directory_atomically(out_dir: str | Path, fill: Callable[[Path], None]
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
         fill(tmp)
+        apply_umask(tmp)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)

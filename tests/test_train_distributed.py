@@ -119,6 +119,11 @@ def test_zero_stage_trains_routes_consistently_and_resumes_bit_exactly(dataset, 
         assert tokenizer_path(tmp_path / "model") is not None
         assert all(torch.equal(model.state_dict()[k], v) for k, v in theirs.items())
         assert (tmp_path / "hf" / "config.json").is_file()
+        from megakv.data.tokenizer import load_tokenizer
+
+        eos = load_tokenizer(straight / "tokenizer").eos_id  # generate() of the export stops at end of sequence
+        for name in ("config.json", "generation_config.json"):
+            assert json.loads((tmp_path / "hf" / name).read_text())["eos_token_id"] == eos, name
         # Inference tools take the run directory itself as --model, with the same weights and tokenizer.
         from megakv.inference import resolve_model
 

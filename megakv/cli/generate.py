@@ -21,8 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
     prompts.add_argument("--prompt", action="append", help="a text prompt (repeat for a batch)")
     prompts.add_argument("--prompt-ids", action="append",
                          help="a prompt as token ids, e.g. '5 17 42' (repeat for a batch)")
-    parser.add_argument("--retain", default="all",
-                        help="layers that keep a KV cache: all, every:K, or a list like 0,3,5 (default: all)")
+    parser.add_argument("--retain", default=None,
+                        help="layers that keep a KV cache: all, every:K, or a list like 0,3,5 (default: the "
+                             "`retain` a to-hf-rcla export stores, as from_pretrained uses it; else all)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
@@ -52,13 +53,13 @@ def continuation_text(tokenizer, prompt: list[int], new: list[int], eos: int | N
 
 def _run(args: argparse.Namespace) -> int:
     from megakv.inference.engine import InferenceEngine
-    from megakv.inference.loading import resolve_model
+    from megakv.inference.loading import default_retain, resolve_model
     from megakv.inference.sampling import SamplingConfig
 
     apply_runtime_options(args)
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     model, tokenizer_dir = resolve_model(args.model, args.device, DTYPES[args.dtype])
-    engine = InferenceEngine(model, args.retain)
+    engine = InferenceEngine(model, args.retain if args.retain is not None else default_retain(args.model))
     tokenizer = None
     if args.prompt is not None:
         if tokenizer_dir is None:

@@ -91,6 +91,23 @@ def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
     return copied
 
 
+def special_token_ids(cfg: ModelConfig, tokenizer_dir: str | Path | None) -> dict[str, int | None]:
+    """bos/eos/pad ids for an export's config.json and generation_config.json.
+
+    The model config's own ids win; ids it leaves unset come from the tokenizer the model was trained with,
+    so `generate()` of an export stops at end of sequence (megakv-trained models record them only there).
+    """
+    ids = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id}
+    if tokenizer_dir is None or all(value is not None for value in ids.values()):
+        return ids
+    from megakv.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    from_tokenizer = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
+                      "pad_token_id": tokenizer.pad_id}
+    return {name: value if value is not None else from_tokenizer[name] for name, value in ids.items()}
+
+
 def save_hf_checkpoint(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], out_dir: str | Path,
                        tokenizer_dir: str | Path | None = None, overwrite: bool = False,
                        dtype: torch.dtype | None = None) -> Path:
@@ -106,6 +123,9 @@ def save_hf_checkpoint(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], ou
     if dtype is not None:
         hf_cfg.dtype = str(dtype).removeprefix("torch.")
 
+    for name, value in special_token_ids(cfg, tokenizer_dir).items():
+        setattr(hf_cfg, name, value)
+
     def fill(tmp: Path) -> None:
         hf_cfg.save_pretrained(tmp)
         GenerationConfig.from_model_config(hf_cfg).save_pretrained(tmp)
@@ -117,4 +137,4 @@ def save_hf_checkpoint(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], ou
 
 
 __all__ = ["HF_CLASSES", "TOKENIZER_FILES", "copy_tokenizer_files", "load_hf_checkpoint", "read_hf_config",
-           "read_hf_weights", "save_hf_checkpoint"]
+           "read_hf_weights", "save_hf_checkpoint", "special_token_ids"]

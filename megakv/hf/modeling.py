@@ -246,12 +246,17 @@ def export_for_transformers(model_dir: str | Path, out_dir: str | Path, retain: 
     Holds config.json (model_type "megakv", `retain`, auto_map), generation_config.json,
     model.safetensors, the tokenizer files when the model has a tokenizer, and the loader shim.
     """
-    from megakv.hf.checkpoint import copy_tokenizer_files
+    from megakv.hf.checkpoint import copy_tokenizer_files, special_token_ids
     from megakv.inference.loading import resolve_model
     from megakv.model_dir import write_directory_atomically
 
     model, tokenizer_dir = resolve_model(model_dir, "cpu", dtype)
+    retain = normalise_retain(retain)
+    resolve_plan(retain, model.cfg.n_layers)  # refuse a spec that does not fit this model before writing
     wrapper = hf_model_from_megakv(model, retain)
+    token_ids = special_token_ids(model.cfg, tokenizer_dir)
+    for name, value in token_ids.items():
+        setattr(wrapper.config, name, value)
     wrapper.config.architectures = [MegaKVForCausalLM.__name__]
     wrapper.config.auto_map = {"AutoConfig": f"{SHIM_MODULE}.MegaKVConfig",
                                "AutoModelForCausalLM": f"{SHIM_MODULE}.MegaKVForCausalLM"}
@@ -260,8 +265,7 @@ def export_for_transformers(model_dir: str | Path, out_dir: str | Path, retain: 
 
     def fill(tmp: Path) -> None:
         wrapper.save_pretrained(tmp)
-        GenerationConfig(bos_token_id=model.cfg.bos_token_id, eos_token_id=model.cfg.eos_token_id,
-                         pad_token_id=model.cfg.pad_token_id).save_pretrained(tmp)
+        GenerationConfig(**token_ids).save_pretrained(tmp)
         (tmp / f"{SHIM_MODULE}.py").write_text(SHIM_SOURCE)
         if tokenizer_dir is not None:
             copy_tokenizer_files(tokenizer_dir, tmp)
@@ -282,6 +286,11 @@ def is_megakv_hf_dir(path: str | Path) -> bool:
     return config.is_file() and json.loads(config.read_text()).get("model_type") == MODEL_TYPE
 
 
+def stored_retain(path: str | Path) -> str:
+    """The `retain` an exported directory's config.json holds (what from_pretrained uses by default)."""
+    return normalise_retain(json.loads((Path(path) / "config.json").read_text()).get("retain", "all"))
+
+
 def load_megakv_hf_dir(path: str | Path, device: str | torch.device = "cpu",
                        dtype: torch.dtype | None = None) -> tuple[MegaKVModel, str]:
     """An exported directory -> (megakv model, its retain setting), without going through transformers."""
@@ -296,4 +305,4 @@ def load_megakv_hf_dir(path: str | Path, device: str | torch.device = "cpu",
 
 
 __all__ = ["MODEL_TYPE", "MegaKVConfig", "MegaKVForCausalLM", "export_for_transformers", "hf_model_from_megakv",
-           "is_megakv_hf_dir", "load_megakv_hf_dir", "register_with_auto_classes"]
+           "is_megakv_hf_dir", "load_megakv_hf_dir", "register_with_auto_classes", "stored_retain"]

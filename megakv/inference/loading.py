@@ -25,6 +25,21 @@ def _has_hf_tokenizer(path: Path) -> bool:
     return any((path / name).is_file() for name in HF_TOKENIZER_MARKERS)
 
 
+def default_retain(path: str | Path) -> str:
+    """The retention a model path deploys with when the user names none.
+
+    A `to-hf-rcla` export stores its own (`retain` in config.json, as `from_pretrained` uses it); every
+    other kind of model keeps the full cache.
+    """
+    path = Path(path)
+    if (path / "config.json").is_file():
+        from megakv.hf.modeling import is_megakv_hf_dir, stored_retain
+
+        if is_megakv_hf_dir(path):
+            return stored_retain(path)
+    return "all"
+
+
 def resolve_model(path: str | Path, device: str | torch.device = "cpu",
                   dtype: torch.dtype | None = None) -> tuple[MegaKVModel, Path | None]:
     """(model in eval mode, tokenizer directory or None) for a model path; see the module docstring."""
