@@ -153,15 +153,25 @@ def search_retained_sets(n_layers: int, budget: CacheBudget, loss_of: Callable[[
     return PlanSearchResult(budget, best, best_every, every, len(scores), history)
 
 
+def most_evaluations(n_layers: int, budget: CacheBudget, max_evaluations: int) -> int:
+    """An upper bound on the sets search_retained_sets scores (for a progress bar's ETA)."""
+    patterns = len({every_k(n_layers, k) for k in range(1, n_layers + 1)
+                    if len(every_k(n_layers, k)) <= budget.max_layers})
+    # every set holds layer 0 and at most max_layers layers in all
+    possible = sum(math.comb(n_layers - 1, size - 1) for size in range(1, budget.max_layers + 1))
+    return min(possible, patterns + max_evaluations)
+
+
 def plan_with_model(model, windows: torch.Tensor, budget: CacheBudget, batch_size: int = 8,
-                    max_evaluations: int = 200) -> PlanSearchResult:
-    """search_retained_sets scored by the model's mean loss on `windows` (see megakv/eval/loss.py)."""
+                    max_evaluations: int = 200, progress: Callable[[int], None] | None = None) -> PlanSearchResult:
+    """search_retained_sets scored by the model's mean loss on `windows` (see megakv/eval/loss.py);
+    `progress(n)` is told after each batch how many windows it scored."""
     from megakv.eval.loss import mean_loss
     from megakv.routing import plan_from_retained
 
     n_layers = model.cfg.n_layers
 
     def loss_of(retained: Retained) -> float:
-        return mean_loss(model, plan_from_retained(retained, n_layers), windows, batch_size)[0]
+        return mean_loss(model, plan_from_retained(retained, n_layers), windows, batch_size, progress)[0]
 
     return search_retained_sets(n_layers, budget, loss_of, max_evaluations)

@@ -4,8 +4,9 @@
       --json eval.json --plot eval.png
   megakv-eval --model DIR --data held_out.txt --retain all 0,3,5
 
-Every plan is scored on the same token windows. `--data` is a `.bin/.idx` prefix or a text file
-(encoded with the model's tokenizer, or --tokenizer DIR).
+Every plan is scored on the same token windows. `--data` is a `.bin/.idx` prefix, or a jsonl / parquet /
+text file read as megakv-prep reads it (encoded with the model's tokenizer, or --tokenizer DIR). Only the
+first --max-tokens tokens are scored (0 scores everything); the output says how many of how many.
 """
 
 from __future__ import annotations
@@ -17,22 +18,47 @@ from megakv.inference.cli_support import DTYPES, add_model_arguments, apply_runt
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, help=".bin/.idx prefix or a text file of held-out data")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer directory for text data (default: the model's)")
-    parser.add_argument("--max-tokens", type=int, default=65536, help="evaluate at most this many tokens")
-    parser.add_argument("--seq-len", type=int, default=None, help="window length (default: the model's max_seq_len)")
-    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    parser.add_argument("--data", required=True,
+                        help=".bin/.idx prefix, or a jsonl / parquet / text file (optionally .gz) of held-out data")
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer directory for raw data (default: the model's)")
+    parser.add_argument("--text-key", default="text",
+                        help="jsonl / parquet field holding the text (default: %(default)s)")
+    parser.add_argument("--max-tokens", type=int, default=65536,
+                        help="score only the first this many tokens of the data; 0 scores all (default: %(default)s)")
+    parser.add_argument("--seq-len", type=int, default=None,
+                        help="window length (default: the model's max_seq_len)")
+    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: %(default)s)")
     parser.add_argument("--cache-dtype", choices=sorted(DTYPES), default="bfloat16",
-                        help="dtype in which KV bytes per token are reported (default: bfloat16)")
+                        help="dtype in which KV bytes per token are reported (default: %(default)s)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def check_device_argument(args: argparse.Namespace) -> None:
+    from megakv.config.devices import device_problem
+
+    problem = device_problem(args.device)
+    if problem is not None:
+        raise ValueError(f"--device = {args.device!r}: {problem}. Fix: pass --device cpu, or run on a machine "
+                         f"with that device")
 
 
 def load_windows(args: argparse.Namespace, model, tokenizer_dir):
-    from megakv.eval.data import load_eval_tokens, make_windows
+    """(windows, a line saying how many tokens of how many are scored); warns about a long --seq-len."""
+    from megakv.eval.data import make_windows, read_eval_tokens
 
-    if args.max_tokens < 2:
-        raise ValueError(f"--max-tokens must be >= 2, got {args.max_tokens}")
-    tokens = load_eval_tokens(args.data, args.tokenizer or tokenizer_dir, args.max_tokens)
-    return make_windows(tokens, args.seq_len or model.cfg.max_seq_len, model.cfg.vocab_size)
+    if args.max_tokens != 0 and args.max_tokens < 2:
+        raise ValueError(f"--max-tokens must be >= 2 (or 0 for all), got {args.max_tokens}")
+    seq_len = args.seq_len or model.cfg.max_seq_len
+    if seq_len > model.cfg.max_seq_len:
+        print(f"warning: --seq-len {seq_len} exceeds the model's context of {model.cfg.max_seq_len} tokens "
+              f"(max_seq_len): positions beyond it were never trained and the loss will be worse",
+              file=sys.stderr)
+    loaded = read_eval_tokens(args.data, args.tokenizer or tokenizer_dir, args.max_tokens or None, args.text_key)
+    windows = make_windows(loaded.tokens, seq_len, model.cfg.vocab_size)
+    scored = len(windows) * (windows.shape[1] - 1)
+    hint = f"; --max-tokens {args.max_tokens} (0 scores all)" if loaded.truncated else ""
+    return windows, f"{loaded.describe(scored)} in {len(windows)} windows of {windows.shape[1] - 1}{hint}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,24 +69,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--retain", nargs="+", default=["every:1", "every:2", "every:3", "every:4"],
                         help="retention plans: all, every:K, or layer lists like 0,3,5 (default: every:1..4)")
     parser.add_argument("--json", default=None, help="write the results as JSON here")
-    parser.add_argument("--plot", default=None, help="write a PNG plot of loss vs retention here")
+    parser.add_argument("--plot", default=None, help="write a PNG plot of loss against KV cache bytes here")
     return parser
 
 
 def _run(args: argparse.Namespace) -> int:
     from megakv.eval.loss import evaluate_plans
+    from megakv.eval.progress import ProgressBar
     from megakv.eval.report import format_table, plot_loss_vs_retention, write_json
     from megakv.inference.engine import resolve_plan
     from megakv.inference.loading import resolve_model
 
     apply_runtime_options(args)
+    check_device_argument(args)
     model, tokenizer_dir = resolve_model(args.model, args.device, DTYPES[args.dtype])
     for spec in args.retain:  # reject a bad plan before spending time on the others
         resolve_plan(spec, model.cfg.n_layers)
-    windows = load_windows(args, model, tokenizer_dir)
-    results = evaluate_plans(model, args.retain, windows, args.batch_size, DTYPES[args.cache_dtype])
-    print(f"model {args.model} ({model.cfg.n_layers} layers), data {args.data}: {len(windows)} windows of "
-          f"{windows.shape[1] - 1} tokens")
+    windows, scored = load_windows(args, model, tokenizer_dir)
+    with ProgressBar(len(args.retain) * len(windows), "evaluating", "windows", not args.no_progress) as bar:
+        results = evaluate_plans(model, args.retain, windows, args.batch_size, DTYPES[args.cache_dtype],
+                                 progress=bar.advance)
+    print(f"model {args.model} ({model.cfg.n_layers} layers), data {args.data}: {scored}")
     print(format_table(results))
     if args.json:
         path = write_json(results, args.json, model=str(args.model), data=str(args.data),

@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from megakv.cli.eval import add_data_arguments, load_windows
+from megakv.cli.eval import add_data_arguments, check_device_argument, load_windows
 from megakv.inference.cli_support import DTYPES, add_model_arguments, apply_runtime_options, run_cli
 
 
@@ -34,16 +34,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from megakv.eval.progress import ProgressBar
     from megakv.inference.cache import kv_bytes_per_token
     from megakv.inference.loading import resolve_model
-    from megakv.planner import parse_budget, plan_with_model, retain_spec
+    from megakv.planner import most_evaluations, parse_budget, plan_with_model, retain_spec
 
     apply_runtime_options(args)
+    check_device_argument(args)
     model, tokenizer_dir = resolve_model(args.model, args.device, DTYPES[args.dtype])
     cache_dtype = DTYPES[args.cache_dtype]
     budget = parse_budget(args.budget, model.cfg, cache_dtype)  # fail fast, before reading data
-    windows = load_windows(args, model, tokenizer_dir)
-    result = plan_with_model(model, windows, budget, args.batch_size, args.max_evaluations)
+    windows, scored = load_windows(args, model, tokenizer_dir)
+    # The search may stop before scoring this many sets, so the bar's ETA is an upper bound.
+    total = most_evaluations(model.cfg.n_layers, budget, args.max_evaluations) * len(windows)
+    with ProgressBar(total, "searching (ETA: at most)", "windows", not args.no_progress) as bar:
+        result = plan_with_model(model, windows, budget, args.batch_size, args.max_evaluations, bar.advance)
 
     n_layers = model.cfg.n_layers
 
@@ -52,8 +57,7 @@ def _run(args: argparse.Namespace) -> int:
                 "loss": c.loss, "layers": len(c.retained), "retained_fraction": len(c.retained) / n_layers,
                 "kv_bytes_per_token": kv_bytes_per_token(model.cfg, len(c.retained), cache_dtype)}
 
-    print(f"budget: {budget.description}; {len(windows)} windows of {windows.shape[1] - 1} tokens; "
-          f"{result.evaluations} sets scored")
+    print(f"budget: {budget.description}; {scored}; {result.evaluations} sets scored")
     print("every-k patterns within budget:")
     for c in result.every_k:
         print(f"  {c.found_by:<10} layers {retain_spec(c.retained):<24} loss {c.loss:.4f}")

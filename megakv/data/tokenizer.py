@@ -31,9 +31,9 @@ SPM_MODEL_FILE = "tokenizer.model"
 KINDS = ("sentencepiece", "huggingface")
 # SentencePiece ids fixed at training time (Llama convention for unk/bos/eos, plus a pad).
 SPM_SPECIAL_IDS = {"unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": 3}
-# Any real tokenizer encodes this into several ordinary tokens; one that cannot is broken or empty.
+# Any real tokenizer encodes this into ordinary tokens (not only unk or specials); one that cannot is broken.
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog. 0123456789"
-MIN_PROBE_TOKENS = 2
+MIN_PROBE_TOKENS = 1
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,13 @@
-"""Held-out tokens for evaluation: a Megatron `.bin/.idx` pair (by prefix) or a plain text file.
+"""Held-out tokens for evaluation: a Megatron `.bin/.idx` pair (by prefix), or raw files read as
+megakv-prep reads them (jsonl / parquet records under a text key, .txt paragraphs; optionally compressed).
 
-Both become one token stream (documents concatenated in order, as prepared: the data tooling ends every
+All become one token stream (documents concatenated in order, as prepared: the data tooling ends every
 document with eos), cut into non-overlapping windows so every plan is scored on exactly the same tokens.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +25,19 @@ def _indexed_prefix(data: str | Path) -> Path | None:
     return prefix if Path(f"{prefix}.idx").is_file() and Path(f"{prefix}.bin").is_file() else None
 
 
+@dataclass(frozen=True)
+class EvalTokens:
+    tokens: np.ndarray
+    available: int | None  # tokens the whole data holds, when known without reading all of it
+    truncated: bool  # reading stopped at max_tokens
+
+    def describe(self, scored: int) -> str:
+        if self.available is not None:
+            return f"scored {scored:,} of {self.available:,} tokens"
+        more = " (the data holds more)" if self.truncated else ""
+        return f"scored {scored:,} of {len(self.tokens):,} tokens read{more}"
+
+
 def read_indexed_tokens(prefix: str | Path, max_tokens: int | None) -> np.ndarray:
     from megakv.data.indexed import IndexedDataset
 
@@ -38,38 +53,67 @@ def read_indexed_tokens(prefix: str | Path, max_tokens: int | None) -> np.ndarra
     return np.concatenate(parts) if parts else np.empty(0, np.int64)
 
 
-def read_text_tokens(path: str | Path, tokenizer_dir: str | Path | None, max_tokens: int | None) -> np.ndarray:
+def read_raw_tokens(path: str | Path, tokenizer_dir: str | Path | None, max_tokens: int | None,
+                    text_key: str = "text") -> tuple[np.ndarray, bool]:
+    """(tokens, truncated) of raw files: each jsonl/parquet record or txt paragraph is a document + eos."""
     if tokenizer_dir is None:
-        raise ValueError(f"{path} is a text file, but the model has no tokenizer: pass --tokenizer DIR, or "
+        raise ValueError(f"{path} is raw text, but the model has no tokenizer: pass --tokenizer DIR, or "
                          f"evaluate on a prepared .bin/.idx prefix")
+    from collections import Counter
+
+    from megakv.data.documents import iter_texts
+    from megakv.data.sources import expand_inputs
     from megakv.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_dir)
-    text = Path(path).read_text(encoding="utf-8")
-    # Paragraphs become documents ended by eos, the layout the data tooling gives training documents.
+    skipped: Counter = Counter()
     ids: list[int] = []
-    for paragraph in (p for p in text.split("\n\n") if p.strip()):
-        ids.extend(tokenizer.encode(paragraph))
-        ids.append(tokenizer.eos_id)
+    truncated = False
+    # Paragraphs of .txt become documents ended by eos, the layout the data tooling gives training documents.
+    for text in iter_texts(expand_inputs([str(path)]), text_key, "paragraph", skipped):
         if max_tokens is not None and len(ids) >= max_tokens:
+            truncated = True
             break
-    tokens = np.asarray(ids, dtype=np.int64)
-    return tokens if max_tokens is None else tokens[:max_tokens]
+        ids.extend(tokenizer.encode(text))
+        ids.append(tokenizer.eos_id)
+    if not ids:
+        reasons = ", ".join(f"{reason}={n}" for reason, n in skipped.most_common()) or "no records"
+        raise ValueError(f"{path} holds no usable text for the text key {text_key!r} ({reasons}): pass "
+                         f"--text-key with the field that holds the text")
+    if max_tokens is not None and len(ids) > max_tokens:
+        ids, truncated = ids[:max_tokens], True
+    return np.asarray(ids, dtype=np.int64), truncated
 
 
-def load_eval_tokens(data: str | Path, tokenizer_dir: str | Path | None = None,
-                     max_tokens: int | None = None) -> np.ndarray:
-    """Token ids of `data`: a `.bin/.idx` prefix (also accepted with either suffix) or a text file."""
+def read_text_tokens(path: str | Path, tokenizer_dir: str | Path | None, max_tokens: int | None) -> np.ndarray:
+    return read_raw_tokens(path, tokenizer_dir, max_tokens)[0]
+
+
+def read_eval_tokens(data: str | Path, tokenizer_dir: str | Path | None = None, max_tokens: int | None = None,
+                     text_key: str = "text") -> EvalTokens:
+    """Token ids of `data`: a `.bin/.idx` prefix (also accepted with either suffix), or a raw jsonl /
+    parquet / text file (encoded with `tokenizer_dir`), with how much of the data they are."""
     prefix = _indexed_prefix(data)
     if prefix is not None:
-        return read_indexed_tokens(prefix, max_tokens)
+        from megakv.data.indexed import IndexedDataset
+
+        available = IndexedDataset(prefix).num_tokens
+        tokens = read_indexed_tokens(prefix, max_tokens)
+        return EvalTokens(tokens, available, len(tokens) < available)
     path = Path(data)
     if path.is_file():
         if path.suffix in (".bin", ".idx"):
             raise ValueError(f"{path}: the other half of the .bin/.idx pair is missing")
-        return read_text_tokens(path, tokenizer_dir, max_tokens)
+        tokens, truncated = read_raw_tokens(path, tokenizer_dir, max_tokens, text_key)
+        return EvalTokens(tokens, None if truncated else len(tokens), truncated)
     raise FileNotFoundError(f"evaluation data {data} not found: pass a .bin/.idx prefix (PREFIX.bin and "
-                            f"PREFIX.idx exist) or a text file")
+                            f"PREFIX.idx exist) or a jsonl / parquet / text file")
+
+
+def load_eval_tokens(data: str | Path, tokenizer_dir: str | Path | None = None,
+                     max_tokens: int | None = None) -> np.ndarray:
+    """Token ids of `data` (see read_eval_tokens)."""
+    return read_eval_tokens(data, tokenizer_dir, max_tokens).tokens
 
 
 def make_windows(tokens: np.ndarray, seq_len: int, vocab_size: int) -> torch.Tensor:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -31,8 +31,11 @@ class PlanLoss:
 
 
 @torch.no_grad()
-def mean_loss(model: MegaKVModel, plan: RoutingPlan, windows: torch.Tensor, batch_size: int = 8) -> tuple[float, int]:
-    """(mean cross-entropy over all predicted tokens, their count) for windows (n, seq + 1)."""
+def mean_loss(model: MegaKVModel, plan: RoutingPlan, windows: torch.Tensor, batch_size: int = 8,
+              progress: Callable[[int], None] | None = None) -> tuple[float, int]:
+    """(mean cross-entropy over all predicted tokens, their count) for windows (n, seq + 1).
+
+    `progress(n)` is told after each batch how many windows it held."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = model.embed.weight.device
@@ -42,16 +45,19 @@ def mean_loss(model: MegaKVModel, plan: RoutingPlan, windows: torch.Tensor, batc
         logits = model(batch[:, :-1], plan=plan)
         total += F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum").item()
         count += batch[:, 1:].numel()
+        if progress is not None:
+            progress(len(batch))
     return total / count, count
 
 
 def evaluate_plans(model: MegaKVModel, specs: Sequence[str], windows: torch.Tensor, batch_size: int = 8,
-                   cache_dtype: torch.dtype = torch.bfloat16) -> list[PlanLoss]:
+                   cache_dtype: torch.dtype = torch.bfloat16,
+                   progress: Callable[[int], None] | None = None) -> list[PlanLoss]:
     """One PlanLoss per retention spec, all on the same windows."""
     results = []
     for spec in specs:
         plan = resolve_plan(spec, model.cfg.n_layers)
-        loss, count = mean_loss(model, plan, windows, batch_size)
+        loss, count = mean_loss(model, plan, windows, batch_size, progress)
         results.append(PlanLoss(
             retain=spec if isinstance(spec, str) else ",".join(map(str, spec)), retained=plan.retained,
             retained_fraction=plan.retained_fraction,

@@ -1,0 +1,26 @@
+"""A progress bar (rate and ETA) for evaluations and plan searches that take minutes."""
+
+from __future__ import annotations
+
+import sys
+
+from tqdm import tqdm
+
+
+class ProgressBar:
+    """tqdm on stderr; `advance(n)` after each piece of work. Redraws every 0.5 s on a terminal, every
+    30 s in a log file, and not at all when disabled."""
+
+    def __init__(self, total: int | None, desc: str, unit: str, enabled: bool = True):
+        interactive = sys.stderr.isatty()
+        self._bar = tqdm(total=total, desc=desc, unit=f" {unit}", disable=not enabled, file=sys.stderr,
+                         mininterval=0.5 if interactive else 30.0, dynamic_ncols=True)
+
+    def advance(self, n: int = 1) -> None:
+        self._bar.update(n)
+
+    def __enter__(self) -> ProgressBar:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._bar.close()
