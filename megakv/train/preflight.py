@@ -17,6 +17,7 @@ from megakv.config.data import DataConfig
 from megakv.config.errors import ConfigError
 from megakv.config.model import ModelConfig
 from megakv.parallel.layout import ParallelLayout
+from megakv.parallel.tensor_split import tensor_split
 from megakv.train.checkpoint import LATEST_UNIVERSAL, ResumePoint, latest_checkpoint, read_pointer, universal_tag
 from megakv.train.ds_config import build_ds_config, gradient_accumulation_steps
 from megakv.train.run_dir import checkpoints_dir
@@ -131,6 +132,7 @@ def find_resume(cfg: MegaKVConfig, data_parallel: int) -> ResumePoint | None:
 
 
 def preflight(cfg: MegaKVConfig, layout: ParallelLayout) -> Launch:
+    tensor_split(cfg.model, cfg.parallel.tensor)  # the heads and MLP split over the tensor ranks
     data_parallel = cfg.parallel.validate_layout(layout.world_size)
     accumulation = gradient_accumulation_steps(cfg, data_parallel)
     cfg.data.validate("data")  # training needs data (a config that only describes a model may omit it)
