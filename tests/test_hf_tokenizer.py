@@ -270,12 +270,15 @@ def test_convert_to_hf_carries_the_tokenizer(tmp_path, spm_dir, family):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # no "AutoTokenizer does not load ..." warning
         assert convert_main(["to-hf", str(model_dir), str(out)]) == 0
-    assert (out / SHIM_MODULE).with_suffix(".py").exists() == (family == "qwen2")
+    # The loader module is added only where AutoTokenizer would build another class (qwen2 from transformers
+    # 5.x on, depending on the release); either way AutoTokenizer must give megakv's ids below.
+    has_shim = (out / SHIM_MODULE).with_suffix(".py").exists()
+    assert not has_shim or family == "qwen2"
     text = "Some text,  with spaces\n\n\tand a tab, café 🎉 and 東京.\n"
     ids = ours.encode(text)
     hf_tok = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
     assert hf_tok(text).input_ids == ids and hf_tok.decode(ids) == ours.decode(ids) == text
-    if family == "qwen2":  # trust_remote_code=True goes through the two-line loader module: same tokenizer
+    if has_shim:  # trust_remote_code=True goes through the two-line loader module: same tokenizer
         remote = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True, trust_remote_code=True)
         assert isinstance(remote, transformers.PreTrainedTokenizerFast) and remote(text).input_ids == ids
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
