@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from megakv.config import ModelConfig, load_section, save_config
@@ -100,7 +101,11 @@ def model_from_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor], devi
     with torch.no_grad():
         model.rope.inv_freq.copy_(rope_inverse_frequencies(cfg))  # a buffer, never in the weights
     state = {k: v for k, v in state.items() if not k.startswith("rope.")}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a tensor of another shape than the config implies
+        raise ValueError(f"{source}: weights do not match the model config ({str(e).splitlines()[-1].strip()}). "
+                         "Fix: use the config.yaml the weights were saved with") from None
     if missing or unexpected:
         raise ValueError(f"{source}: weights do not match the model config (missing {sorted(missing)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]})")
@@ -112,7 +117,12 @@ def model_from_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor], devi
 def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None) -> MegaKVModel:
     cfg = load_model_config(model_dir)
-    state = load_file(str(Path(model_dir) / WEIGHTS_FILE), device=str(device))
+    weights = Path(model_dir) / WEIGHTS_FILE
+    try:
+        state = load_file(str(weights), device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{weights}: truncated or corrupt safetensors file ({e}). Fix: copy the model directory "
+                         "again, or re-export it with megakv-convert") from None
     return model_from_state_dict(cfg, state, device, dtype, source=f"{model_dir}/{WEIGHTS_FILE}")
 
 

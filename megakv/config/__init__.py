@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from megakv.config.checkpoint import CheckpointConfig
@@ -79,9 +80,28 @@ class MegaKVConfig:
                               "use a warm-up of a few percent of train.steps")
 
 
+def _lists_from_scalars(schema: DictConfig, source: Any) -> None:
+    """Where the schema expects a list and a source gives one value (data.datasets=a/b), make it [a/b]."""
+    if not isinstance(source, DictConfig):
+        return
+    for key in list(source.keys()):
+        if key not in schema:
+            continue  # a misspelt key: the merge reports it
+        expected, given = schema._get_node(key), source._get_node(key)
+        if isinstance(expected, ListConfig) and not isinstance(given, (ListConfig, DictConfig)):
+            value = given._value()
+            if value is not None and not OmegaConf.is_missing(source, key):
+                source[key] = [value]
+        elif isinstance(expected, DictConfig) and isinstance(given, DictConfig):
+            _lists_from_scalars(expected, given)
+
+
 def _merge(schema: type[T], sources: list[Any]) -> T:
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), *sources)
+        structured = OmegaConf.structured(schema)
+        for source in sources:
+            _lists_from_scalars(structured, source)
+        merged = OmegaConf.merge(structured, *sources)
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "?"
@@ -94,7 +114,25 @@ def _read_yaml(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():
         raise ConfigError("<file>", str(path), "config file not found", "pass the path of a YAML config")
-    return OmegaConf.load(path)
+    try:
+        loaded = OmegaConf.load(path)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        context, opened = getattr(e, "context", None), getattr(e, "context_mark", None)
+        if context and opened is not None:
+            problem += f" ({context} at line {opened.line + 1}, column {opened.column + 1})"
+        raise ConfigError("<file>", str(path), f"not valid YAML{where}: {problem}",
+                          "fix the YAML there (indentation, a missing ':' or closing bracket, an unquoted "
+                          "special character)") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError("<file>", str(path), f"not a text file ({e.reason} at byte {e.start})",
+                          "pass the path of a YAML config") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError("<file>", str(path), f"holds a YAML {type(loaded).__name__}, not a mapping of sections",
+                          "write sections as 'model:', 'train:' ... at the top level")
+    return loaded
 
 
 def _dotlist(overrides: list[str] | None) -> Any:
@@ -116,9 +154,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def load_section(path: str | Path, schema: type[T], prefix: str) -> T:
-    """Load one section (e.g. a model directory's config.yaml, which holds only ModelConfig)."""
-    cfg = _merge(schema, [_read_yaml(path)])
-    cfg.validate(prefix)  # type: ignore[attr-defined]
+    """Load one section (e.g. a model directory's config.yaml, which holds only ModelConfig); errors name
+    the file and the field as `prefix.field`."""
+    source = _read_yaml(path)
+    try:
+        cfg = _merge(schema, [source])
+        cfg.validate(prefix)  # type: ignore[attr-defined]
+    except ConfigError as e:
+        name = e.field if e.field.startswith(f"{prefix}.") or e.field == prefix else f"{prefix}.{e.field}"
+        raise ConfigError(name, e.value, f"{e.problem.rstrip('.')} (in {path})", e.fix) from None
     return cfg
 
 

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 from megakv.config import MegaKVConfig
 from megakv.config.data import DataConfig
+from megakv.config.devices import check_device
 from megakv.config.errors import ConfigError
 from megakv.config.model import ModelConfig
 from megakv.parallel.layout import ParallelLayout
@@ -132,6 +133,8 @@ def find_resume(cfg: MegaKVConfig, data_parallel: int) -> ResumePoint | None:
 
 
 def preflight(cfg: MegaKVConfig, layout: ParallelLayout) -> Launch:
+    check_device("train.device", cfg.train.device,
+                 "use train.device=auto or cpu here, or launch where torch sees a GPU")
     tensor_split(cfg.model, cfg.parallel.tensor)  # the heads and MLP split over the tensor ranks
     data_parallel = cfg.parallel.validate_layout(layout.world_size)
     accumulation = gradient_accumulation_steps(cfg, data_parallel)
