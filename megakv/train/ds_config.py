@@ -14,8 +14,8 @@ from typing import Any
 
 from megakv.config import ConfigError, MegaKVConfig
 
-# Repository-level directory of readable fragments (ds_configs/zero1.json, ...).
-FRAGMENT_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+# Readable fragments (ds_configs/zero1.json, ...), shipped as package data so installed copies have them.
+FRAGMENT_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
 
 # DeepSpeed keys (dotted prefixes) the typed config owns -> the config field to name in errors.
 OWNED_KEYS = {
