@@ -113,9 +113,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def refuse_existing_output(out: str | None, overwrite: bool) -> None:
+    """Before any work (consolidating a ZeRO checkpoint can take minutes): a non-empty OUT_DIR needs --overwrite."""
+    if out is None or overwrite:
+        return
+    path = Path(out)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise FileExistsError(f"{path} already exists and is not empty: choose a new output directory or pass "
+                              f"--overwrite")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        refuse_existing_output(getattr(args, "out", None), getattr(args, "overwrite", False))
         out = args.func(args)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"megakv-convert: error: {e}", file=sys.stderr)

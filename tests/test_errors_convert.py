@@ -1,0 +1,23 @@
+"""megakv-convert refuses a non-empty output directory before doing any work."""
+
+from __future__ import annotations
+
+import pytest
+
+from megakv.cli.convert import main as convert_main
+
+
+@pytest.mark.parametrize("command", ["from-checkpoint", "from-hf", "to-hf", "to-hf-rcla"])
+def test_an_existing_output_is_refused_before_the_source_is_read(tmp_path, capsys, command):
+    source = tmp_path / "source"  # not even a valid source: the output check must come first
+    source.mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    assert convert_main([command, str(source), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{out} already exists and is not empty" in err and "--overwrite" in err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    # with --overwrite the (invalid) source is what is reported
+    assert convert_main([command, str(source), str(out), "--overwrite"]) == 2
+    assert "already exists" not in capsys.readouterr().err
