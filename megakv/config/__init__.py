@@ -74,6 +74,17 @@ class MegaKVConfig:
         self.checkpoint.validate("checkpoint")
         self.logging.validate("logging")
         self.validation.validate(self.model.n_layers, "validation")
+        if (self.data.reset_attention_mask or self.data.reset_position_ids) and self.parallel.pipeline > 1:
+            name = "reset_attention_mask" if self.data.reset_attention_mask else "reset_position_ids"
+            raise ConfigError(f"data.{name}", True, "document-boundary masking is not implemented for pipeline "
+                              f"parallelism (parallel.pipeline={self.parallel.pipeline})",
+                              "use parallel.pipeline=1 (tensor and data parallelism support it), or turn it off")
+        horizon = self.optim.decay_steps or self.train.steps
+        if self.optim.schedule == "wsd" and self.optim.warmup_steps + self.optim.wsd_decay_steps > horizon:
+            raise ConfigError("optim.wsd_decay_steps", self.optim.wsd_decay_steps,
+                              f"warm-up ({self.optim.warmup_steps}) plus the decay phase exceed the decay horizon "
+                              f"of {horizon} steps (optim.decay_steps, else train.steps)",
+                              "shorten the decay phase, e.g. to 10-20% of the horizon")
         if self.optim.warmup_steps > self.train.steps:
             raise ConfigError("optim.warmup_steps", self.optim.warmup_steps,
                               f"longer than the run (train.steps={self.train.steps})",

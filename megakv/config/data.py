@@ -26,6 +26,10 @@ class DataConfig:
     # Where sample orders are cached; None: `index-cache/` beside the first dataset. Must be on a
     # filesystem every rank sees (one rank builds the cache, the others read it).
     cache_dir: str | None = None
+    # Document boundaries inside packed samples (Megatron's --reset-attention-mask / --reset-position-ids):
+    # a token attends only to its own document; positions restart at 0 after every end-of-document token.
+    reset_attention_mask: bool = False
+    reset_position_ids: bool = False
 
     def validate(self, prefix: str = "data") -> None:
         def fail(name: str, problem: str, fix: str) -> None:

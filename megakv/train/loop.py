@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from megakv.config import MegaKVConfig, to_yaml
 from megakv.config.errors import ConfigError
+from megakv.data.boundaries import mask_documents
 from megakv.parallel import ParallelContext
 from megakv.parallel.wrap import StepRunner, build_model, wrap_model
 from megakv.routing import deployment_plan
@@ -26,8 +27,10 @@ from megakv.train.metrics import MetricsWriter, format_duration, routing_scalars
 from megakv.train.plans import broadcast_step_plans, check_plans_agree, plans_per_step
 from megakv.train.preflight import Launch
 from megakv.train.run_dir import LOGS, METRICS, TENSORBOARD, TOKENIZER, checkpoints_dir, write_status
+from megakv.train.schedule import resume_schedule_notice
 from megakv.train.signals import StopRequest
 from megakv.train.state import TrainState
+from megakv.train.throughput import StepMeter
 from megakv.train.validation import validation_batches, validation_losses
 
 log = logging.getLogger("megakv.train")
@@ -74,6 +77,12 @@ class Trainer:
         if cfg.checkpoint.init_from and resume is None:
             _load_init_weights(model, cfg.checkpoint.init_from)
         self.runner: StepRunner = wrap_model(model, ctx, self.launch.ds_config, cfg.optim, cfg.train.steps)
+        mask_documents(self.runner.engine.module, self.data.eos_id, cfg.data.reset_attention_mask,
+                       cfg.data.reset_position_ids)
+        self.meter = StepMeter(cfg.model, self.seq_len, cfg.train.global_batch * self.seq_len,
+                               dist.get_world_size(), ctx.device, cfg.logging.peak_flops_per_device)
+        if ctx.is_global_zero:
+            log.info(self.meter.startup_line())
         self.state = TrainState(data_fingerprint=self.data.fingerprint, routing_seed=cfg.routing.seed,
                                 layout={**self.layout.describe(), "zero_stage": cfg.parallel.zero_stage},
                                 config_yaml=to_yaml(cfg))
@@ -85,6 +94,11 @@ class Trainer:
             self.state.skipped_steps, self.state.nonfinite_in_a_row = saved.skipped_steps, saved.nonfinite_in_a_row
             log.info("resumed from %s at step %d (%d samples consumed)", resume.path, saved.step,
                      saved.consumed_samples)
+            # The optimizer's saved param groups carry the checkpoint's rate: the current schedule decides it.
+            self.runner.engine.lr_scheduler.reapply()
+            notice = resume_schedule_notice(saved.config_yaml, cfg, saved.step - saved.skipped_steps)
+            if notice is not None and ctx.is_global_zero:
+                log.warning(notice)
         self.checkpoints = CheckpointManager(checkpoints_dir(self.run_dir), self.layout.rank,
                                              cfg.checkpoint.keep_last, cfg.train.debug.sigkill_while_saving_step)
         if resume is not None and not resume.universal:
@@ -144,6 +158,7 @@ class Trainer:
         step_times: list[float] = []
         validated_at = None
         while state.step < total:
+            lr = self.runner.engine.get_lr()[0]  # the rate this step trains with; the scheduler moves on after it
             started = time.perf_counter()
             loss, stop, plans, grad_norm, applied = self._step()
             elapsed = time.perf_counter() - started
@@ -157,21 +172,21 @@ class Trainer:
                 state.nonfinite_in_a_row += 1
                 log.warning("step %d: non-finite loss/gradients (loss=%s); update skipped (%d in a row, %d total)",
                             state.step, loss, state.nonfinite_in_a_row, state.skipped_steps)
-            lr = self.runner.engine.get_lr()[0]
             if self.metrics is not None:
                 scalars = {"train/loss": loss if math.isfinite(loss) else None, "train/lr": lr,
                            "train/grad_norm": grad_norm, "train/tokens_per_s": tokens_per_step / elapsed,
                            "train/samples_consumed": state.consumed_samples,
-                           "train/skipped_steps": state.skipped_steps, **routing_scalars(plans)}
+                           "train/skipped_steps": state.skipped_steps, **routing_scalars(plans),
+                           **self.meter.scalars(elapsed)}
                 self.metrics.write(state.step, scalars, loss_exact=repr(loss), applied=applied,
                                    plans=[str(p) for p in plans])
             if state.step % cfg.logging.log_every == 0 or state.step == total:
                 eta = (total - state.step) * sum(step_times) / len(step_times)
                 if self.ctx.is_global_zero:
                     gnorm = f"{grad_norm:.3f}" if grad_norm is not None else "-"
-                    log.info("step %d/%d | loss %.4f | lr %.2e | grad norm %s | %s tok/s | ETA %s", state.step, total,
-                             loss, lr, gnorm, f"{tokens_per_step * window_steps / window_time:,.0f}",
-                             format_duration(eta))
+                    log.info("step %d/%d | loss %.4f | lr %.2e | grad norm %s | %s tok/s | %s | ETA %s", state.step,
+                             total, loss, lr, gnorm, f"{tokens_per_step * window_steps / window_time:,.0f}",
+                             self.meter.log_fields(window_time / window_steps), format_duration(eta))
                 window_time, window_steps = 0.0, 0
             if state.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
                 log.error("stopping: %d non-finite steps in a row (train.max_nonfinite_steps); the last good "
