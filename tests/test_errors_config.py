@@ -121,3 +121,20 @@ def test_a_damaged_model_directory_is_one_clear_error(good_model, split, tmp_pat
     assert eval_main(["--model", model, "--data", str(split), "--retain", "all", "--no-progress"]) == 2
     err = _one_clean_line(capsys.readouterr().err)
     assert message in err, err
+
+
+def test_a_layout_that_does_not_fit_says_how_many_processes_to_launch():
+    result = _train_cli(str(REPO / "megakv" / "recipes" / "tiny.yaml"), "parallel.tensor=2")
+    assert result.returncode == 2
+    assert "launch 2 processes or a multiple of 2 (e.g. torchrun --nproc_per_node 2" in _one_clean_line(
+        result.stderr)
+
+
+@pytest.mark.slow
+def test_a_config_mistake_on_every_rank_is_said_once():
+    from train_helpers import launch_train
+
+    for extra in (["--dry-run"], []):  # without --dry-run the ranks also meet on the launcher's store
+        launch = launch_train(["parallel.tensor=4", *extra], nproc=2, launcher="torchrun", timeout=120)
+        assert not launch.ok
+        assert launch.output.count("world size 2 is not a multiple of tensor x pipeline = 4") == 1, launch.output

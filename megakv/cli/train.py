@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, layout, launch = _prepare(args)
     except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"megakv-train: error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0" or not isinstance(e, ConfigError):  # every rank's mistake: say it once
+            print(f"megakv-train: error: {e}", file=sys.stderr)
         return EXIT_CONFIG
     if args.dry_run:
         print(f"megakv-train: launch checked; wrote {launch.run_dir}/config.yaml and ds_config.json")

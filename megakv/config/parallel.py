@@ -42,7 +42,9 @@ class ParallelConfig:
         if world_size % model_parallel:
             raise ConfigError(f"{prefix}.tensor", self.tensor,
                               f"world size {world_size} is not a multiple of tensor x pipeline = {model_parallel}",
-                              "launch a multiple of tensor x pipeline processes")
+                              f"launch {model_parallel} processes or a multiple of {model_parallel} (e.g. torchrun "
+                              f"--nproc_per_node {model_parallel} -m megakv.cli.train ...), or lower "
+                              "parallel.tensor / parallel.pipeline")
         if self.pipeline > 1 and self.zero_stage > 1:
             raise ConfigError(f"{prefix}.zero_stage", self.zero_stage,
                               "DeepSpeed's pipeline engine supports ZeRO stage 1 at most",
