@@ -47,7 +47,7 @@ def test_cache_allocation_is_exact(model, retain, dtype):
     per_token = 2 * len(retained) * cfg.n_kv_heads * cfg.resolved_head_dim * element
     assert cache.bytes_per_token == per_token == kv_bytes_per_token(cfg, len(retained), dtype)
     assert cache.nbytes == per_token * 3 * 17
-    assert cache.buffer.shape[0] == len(retained)  # one slot per retained layer, none for the others
+    assert sorted(cache.buffers) == list(retained)  # one buffer per retained layer, none for the others
     for layer in range(cfg.n_layers):
         assert cache.holds(layer) == (layer in retained)
     outside = [layer for layer in range(cfg.n_layers) if layer not in retained]

@@ -3,6 +3,11 @@
   megakv-generate --model DIR --prompt "Once upon a time" --retain every:2 --max-new-tokens 64 --stats
   megakv-generate --model DIR --prompt "a" --prompt "b c" --retain 0,3,5 --temperature 0.8 --top-p 0.9 --seed 1
   megakv-generate --model DIR --prompt-ids "5 17 42"      # a model without a tokenizer: ids in, ids out
+  megakv-generate --model DIR --prompt "a" --retain every:1 --shrink-at 256:every:2,512:every:4 --stats
+
+--shrink-at N:S' (elastic retention): the first N new tokens are generated with the current retained set,
+then the generation moves to S', which must be a subset of it; the dropped layers' cache is freed at
+once and nothing is recomputed (the prefix keeps the K/V it was given; see megakv/inference/engine.py).
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--retain", default=None,
                         help="layers that keep a KV cache: all, every:K, or a list like 0,3,5 (default: the "
                              "`retain` a to-hf-rcla export stores, as from_pretrained uses it; else all)")
+    parser.add_argument("--shrink-at", action="append", default=[], metavar="N:RETAIN[,N:RETAIN...]",
+                        help="after N new tokens, keep only the layers of RETAIN (a subset of the current set), "
+                             "e.g. 256:every:2,512:every:4 or 128:0,4 (repeatable)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
@@ -43,6 +51,22 @@ def _parse_ids(text: str) -> list[int]:
         raise ValueError(f"--prompt-ids {text!r}: expected integers separated by spaces or commas") from None
 
 
+def parse_shrink_at(texts: list[str]) -> list[tuple[int, str]]:
+    """'256:every:2,512:0,4' -> [(256, 'every:2'), (512, '0,4')]: a piece without 'N:' continues a layer list."""
+    schedule: list[tuple[int, str]] = []
+    for text in texts:
+        for piece in (p.strip() for p in text.split(",")):
+            n, sep, retain = piece.partition(":")
+            if sep and n.strip().isdigit() and retain.strip():
+                schedule.append((int(n), retain.strip()))
+            elif piece.isdigit() and schedule and not schedule[-1][1].startswith(("every", "all")):
+                schedule[-1] = (schedule[-1][0], f"{schedule[-1][1]},{piece}")
+            else:
+                raise ValueError(f"--shrink-at {text!r}: expected N:RETAIN pieces like 256:every:2,512:every:4 or "
+                                 f"128:0,4 (N new tokens, then the retained set)")
+    return schedule
+
+
 def continuation_text(tokenizer, prompt: list[int], new: list[int], eos: int | None) -> str:
     """The text the new tokens add to the prompt: decoded together, so spacing at the seam is right."""
     if new and new[-1] == eos:
@@ -57,6 +81,7 @@ def _run(args: argparse.Namespace) -> int:
     from megakv.inference.sampling import SamplingConfig
 
     apply_runtime_options(args)
+    shrink_at = parse_shrink_at(args.shrink_at)
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     model, tokenizer_dir = resolve_model(args.model, args.device, DTYPES[args.dtype])
     engine = InferenceEngine(model, args.retain if args.retain is not None else default_retain(args.model))
@@ -86,7 +111,13 @@ def _run(args: argparse.Namespace) -> int:
     if longest > model.cfg.max_seq_len:
         print(f"megakv-generate: warning: {longest} positions exceed the model's trained context "
               f"({model.cfg.max_seq_len}); quality past it is not guaranteed", file=sys.stderr)
-    result = engine.generate(prompts, args.max_new_tokens, sampling, None if args.no_eos_stop else eos, pad)
+    if shrink_at:  # a bad schedule is refused before any generation
+        try:
+            engine.shrink_schedule(shrink_at, args.max_new_tokens)
+        except ValueError as e:
+            raise ValueError(f"--shrink-at: {e}") from None
+    result = engine.generate(prompts, args.max_new_tokens, sampling, None if args.no_eos_stop else eos, pad,
+                             shrink_at=shrink_at)
 
     for index, new in enumerate(result.tokens):
         if len(prompts) > 1:
@@ -102,6 +133,9 @@ def _run(args: argparse.Namespace) -> int:
         print(f"# KV cache: {s.cache_bytes_per_token} bytes/token/sequence, {s.cache_bytes} bytes allocated "
               f"(batch {s.batch} x {s.prompt_tokens + args.max_new_tokens} positions, {args.dtype})")
         print(f"# time to first token: {1000 * s.ttft_s:.1f} ms (prompt {s.prompt_tokens} tokens x batch {s.batch})")
+        for change in s.retain_changes:
+            print(f"# after {change.after_tokens} new tokens: retained {list(change.retained)}, KV cache "
+                  f"{change.cache_bytes_before} -> {change.cache_bytes_after} bytes allocated")
         print(f"# decode: {s.new_tokens - 1} steps, {s.decode_tokens_per_s:.1f} tokens/s over the batch")
     return 0
 

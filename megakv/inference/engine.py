@@ -5,6 +5,14 @@ mu(l) = the nearest retained layer at or below l. A retained layer projects its 
 positions, writes them into its cache slot and attends to the whole cached prefix. A layer outside S
 never runs its K/V projections: it attends to the prefix K/V its source produced earlier in the same
 step. Prefill therefore does no extra work and the cache is |S|/L of a full one.
+
+Elastic retention (`InferenceEngine.set_retain`, `generate(shrink_at=...)`): because a retained layer's
+cache holds every position, a live generation can move from S to any S' subset of S between two steps.
+What it then computes, exactly: every position written before the switch keeps the K/V it was given
+under S (layer j's K/V of a prefix token are the projections of that token's layer-j hidden state as
+computed under S); every later position runs under S' (layer l attends with its queries to the K/V of
+mu_{S'}(l), the nearest layer of S' at or below l, over ALL positions so far: the prefix ones made under
+S, then its own). Nothing is recomputed; the dropped layers' buffers are freed at the switch.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from megakv.inference.cache import RetainedKVCache
+from megakv.inference.cache import RetainedKVCache, kv_bytes_per_token
 from megakv.inference.padding import attention_mask, left_pad, positions_from_valid
 from megakv.inference.sampling import SamplingConfig, sample_next_token
 from megakv.model import KV, MegaKVModel
@@ -44,6 +52,23 @@ def forward_layers(model: MegaKVModel, plan: RoutingPlan, x: torch.Tensor, posit
     return model.run_layers(x, position_ids, plan, attn_mask, extend_kv=extend)
 
 
+def check_shrink(current: Sequence[int], new: Sequence[int]) -> None:
+    """A live cache can only lose layers: S' must be a subset of S (a dropped layer's K/V are gone)."""
+    missing = sorted(set(new) - set(current))
+    if missing:
+        raise ValueError(f"cannot move retention from {list(current)} to {list(new)}: layers {missing} hold no "
+                         f"cache (their K/V were never kept), so a live generation can only drop layers; choose a "
+                         f"subset of {list(current)}")
+
+
+@dataclass(frozen=True)
+class RetainChange:
+    after_tokens: int  # new tokens generated under the previous set when the switch happened
+    retained: tuple[int, ...]  # the set from then on
+    cache_bytes_before: int
+    cache_bytes_after: int
+
+
 @dataclass
 class GenerationStats:
     retained: tuple[int, ...]
@@ -55,6 +80,7 @@ class GenerationStats:
     ttft_s: float  # prefill + first token
     decode_s: float  # the remaining new_tokens - 1 steps
     decode_step_s: list[float] = field(default_factory=list, repr=False)  # each decode step (for robust stats)
+    retain_changes: list[RetainChange] = field(default_factory=list)  # elastic shrinks, in order
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -81,6 +107,37 @@ class InferenceEngine:
     @property
     def retained(self) -> tuple[int, ...]:
         return self.plan.retained
+
+    def set_retain(self, retain: str | Sequence[int] | RoutingPlan, cache: RetainedKVCache | None = None) -> None:
+        """Move from the current retained set S to S' (a subset of S) between two steps; see the module doc.
+
+        With `cache` (the live one, holding S), the dropped layers' buffers are freed now and the following
+        `step` calls continue the same sequences under S' with no recomputation.
+        """
+        new_plan = resolve_plan(retain, self.model.cfg.n_layers)
+        check_shrink(self.retained, new_plan.retained)
+        if cache is not None:
+            if cache.retained != self.retained:
+                raise ValueError(f"the cache holds layers {list(cache.retained)}, the engine retains "
+                                 f"{list(self.retained)}: pass the cache this engine has been filling")
+            cache.drop_layers(new_plan.retained)
+        self.plan = new_plan
+
+    def shrink_schedule(self, shrink_at: Sequence[tuple[int, str | Sequence[int] | RoutingPlan]],
+                        max_new_tokens: int) -> list[tuple[int, RoutingPlan]]:
+        """Validate `shrink_at` [(after N new tokens, retain), ...]: N increasing in [1, max_new_tokens), each
+        set a subset of the one before (starting from the engine's)."""
+        schedule, previous_n, previous = [], 0, self.plan
+        for n, retain in shrink_at:
+            if not previous_n < n < max_new_tokens:
+                raise ValueError(f"shrink after {n} new tokens: the points must increase and lie in "
+                                 f"[1, max_new_tokens={max_new_tokens}) (after {previous_n} so far), or it "
+                                 f"never happens")
+            plan = resolve_plan(retain, self.model.cfg.n_layers)
+            check_shrink(previous.retained, plan.retained)
+            schedule.append((n, plan))
+            previous_n, previous = n, plan
+        return schedule
 
     @property
     def dtype(self) -> torch.dtype:
@@ -109,16 +166,36 @@ class InferenceEngine:
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32,
                  sampling: SamplingConfig | None = None, eos_id: int | None = None,
-                 pad_id: int = 0) -> GenerationOutput:
-        """Generate up to `max_new_tokens` per prompt (left-padded into one batch); stop a prompt at `eos_id`."""
+                 pad_id: int = 0,
+                 shrink_at: Sequence[tuple[int, str | Sequence[int] | RoutingPlan]] = ()) -> GenerationOutput:
+        """Generate up to `max_new_tokens` per prompt (left-padded into one batch); stop a prompt at `eos_id`.
+
+        shrink_at: [(N, S'), ...]: the first N new tokens come from the current set, then `set_retain(S')`
+        (elastic retention); the engine's own set is restored when generation ends.
+        """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        schedule = self.shrink_schedule(shrink_at, max_new_tokens)
+        initial_plan = self.plan
+        try:
+            return self._generate(prompts, max_new_tokens, sampling, eos_id, pad_id, schedule)
+        finally:
+            self.plan = initial_plan
+
+    def _generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: SamplingConfig | None,
+                  eos_id: int | None, pad_id: int, schedule: list[tuple[int, RoutingPlan]]) -> GenerationOutput:
         sampling = sampling or SamplingConfig()
         generator = sampling.generator(self.device)
         ids, valid = left_pad(prompts, pad_id, self.device)
         batch, width = ids.shape
         cache = self.new_cache(batch, width + max_new_tokens)
-        key_valid = None if bool(valid.all()) else valid
+        initial_retained, changes = self.retained, []
+        # Validity of every key column the generation will have, so a step only slices it (no allocation).
+        all_valid = None
+        if not bool(valid.all()):
+            all_valid = torch.ones(batch, width + max_new_tokens, dtype=torch.bool, device=self.device)
+            all_valid[:, :width] = valid
+        key_valid = None if all_valid is None else all_valid[:, :width]
         positions = positions_from_valid(valid)
 
         start = time.perf_counter()
@@ -137,8 +214,12 @@ class InferenceEngine:
                 finished |= token == eos_id
             if bool(finished.all()) or steps == max_new_tokens:
                 break
-            if key_valid is not None:
-                key_valid = torch.cat([key_valid, torch.ones(batch, 1, dtype=torch.bool, device=self.device)], 1)
+            if schedule and schedule[0][0] == steps:
+                before = cache.nbytes
+                self.set_retain(schedule.pop(0)[1], cache)
+                changes.append(RetainChange(steps, self.retained, before, cache.nbytes))
+            if all_valid is not None:
+                key_valid = all_valid[:, :width + steps]
             step_start = time.perf_counter()
             logits = self.step(token[:, None], cache, next_position[:, None], key_valid)[:, -1]
             token = sample_next_token(logits, sampling, generator)
@@ -148,7 +229,9 @@ class InferenceEngine:
         decode_s = time.perf_counter() - decode_start
 
         reasons = ["eos" if eos_id is not None and seq and seq[-1] == eos_id else "length" for seq in out]
-        stats = GenerationStats(retained=self.retained, batch=batch, prompt_tokens=width, new_tokens=steps,
-                                cache_bytes=cache.nbytes, cache_bytes_per_token=cache.bytes_per_token,
-                                ttft_s=ttft, decode_s=decode_s, decode_step_s=step_times)
+        first = changes[0].cache_bytes_before if changes else cache.nbytes
+        stats = GenerationStats(retained=initial_retained, batch=batch, prompt_tokens=width, new_tokens=steps,
+                                cache_bytes=first, cache_bytes_per_token=kv_bytes_per_token(
+                                    self.model.cfg, len(initial_retained), self.dtype),
+                                ttft_s=ttft, decode_s=decode_s, decode_step_s=step_times, retain_changes=changes)
         return GenerationOutput(out, reasons, stats, first_logits)
