@@ -132,6 +132,12 @@ class Attention(nn.Module):
             else:  # queries are the last q_len positions: bottom-right aligned causal mask
                 attn_mask = torch.ones(q_len, k_len, dtype=torch.bool, device=q.device).tril(k_len - q_len)
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=True)
+        elif q_len == 1 and k.shape[1] < q.shape[1]:
+            # Decode under GQA: a K/V head's query heads become its query rows, so one plain attention per
+            # K/V head reads its K/V once (faster than enable_gqa's per-query-head kernel).
+            batch, heads, _, head_dim = q.shape
+            grouped = q.view(batch, k.shape[1], heads // k.shape[1], head_dim)
+            out = F.scaled_dot_product_attention(grouped, k, v, attn_mask=attn_mask).view(batch, heads, 1, head_dim)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=True)
         batch, _, seq, _ = out.shape

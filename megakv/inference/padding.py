@@ -40,6 +40,8 @@ def attention_mask(key_valid: torch.Tensor | None, q_len: int) -> torch.Tensor |
     """
     if key_valid is None or bool(key_valid.all()):
         return None
+    if q_len == 1 and bool(key_valid[:, -1].all()):  # decode of real tokens: a view, no allocation
+        return key_valid[:, None, None, :]
     k_len = key_valid.shape[1]
     causal = torch.ones(q_len, k_len, dtype=torch.bool, device=key_valid.device).tril(k_len - q_len)
     mask = causal & key_valid[:, None, None, :]
