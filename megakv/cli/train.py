@@ -22,11 +22,14 @@ import json
 import logging
 import os
 import sys
+import time
 import traceback
 import warnings
 
 from megakv.config.errors import ConfigError
 from megakv.train import EXIT_CONFIG, EXIT_FAILED, EXIT_OK
+
+QUIET_RANK_EXIT_DELAY_S = 3.0  # a rank that leaves the report of a shared mistake to rank 0 waits this long
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:
         if os.environ.get("RANK", "0") == "0" or not isinstance(e, ConfigError):  # every rank's mistake: say it once
             print(f"megakv-train: error: {e}", file=sys.stderr)
+        else:  # give rank 0 time to say it before the launcher stops every rank
+            time.sleep(QUIET_RANK_EXIT_DELAY_S)
         return EXIT_CONFIG
     if args.dry_run:
         print(f"megakv-train: launch checked; wrote {launch.run_dir}/config.yaml and ds_config.json")
