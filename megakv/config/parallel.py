@@ -8,12 +8,20 @@ from megakv.config.errors import ConfigError
 
 OFFLOAD_TARGETS = ("none", "cpu")
 BACKENDS = ("auto", "nccl", "gloo")
+PIPELINE_PARTITIONS = ("uniform", "parameters")
+PIPELINE_TRANSPORTS = ("fixed", "dynamic")
 
 
 @dataclass
 class ParallelConfig:
     tensor: int = 1  # head-split tensor parallelism (not implemented yet: must be 1)
-    pipeline: int = 1  # pipeline stages (not implemented yet: must be 1)
+    pipeline: int = 1  # pipeline stages (DeepSpeed's pipe engine; needs zero_stage 1)
+    # How blocks are cut into stages: uniform (same number of blocks per stage; n_layers must divide) or
+    # parameters (balance parameter counts, the embedding counted on the first stage, the head on the last).
+    pipeline_partition: str = "uniform"
+    # How K/V cross a stage boundary: fixed (padded to the most that can cross, constant shapes) or
+    # dynamic (exactly what this micro-batch's plan needs; metadata with every send).
+    pipeline_transport: str = "fixed"
     zero_stage: int = 2  # DeepSpeed ZeRO stage 1, 2 or 3
     offload_optimizer: str = "none"  # none | cpu (ZeRO-Offload of optimizer state; stage >= 1)
     # A readable DeepSpeed JSON fragment (ds_configs/<name>.json, or a path) adding tuning keys (buckets,
@@ -35,12 +43,17 @@ class ParallelConfig:
         need(self.offload_optimizer in OFFLOAD_TARGETS, "offload_optimizer", f"expected one of {OFFLOAD_TARGETS}",
              "use none or cpu")
         need(self.backend in BACKENDS, "backend", f"expected one of {BACKENDS}", "use auto")
+        need(self.pipeline_partition in PIPELINE_PARTITIONS, "pipeline_partition",
+             f"expected one of {PIPELINE_PARTITIONS}", "uniform, or parameters to balance parameter counts")
+        need(self.pipeline_transport in PIPELINE_TRANSPORTS, "pipeline_transport",
+             f"expected one of {PIPELINE_TRANSPORTS}", "fixed (constant shapes) or dynamic")
 
     def validate_layout(self, world_size: int, prefix: str = "parallel") -> int:
         """Checks that the layout fits `world_size` ranks; returns the data-parallel size."""
         model_parallel = self.tensor * self.pipeline
         if world_size % model_parallel:
-            raise ConfigError(f"{prefix}.tensor", self.tensor,
+            raise ConfigError(f"{prefix}.pipeline" if self.tensor == 1 else f"{prefix}.tensor",
+                              self.pipeline if self.tensor == 1 else self.tensor,
                               f"world size {world_size} is not a multiple of tensor x pipeline = {model_parallel}",
                               f"launch {model_parallel} processes or a multiple of {model_parallel} (e.g. torchrun "
                               f"--nproc_per_node {model_parallel} -m megakv.cli.train ...), or lower "
@@ -49,11 +62,8 @@ class ParallelConfig:
             raise ConfigError(f"{prefix}.zero_stage", self.zero_stage,
                               "DeepSpeed's pipeline engine supports ZeRO stage 1 at most",
                               "use parallel.zero_stage=1 with pipeline parallelism")
-        # The engine is structured for them (megakv/parallel/wrap.py), but they are not written yet.
+        # The engine is structured for it (megakv/parallel/wrap.py), but it is not written yet.
         if self.tensor > 1:
             raise ConfigError(f"{prefix}.tensor", self.tensor, "tensor parallelism is not implemented yet",
                               "set parallel.tensor=1")
-        if self.pipeline > 1:
-            raise ConfigError(f"{prefix}.pipeline", self.pipeline, "pipeline parallelism is not implemented yet",
-                              "set parallel.pipeline=1")
         return world_size // model_parallel

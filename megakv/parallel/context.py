@@ -1,10 +1,16 @@
-"""The process-group side of the layout: initialised once, then passed explicitly (no module globals)."""
+"""The process-group side of the layout: initialised once, then passed explicitly (no module globals).
+
+The data, pipeline and tensor groups come from DeepSpeed's `PipeModelDataParallelTopology` (axes pipe,
+data, model: tensor fastest, then data, then pipeline), the rank order of megakv/parallel/layout.py,
+and are built once at start-up, even for a plain data-parallel run, so every collective names its group.
+"""
 
 from __future__ import annotations
 
 import os
 import socket
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -18,10 +24,10 @@ class ParallelContext:
     layout: ParallelLayout
     device: torch.device
     backend: str
-    # None means the default (world) group. With tensor/pipeline parallelism these become sub-groups.
-    data_group: dist.ProcessGroup | None = None
-    tensor_group: dist.ProcessGroup | None = None
-    pipeline_group: dist.ProcessGroup | None = None
+    topology: Any  # deepspeed PipeModelDataParallelTopology of the layout
+    data_group: dist.ProcessGroup  # ranks holding the same model shard (same pipe stage and tensor rank)
+    tensor_group: dist.ProcessGroup  # ranks splitting one layer's heads (same stage and data rank)
+    pipeline_group: dist.ProcessGroup  # the stages of one model replica (same data and tensor rank)
 
     @property
     def rank(self) -> int:
@@ -37,6 +43,37 @@ class ParallelContext:
 
     def barrier(self) -> None:
         dist.barrier()
+
+    def all_reduce(self, tensor: torch.Tensor, group: dist.ProcessGroup, op=dist.ReduceOp.SUM) -> torch.Tensor:
+        """In-place all-reduce over `group` (nothing to do on one process)."""
+        if dist.get_world_size(group) > 1:
+            dist.all_reduce(tensor, op=op, group=group)
+        return tensor
+
+
+def layout_topology(layout: ParallelLayout):
+    """DeepSpeed's topology for the layout; its rank order must be megakv's (checked, not assumed)."""
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    topology = PipeModelDataParallelTopology(num_pp=layout.pipeline, num_mp=layout.tensor,
+                                             num_dp=layout.data_parallel)
+    coord = topology.get_coord(layout.rank)
+    ours = (layout.pipeline_rank, layout.data_rank, layout.tensor_rank)
+    if (coord.pipe, coord.data, coord.model) != ours:
+        raise RuntimeError(f"DeepSpeed's topology puts rank {layout.rank} at {coord}, megakv's layout at "
+                           f"(pipe, data, model) = {ours}")
+    return topology
+
+
+def _build_groups(topology, rank: int) -> dict[str, dist.ProcessGroup]:
+    """One group per axis that this rank belongs to. Every rank creates every group in the same order."""
+    mine = {}
+    for axis, name in (("data", "data_group"), ("model", "tensor_group"), ("pipe", "pipeline_group")):
+        for ranks in topology.get_axis_comm_lists(axis):
+            group = dist.new_group(ranks=ranks)
+            if rank in ranks:
+                mine[name] = group
+    return mine
 
 
 def resolve_device(requested: str, local_rank: int) -> torch.device:
@@ -83,7 +120,9 @@ def init_parallel(layout: ParallelLayout, cfg: ParallelConfig, device: str = "au
     if dist.get_world_size() != layout.world_size or dist.get_rank() != layout.rank:
         raise RuntimeError(f"process group (rank {dist.get_rank()} of {dist.get_world_size()}) disagrees with the "
                            f"environment (rank {layout.rank} of {layout.world_size})")
-    return ParallelContext(layout=layout, device=dev, backend=backend)
+    topology = layout_topology(layout)
+    return ParallelContext(layout=layout, device=dev, backend=backend, topology=topology,
+                           **_build_groups(topology, layout.rank))
 
 
 def shutdown_parallel() -> None:

@@ -1,115 +1,64 @@
-"""How the plain MegaKVModel becomes something DeepSpeed trains, and how one step runs through it.
+"""How a config becomes something DeepSpeed trains, for this process's place in the layout.
 
-The training loop only talks to a `StepRunner` (train_step / eval_loss). Data parallelism with ZeRO 1-3
-is `DataParallelRunner`: forward/backward per micro-batch through the engine, DeepSpeed accumulates and
-steps at the boundary. Pipeline parallelism would add a runner around `engine.train_batch` of a
-PipelineModule built from the same layers (K/V travelling between stages), and head-split tensor
-parallelism would swap the attention/MLP linears before wrapping; both change this file, not the loop.
+Data parallelism (ZeRO 1-3): the dense MegaKVModel inside a DeepSpeedEngine (`DataParallelRunner`).
+Pipeline parallelism (ZeRO <= 1): each rank builds only its stage's layers as a PipelineModule
+(megakv/parallel/pipeline.py) on the layout's topology (`PipelineRunner`). The loop sees a StepRunner
+either way.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
-
 import torch
-import torch.nn.functional as F
 
+from megakv.config import MegaKVConfig
 from megakv.config.model import ModelConfig
-from megakv.config.optim import OptimConfig
 from megakv.model import MegaKVModel
+from megakv.optim.param_groups import weight_decay_groups
+from megakv.optim.schedule import WarmupCosineSchedule
 from megakv.parallel.context import ParallelContext
-from megakv.routing import RoutingPlan
-
-MicroBatch = tuple[torch.Tensor, torch.Tensor]  # (inputs, labels), each (micro_batch, seq_len)
-
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy, computed in fp32 whatever the training precision."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
-
-
-@dataclass
-class StepResult:
-    loss_sum: float  # sum over this rank's micro-batches of their mean loss
-    micro_batches: int
-    applied: bool  # False when DeepSpeed skipped the optimizer step (non-finite gradients)
-    grad_norm: float | None
-
-
-class StepRunner(Protocol):
-    engine: Any
-
-    def train_step(self, micro_batches: Sequence[MicroBatch], plans: Sequence[RoutingPlan],
-                   poison: bool = False) -> StepResult: ...
-
-    def eval_loss(self, micro_batches: Sequence[MicroBatch], weights: Sequence[float],
-                  plan: RoutingPlan) -> tuple[float, float]: ...
+from megakv.parallel.runners import DataParallelRunner, PipelineLoss, PipelineRunner, StepRunner
 
 
 def build_model(model_cfg: ModelConfig, seed: int) -> MegaKVModel:
-    """Same seed on every rank, so every rank starts from identical weights (DeepSpeed also broadcasts)."""
+    """Weights are a function of (seed, name): every rank starts identical, and so does every stage."""
     torch.manual_seed(seed)
-    return MegaKVModel(model_cfg)
+    return MegaKVModel(model_cfg, init_seed=seed)
 
 
-class DataParallelRunner:
-    def __init__(self, engine: Any, ctx: ParallelContext):
-        self.engine, self.ctx = engine, ctx
-
-    def _to_device(self, batch: MicroBatch) -> MicroBatch:
-        return batch[0].to(self.ctx.device), batch[1].to(self.ctx.device)
-
-    def train_step(self, micro_batches: Sequence[MicroBatch], plans: Sequence[RoutingPlan],
-                   poison: bool = False) -> StepResult:
-        engine = self.engine
-        engine.train()
-        loss_sum = 0.0
-        for index, batch in enumerate(micro_batches):
-            inputs, labels = self._to_device(batch)
-            plan = plans[index % len(plans)]
-            loss = causal_lm_loss(engine(inputs, plan=plan), labels)
-            if poison:  # fault injection: a non-finite loss whose gradients are non-finite too
-                loss = loss * float("nan")
-            engine.backward(loss)
-            engine.step()  # DeepSpeed applies the optimizer only at the accumulation boundary
-            loss_sum += float(loss.detach())
-        norm = engine.get_global_grad_norm()
-        norm = None if norm is None else float(norm)
-        return StepResult(loss_sum, len(micro_batches), bool(engine.was_step_applied()), norm)
-
-    @torch.no_grad()
-    def eval_loss(self, micro_batches: Sequence[MicroBatch], weights: Sequence[float],
-                  plan: RoutingPlan) -> tuple[float, float]:
-        """(sum of weight x per-sequence mean loss, sum of weights) over this rank's micro-batches."""
-        engine = self.engine
-        engine.eval()
-        total, weight_sum = 0.0, 0.0
-        for index, batch in enumerate(micro_batches):
-            inputs, labels = self._to_device(batch)
-            logits = engine(inputs, plan=plan).float()
-            per_token = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
-            per_sequence = per_token.mean(dim=1)
-            w = torch.tensor(weights[index * len(inputs):(index + 1) * len(inputs)], dtype=per_sequence.dtype,
-                             device=per_sequence.device)
-            total += float((per_sequence * w).sum())
-            weight_sum += float(w.sum())
-        engine.train()
-        return total, weight_sum
-
-
-def wrap_model(model: MegaKVModel, ctx: ParallelContext, ds_config: dict, optim_cfg: OptimConfig,
-               total_steps: int) -> StepRunner:
-    """DeepSpeed engine (AdamW from the config, our LR schedule) around the model, for this layout."""
+def _initialize(model, parameters, cfg: MegaKVConfig, ds_config: dict):
     import deepspeed
 
-    from megakv.train.param_groups import weight_decay_groups
-    from megakv.train.schedule import WarmupCosineSchedule
-
-    if ctx.layout.model_parallel != 1:
-        raise NotImplementedError("tensor/pipeline parallel wrapping is not implemented yet")
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=weight_decay_groups(model, optim_cfg), config=ds_config,
-        lr_scheduler=lambda optimizer: WarmupCosineSchedule(optimizer, optim_cfg, total_steps))
-    return DataParallelRunner(engine, ctx)
+        model=model, model_parameters=parameters, config=ds_config,
+        lr_scheduler=lambda optimizer: WarmupCosineSchedule(optimizer, cfg.optim, cfg.train.steps))
+    return engine
+
+
+def build_runner(cfg: MegaKVConfig, ctx: ParallelContext, ds_config: dict,
+                 init_state: dict[str, torch.Tensor] | None = None) -> StepRunner:
+    """The model for this rank (from `init_state`, MegaKVModel names, when given) inside its engine."""
+    if ctx.layout.tensor != 1:
+        raise NotImplementedError("tensor-parallel wrapping is not implemented yet")
+    if ctx.layout.pipeline == 1:
+        model = build_model(cfg.model, cfg.train.seed)
+        if init_state is not None:
+            model.load_state_dict(init_state)
+        engine = _initialize(model, weight_decay_groups(model, cfg.optim), cfg, ds_config)
+        return DataParallelRunner(engine, ctx)
+    return _pipeline_runner(cfg, ctx, ds_config, init_state)
+
+
+def _pipeline_runner(cfg: MegaKVConfig, ctx: ParallelContext, ds_config: dict,
+                     init_state: dict[str, torch.Tensor] | None) -> PipelineRunner:
+    from megakv.parallel.partition import block_cuts
+    from megakv.parallel.pipeline import DenseNames, load_dense_weights, pipeline_module
+
+    n_layers = cfg.model.n_layers
+    cuts = block_cuts(cfg.model, cfg.parallel.pipeline, cfg.parallel.pipeline_partition)
+    loss = PipelineLoss()
+    module = pipeline_module(cfg.model, cfg.train.seed, cuts, ctx.topology, loss, cfg.parallel.pipeline_transport,
+                             cfg.routing.max_distance)
+    if init_state is not None:
+        load_dense_weights(module, init_state, n_layers)
+    engine = _initialize(module, weight_decay_groups(DenseNames(module, n_layers), cfg.optim), cfg, ds_config)
+    return PipelineRunner(engine, ctx, loss)

@@ -71,6 +71,9 @@ def generated_ds_config(cfg: MegaKVConfig, data_parallel: int, load_universal: b
     }
     if p.offload_optimizer != "none":
         ds["zero_force_ds_cpu_optimizer"] = False  # keep torch's AdamW (no cpu_adam JIT build)
+    if p.pipeline > 1:
+        # Stages send (packed hidden + K/V, plan): never split the first output across tensor ranks.
+        ds["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False}
     return ds
 
 

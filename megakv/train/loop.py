@@ -1,6 +1,8 @@
 """The training loop: plans from rank 0, micro-batches from the loader, one StepRunner step, bookkeeping.
 
-Nothing here depends on how the model is parallelised (megakv/parallel/wrap.py decides that).
+Nothing here depends on how the model is parallelised: megakv/parallel/wrap.py builds the runner, and
+the loop only reads what the runner reports. Loss sums are reduced over the data-parallel group (every
+pipeline stage and tensor rank of a replica reports the same figures); the stop flag over the world.
 """
 
 from __future__ import annotations
@@ -18,16 +20,17 @@ import torch.distributed as dist
 from megakv.config import MegaKVConfig, to_yaml
 from megakv.config.errors import ConfigError
 from megakv.data.boundaries import mask_documents
+from megakv.optim.schedule import resume_schedule_notice
 from megakv.parallel import ParallelContext
-from megakv.parallel.wrap import StepRunner, build_model, wrap_model
+from megakv.parallel.runners import StepRunner
+from megakv.parallel.wrap import build_runner
 from megakv.routing import deployment_plan
 from megakv.train import EXIT_DIVERGED, EXIT_OK
 from megakv.train.checkpoint import CheckpointManager, load_checkpoint
 from megakv.train.metrics import MetricsWriter, format_duration, routing_scalars
-from megakv.train.plans import broadcast_step_plans, check_plans_agree, plans_per_step
+from megakv.train.plans import broadcast_step_plans, check_plans_agree, local_plans, plans_per_step
 from megakv.train.preflight import Launch
 from megakv.train.run_dir import LOGS, METRICS, TENSORBOARD, TOKENIZER, checkpoints_dir, write_status
-from megakv.train.schedule import resume_schedule_notice
 from megakv.train.signals import StopRequest
 from megakv.train.state import TrainState
 from megakv.train.throughput import StepMeter
@@ -37,14 +40,14 @@ log = logging.getLogger("megakv.train")
 
 
 
-def _load_init_weights(model, model_dir: str) -> None:
+def _init_weights(cfg: MegaKVConfig, model_dir: str) -> dict[str, torch.Tensor]:
     from megakv.model_dir import load_model
 
     source = load_model(model_dir)
-    if source.cfg != model.cfg:
+    if source.cfg != cfg.model:
         raise ConfigError("checkpoint.init_from", model_dir, "the model directory's config differs from model:",
                           "use the same model settings as the directory's config.yaml")
-    model.load_state_dict(source.state_dict())
+    return source.state_dict()
 
 
 class Trainer:
@@ -73,10 +76,10 @@ class Trainer:
                               f"the checkpoint {resume.path} was trained on data with fingerprint "
                               f"{resume.state.data_fingerprint}, this data has {self.data.fingerprint}",
                               "resume with the same data (files, weights, split, seed), or start a new run_dir")
-        model = build_model(cfg.model, cfg.train.seed)
+        init_state = None
         if cfg.checkpoint.init_from and resume is None:
-            _load_init_weights(model, cfg.checkpoint.init_from)
-        self.runner: StepRunner = wrap_model(model, ctx, self.launch.ds_config, cfg.optim, cfg.train.steps)
+            init_state = _init_weights(cfg, cfg.checkpoint.init_from)
+        self.runner: StepRunner = build_runner(cfg, ctx, self.launch.ds_config, init_state)
         mask_documents(self.runner.engine.module, self.data.eos_id, cfg.data.reset_attention_mask,
                        cfg.data.reset_position_ids)
         self.meter = StepMeter(cfg.model, self.seq_len, cfg.train.global_batch * self.seq_len,
@@ -128,26 +131,27 @@ class Trainer:
     def _step(self) -> tuple[float, bool, list, float | None, bool]:
         cfg, state = self.cfg, self.state
         number = state.step + 1  # 1-based number of the step being run
-        count = plans_per_step(cfg.routing, self.launch.accumulation_steps)
+        count = plans_per_step(cfg.routing, cfg.train.global_batch, cfg.train.micro_batch)
         plans = broadcast_step_plans(cfg.routing, cfg.model.n_layers, state.step, count, self.layout.rank,
                                      self.ctx.device)
         if cfg.train.debug.check_plans:
             check_plans_agree(plans, number, self.ctx.device)
             self.plan_trace.write(f"{number} " + " | ".join(str(p) for p in plans) + "\n")
         poison = number in cfg.train.debug.nonfinite_loss_at
-        result = self.runner.train_step(self._micro_batches(), plans, poison=poison)
+        mine = local_plans(plans, self.layout.data_rank, self.layout.data_parallel)
+        result = self.runner.train_step(self._micro_batches(), mine, poison=poison)
         if number == cfg.train.debug.sigterm_at_step and self.ctx.is_global_zero:
             os.kill(os.getpid(), signal.SIGTERM)  # fault injection: a real signal, through the real handler
-        # One collective per step: the loss and whether any rank was asked to stop.
-        summary = torch.tensor([result.loss_sum, result.micro_batches, float(self.stop.requested)],
-                               dtype=torch.float64, device=self.ctx.device)
+        losses = torch.tensor([result.loss_sum, result.micro_batches], dtype=torch.float64, device=self.ctx.device)
+        self.ctx.all_reduce(losses, self.ctx.data_group)
+        stop = torch.tensor([float(self.stop.requested)], dtype=torch.float64, device=self.ctx.device)
         if dist.get_world_size() > 1:
-            dist.all_reduce(summary)
-        loss = float(summary[0] / summary[1])
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX)  # any rank's signal stops every rank
+        loss = float(losses[0] / losses[1])
         state.step = number
         state.consumed_samples += cfg.train.global_batch
         state.tokens += cfg.train.global_batch * self.seq_len
-        return loss, bool(summary[2] > 0), plans, (result.grad_norm if result.applied else None), result.applied
+        return loss, bool(stop[0] > 0), plans, (result.grad_norm if result.applied else None), result.applied
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> int:
@@ -158,7 +162,7 @@ class Trainer:
         step_times: list[float] = []
         validated_at = None
         while state.step < total:
-            lr = self.runner.engine.get_lr()[0]  # the rate this step trains with; the scheduler moves on after it
+            lr = self.runner.learning_rate()  # the rate this step trains with; the scheduler moves on after it
             started = time.perf_counter()
             loss, stop, plans, grad_norm, applied = self._step()
             elapsed = time.perf_counter() - started
@@ -214,7 +218,7 @@ class Trainer:
 
     def validate(self) -> dict[str, float]:
         losses = validation_losses(self.runner, self.valid_batches, self.valid_weights, self.valid_plans,
-                                   self.ctx.device)
+                                   self.ctx)
         scalars = {f"valid/loss_{spec.replace(':', '')}": value for spec, value in losses.items()}
         if self.metrics is not None:
             self.metrics.write(self.state.step, scalars)

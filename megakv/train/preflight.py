@@ -7,6 +7,7 @@ directory can be resumed (same model; same data-parallel size or a universal che
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -132,16 +133,41 @@ def find_resume(cfg: MegaKVConfig, data_parallel: int) -> ResumePoint | None:
                       f"run `megakv-convert to-universal {run_dir}` first, or launch {state.data_parallel} ranks")
 
 
+def check_pipeline(cfg: MegaKVConfig, accumulation: int) -> None:
+    """The stage cut the user asked for exists; fewer micro-batches than stages leaves stages idle."""
+    from megakv.parallel.partition import block_cuts
+
+    if cfg.parallel.pipeline == 1:
+        return
+    block_cuts(cfg.model, cfg.parallel.pipeline, cfg.parallel.pipeline_partition)
+    if accumulation < cfg.parallel.pipeline:
+        warnings.warn(f"train.global_batch={cfg.train.global_batch} gives {accumulation} micro-batches per step "
+                      f"for {cfg.parallel.pipeline} pipeline stages: most of each step is pipeline bubble; raise "
+                      "train.global_batch (or lower train.micro_batch) to at least one micro-batch per stage",
+                      stacklevel=2)
+
+
+def check_same_pipeline(cfg: MegaKVConfig, resume: ResumePoint | None) -> None:
+    saved = 1 if resume is None else int(resume.state.layout.get("pipeline", 1))
+    if resume is not None and saved != cfg.parallel.pipeline:
+        raise ConfigError("parallel.pipeline", cfg.parallel.pipeline,
+                          f"the checkpoint {resume.path} was written by {saved} pipeline stages; resuming on "
+                          "another pipeline layout is not supported yet",
+                          f"resume with parallel.pipeline={saved}")
+
+
 def preflight(cfg: MegaKVConfig, layout: ParallelLayout) -> Launch:
     check_device("train.device", cfg.train.device,
                  "use train.device=auto or cpu here, or launch where torch sees a GPU")
     tensor_split(cfg.model, cfg.parallel.tensor)  # the heads and MLP split over the tensor ranks
     data_parallel = cfg.parallel.validate_layout(layout.world_size)
     accumulation = gradient_accumulation_steps(cfg, data_parallel)
+    check_pipeline(cfg, accumulation)
     cfg.data.validate("data")  # training needs data (a config that only describes a model may omit it)
     check_data_files(cfg)
     check_tokenizer(cfg)
     resume = find_resume(cfg, data_parallel)
+    check_same_pipeline(cfg, resume)
     ds_config = build_ds_config(cfg, data_parallel, load_universal=bool(resume and resume.universal))
     return Launch(run_dir=Path(cfg.train.run_dir), data_parallel=data_parallel, accumulation_steps=accumulation,
                   ds_config=ds_config, resume=resume)

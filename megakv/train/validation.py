@@ -11,9 +11,9 @@ import math
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from megakv.parallel.wrap import MicroBatch, StepRunner
+from megakv.parallel.context import ParallelContext
+from megakv.parallel.runners import MicroBatch, StepRunner
 from megakv.routing import RoutingPlan
 
 
@@ -34,12 +34,12 @@ def validation_batches(valid, samples: int, micro_batch: int, dp_rank: int,
 
 
 def validation_losses(runner: StepRunner, batches: list[MicroBatch], weights: list[float],
-                      plans: dict[str, RoutingPlan], device: torch.device) -> dict[str, float]:
+                      plans: dict[str, RoutingPlan], ctx: ParallelContext) -> dict[str, float]:
+    """Loss per plan over all data-parallel ranks (each replica's stages report the same sums)."""
     out = {}
     for name, plan in plans.items():
         total, weight = runner.eval_loss(batches, weights, plan)
-        sums = torch.tensor([total, weight], dtype=torch.float64, device=device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(sums)
+        sums = torch.tensor([total, weight], dtype=torch.float64, device=ctx.device)
+        ctx.all_reduce(sums, ctx.data_group)
         out[name] = float(sums[0] / sums[1]) if sums[1] > 0 else float("nan")
     return out

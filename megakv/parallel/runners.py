@@ -1,0 +1,162 @@
+"""The seam between the training loop and DeepSpeed: a StepRunner runs one optimizer step or one
+evaluation and answers what the loop needs (learning rate, grad norm, whether the step was applied).
+
+`DataParallelRunner` (ZeRO 1-3): forward/backward per micro-batch through the engine; DeepSpeed
+accumulates and steps at the boundary. `PipelineRunner`: one `engine.train_batch` over the step's
+micro-batches, each carrying its routing plan as an int tensor through every stage.
+
+Loss figures are this data-parallel replica's: the loop sums them over the data group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from megakv.parallel.context import ParallelContext
+from megakv.routing import RoutingPlan
+
+MicroBatch = tuple[torch.Tensor, torch.Tensor]  # (inputs, labels), each (micro_batch, seq_len)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy, computed in fp32 whatever the training precision."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+
+def weighted_sequence_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Sum over sequences of weight x the sequence's mean next-token loss (validation)."""
+    per_token = F.cross_entropy(logits.float().transpose(1, 2), labels, reduction="none")
+    return (per_token.mean(dim=1) * weights.to(per_token.dtype)).sum()
+
+
+@dataclass
+class StepResult:
+    loss_sum: float  # sum over this data-parallel replica's micro-batches of their mean loss
+    micro_batches: int
+    applied: bool  # False when DeepSpeed skipped the optimizer step (non-finite gradients)
+    grad_norm: float | None
+
+
+class StepRunner(Protocol):
+    engine: Any  # what checkpoints save and load; the loop never calls it
+
+    def train_step(self, micro_batches: Sequence[MicroBatch], plans: Sequence[RoutingPlan],
+                   poison: bool = False) -> StepResult: ...
+
+    def eval_loss(self, micro_batches: Sequence[MicroBatch], weights: Sequence[float],
+                  plan: RoutingPlan) -> tuple[float, float]: ...
+
+    def learning_rate(self) -> float: ...
+
+
+def _weights_of(weights: Sequence[float], index: int, size: int) -> torch.Tensor:
+    return torch.tensor(weights[index * size:(index + 1) * size], dtype=torch.float64)
+
+
+class DataParallelRunner:
+    def __init__(self, engine: Any, ctx: ParallelContext):
+        self.engine, self.ctx = engine, ctx
+
+    def _to_device(self, batch: MicroBatch) -> MicroBatch:
+        return batch[0].to(self.ctx.device), batch[1].to(self.ctx.device)
+
+    def learning_rate(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+    def train_step(self, micro_batches: Sequence[MicroBatch], plans: Sequence[RoutingPlan],
+                   poison: bool = False) -> StepResult:
+        engine = self.engine
+        engine.train()
+        loss_sum = 0.0
+        for index, batch in enumerate(micro_batches):
+            inputs, labels = self._to_device(batch)
+            plan = plans[index % len(plans)]
+            loss = causal_lm_loss(engine(inputs, plan=plan), labels)
+            if poison:  # fault injection: a non-finite loss whose gradients are non-finite too
+                loss = loss * float("nan")
+            engine.backward(loss)
+            engine.step()  # DeepSpeed applies the optimizer only at the accumulation boundary
+            loss_sum += float(loss.detach())
+        norm = engine.get_global_grad_norm()
+        norm = None if norm is None else float(norm)
+        return StepResult(loss_sum, len(micro_batches), bool(engine.was_step_applied()), norm)
+
+    @torch.no_grad()
+    def eval_loss(self, micro_batches: Sequence[MicroBatch], weights: Sequence[float],
+                  plan: RoutingPlan) -> tuple[float, float]:
+        """(sum of weight x per-sequence mean loss, sum of weights) over this rank's micro-batches."""
+        engine = self.engine
+        engine.eval()
+        total, weight_sum = 0.0, 0.0
+        for index, batch in enumerate(micro_batches):
+            inputs, labels = self._to_device(batch)
+            w = _weights_of(weights, index, len(inputs))
+            total += float(weighted_sequence_loss(engine(inputs, plan=plan), labels, w.to(self.ctx.device)))
+            weight_sum += float(w.sum())
+        engine.train()
+        return total, weight_sum
+
+
+class PipelineLoss:
+    """The last stage's loss: training cross-entropy, or validation's weighted sum when labels carry weights."""
+
+    def __init__(self) -> None:
+        self.poison = False
+
+    def __call__(self, logits: torch.Tensor, labels) -> torch.Tensor:
+        if isinstance(labels, (tuple, list)):
+            return weighted_sequence_loss(logits, labels[0], labels[1])
+        loss = causal_lm_loss(logits, labels)
+        return loss * float("nan") if self.poison else loss
+
+
+class PipelineRunner:
+    def __init__(self, engine: Any, ctx: ParallelContext, loss: PipelineLoss):
+        self.engine, self.ctx, self.loss = engine, ctx, loss
+
+    def learning_rate(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+    def _feed(self, micro_batches: Sequence[MicroBatch], plans: Sequence[RoutingPlan], labels_of):
+        from megakv.parallel.pipeline import plan_tensor
+
+        for index, (inputs, labels) in enumerate(micro_batches):
+            yield (inputs, plan_tensor(plans[index % len(plans)])), labels_of(index, labels)
+
+    def train_step(self, micro_batches: Sequence[MicroBatch], plans: Sequence[RoutingPlan],
+                   poison: bool = False) -> StepResult:
+        engine = self.engine
+        self.loss.poison = poison
+        try:
+            engine.train_batch(data_iter=self._feed(micro_batches, plans, lambda _, labels: labels))
+        finally:
+            self.loss.poison = False
+        # dp_group_loss: this replica's mean over its micro-batches, broadcast to every stage.
+        replica_mean = float(engine.dp_group_loss)
+        norm = engine.get_global_grad_norm()
+        norm = None if norm is None else float(norm)
+        return StepResult(replica_mean * len(micro_batches), len(micro_batches), bool(engine.was_step_applied()),
+                          norm)
+
+    def eval_loss(self, micro_batches: Sequence[MicroBatch], weights: Sequence[float],
+                  plan: RoutingPlan) -> tuple[float, float]:
+        """Like DataParallelRunner.eval_loss; every stage of a replica returns the same figures."""
+        if not micro_batches:
+            return 0.0, 0.0
+        size = len(micro_batches[0][0])
+
+        def with_weights(index: int, labels: torch.Tensor):
+            return labels, _weights_of(weights, index, size)
+
+        # eval_batch averages the per-micro-batch sums over micro-batches and data-parallel ranks; scaled
+        # back by the micro-batch count it is this replica's share of the global sum.
+        mean = self.engine.eval_batch(iter(list(self._feed(micro_batches, [plan], with_weights))),
+                                      num_micro_batches=len(micro_batches))
+        self.engine.module.train()
+        weight_sum = float(sum(weights[:len(micro_batches) * size]))
+        return float(mean) * len(micro_batches), weight_sum
