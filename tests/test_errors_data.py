@@ -35,6 +35,7 @@ def test_a_wrong_text_key_is_an_error_naming_the_reason(tmp_path, tokenizer_dir,
     assert _prep([corpus], tokenizer_dir, tmp_path / "out" / "d", "--text-key", "body") == 2
     err = _one_error_line(capsys)
     assert "all 18 records were skipped" in err and "missing_field=18" in err and "--text-key" in err
+    assert "no 'body' field (the record has 'text', 'id')" in err  # what the records do hold
     assert not pair_exists(tmp_path / "out" / "d")
 
 

@@ -58,7 +58,10 @@ def record_text(fmt: str, payload: object, text_key: str) -> str:
             raise Skip(NOT_JSON, f"a JSON {type(obj).__name__}, not an object")
         payload = obj.get(text_key)
         if payload is None:
-            raise Skip(MISSING_FIELD, f"no {text_key!r} field")
+            if text_key in obj:
+                raise Skip(MISSING_FIELD, f"{text_key!r} is null")
+            shown = ", ".join(repr(k) for k in list(obj)[:8]) + (", ..." if len(obj) > 8 else "")
+            raise Skip(MISSING_FIELD, f"no {text_key!r} field (the record has {shown or 'no fields'})")
     elif payload is None:  # parquet
         raise Skip(MISSING_FIELD, f"no {text_key!r} value")
     if not isinstance(payload, str):

@@ -63,6 +63,7 @@ class PrepSummary:
     dtype: str = ""
     skipped: Counter = field(default_factory=Counter)
     skipped_examples: dict[str, list[str]] = field(default_factory=dict)
+    skipped_first_detail: dict[str, str] = field(default_factory=dict)  # what was wrong with the first one
     already_done: bool = False
 
     def format(self) -> str:
@@ -83,7 +84,9 @@ class PrepSummary:
     def top_skip(self) -> str:
         reason, n = self.skipped.most_common(1)[0]
         examples = self.skipped_examples.get(reason, [])
-        return f"{reason}={n:,}" + (f" (e.g. {', '.join(examples)})" if examples else "")
+        detail = self.skipped_first_detail.get(reason)
+        return (f"{reason}={n:,}" + (f" (e.g. {', '.join(examples)})" if examples else "")
+                + (f": {detail}" if detail else ""))
 
 
 def check_useful(summary: PrepSummary, max_skip_fraction: float) -> None:
@@ -247,6 +250,7 @@ def preprocess(inputs: list[str], tokenizer: str | Path, output_prefix: str | Pa
                                     "fix or remove that record, or run without --strict to skip and count "
                                     "bad records")
                 summary.skipped[reason] += 1
+                summary.skipped_first_detail.setdefault(reason, detail)
                 examples = summary.skipped_examples.setdefault(reason, [])
                 if len(examples) < EXAMPLES_PER_REASON:
                     examples.append(where)
