@@ -63,6 +63,11 @@ class MegaKVConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
 
+    @property
+    def seq_len(self) -> int:
+        """Tokens per training sample: data.seq_len, else the model's context (model.max_seq_len)."""
+        return self.data.seq_len if self.data.seq_len is not None else self.model.max_seq_len
+
     def validate(self) -> None:
         self.model.validate("model")
         self.routing.validate(self.model.n_layers, "routing")
@@ -74,6 +79,10 @@ class MegaKVConfig:
         self.checkpoint.validate("checkpoint")
         self.logging.validate("logging")
         self.validation.validate(self.model.n_layers, "validation")
+        if self.data.seq_len is not None and self.data.seq_len > self.model.max_seq_len:
+            raise ConfigError("data.seq_len", self.data.seq_len,
+                              f"longer than the model's context (model.max_seq_len={self.model.max_seq_len}): "
+                              "positions beyond it were never trained", "lower data.seq_len, or null for the context")
         if (self.data.reset_attention_mask or self.data.reset_position_ids) and self.parallel.pipeline > 1:
             name = "reset_attention_mask" if self.data.reset_attention_mask else "reset_position_ids"
             raise ConfigError(f"data.{name}", True, "document-boundary masking is not implemented for pipeline "
@@ -155,10 +164,52 @@ def _dotlist(overrides: list[str] | None) -> Any:
     return OmegaConf.from_dotlist(overrides)
 
 
+MODEL_DIR_CONFIG = "config.yaml"  # the model section of a megakv model directory (megakv/model_dir.py)
+
+
+def _model_of_init_dir(sources: list[Any]) -> Any:
+    """checkpoint.init_from=DIR supplies the model section (DIR/config.yaml); any model.* the user set must
+    agree with it. Returns a source to merge first, or None when init_from is not set."""
+    try:
+        given = OmegaConf.merge(*sources)
+    except OmegaConfBaseException:
+        return None  # the typed merge that follows names the mistake
+    init_from = OmegaConf.select(given, "checkpoint.init_from", default=None)
+    if not init_from:
+        return None
+    path = Path(str(init_from)) / MODEL_DIR_CONFIG
+    if not path.is_file():
+        raise ConfigError("checkpoint.init_from", str(init_from), f"not a megakv model directory ({path} not found)",
+                          "convert it first: megakv-convert from-hf HF_DIR OUT_DIR, or from-checkpoint RUN_DIR OUT_DIR")
+    model = load_section(path, ModelConfig, "model")
+    user = OmegaConf.select(given, "model", default=None)
+    if isinstance(user, DictConfig):
+        agreed = _merge(ModelConfig, [OmegaConf.structured(model), user])
+        for name in _leaf_keys(user):
+            mine, theirs = OmegaConf.select(OmegaConf.structured(agreed), name), OmegaConf.select(
+                OmegaConf.structured(model), name)
+            if mine != theirs:
+                raise ConfigError(f"model.{name}", mine, f"differs from {path} ({theirs!r}), which "
+                                  "checkpoint.init_from takes the model section from",
+                                  f"drop model.{name} (the model directory decides it), or set it to {theirs!r}")
+    return OmegaConf.create({"model": OmegaConf.to_container(OmegaConf.structured(model))})
+
+
+def _leaf_keys(node: DictConfig, prefix: str = "") -> list[str]:
+    keys = []
+    for key in node.keys():
+        child = node._get_node(key)
+        keys += (_leaf_keys(child, f"{prefix}{key}.") if isinstance(child, DictConfig) else [f"{prefix}{key}"])
+    return keys
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 schema: type[T] = MegaKVConfig) -> T:
     """Load, merge and validate a config; raises ConfigError naming the field on any mistake."""
     sources = ([_read_yaml(path)] if path is not None else []) + [_dotlist(overrides)]
+    if schema is MegaKVConfig:
+        from_dir = _model_of_init_dir(sources)
+        sources = sources if from_dir is None else [from_dir, *sources]
     cfg = _merge(schema, sources)
     cfg.validate()  # type: ignore[attr-defined]
     return cfg

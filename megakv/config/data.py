@@ -1,4 +1,4 @@
-"""Training data settings (the `data:` section). seq_len is not here: it is the model's `max_seq_len`."""
+"""Training data settings (the `data:` section)."""
 
 from __future__ import annotations
 
@@ -30,6 +30,9 @@ class DataConfig:
     # a token attends only to its own document; positions restart at 0 after every end-of-document token.
     reset_attention_mask: bool = False
     reset_position_ids: bool = False
+    # Tokens per training sample (Megatron's --seq-length); null: the model's context, model.max_seq_len
+    # (--max-position-embeddings). Fine-tune an 8K-context model on 256-token windows: its exports keep 8K.
+    seq_len: int | None = None
 
     def validate(self, prefix: str = "data") -> None:
         def fail(name: str, problem: str, fix: str) -> None:
@@ -50,6 +53,8 @@ class DataConfig:
                 fail("weights", "weights must be positive", "drop a dataset instead of giving it weight 0")
         if not 0.0 <= self.valid_fraction < 1.0:
             fail("valid_fraction", "must be in [0, 1)", "e.g. 0.01; 0 holds nothing out")
+        if self.seq_len is not None and self.seq_len < 1:
+            fail("seq_len", "must be positive", "e.g. 256, or null for the model's max_seq_len")
         for name in ("seed", "split_seed"):
             if not 0 <= getattr(self, name) < 2**32:
                 fail(name, "must be in [0, 2**32)", "pick a smaller non-negative integer")

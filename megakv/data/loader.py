@@ -127,7 +127,7 @@ def build_data(cfg: DataConfig, seq_len: int, *, is_builder: bool, barrier: Call
     """
     cfg.validate()
     if seq_len < 1:
-        raise DataError(f"seq_len must be positive, got {seq_len}", "set model.max_seq_len")
+        raise DataError(f"seq_len must be positive, got {seq_len}", "set data.seq_len (or model.max_seq_len)")
     tokenizer_dir, tokenizer = _tokenizer_of(cfg)
     train_sources = [_open_source(p, tokenizer, tokenizer_dir) for p in cfg.datasets]
     valid_sources = [_open_source(p, tokenizer, tokenizer_dir) for p in cfg.valid_datasets]
@@ -158,7 +158,7 @@ def build_data(cfg: DataConfig, seq_len: int, *, is_builder: bool, barrier: Call
         if plan.samples_per_epoch(source, split.train) == 0:
             raise DataError(f"the training split of {source.prefix} has {plan.tokens_of(source, split.train)} "
                             f"tokens, fewer than seq_len + 1 = {seq_len + 1}",
-                            "add data, or lower model.max_seq_len or data.valid_fraction")
+                            "add data, or lower data.seq_len or data.valid_fraction")
         splits.append(split)
 
     train_parts = [plan.train_part(s, split) for s, split in zip(train_sources, splits)]

@@ -55,7 +55,7 @@ class Trainer:
         self.cfg, self.launch, self.ctx = cfg, launch, ctx
         self.layout = ctx.layout
         self.run_dir = launch.run_dir
-        self.seq_len = cfg.model.max_seq_len
+        self.seq_len = cfg.seq_len  # data.seq_len, else the model's context
         self.stop = StopRequest().install()
         self.metrics: MetricsWriter | None = None
         self.plan_trace = None

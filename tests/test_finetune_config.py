@@ -1,0 +1,134 @@
+"""Fine-tuning configs: data.seq_len apart from the model's context, and checkpoint.init_from supplying the
+model section (a config may have no `model:`; any model.* given must agree, caught by --dry-run)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from train_data import prepare_tiny_dataset
+from train_helpers import CHILD_ENV, REPO, launch_train, step_losses
+
+from megakv.config import ConfigError, ModelConfig, load_config
+from megakv.data.loader import build_data, micro_batches
+from megakv.model import MegaKVModel
+from megakv.model_dir import load_model, save_model_dir
+from megakv.parallel.runners import causal_lm_loss
+from megakv.train.export import consolidated_state_dict
+
+CONTEXT, WINDOW = 64, 16
+TINY_MODEL = ModelConfig(vocab_size=320, d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden=128,
+                         max_seq_len=CONTEXT)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return prepare_tiny_dataset(tmp_path_factory.mktemp("finetune_data"))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("finetune_model") / "base"
+    save_model_dir(TINY_MODEL, MegaKVModel(TINY_MODEL, init_seed=7).state_dict(), out)
+    return out
+
+
+def finetune_yaml(tmp_path, body: str = ""):
+    path = tmp_path / "finetune.yaml"
+    path.write_text("routing:\n  strategy: none\noptim:\n  lr: 1.0e-3\n  warmup_steps: 0\n"
+                    "train:\n  steps: 4\n  global_batch: 4\n  micro_batch: 2\ncheckpoint:\n  every: 0\n"
+                    "validation:\n  every: 0\nlogging:\n  tensorboard: false\n" + body)
+    return path
+
+
+def test_init_from_supplies_the_model_section(tmp_path, model_dir):
+    cfg = load_config(finetune_yaml(tmp_path), [f"checkpoint.init_from={model_dir}"])
+    assert cfg.model == TINY_MODEL  # no model: section at all; the default would be 6 layers, 256 context
+    assert cfg.seq_len == CONTEXT  # data.seq_len defaults to the model's context
+    agreeing = load_config(finetune_yaml(tmp_path), [f"checkpoint.init_from={model_dir}", "model.n_layers=4",
+                                                     "model.head_dim=null", "model.rope_theta=10000"])
+    assert agreeing.model == TINY_MODEL
+
+
+@pytest.mark.parametrize("override, field, dir_value", [
+    ("model.ffn_hidden=96", "model.ffn_hidden", "128"),
+    ("model.rope_scaling.type=llama3", "model.rope_scaling.type", "'none'"),
+    ("model.max_seq_len=8192", "model.max_seq_len", "64"),
+])
+def test_init_from_refuses_a_model_setting_that_differs_naming_the_field(tmp_path, model_dir, override, field,
+                                                                          dir_value):
+    with pytest.raises(ConfigError) as error:
+        load_config(finetune_yaml(tmp_path), [f"checkpoint.init_from={model_dir}", override])
+    assert error.value.field == field
+    assert f"differs from {model_dir / 'config.yaml'} ({dir_value})" in str(error.value)
+
+
+def test_dry_run_catches_the_mismatch_and_a_missing_model_dir(tmp_path, model_dir, dataset):
+    def dry(*overrides):
+        return subprocess.run([sys.executable, "-m", "megakv.cli.train", str(finetune_yaml(tmp_path)),
+                               f"data.datasets=[{dataset}]", f"train.run_dir={tmp_path / 'run'}", *overrides,
+                               "--dry-run"], cwd=REPO, env={**CHILD_ENV, "PATH": "/usr/bin:/bin"},
+                              capture_output=True, text=True, timeout=120)
+
+    bad = dry(f"checkpoint.init_from={model_dir}", "model.n_kv_heads=4")
+    assert bad.returncode == 2, bad.stderr
+    assert "model.n_kv_heads" in bad.stderr and "Traceback" not in bad.stderr
+    missing = dry(f"checkpoint.init_from={tmp_path / 'nowhere'}")
+    assert missing.returncode == 2 and "checkpoint.init_from" in missing.stderr and "megakv-convert" in missing.stderr
+    fine = dry(f"checkpoint.init_from={model_dir}", f"data.seq_len={WINDOW}")
+    assert fine.returncode == 0, fine.stderr
+
+
+def test_seq_len_longer_than_the_context_is_refused(tmp_path, model_dir):
+    with pytest.raises(ConfigError, match="data.seq_len.*model.max_seq_len=64"):
+        load_config(finetune_yaml(tmp_path), [f"checkpoint.init_from={model_dir}", "data.datasets=[x]",
+                                              "data.seq_len=65"])
+    with pytest.raises(ConfigError, match="data.seq_len"):
+        load_config(None, ["data.datasets=[x]", "data.seq_len=0"])
+
+
+def test_data_windows_follow_data_seq_len(tmp_path, model_dir, dataset):
+    cfg = load_config(finetune_yaml(tmp_path), [f"checkpoint.init_from={model_dir}", f"data.datasets=[{dataset}]",
+                                                f"data.seq_len={WINDOW}", f"data.cache_dir={tmp_path / 'cache'}"])
+    assert cfg.seq_len == WINDOW and cfg.model.max_seq_len == CONTEXT
+    data = build_data(cfg.data, cfg.seq_len, is_builder=True)
+    assert data.train[0].shape == (WINDOW + 1,)
+    inputs, labels = micro_batches(data.train, 0, 4, 2, 0, 1)[0]
+    assert inputs.shape == labels.shape == (2, WINDOW)
+
+
+@pytest.mark.slow
+def test_finetune_at_a_shorter_window_trains_resumes_and_exports_the_models_context(tmp_path, model_dir, dataset):
+    common = [f"checkpoint.init_from={model_dir}", f"data.datasets=[{dataset}]", f"data.seq_len={WINDOW}",
+              "optim.weight_decay=0.0"]
+    straight = tmp_path / "straight"
+    run = launch_train([*common, f"train.run_dir={straight}"], nproc=1, config=finetune_yaml(tmp_path))
+    assert run.ok, run.output[-4000:]
+    losses = step_losses(straight)
+    assert sorted(losses) == [1, 2, 3, 4]
+
+    # Step 1's loss, recomputed here from the model directory on the same 16-token windows at positions 0..15.
+    cfg = load_config(finetune_yaml(tmp_path), [*common, f"train.run_dir={straight}"])
+    data = build_data(cfg.data, cfg.seq_len, is_builder=True)
+    model = load_model(model_dir)
+    with torch.no_grad():
+        batches = micro_batches(data.train, 0, 4, 2, 0, 1)
+        expected = sum(float(causal_lm_loss(model(x), y)) for x, y in batches) / len(batches)
+    assert losses[1] == pytest.approx(expected, rel=1e-5)
+
+    # Interrupted after step 2 and resumed: the same losses, bit for bit (the data position counts windows).
+    resumed = tmp_path / "resumed"
+    stop = launch_train([*common, f"train.run_dir={resumed}", "train.debug.sigterm_at_step=2"], nproc=1,
+                        config=finetune_yaml(tmp_path))
+    assert stop.ok, stop.output[-4000:]
+    again = launch_train([*common, f"train.run_dir={resumed}"], nproc=1, resume=True, config=finetune_yaml(tmp_path))
+    assert again.ok, again.output[-4000:]
+    continued = step_losses(resumed)
+    assert [continued[s] for s in (3, 4)] == [losses[s] for s in (3, 4)]
+
+    # The export keeps the model's own context, not the training window.
+    exported_cfg, _, _ = consolidated_state_dict(straight)
+    assert exported_cfg.max_seq_len == CONTEXT and exported_cfg == TINY_MODEL
