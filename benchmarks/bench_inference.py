@@ -14,9 +14,19 @@ Models have random weights: only cost is measured. Decoding is greedy, prompts a
   python benchmarks/bench_inference.py --quick            # demo shape, prompt 512, batch 1 and 8
   python benchmarks/bench_inference.py                    # the full grid (slow on 2 CPU cores)
   python benchmarks/bench_inference.py --shapes large --prompt-lens 512 --batches 1 --json out.json
+  python benchmarks/bench_inference.py --limit --threads 1      # the issue-14 table (demo shapes, both engines)
+  python benchmarks/bench_inference.py --limit --threads 1 --large-decode   # + 24L d1024 at 2048x8 (slow)
 
 Goals (issue 5): cache ratio exactly 1/g (|S|/L; exact when g divides L), TTFT(g)/TTFT(1) <= 1.00,
 decode tok/s (g=4) / (g=1) >= 1.15.
+
+--limit (issue 14) runs megakv's engine and transformers' generate path on the same weights, interleaved,
+measures the single-thread read bandwidth in the same run (best of several sums over 1 GiB), and prints
+per case: achieved / limit at every:1 (limit = bytes a decode step must read / bandwidth, where the bytes
+are the weights the step reads, K/V projections of unread layers excluded, plus the K/V every layer
+attends over), decode every:4 / every:1, TTFT every:4 / every:1, and megakv / transformers decode.
+--decode-only fills the cache with random K/V instead of a timed prefill (decode cost does not depend on
+the values), which is what makes the 24-layer 2048x8 case affordable on a small CPU.
 """
 
 from __future__ import annotations
@@ -93,15 +103,25 @@ class Run:
 
 
 @torch.no_grad()
-def run_megakv(model: MegaKVModel, group: int, prompts: torch.Tensor, new_tokens: int, clock: Clock) -> Run:
-    """megakv's engine (one preallocated cache for the retained layers): prefill, then greedy decode."""
+def run_megakv(model: MegaKVModel, group: int, prompts: torch.Tensor, new_tokens: int, clock: Clock,
+               decode_only: bool = False) -> Run:
+    """megakv's engine (one preallocated cache for the retained layers): prefill, then greedy decode.
+
+    decode_only: the cache is filled with random K/V for the prompt's positions instead of a prefill.
+    """
     engine = InferenceEngine(model, f"every:{group}")
     batch, width = prompts.shape
     cache = engine.new_cache(batch, width + new_tokens)
     positions = model.default_positions(prompts)
     start = clock.now()
-    token = engine.step(prompts, cache, positions)[:, -1].argmax(-1)
-    ttft, steps = clock.since(start), []
+    if decode_only:
+        for buffer in cache.buffers.values():
+            buffer.normal_()
+        cache.advance(width)
+        token, ttft, steps = prompts[:, -1], (float("nan"), float("nan")), []
+    else:
+        token = engine.step(prompts, cache, positions)[:, -1].argmax(-1)
+        ttft, steps = clock.since(start), []
     for i in range(new_tokens - 1):
         start = clock.now()
         position = torch.full((batch, 1), width + i, dtype=torch.long)
@@ -111,28 +131,57 @@ def run_megakv(model: MegaKVModel, group: int, prompts: torch.Tensor, new_tokens
 
 
 @torch.no_grad()
-def run_transformers(model: MegaKVModel, group: int, prompts: torch.Tensor, new_tokens: int, clock: Clock) -> Run:
-    """The transformers wrapper with the DynamicCache generate() uses (grown by concatenation each step)."""
-    from transformers import DynamicCache
+def run_transformers(model: MegaKVModel, group: int, prompts: torch.Tensor, new_tokens: int, clock: Clock,
+                     decode_only: bool = False) -> Run:
+    """megakv's transformers wrapper (MegaKVForCausalLM on the same parameters, the SharedDepthCache that
+    generate() gets from it), stepped as generate() steps it."""
+    from megakv.hf.modeling import OUTPUT_CACHE_FIELD, hf_model_from_megakv
 
-    from megakv.hf.modeling import hf_model_from_megakv
-
+    if decode_only:
+        raise ValueError("--decode-only is megakv-only (transformers' cache is filled by its own prefill)")
     wrapper = hf_model_from_megakv(model, f"every:{group}")
-    cache = DynamicCache(config=wrapper.config)
     start = clock.now()
-    token = wrapper(input_ids=prompts, past_key_values=cache, logits_to_keep=1).logits[:, -1].argmax(-1)
+    out = wrapper(input_ids=prompts, use_cache=True, logits_to_keep=1)
+    cache, token = getattr(out, OUTPUT_CACHE_FIELD), out.logits[:, -1].argmax(-1)
     ttft, steps = clock.since(start), []
     for _ in range(new_tokens - 1):
         start = clock.now()
         token = wrapper(input_ids=token[:, None], past_key_values=cache, logits_to_keep=1).logits[:, -1].argmax(-1)
         steps.append(clock.since(start))
-    stored = [layer for layer in cache.layers if layer.keys is not None]
-    nbytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in stored)
-    per_token = nbytes // (prompts.shape[0] * cache.get_seq_length())
-    return Run(ttft, steps, nbytes, per_token, len(stored))
+    nbytes = cache.bytes_held()
+    return Run(ttft, steps, nbytes, nbytes // (prompts.shape[0] * cache.get_seq_length()), len(cache.retained))
 
 
-RUNNERS = {"megakv": run_megakv, "transformers": run_transformers}
+@torch.no_grad()
+def run_transformers_llama(model: MegaKVModel, group: int, prompts: torch.Tensor, new_tokens: int, clock: Clock,
+                           decode_only: bool = False) -> Run:
+    """transformers' own architecture (LlamaForCausalLM, ...) loaded with the same weights, with the
+    DynamicCache its generate() uses (full cache: every layer its own K/V, so only g = 1)."""
+    import transformers
+
+    from megakv.hf.mapping import hf_config_from_model_config, state_dict_to_hf
+    from megakv.hf.modeling import OUTPUT_CACHE_FIELD
+
+    if group != 1 or decode_only:
+        raise ValueError("the stock transformers model has no KV sharing: only g = 1, with its own prefill")
+    hf_cfg = hf_config_from_model_config(model.cfg)
+    hf_model = getattr(transformers, hf_cfg.architectures[0])(hf_cfg).to(model.embed.weight.dtype).eval()
+    hf_model.load_state_dict(state_dict_to_hf(model.state_dict(), model.cfg), strict=False)
+    cache = {OUTPUT_CACHE_FIELD: transformers.DynamicCache(config=hf_cfg)}  # the name this version takes
+    start = clock.now()
+    token = hf_model(input_ids=prompts, logits_to_keep=1, **cache).logits[:, -1].argmax(-1)
+    ttft, steps = clock.since(start), []
+    for _ in range(new_tokens - 1):
+        start = clock.now()
+        token = hf_model(input_ids=token[:, None], logits_to_keep=1, **cache).logits[:, -1].argmax(-1)
+        steps.append(clock.since(start))
+    layers = cache[OUTPUT_CACHE_FIELD].layers
+    nbytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in layers)
+    return Run(ttft, steps, nbytes, nbytes // (prompts.shape[0] * layers[0].get_seq_length()), len(layers))
+
+
+LABELS = {"megakv": "{shape}", "transformers": "{shape}/hf", "hf-stock": "{shape}/hf-stock"}  # row names
+RUNNERS = {"megakv": run_megakv, "transformers": run_transformers, "hf-stock": run_transformers_llama}
 
 
 def reset_peak_rss() -> bool:
@@ -162,7 +211,7 @@ def build_model(shape: str, dtype: torch.dtype, max_len: int) -> MegaKVModel:
     with torch.device("meta"):
         model = MegaKVModel(cfg)
     model.to_empty(device="cpu")
-    model.reset_parameters()  # to_empty leaves memory uninitialised
+    model.reset_parameters(0)  # to_empty leaves memory uninitialised
     from megakv.model import rope_inverse_frequencies
 
     with torch.no_grad():
@@ -175,34 +224,103 @@ def low_quantile(values: list[float]) -> float:
 
 
 def run_case(model: MegaKVModel, shape: str, prompt_len: int, batch: int, groups: list[int], new_tokens: int,
-             repeats: int, warmup: bool, engine: str = "megakv") -> list[Measurement]:
-    cfg, runner, clock = model.cfg, RUNNERS[engine], Clock()
+             repeats: int, warmup: bool, engines: tuple[str, ...] = ("megakv",),
+             decode_only: bool = False) -> list[Measurement]:
+    """Every (engine, g) variant once per repeat, the order rotating each repeat."""
+    cfg, clock = model.cfg, Clock()
     prompts = torch.randint(0, cfg.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(1))
-    runs: dict[int, list[Run]] = {g: [] for g in groups}
-    peak: dict[int, float] = dict.fromkeys(groups, 0.0)
+    variants = [(engine, g) for engine in engines for g in groups if engine != "hf-stock" or g == 1]
+    runs: dict[tuple[str, int], list[Run]] = {v: [] for v in variants}
+    peak: dict[tuple[str, int], float] = dict.fromkeys(variants, 0.0)
     if warmup:  # first calls pay one-off allocator / kernel selection costs
-        for g in groups:
-            runner(model, g, prompts[:, : min(prompt_len, 64)], 2, clock)
+        for engine, g in variants:
+            RUNNERS[engine](model, g, prompts[:, : min(prompt_len, 64)], 2, clock, decode_only)
     for r in range(repeats):
-        order = groups[r % len(groups):] + groups[: r % len(groups)]
-        for g in order:
+        for engine, g in variants[r % len(variants):] + variants[: r % len(variants)]:
             reset_peak_rss()
-            runs[g].append(runner(model, g, prompts, new_tokens, clock))
-            peak[g] = max(peak[g], peak_rss_mb())
+            runs[engine, g].append(RUNNERS[engine](model, g, prompts, new_tokens, clock, decode_only))
+            peak[engine, g] = max(peak[engine, g], peak_rss_mb())
     rows = []
-    for g in groups:
-        last = runs[g][-1]
-        ttft_wall = [1000 * run.ttft[0] for run in runs[g]]
-        ttft_cpu = [1000 * run.ttft[1] for run in runs[g]]
-        step_wall = [step[0] for run in runs[g] for step in run.steps]
-        step_cpu = [step[1] for run in runs[g] for step in run.steps]
+    for engine, g in variants:
+        done = runs[engine, g]
+        last = done[-1]
+        ttft_wall = [1000 * run.ttft[0] for run in done]
+        ttft_cpu = [1000 * run.ttft[1] for run in done]
+        step_wall = [step[0] for run in done for step in run.steps]
+        step_cpu = [step[1] for run in done for step in run.steps]
         rows.append(Measurement(
-            shape if engine == "megakv" else f"{shape}/hf", prompt_len, batch, g, last.retained, cfg.n_layers,
+            LABELS[engine].format(shape=shape), prompt_len, batch, g, last.retained, cfg.n_layers,
             last.cache_bytes, last.cache_bytes_per_token, min(ttft_cpu), batch / low_quantile(step_cpu),
             min(ttft_wall), batch / low_quantile(step_wall), statistics.median(ttft_wall),
-            batch / statistics.median(step_wall), peak[g], ttft_cpu, ttft_wall, [1000 * t for t in step_cpu],
-            [1000 * t for t in step_wall]))
+            batch / statistics.median(step_wall), peak[engine, g], ttft_cpu, ttft_wall,
+            [1000 * t for t in step_cpu], [1000 * t for t in step_wall]))
     return rows
+
+
+def measure_read_bandwidth(mib: int = 1024, repeats: int = 7) -> float:
+    """Single-thread read bandwidth, bytes per CPU-second: best of `repeats` sums over `mib` MiB (far
+    beyond the caches). Run with torch at 1 thread, as the engine is measured."""
+    data = torch.ones(mib * 2**18)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.thread_time()
+        data.sum()
+        best = min(best, time.thread_time() - start)
+    return data.nbytes / best
+
+
+def decode_step_bytes(model: MegaKVModel, group: int, batch: int, context: int) -> int:
+    """Bytes one decode step must read: every weight it uses once (embedding rows only for the batch; the
+    K/V projections of layers whose K/V nobody reads are skipped) plus the K/V of `context` positions that
+    each of the n_layers attends over."""
+    cfg = model.cfg
+    retained = set(range(0, cfg.n_layers, group))
+    element = model.embed.weight.element_size()
+    weights = 0
+    for name, p in model.named_parameters():
+        if name.startswith("embed."):
+            weights += batch * p.shape[1] if model.lm_head is not None else p.numel()
+            continue
+        parts = name.split(".")
+        if parts[0] == "layers" and parts[3] in ("k_proj", "v_proj") and int(parts[1]) not in retained:
+            continue
+        weights += p.numel()
+    kv = cfg.n_layers * 2 * cfg.n_kv_heads * cfg.resolved_head_dim * batch * context
+    return (weights + kv) * element
+
+
+def print_limit_table(rows: list[Measurement], step_bytes: dict[tuple[str, int, int, int], int], bandwidth: float,
+                      new_tokens: int) -> None:
+    """The issue-14 table: one line per (shape, prompt, batch)."""
+    print(f"\nsingle-thread read bandwidth (measured in this run): {bandwidth / 1e9:.1f} GB/s; decode = "
+          f"10th-percentile step CPU time; limit = bytes per step / bandwidth"
+          f" (mean context prompt + {new_tokens // 2})")
+    header = (f"{'shape':<8}{'prompt x batch':>15}{'MB/step g1':>11}{'ms/step g1':>11}{'limit ms':>9}"
+              f"{'achieved/limit g1':>18}{'g4':>6}{'decode g4/g1':>13}{'TTFT g4/g1':>11}"
+              f"{'megakv/hf decode g1':>20}{'TTFT hf/megakv':>15}")
+    print(header)
+    print("-" * len(header))
+    index = {(m.shape, m.prompt_len, m.batch, m.group): m for m in rows}
+    cases = sorted({(m.shape, m.prompt_len, m.batch) for m in rows if "/" not in m.shape})
+    for shape, prompt_len, batch in cases:
+        mk = {g: index.get((shape, prompt_len, batch, g)) for g in (1, 4)}
+        hf = index.get((f"{shape}/hf-stock", prompt_len, batch, 1))
+        if mk[1] is None:
+            continue
+        limit_ms = {g: 1000 * step_bytes[shape, prompt_len, batch, g] / bandwidth for g in (1, 4)}
+        step_ms = {g: 1000 * batch / m.decode_tokens_per_s for g, m in mk.items() if m}
+
+        def fmt(value: float | None, width: int, digits: int = 2) -> str:
+            return f"{value:>{width}.{digits}f}" if value is not None and value == value else f"{'-':>{width}}"
+
+        ratio = lambda a, b: a / b if a is not None and b else None  # noqa: E731
+        print(f"{shape:<8}{f'{prompt_len} x {batch}':>15}"
+              f"{step_bytes[shape, prompt_len, batch, 1] / 1e6:>11.1f}{step_ms[1]:>11.1f}{limit_ms[1]:>9.1f}"
+              f"{fmt(limit_ms[1] / step_ms[1], 18)}{fmt(ratio(limit_ms[4], step_ms.get(4)), 6)}"
+              f"{fmt(ratio(mk[4] and mk[4].decode_tokens_per_s, mk[1].decode_tokens_per_s), 13)}"
+              f"{fmt(ratio(mk[4] and mk[4].ttft_ms, mk[1].ttft_ms), 11)}"
+              f"{fmt(ratio(mk[1].decode_tokens_per_s, hf and hf.decode_tokens_per_s), 20)}"
+              f"{fmt(ratio(hf and hf.ttft_ms, mk[1].ttft_ms), 15)}")
 
 
 def print_table(rows: list[Measurement]) -> None:
@@ -243,10 +361,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--no-warmup", action="store_true")
     parser.add_argument("--engine", choices=sorted(RUNNERS), default="megakv",
-                        help="megakv's engine (preallocated cache), or the transformers wrapper with the "
-                             "DynamicCache that generate() uses")
+                        help="megakv's engine (preallocated cache), megakv's transformers wrapper (the cache "
+                             "generate() gets from it), or hf-stock: transformers' own Llama/Qwen class on the same "
+                             "weights with its DynamicCache (g = 1 only)")
+    parser.add_argument("--engines", nargs="+", choices=sorted(RUNNERS), default=None,
+                        help="several engines, interleaved in one run (overrides --engine)")
+    parser.add_argument("--decode-only", action="store_true",
+                        help="fill the cache with random K/V instead of a timed prefill (megakv only; no TTFT)")
+    parser.add_argument("--limit", action="store_true",
+                        help="the issue-14 table: both engines on the demo shape (512x1, 512x8, 2048x8) and the "
+                             "large one (512x1), g = 1 and 4, against the read bandwidth measured in this run")
+    parser.add_argument("--large-decode", action="store_true",
+                        help="with --limit: also the 24-layer d1024 shape at 2048x8, decode only (slow)")
     parser.add_argument("--json", default=None, help="also write the measurements here")
     args = parser.parse_args(argv)
+    if args.limit:
+        return limit_run(args)
     if args.quick:
         args.shapes, args.prompt_lens, args.batches, args.new_tokens, args.repeats = ["demo"], [512], [1, 8], 32, 5
     if 1 not in args.groups:
@@ -267,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
             for batch in args.batches:
                 start = time.perf_counter()
                 case = run_case(model, shape, prompt_len, batch, sorted(args.groups), args.new_tokens, args.repeats,
-                                not args.no_warmup, args.engine)
+                                not args.no_warmup, tuple(args.engines or [args.engine]), args.decode_only)
                 rows.extend(case)
                 print_table(case)
                 print(f"  ({time.perf_counter() - start:.0f} s)", flush=True)
@@ -278,6 +408,46 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as f:
             json.dump({"argv": sys.argv[1:], "threads": torch.get_num_threads(),
                        "rows": [asdict(m) for m in rows]}, f, indent=2)
+    return 0
+
+
+def limit_run(args: argparse.Namespace) -> int:
+    """--limit: every case of the issue-14 table in one run, then the table."""
+    if torch.get_num_threads() != 1:
+        raise SystemExit("--limit compares with the single-thread read bandwidth: pass --threads 1")
+    # (shape, prompt, batch, engines, decode_only)
+    both = ("megakv", "hf-stock")
+    cases = [("demo", 512, 1, both, False), ("demo", 512, 8, both, False), ("demo", 2048, 8, both, False),
+             ("large", 512, 1, both, False)]
+    if args.large_decode:
+        cases.append(("large", 2048, 8, ("megakv",), True))
+    bandwidth = measure_read_bandwidth()
+    print(f"torch {torch.__version__}, 1 thread (thread CPU time), {os.cpu_count()} cores, dtype {args.dtype}, "
+          f"{args.new_tokens} new tokens, {args.repeats} interleaved repeats; read bandwidth "
+          f"{bandwidth / 1e9:.1f} GB/s", flush=True)
+    rows: list[Measurement] = []
+    step_bytes: dict[tuple[str, int, int, int], int] = {}
+    for shape in dict.fromkeys(case[0] for case in cases):
+        model = build_model(shape, DTYPES[args.dtype], max(c[1] for c in cases if c[0] == shape) + args.new_tokens)
+        for _, prompt_len, batch, engines, decode_only in (c for c in cases if c[0] == shape):
+            start = time.perf_counter()
+            case = run_case(model, shape, prompt_len, batch, [1, 4], args.new_tokens, args.repeats,
+                            not args.no_warmup, engines, decode_only)
+            rows.extend(case)
+            for g in (1, 4):
+                step_bytes[shape, prompt_len, batch, g] = decode_step_bytes(model, g, batch,
+                                                                            prompt_len + args.new_tokens // 2)
+            print_table(case)
+            print(f"  ({time.perf_counter() - start:.0f} s)", flush=True)
+        del model
+    bandwidth_after = measure_read_bandwidth()
+    print(f"\nread bandwidth after the run: {bandwidth_after / 1e9:.1f} GB/s (the limit uses the higher one)")
+    print_limit_table(rows, step_bytes, max(bandwidth, bandwidth_after), args.new_tokens)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"argv": sys.argv[1:], "bandwidth": [bandwidth, bandwidth_after],
+                       "rows": [asdict(m) for m in rows],
+                       "step_bytes": {"/".join(map(str, k)): v for k, v in step_bytes.items()}}, f, indent=2)
     return 0
 
 
