@@ -165,3 +165,26 @@ def test_cache_overflow_and_bad_prompts_are_refused(model):
         engine.generate([[5], []], max_new_tokens=2)
     with pytest.raises(ValueError, match="max_new_tokens"):
         engine.generate([[5]], max_new_tokens=0)
+
+
+@pytest.mark.parametrize("retain", ["all", "every:2", "0,1,5"])
+def test_padded_decode_logits_equal_each_prompt_alone(model, retain):
+    """Every decode step of a left-padded batch (GQA folded into the query axis, the padding mask a view of
+    the key validity) gives each row the logits of its prompt's own full forward."""
+    from megakv.inference.padding import left_pad, positions_from_valid
+
+    rows = [[5, 6, 7, 8, 9, 10], [12, 13], [15, 16, 17, 18]]
+    continuation = torch.randint(3, VOCAB, (3, 5), generator=torch.Generator().manual_seed(2))
+    engine, plan = InferenceEngine(model, retain), deployment_plan(retain, 6)
+    ids, valid = left_pad(rows, PAD_ID)
+    cache = engine.new_cache(3, ids.shape[1] + 5)
+    engine.step(ids, cache, positions_from_valid(valid), valid)
+    next_position = positions_from_valid(valid)[:, -1] + 1
+    for t in range(5):
+        key_valid = torch.cat([valid, torch.ones(3, t + 1, dtype=torch.bool)], 1)
+        got = engine.step(continuation[:, t:t + 1], cache, (next_position + t)[:, None], key_valid)[:, -1]
+        for row, prompt in enumerate(rows):
+            alone = torch.tensor([prompt + continuation[row, :t + 1].tolist()])
+            with torch.no_grad():
+                expected = model(alone, plan=plan)[0, -1]
+            assert (got[row] - expected).abs().max().item() <= 1e-5
