@@ -207,9 +207,6 @@ def deployment_plan(spec: str | Sequence[int], n_layers: int) -> RoutingPlan:
             raise ValueError(f"bad retention spec {spec!r}: expected every:K with an integer K") from None
         if k < 1:
             raise ValueError(f"bad retention spec {spec!r}: K must be >= 1")
-        if k > n_layers:
-            raise ValueError(f"bad retention spec {spec!r}: K must be at most the model's {n_layers} layers "
-                             f"(every:{n_layers} already keeps layer 0 alone)")
         return plan_from_retained(range(0, n_layers, k), n_layers)
     try:
         layers = [int(t) for t in text.strip("[]").replace(",", " ").split()]

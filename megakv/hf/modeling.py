@@ -251,8 +251,7 @@ def export_for_transformers(model_dir: str | Path, out_dir: str | Path, retain: 
     from megakv.model_dir import write_directory_atomically
 
     model, tokenizer_dir = resolve_model(model_dir, "cpu", dtype)
-    retain = normalise_retain(retain)
-    resolve_plan(retain, model.cfg.n_layers)  # refuse a spec that does not fit this model before writing
+    retain = check_retain_fits(normalise_retain(retain), model.cfg.n_layers)  # before anything is written
     wrapper = hf_model_from_megakv(model, retain)
     token_ids = special_token_ids(model.cfg, tokenizer_dir)
     for name, value in token_ids.items():
@@ -279,6 +278,20 @@ def export_for_transformers(model_dir: str | Path, out_dir: str | Path, retain: 
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
     return write_directory_atomically(out_dir, fill, overwrite)
+
+
+def check_retain_fits(retain: str, n_layers: int) -> str:
+    """The retain an export stores must describe this model: `every:K` with K beyond its depth is refused.
+
+    (Evaluation may sweep every:1..4 over any model; a stored default that silently means "layer 0 only"
+    is a mistake.)
+    """
+    resolve_plan(retain, n_layers)
+    text = retain.strip().lower()
+    if text.startswith("every:") and int(text.split(":", 1)[1]) > n_layers:
+        raise ValueError(f"bad retention spec {retain!r}: K must be at most the model's {n_layers} layers "
+                         f"(every:{n_layers} already keeps layer 0 alone)")
+    return retain
 
 
 def is_megakv_hf_dir(path: str | Path) -> bool:
