@@ -14,7 +14,7 @@ from train_helpers import TINY_RECIPE
 from megakv.cli.train import main as train_main
 from megakv.config import ConfigError, load_config, to_yaml
 from megakv.parallel.layout import ParallelLayout
-from megakv.train.checkpoint import write_pointer
+from megakv.train.checkpoint import CheckpointError, write_pointer
 from megakv.train.ds_config import build_ds_config
 from megakv.train.preflight import preflight
 from megakv.train.schedule import lr_at
@@ -157,7 +157,7 @@ def test_resume_checks(dataset, tmp_path):
     # an incomplete directory named by `latest` is refused (never half-loaded)
     shutil.rmtree(run / "checkpoints" / "step_00000004")
     (run / "checkpoints" / "step_00000004").mkdir()
-    with pytest.raises(RuntimeError, match="incomplete"):
+    with pytest.raises(CheckpointError, match="none is intact"):
         preflight(tiny(dataset, tmp_path, "checkpoint.resume=auto"), layout(2))
 
 

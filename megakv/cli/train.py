@@ -12,7 +12,9 @@ tensorboard/, logs/rank*.log, metrics.jsonl and status.json.
 Exit codes: 0 finished, or stopped by SIGTERM/SIGUSR1 after saving a checkpoint (status.json "state" is
 "finished" or "preempted"; a requeued job continues with --resume auto); 2 configuration or launch error
 (reported before any process group starts when it can be); 3 stopped after train.max_nonfinite_steps
-non-finite steps in a row (the last good checkpoint is kept); 1 anything else.
+non-finite steps in a row (the last good checkpoint is kept); 1 anything else (status.json "failed", with
+the error). When one rank fails, every other rank exits with that rank's message and exit code within
+parallel.timeout seconds. A second SIGTERM/SIGINT aborts at once, without saving.
 """
 
 from __future__ import annotations
@@ -38,7 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("config", help="run config YAML (see megakv/recipes/)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=200 routing.q_cross=0.5")
     parser.add_argument("--resume", choices=["auto", "none"], default=None,
-                        help="auto: continue from the newest complete checkpoint in train.run_dir, if any")
+                        help="auto: continue from the newest intact checkpoint in train.run_dir, if any")
+    parser.add_argument("--allow-config-change", action="store_true",
+                        help="resume although train.global_batch or routing.* differ from the checkpoint's "
+                             "(each change is logged)")
     parser.add_argument("--dry-run", action="store_true",
                         help="check the config and launch, write config.yaml and ds_config.json, do not train")
     # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same.
@@ -55,6 +60,8 @@ def _prepare(args: argparse.Namespace):
     overrides = list(args.overrides)
     if args.resume is not None:
         overrides.append(f"checkpoint.resume={args.resume}")
+    if args.allow_config_change:
+        overrides.append("checkpoint.allow_config_change=true")
     cfg = load_config(args.config, overrides)
     layout = ParallelLayout.from_env(cfg.parallel)
     launch = preflight(cfg, layout)
@@ -65,13 +72,61 @@ def _prepare(args: argparse.Namespace):
     return cfg, layout, launch
 
 
-def _train(cfg, layout, launch) -> int:
+def _prepare_run_dir(launch) -> None:
+    """Rank 0, once every rank passed its checks: say what the resume passed over, clear what a crash left."""
+    from megakv.train.checkpoint import remove_partial_saves
+    from megakv.train.metrics import drop_records_after
+    from megakv.train.run_dir import METRICS, checkpoints_dir
+
+    for notice in (launch.resume.notices if launch.resume else ()):
+        print(f"megakv-train: WARNING: {notice}", file=sys.stderr)
+    for path in remove_partial_saves(checkpoints_dir(launch.run_dir)):
+        print(f"megakv-train: removed {path}, left by an interrupted save", file=sys.stderr)
+    drop_records_after(launch.run_dir / METRICS, launch.resume.state.step if launch.resume else 0)
+
+
+def _backend(cfg, layout) -> str:
+    """The process-group backend init_parallel would choose (NCCL on GPUs, gloo on CPU, or as configured)."""
+    from megakv.parallel.context import resolve_device
+
+    if cfg.parallel.backend != "auto":
+        return cfg.parallel.backend
+    if resolve_device(cfg.train.device, layout.local_rank).type == "cpu":
+        return "gloo"
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().communication_backend_name()
+
+
+def _record_failure(launch, layout, message: str, rank: int) -> None:
+    """status.json says `failed`, with the error, when the run had started (written by rank 0)."""
+    from megakv.train.run_dir import read_status, write_status
+
+    if layout.rank != 0:
+        return
+    previous = read_status(launch.run_dir) or {}
+    if previous.get("state") not in (None, "running"):
+        return
+    write_status(launch.run_dir, "failed", step=previous.get("step"), failed_rank=rank, error=message[-2000:])
+
+
+def _train(cfg, layout, launch, guard) -> int:
     from megakv.parallel import init_parallel, shutdown_parallel
+    from megakv.train.launch_guard import exit_for_peer
     from megakv.train.logs import close_logging, setup_logging
     from megakv.train.loop import Trainer
     from megakv.train.run_dir import LOGS
 
     log = setup_logging(layout.rank, launch.run_dir / LOGS, cfg.logging)
+    if launch.resume is not None:
+        for notice in launch.resume.notices:
+            log.warning("%s", notice)
+        for change in launch.resume.config_changes:
+            log.warning("resuming with a changed setting: %s", change)
+    if guard is not None:
+        guard.init_process_group(_backend(cfg, layout))
+        guard.watch(lambda failure: exit_for_peer(
+            failure, layout.rank, lambda f: _record_failure(launch, layout, f.message, f.rank)))
     ctx = init_parallel(layout, cfg.parallel, cfg.train.device)
     log.info("layout %s, device %s, backend %s", json.dumps(layout.describe()), ctx.device, ctx.backend)
     trainer = Trainer(cfg, launch, ctx)
@@ -80,43 +135,91 @@ def _train(cfg, layout, launch) -> int:
         code = trainer.run()
     finally:
         trainer.close()
+    if guard is not None:
+        guard.stop_watching()
     shutdown_parallel()
     close_logging()
     return code
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_intermixed_args(argv)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # more threads per rank thrash a CPU box (see docs)
-    # DeepSpeed's ZeRO calls collectives torch has renamed; one warning per call would flood the console.
-    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
-    try:
-        cfg, layout, launch = _prepare(args)
-    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:
-        if os.environ.get("RANK", "0") == "0" or not isinstance(e, ConfigError):  # every rank's mistake: say it once
-            print(f"megakv-train: error: {e}", file=sys.stderr)
-        else:  # give rank 0 time to say it before the launcher stops every rank
-            time.sleep(QUIET_RANK_EXIT_DELAY_S)
-        return EXIT_CONFIG
-    if args.dry_run:
-        print(f"megakv-train: launch checked; wrote {launch.run_dir}/config.yaml and ds_config.json")
-        return EXIT_OK
-    from megakv.data.errors import DataError
-
-    try:
-        code = _train(cfg, layout, launch)
-    except (ConfigError, DataError) as e:  # found once the data is opened (e.g. resuming on other data)
-        print(f"[rank {layout.rank}] megakv-train: error: {e}", file=sys.stderr)
-        code = EXIT_CONFIG
-    except BaseException:  # noqa: BLE001 - report, then leave without interpreter teardown (gloo aborts there)
-        traceback.print_exc()
-        code = EXIT_FAILED
+def _exit(code: int) -> None:
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
     # A process group can abort the interpreter's teardown (gloo: "terminate called without an active
     # exception"); everything is flushed and closed, so leave directly with the real exit code.
     os._exit(code)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from megakv.config.parallel import ParallelConfig
+    from megakv.train.launch_guard import LaunchGuard, env_rank_world
+
+    args = build_parser().parse_intermixed_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # more threads per rank thrash a CPU box (see docs)
+    # DeepSpeed's ZeRO calls collectives torch has renamed; one warning per call would flood the console.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    rank, _world = env_rank_world()
+    cfg = error = None
+    try:
+        cfg, layout, launch = _prepare(args)
+    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:
+        error = e
+    if args.dry_run and error is None:
+        print(f"megakv-train: launch checked; wrote {launch.run_dir}/config.yaml and ds_config.json")
+        return EXIT_OK
+    timeout = cfg.parallel.timeout if cfg is not None else ParallelConfig().timeout
+    guard = None
+    if not args.dry_run:
+        try:
+            guard = LaunchGuard.connect(timeout)
+        except Exception as e:  # noqa: BLE001 - no rendezvous: nothing to coordinate, say why and stop
+            print(f"[rank {rank}] megakv-train: error: cannot reach the other ranks through the launcher's "
+                  f"rendezvous (MASTER_ADDR/MASTER_PORT) within parallel.timeout={timeout:g}s: {e}", file=sys.stderr)
+            if error is None:
+                return EXIT_FAILED
+    if error is not None:
+        if rank == 0 or not isinstance(error, ConfigError):  # a config mistake is every rank's: say it once
+            print(f"[rank {rank}] megakv-train: error: {error}", file=sys.stderr)
+        elif guard is None:  # no store to wait on: give rank 0 time to say it before the launcher stops all
+            time.sleep(QUIET_RANK_EXIT_DELAY_S)
+        if guard is not None:
+            guard.report(str(error), EXIT_CONFIG)
+        return EXIT_CONFIG
+    if guard is not None:
+        failure = guard.agree()
+        if failure is not None:
+            print(failure.describe(rank), file=sys.stderr)
+            return failure.code or EXIT_FAILED
+    if layout.rank == 0:
+        _prepare_run_dir(launch)
+    from megakv.data.errors import DataError
+    from megakv.safe_load import UnsafeFileError
+    from megakv.train.checkpoint import CheckpointError
+
+    try:
+        code = _train(cfg, layout, launch, guard)
+    except (ConfigError, DataError, CheckpointError, UnsafeFileError) as e:  # found once the run is going
+        message = str(e)
+        print(f"[rank {layout.rank}] megakv-train: error: {message}", file=sys.stderr)
+        code = EXIT_CONFIG
+        _record_failure(launch, layout, message, layout.rank)
+        if guard is not None:
+            guard.report(message, code)
+    except BaseException as e:  # noqa: BLE001 - report, then leave without interpreter teardown (gloo aborts there)
+        peer = guard.wait_for_error(2.0) if guard is not None else None
+        if peer is not None:  # our collective failed because a peer stopped: its message is the one that matters
+            print(peer.describe(layout.rank), file=sys.stderr)
+            code = peer.code or EXIT_FAILED
+            _record_failure(launch, layout, peer.message, peer.rank)
+        else:
+            traceback.print_exc()
+            code = EXIT_FAILED
+            message = f"{type(e).__name__}: {e}"
+            _record_failure(launch, layout, message, layout.rank)
+            if guard is not None:
+                guard.report(message, code)
+    _exit(code)
 
 
 if __name__ == "__main__":

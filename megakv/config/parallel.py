@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from megakv.config.errors import ConfigError
@@ -30,6 +31,10 @@ class ParallelConfig:
     backend: str = "auto"  # auto: nccl on GPUs, gloo on CPU
     # DeepSpeed's shared-memory CPU allreduce op JIT-compiles (~80 s) on first use; off by default on CPU.
     cpu_shm_comm: bool = False
+    # Seconds a rank waits for its peers (rendezvous, launch checks, every collective) before giving up: a
+    # rank that died or froze ends the others after this long. Must exceed the longest one-rank pause (a
+    # checkpoint save, building the data index on rank 0).
+    timeout: float = 600.0
 
     def validate(self, prefix: str = "parallel") -> None:
         def need(ok: bool, name: str, problem: str, fix: str) -> None:
@@ -43,6 +48,8 @@ class ParallelConfig:
         need(self.offload_optimizer in OFFLOAD_TARGETS, "offload_optimizer", f"expected one of {OFFLOAD_TARGETS}",
              "use none or cpu")
         need(self.backend in BACKENDS, "backend", f"expected one of {BACKENDS}", "use auto")
+        need(math.isfinite(self.timeout) and self.timeout > 0, "timeout", "must be a positive number of seconds",
+             "e.g. 600 (10 minutes); longer than the slowest checkpoint save")
         need(self.pipeline_partition in PIPELINE_PARTITIONS, "pipeline_partition",
              f"expected one of {PIPELINE_PARTITIONS}", "uniform, or parameters to balance parameter counts")
         need(self.pipeline_transport in PIPELINE_TRANSPORTS, "pipeline_transport",

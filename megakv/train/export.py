@@ -15,21 +15,24 @@ from omegaconf import OmegaConf
 
 from megakv.config import ModelConfig
 from megakv.config.errors import ConfigError
+from megakv.safe_load import check_deepspeed_dir
 from megakv.train.checkpoint import (
     LATEST_UNIVERSAL,
     TMP_PREFIX,
+    checkpoint_files,
     latest_checkpoint,
+    manifest_of,
     universal_tag,
     write_pointer,
 )
 from megakv.train.run_dir import CHECKPOINTS, TOKENIZER, checkpoints_dir
-from megakv.train.state import RNG_DIR, STATE_FILE, TrainState
+from megakv.train.state import RNG_DIR, TrainState
 
 
 def _require_latest(run_dir: Path) -> tuple[str, TrainState]:
     found = latest_checkpoint(checkpoints_dir(run_dir))
     if found is None:
-        raise FileNotFoundError(f"{run_dir} has no complete checkpoint ({run_dir / CHECKPOINTS}/latest missing): "
+        raise FileNotFoundError(f"{run_dir} has no checkpoint ({run_dir / CHECKPOINTS} holds no step_* directory): "
                                 f"pass the run directory of a megakv-train run that saved one")
     return found
 
@@ -52,10 +55,28 @@ def consolidated_state_dict(run_dir: str | Path) -> tuple[ModelConfig, dict[str,
 
     run_dir = Path(run_dir)
     tag, state = _require_latest(run_dir)
+    if int(state.layout.get("pipeline", 1)) > 1:
+        return _pipeline_state_dict(run_dir, tag, state)
+    check_deepspeed_dir(checkpoints_dir(run_dir) / tag)  # zero_to_fp32 unpickles with weights_only=False
     weights = get_fp32_state_dict_from_zero_checkpoint(str(checkpoints_dir(run_dir)), tag=tag)
     # Own storage per tensor: zero_to_fp32 returns views into one flat buffer, which safetensors refuses.
     weights = {name: tensor.float().clone() for name, tensor in weights.items()}
     return model_config_of(state), weights, tag
+
+
+def _pipeline_state_dict(run_dir: Path, tag: str, state: TrainState) -> tuple[ModelConfig, dict, str]:
+    """A pipeline run: layer files (fp32 runs) or the optimizer's fp32 masters (bf16), as MegaKVModel keys."""
+    from megakv.parallel.pipeline_files import layer_files_state, master_weights_state
+
+    cfg = model_config_of(state)
+    tag_dir = checkpoints_dir(run_dir) / tag
+    precision = OmegaConf.create(state.config_yaml).get("train", {}).get("precision", "fp32")
+    if precision == "fp32":
+        weights = layer_files_state(tag_dir, cfg.n_layers)
+    else:
+        check_deepspeed_dir(tag_dir)  # the optimizer shards unpickle with weights_only=False
+        weights = master_weights_state(tag_dir, cfg.n_layers)
+    return cfg, {name: tensor.float().clone() for name, tensor in weights.items()}, tag
 
 
 def export_model_dir(run_dir: str | Path, out_dir: str | Path, hf: bool = False, overwrite: bool = False) -> Path:
@@ -80,7 +101,8 @@ def convert_to_universal(run_dir: str | Path, workers: int = 1) -> Path:
     """
     run_dir = Path(run_dir)
     ckpt_dir = checkpoints_dir(run_dir)
-    tag, _ = _require_latest(run_dir)
+    tag, state = _require_latest(run_dir)
+    check_deepspeed_dir(ckpt_dir / tag)  # ds_to_universal unpickles with weights_only=False
     target = ckpt_dir / universal_tag(tag)
     tmp = ckpt_dir / (TMP_PREFIX + universal_tag(tag))
     shutil.rmtree(tmp, ignore_errors=True)
@@ -92,9 +114,10 @@ def convert_to_universal(run_dir: str | Path, workers: int = 1) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise RuntimeError(f"ds_to_universal failed (exit {done.returncode}):\n{done.stdout[-3000:]}\n"
                            f"{done.stderr[-3000:]}")
-    shutil.copy2(ckpt_dir / tag / STATE_FILE, tmp / STATE_FILE)
     if (ckpt_dir / tag / RNG_DIR).is_dir():
         shutil.copytree(ckpt_dir / tag / RNG_DIR, tmp / RNG_DIR)
+    state.files = manifest_of(tmp, checkpoint_files(tmp))  # the converted directory's own files
+    state.write(tmp)
     if target.exists():
         shutil.rmtree(target)
     tmp.rename(target)

@@ -103,7 +103,8 @@ class Trainer:
             if notice is not None and ctx.is_global_zero:
                 log.warning(notice)
         self.checkpoints = CheckpointManager(checkpoints_dir(self.run_dir), self.layout.rank,
-                                             cfg.checkpoint.keep_last, cfg.train.debug.sigkill_while_saving_step)
+                                             cfg.checkpoint.keep_last, cfg.train.debug.sigkill_while_saving_step,
+                                             run_id=self.launch.run_id)
         if resume is not None and not resume.universal:
             self.checkpoints.last_saved_step = resume.state.step
         self.valid_batches, self.valid_weights = validation_batches(

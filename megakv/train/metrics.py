@@ -30,6 +30,30 @@ def format_duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
+def drop_records_after(metrics_file: Path, step: int) -> int:
+    """Before a run continues from `step`: remove the records of later steps (written by a run that crashed
+    or stopped after its last checkpoint), so the file holds each step once. Returns how many were dropped."""
+    metrics_file = Path(metrics_file)
+    if not metrics_file.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in metrics_file.read_text().splitlines():
+        try:
+            record_step = json.loads(line).get("step", 0)
+        except (json.JSONDecodeError, AttributeError):
+            dropped += 1  # a line cut short by a crash
+            continue
+        if isinstance(record_step, int) and record_step > step:
+            dropped += 1
+        else:
+            kept.append(line)
+    if dropped:
+        tmp = metrics_file.with_name(metrics_file.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(metrics_file)
+    return dropped
+
+
 class MetricsWriter:
     def __init__(self, metrics_file: Path, tensorboard_dir: Path | None):
         self.file = open(metrics_file, "a", buffering=1)

@@ -7,8 +7,9 @@ directory can be resumed (same model; same data-parallel size or a universal che
 
 from __future__ import annotations
 
+import uuid
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -20,7 +21,16 @@ from megakv.config.errors import ConfigError
 from megakv.config.model import ModelConfig
 from megakv.parallel.layout import ParallelLayout
 from megakv.parallel.tensor_split import tensor_split
-from megakv.train.checkpoint import LATEST_UNIVERSAL, ResumePoint, latest_checkpoint, read_pointer, universal_tag
+from megakv.train.checkpoint import (
+    LATEST_UNIVERSAL,
+    CheckpointError,
+    ResumePoint,
+    discover,
+    holds_checkpoints,
+    read_pointer,
+    step_tags,
+    universal_tag,
+)
 from megakv.train.ds_config import build_ds_config, gradient_accumulation_steps
 from megakv.train.run_dir import checkpoints_dir
 from megakv.train.state import TrainState
@@ -35,6 +45,12 @@ class Launch:
     accumulation_steps: int
     ds_config: dict
     resume: ResumePoint | None
+    fresh_run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    @property
+    def run_id(self) -> str:
+        """Carried over from the checkpoint on resume; new when starting fresh."""
+        return self.resume.state.run_id if self.resume is not None else self.fresh_run_id
 
 
 def check_data_files(cfg: MegaKVConfig) -> None:
@@ -110,23 +126,89 @@ def check_same_data(cfg: MegaKVConfig, state: TrainState, where: Path) -> None:
                               "resume with that run's data settings, or choose a new train.run_dir")
 
 
+# Settings that change what a resumed run computes: refused unless --allow-config-change. (model and data
+# are always refused: the weights or the sample order would not continue.)
+COMPUTE_FIELDS = ("train.global_batch", "routing.")
+# Settings that are not part of the run's identity: never reported as changes.
+IGNORED_FIELDS = ("checkpoint.resume", "checkpoint.allow_config_change", "train.run_dir", "train.debug.", "model.",
+                  "data.")
+
+
+def _flat(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        out = {}
+        for key, value in tree.items():
+            out.update(_flat(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def config_changes(cfg: MegaKVConfig, state: TrainState) -> list[tuple[str, object, object]]:
+    """(field, value in the checkpoint, value now) for every setting that differs from the checkpoint's."""
+    schema = OmegaConf.structured(MegaKVConfig)
+    saved = OmegaConf.to_container(OmegaConf.merge(schema, OmegaConf.create(state.config_yaml or "{}")))
+    ours = OmegaConf.to_container(OmegaConf.merge(schema, OmegaConf.structured(cfg)))
+    saved_flat, ours_flat = _flat(saved), _flat(ours)
+    return [(name, saved_flat.get(name), value) for name, value in sorted(ours_flat.items())
+            if saved_flat.get(name) != value and not name.startswith(IGNORED_FIELDS)]
+
+
+def check_config_changes(cfg: MegaKVConfig, state: TrainState, where: Path, allow: bool) -> list[str]:
+    """Refuse changes to what the run computes (unless allowed); describe every change for the log."""
+    described = []
+    for name, before, now in config_changes(cfg, state):
+        computes = name.startswith(COMPUTE_FIELDS)
+        if computes and not allow:
+            raise ConfigError(name, now, f"the checkpoint in {where} was trained with {name}={before!r}; resuming "
+                              "with another value changes what the run computes",
+                              f"resume with {name}={before!r}, pass --allow-config-change to continue with the new "
+                              "value (it is recorded in the log), or choose a new train.run_dir")
+        described.append(f"{name}: {before!r} -> {now!r}" + (" (allowed by --allow-config-change)" if computes
+                                                              else ""))
+    return described
+
+
+def check_same_zero_stage(cfg: MegaKVConfig, state: TrainState, where: Path) -> None:
+    saved = state.layout.get("zero_stage")
+    if saved is not None and int(saved) != cfg.parallel.zero_stage:
+        raise ConfigError("parallel.zero_stage", cfg.parallel.zero_stage,
+                          f"the checkpoint in {where} was written with ZeRO stage {saved}; DeepSpeed cannot load "
+                          "its shards into another stage",
+                          f"resume with parallel.zero_stage={saved}, or export the weights (megakv-convert "
+                          "from-checkpoint) and start a new train.run_dir with checkpoint.init_from")
+
+
 def find_resume(cfg: MegaKVConfig, data_parallel: int) -> ResumePoint | None:
+    """Where this launch starts: None (fresh: nothing in checkpoints/) or the newest intact checkpoint."""
     run_dir = Path(cfg.train.run_dir)
     ckpt_dir = checkpoints_dir(run_dir)
-    found = latest_checkpoint(ckpt_dir)
-    if found is None:
+    if not holds_checkpoints(ckpt_dir):
         return None
-    tag, state = found
     if cfg.checkpoint.resume == "none":
-        raise ConfigError("checkpoint.resume", "none", f"{run_dir} already holds checkpoints (latest: {tag})",
+        tags = step_tags(ckpt_dir)
+        shown = f"{len(tags)} checkpoint(s), newest {tags[-1]}" if tags else "a `latest` pointer"
+        raise ConfigError("checkpoint.resume", "none", f"{run_dir} already holds {shown}; starting fresh would "
+                          "write over them",
                           "pass --resume auto to continue that run, or choose a new train.run_dir")
-    check_same_model(cfg, state, ckpt_dir / tag)
-    check_same_data(cfg, state, ckpt_dir / tag)
+    found = discover(ckpt_dir)
+    notices = [f"DAMAGED CHECKPOINT passed over: {problem}. Resuming from an older one; the damaged directory "
+               "is kept (moved aside when this run saves that step again)" for problem in found.damaged]
+    notices.extend(found.notes)
+    if found.found is None:
+        raise CheckpointError(f"{ckpt_dir} holds checkpoints but none is intact: " + "; ".join(found.damaged)
+                              + ". Fix: restore a good copy of one of them, or choose a new train.run_dir")
+    tag, state = found.found
+    where = ckpt_dir / tag
+    check_same_model(cfg, state, where)
+    check_same_data(cfg, state, where)
+    check_same_zero_stage(cfg, state, where)
+    changes = tuple(check_config_changes(cfg, state, where, cfg.checkpoint.allow_config_change))
     if state.data_parallel == data_parallel:
-        return ResumePoint(ckpt_dir, tag, state, universal=False)
+        return ResumePoint(ckpt_dir, tag, state, universal=False, notices=tuple(notices), config_changes=changes)
     converted = universal_tag(tag)
     if read_pointer(ckpt_dir, LATEST_UNIVERSAL) == converted and (ckpt_dir / converted).is_dir():
-        return ResumePoint(ckpt_dir, converted, state, universal=True)
+        return ResumePoint(ckpt_dir, converted, state, universal=True, notices=tuple(notices),
+                           config_changes=changes)
     raise ConfigError("checkpoint.resume", "auto",
                       f"{ckpt_dir / tag} was written by {state.data_parallel} data-parallel ranks, this launch "
                       f"has {data_parallel}",

@@ -1,7 +1,11 @@
-"""The megakv half of a checkpoint: where training stands, what it was trained on, and with what layout."""
+"""The megakv half of a checkpoint: where training stands, what it was trained on, and with what layout.
+
+Everything here is JSON (the RNG streams too), so a checkpoint someone sent you cannot carry code in it.
+"""
 
 from __future__ import annotations
 
+import base64
 import json
 import random
 from dataclasses import asdict, dataclass, field
@@ -12,7 +16,11 @@ import torch
 
 STATE_FILE = "megakv_state.json"
 RNG_DIR = "rng"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: `files` manifest (size + sha256 per file), `run_id`, RNG streams as JSON
+
+
+class StateFileError(ValueError):
+    """A megakv_state.json that cannot be read; the message names the file."""
 
 
 @dataclass
@@ -26,6 +34,11 @@ class TrainState:
     routing_seed: int = 0
     layout: dict = field(default_factory=dict)  # world size, data/tensor/pipeline sizes, ZeRO stage
     config_yaml: str = ""  # the resolved config of the run that wrote the checkpoint
+    # Which run wrote it: set when a run starts fresh, carried over by every resume. A run only prunes
+    # checkpoints with its own run_id.
+    run_id: str = ""
+    # Every other file of the checkpoint directory (relative path -> [size in bytes, sha256 hex]).
+    files: dict = field(default_factory=dict)
     format: int = FORMAT_VERSION
 
     @property
@@ -33,31 +46,79 @@ class TrainState:
         return int(self.layout.get("data_parallel", 0))
 
     def write(self, directory: Path) -> None:
-        tmp = directory / (STATE_FILE + ".tmp")
+        tmp = Path(directory) / (STATE_FILE + ".tmp")
         tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
-        tmp.replace(directory / STATE_FILE)
+        tmp.replace(Path(directory) / STATE_FILE)
 
     @classmethod
     def read(cls, directory: Path) -> TrainState:
-        raw = json.loads((Path(directory) / STATE_FILE).read_text())
+        path = Path(directory) / STATE_FILE
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise StateFileError(f"{path} cannot be read ({e})") from None
+        if not isinstance(raw, dict) or not isinstance(raw.get("step"), int):
+            raise StateFileError(f"{path} is not a megakv train state (no integer 'step')")
         known = {k: v for k, v in raw.items() if k in cls.__dataclass_fields__}
         return cls(**known)
 
 
+def _bytes(tensor: torch.Tensor) -> str:
+    return base64.b64encode(tensor.numpy().tobytes()).decode("ascii")
+
+
+def _tensor(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
 def capture_rng() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG stream of this process as plain JSON values."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(internal), gauss],
+             "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+             "torch": _bytes(torch.get_rng_state())}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = [_bytes(s) for s in torch.cuda.get_rng_state_all()]
     return state
 
 
 def restore_rng(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(_tensor(state["torch"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([_tensor(s) for s in state["cuda"]])
+
+
+def write_rng(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(capture_rng()))
+
+
+def read_rng(path: Path) -> dict:
+    """This rank's RNG streams; a legacy rng/rank*.pt goes through the weights-only unpickler."""
+    if path.suffix == ".json":
+        try:
+            return json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise StateFileError(f"{path} cannot be read ({e})") from None
+    from megakv.safe_load import load_weights_only, numpy_globals
+
+    legacy = load_weights_only(path, numpy_globals())
+    name, keys, pos, has_gauss, cached = legacy["numpy"]
+    version, internal, gauss = legacy["python"]
+    return {"python": [version, list(internal), gauss],
+            "numpy": [name, np.asarray(keys).tolist(), int(pos), int(has_gauss), float(cached)],
+            "torch": _bytes(legacy["torch"]),
+            **({"cuda": [_bytes(s) for s in legacy["cuda"]]} if "cuda" in legacy else {})}
 
 
 def rng_file(directory: Path, rank: int) -> Path:
+    return Path(directory) / RNG_DIR / f"rank{rank:05d}.json"
+
+
+def legacy_rng_file(directory: Path, rank: int) -> Path:
     return Path(directory) / RNG_DIR / f"rank{rank:05d}.pt"

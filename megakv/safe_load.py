@@ -1,0 +1,93 @@
+"""Open `.pt` files someone may have sent you without running code from them.
+
+A pickle can name any Python callable, and `torch.load(weights_only=False)` calls it. Every `.pt` file of a
+checkpoint is first parsed by torch's weights-only unpickler, which only builds tensors, containers and
+the globals on an explicit allow-list; a file that needs anything else is refused, naming the file and the
+global. Only then may a trusted loader (DeepSpeed's, which uses weights_only=False) read it.
+
+The allow-list holds exactly what DeepSpeed 0.19 stores in ZeRO-1/2/3, bf16, offload and universal
+checkpoints (found by saving real ones and listing their globals), plus numpy's array pickling for the
+RNG files megakv wrote before it switched them to JSON.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+from pathlib import Path
+
+import torch
+
+_GLOBAL_IN_ERROR = re.compile(r"(?:GLOBAL|global)\s+([\w.]+)")
+
+
+class UnsafeFileError(ValueError):
+    """A file that the weights-only unpickler refused: it needs a global outside the allow-list (or is
+    not a torch file at all)."""
+
+    def __init__(self, path: Path, problem: str, global_name: str | None = None):
+        self.path, self.global_name = Path(path), global_name
+        super().__init__(f"refusing to open {path}: {problem}. It was not loaded and no code from it ran. "
+                         "Fix: only resume or export checkpoints written by megakv-train; if this one is yours, "
+                         "it is damaged: use an older checkpoint or re-create it")
+
+
+def deepspeed_globals() -> list:
+    """The non-tensor types DeepSpeed pickles into its checkpoint files."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def numpy_globals() -> list:
+    """numpy arrays as pickled by `torch.save` (the legacy rng/rank*.pt files: numpy's MT19937 state)."""
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def load_weights_only(path: str | Path, allowed: list | tuple = (), mmap: bool = False):
+    """torch.load through the weights-only unpickler with `allowed` globals added; refusals raise
+    UnsafeFileError naming the file and the global."""
+    path = Path(path)
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        text = str(e)
+        found = _GLOBAL_IN_ERROR.search(text)
+        if found:
+            raise UnsafeFileError(path, f"it needs the global {found.group(1)!r}, which is not on the allow-list",
+                                  found.group(1)) from None
+        first_line = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+        raise UnsafeFileError(path, f"the weights-only unpickler refused it ({first_line[:300]})") from None
+
+
+def check_torch_file(path: str | Path, allowed: list | tuple) -> None:
+    """Parse a whole `.pt` file safely (tensor data memory-mapped, not read) and discard the result."""
+    path = Path(path)
+    try:
+        load_weights_only(path, allowed, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):  # a truncated or foreign file: name it
+            raise UnsafeFileError(path, f"it is not a readable torch file ({str(e).splitlines()[0][:300]})") from None
+        load_weights_only(path, allowed)  # the legacy (non-zip) format cannot be memory-mapped
+
+
+def check_deepspeed_dir(directory: str | Path) -> int:
+    """Check every `.pt` file under a DeepSpeed checkpoint directory; returns how many were checked."""
+    allowed = deepspeed_globals() + numpy_globals()
+    files = sorted(Path(directory).rglob("*.pt"))
+    for path in files:
+        check_torch_file(path, allowed)
+    return len(files)
+
+
+__all__ = ["UnsafeFileError", "check_deepspeed_dir", "check_torch_file", "deepspeed_globals", "load_weights_only",
+           "numpy_globals"]

@@ -1,0 +1,197 @@
+"""No rank waits for a peer that has already failed.
+
+Every rank of a multi-process launch meets on the launcher's rendezvous store (env://: MASTER_ADDR /
+MASTER_PORT, torchrun's agent store included) before the process group exists:
+
+  * launch checks: each rank posts whether its checks passed; a rank that failed posts its message and
+    every other rank exits with that message (and the failing rank's exit code) instead of waiting;
+  * afterwards a watchdog thread polls the same store, so an error on one rank (a data file it cannot
+    read, a crash) ends every other rank within a fraction of a second, even one blocked in a collective;
+  * the same thread beats a counter on the store and watches the next rank's (a ring, so the store's load
+    grows with the world size, not its square): a rank that freezes or vanishes without a word (SIGSTOP,
+    a lost node) is reported by its watcher after `parallel.timeout` seconds, and every rank exits. The
+    process group is created with the same timeout (DeepSpeed's own sub-groups keep torch's default, which
+    is why the heartbeat is needed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch.distributed as dist
+
+POLL_S = 0.1
+WATCH_S = 0.25
+BEAT_S = 1.0
+ACK_WAIT_S = 10.0  # how long a failing rank keeps the store alive for its peers to read its message
+
+
+@dataclass(frozen=True)
+class PeerFailure:
+    rank: int
+    message: str
+    code: int
+
+    def describe(self, me: int) -> str:
+        return f"[rank {me}] megakv-train: stopping because rank {self.rank} failed: {self.message}"
+
+
+def env_rank_world() -> tuple[int, int]:
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+class LaunchGuard:
+    def __init__(self, store, rank: int, world_size: int, timeout_s: float):
+        self.rank, self.world_size, self.timeout_s = rank, world_size, timeout_s
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")  # torchrun's store outlives a restart
+        self.store = dist.PrefixStore(f"megakv/attempt{attempt}/", store)
+        self.raw_store = store
+        self._watching = threading.Event()
+
+    @classmethod
+    def connect(cls, timeout_s: float) -> LaunchGuard | None:
+        """Meet the other ranks on the launcher's store; None for a single process."""
+        rank, world = env_rank_world()
+        if world <= 1 or "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+            return None
+        store, rank, world = next(dist.rendezvous("env://", rank, world, timeout=timedelta(seconds=timeout_s)))
+        store.set_timeout(timedelta(seconds=timeout_s))
+        return cls(store, rank, world, timeout_s)
+
+    # ------------------------------------------------------------------ the error board
+    def posted_or_raise(self) -> PeerFailure | None:
+        if not self.store.check(["error"]):
+            return None
+        raw = json.loads(self.store.get("error"))
+        return PeerFailure(int(raw["rank"]), str(raw["message"]), int(raw["code"]))
+
+    def posted(self) -> PeerFailure | None:
+        try:
+            return self.posted_or_raise()
+        except Exception:  # noqa: BLE001 - the store is gone (its host exited): nothing more to learn
+            return None
+
+    def report(self, message: str, code: int) -> None:
+        """Tell every rank why this one stops; keep the store up until they have read it (or a short while)."""
+        payload = json.dumps({"rank": self.rank, "message": message, "code": code})
+        try:
+            self.store.compare_set("error", "", payload)  # the first failure is the one reported
+            self.store.add("failed", 1)
+            deadline = time.monotonic() + min(ACK_WAIT_S, self.timeout_s)
+            # until every other rank has either read the message or failed itself
+            while (time.monotonic() < deadline
+                   and self.store.add("acks", 0) + self.store.add("failed", 0) < self.world_size):
+                time.sleep(POLL_S)
+        except Exception:  # noqa: BLE001 - best effort: the peers still end by parallel.timeout
+            pass
+
+    def _acknowledge(self) -> None:
+        try:
+            self.store.add("acks", 1)
+        except Exception:  # noqa: BLE001
+            pass
+
+    def wait_for_error(self, seconds: float) -> PeerFailure | None:
+        """After a collective failed here: did a peer explain why? (It may still be posting.)"""
+        deadline = time.monotonic() + seconds
+        while True:
+            failure = self.posted()
+            if failure is not None and failure.rank != self.rank:
+                self._acknowledge()
+                return failure
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(POLL_S)
+
+    # ------------------------------------------------------------------ the launch checks
+    def agree(self) -> PeerFailure | None:
+        """This rank passed its checks: wait until every rank did, or one posts why it did not."""
+        self.store.add("passed", 1)
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            failure = self.posted()
+            if failure is not None:
+                self._acknowledge()
+                return failure
+            passed = self.store.add("passed", 0)
+            if passed >= self.world_size:
+                return None
+            if time.monotonic() >= deadline:
+                return PeerFailure(-1, f"only {passed} of {self.world_size} ranks reached the end of the launch "
+                                   f"checks within parallel.timeout={self.timeout_s:g}s; the others are stuck or "
+                                   "were never started. Fix: check the other ranks' output and the launcher", 1)
+            time.sleep(POLL_S)
+
+    # ------------------------------------------------------------------ after the checks
+    def init_process_group(self, backend: str) -> None:
+        """The world process group, on this store, with collectives bounded by parallel.timeout."""
+        dist.init_process_group(backend, store=dist.PrefixStore("pg/", self.store), rank=self.rank,
+                                world_size=self.world_size, timeout=timedelta(seconds=self.timeout_s))
+
+    def watch(self, on_failure) -> None:
+        """A daemon thread: beat, watch the next rank's beat, and when any rank posts an error (or the
+        watched rank or the store goes silent for parallel.timeout) call on_failure(failure), which exits."""
+        watched = (self.rank + 1) % self.world_size
+
+        def loop():
+            beats, last_beat = -1, -1.0
+            seen_change = last_contact = time.monotonic()
+            while self._watching.is_set():
+                now = time.monotonic()
+                try:
+                    if now - last_beat >= BEAT_S:
+                        self.store.add(f"beat/{self.rank}", 1)
+                        peer = self.store.add(f"beat/{watched}", 0)
+                        last_beat = now
+                        if peer != beats:
+                            beats, seen_change = peer, now
+                    failure = self.posted_or_raise()
+                    last_contact = now
+                except Exception:  # noqa: BLE001 - the store host is gone or frozen
+                    failure = None
+                    if now - last_contact > self.timeout_s:
+                        failure = PeerFailure(-1, f"lost contact with the rendezvous store (MASTER_ADDR:MASTER_PORT, "
+                                              f"hosted by rank 0 or the launcher) for {self.timeout_s:g}s "
+                                              "(parallel.timeout): it exited or froze", 1)
+                if failure is None and now - seen_change > self.timeout_s and self._watching.is_set():
+                    failure = PeerFailure(watched, f"rank {watched} stopped responding: no heartbeat for "
+                                          f"{self.timeout_s:g}s (parallel.timeout); it froze, was stopped or its "
+                                          "machine is gone. Fix: check that rank's log and machine", 1)
+                    self.report_for(failure)
+                if failure is not None and failure.rank != self.rank:
+                    self._acknowledge()
+                    on_failure(failure)
+                    return
+                time.sleep(WATCH_S)
+
+        self._watching.set()
+        threading.Thread(target=loop, name="megakv-launch-guard", daemon=True).start()
+
+    def report_for(self, failure: PeerFailure) -> None:
+        """Post a failure noticed here on behalf of another rank (without waiting)."""
+        payload = json.dumps({"rank": failure.rank, "message": failure.message, "code": failure.code})
+        try:
+            self.store.compare_set("error", "", payload)
+        except Exception:  # noqa: BLE001
+            pass
+
+    def stop_watching(self) -> None:
+        self._watching.clear()
+
+
+def exit_for_peer(failure: PeerFailure, rank: int, before_exit=None) -> None:
+    """Print the failing rank's message, let the caller record it, and leave at once with its exit code."""
+    print(failure.describe(rank), file=sys.stderr, flush=True)
+    if before_exit is not None:
+        try:
+            before_exit(failure)
+        except Exception:  # noqa: BLE001 - the exit matters more than the record
+            pass
+    sys.stdout.flush()
+    os._exit(failure.code or 1)

@@ -1,0 +1,95 @@
+"""A rank that fails makes every other rank exit non-zero with that rank's message, quickly: a launch check
+that fails before the process group, one that fails after it (2 gloo processes), and a frozen rank
+(SIGSTOP), which ends its peer after parallel.timeout."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from checkpoint_helpers import shared_runs
+from train_helpers import REPO, TINY_RECIPE, _child_env, _collect, free_port, read_metrics, read_status
+
+pytestmark = [pytest.mark.distributed]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return shared_runs(tmp_path_factory)
+
+
+def start_ranks(per_rank_overrides: list[list[str]]) -> list[subprocess.Popen]:
+    """One megakv-train process per rank (env:// as torchrun would set it), each with its own overrides."""
+    port, world = str(free_port()), len(per_rank_overrides)
+    procs = []
+    for rank, overrides in enumerate(per_rank_overrides):
+        env = _child_env({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                          "LOCAL_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
+        procs.append(subprocess.Popen([sys.executable, "-m", "megakv.cli.train", str(TINY_RECIPE), *overrides],
+                                      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    return procs
+
+
+def test_a_rank_failing_its_checks_before_the_process_group_stops_the_others(runs, tmp_path):
+    run_dir = tmp_path / "run"
+    good = runs.overrides(run_dir, "parallel.timeout=120")
+    bad = runs.overrides(run_dir, "parallel.timeout=120", f"data.datasets=[{tmp_path / 'missing' / 'train'}]")
+    started = time.monotonic()
+    done = _collect(start_ranks([good, bad]), timeout=100)
+    elapsed = time.monotonic() - started
+    assert done.returncodes == [2, 2], done.output[-4000:]
+    assert "stopping because rank 1 failed" in done.output and "data.datasets[0]" in done.output
+    assert elapsed < 60, elapsed  # not parallel.timeout: as soon as rank 1 said why
+    assert not (run_dir / "checkpoints").exists()
+
+
+def test_a_rank_failing_after_the_process_group_stops_the_others(runs, tmp_path):
+    """Rank 1's copy of the data is truncated (found when the data is opened, after the process group):
+    rank 0, waiting in a collective, exits with rank 1's message; status.json says failed, with it."""
+    copy = tmp_path / "copy"
+    shutil.copytree(runs.dataset.parent, copy)
+    data = (copy / "train.bin").read_bytes()
+    (copy / "train.bin").write_bytes(data[:len(data) // 2])
+    run_dir = tmp_path / "run"
+    good = runs.overrides(run_dir, "parallel.timeout=120")
+    bad = runs.overrides(run_dir, "parallel.timeout=120", f"data.datasets=[{copy / 'train'}]",
+                         f"data.tokenizer={runs.dataset.parent / 'tokenizer'}")
+    started = time.monotonic()
+    done = _collect(start_ranks([good, bad]), timeout=100)
+    elapsed = time.monotonic() - started
+    assert done.returncodes == [2, 2], done.output[-4000:]
+    assert "stopping because rank 1 failed" in done.output and str(copy / "train") in done.output
+    assert elapsed < 60, elapsed
+    status = read_status(run_dir)
+    assert status["state"] == "failed" and status["failed_rank"] == 1 and str(copy / "train") in status["error"]
+
+
+@pytest.mark.slow
+def test_a_frozen_rank_ends_its_peer_after_parallel_timeout(runs, tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = runs.overrides(run_dir, "parallel.timeout=15", "train.steps=100000", "checkpoint.every=0",
+                               "checkpoint.save_final=false", "optim.warmup_steps=1")
+    procs = start_ranks([overrides, overrides])
+    try:
+        deadline = time.monotonic() + 120
+        while not ((run_dir / "metrics.jsonl").is_file() and read_metrics(run_dir)):
+            assert time.monotonic() < deadline and procs[0].poll() is None, "training never started"
+            time.sleep(0.2)
+        os.kill(procs[1].pid, signal.SIGSTOP)
+        frozen_at = time.monotonic()
+        out, _ = procs[0].communicate(timeout=90)
+        waited = time.monotonic() - frozen_at
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+    assert procs[0].returncode not in (0, None), out[-3000:]
+    assert 10 < waited < 60, (waited, out[-3000:])  # bounded by parallel.timeout=15, not torch's 30 minutes
+    assert read_status(run_dir)["state"] == "failed"
