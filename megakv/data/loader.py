@@ -28,6 +28,7 @@ from megakv.data.indexed import IndexedDataset
 from megakv.data.metadata import dataset_identity, read_meta, token_id_bound
 from megakv.data.orders import WHOLE, OrderPlan, Source
 from megakv.data.samples import GPTSamples
+from megakv.data.sft import attach_loss_mask, inputs_and_labels
 from megakv.data.tokenizer import TokenizerInfo, read_info
 
 FINGERPRINT_VERSION = 1
@@ -131,6 +132,8 @@ def build_data(cfg: DataConfig, seq_len: int, *, is_builder: bool, barrier: Call
     tokenizer_dir, tokenizer = _tokenizer_of(cfg)
     train_sources = [_open_source(p, tokenizer, tokenizer_dir) for p in cfg.datasets]
     valid_sources = [_open_source(p, tokenizer, tokenizer_dir) for p in cfg.valid_datasets]
+    for source in train_sources + valid_sources:  # QA records: only answer tokens count (megakv/data/sft.py)
+        attach_loss_mask(source, seq_len, read_meta(source.prefix))
     cache = IndexCache(cfg.cache_dir or Path(cfg.datasets[0]).parent / "index-cache")
     plan = OrderPlan(cfg, seq_len, cache)
 
@@ -203,7 +206,7 @@ def micro_batches(dataset, consumed_samples: int, global_batch: int, micro_batch
     for m in range(per_rank // micro_batch):
         start = first + m * micro_batch
         block = torch.from_numpy(np.stack([dataset[i] for i in range(start, start + micro_batch)]))
-        batches.append((block[:, :-1].contiguous(), block[:, 1:].contiguous()))
+        batches.append(inputs_and_labels(block))
     return batches
 
 
@@ -227,4 +230,4 @@ def valid_batches(dataset, batch_size: int, max_batches: int | None = None, dp_r
     for b in range(count):
         start = b * batch_size + dp_rank * per_rank
         block = torch.from_numpy(np.stack([dataset[i] for i in range(start, start + per_rank)]))
-        yield block[:, :-1].contiguous(), block[:, 1:].contiguous()
+        yield inputs_and_labels(block)

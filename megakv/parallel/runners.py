@@ -24,14 +24,18 @@ MicroBatch = tuple[torch.Tensor, torch.Tensor]  # (inputs, labels), each (micro_
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy, computed in fp32 whatever the training precision."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
+    """Mean next-token cross-entropy over the labels that count (IGNORE = -100 marks the others, e.g. a QA
+    prompt: megakv/data/sft.py), in fp32 whatever the training precision; 0 when none counts."""
+    flat = labels.reshape(-1)
+    total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), flat, reduction="sum")
+    return total / (flat != -100).sum().clamp(min=1)
 
 
 def weighted_sequence_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Sum over sequences of weight x the sequence's mean next-token loss (validation)."""
+    """Sum over sequences of weight x the sequence's mean next-token loss over counted labels (validation)."""
     per_token = F.cross_entropy(logits.float().transpose(1, 2), labels, reduction="none")
-    return (per_token.mean(dim=1) * weights.to(per_token.dtype)).sum()
+    counted = (labels != -100).sum(dim=1).clamp(min=1)
+    return (per_token.sum(dim=1) / counted * weights.to(per_token.dtype)).sum()
 
 
 @dataclass

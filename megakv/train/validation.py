@@ -12,6 +12,7 @@ import math
 import numpy as np
 import torch
 
+from megakv.data.sft import inputs_and_labels
 from megakv.parallel.context import ParallelContext
 from megakv.parallel.runners import MicroBatch, StepRunner
 from megakv.routing import RoutingPlan
@@ -28,8 +29,7 @@ def validation_batches(valid, samples: int, micro_batch: int, dp_rank: int,
     weights = [1.0 if g < count else 0.0 for g in mine]
     rows = np.stack([np.asarray(valid[g % count], dtype=np.int64) for g in mine])
     tokens = torch.from_numpy(rows)
-    batches = [(tokens[i:i + micro_batch, :-1], tokens[i:i + micro_batch, 1:])
-               for i in range(0, len(mine), micro_batch)]
+    batches = [inputs_and_labels(tokens[i:i + micro_batch]) for i in range(0, len(mine), micro_batch)]
     return batches, weights
 
 

@@ -1,0 +1,227 @@
+"""Supervised (context, question, answer) data: prompts, the paper's order augmentation, and a loss mask.
+
+One jsonl record -> one document of exactly `seq_len` tokens: the prompt (question and context in a random
+order), then the answer and an end-of-document token, then padding. Only the answer and its end token
+count in the loss. Because every document is exactly seq_len tokens long, the ordinary packed windows of
+megakv/data/samples.py (seq_len + 1 tokens, overlapping by one) each hold one whole record, whatever the
+shuffle: the window's extra last token is the next record's first prompt token, which never counts.
+
+The loss mask lives in a parallel indexed pair `PREFIX_lossmask.bin/.idx` (uint8 0/1, the same document
+lengths), written before the token pair, whose `.idx` is renamed last. In a loaded sample a token whose
+label does not count is stored as -(id + 1); `inputs_and_labels` turns a block of samples back into
+inputs and labels with IGNORE (-100, cross-entropy's ignore_index) where the label does not count, so
+the training loss (megakv/parallel/runners.py: mean over counted labels) sees answer tokens only.
+Data without a mask pair is unchanged (no negative ids), so the same function serves every dataset.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from megakv.data.errors import DataError
+from megakv.data.indexed import IndexedDataset, IndexedWriter, optimal_dtype, pair_exists
+from megakv.data.metadata import write_meta
+from megakv.data.tokenizer import Tokenizer, load_tokenizer, save_beside_data
+
+IGNORE = -100  # torch.nn.functional.cross_entropy's default ignore_index
+MASK_SUFFIX = "_lossmask"
+ORDERS = ("qca", "cqa")  # question -> context -> answer, or context -> question -> answer
+FIELDS = ("context", "question", "answer")
+
+
+def mask_prefix(prefix: str | Path) -> Path:
+    return Path(f"{prefix}{MASK_SUFFIX}")
+
+
+@dataclass(frozen=True)
+class QARecord:
+    context: str
+    question: str
+    answer: str
+    id: str = ""
+
+
+def read_qa_records(path: str | Path) -> list[QARecord]:
+    """Records of a jsonl file with string fields context, question, answer (and an optional id)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"QA file {path} not found", "pass a jsonl file with context, question and answer fields")
+    records = []
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                raw = json.loads(line)
+            except ValueError as e:
+                raise DataError(f"{path}:{line_no}: not valid JSON ({e})", "one JSON object per line") from None
+            missing = [k for k in FIELDS if not isinstance(raw.get(k) if isinstance(raw, dict) else None, str)
+                       or not raw[k].strip()]
+            if missing:
+                raise DataError(f"{path}:{line_no}: missing or empty string field(s) {missing}",
+                                f"give every record non-empty string fields {list(FIELDS)}")
+            records.append(QARecord(raw["context"], raw["question"], raw["answer"], str(raw.get("id", line_no))))
+    if not records:
+        raise DataError(f"{path} holds no records", "pass a jsonl file with at least one QA record")
+    return records
+
+
+def choose_orders(count: int, seed: int, p_question_first: float = 0.5) -> list[str]:
+    """The paper's augmentation: each record is Q->C->A with probability p, else C->Q->A (seeded)."""
+    draws = np.random.RandomState(seed).random_sample(count)
+    return [ORDERS[0] if u < p_question_first else ORDERS[1] for u in draws]
+
+
+def prompt_pieces(record: QARecord, order: str) -> tuple[str, str, str]:
+    """(text before the context, the context, text after it): the context is the part trimmed to fit."""
+    if order == "qca":
+        return f"Question: {record.question}\nContext: ", record.context, "\nAnswer:"
+    if order == "cqa":
+        return "Context: ", record.context, f"\nQuestion: {record.question}\nAnswer:"
+    raise ValueError(f"unknown order {order!r}, expected one of {ORDERS}")
+
+
+def _fit_context(tokenizer: Tokenizer, context: str, room: int, answer: str) -> list[int]:
+    """At most `room` tokens of the context; when it is longer, a character window around the answer's
+    first occurrence (else its start), shrunk until it fits."""
+    ids = tokenizer.encode(context)
+    if len(ids) <= room:
+        return ids
+    at = context.lower().find(answer.strip().lower()) if answer.strip() else -1
+    centre = at + len(answer.strip()) // 2 if at >= 0 else 0
+    width = max(1, int(room * len(context) / len(ids)))
+    while True:
+        first = max(0, min(centre - width // 2, len(context) - width))
+        ids = tokenizer.encode(context[first:first + width])
+        if len(ids) <= room or width == 1:
+            return ids[:room]
+        width = max(1, int(width * 0.9))
+
+
+def encode_prompt(tokenizer: Tokenizer, record: QARecord, order: str, budget: int, answer: str = "",
+                  bos_id: int | None = None) -> list[int]:
+    """Prompt ids of at most `budget` tokens (the context trimmed to fit); the same for training and eval."""
+    before, context, after = prompt_pieces(record, order)
+    head = ([bos_id] if bos_id is not None else []) + tokenizer.encode(before)
+    tail = tokenizer.encode(after)
+    room = budget - len(head) - len(tail)
+    if room < 1:
+        raise DataError(f"record {record.id!r}: the question and template take {len(head) + len(tail)} tokens, "
+                        f"leaving no room for the context in {budget}", "raise --seq-len or shorten the question")
+    return head + _fit_context(tokenizer, context, room, answer) + tail
+
+
+def answer_ids_of(tokenizer: Tokenizer, answer: str) -> list[int]:
+    return tokenizer.encode(" " + answer.strip())
+
+
+def encode_record(tokenizer: Tokenizer, record: QARecord, order: str, seq_len: int, eos_id: int, pad_id: int,
+                  bos_id: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, mask), each exactly seq_len long: prompt (mask 0), answer + eos (mask 1), padding (mask 0)."""
+    answer = answer_ids_of(tokenizer, record.answer) + [eos_id]
+    if len(answer) >= seq_len // 2:
+        raise DataError(f"record {record.id!r}: the answer takes {len(answer)} tokens of seq_len {seq_len}",
+                        "raise --seq-len, or drop records with long answers")
+    prompt = encode_prompt(tokenizer, record, order, seq_len - len(answer), record.answer, bos_id)
+    ids = prompt + answer
+    tokens = np.full(seq_len, pad_id, np.int64)
+    mask = np.zeros(seq_len, np.uint8)
+    tokens[:len(ids)] = ids
+    mask[len(prompt):len(ids)] = 1
+    return tokens, mask
+
+
+@dataclass
+class SFTSummary:
+    prefix: str
+    records: int
+    orders: dict[str, int]
+    answer_tokens: int
+    seconds: float
+
+
+def prepare_sft(records_path: str | Path, tokenizer_dir: str | Path, output_prefix: str | Path, seq_len: int, *,
+                seed: int = 1234, p_question_first: float = 0.5, overwrite: bool = False) -> SFTSummary:
+    """Write `output_prefix`.bin/.idx (+ .meta.json) and its `_lossmask` pair from a QA jsonl file."""
+    started = time.time()
+    if seq_len < 8:
+        raise DataError(f"--seq-len {seq_len} is too short for a prompt and an answer", "e.g. 256")
+    if not 0.0 <= p_question_first <= 1.0:
+        raise DataError(f"--p-question-first {p_question_first} is outside [0, 1]", "the paper uses 0.5")
+    prefix = Path(output_prefix)
+    if pair_exists(prefix) and not overwrite:
+        raise DataError(f"{prefix}.idx already exists", "choose another --output-prefix, or pass --overwrite")
+    records = read_qa_records(records_path)
+    saved_dir, info = save_beside_data(tokenizer_dir, prefix.parent)
+    tokenizer = load_tokenizer(saved_dir)
+    pad_id = info.pad_id if info.pad_id is not None else info.eos_id
+    orders = choose_orders(len(records), seed, p_question_first)
+    dtype = optimal_dtype(info.vocab_size)
+    answer_tokens, max_token_id = 0, 0
+    with IndexedWriter(mask_prefix(prefix), np.uint8) as masks, IndexedWriter(prefix, dtype) as tokens_out:
+        for record, order in zip(records, orders):
+            tokens, mask = encode_record(tokenizer, record, order, seq_len, info.eos_id, pad_id, info.bos_id)
+            tokens_out.add_document(tokens.astype(dtype))
+            masks.add_document(mask)
+            answer_tokens += int(mask.sum())
+            max_token_id = max(max_token_id, int(tokens.max()))
+        masks.finalize()
+        counts = {o: orders.count(o) for o in ORDERS}
+        meta = {"documents": len(records), "tokens": len(records) * seq_len, "dtype": dtype.name,
+                "max_token_id": max_token_id, "vocab_size": info.vocab_size,
+                "eos_id": info.eos_id, "tokenizer": {"dir": saved_dir.name, "fingerprint": info.fingerprint},
+                "sft": {"seq_len": seq_len, "seed": seed, "p_question_first": p_question_first, "orders": counts,
+                        "answer_tokens": answer_tokens, "source": str(records_path), "pad_id": pad_id},
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        tokens_out.finalize(before_commit=lambda: write_meta(prefix, meta))
+    return SFTSummary(str(prefix), len(records), counts, answer_tokens, time.time() - started)
+
+
+class MaskedTokens:
+    """An IndexedDataset whose `get` returns -(id + 1) where the loss mask is 0 (see the module docstring)."""
+
+    def __init__(self, tokens: IndexedDataset, mask: IndexedDataset):
+        if not np.array_equal(tokens.lengths, mask.lengths):
+            raise DataError(f"{mask.prefix} does not match its token pair {tokens.prefix} (other document "
+                            "lengths)", "prepare the QA records again (megakv-qa prep)")
+        self.tokens, self.mask = tokens, mask
+
+    def __getattr__(self, name: str):
+        return getattr(self.tokens, name)  # lengths, len, num_tokens ... are the token pair's
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def get(self, i: int, offset: int = 0, length: int | None = None) -> np.ndarray:
+        ids = self.tokens.get(i, offset, length).astype(np.int64)
+        keep = self.mask.get(i, offset, length).astype(bool)
+        return np.where(keep, ids, -ids - 1)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.get(i)
+
+
+def attach_loss_mask(source, seq_len: int, meta: dict | None) -> None:
+    """Give a loader Source its loss mask when one was prepared beside it (and check its window length)."""
+    prefix = mask_prefix(source.prefix)
+    if not pair_exists(prefix):
+        return
+    prepared = ((meta or {}).get("sft") or {}).get("seq_len")
+    if prepared != seq_len:
+        raise DataError(f"{source.prefix} holds QA records prepared as {prepared}-token samples, but the run "
+                        f"trains on {seq_len}-token windows", f"set data.seq_len={prepared}, or prepare the "
+                        f"records again with megakv-qa prep --seq-len {seq_len}")
+    source.dataset = MaskedTokens(source.dataset, IndexedDataset(prefix))
+
+
+def inputs_and_labels(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, labels) of samples (batch, seq_len + 1); labels are IGNORE where they do not count."""
+    ids = torch.where(block < 0, -block - 1, block)
+    labels = torch.where(block < 0, torch.full_like(block, IGNORE), block)
+    return ids[:, :-1].contiguous(), labels[:, 1:].contiguous()

@@ -1,0 +1,163 @@
+"""Supervised QA data: the paper's order augmentation, the loss mask in prepared samples, and a training
+loss in which masked tokens contribute nothing (value and gradients)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from train_data import prepare_tiny_dataset
+
+from megakv.cli.qa import main as qa_main
+from megakv.config import load_config
+from megakv.data.errors import DataError
+from megakv.data.loader import build_data, micro_batches
+from megakv.data.sft import IGNORE, QARecord, choose_orders, encode_record, inputs_and_labels, prepare_sft
+from megakv.data.tokenizer import load_tokenizer
+from megakv.parallel.runners import causal_lm_loss, weighted_sequence_loss
+
+SEQ = 128
+OBJECTS = ["the crown", "his sword", "the night", "her father", "the sea", "a letter", "the storm", "old Rome"]
+
+
+def qa_records(count: int, seed: int = 0) -> list[dict]:
+    rng = np.random.RandomState(seed)
+    out = []
+    for i in range(count):
+        loved, feared = rng.choice(len(OBJECTS), 2, replace=False)
+        out.append({"id": f"r{i}", "context": f"The king loves {OBJECTS[loved]}. The fool fights {OBJECTS[feared]}.",
+                    "question": "What does the king love?", "answer": OBJECTS[loved]})
+    return out
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    return prepare_tiny_dataset(tmp_path_factory.mktemp("sft_tok")).parent / "tokenizer"
+
+
+@pytest.fixture(scope="module")
+def qa_dataset(tmp_path_factory, tokenizer_dir):
+    root = tmp_path_factory.mktemp("sft_data")
+    (root / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in qa_records(200)))
+    prefix = root / "out" / "qa_train"
+    assert qa_main(["prep", "--input", str(root / "qa.jsonl"), "--tokenizer", str(tokenizer_dir),
+                    "--output-prefix", str(prefix), "--seq-len", str(SEQ)]) == 0
+    return prefix
+
+
+def test_order_augmentation_is_seeded_and_half_and_half():
+    orders = choose_orders(20000, seed=3)
+    share = orders.count("qca") / len(orders)
+    assert abs(share - 0.5) < 0.015  # binomial sd 0.0035: 4 sd
+    assert orders == choose_orders(20000, seed=3) and orders != choose_orders(20000, seed=4)
+    # No serial pattern: the next record's order is independent of this one's.
+    pairs = sum(a == b for a, b in zip(orders, orders[1:])) / (len(orders) - 1)
+    assert abs(pairs - 0.5) < 0.015
+    assert set(choose_orders(100, seed=1, p_question_first=0.0)) == {"cqa"}
+    assert abs(choose_orders(20000, seed=1, p_question_first=0.8).count("qca") / 20000 - 0.8) < 0.015
+
+
+def test_a_record_is_prompt_then_counted_answer_then_padding(tokenizer_dir):
+    tok = load_tokenizer(tokenizer_dir)
+    eos, pad = tok.info.eos_id, 0
+    record = QARecord("The king loves the sea.", "What does the king love?", "the sea")
+    for order, first in (("qca", "Question:"), ("cqa", "Context:")):
+        tokens, mask = encode_record(tok, record, order, SEQ, eos, pad)
+        assert tokens.shape == mask.shape == (SEQ,)
+        counted = tokens[mask == 1].tolist()
+        assert counted[-1] == eos and tok.decode(counted[:-1]).strip() == "the sea"
+        prompt = tokens[:np.flatnonzero(mask)[0]].tolist()
+        assert tok.decode(prompt).startswith(first) and tok.decode(prompt).rstrip().endswith("Answer:")
+        assert (tokens[np.flatnonzero(mask)[-1] + 1:] == pad).all()
+    # A long context is trimmed to a window that still holds the answer.
+    long = QARecord(" ".join(["The fool fights the storm."] * 40) + " The king loves old Rome. " +
+                    " ".join(["The maid remembers a letter."] * 40), "What does the king love?", "old Rome")
+    tokens, mask = encode_record(tok, long, "cqa", SEQ, eos, pad)
+    prompt = tok.decode(tokens[:np.flatnonzero(mask)[0]].tolist())
+    assert "old Rome" in prompt and mask.sum() > 1
+
+
+def test_prepared_samples_count_only_answer_tokens(tmp_path, qa_dataset, tokenizer_dir):
+    tok = load_tokenizer(tokenizer_dir)
+    cfg = load_config(None, [f"data.datasets=[{qa_dataset}]", f"data.seq_len={SEQ}", "model.vocab_size=320",
+                             "model.max_seq_len=128", "data.valid_fraction=0.1", f"data.cache_dir={tmp_path / 'c'}"])
+    data = build_data(cfg.data, cfg.seq_len, is_builder=True)
+    answers = {r["answer"] for r in qa_records(200)}
+    inputs, labels = micro_batches(data.train, 0, 8, 8, 0, 1)[0]
+    assert inputs.shape == labels.shape == (8, SEQ) and inputs.min() >= 0
+    for row_inputs, row_labels in zip(inputs, labels):
+        counted = row_labels[row_labels != IGNORE].tolist()
+        assert counted[-1] == tok.info.eos_id and tok.decode(counted[:-1]).strip() in answers
+        # A label counts exactly where the input before it is the prompt's end or an answer token.
+        positions = torch.nonzero(row_labels != IGNORE).flatten()
+        assert tok.decode(row_inputs[:positions[0] + 1].tolist()).rstrip().endswith("Answer:")
+        assert (positions == torch.arange(positions[0], positions[0] + len(positions))).all()
+    meta = json.loads((qa_dataset.parent / "qa_train.meta.json").read_text())
+    assert meta["sft"]["orders"]["qca"] + meta["sft"]["orders"]["cqa"] == 200
+    assert 70 < meta["sft"]["orders"]["qca"] < 130
+
+    wrong = load_config(None, [f"data.datasets=[{qa_dataset}]", "data.seq_len=32", "model.vocab_size=320",
+                               "model.max_seq_len=128", f"data.cache_dir={tmp_path / 'c'}"])
+    with pytest.raises(DataError, match=f"data.seq_len={SEQ}"):
+        build_data(wrong.data, wrong.seq_len, is_builder=True)
+
+
+def test_masked_tokens_contribute_nothing_to_the_loss_or_its_gradient():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 10, 17, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 17, (3, 10))
+    counted = torch.rand(3, 10) < 0.4
+    counted[0, 0] = True
+    masked_labels = torch.where(counted, labels, torch.full_like(labels, IGNORE))
+
+    loss = causal_lm_loss(logits, masked_labels)  # computed in fp32, as in training
+    reference = F.cross_entropy(logits[counted], labels[counted])  # fp64, the counted positions alone
+    assert float(loss.detach()) == pytest.approx(float(reference.detach()), rel=1e-6)
+    loss.backward()
+    expected_grad, = torch.autograd.grad(reference, logits)
+    torch.testing.assert_close(logits.grad, expected_grad, rtol=1e-5, atol=1e-7)
+    assert (logits.grad[~counted] == 0).all()  # nothing flows into positions whose label is masked
+    assert (logits.grad[counted].abs().sum(-1) > 0).all()
+    # Finite differences agree: moving a masked position's logits changes nothing, a counted one's does.
+    with torch.no_grad():
+        bumped = logits.detach().clone()
+        masked_at = tuple(torch.nonzero(~counted)[0].tolist())
+        bumped[masked_at] += 10.0
+        assert float(causal_lm_loss(bumped, masked_labels)) == float(loss)
+        counted_at = (0, 0, int(labels[0, 0]))
+        step = 1e-3
+        up, down = logits.detach().clone(), logits.detach().clone()
+        up[counted_at] += step
+        down[counted_at] -= step
+        numeric = (float(causal_lm_loss(up, masked_labels)) - float(causal_lm_loss(down, masked_labels))) / (2 * step)
+        assert numeric == pytest.approx(float(logits.grad[counted_at]), rel=2e-2)
+    # Whatever the masked positions' true labels were, nothing changes.
+    relabelled = torch.where(counted, labels, (labels + 5) % 17)
+    again = causal_lm_loss(logits.detach(), torch.where(counted, relabelled, torch.full_like(labels, IGNORE)))
+    assert float(again) == float(loss.detach())
+    # A batch with nothing counted gives 0, not NaN (a NaN would count as a diverged step).
+    assert float(causal_lm_loss(logits.detach(), torch.full_like(labels, IGNORE))) == 0.0
+    # Validation's per-sequence mean counts the same labels.
+    per_seq = weighted_sequence_loss(logits.detach(), masked_labels, torch.ones(3, dtype=torch.float64))
+    expected = sum(F.cross_entropy(logits[i][counted[i]], labels[i][counted[i]]) for i in range(3)
+                   if counted[i].any())
+    assert float(per_seq) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_inputs_and_labels_is_the_identity_split_for_plain_data():
+    block = torch.arange(12).reshape(2, 6)
+    inputs, labels = inputs_and_labels(block)
+    assert torch.equal(inputs, block[:, :-1]) and torch.equal(labels, block[:, 1:])
+
+
+def test_bad_records_are_refused_naming_the_line(tmp_path, tokenizer_dir):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(qa_records(1)[0]) + "\n" + json.dumps({"context": "x", "question": "y"}) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:2: missing or empty string field\(s\) \['answer'\]"):
+        prepare_sft(path, tokenizer_dir, tmp_path / "o" / "qa", SEQ)
+    assert not (tmp_path / "o" / "qa.idx").exists()
+    assert qa_main(["prep", "--input", str(path), "--tokenizer", str(tokenizer_dir), "--output-prefix",
+                    str(tmp_path / "o" / "qa")]) == 2
