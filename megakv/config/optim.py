@@ -3,6 +3,7 @@ constant rate, or warmup-stable-decay (WSD); the decay horizon may differ from t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from megakv.config.errors import ConfigError
@@ -35,6 +36,8 @@ class OptimConfig:
             if not ok:
                 raise ConfigError(f"{prefix}.{name}", getattr(self, name), problem, fix)
 
+        for name in ("lr", "min_lr_ratio", "beta1", "beta2", "eps", "weight_decay", "grad_clip"):
+            need(math.isfinite(getattr(self, name)), name, "must be a finite number", "give a finite value")
         need(self.lr > 0, "lr", "must be positive", "typical values: 1e-4 .. 3e-3")
         need(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", "must lie in [0, 1]", "e.g. 0.1")
         need(self.warmup_steps >= 0, "warmup_steps", "must be >= 0", "e.g. 5% of train.steps")

@@ -32,6 +32,7 @@ from megakv.train.checkpoint import (
     universal_tag,
 )
 from megakv.train.ds_config import build_ds_config, gradient_accumulation_steps
+from megakv.train.memory import check_activation_memory
 from megakv.train.run_dir import checkpoints_dir
 from megakv.train.state import TrainState
 
@@ -248,6 +249,9 @@ def preflight(cfg: MegaKVConfig, layout: ParallelLayout) -> Launch:
     cfg.data.validate("data")  # training needs data (a config that only describes a model may omit it)
     check_data_files(cfg)
     check_tokenizer(cfg)
+    memory_note = check_activation_memory(cfg, layout.local_rank)
+    if memory_note and layout.rank == 0:
+        warnings.warn(memory_note, stacklevel=2)
     resume = find_resume(cfg, data_parallel)
     check_same_pipeline(cfg, resume)
     ds_config = build_ds_config(cfg, data_parallel, load_universal=bool(resume and resume.universal))

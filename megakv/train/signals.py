@@ -1,15 +1,20 @@
-"""SIGTERM / SIGUSR1 (SLURM preemption or a pre-timeout signal) -> finish the step, checkpoint, exit 0.
+"""SIGTERM / SIGINT / SIGUSR1 (SLURM preemption, a pre-timeout signal, Ctrl-C) -> finish the step, checkpoint,
+exit 0. A second SIGTERM or SIGINT aborts at once, without saving (a step can take very long).
 
 The handler only records the request; the loop acts on it at the next step boundary, after the ranks
-agree through an all-reduce (a signal may reach only some ranks).
+agree through an all-reduce (a signal may reach only some ranks). After the first SIGTERM/SIGINT both go
+back to the system's default action, so the second one ends the process even inside a long C++ kernel,
+where no Python handler could run.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 from dataclasses import dataclass
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+ABORT_ON_SECOND = (signal.SIGTERM, signal.SIGINT)
 
 
 @dataclass
@@ -21,7 +26,13 @@ class StopRequest:
         return self.signal_name is not None
 
     def _handle(self, signum, _frame) -> None:
-        self.signal_name = signal.Signals(signum).name
+        self.signal_name = self.signal_name or signal.Signals(signum).name
+        if signum in ABORT_ON_SECOND:
+            for sig in ABORT_ON_SECOND:
+                signal.signal(sig, signal.SIG_DFL)
+            note = (f"megakv-train: {signal.Signals(signum).name} received: saving a checkpoint after this step, "
+                    "then exiting; send SIGTERM or SIGINT again to abort at once without saving\n")
+            os.write(2, note.encode())  # not logging: a handler may interrupt a logging call holding its lock
 
     def install(self) -> StopRequest:
         for sig in STOP_SIGNALS:

@@ -1,0 +1,110 @@
+"""Bounds and changed settings: non-finite optimizer settings and impossible micro-batches are refused at
+launch; a resume with settings that change what the run computes is refused unless --allow-config-change
+(every change is logged); a second SIGTERM/SIGINT aborts at once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from checkpoint_helpers import one_process, shared_runs, tiny_config
+from train_helpers import REPO, TINY_RECIPE, _child_env, launch_train, read_status
+
+from megakv.config import ConfigError, load_config
+from megakv.train.preflight import preflight
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return shared_runs(tmp_path_factory)
+
+
+@pytest.mark.parametrize("override,field", [("optim.lr=inf", "optim.lr"), ("optim.lr=nan", "optim.lr"),
+                                            ("optim.grad_clip=inf", "optim.grad_clip"),
+                                            ("parallel.timeout=0", "parallel.timeout"),
+                                            ("parallel.timeout=inf", "parallel.timeout")])
+def test_non_finite_or_empty_bounds_are_refused(override, field):
+    with pytest.raises(ConfigError) as info:
+        load_config(TINY_RECIPE, [override])
+    assert info.value.field == field and "Fix:" in str(info.value)
+
+
+def test_a_micro_batch_that_cannot_fit_is_refused_and_a_risky_one_warned(runs, tmp_path):
+    with pytest.raises(ConfigError) as info:
+        preflight(tiny_config(runs, tmp_path / "a", "model.max_seq_len=2000000"), one_process())
+    assert info.value.field == "model.max_seq_len" and "GiB" in info.value.problem
+    assert "train.micro_batch" in info.value.fix
+    with pytest.warns(UserWarning, match="100000x100000 scores"):
+        preflight(tiny_config(runs, tmp_path / "b", "model.max_seq_len=100000"), one_process())
+
+
+@pytest.mark.parametrize("override", ["routing.q_cross=0.7", "routing.strategy=none", "routing.seed=7",
+                                      "train.global_batch=16"])
+def test_resume_refuses_settings_that_change_what_the_run_computes(runs, tmp_path, override):
+    run_dir = runs.copy_stopped(tmp_path / "run")
+    field = override.split("=")[0]
+    with pytest.raises(ConfigError) as info:
+        preflight(tiny_config(runs, run_dir, "checkpoint.resume=auto", override), one_process())
+    assert info.value.field == field and "--allow-config-change" in info.value.fix
+    allowed = preflight(tiny_config(runs, run_dir, "checkpoint.resume=auto", "checkpoint.allow_config_change=true",
+                                    override), one_process())
+    assert any(c.startswith(f"{field}:") and "allowed" in c for c in allowed.resume.config_changes)
+
+
+def test_resume_logs_other_changed_settings_and_allowed_ones(runs, tmp_path):
+    run_dir = runs.copy_stopped(tmp_path / "run")
+    launch = preflight(tiny_config(runs, run_dir, "checkpoint.resume=auto", "optim.lr=0.001", "train.steps=12"),
+                       one_process())
+    assert launch.resume.config_changes == ("optim.lr: 0.003 -> 0.001", "train.steps: 10 -> 12")
+    resumed = launch_train(runs.overrides(run_dir, "train.steps=12", "routing.q_cross=0.6"), nproc=1, resume=True)
+    assert resumed.returncodes == [2] and "--allow-config-change" in resumed.output
+    cmd = runs.overrides(run_dir, "train.steps=12", "routing.q_cross=0.6")
+    resumed = launch_train([*cmd, "--allow-config-change"], nproc=1, resume=True)
+    assert resumed.ok, resumed.output[-3000:]
+    log = (run_dir / "logs" / "rank0.log").read_text()
+    assert "resuming with a changed setting: routing.q_cross: 0.5 -> 0.6 (allowed by --allow-config-change)" in log
+    assert "resuming with a changed setting: train.steps: 10 -> 12" in log
+
+
+@pytest.mark.parametrize("first,second", [(signal.SIGTERM, signal.SIGTERM), (signal.SIGINT, signal.SIGTERM)])
+def test_a_second_stop_signal_aborts_at_once(runs, tmp_path, first, second):
+    run_dir = tmp_path / "run"
+    args = [str(TINY_RECIPE), *runs.overrides(run_dir, "train.steps=100000", "checkpoint.every=0",
+                                              "optim.warmup_steps=1")]
+    proc = subprocess.Popen([sys.executable, "-m", "megakv.cli.train", *args], cwd=REPO, env=_child_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    noted, training = threading.Event(), threading.Event()
+
+    def read():
+        for line in proc.stdout:
+            lines.append(line)
+            if "step 1/" in line:
+                training.set()
+            if "again to abort" in line:
+                noted.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert training.wait(120), "".join(lines)[-3000:]
+        os.kill(proc.pid, first)
+        assert noted.wait(30), "".join(lines)[-3000:]  # the first one is acknowledged: a save is coming
+        os.kill(proc.pid, second)
+        sent = time.monotonic()
+        proc.wait(timeout=30)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -second, "".join(lines)[-3000:]
+    assert took < 5, took
+    assert read_status(run_dir)["state"] == "running"  # no save, no "preempted": it was aborted
+    assert not list((run_dir / "checkpoints").glob("step_*"))
+
