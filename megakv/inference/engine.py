@@ -71,11 +71,11 @@ class RetainChange:
 
 @dataclass
 class GenerationStats:
-    retained: tuple[int, ...]
+    retained: tuple[int, ...]  # the set generation started with (see retain_changes)
     batch: int
     prompt_tokens: int  # longest prompt (padded width)
     new_tokens: int  # decode steps taken, including the token produced by prefill
-    cache_bytes: int  # allocated for the whole batch and every position
+    cache_bytes: int  # allocated for the whole batch and every position (at the start, before any shrink)
     cache_bytes_per_token: int  # per sequence: 2 * |S| * n_kv_heads * head_dim * element size
     ttft_s: float  # prefill + first token
     decode_s: float  # the remaining new_tokens - 1 steps
