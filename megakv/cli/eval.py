@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from megakv.cli.eval_qa import add_qa_arguments, run_qa
 from megakv.inference.cli_support import DTYPES, add_model_arguments, apply_runtime_options, run_cli
 
 
@@ -70,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="retention plans: all, every:K, or layer lists like 0,3,5 (default: every:1..4)")
     parser.add_argument("--json", default=None, help="write the results as JSON here")
     parser.add_argument("--plot", default=None, help="write a PNG plot of loss against KV cache bytes here")
+    parser.add_argument("--task", choices=("lm", "qa"), default="lm",
+                        help="lm: loss on text; qa: answers to QA records, EM/F1 (megakv/cli/eval_qa.py)")
+    add_qa_arguments(parser)
     return parser
 
 
@@ -82,6 +86,8 @@ def _run(args: argparse.Namespace) -> int:
 
     apply_runtime_options(args)
     check_device_argument(args)
+    if args.task == "qa":
+        return run_qa(args)
     model, tokenizer_dir = resolve_model(args.model, args.device, DTYPES[args.dtype])
     for spec in args.retain:  # reject a bad plan before spending time on the others
         resolve_plan(spec, model.cfg.n_layers)

@@ -1,0 +1,60 @@
+"""megakv-eval --task qa: greedy answers, exact match, token F1 and answer loss at every retention plan.
+
+  megakv-eval --task qa --model DIR --data qa_test.jsonl --retain every:1 every:2 every:3 every:4 --json qa.json
+
+`--data` is a jsonl of (context, question, answer) records (megakv-qa build writes one); prompts are
+built as for fine-tuning (megakv/data/sft.py), trimmed to --seq-len tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from megakv.inference.cli_support import DTYPES
+
+
+def add_qa_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("--task qa")
+    group.add_argument("--max-new-tokens", type=int, default=16, help="longest greedy answer (default: %(default)s)")
+    group.add_argument("--order", choices=("cqa", "qca"), default="cqa",
+                       help="prompt order: context first (cqa) or question first (default: %(default)s)")
+    group.add_argument("--limit", type=int, default=200, help="score the first N records; 0: all "
+                       "(default: %(default)s)")
+
+
+def run_qa(args: argparse.Namespace) -> int:
+    from megakv.data.sft import read_qa_records
+    from megakv.data.tokenizer import load_tokenizer
+    from megakv.eval.progress import ProgressBar
+    from megakv.eval.qa import evaluate_qa, format_qa_table
+    from megakv.inference.engine import resolve_plan
+    from megakv.inference.loading import resolve_model
+
+    if args.limit < 0 or args.max_new_tokens < 1:
+        raise ValueError("--limit must be >= 0 and --max-new-tokens >= 1")
+    model, tokenizer_dir = resolve_model(args.model, args.device, DTYPES[args.dtype])
+    plans = {spec: resolve_plan(spec, model.cfg.n_layers) for spec in args.retain}
+    records = read_qa_records(args.data)
+    records = records[:args.limit] if args.limit else records
+    tokenizer_dir = args.tokenizer or tokenizer_dir
+    if tokenizer_dir is None:
+        raise ValueError(f"{args.model} has no tokenizer/: pass --tokenizer DIR")
+    tokenizer = load_tokenizer(tokenizer_dir)
+    seq_len = min(args.seq_len or 512, model.cfg.max_seq_len)
+    model.eval()
+    with ProgressBar(len(plans) * len(records), "answering", "questions", not args.no_progress) as bar:
+        results = evaluate_qa(model, tokenizer, records, plans, seq_len=seq_len, max_new_tokens=args.max_new_tokens,
+                              order=args.order, progress=bar.advance)
+    print(f"model {args.model} ({model.cfg.n_layers} layers), QA data {args.data}: {len(records)} records, "
+          f"prompts of at most {seq_len} tokens ({args.order})")
+    print(format_qa_table(results))
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"task": "qa", "model": str(args.model), "data": str(args.data),
+                                    "seq_len": seq_len, "order": args.order,
+                                    "results": [r.as_dict() for r in results]}, indent=2) + "\n")
+        print(f"wrote {path}")
+    return 0

@@ -1,0 +1,129 @@
+"""Extractive QA at every retention plan: greedy answers scored by exact match and token F1 (SQuAD's
+normalisation: lower case, no punctuation, no articles a/an/the, single spaces), next to the held-out
+loss on the reference answer tokens (the fine-tuning loss, measured under the same plan).
+
+The prompt is built exactly as for training (megakv/data/sft.py), in one fixed order (C->Q->A by
+default), so the scores of different plans and models are comparable.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from megakv.data.sft import QARecord, encode_record
+from megakv.data.tokenizer import Tokenizer
+from megakv.routing import RoutingPlan
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = set(string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def exact_match(prediction: str, reference: str) -> float:
+    return float(normalize_answer(prediction) == normalize_answer(reference))
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """Harmonic mean of token precision and recall after normalisation (both empty: 1, one empty: 0)."""
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
+    if not pred or not ref:
+        return float(pred == ref)
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+@torch.no_grad()
+def greedy_answer(model, prompt: list[int], plan: RoutingPlan, max_new_tokens: int, stop_ids: set[int],
+                  vocab_size: int | None = None) -> list[int]:
+    """Greedy continuation of `prompt` under `plan` (a full forward per token: exact at any plan), over the
+    first `vocab_size` ids (the tokenizer's; a model's embedding table is often padded beyond it)."""
+    device = model.embed.weight.device
+    ids = torch.tensor([prompt], device=device)
+    out: list[int] = []
+    for _ in range(max_new_tokens):
+        next_id = int(model(ids, plan=plan)[0, -1, :vocab_size].argmax())
+        if next_id in stop_ids:
+            break
+        out.append(next_id)
+        ids = torch.cat([ids, torch.tensor([[next_id]], device=device)], dim=1)
+    return out
+
+
+def _first_line(text: str) -> str:
+    return text.strip().split("\n")[0].strip()
+
+
+@dataclass
+class QAResult:
+    spec: str
+    exact_match: float
+    f1: float
+    answer_loss: float  # mean cross-entropy over reference answer tokens (+ end token)
+    records: int
+    examples: list[dict]
+
+    def as_dict(self) -> dict:
+        return {"retain": self.spec, "exact_match": self.exact_match, "f1": self.f1,
+                "answer_loss": self.answer_loss, "records": self.records, "examples": self.examples}
+
+
+@torch.no_grad()
+def evaluate_qa(model, tokenizer: Tokenizer, records: Sequence[QARecord], plans: dict[str, RoutingPlan], *,
+                seq_len: int, max_new_tokens: int = 16, order: str = "cqa", keep_examples: int = 3,
+                progress=None) -> list[QAResult]:
+    """EM, F1 and answer loss of every plan on the same records and prompts."""
+    info = tokenizer.info
+    pad_id = info.pad_id if info.pad_id is not None else info.eos_id
+    stop = {info.eos_id} | ({pad_id} if pad_id is not None else set())
+    device = model.embed.weight.device
+    prompts, teacher = [], []
+    for record in records:
+        tokens, mask = encode_record(tokenizer, record, order, seq_len, info.eos_id, pad_id, info.bos_id)
+        counted = mask.nonzero()[0]
+        end = int(counted[-1]) + 1
+        prompts.append(tokens[:int(counted[0])].tolist())  # the training prompt, context window included
+        teacher.append((torch.tensor(tokens[:end], device=device), torch.tensor(mask[:end], device=device)))
+    results = []
+    for spec, plan in plans.items():
+        em = f1 = loss_sum = 0.0
+        tokens_counted = 0
+        examples = []
+        for record, prompt, (tokens, mask) in zip(records, prompts, teacher):
+            predicted = _first_line(tokenizer.decode(greedy_answer(model, prompt, plan, max_new_tokens, stop,
+                                                                 info.vocab_size)))
+            em += exact_match(predicted, record.answer)
+            f1 += token_f1(predicted, record.answer)
+            logits = model(tokens[None, :-1], plan=plan)[0].float()
+            counted = mask[1:].bool()
+            loss_sum += float(F.cross_entropy(logits[counted], tokens[1:][counted], reduction="sum"))
+            tokens_counted += int(counted.sum())
+            if len(examples) < keep_examples:
+                examples.append({"id": record.id, "question": record.question, "answer": record.answer,
+                                 "predicted": predicted})
+            if progress is not None:
+                progress(1)
+        n = max(1, len(records))
+        results.append(QAResult(spec, em / n, f1 / n, loss_sum / max(1, tokens_counted), len(records), examples))
+    return results
+
+
+def format_qa_table(results: Sequence[QAResult]) -> str:
+    header = f"{'retain':<12} {'EM':>7} {'F1':>7} {'answer loss':>12} {'records':>8}"
+    lines = [header, "-" * len(header)]
+    for r in results:
+        lines.append(f"{r.spec:<12} {r.exact_match:>7.3f} {r.f1:>7.3f} {r.answer_loss:>12.4f} {r.records:>8}")
+    return "\n".join(lines)

@@ -1,0 +1,127 @@
+"""QA evaluation: SQuAD-style EM / F1 against hand-computed cases, and a tiny end-to-end run: a model
+directory fine-tuned on QA records (init_from, data.seq_len, loss mask), exported, then megakv-eval --task qa
+at four retention plans."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from test_finetune_sft import qa_records
+from train_data import prepare_tiny_dataset
+from train_helpers import launch_train, step_losses
+
+from megakv.cli.convert import main as convert_main
+from megakv.cli.eval import main as eval_main
+from megakv.cli.qa import main as qa_main
+from megakv.config import ModelConfig
+from megakv.data.sft import QARecord, encode_record
+from megakv.data.tokenizer import load_tokenizer
+from megakv.eval.qa import evaluate_qa, exact_match, greedy_answer, normalize_answer, token_f1
+from megakv.model import MegaKVModel
+from megakv.model_dir import load_model, save_model_dir
+from megakv.routing import deployment_plan
+
+SEQ = 128
+
+
+@pytest.mark.parametrize("prediction, reference, em, f1", [
+    ("The Cat!", "cat", 1.0, 1.0),                     # case, punctuation and articles are normalised away
+    ("an apple", "Apple.", 1.0, 1.0),
+    ("the big red cat", "a red cat sat", 0.0, 2 / 3),  # 2 common of 3 predicted, 2 of 3 reference
+    ("Rome", "old Rome", 0.0, 2 / 3),                  # precision 1, recall 1/2
+    ("rome rome", "rome", 0.0, 2 / 3),                 # a repeated token counts once per occurrence
+    ("paris", "rome", 0.0, 0.0),
+    ("", "", 1.0, 1.0),
+    ("something", "", 0.0, 0.0),
+    ("the", "a", 1.0, 1.0),                            # both normalise to nothing
+    ("New  York,   city", "new york city", 1.0, 1.0),
+])
+def test_exact_match_and_f1_hand_cases(prediction, reference, em, f1):
+    assert exact_match(prediction, reference) == em
+    assert token_f1(prediction, reference) == pytest.approx(f1)
+
+
+def test_normalisation_is_squads():
+    assert normalize_answer("  The   Battle of the Bulge, 1944! ") == "battle of bulge 1944"
+    assert normalize_answer("anthem") == "anthem"  # only whole-word articles go
+
+
+@pytest.fixture(scope="module")
+def qa_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("qa_eval")
+    tok_dir = prepare_tiny_dataset(root / "tok").parent / "tokenizer"
+    records = qa_records(160, seed=1)
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:140]))
+    (root / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[140:]))
+    cfg = ModelConfig(vocab_size=320, d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden=128,
+                      max_seq_len=256)
+    torch.manual_seed(0)
+    save_model_dir(cfg, MegaKVModel(cfg, init_seed=3).state_dict(), root / "base", tokenizer_dir=tok_dir)
+    return root, tok_dir
+
+
+def test_greedy_answer_follows_the_models_argmax(qa_setup):
+    root, tok_dir = qa_setup
+    model = load_model(root / "base")
+    plan = deployment_plan("every:2", 4)
+    prompt = [5, 17, 42, 9]
+    out = greedy_answer(model, prompt, plan, 5, stop_ids=set())
+    ids = torch.tensor([prompt])
+    for token in out:  # each step is the argmax of a full forward under the same plan
+        assert token == int(model(ids, plan=plan)[0, -1].argmax())
+        ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    assert len(out) == 5
+
+
+def test_answer_loss_is_the_masked_loss_of_the_reference_answer(qa_setup):
+    root, tok_dir = qa_setup
+    model, tok = load_model(root / "base"), load_tokenizer(tok_dir)
+    record = QARecord(**{k: v for k, v in qa_records(1)[0].items() if k != "id"})
+    plan = deployment_plan("every:1", 4)
+    result, = evaluate_qa(model, tok, [record], {"every:1": plan}, seq_len=SEQ, max_new_tokens=3)
+    pad = tok.info.pad_id if tok.info.pad_id is not None else tok.info.eos_id
+    tokens, mask = encode_record(tok, record, "cqa", SEQ, tok.info.eos_id, pad, tok.info.bos_id)
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor(tokens[None, :-1]), plan=plan)[0].float(), -1)
+    counted = torch.tensor(mask[1:]).bool()
+    expected = -logprobs[counted].gather(1, torch.tensor(tokens[1:])[counted][:, None]).mean()
+    assert result.answer_loss == pytest.approx(float(expected), rel=1e-5)
+    assert result.f1 == token_f1(result.examples[0]["predicted"], record.answer)
+
+
+@pytest.mark.slow
+def test_finetune_then_qa_eval_at_every_retention_plan(qa_setup, tmp_path):
+    root, tok_dir = qa_setup
+    prefix = tmp_path / "data" / "qa_train"
+    assert qa_main(["prep", "--input", str(root / "train.jsonl"), "--tokenizer", str(tok_dir),
+                    "--output-prefix", str(prefix), "--seq-len", str(SEQ)]) == 0
+    config = tmp_path / "finetune.yaml"  # no model: section, init_from supplies it
+    config.write_text("routing:\n  q_cross: 0.6\noptim:\n  lr: 3.0e-3\n  warmup_steps: 0\n"
+                      "train:\n  steps: 2\n  global_batch: 4\n  micro_batch: 2\ncheckpoint:\n  every: 0\n"
+                      "validation:\n  every: 2\n  samples: 8\nlogging:\n  tensorboard: false\n")
+    run_dir = tmp_path / "run"
+    run = launch_train([f"checkpoint.init_from={root / 'base'}", f"data.datasets=[{prefix}]", f"data.seq_len={SEQ}",
+                        "data.valid_fraction=0.1", f"train.run_dir={run_dir}"], nproc=1, config=config)
+    assert run.ok, run.output[-4000:]
+    assert sorted(step_losses(run_dir)) == [1, 2] and all(math.isfinite(v) for v in step_losses(run_dir).values())
+    assert convert_main(["from-checkpoint", str(run_dir), str(tmp_path / "tuned")]) == 0
+    assert load_model(tmp_path / "tuned").cfg.max_seq_len == 256  # the model's context, not the 128 window
+
+    out = tmp_path / "qa.json"
+    code = eval_main(["--task", "qa", "--model", str(tmp_path / "tuned"), "--data", str(root / "test.jsonl"),
+                      "--retain", "every:1", "every:2", "every:3", "every:4", "--max-new-tokens", "4",
+                      "--seq-len", str(SEQ), "--json", str(out), "--no-progress"])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert [r["retain"] for r in report["results"]] == ["every:1", "every:2", "every:3", "every:4"]
+    for r in report["results"]:
+        assert r["records"] == 20 and 0.0 <= r["exact_match"] <= r["f1"] + 1e-9 <= 1.0 + 1e-9
+        assert math.isfinite(r["answer_loss"]) and r["answer_loss"] > 0
+    # Sharing the cache changes what the model computes: the plans' answer losses are not all equal.
+    assert len({round(r["answer_loss"], 6) for r in report["results"]}) > 1
+
+    missing = eval_main(["--task", "qa", "--model", str(tmp_path / "tuned"), "--data", str(tmp_path / "nope.jsonl")])
+    assert missing == 2
