@@ -1,0 +1,74 @@
+"""The offline QA set (speaker attribution built from plays) and the shipped finetune.yaml recipe."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from megakv.cli.qa import main as qa_main
+from megakv.config import ModelConfig, load_config
+from megakv.data.qa_build import speeches
+from megakv.model import MegaKVModel
+from megakv.model_dir import save_model_dir
+from megakv.recipes import path as recipe_path
+
+NAMES = ["HAMLET", "OPHELIA", "POLONIUS", "LAERTES", "GERTRUDE", "CLAUDIUS", "HORATIO", "OSRIC"]
+
+
+def write_plays(root, count: int = 12):
+    root.mkdir(parents=True, exist_ok=True)
+    for p in range(count):
+        blocks = [f"THE PLAY NUMBER {p}", "ACT I", "SCENE I. A room."]
+        for s in range(60):
+            who = NAMES[(s * 3 + p) % len(NAMES)]
+            blocks.append(f"{who}\nIn play {p} speech {s} the {who.lower()} speaks at length here,\n"
+                          f"and says a second line of {s + p} words.")
+        (root / f"play{p:02d}.md").write_text("\n\n".join(blocks) + "\n")
+    return root
+
+
+def test_speeches_are_read_as_printed():
+    text = "ACT I\n\nSCENE II. A hall.\n\nHAMLET\nTo be, or not to be.\nThat is the question.\n\nEnter OPHELIA\n"
+    assert speeches(text) == [("HAMLET", ["To be, or not to be.", "That is the question."])]
+
+
+def test_built_records_are_extractive_unique_and_held_out_by_play(tmp_path):
+    source = write_plays(tmp_path / "plays")
+    assert qa_main(["build", "--output-dir", str(tmp_path / "qa"), "--source", str(source),
+                    "--max-records", "600"]) == 0
+    splits = {s: [json.loads(line) for line in (tmp_path / "qa" / f"{s}.jsonl").read_text().splitlines()]
+              for s in ("train", "valid", "test")}
+    assert all(splits.values())
+    plays = {s: {r["play"] for r in records} for s, records in splits.items()}
+    assert len(plays["test"]) == len(plays["valid"]) == 4 and not plays["test"] & plays["train"]
+    assert not plays["valid"] & plays["train"] and not plays["test"] & plays["valid"]
+    for record in splits["train"] + splits["test"]:
+        quoted = record["question"].removeprefix('Who says "').removesuffix('"?')
+        assert len(record["context"]) <= 1200
+        # The answer is the speaker printed above the quoted line, and that line occurs once in the passage.
+        speaker_of = {line: block.split("\n")[0] for block in record["context"].split("\n\n")
+                      for line in block.split("\n")[1:]}
+        matching = [line for line in speaker_of if line.rstrip(",;:") == quoted]
+        assert len(matching) == 1 and speaker_of[matching[0]] == record["answer"]
+    assert "random would score EM" in (tmp_path / "qa" / "README.md").read_text()
+    assert qa_main(["build", "--output-dir", str(tmp_path / "x"), "--source", str(tmp_path / "empty")]) == 2
+
+
+def test_the_finetune_recipe_has_the_papers_settings_and_takes_the_models_section(tmp_path):
+    cfg_model = ModelConfig(vocab_size=320, d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden=128,
+                            max_seq_len=8192)
+    torch.manual_seed(0)
+    save_model_dir(cfg_model, MegaKVModel(cfg_model, init_seed=1).state_dict(), tmp_path / "base")
+    cfg = load_config(recipe_path("finetune"), [f"checkpoint.init_from={tmp_path / 'base'}"])
+    assert cfg.model == cfg_model and cfg.model.max_seq_len == 8192 and cfg.seq_len == 384
+    assert cfg.routing.strategy == "rcla" and cfg.routing.q_cross == 0.6
+    assert (cfg.optim.beta1, cfg.optim.beta2, cfg.optim.weight_decay) == (0.9, 0.95, 0.1)
+    # Warm-up over 1.5% of the steps, then linear decay to zero at the last step.
+    assert cfg.optim.warmup_steps == math.ceil(0.015 * cfg.train.steps)
+    assert cfg.optim.schedule == "wsd" and cfg.optim.wsd_decay_style == "linear" and cfg.optim.min_lr_ratio == 0
+    assert cfg.optim.warmup_steps + cfg.optim.wsd_decay_steps == cfg.train.steps
+    with pytest.raises(Exception, match="model.n_layers"):
+        load_config(recipe_path("finetune"), [f"checkpoint.init_from={tmp_path / 'base'}", "model.n_layers=6"])
