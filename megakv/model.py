@@ -185,8 +185,8 @@ class Block(nn.Module):
 
 
 def run_block(block: Block, index: int, x: torch.Tensor, rope: Rope, plan: RoutingPlan, live: LiveKV,
-              attn_mask: torch.Tensor | None = None,
-              extend_kv: Callable[[int, KV], KV] | None = None) -> torch.Tensor:
+              attn_mask: torch.Tensor | None = None, extend_kv: Callable[[int, KV], KV] | None = None,
+              keep_kv: frozenset[int] = frozenset()) -> torch.Tensor:
     """Run layer `index` with the K/V it reads; keep in `live` what later layers read. Returns its output.
 
     On entry `live` holds the K/V of every layer j < index with plan.last_reader[j] >= index; on return
@@ -194,11 +194,18 @@ def run_block(block: Block, index: int, x: torch.Tensor, rope: Rope, plan: Routi
     them, K/V that no later layer reads dropped, so activation memory follows the plan).
     `extend_kv(layer, kv)`, when given, turns the K/V a layer projects into those it attends with (an
     inference cache appends the new positions and returns the whole cached sequence).
+    `keep_kv`: layers that project their K/V even when nobody reads them, tied to the output with weight
+    zero, so their projections get an exact zero gradient instead of none (replicas that train different
+    plans in one step then hold gradients for the same parameters). The output is unchanged.
     """
     source = plan[index]
     shared = None if source == index else live[source]
     extend = None if extend_kv is None else functools.partial(extend_kv, index)
-    x, own_kv = block(x, rope, shared, attn_mask, project_own_kv=plan.kv_needed[index], extend_kv=extend)
+    unread_but_kept = index in keep_kv and not plan.kv_needed[index]
+    x, own_kv = block(x, rope, shared, attn_mask, project_own_kv=plan.kv_needed[index] or unread_but_kept,
+                      extend_kv=extend)
+    if unread_but_kept:
+        x = x + 0.0 * (own_kv[0].sum() + own_kv[1].sum())
     if plan.last_reader[index] > index:
         live[index] = own_kv
     if source != index and plan.last_reader[source] == index:
@@ -266,8 +273,8 @@ class MegaKVModel(nn.Module):
         return positions.unsqueeze(0).expand(input_ids.shape[0], seq)
 
     def forward(self, input_ids: torch.Tensor, plan: RoutingPlan | None = None,
-                position_ids: torch.Tensor | None = None,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                position_ids: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+                keep_kv: frozenset[int] = frozenset()) -> torch.Tensor:
         """Logits (batch, seq, vocab) for token ids (batch, seq) under a routing plan (default: own K/V)."""
         if plan is None:
             plan = RoutingPlan.own(self.cfg.n_layers)
@@ -275,16 +282,16 @@ class MegaKVModel(nn.Module):
             raise ValueError(f"routing plan has {plan.n_layers} layers, the model has {self.cfg.n_layers}")
         if position_ids is None:
             position_ids = self.default_positions(input_ids)
-        return self.head(self.run_layers(self.embed(input_ids), position_ids, plan, attn_mask))
+        return self.head(self.run_layers(self.embed(input_ids), position_ids, plan, attn_mask, keep_kv=keep_kv))
 
     def run_layers(self, x: torch.Tensor, position_ids: torch.Tensor, plan: RoutingPlan,
-                   attn_mask: torch.Tensor | None = None,
-                   extend_kv: Callable[[int, KV], KV] | None = None) -> torch.Tensor:
+                   attn_mask: torch.Tensor | None = None, extend_kv: Callable[[int, KV], KV] | None = None,
+                   keep_kv: frozenset[int] = frozenset()) -> torch.Tensor:
         """Hidden states after the last layer for embedded tokens `x` (batch, seq, d_model); see run_block."""
         rope = self.rope(position_ids, x.dtype)
         live: LiveKV = {}
         for index, layer in enumerate(self.layers):
-            x = run_block(layer, index, x, rope, plan, live, attn_mask, extend_kv)
+            x = run_block(layer, index, x, rope, plan, live, attn_mask, extend_kv, keep_kv)
         return x
 
     def num_parameters(self) -> int:

@@ -121,3 +121,19 @@ def test_partial_builds_start_from_the_dense_weights():
     first = MegaKVModel(CFG)
     torch.manual_seed(3)
     assert torch.equal(first.embed.weight, MegaKVModel(CFG).embed.weight)  # torch.manual_seed still decides
+
+
+def test_kept_kv_changes_nothing_but_gives_the_projections_a_zero_gradient(model):
+    plan = RoutingPlan((0, 0, 0, 3, 4, 5, 6))  # layers 1, 2 read layer 0; their own K/V are never read
+    ids = torch.randint(0, CFG.vocab_size, (1, 8), generator=torch.Generator().manual_seed(4))
+    model.zero_grad(set_to_none=True)
+    plain = model(ids, plan)
+    plain.sum().backward()
+    assert model.layers[1].attn.k_proj.weight.grad is None  # skipped: no gradient at all
+    model.zero_grad(set_to_none=True)
+    kept = model(ids, plan, keep_kv=frozenset({1}))
+    assert torch.equal(kept, plain)
+    kept.sum().backward()
+    assert torch.count_nonzero(model.layers[1].attn.k_proj.weight.grad) == 0  # exactly zero, but present
+    assert model.layers[2].attn.k_proj.weight.grad is None
+    model.zero_grad(set_to_none=True)

@@ -155,6 +155,19 @@ def test_boundary_bytes_follow_the_crossing_set():
     assert max_slots(28, 7, None) == 7 and max_slots(28, 21, None) == 7 and max_slots(28, 14, 4) == 4
 
 
+def test_each_rank_gets_its_global_slots_and_keeps_what_any_replica_reads():
+    from megakv.parallel.runners import kept_kv, rank_plans
+
+    step = [RoutingPlan((0, 1, 2, 3)), RoutingPlan((0, 0, 0, 0)), RoutingPlan((0, 0, 2, 2)), RoutingPlan((0, 1, 1, 3))]
+    assert rank_plans(step, 0, 2) == step[:2] and rank_plans(step, 1, 2) == step[2:]
+    assert rank_plans(step[:1], 1, 2) == step[:1]  # one plan per step: everybody's
+    # local micro-batch 0: replicas run slots 0 and 2 -> K/V read: {0,1,2,3} | {0,2}
+    assert kept_kv(step, 2) == [frozenset({0, 1, 2, 3}), frozenset({0, 1, 3})]
+    assert kept_kv(step, 1) == [frozenset()] and kept_kv(step[:1], 2) == [frozenset()]
+    tensor = plan_tensor(step[1], frozenset({1, 3}))
+    assert tensor.tolist() == [[0, 0, 0, 0], [0, 1, 0, 1]]
+
+
 # ----------------------------------------------------------------------------- refused before any process group
 
 
@@ -189,3 +202,8 @@ def test_launches_the_pipeline_cannot_run_are_refused(dataset, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         preflight(tiny(dataset, tmp_path, "parallel.pipeline=2"), layout(2, 2))  # 4 micro-batches: no warning
+    expect_error("data.reset_attention_mask", preflight,
+                 tiny(dataset, tmp_path, "parallel.pipeline=2", "data.reset_attention_mask=true"), layout(2, 2))
+    err = expect_error("routing.per_micro_batch", preflight,
+                       tiny(dataset, tmp_path, "parallel.zero_stage=3", "routing.per_micro_batch=true"), layout(2, 1))
+    assert "zero_stage=1 or 2" in err.fix

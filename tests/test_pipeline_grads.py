@@ -105,7 +105,8 @@ def check_against_dense(results, tie: bool) -> None:
         assert loss == pytest.approx(ref_loss, rel=1e-6)  # every stage reports the replica's loss
         assert norm == pytest.approx(ref_norm, rel=1e-5)  # global over stages, the tied weight counted once
         for name, grad in grads.items():
-            summed[name] = summed.get(name, 0) + torch.from_numpy(grad)  # tied: the embedding's and the head's contribution
+            # tied: the embedding's and the head's contributions add up
+            summed[name] = summed.get(name, 0) + torch.from_numpy(grad)
     assert sorted(summed) == sorted(ref_grads)
     for name, grad in ref_grads.items():
         assert torch.allclose(summed[name], grad, rtol=1e-5, atol=1e-7), (name, (summed[name] - grad).abs().max())

@@ -7,13 +7,14 @@ Layer specs, in this order (spec index in brackets, the index DeepSpeed's layer 
   [L+2]      HeadPipe | tied head  logits; the loss runs on the last stage
 Each rank builds only its stage's layers; `init_weights` gives them the dense model's initial values.
 
-What travels between layers is a tuple of tensors, and the micro-batch's routing plan (int64, one source
-per layer) is always its second element, so a 1F1B schedule can never pair activations with another
-micro-batch's plan. Inside a stage: (hidden, plan, k_j, v_j, ...) for j in crossing(plan, i). Across the
-boundary before block c: (packed, plan), packed = cat(hidden, k_j, v_j for j in crossing(plan, c)) along
-the feature axis. One float tensor because DeepSpeed runs one backward per float it sends and asserts
-that every float it receives gets a gradient: the hidden part always does, so no keep-alive is needed,
-and the gradient of each K/V slice flows back to the source layer's projections on the earlier stage.
+What travels between layers is a tuple of tensors, and the micro-batch's routing plan (int64: one source
+per layer, and the layers whose unread K/V are kept for data-parallel peers) is always its second
+element, so a 1F1B schedule can never pair activations with another micro-batch's plan. Inside a stage:
+(hidden, plan, k_j, v_j, ...) for j in crossing(plan, i). Across the boundary before block c: (packed,
+plan), packed = cat(hidden, k_j, v_j for j in crossing(plan, c)) along the feature axis. One float
+tensor because DeepSpeed runs one backward per float it sends and asserts that every float it receives
+gets a gradient: the hidden part always does, so no keep-alive is needed, and the gradient of each K/V
+slice flows back to the source layer's projections on the earlier stage.
 
 Transports (parallel.pipeline_transport):
   fixed    pad to the most K/V slots that can cross c (min(c, L - c, max_distance)); constant shapes, so
@@ -38,12 +39,15 @@ TRANSPORTS = ("fixed", "dynamic")
 BLOCK_TYPE = "BlockPipe"
 
 
-def plan_tensor(plan: RoutingPlan) -> torch.Tensor:
-    return torch.tensor(plan.sources, dtype=torch.long)
+def plan_tensor(plan: RoutingPlan, keep_kv: frozenset[int] = frozenset()) -> torch.Tensor:
+    """(2, n_layers) int64: the sources, then 1 for the layers in run_block's keep_kv."""
+    keep = [int(layer in keep_kv) for layer in range(plan.n_layers)]
+    return torch.tensor([plan.sources, keep], dtype=torch.long)
 
 
-def plan_of(tensor: torch.Tensor) -> RoutingPlan:
-    return RoutingPlan(tuple(int(s) for s in tensor.tolist()))
+def plan_of(tensor: torch.Tensor) -> tuple[RoutingPlan, frozenset[int]]:
+    sources, keep = tensor.tolist()
+    return RoutingPlan(tuple(int(s) for s in sources)), frozenset(i for i, k in enumerate(keep) if k)
 
 
 def max_slots(n_layers: int, boundary: int, max_distance: int | None) -> int:
@@ -122,7 +126,7 @@ class BlockPipe(nn.Module):
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         plan_t = inputs[1]
-        plan = plan_of(plan_t)
+        plan, keep = plan_of(plan_t)
         sources = crossing(plan, self.index)
         if self.receives_packed:
             hidden, live = unpack(inputs[0], sources, self.cfg)
@@ -132,7 +136,7 @@ class BlockPipe(nn.Module):
         seq = hidden.shape[1]
         positions = torch.arange(seq, device=hidden.device).unsqueeze(0).expand(hidden.shape[0], seq)
         rope = self.rope(positions, hidden.dtype)
-        hidden = run_block(self.block, self.index, hidden, rope, plan, live)
+        hidden = run_block(self.block, self.index, hidden, rope, plan, live, keep_kv=keep)
         after = crossing(plan, self.index + 1)
         if self.sends_packed:
             slots = self._slots(self.index + 1, after)

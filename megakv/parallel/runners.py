@@ -50,12 +50,41 @@ class StepRunner(Protocol):
     engine: Any  # what checkpoints save and load; the loop never calls it
 
     def train_step(self, micro_batches: Sequence[MicroBatch], plans: Sequence[RoutingPlan],
-                   poison: bool = False) -> StepResult: ...
+                   poison: bool = False) -> StepResult:
+        """This rank's micro-batches; `plans`: the step's plan, or one per global micro-batch slot."""
 
     def eval_loss(self, micro_batches: Sequence[MicroBatch], weights: Sequence[float],
                   plan: RoutingPlan) -> tuple[float, float]: ...
 
     def learning_rate(self) -> float: ...
+
+
+def rank_plans(step_plans: Sequence[RoutingPlan], data_rank: int, data_parallel: int) -> list[RoutingPlan]:
+    """This data-parallel rank's micro-batch plans out of the step's (one plan: the step's plan).
+
+    Per-micro-batch plans are one per global micro-batch slot; the loader gives rank r the r-th contiguous
+    slice of the step's samples, so its k-th micro-batch is slot r * per_rank + k.
+    """
+    if len(step_plans) == 1:
+        return list(step_plans)
+    if len(step_plans) % data_parallel:
+        raise ValueError(f"{len(step_plans)} micro-batch plans do not split over {data_parallel} data-parallel ranks")
+    per_rank = len(step_plans) // data_parallel
+    return list(step_plans[data_rank * per_rank:(data_rank + 1) * per_rank])
+
+
+def kept_kv(step_plans: Sequence[RoutingPlan], data_parallel: int) -> list[frozenset[int]]:
+    """Per local micro-batch index: layers whose K/V some data-parallel replica reads at that index.
+
+    Replicas running different plans must still call the same modules and produce gradients for the
+    same parameters in each micro-batch (ZeRO reduces gradient buckets and, at stage 3, gathers each
+    module's weights collectively), so every replica projects these K/V, unread ones with weight zero.
+    """
+    if len(step_plans) == 1 or data_parallel == 1:
+        return [frozenset()]
+    per_rank = len(step_plans) // data_parallel
+    return [frozenset(j for r in range(data_parallel) for j, needed in
+                      enumerate(step_plans[r * per_rank + k].kv_needed) if needed) for k in range(per_rank)]
 
 
 def _weights_of(weights: Sequence[float], index: int, size: int) -> torch.Tensor:
@@ -77,10 +106,13 @@ class DataParallelRunner:
         engine = self.engine
         engine.train()
         loss_sum = 0.0
+        layout = self.ctx.layout
+        mine = rank_plans(plans, layout.data_rank, layout.data_parallel)
+        keep = kept_kv(plans, layout.data_parallel)
         for index, batch in enumerate(micro_batches):
             inputs, labels = self._to_device(batch)
-            plan = plans[index % len(plans)]
-            loss = causal_lm_loss(engine(inputs, plan=plan), labels)
+            loss = causal_lm_loss(engine(inputs, plan=mine[index % len(mine)], keep_kv=keep[index % len(keep)]),
+                                  labels)
             if poison:  # fault injection: a non-finite loss whose gradients are non-finite too
                 loss = loss * float("nan")
             engine.backward(loss)
@@ -126,18 +158,23 @@ class PipelineRunner:
     def learning_rate(self) -> float:
         return float(self.engine.get_lr()[0])
 
-    def _feed(self, micro_batches: Sequence[MicroBatch], plans: Sequence[RoutingPlan], labels_of):
+    def _feed(self, micro_batches: Sequence[MicroBatch], plans: Sequence[RoutingPlan],
+              keep: Sequence[frozenset[int]], labels_of):
         from megakv.parallel.pipeline import plan_tensor
 
         for index, (inputs, labels) in enumerate(micro_batches):
-            yield (inputs, plan_tensor(plans[index % len(plans)])), labels_of(index, labels)
+            plan = plan_tensor(plans[index % len(plans)], keep[index % len(keep)])
+            yield (inputs, plan), labels_of(index, labels)
 
     def train_step(self, micro_batches: Sequence[MicroBatch], plans: Sequence[RoutingPlan],
                    poison: bool = False) -> StepResult:
         engine = self.engine
+        layout = self.ctx.layout
+        mine = rank_plans(plans, layout.data_rank, layout.data_parallel)
+        keep = kept_kv(plans, layout.data_parallel)
         self.loss.poison = poison
         try:
-            engine.train_batch(data_iter=self._feed(micro_batches, plans, lambda _, labels: labels))
+            engine.train_batch(data_iter=self._feed(micro_batches, mine, keep, lambda _, labels: labels))
         finally:
             self.loss.poison = False
         # dp_group_loss: this replica's mean over its micro-batches, broadcast to every stage.
@@ -159,7 +196,7 @@ class PipelineRunner:
 
         # eval_batch averages the per-micro-batch sums over micro-batches and data-parallel ranks; scaled
         # back by the micro-batch count it is this replica's share of the global sum.
-        mean = self.engine.eval_batch(iter(list(self._feed(micro_batches, [plan], with_weights))),
+        mean = self.engine.eval_batch(iter(list(self._feed(micro_batches, [plan], [frozenset()], with_weights))),
                                       num_micro_batches=len(micro_batches))
         self.engine.module.train()
         weight_sum = float(sum(weights[:len(micro_batches) * size]))

@@ -28,7 +28,7 @@ from megakv.routing import deployment_plan
 from megakv.train import EXIT_DIVERGED, EXIT_OK
 from megakv.train.checkpoint import CheckpointManager, load_checkpoint
 from megakv.train.metrics import MetricsWriter, format_duration, routing_scalars
-from megakv.train.plans import broadcast_step_plans, check_plans_agree, local_plans, plans_per_step
+from megakv.train.plans import broadcast_step_plans, check_plans_agree, plans_per_step
 from megakv.train.preflight import Launch
 from megakv.train.run_dir import LOGS, METRICS, TENSORBOARD, TOKENIZER, checkpoints_dir, write_status
 from megakv.train.signals import StopRequest
@@ -139,8 +139,7 @@ class Trainer:
             check_plans_agree(plans, number, self.ctx.device)
             self.plan_trace.write(f"{number} " + " | ".join(str(p) for p in plans) + "\n")
         poison = number in cfg.train.debug.nonfinite_loss_at
-        mine = local_plans(plans, self.layout.data_rank, self.layout.data_parallel)
-        result = self.runner.train_step(self._micro_batches(), mine, poison=poison)
+        result = self.runner.train_step(self._micro_batches(), plans, poison=poison)
         if number == cfg.train.debug.sigterm_at_step and self.ctx.is_global_zero:
             os.kill(os.getpid(), signal.SIGTERM)  # fault injection: a real signal, through the real handler
         losses = torch.tensor([result.loss_sum, result.micro_batches], dtype=torch.float64, device=self.ctx.device)

@@ -7,8 +7,9 @@ rank's code or library versions differed.
 With `routing.per_micro_batch` the slot is the *global* position of the micro-batch in the step: the
 step covers samples [s*B, (s+1)*B) and slot m holds samples [m*micro_batch, (m+1)*micro_batch) of it.
 A data-parallel rank's k-th micro-batch is slot data_rank * accumulation + k (the loader gives each
-rank one contiguous slice), so every layout of one config pairs the same samples with the same plan
-and trains the same model. The rank-local micro-batch index never decides a plan.
+rank one contiguous slice; megakv/parallel/runners.py picks the rank's plans), so every layout of one
+config pairs the same samples with the same plan and trains the same model. The rank-local
+micro-batch index never decides a plan.
 """
 
 from __future__ import annotations
@@ -23,16 +24,6 @@ from megakv.routing import RoutingPlan, sample_plan
 def plans_per_step(cfg: RoutingConfig, global_batch: int, micro_batch: int) -> int:
     """1, or with per-micro-batch plans one per global micro-batch slot of the step."""
     return global_batch // micro_batch if cfg.per_micro_batch else 1
-
-
-def local_plans(plans: list[RoutingPlan], data_rank: int, data_parallel: int) -> list[RoutingPlan]:
-    """The plans of this data-parallel rank's micro-batches, in its order (one plan: the step's plan)."""
-    if len(plans) == 1:
-        return plans
-    if len(plans) % data_parallel:
-        raise ValueError(f"{len(plans)} micro-batch plans do not split over {data_parallel} data-parallel ranks")
-    per_rank = len(plans) // data_parallel
-    return plans[data_rank * per_rank:(data_rank + 1) * per_rank]
 
 
 def sample_step_plans(cfg: RoutingConfig, n_layers: int, step: int, count: int) -> list[RoutingPlan]:

@@ -223,11 +223,26 @@ def check_pipeline(cfg: MegaKVConfig, accumulation: int) -> None:
     if cfg.parallel.pipeline == 1:
         return
     block_cuts(cfg.model, cfg.parallel.pipeline, cfg.parallel.pipeline_partition)
+    for name in ("reset_attention_mask", "reset_position_ids"):
+        if getattr(cfg.data, name):  # applied by a hook on MegaKVModel.forward, which pipeline stages never call
+            raise ConfigError(f"data.{name}", True, "document-boundary masking does not reach pipeline stages yet",
+                              f"set data.{name}=false, or train with parallel.pipeline=1")
     if accumulation < cfg.parallel.pipeline:
         warnings.warn(f"train.global_batch={cfg.train.global_batch} gives {accumulation} micro-batches per step "
                       f"for {cfg.parallel.pipeline} pipeline stages: most of each step is pipeline bubble; raise "
                       "train.global_batch (or lower train.micro_batch) to at least one micro-batch per stage",
                       stacklevel=2)
+
+
+def check_plans_layout(cfg: MegaKVConfig, data_parallel: int) -> None:
+    """Per-micro-batch plans differ across data-parallel ranks (each micro-batch gets its global slot's
+    plan); ZeRO-3 gathers each module's weights collectively and needs every rank to call the same ones."""
+    if cfg.routing.per_micro_batch and cfg.parallel.zero_stage == 3 and data_parallel > 1:
+        raise ConfigError("routing.per_micro_batch", True,
+                          f"with ZeRO-3 and {data_parallel} data-parallel ranks the ranks' micro-batches run "
+                          "different routing plans, which ZeRO-3's collective parameter gathering cannot follow",
+                          "use parallel.zero_stage=1 or 2 with per-micro-batch plans, or routing.per_micro_batch="
+                          "false (one plan per step)")
 
 
 def check_same_pipeline(cfg: MegaKVConfig, resume: ResumePoint | None) -> None:
@@ -246,6 +261,7 @@ def preflight(cfg: MegaKVConfig, layout: ParallelLayout) -> Launch:
     data_parallel = cfg.parallel.validate_layout(layout.world_size)
     accumulation = gradient_accumulation_steps(cfg, data_parallel)
     check_pipeline(cfg, accumulation)
+    check_plans_layout(cfg, data_parallel)
     cfg.data.validate("data")  # training needs data (a config that only describes a model may omit it)
     check_data_files(cfg)
     check_tokenizer(cfg)

@@ -1,0 +1,130 @@
+"""megakv-train with pipeline parallelism (real CLI, real processes, DeepSpeed's pipe engine on gloo).
+
+Every layout of one config must train the same model as one process: PP=2 (tied and untied), PP=4 (K/V
+relayed through middle stages), PP2 x DP2, and DP=2 with per-micro-batch plans (plans keyed by the
+global micro-batch slot). Losses step by step within 1e-6, the clipped-with grad norm within 1e-5,
+validation at every retention plan, and the exported weights. A SIGTERM'd PP=2 run resumes bit for bit;
+resuming on another pipeline size is refused with the field to change.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from train_data import prepare_tiny_dataset
+from train_helpers import latest_tag, launch_train, read_metrics, read_status, step_losses, validation_records
+
+from megakv.cli.convert import main as convert_main
+from megakv.train.export import consolidated_state_dict
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return prepare_tiny_dataset(tmp_path_factory.mktemp("pipeline_train_data"))
+
+
+def overrides(dataset: Path, run_dir: Path, *extra: str) -> list[str]:
+    # tiny: 4 layers, global batch 8 of micro-batches of 2; one plan per micro-batch, each its own
+    return [f"data.datasets=[{dataset}]", f"train.run_dir={run_dir}", "parallel.zero_stage=1", f"train.steps={STEPS}",
+            "routing.per_micro_batch=true", "routing.q_cross=0.75", "optim.grad_clip=0.5", "validation.every=2",
+            "train.debug.check_plans=true", *extra]
+
+
+def train(dataset: Path, run_dir: Path, nproc: int, *extra: str, resume: bool = False) -> Path:
+    run = launch_train(overrides(dataset, run_dir, *extra), nproc=nproc, resume=resume)
+    assert run.ok, f"{run_dir.name} failed with {run.returncodes}:\n{run.output[-6000:]}"
+    return run_dir
+
+
+def grad_norms(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["train/grad_norm"] for r in read_metrics(run_dir) if "loss_exact" in r}
+
+
+def assert_same_training(run: Path, reference: Path) -> None:
+    ours, theirs = step_losses(run), step_losses(reference)
+    assert sorted(ours) == list(range(1, STEPS + 1))
+    for step in theirs:
+        assert ours[step] == pytest.approx(theirs[step], rel=1e-6), (step, ours, theirs)
+    for step, norm in grad_norms(reference).items():
+        assert grad_norms(run)[step] == pytest.approx(norm, rel=1e-5), step
+    valid_ours, valid_theirs = validation_records(run), validation_records(reference)
+    assert [r["step"] for r in valid_ours] == [r["step"] for r in valid_theirs] == [2, 4]
+    for a, b in zip(valid_ours, valid_theirs):
+        for key in ("valid/loss_every1", "valid/loss_every2", "valid/loss_every3", "valid/loss_every4"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6), key
+    _, mine, _ = consolidated_state_dict(run)
+    _, dense, _ = consolidated_state_dict(reference)
+    assert mine.keys() == dense.keys()
+    for name in dense:
+        assert torch.allclose(mine[name], dense[name], rtol=0, atol=1e-6), name
+
+
+@pytest.fixture(scope="module")
+def single(dataset, tmp_path_factory) -> Path:
+    return train(dataset, tmp_path_factory.mktemp("pp_ref") / "single", 1)
+
+
+def test_two_stages_train_the_single_process_model(dataset, single, tmp_path):
+    run = train(dataset, tmp_path / "pp2", 2, "parallel.pipeline=2")
+    assert_same_training(run, single)
+    # the routed plans really did cross the boundary: some layer >= 2 read a layer < 2
+    lines = (run / "logs" / "plans_rank0.txt").read_text().splitlines()
+    plans = [[int(s) for s in plan.split()] for line in lines for plan in line.split(" ", 1)[1].split(" | ")]
+    assert len(plans) == STEPS * 4 and any(p[layer] < 2 for p in plans for layer in (2, 3))
+    assert (run / "logs" / "plans_rank1.txt").read_text().splitlines() == lines
+    names = {p.name for p in (run / "checkpoints" / latest_tag(run)).iterdir()}
+    assert {"layer_00-model_00-model_states.pt", "layer_06-model_00-model_states.pt"} <= names
+    # megakv-convert reads the pipeline run: a model directory with the dense model's weights
+    assert convert_main(["from-checkpoint", str(run), str(tmp_path / "model")]) == 0
+    from megakv.model_dir import load_model
+
+    exported = load_model(tmp_path / "model").state_dict()
+    _, dense, _ = consolidated_state_dict(single)
+    assert all(torch.allclose(exported[k], v, rtol=0, atol=1e-6) for k, v in dense.items())
+
+
+def test_data_parallel_per_micro_batch_plans_train_the_single_process_model(dataset, single, tmp_path):
+    # each rank's micro-batch k is global slot rank * accumulation + k: same samples, same plan as 1 process
+    assert_same_training(train(dataset, tmp_path / "dp2", 2), single)
+
+
+def test_tied_embeddings_two_stages(dataset, tmp_path):
+    reference = train(dataset, tmp_path / "single_tied", 1, "model.tie_embeddings=true")
+    run = train(dataset, tmp_path / "pp2_tied", 2, "parallel.pipeline=2", "model.tie_embeddings=true",
+                "parallel.pipeline_transport=dynamic")
+    assert_same_training(run, reference)
+    assert "lm_head.weight" not in consolidated_state_dict(run)[1]
+
+
+def test_four_stages_relay_kv(dataset, single, tmp_path):
+    assert_same_training(train(dataset, tmp_path / "pp4", 4, "parallel.pipeline=4"), single)
+
+
+def test_two_stages_by_two_data_parallel(dataset, single, tmp_path):
+    assert_same_training(train(dataset, tmp_path / "pp2dp2", 4, "parallel.pipeline=2"), single)
+
+
+def test_sigterm_and_resume_on_the_same_layout_is_bit_exact(dataset, tmp_path):
+    straight = train(dataset, tmp_path / "straight", 2, "parallel.pipeline=2")
+    interrupted = train(dataset, tmp_path / "interrupted", 2, "parallel.pipeline=2", "train.debug.sigterm_at_step=2")
+    status = read_status(interrupted)
+    assert status["state"] == "preempted" and status["step"] == 2 and latest_tag(interrupted) == "step_00000002"
+    # another pipeline size is refused before any process group, naming the field
+    refused = launch_train(overrides(dataset, interrupted, "parallel.pipeline=1"), nproc=1, resume=True)
+    assert refused.returncodes == [2] and "parallel.pipeline" in refused.output, refused.output[-3000:]
+    train(dataset, interrupted, 2, "parallel.pipeline=2", resume=True)
+    assert read_status(interrupted)["state"] == "finished"
+    reference, continued = step_losses(straight), step_losses(interrupted)
+    for step in (3, 4):
+        assert continued[step] == reference[step], (step, continued[step], reference[step])  # bit for bit
+    ours, theirs = consolidated_state_dict(interrupted)[1], consolidated_state_dict(straight)[1]
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    saved = json.loads((interrupted / "checkpoints" / latest_tag(interrupted) / "megakv_state.json").read_text())
+    assert saved["layout"]["pipeline"] == 2
