@@ -202,8 +202,6 @@ def test_launches_the_pipeline_cannot_run_are_refused(dataset, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         preflight(tiny(dataset, tmp_path, "parallel.pipeline=2"), layout(2, 2))  # 4 micro-batches: no warning
-    expect_error("data.reset_attention_mask", preflight,
-                 tiny(dataset, tmp_path, "parallel.pipeline=2", "data.reset_attention_mask=true"), layout(2, 2))
     err = expect_error("routing.per_micro_batch", preflight,
                        tiny(dataset, tmp_path, "parallel.zero_stage=3", "routing.per_micro_batch=true"), layout(2, 1))
     assert "zero_stage=1 or 2" in err.fix

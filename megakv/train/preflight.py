@@ -223,10 +223,6 @@ def check_pipeline(cfg: MegaKVConfig, accumulation: int) -> None:
     if cfg.parallel.pipeline == 1:
         return
     block_cuts(cfg.model, cfg.parallel.pipeline, cfg.parallel.pipeline_partition)
-    for name in ("reset_attention_mask", "reset_position_ids"):
-        if getattr(cfg.data, name):  # applied by a hook on MegaKVModel.forward, which pipeline stages never call
-            raise ConfigError(f"data.{name}", True, "document-boundary masking does not reach pipeline stages yet",
-                              f"set data.{name}=false, or train with parallel.pipeline=1")
     if accumulation < cfg.parallel.pipeline:
         warnings.warn(f"train.global_batch={cfg.train.global_batch} gives {accumulation} micro-batches per step "
                       f"for {cfg.parallel.pipeline} pipeline stages: most of each step is pipeline bubble; raise "
