@@ -1,0 +1,64 @@
+"""A DeepSpeed engine around a tensor-parallel MegaKVModel (TP x DP with ZeRO 1 or 2).
+
+DeepSpeed learns the layout through its `mpu` argument, here its own `PipelineParallelGrid` on the
+layout's `PipeModelDataParallelTopology` (megakv's rank order, megakv/parallel/context.py). With it:
+ZeRO partitions and reduces over the data group only; the initial broadcast runs within each data group,
+so tensor ranks keep their different shards; and the grad norm used for clipping sums the squares of
+marked (split) parameters on every tensor rank and of replicated ones on tensor rank 0, over the
+model-parallel group: the global norm of the dense model. ZeRO-3 is refused: it would partition the
+shards again and its parameter hooks are untested with the tensor-group gradient hooks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from megakv.config.errors import ConfigError
+from megakv.config.model import ModelConfig
+from megakv.model import MegaKVModel
+from megakv.parallel.tensor import apply_tensor_parallel
+from megakv.parallel.tensor_split import TensorSplit
+
+
+def check_tensor_zero_stage(zero_stage: int, tensor: int, field: str = "parallel.zero_stage") -> None:
+    if tensor > 1 and zero_stage > 2:
+        raise ConfigError(field, zero_stage, "ZeRO-3 is not supported with tensor parallelism (it would partition "
+                          "the tensor shards again; untested with megakv's tensor-group gradient hooks)",
+                          "use parallel.zero_stage=1 or 2 with parallel.tensor > 1")
+
+
+def tensor_parallel_grid(topology: Any):
+    """DeepSpeed's view of the layout (data, tensor-slice and model-parallel groups); collective on all ranks."""
+    from deepspeed.runtime.pipe.topology import PipelineParallelGrid
+
+    return PipelineParallelGrid(topology=topology)
+
+
+def build_tensor_parallel_model(model_cfg: ModelConfig, seed: int, grid: Any,
+                                init_state: Mapping[str, torch.Tensor] | None = None
+                                ) -> tuple[MegaKVModel, TensorSplit]:
+    """The dense model for `seed` (or `init_state`, dense names), cut to this rank's tensor shard.
+
+    Every rank builds the whole dense model before slicing it (memory: one dense copy per rank at start).
+    """
+    model = MegaKVModel(model_cfg, init_seed=seed)
+    if init_state is not None:
+        model.load_state_dict(init_state)
+    split = apply_tensor_parallel(model, grid.get_slice_parallel_group(), grid.get_slice_parallel_rank(),
+                                  grid.get_slice_parallel_world_size())
+    return model, split
+
+
+def initialize_tensor_parallel(model: MegaKVModel, model_parameters: Any, ds_config: dict, grid: Any,
+                               lr_scheduler: Callable | None = None):
+    """deepspeed.initialize with the layout's grid as mpu; returns the engine."""
+    import deepspeed
+
+    check_tensor_zero_stage(int(ds_config.get("zero_optimization", {}).get("stage", 0)),
+                            grid.get_slice_parallel_world_size())
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model_parameters, config=ds_config,
+                                           mpu=grid, lr_scheduler=lr_scheduler)
+    return engine
