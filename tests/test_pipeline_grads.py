@@ -31,12 +31,13 @@ PLANS = [RoutingPlan.own(4),  # no routing
          RoutingPlan((0, 1, 2, 0))]  # PP4: layer 0's K/V relayed through two middle stages
 
 
-def config(pipeline: int, tie: bool) -> MegaKVConfig:
+def config(pipeline: int, tie: bool, recompute: bool = False) -> MegaKVConfig:
     cfg = MegaKVConfig()
     cfg.model = ModelConfig(vocab_size=64, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden=48,
                             max_seq_len=SEQ, qk_norm=True, family="qwen3", tie_embeddings=tie)
     cfg.train.seed, cfg.train.micro_batch, cfg.train.global_batch = SEED, MICRO, MICRO * len(PLANS)
     cfg.train.precision = "fp32"
+    cfg.train.activation_checkpointing = recompute
     cfg.optim.grad_clip = 0.05  # small: clipping is active, so the norm DeepSpeed computes matters
     cfg.parallel.pipeline, cfg.parallel.zero_stage = pipeline, 1
     return cfg
@@ -48,7 +49,7 @@ def micro_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(t[:, :-1].contiguous(), t[:, 1:].contiguous()) for t in tokens]
 
 
-def _worker(rank: int, world: int, port: int, tie: bool, queue) -> None:
+def _worker(rank: int, world: int, port: int, tie: bool, recompute: bool, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -58,7 +59,7 @@ def _worker(rank: int, world: int, port: int, tie: bool, queue) -> None:
     from megakv.parallel.wrap import build_runner
     from megakv.train.ds_config import build_ds_config
 
-    cfg = config(world, tie)
+    cfg = config(world, tie, recompute)
     layout = ParallelLayout.from_env(cfg.parallel)
     ctx = init_parallel(layout, cfg.parallel, "cpu")
     runner = build_runner(cfg, ctx, build_ds_config(cfg, layout.data_parallel))
@@ -86,10 +87,10 @@ def dense_reference(tie: bool):
     return grads, float(loss), float(norm)
 
 
-def run_pipeline(world: int, tie: bool):
+def run_pipeline(world: int, tie: bool, recompute: bool = False):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = mp.start_processes(_worker, args=(world, free_port(), tie, queue), nprocs=world, join=False,
+    procs = mp.start_processes(_worker, args=(world, free_port(), tie, recompute, queue), nprocs=world, join=False,
                                start_method="spawn")
     # Read before joining: a child cannot exit while its queue data (the gradients) is unread.
     results = [queue.get(timeout=240) for _ in range(world)]
@@ -122,3 +123,8 @@ def test_two_stage_step_equals_the_dense_model(tie):
 @pytest.mark.slow
 def test_four_stage_step_relays_kv_through_middle_stages():
     check_against_dense(run_pipeline(4, tie=False), tie=False)
+
+
+def test_two_stage_step_with_activation_checkpointing_equals_the_dense_model():
+    # DeepSpeed recomputes each block from its saved inputs (hidden + the K/V it read, the plan tensor)
+    check_against_dense(run_pipeline(2, tie=True, recompute=True), tie=True)

@@ -90,6 +90,12 @@ def test_two_stages_train_the_single_process_model(dataset, single, tmp_path):
     assert all(torch.allclose(exported[k], v, rtol=0, atol=1e-6) for k, v in dense.items())
 
 
+def test_two_stages_with_activation_checkpointing(dataset, single, tmp_path):
+    run = train(dataset, tmp_path / "pp2_recompute", 2, "parallel.pipeline=2", "train.activation_checkpointing=true")
+    assert json.loads((run / "ds_config.json").read_text())["pipeline"]["use_reentrant"] is False
+    assert_same_training(run, single)
+
+
 def test_data_parallel_per_micro_batch_plans_train_the_single_process_model(dataset, single, tmp_path):
     # each rank's micro-batch k is global slot rank * accumulation + k: same samples, same plan as 1 process
     assert_same_training(train(dataset, tmp_path / "dp2", 2), single)

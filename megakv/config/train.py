@@ -36,6 +36,9 @@ class TrainConfig:
     seed: int = 1234  # weight initialisation and torch/numpy RNGs (routing has its own seed)
     device: str = "auto"  # auto (cuda when available) | cpu | cuda
     max_nonfinite_steps: int = 5  # stop after this many non-finite steps in a row (each one is skipped)
+    # Recompute each transformer block's activations in the backward instead of keeping them (dense and
+    # pipeline); a recomputed layer attends to the same K/V it read the first time.
+    activation_checkpointing: bool = False
     debug: DebugConfig = field(default_factory=DebugConfig)
 
     def validate(self, prefix: str = "train") -> None:

@@ -197,8 +197,11 @@ def pipeline_module(cfg: ModelConfig, seed: int, cuts: list[int], topology, loss
             self.parts = spec_parts(cuts)
             self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
 
+    # With train.activation_checkpointing DeepSpeed recomputes one block at a time (interval 1, set from
+    # the DeepSpeed config); only blocks, so the embedding's chunk is never recomputed.
     return MegaKVPipeline(layer_specs(cfg, seed, cuts, transport, max_distance), topology=topology,
-                          loss_fn=loss_fn, partition_method="megakv", dynamic_shape=transport == "dynamic")
+                          loss_fn=loss_fn, partition_method="megakv", dynamic_shape=transport == "dynamic",
+                          checkpointable_layers=[BLOCK_TYPE])
 
 
 # ----------------------------------------------------------------------------- names: pipeline <-> dense

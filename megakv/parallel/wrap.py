@@ -8,6 +8,8 @@ either way.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from megakv.config import MegaKVConfig
@@ -23,6 +25,15 @@ def build_model(model_cfg: ModelConfig, seed: int) -> MegaKVModel:
     """Weights are a function of (seed, name): every rank starts identical, and so does every stage."""
     torch.manual_seed(seed)
     return MegaKVModel(model_cfg, init_seed=seed)
+
+
+def recompute_blocks(model: MegaKVModel) -> None:
+    """Activation checkpointing for the dense model: each block keeps only its inputs (the hidden state and
+    the K/V it reads) and recomputes the rest in the backward, so it attends to the same K/V again."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.layers:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
 def _initialize(model, parameters, cfg: MegaKVConfig, ds_config: dict):
@@ -43,6 +54,8 @@ def build_runner(cfg: MegaKVConfig, ctx: ParallelContext, ds_config: dict,
         model = build_model(cfg.model, cfg.train.seed)
         if init_state is not None:
             model.load_state_dict(init_state)
+        if cfg.train.activation_checkpointing:
+            recompute_blocks(model)
         engine = _initialize(model, weight_decay_groups(model, cfg.optim), cfg, ds_config)
         return DataParallelRunner(engine, ctx)
     return _pipeline_runner(cfg, ctx, ds_config, init_state)

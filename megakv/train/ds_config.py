@@ -74,6 +74,8 @@ def generated_ds_config(cfg: MegaKVConfig, data_parallel: int, load_universal: b
     if p.pipeline > 1:
         # Stages send (packed hidden + K/V, plan): never split the first output across tensor ranks.
         ds["pipeline"] = {"pipe_partitioned": False, "grad_partitioned": False}
+        if cfg.train.activation_checkpointing:  # non-reentrant: the embedding keeps its gradient
+            ds["pipeline"].update(activation_checkpoint_interval=1, use_reentrant=False)
     return ds
 
 
