@@ -189,9 +189,11 @@ def _model_of_init_dir(sources: list[Any]) -> Any:
             mine, theirs = OmegaConf.select(OmegaConf.structured(agreed), name), OmegaConf.select(
                 OmegaConf.structured(model), name)
             if mine != theirs:
+                shorter = "; to train on shorter samples set data.seq_len" if name == "max_seq_len" else ""
                 raise ConfigError(f"model.{name}", mine, f"differs from {path} ({theirs!r}), which "
                                   "checkpoint.init_from takes the model section from",
-                                  f"drop model.{name} (the model directory decides it), or set it to {theirs!r}")
+                                  f"drop model.{name} (the model directory decides it), or set it to {theirs!r}"
+                                  f"{shorter}")
     return OmegaConf.create({"model": OmegaConf.to_container(OmegaConf.structured(model))})
 
 
