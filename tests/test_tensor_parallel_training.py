@@ -121,6 +121,53 @@ def _run(model_name: str, world: int, tensor: int, zero_stage: int) -> dict[int,
     return results
 
 
+def _runner_worker(rank: int, world: int, port: int, tensor: int, queue) -> None:
+    """The training loop's own path: init_parallel's context, the StepRunner, the generated DeepSpeed JSON."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_SIZE=str(world))
+    from megakv.config import MegaKVConfig, OptimConfig, ParallelConfig, TrainConfig
+    from megakv.parallel import ParallelLayout, init_parallel, shutdown_parallel
+    from megakv.parallel.wrap import build_runner
+    from megakv.train.ds_config import build_ds_config
+
+    torch.set_num_threads(1)
+    cfg = MegaKVConfig(model=MODELS["mqa"], optim=OptimConfig(lr=3e-3, warmup_steps=1, grad_clip=CLIP),
+                       train=TrainConfig(steps=STEPS, global_batch=MICRO * MICRO_BATCHES, micro_batch=MICRO, seed=SEED),
+                       parallel=ParallelConfig(tensor=tensor, zero_stage=2))
+    layout = ParallelLayout.from_env(cfg.parallel)
+    ctx = init_parallel(layout, cfg.parallel, "cpu")
+    try:
+        ds_config = build_ds_config(cfg, layout.data_parallel)
+        runner = build_runner(cfg, ctx, ds_config)
+        losses, norms, rates = [], [], []
+        for step in range(STEPS):
+            tokens = _global_batch(step, cfg.model.vocab_size)
+            batches = [(tokens[m * MICRO:(m + 1) * MICRO, :-1], tokens[m * MICRO:(m + 1) * MICRO, 1:])
+                       for m in range(MICRO_BATCHES)]
+            result = runner.train_step(batches, [_plan(step, m, cfg.model.n_layers) for m in range(MICRO_BATCHES)])
+            losses.append(result.loss_sum / result.micro_batches)
+            norms.append(result.grad_norm)
+            rates.append(runner.learning_rate())
+        queue.put((rank, {"losses": losses, "norms": norms, "rates": rates}))
+    except BaseException as e:
+        queue.put((rank, {"error": repr(e)}))
+        raise
+    finally:
+        shutdown_parallel()
+
+
+def _run_runner(world: int, tensor: int) -> dict[int, dict]:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = mp.start_processes(_runner_worker, args=(world, free_port(), tensor, queue), nprocs=world, join=False,
+                               start_method="spawn")
+    results = dict(queue.get(timeout=300) for _ in range(world))
+    procs.join()
+    for rank, result in results.items():
+        assert "error" not in result, f"rank {rank}: {result['error']}"
+    return results
+
+
 @pytest.fixture(scope="module")
 def references() -> dict[str, dict]:
     """The single-process run of each model, made once (on one process ZeRO 1 and 2 have nothing to split)."""
@@ -149,6 +196,7 @@ def _assert_same_training(run: dict[int, dict], reference: dict) -> None:
     assert worst <= 2e-5, f"merged weights differ from the single-process run by {worst}"
 
 
+@pytest.mark.slow  # ~20-40 s each on 2 cores (DeepSpeed start-up in every process)
 @pytest.mark.parametrize("model_name", MODELS)
 @pytest.mark.parametrize("zero_stage", [1, 2])
 def test_tp2_training_equals_single_process(references, model_name, zero_stage):
@@ -166,3 +214,15 @@ def test_zero3_with_tensor_parallelism_is_refused_early():
         check_tensor_zero_stage(3, 2)
     check_tensor_zero_stage(3, 1)
     check_tensor_zero_stage(2, 2)
+
+
+@pytest.mark.slow
+def test_tp2_step_runner_equals_the_dense_runner():
+    """wrap.build_runner with parallel.tensor=2 (tensor_data_runner) against its dense data-parallel runner."""
+    reference = _run_runner(world=1, tensor=1)[0]
+    assert all(norm > CLIP for norm in reference["norms"])
+    for rank, result in _run_runner(world=2, tensor=2).items():
+        assert result["rates"] == reference["rates"]
+        for step in range(STEPS):
+            assert abs(result["losses"][step] / reference["losses"][step] - 1) <= 1e-6, (rank, step, result)
+            assert abs(result["norms"][step] / reference["norms"][step] - 1) <= 1e-6, (rank, step, result)

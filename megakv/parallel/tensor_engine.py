@@ -1,4 +1,4 @@
-"""A DeepSpeed engine around a tensor-parallel MegaKVModel (TP x DP with ZeRO 1 or 2).
+"""A DeepSpeed engine around a tensor-parallel MegaKVModel (TP x DP with ZeRO 1 or 2), and its StepRunner.
 
 DeepSpeed learns the layout through its `mpu` argument, here its own `PipelineParallelGrid` on the
 layout's `PipeModelDataParallelTopology` (megakv's rank order, megakv/parallel/context.py). With it:
@@ -16,9 +16,14 @@ from typing import Any
 
 import torch
 
+from megakv.config import MegaKVConfig
 from megakv.config.errors import ConfigError
 from megakv.config.model import ModelConfig
 from megakv.model import MegaKVModel
+from megakv.optim.param_groups import weight_decay_groups
+from megakv.optim.schedule import WarmupCosineSchedule
+from megakv.parallel.context import ParallelContext
+from megakv.parallel.runners import DataParallelRunner
 from megakv.parallel.tensor import apply_tensor_parallel
 from megakv.parallel.tensor_split import TensorSplit
 
@@ -62,3 +67,20 @@ def initialize_tensor_parallel(model: MegaKVModel, model_parameters: Any, ds_con
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model_parameters, config=ds_config,
                                            mpu=grid, lr_scheduler=lr_scheduler)
     return engine
+
+
+def tensor_data_runner(cfg: MegaKVConfig, ctx: ParallelContext, ds_config: dict,
+                       init_state: Mapping[str, torch.Tensor] | None = None) -> DataParallelRunner:
+    """TP x DP (one pipeline stage): this rank's shard in a ZeRO-1/2 engine, stepped like data parallelism.
+
+    The same StepRunner as plain data parallelism: tensor peers get the same micro-batches and plans
+    (both follow the data rank), so only the engine's mpu and the model's shards differ.
+    """
+    if ctx.layout.pipeline != 1:
+        raise NotImplementedError("tensor x pipeline parallelism is not implemented yet")
+    grid = tensor_parallel_grid(ctx.topology)
+    model, _ = build_tensor_parallel_model(cfg.model, cfg.train.seed, grid, init_state)
+    engine = initialize_tensor_parallel(
+        model, weight_decay_groups(model, cfg.optim), ds_config, grid,
+        lr_scheduler=lambda optimizer: WarmupCosineSchedule(optimizer, cfg.optim, cfg.train.steps))
+    return DataParallelRunner(engine, ctx)

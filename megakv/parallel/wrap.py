@@ -19,6 +19,7 @@ from megakv.optim.param_groups import weight_decay_groups
 from megakv.optim.schedule import WarmupCosineSchedule
 from megakv.parallel.context import ParallelContext
 from megakv.parallel.runners import DataParallelRunner, PipelineLoss, PipelineRunner, StepRunner
+from megakv.parallel.tensor_engine import tensor_data_runner
 
 
 def build_model(model_cfg: ModelConfig, seed: int) -> MegaKVModel:
@@ -48,8 +49,8 @@ def _initialize(model, parameters, cfg: MegaKVConfig, ds_config: dict):
 def build_runner(cfg: MegaKVConfig, ctx: ParallelContext, ds_config: dict,
                  init_state: dict[str, torch.Tensor] | None = None) -> StepRunner:
     """The model for this rank (from `init_state`, MegaKVModel names, when given) inside its engine."""
-    if ctx.layout.tensor != 1:
-        raise NotImplementedError("tensor-parallel wrapping is not implemented yet")
+    if ctx.layout.tensor != 1:  # TP x DP (megakv/parallel/tensor_engine.py); TP x PP is refused there
+        return tensor_data_runner(cfg, ctx, ds_config, init_state)
     if ctx.layout.pipeline == 1:
         model = build_model(cfg.model, cfg.train.seed)
         if init_state is not None:
