@@ -10,15 +10,28 @@ resuming on another pipeline size is refused with the field to change.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from train_data import prepare_tiny_dataset
-from train_helpers import latest_tag, launch_train, read_metrics, read_status, step_losses, validation_records
+from train_helpers import (
+    TINY_RECIPE,
+    latest_tag,
+    launch_train,
+    read_metrics,
+    read_status,
+    step_losses,
+    validation_records,
+)
 
 from megakv.cli.convert import main as convert_main
+from megakv.config import ConfigError, load_config
+from megakv.parallel.layout import ParallelLayout
+from megakv.train.checkpoint import LATEST_UNIVERSAL, write_pointer
 from megakv.train.export import consolidated_state_dict
+from megakv.train.preflight import preflight
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -125,6 +138,15 @@ def test_sigterm_and_resume_on_the_same_layout_is_bit_exact(dataset, tmp_path):
     # another pipeline size is refused before any process group, naming the field
     refused = launch_train(overrides(dataset, interrupted, "parallel.pipeline=1"), nproc=1, resume=True)
     assert refused.returncodes == [2] and "parallel.pipeline" in refused.output, refused.output[-3000:]
+    # a universal checkpoint for another data-parallel size of a pipeline run is refused too (not supported yet)
+    moved = tmp_path / "moved"
+    shutil.copytree(interrupted, moved)
+    (moved / "checkpoints" / "step_00000002_universal").mkdir()
+    write_pointer(moved / "checkpoints", "step_00000002_universal", LATEST_UNIVERSAL)
+    cfg = load_config(TINY_RECIPE, [*overrides(dataset, moved, "parallel.pipeline=2"), "checkpoint.resume=auto"])
+    with pytest.raises(ConfigError) as refused_universal:
+        preflight(cfg, ParallelLayout(world_size=4, rank=0, local_rank=0, pipeline=2))
+    assert refused_universal.value.field == "checkpoint.resume" and "launch 2 processes" in str(refused_universal.value)
     train(dataset, interrupted, 2, "parallel.pipeline=2", resume=True)
     assert read_status(interrupted)["state"] == "finished"
     reference, continued = step_losses(straight), step_losses(interrupted)

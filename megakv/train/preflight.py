@@ -248,6 +248,12 @@ def check_same_pipeline(cfg: MegaKVConfig, resume: ResumePoint | None) -> None:
                           f"the checkpoint {resume.path} was written by {saved} pipeline stages; resuming on "
                           "another pipeline layout is not supported yet",
                           f"resume with parallel.pipeline={saved}")
+    if resume is not None and resume.universal and cfg.parallel.pipeline > 1:
+        raise ConfigError("checkpoint.resume", "auto",
+                          f"{resume.path} is a universal checkpoint for another data-parallel size; resuming a "
+                          "pipeline run on another layout is not supported yet",
+                          f"launch {resume.state.data_parallel * cfg.parallel.pipeline * cfg.parallel.tensor} "
+                          "processes, the layout that wrote it")
 
 
 def preflight(cfg: MegaKVConfig, layout: ParallelLayout) -> Launch:
