@@ -1,0 +1,152 @@
+"""Tensor vs data parallelism on this machine, from one run: tokens/s and collective bytes per step.
+
+Two gloo processes train the demo model shape (d_model 256, 6 layers, 4 heads, vocab 8192, seq 256)
+through real DeepSpeed ZeRO-1 engines on the same 8 sequences per step with R-CLA plans:
+  dp2  every rank holds the whole model, one micro-batch of 4 per rank;
+  tp2  each rank holds half of every layer's heads and MLP (megakv/parallel/tensor_engine.py), both ranks
+       see the same 2 micro-batches of 4 (gradient accumulation 2).
+Prints tokens/s (timed steps after warm-up) and the payload each rank hands to collectives per step,
+split by collective (tp2: almost all of it is the activation all-reduces). A ring
+all-reduce puts about 2 (n-1)/n times its payload on the wire.
+
+  .venv/bin/python benchmarks/bench_parallel.py [--steps 6] [--warmup 2]
+
+PP2 has its own benchmark (benchmarks/bench_pipeline.py, real megakv-train runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from megakv.config import ModelConfig  # noqa: E402
+
+DEMO = ModelConfig(vocab_size=8192, d_model=256, n_layers=6, n_heads=4, n_kv_heads=4, ffn_hidden=704, max_seq_len=256)
+SEQ, MICRO, GLOBAL = 256, 4, 8
+COLLECTIVES = ("all_reduce", "reduce_scatter_tensor", "all_gather_into_tensor", "broadcast", "reduce",
+               "all_gather", "reduce_scatter")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _count_collectives(counts: dict[str, int], active: list[bool]) -> None:
+    """Wrap torch.distributed's collectives (before DeepSpeed caches them) to add up payload bytes."""
+    import torch.distributed as dist
+
+    def wrap(name, original):
+        def counted(*args, **kwargs):
+            tensor = kwargs.get("tensor", kwargs.get("input", args[1] if name in (
+                "reduce_scatter_tensor", "all_gather_into_tensor") and len(args) > 1 else args[0] if args else None))
+            group = kwargs.get("group")
+            alone = group is not None and dist.get_world_size(group) == 1  # no traffic (ZeRO with one data rank)
+            if active[0] and isinstance(tensor, torch.Tensor) and not alone:
+                counts[name] += tensor.numel() * tensor.element_size()
+            return original(*args, **kwargs)
+        return counted
+
+    for name in COLLECTIVES:
+        setattr(dist, name, wrap(name, getattr(dist, name)))
+
+
+def _worker(rank: int, world: int, port: int, layout: str, steps: int, warmup: int, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_SIZE=str(world))
+    torch.set_num_threads(1)
+    counts: dict[str, int] = defaultdict(int)
+    active = [False]
+    _count_collectives(counts, active)
+    import deepspeed
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    from megakv.model import MegaKVModel
+    from megakv.parallel.runners import kept_kv
+    from megakv.parallel.tensor_engine import (
+        build_tensor_parallel_model,
+        initialize_tensor_parallel,
+        tensor_parallel_grid,
+    )
+    from megakv.routing import sample_plan
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
+    tensor = 2 if layout == "tp2" else 1
+    data_parallel = world // tensor
+    grid = tensor_parallel_grid(PipeModelDataParallelTopology(num_pp=1, num_mp=tensor, num_dp=data_parallel))
+    model = (build_tensor_parallel_model(DEMO, 1234, grid)[0] if tensor > 1 else MegaKVModel(DEMO, init_seed=1234))
+    accumulation = GLOBAL // (MICRO * data_parallel)
+    ds_config = {"train_batch_size": GLOBAL, "train_micro_batch_size_per_gpu": MICRO,
+                 "gradient_accumulation_steps": accumulation, "zero_optimization": {"stage": 1},
+                 "gradient_clipping": 1.0, "steps_per_print": 2**31 - 1,
+                 "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}
+    engine = initialize_tensor_parallel(model, model.parameters(), ds_config, grid)
+    data_rank = grid.get_data_parallel_rank()
+    generator = torch.Generator().manual_seed(0)
+    started = 0.0
+    for step in range(warmup + steps):
+        if step == warmup:
+            dist.barrier()
+            counts.clear()
+            active[0], started = True, time.perf_counter()
+        tokens = torch.randint(0, DEMO.vocab_size, (GLOBAL, SEQ + 1), generator=generator)
+        plans = [sample_plan("rcla", DEMO.n_layers, q_cross=0.5, seed=1, step=step, micro_batch=m)
+                 for m in range(GLOBAL // MICRO)]
+        keep = kept_kv(plans, data_parallel)
+        for local in range(accumulation):
+            slot = data_rank * accumulation + local
+            rows = tokens[slot * MICRO:(slot + 1) * MICRO]
+            logits = engine(rows[:, :-1], plan=plans[slot], keep_kv=keep[local % len(keep)])
+            engine.backward(F.cross_entropy(logits.reshape(-1, DEMO.vocab_size), rows[:, 1:].reshape(-1)))
+            engine.step()
+    active[0] = False
+    dist.barrier()
+    elapsed = time.perf_counter() - started
+    queue.put((rank, {"tokens_per_s": steps * GLOBAL * SEQ / elapsed,
+                      "bytes_per_step": {k: v / steps for k, v in counts.items()}}))
+    dist.destroy_process_group()
+
+
+def run(layout: str, steps: int, warmup: int) -> dict[int, dict]:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = mp.start_processes(_worker, args=(2, _free_port(), layout, steps, warmup, queue), nprocs=2, join=False,
+                               start_method="spawn")
+    results = dict(queue.get(timeout=1800) for _ in range(2))
+    procs.join()
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--warmup", type=int, default=2)
+    args = parser.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    print(f"demo shape, {GLOBAL} x {SEQ} tokens per step, 2 gloo processes, ZeRO-1, fp32, "
+          f"{args.steps} timed steps after {args.warmup}")
+    for layout in ("dp2", "tp2"):
+        result = run(layout, args.steps, args.warmup)[0]
+        per_kind = sorted(result["bytes_per_step"].items())
+        traffic = ", ".join(f"{name} {value / 2**20:.2f} MiB" for name, value in per_kind)
+        total = sum(result["bytes_per_step"].values()) / 2**20
+        print(f"{layout}: {result['tokens_per_s']:8.0f} tokens/s; collective payload per rank per step "
+              f"{total:.2f} MiB ({traffic})")
+
+
+if __name__ == "__main__":
+    main()
