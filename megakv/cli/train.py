@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         if guard is not None:
             guard.report(message, code)
     except BaseException as e:  # noqa: BLE001 - report, then leave without interpreter teardown (gloo aborts there)
-        peer = guard.wait_for_error(2.0) if guard is not None else None
+        peer = guard.wait_for_error(0.5) if guard is not None else None
         if peer is not None:  # our collective failed because a peer stopped: its message is the one that matters
             print(peer.describe(layout.rank), file=sys.stderr)
             code = peer.code or EXIT_FAILED

@@ -28,7 +28,8 @@ import torch.distributed as dist
 
 POLL_S = 0.1
 WATCH_S = 0.25
-BEAT_S = 1.0
+BEAT_S = 0.25
+GONE_S = 1.0  # a peer whose heartbeat has not moved for this long is not going to read a message
 ACK_WAIT_S = 10.0  # how long a failing rank keeps the store alive for its peers to read its message
 
 
@@ -52,6 +53,8 @@ class LaunchGuard:
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")  # torchrun's store outlives a restart
         self.store = dist.PrefixStore(f"megakv/attempt{attempt}/", store)
         self.raw_store = store
+        # env:// puts the store in rank 0's process (torchrun keeps its own): exiting there takes it away
+        self.hosts_store = rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
         self._watching = threading.Event()
 
     @classmethod
@@ -78,16 +81,25 @@ class LaunchGuard:
             return None
 
     def report(self, message: str, code: int) -> None:
-        """Tell every rank why this one stops; keep the store up until they have read it (or a short while)."""
+        """Tell every rank why this one stops; the store's host stays until they have read it (or a short while)."""
         payload = json.dumps({"rank": self.rank, "message": message, "code": code})
         try:
             self.store.compare_set("error", "", payload)  # the first failure is the one reported
             self.store.add("failed", 1)
+            if not self.hosts_store:
+                return
             deadline = time.monotonic() + min(ACK_WAIT_S, self.timeout_s)
-            # until every other rank has either read the message or failed itself
-            while (time.monotonic() < deadline
+            others = [r for r in range(self.world_size) if r != self.rank]
+            beats = {r: self.store.add(f"beat/{r}", 0) for r in others}
+            changed = time.monotonic()
+            # until every other rank has read the message or failed itself, or none is alive to read it
+            beating = any(beats.values())  # before the process group nobody beats: wait the whole while
+            while (time.monotonic() < deadline and not (beating and time.monotonic() - changed > GONE_S)
                    and self.store.add("acks", 0) + self.store.add("failed", 0) < self.world_size):
                 time.sleep(POLL_S)
+                now = {r: self.store.add(f"beat/{r}", 0) for r in others}
+                if now != beats:
+                    beats, changed = now, time.monotonic()
         except Exception:  # noqa: BLE001 - best effort: the peers still end by parallel.timeout
             pass
 

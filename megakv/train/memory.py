@@ -47,6 +47,9 @@ def estimate(cfg: MegaKVConfig, local_rank: int = 0) -> ActivationEstimate:
     scores = 2 * batch * m.n_heads * seq * seq * value  # scores + probabilities
     logits = 3 * batch * seq * m.vocab_size * 4  # fp32 logits, softmax, its gradient
     available, where = _machine_bytes(cfg, local_rank)
+    if cfg.train.activation_checkpointing:  # each block keeps its input; one block is recomputed at a time
+        fused = layers * batch * seq * m.d_model * value + per_layer + logits
+        return ActivationEstimate(fused, fused + scores, available, where)
     fused = layers * per_layer + logits
     return ActivationEstimate(fused, fused + layers * scores, available, where)
 
