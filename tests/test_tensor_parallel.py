@@ -99,7 +99,8 @@ def _grad_kind(name: str, split) -> str:
     return "kv" if where[0] == "kv" else "split"
 
 
-def _count_all_reduces(model, ids, plan) -> int:
+def _count_all_reduces(model, ids, plan, backward: bool = False) -> int:
+    """All-reduces of activation-sized tensors in one forward (or in its backward)."""
     import torch.distributed as dist
 
     calls = []
@@ -109,13 +110,18 @@ def _count_all_reduces(model, ids, plan) -> int:
         calls.append(tuple(tensor.shape))
         return original(tensor, *args, **kwargs)
 
+    logits = model(ids, plan=plan)
     dist.all_reduce = counting
     try:
-        with torch.no_grad():
-            model(ids, plan=plan)
+        if backward:
+            logits.sum().backward()
+        else:
+            with torch.no_grad():
+                model(ids, plan=plan)
     finally:
         dist.all_reduce = original
-    return len(calls)
+    model.zero_grad()
+    return sum(shape == (*ids.shape, model.cfg.d_model) for shape in calls)
 
 
 def _model_checks(cfg: ModelConfig, rank: int, group) -> dict:
@@ -173,6 +179,8 @@ def _model_checks(cfg: ModelConfig, rank: int, group) -> dict:
     ids = torch.randint(0, cfg.vocab_size, (2, 9), generator=generator)
     out["all_reduces"] = {text: _count_all_reduces(parallel, ids, RoutingPlan.parse(text))
                           for text in ("0 1 2 3 4 5", "0 0 1 0 2 0")}
+    out["backward_all_reduces"] = {text: _count_all_reduces(parallel, ids, RoutingPlan.parse(text), backward=True)
+                                   for text in ("0 1 2 3 4 5", "0 0 1 0 2 0")}
     out["marked"] = sorted(name for name, p in parallel.named_parameters()
                            if getattr(p, "tensor_model_parallel", False))
     return out
@@ -244,10 +252,12 @@ def test_shards_slice_and_merge_exactly(tp_results, model):
 
 
 def test_routed_layers_read_kv_without_communication(tp_results):
-    """Forward all-reduces are one per attention and one per MLP, whichever K/V each layer reads."""
+    """All-reduces are one per attention and one per MLP each way, whichever K/V each layer reads."""
     for result in tp_results.values():
         for model, cfg in MODELS.items():
             assert set(result[model]["all_reduces"].values()) == {2 * cfg.n_layers}
+            # Input grads: one all-reduce where attention's q/k/v and one where the MLP's gate/up read.
+            assert set(result[model]["backward_all_reduces"].values()) == {2 * cfg.n_layers}
 
 
 def test_deepspeed_norm_marks(tp_results):

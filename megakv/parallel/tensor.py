@@ -6,8 +6,10 @@ The embedding, the head and all norms stay replicated (no vocab-parallel head in
 untouched: its attention views take the head count from the projection width.
 
 Communication is Megatron's pair of autograd ops: `f` (identity forward, all-reduce of the input grad
-backward) enters each column-parallel linear, `g` (all-reduce forward, identity backward) leaves each
-row-parallel one. So per block the forward all-reduces twice (attention and MLP outputs). A routed layer
+backward) enters the split region, `g` (all-reduce forward, identity backward) leaves each row-parallel
+linear. In a model, `f` is applied once to the output of attn_norm (read by q/k/v only) and of mlp_norm
+(read by gate/up only), through forward hooks, rather than in each of the five column-parallel linears:
+per block two all-reduces forward and two backward, as in Megatron, instead of up to five. A routed layer
 attends with the K/V its source layer computed on the same rank: those are this rank's K/V heads, so
 routing needs no communication (the plan must be the same on every tensor rank).
 
@@ -73,16 +75,22 @@ def reduce_from_tensor_region(x: torch.Tensor, group: dist.ProcessGroup) -> torc
 
 
 class ColumnParallelLinear(nn.Module):
-    """y_local = x W_local^T + b_local: this rank's output rows; the output stays split."""
+    """y_local = x W_local^T + b_local: this rank's output rows; the output stays split.
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group: dist.ProcessGroup):
+    enters_region=False: the input already passed through `f` (input grads are summed there, once).
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group: dist.ProcessGroup,
+                 enters_region: bool = True):
         super().__init__()
-        self.group = group
+        self.group, self.enters_region = group, enters_region
         self.weight = nn.Parameter(weight)
         self.bias = None if bias is None else nn.Parameter(bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(copy_to_tensor_region(x, self.group), self.weight, self.bias)
+        if self.enters_region:
+            x = copy_to_tensor_region(x, self.group)
+        return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.weight.shape[1]}, local_out_features={self.weight.shape[0]}"
@@ -128,6 +136,11 @@ def _sum_grad_over_replicas(grad: torch.Tensor, group: dist.ProcessGroup, slot: 
     return buffer[slot]
 
 
+def _enter_tensor_region(module: nn.Module, args: tuple, output: torch.Tensor,
+                         group: dist.ProcessGroup) -> torch.Tensor:
+    return copy_to_tensor_region(output, group)
+
+
 def _dense_slices(module: nn.Linear, name: str, split: TensorSplit, rank: int) -> tuple[torch.Tensor, ...]:
     weight = shard_tensor(name + ".weight", module.weight.detach(), split, rank)
     bias = None if module.bias is None else shard_tensor(name + ".bias", module.bias.detach(), split, rank)
@@ -156,8 +169,11 @@ def apply_tensor_parallel(model: MegaKVModel, tp_group: dist.ProcessGroup, tp_ra
             owner = getattr(block, owner_name)
             name = f"{prefix}.{path}"
             weight, bias = _dense_slices(getattr(owner, attr), name, split, tp_rank)
-            kind = ColumnParallelLinear if path in COLUMN_PARALLEL else RowParallelLinear
-            parallel = kind(weight, bias, tp_group).to(getattr(owner, attr).weight.device)
+            if path in COLUMN_PARALLEL:
+                parallel = ColumnParallelLinear(weight, bias, tp_group, enters_region=False)
+            else:
+                parallel = RowParallelLinear(weight, bias, tp_group)
+            parallel = parallel.to(getattr(owner, attr).weight.device)
             setattr(owner, attr, parallel)
             for param_name, param in parallel.named_parameters():
                 where = split_of(f"{name}.{param_name}")
@@ -169,6 +185,8 @@ def apply_tensor_parallel(model: MegaKVModel, tp_group: dist.ProcessGroup, tp_ra
                     param.register_hook(kv_hook)
                 else:
                     _mark_split(param, dim)
+        for norm in (block.attn_norm, block.mlp_norm):  # their outputs feed only column-parallel linears
+            norm.register_forward_hook(functools.partial(_enter_tensor_region, group=tp_group))
         for norm in (block.attn.q_norm, block.attn.k_norm):
             if norm is not None:  # one weight shared by all heads, of which this rank sees its own only
                 norm.weight.register_hook(functools.partial(_sum_grad_over_group, group=tp_group))
