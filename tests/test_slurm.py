@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from train_data import prepare_tiny_dataset, synthetic_text
-from train_helpers import TINY_RECIPE, latest_tag, plan_traces, read_status, step_losses
+from train_helpers import TINY_RECIPE, latest_tag, launch_train, plan_traces, read_status, step_losses
 
 from megakv.testing.slurm_cluster import LocalSlurmCluster
 
@@ -143,6 +143,38 @@ def test_preemption_signal_checkpoints_and_requeued_job_resumes(cluster, dataset
     # SLURM's own record: the job ended twice, first requeued, then completed.
     ends = [c for c in cluster.completions() if c.get("JobId") == str(job)]
     assert [c["JobState"] for c in ends][-1] == "COMPLETED" and len(ends) == 2, ends
+
+
+def test_pipeline_stage_per_node_preempted_and_resumed_equals_one_process(cluster, dataset, tmp_path):
+    """parallel.pipeline=2 on 2 nodes x 1 rank: stage 0 on node 1, stage 1 on node 2, so the hidden state and the
+    routed K/V cross nodes every micro-batch. SIGUSR1 -> checkpoint -> requeue -> resume, and the losses of the
+    whole run equal one process training the same config straight through (the layout is taken from the config;
+    pretrain.sbatch is unchanged)."""
+    steps = 30
+    common = [f"data.datasets=[{dataset}]", f"train.steps={steps}", "parallel.zero_stage=1",
+              "routing.per_micro_batch=true", "routing.q_cross=0.75", "train.debug.check_plans=true"]
+    reference = launch_train([*common, f"train.run_dir={tmp_path / 'single'}"], nproc=1)
+    assert reference.ok, reference.output[-4000:]
+    run_dir = tmp_path / "pp2"
+    env = {**job_env(), "MEGAKV_RUN_DIR": str(run_dir)}
+    job = cluster.sbatch(PRETRAIN, str(TINY_RECIPE), *common, "parallel.pipeline=2",
+                         options=["--nodes=2"], env=env, cwd=tmp_path)
+    wait_for(lambda: re.search(rf"step [2-9]/{steps} ", job_output(tmp_path, job)), 150, "training to start")
+    cluster.signal(job, "USR1", batch=True)
+    records = cluster.wait(job, timeout=240)
+    out = job_output(tmp_path, job)
+    assert_completed(cluster, job, records, out)
+    assert records[0]["Restarts"] == "1" and records[0]["NodeList"] == "node[1-2]", records
+    assert '"pipeline": 2' in out and '"data_parallel": 1' in out, out
+    # Ranks are stages here (rank = stage with data-parallel size 1): rank 0 logs from node task 0, rank 1 from 1.
+    assert re.search(r"^0: \[rank 0\]", out, re.M) and re.search(r"^1: \[rank 1\]", out, re.M), out
+    stopped = re.search(r"stop requested \(SIGUSR1\): saving a checkpoint at step (\d+)", out)
+    assert stopped and 0 < int(stopped.group(1)) < steps, out
+    assert read_status(run_dir)["state"] == "finished"
+    ours, theirs = step_losses(run_dir), step_losses(tmp_path / "single")
+    assert sorted(ours) == sorted(theirs) == list(range(1, steps + 1))
+    for step in theirs:
+        assert ours[step] == pytest.approx(theirs[step], rel=1e-6), (step, ours[step], theirs[step])
 
 
 def test_preprocess_array_and_merge_equal_single_process(cluster, dataset, tmp_path):
