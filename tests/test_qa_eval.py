@@ -19,7 +19,14 @@ from megakv.cli.qa import main as qa_main
 from megakv.config import ModelConfig
 from megakv.data.sft import QARecord, encode_record
 from megakv.data.tokenizer import load_tokenizer
-from megakv.eval.qa import evaluate_qa, exact_match, greedy_answer, normalize_answer, token_f1
+from megakv.eval.qa import (
+    evaluate_qa,
+    exact_match,
+    greedy_answer,
+    greedy_answers,
+    normalize_answer,
+    token_f1,
+)
 from megakv.model import MegaKVModel
 from megakv.model_dir import load_model, save_model_dir
 from megakv.routing import deployment_plan
@@ -74,6 +81,12 @@ def test_greedy_answer_follows_the_models_argmax(qa_setup):
         assert token == int(model(ids, plan=plan)[0, -1].argmax())
         ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
     assert len(out) == 5
+    # The batched, cached path (the inference engine, prompts left-padded) answers exactly the same.
+    prompts = [prompt, [7, 3], [11, 12, 13, 14, 15, 16, 17]]
+    for spec in ("every:1", "every:2", "every:4"):
+        plan = deployment_plan(spec, 4)
+        expected = [greedy_answer(model, p, plan, 6, stop_ids={2}, vocab_size=300) for p in prompts]
+        assert greedy_answers(model, prompts, plan, 6, stop_ids={2}, vocab_size=300, batch_size=2) == expected
 
 
 def test_answer_loss_is_the_masked_loss_of_the_reference_answer(qa_setup):

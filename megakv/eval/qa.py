@@ -49,17 +49,44 @@ def token_f1(prediction: str, reference: str) -> float:
 @torch.no_grad()
 def greedy_answer(model, prompt: list[int], plan: RoutingPlan, max_new_tokens: int, stop_ids: set[int],
                   vocab_size: int | None = None) -> list[int]:
-    """Greedy continuation of `prompt` under `plan` (a full forward per token: exact at any plan), over the
-    first `vocab_size` ids (the tokenizer's; a model's embedding table is often padded beyond it)."""
+    """Greedy continuation of `prompt` under `plan`, one full forward per token (the reference for
+    `greedy_answers`); a stop id, or an id outside the tokenizer's `vocab_size` (a model's embedding table
+    is often padded beyond it), ends the answer."""
     device = model.embed.weight.device
     ids = torch.tensor([prompt], device=device)
     out: list[int] = []
     for _ in range(max_new_tokens):
-        next_id = int(model(ids, plan=plan)[0, -1, :vocab_size].argmax())
-        if next_id in stop_ids:
+        next_id = int(model(ids, plan=plan)[0, -1].argmax())
+        if next_id in stop_ids or (vocab_size is not None and next_id >= vocab_size):
             break
         out.append(next_id)
         ids = torch.cat([ids, torch.tensor([[next_id]], device=device)], dim=1)
+    return out
+
+
+def answer_before_stop(tokens: Sequence[int], stop_ids: set[int], vocab_size: int | None) -> list[int]:
+    out = []
+    for token in tokens:
+        if token in stop_ids or (vocab_size is not None and token >= vocab_size):
+            break
+        out.append(token)
+    return out
+
+
+@torch.no_grad()
+def greedy_answers(model, prompts: Sequence[list[int]], plan: RoutingPlan, max_new_tokens: int, stop_ids: set[int],
+                   vocab_size: int | None = None, batch_size: int = 8, eos_id: int | None = None,
+                   pad_id: int = 0) -> list[list[int]]:
+    """`greedy_answer` for many prompts at once: the inference engine (a cache for the retained layers
+    only, prompts left-padded into batches)."""
+    from megakv.inference.engine import InferenceEngine
+
+    engine = InferenceEngine(model, plan)
+    out = []
+    for first in range(0, len(prompts), batch_size):
+        generated = engine.generate(prompts[first:first + batch_size], max_new_tokens, eos_id=eos_id,
+                                    pad_id=pad_id)
+        out += [answer_before_stop(tokens, stop_ids, vocab_size) for tokens in generated.tokens]
     return out
 
 
@@ -84,7 +111,7 @@ class QAResult:
 @torch.no_grad()
 def evaluate_qa(model, tokenizer: Tokenizer, records: Sequence[QARecord], plans: dict[str, RoutingPlan], *,
                 seq_len: int, max_new_tokens: int = 16, order: str = "cqa", keep_examples: int = 3,
-                progress=None) -> list[QAResult]:
+                batch_size: int = 8, progress=None) -> list[QAResult]:
     """EM, F1 and answer loss of every plan on the same records and prompts."""
     info = tokenizer.info
     pad_id = info.pad_id if info.pad_id is not None else info.eos_id
@@ -102,9 +129,10 @@ def evaluate_qa(model, tokenizer: Tokenizer, records: Sequence[QARecord], plans:
         em = f1 = loss_sum = 0.0
         tokens_counted = 0
         examples = []
-        for record, prompt, (tokens, mask) in zip(records, prompts, teacher):
-            predicted = _first_line(tokenizer.decode(greedy_answer(model, prompt, plan, max_new_tokens, stop,
-                                                                 info.vocab_size)))
+        answers = greedy_answers(model, prompts, plan, max_new_tokens, stop, info.vocab_size, batch_size,
+                                 info.eos_id, pad_id)
+        for record, answer, (tokens, mask) in zip(records, answers, teacher):
+            predicted = _first_line(tokenizer.decode(answer))
             em += exact_match(predicted, record.answer)
             f1 += token_f1(predicted, record.answer)
             logits = model(tokens[None, :-1], plan=plan)[0].float()
