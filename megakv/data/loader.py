@@ -179,6 +179,8 @@ def build_data(cfg: DataConfig, seq_len: int, *, is_builder: bool, barrier: Call
                    "train": [{"dataset": s.identity, "split": split.key, "count": c}
                              for s, split, c in zip(train_sources, splits, counts)]}
     fingerprint = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:20]
+    for part in [*train_parts, *valid_sets.values()]:
+        part.vocab_size = tokenizer.vocab_size  # every sample read is checked against it
     nonempty_valid = [v for v in valid_sets.values() if len(v)]
     valid = (BlendedSamples(nonempty_valid, [len(v) for v in nonempty_valid], repeat=False)
              if nonempty_valid else None)

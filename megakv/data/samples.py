@@ -88,6 +88,10 @@ class GPTSamples:
     fixed epoch. `ds[i]` is an int64 array of seq_len + 1 tokens.
     """
 
+    # Set by the loader: a token id at or above it is refused when its sample is read (a max per piece,
+    # cheap), naming the file and the document, instead of an IndexError deep in the embedding.
+    vocab_size: int | None = None
+
     def __init__(self, name: str, dataset: IndexedDataset, seq_len: int, num_samples: int,
                  epoch_order: Callable[[int], EpochOrder], *, epochs: bool):
         self.name, self.dataset, self.seq_len = name, dataset, seq_len
@@ -128,7 +132,14 @@ class GPTSamples:
         k = int(np.searchsorted(order.starts, start, side="right")) - 1
         offset, filled = start - int(order.starts[k]), 0
         while filled < count:
-            piece = self.dataset.get(int(order.docs[k]), offset, count - filled)
+            doc = int(order.docs[k])
+            piece = self.dataset.get(doc, offset, count - filled)
+            if self.vocab_size is not None and len(piece) and int(piece.max()) >= self.vocab_size:
+                raise DataError(f"{self.dataset.prefix}.bin: document {doc} holds token id {int(piece.max())}, "
+                                f"outside the vocabulary of {self.vocab_size} (its .meta.json says otherwise, or "
+                                "the .bin was changed after preparation)",
+                                "re-prepare the dataset with megakv-prep, or point data.tokenizer at the tokenizer "
+                                "it was prepared with")
             out[filled:filled + len(piece)] = piece
             filled += len(piece)
             k, offset = k + 1, 0
