@@ -35,3 +35,33 @@ def test_token_ids_beyond_the_vocabulary_are_refused_naming_file_and_document(ru
     assert "IndexError" not in done.output
     status = read_status(run_dir)
     assert status["state"] == "failed" and "token id 500" in status["error"]
+
+
+def test_a_second_prep_on_the_same_prefix_is_refused_while_the_first_runs(runs, tmp_path):
+    import json
+    import subprocess
+    import sys
+    import time
+
+    from train_data import synthetic_text
+    from train_helpers import REPO, _child_env
+
+    from megakv.data.indexed import pair_exists
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in synthetic_text(documents=12000, seed=3)))
+    prefix = tmp_path / "out" / "d"
+    cmd = [sys.executable, "-m", "megakv.cli.prep", "--input", str(corpus), "--tokenizer",
+           str(runs.dataset.parent / "tokenizer"), "--output-prefix", str(prefix), "--no-progress"]
+    first = subprocess.Popen(cmd, cwd=REPO, env=_child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)
+    lock = prefix.with_name("d.tmp-lock")
+    deadline = time.monotonic() + 60
+    while not lock.exists():
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()[0]
+        time.sleep(0.01)
+    second = subprocess.run(cmd, cwd=REPO, env=_child_env(), capture_output=True, text=True, timeout=120)
+    out, _ = first.communicate(timeout=120)
+    assert first.returncode == 0, out[-2000:]
+    assert second.returncode == 2 and "another megakv-prep is writing" in second.stderr, second.stderr[-2000:]
+    assert pair_exists(prefix) and not lock.exists()

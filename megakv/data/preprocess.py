@@ -8,10 +8,12 @@ whatever the input size. `workers=1` runs everything in this process.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
 import multiprocessing
+import os
 import time
 from collections import Counter, deque
 from collections.abc import Iterator
@@ -207,6 +209,47 @@ def preprocess(inputs: list[str], tokenizer: str | Path, output_prefix: str | Pa
                options: PrepOptions = PrepOptions(), shard: tuple[int, int] | None = None,
                overwrite: bool = False, eos_token: str | None = None, progress: bool = True,
                max_skip_fraction: float = DEFAULT_MAX_SKIP_FRACTION) -> PrepSummary:
+    """`_preprocess` while holding PREFIX.tmp-lock: a second megakv-prep on the same prefix is refused at once
+    instead of racing the first (the last writer used to win). The kernel releases the lock however the
+    process ends; a clean end also removes the file."""
+    prefix = Path(output_prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = prefix.with_name(prefix.name + ".tmp-lock")  # temporary-looking, like every other leftover
+    with _exclusive_lock(lock_path, prefix):
+        return _preprocess(inputs, tokenizer, output_prefix, workers=workers, options=options, shard=shard,
+                           overwrite=overwrite, eos_token=eos_token, progress=progress,
+                           max_skip_fraction=max_skip_fraction)
+
+
+@contextlib.contextmanager
+def _exclusive_lock(path: Path, prefix: Path):
+    import fcntl
+
+    while True:
+        lock = open(path, "a")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise DataError(f"another megakv-prep is writing {prefix} (it holds {path})",
+                            "wait for it to finish, or choose another --output-prefix") from None
+        try:  # the holder before us may have removed the file after we opened it: lock the current one
+            if os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        lock.close()
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # while still holding it, so nobody locks a file about to vanish
+        lock.close()
+
+
+def _preprocess(inputs: list[str], tokenizer: str | Path, output_prefix: str | Path, *, workers: int = 1,
+                options: PrepOptions = PrepOptions(), shard: tuple[int, int] | None = None,
+                overwrite: bool = False, eos_token: str | None = None, progress: bool = True,
+                max_skip_fraction: float = DEFAULT_MAX_SKIP_FRACTION) -> PrepSummary:
     """Tokenize `inputs` (files, globs, directories) into `output_prefix`.bin/.idx (+ .meta.json).
 
     Nothing is written when no document is left, or when more than `max_skip_fraction` of the records
