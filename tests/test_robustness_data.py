@@ -4,6 +4,7 @@ not an IndexError deep in the embedding."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -42,6 +43,16 @@ def test_token_ids_beyond_the_vocabulary_are_refused_naming_file_and_document(ru
     err = capsys.readouterr().err
     assert f"{prefix}.bin: sequence 0 holds token id 500" in err and "meta.json" in err
     assert data_main(["info", str(runs.dataset)]) == 0  # the intact original passes
+    # megakv-merge refuses to carry the false bound into a merged pair
+    from megakv.cli.merge import main as merge_main
+
+    merged = tmp_path / "merged" / "all"
+    assert merge_main(["--inputs", str(runs.dataset), str(prefix), "--output-prefix", str(merged)]) == 2
+    err = capsys.readouterr().err
+    assert f"{prefix}.bin holds token id 500" in err and not (merged.parent / "all.idx").exists()
+    assert merge_main(["--inputs", str(runs.dataset), "--output-prefix", str(merged)]) == 0
+    assert json.loads((merged.parent / "all.meta.json").read_text())["max_token_id"] == IndexedDataset(
+        runs.dataset).max_token_id()
 
 
 def test_a_second_prep_on_the_same_prefix_is_refused_while_the_first_runs(runs, tmp_path):

@@ -11,7 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 from megakv.data.errors import DataError
-from megakv.data.indexed import IndexedDataset, IndexedWriter, idx_path, pair_exists
+from megakv.data.indexed import IndexedDataset, IndexedWriter, bin_path, idx_path, pair_exists
 from megakv.data.metadata import read_meta, write_meta
 from megakv.data.tokenizer import TokenizerInfo, save_beside_data
 
@@ -66,7 +66,15 @@ def merge(inputs: list[str], output_prefix: str | Path, *, overwrite: bool = Fal
     skipped: Counter = Counter()
     for m in metas:
         skipped.update((m or {}).get("skipped", {}))
-    known_max = [m.get("max_token_id") for m in metas if m is not None]
+    # The real largest id of every input (a chunked scan, cheap next to the copy): a bound its metadata
+    # under-states is refused rather than carried into the merged pair's metadata.
+    scanned = [s.max_token_id() for s in sources]
+    for prefix, meta_of, largest in zip(prefixes, metas, scanned):
+        claimed = (meta_of or {}).get("max_token_id")
+        if claimed is not None and largest > int(claimed):
+            raise DataError(f"{bin_path(prefix)} holds token id {largest}, above the max_token_id {claimed} its "
+                            ".meta.json claims (the .bin was changed after preparation, or the metadata is wrong)",
+                            "re-prepare that input with megakv-prep, then merge again")
     with IndexedWriter(output, sources[0].dtype) as writer:
         for source in sources:
             writer.add_index(source)
@@ -80,7 +88,6 @@ def merge(inputs: list[str], output_prefix: str | Path, *, overwrite: bool = Fal
             "skipped": dict(skipped), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "seconds": round(time.time() - started, 3),
         }
-        if len(known_max) == len(metas):  # every input knew its largest id: no scan needed later
-            meta["max_token_id"] = max(known_max)
+        meta["max_token_id"] = max(scanned)
         writer.finalize(before_commit=lambda: write_meta(output, meta))
     return meta
