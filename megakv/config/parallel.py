@@ -13,9 +13,16 @@ PIPELINE_PARTITIONS = ("uniform", "parameters")
 PIPELINE_TRANSPORTS = ("fixed", "dynamic")
 
 
+def check_tensor_zero_stage(zero_stage: int, tensor: int, field: str = "parallel.zero_stage") -> None:
+    if tensor > 1 and zero_stage > 2:
+        raise ConfigError(field, zero_stage, "ZeRO-3 is not supported with tensor parallelism (it would partition "
+                          "the tensor shards again; untested with megakv's tensor-group gradient hooks)",
+                          "use parallel.zero_stage=1 or 2 with parallel.tensor > 1")
+
+
 @dataclass
 class ParallelConfig:
-    tensor: int = 1  # head-split tensor parallelism (not implemented yet: must be 1)
+    tensor: int = 1  # head-split tensor parallelism (megakv/parallel/tensor.py; ZeRO 1-2, no pipeline yet)
     pipeline: int = 1  # pipeline stages (DeepSpeed's pipe engine; needs zero_stage 1)
     # How blocks are cut into stages: uniform (same number of blocks per stage; n_layers must divide) or
     # parameters (balance parameter counts, the embedding counted on the first stage, the head on the last).
@@ -69,8 +76,10 @@ class ParallelConfig:
             raise ConfigError(f"{prefix}.zero_stage", self.zero_stage,
                               "DeepSpeed's pipeline engine supports ZeRO stage 1 at most",
                               "use parallel.zero_stage=1 with pipeline parallelism")
-        # The engine is structured for it (megakv/parallel/wrap.py), but it is not written yet.
-        if self.tensor > 1:
-            raise ConfigError(f"{prefix}.tensor", self.tensor, "tensor parallelism is not implemented yet",
-                              "set parallel.tensor=1")
+        check_tensor_zero_stage(self.zero_stage, self.tensor, f"{prefix}.zero_stage")
+        if self.tensor > 1 and self.pipeline > 1:  # each stage would need its blocks split: not written yet
+            raise ConfigError(f"{prefix}.tensor", self.tensor,
+                              f"tensor parallelism with pipeline parallelism (parallel.pipeline={self.pipeline}) "
+                              "is not implemented yet",
+                              "use parallel.tensor > 1 with parallel.pipeline=1 (TP x DP), or parallel.tensor=1")
         return world_size // model_parallel

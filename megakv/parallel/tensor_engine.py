@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from megakv.config import MegaKVConfig
-from megakv.config.errors import ConfigError
 from megakv.config.model import ModelConfig
+from megakv.config.parallel import check_tensor_zero_stage  # also checked at launch (validate_layout)
 from megakv.model import MegaKVModel
 from megakv.optim.param_groups import weight_decay_groups
 from megakv.optim.schedule import WarmupCosineSchedule
@@ -26,13 +26,6 @@ from megakv.parallel.context import ParallelContext
 from megakv.parallel.runners import DataParallelRunner
 from megakv.parallel.tensor import apply_tensor_parallel
 from megakv.parallel.tensor_split import TensorSplit
-
-
-def check_tensor_zero_stage(zero_stage: int, tensor: int, field: str = "parallel.zero_stage") -> None:
-    if tensor > 1 and zero_stage > 2:
-        raise ConfigError(field, zero_stage, "ZeRO-3 is not supported with tensor parallelism (it would partition "
-                          "the tensor shards again; untested with megakv's tensor-group gradient hooks)",
-                          "use parallel.zero_stage=1 or 2 with parallel.tensor > 1")
 
 
 def tensor_parallel_grid(topology: Any):

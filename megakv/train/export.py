@@ -57,6 +57,8 @@ def consolidated_state_dict(run_dir: str | Path) -> tuple[ModelConfig, dict[str,
     tag, state = _require_latest(run_dir)
     if int(state.layout.get("pipeline", 1)) > 1:
         return _pipeline_state_dict(run_dir, tag, state)
+    if int(state.layout.get("tensor", 1)) > 1:
+        return _tensor_state_dict(run_dir, tag, state)
     check_deepspeed_dir(checkpoints_dir(run_dir) / tag)  # zero_to_fp32 unpickles with weights_only=False
     weights = get_fp32_state_dict_from_zero_checkpoint(str(checkpoints_dir(run_dir)), tag=tag)
     # Own storage per tensor: zero_to_fp32 returns views into one flat buffer, which safetensors refuses.
@@ -77,6 +79,18 @@ def _pipeline_state_dict(run_dir: Path, tag: str, state: TrainState) -> tuple[Mo
         check_deepspeed_dir(tag_dir)  # the optimizer shards unpickle with weights_only=False
         weights = master_weights_state(tag_dir, cfg.n_layers)
     return cfg, {name: tensor.float().clone() for name, tensor in weights.items()}, tag
+
+
+def _tensor_state_dict(run_dir: Path, tag: str, state: TrainState) -> tuple[ModelConfig, dict, str]:
+    """A tensor-parallel run: every tensor rank's shard (module weights, or the fp32 masters of a bf16 run)
+    merged into the dense MegaKVModel state dict."""
+    from megakv.parallel.tensor_files import tensor_checkpoint_state
+
+    cfg = model_config_of(state)
+    precision = OmegaConf.create(state.config_yaml).get("train", {}).get("precision", "fp32")
+    weights = tensor_checkpoint_state(checkpoints_dir(run_dir) / tag, cfg, int(state.layout["tensor"]),
+                                      masters=precision != "fp32")
+    return cfg, weights, tag
 
 
 def export_model_dir(run_dir: str | Path, out_dir: str | Path, hf: bool = False, overwrite: bool = False) -> Path:
