@@ -2,7 +2,8 @@
 
 Layout of RUN_DIR/checkpoints/:
     step_00000400/              a complete checkpoint (DeepSpeed shards, rng/rank*.json, megakv_state.json)
-    step_00000400_universal/    the same, converted for another data-parallel size (megakv-convert to-universal)
+    step_00000400_universal/    the same, converted for another data-parallel / pipeline layout (megakv-convert
+                                to-universal; parameters under MegaKVModel names: megakv/parallel/universal.py)
     latest                      the tag of the newest complete checkpoint; written last (a hint for tools)
     latest_universal            the tag of the newest universal conversion
     .tmp-step_00000500/         a save in progress (or one a crash interrupted; removed at the next start)
@@ -310,8 +311,13 @@ def load_checkpoint(engine, point: ResumePoint, rank: int) -> None:
     from megakv.safe_load import check_deepspeed_dir
 
     check_deepspeed_dir(point.path)
-    load_path, _ = engine.load_checkpoint(str(point.ckpt_dir), tag=point.tag, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
+    if point.universal:  # MegaKVModel-named: the dense and the pipe engine each map their own names
+        from megakv.parallel.universal import load_universal
+
+        load_path, _ = load_universal(engine, point.ckpt_dir, point.tag, point.state.config_yaml)
+    else:
+        load_path, _ = engine.load_checkpoint(str(point.ckpt_dir), tag=point.tag, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load checkpoint {point.path}. Fix: resume from another "
                               "checkpoint (move this one aside) or choose a new train.run_dir")

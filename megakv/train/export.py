@@ -108,7 +108,7 @@ def export_model_dir(run_dir: str | Path, out_dir: str | Path, hf: bool = False,
 
 
 def convert_to_universal(run_dir: str | Path, workers: int = 1) -> Path:
-    """Convert the latest checkpoint so a launch with another data-parallel size can resume from it.
+    """Convert the latest checkpoint so a launch with another data-parallel or pipeline size can resume from it.
 
     Runs DeepSpeed's ds_to_universal into a temporary directory, adds the megakv state and RNG files,
     renames it to `<tag>_universal` and then points `latest_universal` at it.
@@ -128,6 +128,10 @@ def convert_to_universal(run_dir: str | Path, workers: int = 1) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise RuntimeError(f"ds_to_universal failed (exit {done.returncode}):\n{done.stdout[-3000:]}\n"
                            f"{done.stderr[-3000:]}")
+    if int(state.layout.get("pipeline", 1)) > 1:  # a layout-free checkpoint: MegaKVModel parameter names
+        from megakv.parallel.universal import rename_to_model_names
+
+        rename_to_model_names(tmp, ckpt_dir / tag, model_config_of(state).n_layers)
     if (ckpt_dir / tag / RNG_DIR).is_dir():
         shutil.copytree(ckpt_dir / tag / RNG_DIR, tmp / RNG_DIR)
     state.files = manifest_of(tmp, checkpoint_files(tmp))  # the converted directory's own files

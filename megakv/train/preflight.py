@@ -21,6 +21,7 @@ from megakv.config.errors import ConfigError
 from megakv.config.model import ModelConfig
 from megakv.parallel.layout import ParallelLayout
 from megakv.parallel.tensor_split import tensor_split
+from megakv.parallel.universal import is_layout_free
 from megakv.train.checkpoint import (
     LATEST_UNIVERSAL,
     CheckpointError,
@@ -204,16 +205,23 @@ def find_resume(cfg: MegaKVConfig, data_parallel: int) -> ResumePoint | None:
     check_same_data(cfg, state, where)
     check_same_zero_stage(cfg, state, where)
     changes = tuple(check_config_changes(cfg, state, where, cfg.checkpoint.allow_config_change))
-    if state.data_parallel == data_parallel:
+    saved_pipeline = int(state.layout.get("pipeline", 1))
+    if state.data_parallel == data_parallel and saved_pipeline == cfg.parallel.pipeline:
         return ResumePoint(ckpt_dir, tag, state, universal=False, notices=tuple(notices), config_changes=changes)
     converted = universal_tag(tag)
-    if read_pointer(ckpt_dir, LATEST_UNIVERSAL) == converted and (ckpt_dir / converted).is_dir():
-        return ResumePoint(ckpt_dir, converted, state, universal=True, notices=tuple(notices),
-                           config_changes=changes)
-    raise ConfigError("checkpoint.resume", "auto",
-                      f"{ckpt_dir / tag} was written by {state.data_parallel} data-parallel ranks, this launch "
-                      f"has {data_parallel}",
-                      f"run `megakv-convert to-universal {run_dir}` first, or launch {state.data_parallel} ranks")
+    problem = (f"{ckpt_dir / tag} was written by {state.data_parallel} data-parallel rank(s) x {saved_pipeline} "
+               f"pipeline stage(s), this launch has {data_parallel} x {cfg.parallel.pipeline}")
+    same_layout = (f"launch {state.data_parallel * saved_pipeline * cfg.parallel.tensor} processes with "
+                   f"parallel.pipeline={saved_pipeline} (the layout that wrote it)")
+    if read_pointer(ckpt_dir, LATEST_UNIVERSAL) != converted or not (ckpt_dir / converted).is_dir():
+        raise ConfigError("checkpoint.resume", "auto", problem,
+                          f"run `megakv-convert to-universal {run_dir}` first, or {same_layout}")
+    if not is_layout_free(ckpt_dir / converted):
+        raise ConfigError("checkpoint.resume", "auto",
+                          f"{problem}; its conversion {ckpt_dir / converted} does not hold the parameters under "
+                          "MegaKVModel names (an older or partial conversion)",
+                          f"run `megakv-convert to-universal {run_dir}` again, or {same_layout}")
+    return ResumePoint(ckpt_dir, converted, state, universal=True, notices=tuple(notices), config_changes=changes)
 
 
 def check_pipeline(cfg: MegaKVConfig, accumulation: int) -> None:
@@ -241,19 +249,13 @@ def check_plans_layout(cfg: MegaKVConfig, data_parallel: int) -> None:
                           "false (one plan per step)")
 
 
-def check_same_pipeline(cfg: MegaKVConfig, resume: ResumePoint | None) -> None:
-    saved = 1 if resume is None else int(resume.state.layout.get("pipeline", 1))
-    if resume is not None and saved != cfg.parallel.pipeline:
-        raise ConfigError("parallel.pipeline", cfg.parallel.pipeline,
-                          f"the checkpoint {resume.path} was written by {saved} pipeline stages; resuming on "
-                          "another pipeline layout is not supported yet",
-                          f"resume with parallel.pipeline={saved}")
-    if resume is not None and resume.universal and cfg.parallel.pipeline > 1:
-        raise ConfigError("checkpoint.resume", "auto",
-                          f"{resume.path} is a universal checkpoint for another data-parallel size; resuming a "
-                          "pipeline run on another layout is not supported yet",
-                          f"launch {resume.state.data_parallel * cfg.parallel.pipeline * cfg.parallel.tensor} "
-                          "processes, the layout that wrote it")
+def check_same_tensor(cfg: MegaKVConfig, resume: ResumePoint | None) -> None:
+    saved = 1 if resume is None else int(resume.state.layout.get("tensor", 1))
+    if resume is not None and saved != cfg.parallel.tensor:
+        raise ConfigError("parallel.tensor", cfg.parallel.tensor,
+                          f"the checkpoint {resume.path} was written with tensor degree {saved}; resuming with "
+                          "another tensor degree is not supported yet",
+                          f"resume with parallel.tensor={saved}")
 
 
 def preflight(cfg: MegaKVConfig, layout: ParallelLayout) -> Launch:
@@ -271,7 +273,7 @@ def preflight(cfg: MegaKVConfig, layout: ParallelLayout) -> Launch:
     if memory_note and layout.rank == 0:
         warnings.warn(memory_note, stacklevel=2)
     resume = find_resume(cfg, data_parallel)
-    check_same_pipeline(cfg, resume)
+    check_same_tensor(cfg, resume)
     ds_config = build_ds_config(cfg, data_parallel, load_universal=bool(resume and resume.universal))
     return Launch(run_dir=Path(cfg.train.run_dir), data_parallel=data_parallel, accumulation_steps=accumulation,
                   ds_config=ds_config, resume=resume)
