@@ -16,12 +16,15 @@ from pathlib import Path
 import pytest
 import torch
 from train_data import prepare_tiny_dataset
-from train_helpers import latest_tag, launch_train, read_status, step_losses
+from train_helpers import TINY_RECIPE, latest_tag, launch_train, read_status, step_losses
 
 from megakv.cli.convert import main as convert_main
+from megakv.config import ConfigError, load_config, to_yaml
+from megakv.parallel.layout import ParallelLayout
+from megakv.train.checkpoint import LATEST_UNIVERSAL, write_pointer
 from megakv.train.export import consolidated_state_dict
-
-pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+from megakv.train.preflight import preflight
+from megakv.train.state import TrainState
 
 STEPS, STOP = 4, 2
 MOMENTS = ("fp32", "exp_avg", "exp_avg_sq")
@@ -57,12 +60,14 @@ def universal_state(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
             for folder in zero.iterdir() if folder.is_dir()}
 
 
-def change_layout(dataset: Path, single: Path, tmp_path: Path, source: tuple[int, int], target: tuple[int, int]):
-    """source, target: (processes, pipeline stages)."""
-    interrupted = train(dataset, tmp_path / "source", source[0], source[1], f"train.debug.sigterm_at_step={STOP}")
+def change_layout(dataset: Path, single: Path, tmp_path: Path, source: tuple[int, int], target: tuple[int, int],
+                  *extra: str):
+    """source, target: (processes, pipeline stages); `single`: the one-process run of the same config."""
+    interrupted = train(dataset, tmp_path / "source", source[0], source[1], f"train.debug.sigterm_at_step={STOP}",
+                        *extra)
     assert read_status(interrupted)["step"] == STOP and latest_tag(interrupted) == "step_00000002"
     # without the conversion: refused before any process group, naming the command (exit 2)
-    refused = launch_train(overrides(dataset, interrupted, target[1]), nproc=target[0], resume=True)
+    refused = launch_train(overrides(dataset, interrupted, target[1], *extra), nproc=target[0], resume=True)
     assert refused.returncodes == [2] * target[0], refused.output[-3000:]
     assert f"megakv-convert to-universal {interrupted}" in refused.output, refused.output[-3000:]
     assert convert_main(["to-universal", str(interrupted)]) == 0
@@ -73,7 +78,7 @@ def change_layout(dataset: Path, single: Path, tmp_path: Path, source: tuple[int
     # (a) load on the target layout and save at once: weights and Adam moments are the source's
     probe = tmp_path / "probe"
     shutil.copytree(interrupted, probe)
-    train(dataset, probe, target[0], target[1], f"train.steps={STOP}", resume=True)
+    train(dataset, probe, target[0], target[1], f"train.steps={STOP}", *extra, resume=True)
     assert latest_tag(probe) == "step_00000002" and read_status(probe)["state"] == "finished"
     saved = json.loads((probe / "checkpoints" / "step_00000002" / "megakv_state.json").read_text())["layout"]
     assert (saved["world_size"], saved["pipeline"]) == target  # written by the target layout
@@ -89,7 +94,7 @@ def change_layout(dataset: Path, single: Path, tmp_path: Path, source: tuple[int
             assert torch.equal(loaded_state[name][key], tensors[key]), (name, key)
 
     # (b) train on from the conversion: the next losses follow the uninterrupted run
-    train(dataset, interrupted, target[0], target[1], resume=True)
+    train(dataset, interrupted, target[0], target[1], *extra, resume=True)
     assert read_status(interrupted)["state"] == "finished"
     reference, continued = step_losses(single), step_losses(interrupted)
     for step in range(STOP + 1, STEPS + 1):
@@ -98,13 +103,56 @@ def change_layout(dataset: Path, single: Path, tmp_path: Path, source: tuple[int
     assert all(torch.allclose(ours[k], theirs[k], rtol=0, atol=1e-5) for k in theirs)
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_two_stages_to_one_stage_two_data_ranks(dataset, single, tmp_path):
     change_layout(dataset, single, tmp_path, source=(2, 2), target=(2, 1))
 
 
-def test_one_stage_to_two_stages(dataset, single, tmp_path):
-    change_layout(dataset, single, tmp_path, source=(1, 1), target=(2, 2))
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_one_stage_to_two_stages_tied_embeddings(dataset, tmp_path):
+    # the pipe engine holds the tied embedding on both end stages ('tied_modules.embed.embed.weight')
+    tied = "model.tie_embeddings=true"
+    reference = train(dataset, tmp_path / "single_tied", 1, 1, tied)
+    change_layout(dataset, reference, tmp_path, (1, 1), (2, 2), tied)
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_two_stages_two_data_ranks_to_two_stages_one_data_rank(dataset, single, tmp_path):
     change_layout(dataset, single, tmp_path, source=(4, 2), target=(2, 2))
+
+
+def fake_checkpoint(dataset: Path, run_dir: Path, **layout: int) -> None:
+    """A checkpoint directory as far as preflight and the converter read it before touching any shard."""
+    cfg = load_config(TINY_RECIPE, overrides(dataset, run_dir, layout.get("pipeline", 1)))
+    tag_dir = run_dir / "checkpoints" / "step_00000002"
+    tag_dir.mkdir(parents=True)
+    TrainState(step=2, layout={"data_parallel": 1, **layout}, config_yaml=to_yaml(cfg)).write(tag_dir)
+    write_pointer(run_dir / "checkpoints", "step_00000002")
+
+
+def test_another_pipeline_size_names_the_conversion_to_run(dataset, tmp_path):
+    run = tmp_path / "run"
+    fake_checkpoint(dataset, run, pipeline=2)
+    cfg = load_config(TINY_RECIPE, [*overrides(dataset, run, 1), "checkpoint.resume=auto"])
+    with pytest.raises(ConfigError) as refused:
+        preflight(cfg, ParallelLayout(world_size=2, rank=0, local_rank=0))
+    assert refused.value.field == "checkpoint.resume"
+    assert f"megakv-convert to-universal {run}" in refused.value.fix
+    assert "1 data-parallel rank(s) x 2 pipeline stage(s)" in str(refused.value)
+    # a universal folder without MegaKVModel-named parameters (an older or partial conversion): convert again
+    (run / "checkpoints" / "step_00000002_universal" / "zero").mkdir(parents=True)
+    write_pointer(run / "checkpoints", "step_00000002_universal", LATEST_UNIVERSAL)
+    with pytest.raises(ConfigError) as stale:
+        preflight(cfg, ParallelLayout(world_size=2, rank=0, local_rank=0))
+    assert f"megakv-convert to-universal {run}` again" in stale.value.fix
+
+
+def test_a_tensor_parallel_checkpoint_is_not_converted(dataset, tmp_path, capsys):
+    run = tmp_path / "run"
+    fake_checkpoint(dataset, run, tensor=2)
+    assert convert_main(["to-universal", str(run)]) == 2
+    assert "parallel.tensor=2" in capsys.readouterr().err
+    assert not (run / "checkpoints" / "step_00000002_universal").exists()

@@ -116,6 +116,11 @@ def convert_to_universal(run_dir: str | Path, workers: int = 1) -> Path:
     run_dir = Path(run_dir)
     ckpt_dir = checkpoints_dir(run_dir)
     tag, state = _require_latest(run_dir)
+    if int(state.layout.get("tensor", 1)) > 1:
+        raise ValueError(f"{ckpt_dir / tag} is a tensor-parallel checkpoint (parallel.tensor="
+                         f"{state.layout['tensor']}); converting one to a universal checkpoint is not supported yet: "
+                         "resume it with the same parallel.tensor, or export it (megakv-convert from-checkpoint) and "
+                         "start a new run with checkpoint.init_from")
     check_deepspeed_dir(ckpt_dir / tag)  # ds_to_universal unpickles with weights_only=False
     target = ckpt_dir / universal_tag(tag)
     tmp = ckpt_dir / (TMP_PREFIX + universal_tag(tag))
