@@ -156,6 +156,24 @@ def test_sigterm_and_resume_on_the_same_layout_is_bit_exact(dataset, tp2, tmp_pa
 
 
 @pytest.mark.slow
+def test_two_tensor_ranks_with_activation_checkpointing(dataset, single, tmp_path):
+    # each tensor rank recomputes its shard of every block in the backward, the row-parallel all-reduces again
+    run = train(dataset, tmp_path / "tp2_recompute", 2, "parallel.tensor=2", "train.activation_checkpointing=true")
+    assert_same_training(run, single)
+
+
+@pytest.mark.slow
+def test_two_tensor_by_two_data_parallel_ranks(dataset, single, tmp_path):
+    # ranks 0,1 and 2,3 split the heads; ZeRO-1 partitions and reduces over data ranks {0,2} and {1,3}
+    run = train(dataset, tmp_path / "tp2dp2", 4, "parallel.tensor=2")
+    assert_same_training(run, single)
+    assert json.loads((run / "checkpoints" / latest_tag(run) / "megakv_state.json").read_text())["layout"][
+        "data_parallel"] == 2
+    names = {p.name for p in (run / "checkpoints" / latest_tag(run)).iterdir()}
+    assert {f"zero_pp_rank_{d}_mp_rank_{t:02d}_optim_states.pt" for d in (0, 1) for t in (0, 1)} <= names
+
+
+@pytest.mark.slow
 def test_mqa_with_replicated_kv_heads_tied_embeddings_and_zero2(dataset, tmp_path):
     # one K/V head for two tensor ranks: both hold a replica; the head shares the embedding's weight
     extra = ("model.n_kv_heads=1", "model.tie_embeddings=true", "parallel.zero_stage=2")

@@ -63,16 +63,21 @@ def initialize_tensor_parallel(model: MegaKVModel, model_parameters: Any, ds_con
 
 
 def tensor_data_runner(cfg: MegaKVConfig, ctx: ParallelContext, ds_config: dict,
-                       init_state: Mapping[str, torch.Tensor] | None = None) -> DataParallelRunner:
+                       init_state: Mapping[str, torch.Tensor] | None = None,
+                       prepare: Callable[[MegaKVModel], None] | None = None) -> DataParallelRunner:
     """TP x DP (one pipeline stage): this rank's shard in a ZeRO-1/2 engine, stepped like data parallelism.
 
     The same StepRunner as plain data parallelism: tensor peers get the same micro-batches and plans
-    (both follow the data rank), so only the engine's mpu and the model's shards differ.
+    (both follow the data rank), so only the engine's mpu and the model's shards differ. `prepare` runs on
+    the sharded model before the engine wraps it (activation checkpointing: tensor peers recompute the
+    same blocks, so the recomputed forward's collectives pair up).
     """
     if ctx.layout.pipeline != 1:
         raise NotImplementedError("tensor x pipeline parallelism is not implemented yet")
     grid = tensor_parallel_grid(ctx.topology)
     model, _ = build_tensor_parallel_model(cfg.model, cfg.train.seed, grid, init_state)
+    if prepare is not None:
+        prepare(model)
     engine = initialize_tensor_parallel(
         model, weight_decay_groups(model, cfg.optim), ds_config, grid,
         lr_scheduler=lambda optimizer: WarmupCosineSchedule(optimizer, cfg.optim, cfg.train.steps))

@@ -50,7 +50,8 @@ def build_runner(cfg: MegaKVConfig, ctx: ParallelContext, ds_config: dict,
                  init_state: dict[str, torch.Tensor] | None = None) -> StepRunner:
     """The model for this rank (from `init_state`, MegaKVModel names, when given) inside its engine."""
     if ctx.layout.tensor != 1:  # TP x DP (megakv/parallel/tensor_engine.py); TP x PP is refused there
-        return tensor_data_runner(cfg, ctx, ds_config, init_state)
+        return tensor_data_runner(cfg, ctx, ds_config, init_state,
+                                  prepare=recompute_blocks if cfg.train.activation_checkpointing else None)
     if ctx.layout.pipeline == 1:
         model = build_model(cfg.model, cfg.train.seed)
         if init_state is not None:
