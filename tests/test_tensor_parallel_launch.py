@@ -174,6 +174,15 @@ def test_two_tensor_by_two_data_parallel_ranks(dataset, single, tmp_path):
 
 
 @pytest.mark.slow
+def test_one_plan_per_step(dataset, tmp_path):
+    reference = train(dataset, tmp_path / "single_per_step", 1, "routing.per_micro_batch=false")
+    run = train(dataset, tmp_path / "tp2_per_step", 2, "parallel.tensor=2", "routing.per_micro_batch=false")
+    assert_same_training(run, reference)
+    lines = (run / "logs" / "plans_rank0.txt").read_text().splitlines()
+    assert len(lines) == STEPS and (run / "logs" / "plans_rank1.txt").read_text().splitlines() == lines
+
+
+@pytest.mark.slow
 def test_mqa_with_replicated_kv_heads_tied_embeddings_and_zero2(dataset, tmp_path):
     # one K/V head for two tensor ranks: both hold a replica; the head shares the embedding's weight
     extra = ("model.n_kv_heads=1", "model.tie_embeddings=true", "parallel.zero_stage=2")
