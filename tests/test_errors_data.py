@@ -114,3 +114,38 @@ def test_the_tiny_recipe_vocabulary_is_reachable_on_the_demo_corpus(tmp_path, ca
     assert "--character-coverage option" in capsys.readouterr().err  # ...and the error names our option
     assert tokenizer_cli.main([*argv, "--character-coverage", "0.98"]) == 0  # as tiny.yaml says
     assert f"vocab {vocab}," in capsys.readouterr().out
+
+
+def test_a_record_above_the_size_bound_is_skipped_before_tokenizing(tmp_path, tokenizer_dir, capsys):
+    corpus = tmp_path / "c.jsonl"
+    big = " ".join(DOCS) * 20  # ~ tens of KB
+    corpus.write_text("\n".join(json.dumps({"text": t}) for t in [DOCS[0], big, DOCS[1]]) + "\n")
+    assert _prep([corpus], tokenizer_dir, tmp_path / "out" / "d", "--max-record-mb", "0.01") == 0
+    assert "too_large=1 (e.g. " in capsys.readouterr().out
+    assert len(IndexedDataset(tmp_path / "out" / "d")) == 2
+    assert _prep([corpus], tokenizer_dir, tmp_path / "strict" / "d", "--max-record-mb", "0.01", "--strict") == 2
+    err = capsys.readouterr().err
+    assert "too_large" in err and "c.jsonl:2" in err and "--max-record-mb" in err, err
+    assert not pair_exists(tmp_path / "strict" / "d")
+
+
+def test_memory_per_record_is_bounded(tmp_path, tokenizer_dir):
+    """Before the bound, a 50 MB one-line record took 2.9 GB of RSS in megakv-prep; now it is skipped unread."""
+    import subprocess
+    import sys
+
+    corpus = tmp_path / "c.jsonl"
+    with corpus.open("w") as f:
+        f.write(json.dumps({"text": DOCS[0]}) + "\n")
+        f.write('{"text": "' + "word " * (48 * 2**20 // 5) + '"}\n')
+    # The peak RSS of the prep process and its workers, measured inside the child (not this test process's).
+    code = ("import resource, sys\nfrom megakv.cli.prep import main\nrc = main(sys.argv[1:])\n"
+            "peak = max(resource.getrusage(w).ru_maxrss for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))\n"
+            "print('peak_kib', peak)\nsys.exit(rc)")
+    result = subprocess.run([sys.executable, "-c", code, "--input", str(corpus), "--tokenizer", str(tokenizer_dir),
+                             "--output-prefix", str(tmp_path / "out" / "d"), "--no-progress",
+                             "--max-skip-fraction", "1"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "too_large=1" in result.stdout
+    peak_mib = int(result.stdout.split("peak_kib")[1].split()[0]) / 1024
+    assert peak_mib < 1024, f"megakv-prep peaked at {peak_mib:.0f} MiB on a 48 MB record"

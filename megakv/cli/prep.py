@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 
 from megakv.data.cli_support import run_cli
-from megakv.data.preprocess import DEFAULT_MAX_SKIP_FRACTION, PrepOptions, preprocess
+from megakv.data.preprocess import DEFAULT_MAX_RECORD_MB, DEFAULT_MAX_SKIP_FRACTION, PrepOptions, preprocess
 from megakv.data.sources import FORMATS, TXT_UNITS
 
 
@@ -35,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-skip-fraction", type=float, default=DEFAULT_MAX_SKIP_FRACTION,
                    help="fail (writing nothing) when more than this fraction of the records is skipped; an "
                         "output without documents always fails (default: %(default)s)")
+    p.add_argument("--max-record-mb", type=float, default=DEFAULT_MAX_RECORD_MB,
+                   help="skip (or, with --strict, fail on) a record larger than this: tokenizing one record takes "
+                        "about 60x its size in memory (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace a different dataset at PREFIX")
     p.add_argument("--shard-index", type=int, help="keep only this shard of the input files (0-based)")
     p.add_argument("--num-shards", type=int, help="number of shards the input files are split into")
@@ -48,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     if (args.shard_index is None) != (args.num_shards is None):
         parser.error("--shard-index and --num-shards go together")
     options = PrepOptions(text_key=args.text_key, txt_unit=args.txt_unit, format=args.format,
-                          prepend_bos=args.prepend_bos, strict=args.strict)
+                          prepend_bos=args.prepend_bos, strict=args.strict, max_record_mb=args.max_record_mb)
     shard = (args.shard_index, args.num_shards) if args.num_shards is not None else None
 
     def run() -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megakv.data.documents import Skip, record_text
+from megakv.data.documents import TOO_LARGE, Skip, record_text
 from megakv.data.errors import DataError
 from megakv.data.indexed import IndexedDataset, IndexedWriter, idx_path, optimal_dtype, pair_exists
 from megakv.data.metadata import read_meta, write_meta
@@ -42,7 +42,9 @@ SKIP_FIXES = {
     "not_json": "check the input format (--format), or that the file is JSON lines",
     "invalid_utf8": "re-encode the input as UTF-8",
     "empty": "check --text-key and --txt-unit, or remove the empty records",
+    "too_large": "split such documents before preparing them, or raise --max-record-mb",
 }
+DEFAULT_MAX_RECORD_MB = 16.0
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,9 @@ class PrepOptions:
     format: str | None = None  # force a format instead of reading it from file names
     prepend_bos: bool = False
     strict: bool = False  # fail on the first bad record instead of skipping it
+    # Bounds memory per record: a tokenizer holds ~60x a record's size while encoding it (a 50 MB line took
+    # 2.9 GB); larger records are skipped as too_large (or fail under strict) before they are decoded.
+    max_record_mb: float = DEFAULT_MAX_RECORD_MB
 
 
 @dataclass
@@ -132,7 +137,12 @@ class _Result:
 def encode_task(task: _Task) -> _Result:
     """Worker: decode + validate + tokenize one batch (runs in a worker process, or inline)."""
     texts, kept, skips = [], [], []
+    limit = int(task.options.max_record_mb * 2**20)
     for fmt, (file_index, line, payload) in zip(task.formats, task.items):
+        if isinstance(payload, (bytes, str)) and len(payload) > limit:
+            skips.append((file_index, line, TOO_LARGE, f"{len(payload):,} bytes, above --max-record-mb="
+                                                        f"{task.options.max_record_mb:g}"))
+            continue
         try:
             texts.append(record_text(fmt, payload, task.options.text_key))
             kept.append((file_index, line))
@@ -258,6 +268,8 @@ def _preprocess(inputs: list[str], tokenizer: str | Path, output_prefix: str | P
     The tokenizer is saved as `tokenizer/` beside the output. `shard=(i, n)` keeps only the i-th of n
     contiguous, byte-balanced runs of the input files (one SLURM array task each).
     """
+    if not options.max_record_mb > 0:
+        raise DataError(f"--max-record-mb={options.max_record_mb} must be positive", "e.g. 16")
     if not 0.0 <= max_skip_fraction <= 1.0:
         raise DataError(f"--max-skip-fraction={max_skip_fraction} is outside [0, 1]", "e.g. 0.5; 1 allows any")
     started = time.time()
