@@ -35,15 +35,16 @@ def dataset(tmp_path_factory) -> Path:
     return prepare_tiny_dataset(tmp_path_factory.mktemp("universal_data"))
 
 
-def overrides(dataset: Path, run_dir: Path, pipeline: int, *extra: str) -> list[str]:
+def overrides(dataset: Path, run_dir: Path, pipeline: int, *extra: str, tensor: int = 1) -> list[str]:
     # as tests/test_pipeline_train.py: per-micro-batch R-CLA plans, clipping, ZeRO-1 (all layouts equal one process)
     return [f"data.datasets=[{dataset}]", f"train.run_dir={run_dir}", "parallel.zero_stage=1", f"train.steps={STEPS}",
             "routing.per_micro_batch=true", "routing.q_cross=0.75", "optim.grad_clip=0.5", "validation.every=2",
-            f"parallel.pipeline={pipeline}", *extra]
+            f"parallel.pipeline={pipeline}", f"parallel.tensor={tensor}", *extra]
 
 
-def train(dataset: Path, run_dir: Path, nproc: int, pipeline: int, *extra: str, resume: bool = False) -> Path:
-    run = launch_train(overrides(dataset, run_dir, pipeline, *extra), nproc=nproc, resume=resume)
+def train(dataset: Path, run_dir: Path, nproc: int, pipeline: int, *extra: str, resume: bool = False,
+          tensor: int = 1) -> Path:
+    run = launch_train(overrides(dataset, run_dir, pipeline, *extra, tensor=tensor), nproc=nproc, resume=resume)
     assert run.ok, f"{run_dir.name} failed with {run.returncodes}:\n{run.output[-6000:]}"
     return run_dir
 
@@ -60,11 +61,13 @@ def universal_state(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
             for folder in zero.iterdir() if folder.is_dir()}
 
 
-def change_layout(dataset: Path, single: Path, tmp_path: Path, source: tuple[int, int], target: tuple[int, int],
+def change_layout(dataset: Path, single: Path, tmp_path: Path, source: tuple[int, ...], target: tuple[int, int],
                   *extra: str):
-    """source, target: (processes, pipeline stages); `single`: the one-process run of the same config."""
+    """source: (processes, pipeline stages[, tensor degree]), target: (processes, pipeline stages);
+    `single`: the one-process run of the same config."""
+    tensor = source[2] if len(source) > 2 else 1
     interrupted = train(dataset, tmp_path / "source", source[0], source[1], f"train.debug.sigterm_at_step={STOP}",
-                        *extra)
+                        *extra, tensor=tensor)
     assert read_status(interrupted)["step"] == STOP and latest_tag(interrupted) == "step_00000002"
     # without the conversion: refused before any process group, naming the command (exit 2)
     refused = launch_train(overrides(dataset, interrupted, target[1], *extra), nproc=target[0], resume=True)
@@ -150,9 +153,21 @@ def test_another_pipeline_size_names_the_conversion_to_run(dataset, tmp_path):
     assert f"megakv-convert to-universal {run}` again" in stale.value.fix
 
 
-def test_a_tensor_parallel_checkpoint_is_not_converted(dataset, tmp_path, capsys):
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_two_tensor_ranks_to_two_data_ranks_replicated_kv_heads(dataset, tmp_path):
+    # MQA: one K/V head, replicated on both tensor ranks; megakv merges the shards (not ds_to_universal)
+    extra = ("model.n_kv_heads=1",)
+    reference = train(dataset, tmp_path / "single_mqa", 1, 1, *extra)
+    change_layout(dataset, reference, tmp_path, (2, 1, 2), (2, 1), *extra)
+
+
+def test_a_universal_checkpoint_does_not_resume_with_tensor_parallelism(dataset, tmp_path):
     run = tmp_path / "run"
-    fake_checkpoint(dataset, run, tensor=2)
-    assert convert_main(["to-universal", str(run)]) == 2
-    assert "parallel.tensor=2" in capsys.readouterr().err
-    assert not (run / "checkpoints" / "step_00000002_universal").exists()
+    fake_checkpoint(dataset, run, pipeline=1)
+    (run / "checkpoints" / "step_00000002_universal" / "zero" / "embed.weight").mkdir(parents=True)
+    write_pointer(run / "checkpoints", "step_00000002_universal", LATEST_UNIVERSAL)
+    cfg = load_config(TINY_RECIPE, [*overrides(dataset, run, 1, tensor=2), "checkpoint.resume=auto"])
+    with pytest.raises(ConfigError) as refused:
+        preflight(cfg, ParallelLayout(world_size=2, rank=0, local_rank=0, tensor=2))
+    assert refused.value.field == "parallel.tensor" and "parallel.tensor=1" in refused.value.fix

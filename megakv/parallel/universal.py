@@ -80,3 +80,88 @@ def load_universal(engine, ckpt_dir: Path, tag: str, config_yaml: str):
                                       load_lr_scheduler_states=True, load_module_strict=False)
     finally:
         optimizer.param_names = own_names
+
+
+# ----------------------------------------------------------------------------- tensor-parallel sources
+
+_OPTIM_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
+STATE_KEYS = ("fp32", "exp_avg", "exp_avg_sq")
+
+
+def _load(path: Path) -> dict:
+    from megakv.safe_load import deepspeed_globals, load_weights_only, numpy_globals
+
+    return load_weights_only(path, deepspeed_globals() + numpy_globals())
+
+
+def _rank_optimizer_states(tag_dir: Path, tensor_rank: int) -> list[dict]:
+    paths = {}
+    for path in tag_dir.iterdir():
+        match = _OPTIM_FILE.match(path.name)
+        if match and int(match.group(2)) == tensor_rank:
+            paths[int(match.group(1))] = path
+    if not paths or sorted(paths) != list(range(len(paths))):
+        raise FileNotFoundError(f"{tag_dir}: the optimizer partitions of tensor rank {tensor_rank} are incomplete "
+                                f"(data ranks found: {sorted(paths)})")
+    return [_load(paths[d])["optimizer_state_dict"] for d in sorted(paths)]
+
+
+def _split_flat(parts: list[torch.Tensor], shapes: dict) -> dict[str, torch.Tensor]:
+    """One parameter group's flat partitions (data ranks in order) -> per-parameter tensors."""
+    flat, offset, out = torch.cat(parts), 0, {}
+    for name, shape in shapes.items():  # back to back; only the group's end is padded
+        count = shape.numel()
+        out[name] = flat[offset:offset + count].view(shape).clone()
+        offset += count
+    return out
+
+
+def _rank_state(tag_dir: Path, tensor_rank: int) -> tuple[dict, dict[str, dict[str, torch.Tensor]], list]:
+    """(model states, {state key: {name: tensor}}, per-group step) of one tensor rank, all data ranks merged."""
+    states = _load(tag_dir / f"mp_rank_{tensor_rank:02d}_model_states.pt")
+    optim = _rank_optimizer_states(tag_dir, tensor_rank)
+    per_key: dict[str, dict[str, torch.Tensor]] = {key: {} for key in STATE_KEYS}
+    steps = []
+    for group, shapes in enumerate(states["param_shapes"]):
+        per_key["fp32"].update(_split_flat([o["single_partition_of_fp32_groups"][group] for o in optim], shapes))
+        adam = [o["base_optimizer_state"]["state"][group] for o in optim]
+        for key in ("exp_avg", "exp_avg_sq"):
+            per_key[key].update(_split_flat([a[key] for a in adam], shapes))
+        steps.append(adam[0]["step"])
+    return states, per_key, steps
+
+
+def tensor_to_universal(tag_dir: Path, out_dir: Path, cfg) -> None:
+    """A layout-free universal checkpoint of a tensor-parallel (TP x DP) checkpoint: every tensor rank's fp32
+    masters and Adam moments merged into MegaKVModel-shaped tensors (megakv's own shard merge, not
+    ds_to_universal's, which knows nothing of replicated K/V heads), written in DeepSpeed's per-parameter
+    format. `cfg`: the run's ModelConfig; tensor degree: the number of mp_rank files.
+    """
+    from megakv.parallel.tensor_split import merge_state_dicts, tensor_split
+
+    tag_dir, out_dir = Path(tag_dir), Path(out_dir)
+    tensor = len([p for p in tag_dir.iterdir() if _STAGE_FILE.match(p.name)])
+    ranks = [_rank_state(tag_dir, t) for t in range(tensor)]
+    split = tensor_split(cfg, tensor)
+    merged = {key: merge_state_dicts([r[1][key] for r in ranks], split) for key in STATE_KEYS}
+    steps = [float(step) for step in ranks[0][2]]
+    if any([float(step) for step in r[2]] != steps for r in ranks) or len(set(steps)) != 1:
+        raise ValueError(f"{tag_dir}: the optimizer step counts differ between groups or tensor ranks")
+    zero = out_dir / ZERO_DIR
+    for name in merged["fp32"]:
+        folder = zero / name
+        folder.mkdir(parents=True)
+        for key in STATE_KEYS:
+            torch.save({"param": merged[key][name], "cat_dim": 0}, folder / f"{key}.pt")
+        torch.save(torch.tensor(steps[0]), folder / "step.pt")
+    first = _rank_optimizer_states(tag_dir, 0)[0]
+    global_state = {k: v for k, v in first.items()
+                    if k not in ("base_optimizer_state", "single_partition_of_fp32_groups", "param_slice_mappings")}
+    global_state["param_groups"] = first["base_optimizer_state"]["param_groups"]
+    torch.save(global_state, zero / "optimizer_state.pt")
+    states = ranks[0][0]
+    module = states["module"]
+    states["module"] = {name: merged["fp32"][name].to(module[name].dtype) for name in merged["fp32"]}
+    states["param_shapes"] = None
+    states["mp_world_size"] = 1
+    torch.save(states, out_dir / MODEL_STATES)

@@ -116,15 +116,20 @@ def convert_to_universal(run_dir: str | Path, workers: int = 1) -> Path:
     run_dir = Path(run_dir)
     ckpt_dir = checkpoints_dir(run_dir)
     tag, state = _require_latest(run_dir)
-    if int(state.layout.get("tensor", 1)) > 1:
-        raise ValueError(f"{ckpt_dir / tag} is a tensor-parallel checkpoint (parallel.tensor="
-                         f"{state.layout['tensor']}); converting one to a universal checkpoint is not supported yet: "
-                         "resume it with the same parallel.tensor, or export it (megakv-convert from-checkpoint) and "
-                         "start a new run with checkpoint.init_from")
     check_deepspeed_dir(ckpt_dir / tag)  # ds_to_universal unpickles with weights_only=False
     target = ckpt_dir / universal_tag(tag)
     tmp = ckpt_dir / (TMP_PREFIX + universal_tag(tag))
     shutil.rmtree(tmp, ignore_errors=True)
+    if int(state.layout.get("tensor", 1)) > 1:  # megakv merges the shards itself (replicated K/V heads)
+        from megakv.parallel.universal import tensor_to_universal
+
+        tmp.mkdir()
+        try:
+            tensor_to_universal(ckpt_dir / tag, tmp, model_config_of(state))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return _finish_universal(ckpt_dir, tag, state, tmp, target)
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt_dir / tag),
            "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", str(workers),
            "--num_merge_workers", str(workers)]
@@ -137,6 +142,10 @@ def convert_to_universal(run_dir: str | Path, workers: int = 1) -> Path:
         from megakv.parallel.universal import rename_to_model_names
 
         rename_to_model_names(tmp, ckpt_dir / tag, model_config_of(state).n_layers)
+    return _finish_universal(ckpt_dir, tag, state, tmp, target)
+
+
+def _finish_universal(ckpt_dir: Path, tag: str, state: TrainState, tmp: Path, target: Path) -> Path:
     if (ckpt_dir / tag / RNG_DIR).is_dir():
         shutil.copytree(ckpt_dir / tag / RNG_DIR, tmp / RNG_DIR)
     state.files = manifest_of(tmp, checkpoint_files(tmp))  # the converted directory's own files

@@ -205,14 +205,16 @@ def find_resume(cfg: MegaKVConfig, data_parallel: int) -> ResumePoint | None:
     check_same_data(cfg, state, where)
     check_same_zero_stage(cfg, state, where)
     changes = tuple(check_config_changes(cfg, state, where, cfg.checkpoint.allow_config_change))
-    saved_pipeline = int(state.layout.get("pipeline", 1))
-    if state.data_parallel == data_parallel and saved_pipeline == cfg.parallel.pipeline:
+    saved_pipeline, saved_tensor = int(state.layout.get("pipeline", 1)), int(state.layout.get("tensor", 1))
+    if (state.data_parallel, saved_pipeline, saved_tensor) == (data_parallel, cfg.parallel.pipeline,
+                                                             cfg.parallel.tensor):
         return ResumePoint(ckpt_dir, tag, state, universal=False, notices=tuple(notices), config_changes=changes)
     converted = universal_tag(tag)
     problem = (f"{ckpt_dir / tag} was written by {state.data_parallel} data-parallel rank(s) x {saved_pipeline} "
-               f"pipeline stage(s), this launch has {data_parallel} x {cfg.parallel.pipeline}")
-    same_layout = (f"launch {state.data_parallel * saved_pipeline * cfg.parallel.tensor} processes with "
-                   f"parallel.pipeline={saved_pipeline} (the layout that wrote it)")
+               f"pipeline stage(s) x tensor degree {saved_tensor}, this launch has {data_parallel} x "
+               f"{cfg.parallel.pipeline} x {cfg.parallel.tensor}")
+    same_layout = (f"launch {state.data_parallel * saved_pipeline * saved_tensor} processes with "
+                   f"parallel.pipeline={saved_pipeline} parallel.tensor={saved_tensor} (the layout that wrote it)")
     if read_pointer(ckpt_dir, LATEST_UNIVERSAL) != converted or not (ckpt_dir / converted).is_dir():
         raise ConfigError("checkpoint.resume", "auto", problem,
                           f"run `megakv-convert to-universal {run_dir}` first, or {same_layout}")
@@ -250,12 +252,15 @@ def check_plans_layout(cfg: MegaKVConfig, data_parallel: int) -> None:
 
 
 def check_same_tensor(cfg: MegaKVConfig, resume: ResumePoint | None) -> None:
-    saved = 1 if resume is None else int(resume.state.layout.get("tensor", 1))
-    if resume is not None and saved != cfg.parallel.tensor:
+    """A universal checkpoint resumes without tensor parallelism only: DeepSpeed would cut each tensor into
+    contiguous pieces, which is not megakv's split when K/V heads are replicated."""
+    if resume is not None and resume.universal and cfg.parallel.tensor > 1:
+        saved = int(resume.state.layout.get("tensor", 1))
         raise ConfigError("parallel.tensor", cfg.parallel.tensor,
-                          f"the checkpoint {resume.path} was written with tensor degree {saved}; resuming with "
-                          "another tensor degree is not supported yet",
-                          f"resume with parallel.tensor={saved}")
+                          f"{resume.path} is a universal checkpoint; resuming one with tensor parallelism is not "
+                          "supported yet",
+                          f"resume with parallel.tensor=1 (any data/pipeline layout), or on the layout that wrote "
+                          f"it (parallel.tensor={saved}, {resume.state.data_parallel} data-parallel rank(s))")
 
 
 def preflight(cfg: MegaKVConfig, layout: ParallelLayout) -> Launch:
