@@ -22,7 +22,7 @@ import torch
 
 from megakv.eval.data import load_eval_tokens, make_windows
 from megakv.eval.loss import evaluate_plans
-from megakv.inference import resolve_model
+from megakv.model_paths import resolve_model
 
 REPO = Path(__file__).resolve().parents[1]
 RETAIN = ["every:1", "every:2", "every:3", "every:4"]

@@ -97,8 +97,8 @@ def test_plan_cli_bad_budget(model_dir, split, capsys, budget, message):
 def test_generate_and_export_with_the_data_packages_sentencepiece_tokenizer(tmp_path, capsys):
     from megakv.data.tokenizer import load_tokenizer, train_sentencepiece
     from megakv.hf.modeling import export_for_transformers
-    from megakv.inference.loading import resolve_model
     from megakv.model_dir import save_model_dir
+    from megakv.model_paths import resolve_model
 
     info = train_sentencepiece([random_text(3000)], tmp_path / "spm", vocab_size=300)
     model = tiny_model(seed=7, vocab_size=info.vocab_size, eos_token_id=info.eos_id, bos_token_id=info.bos_id,

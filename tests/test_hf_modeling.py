@@ -19,7 +19,7 @@ from megakv.hf.cache import SharedDepthCache
 from megakv.hf.mapping import UnsupportedCheckpoint
 from megakv.hf.modeling import MegaKVConfig, MegaKVForCausalLM, export_for_transformers
 from megakv.inference.engine import InferenceEngine
-from megakv.inference.loading import resolve_model
+from megakv.model_paths import resolve_model
 from megakv.routing import deployment_plan
 
 

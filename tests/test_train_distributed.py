@@ -125,7 +125,7 @@ def test_zero_stage_trains_routes_consistently_and_resumes_bit_exactly(dataset, 
         for name in ("config.json", "generation_config.json"):
             assert json.loads((tmp_path / "hf" / name).read_text())["eos_token_id"] == eos, name
         # Inference tools take the run directory itself as --model, with the same weights and tokenizer.
-        from megakv.inference import resolve_model
+        from megakv.model_paths import resolve_model
 
         from_run, run_tokenizer = resolve_model(straight)
         assert run_tokenizer == straight / "tokenizer"

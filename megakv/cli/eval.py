@@ -82,7 +82,7 @@ def _run(args: argparse.Namespace) -> int:
     from megakv.eval.progress import ProgressBar
     from megakv.eval.report import format_table, plot_loss_vs_retention, write_json
     from megakv.inference.engine import resolve_plan
-    from megakv.inference.loading import resolve_model
+    from megakv.model_paths import resolve_model
 
     apply_runtime_options(args)
     check_device_argument(args)

@@ -30,7 +30,7 @@ def run_qa(args: argparse.Namespace) -> int:
     from megakv.eval.progress import ProgressBar
     from megakv.eval.qa import evaluate_qa, format_qa_table
     from megakv.inference.engine import resolve_plan
-    from megakv.inference.loading import resolve_model
+    from megakv.model_paths import resolve_model
 
     if args.limit < 0 or args.max_new_tokens < 1:
         raise ValueError("--limit must be >= 0 and --max-new-tokens >= 1")

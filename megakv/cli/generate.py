@@ -77,8 +77,8 @@ def continuation_text(tokenizer, prompt: list[int], new: list[int], eos: int | N
 
 def _run(args: argparse.Namespace) -> int:
     from megakv.inference.engine import InferenceEngine
-    from megakv.inference.loading import default_retain, resolve_model
     from megakv.inference.sampling import SamplingConfig
+    from megakv.model_paths import default_retain, resolve_model
 
     apply_runtime_options(args)
     shrink_at = parse_shrink_at(args.shrink_at)

@@ -241,16 +241,27 @@ def hf_model_from_megakv(model: MegaKVModel, retain: str = "all") -> MegaKVForCa
 
 def export_for_transformers(model_dir: str | Path, out_dir: str | Path, retain: str = "all",
                             dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
-    """A megakv model directory (or any path resolve_model accepts) -> a transformers directory.
+    """A megakv model directory -> a transformers directory.
 
     Holds config.json (model_type "megakv", `retain`, auto_map), generation_config.json,
     model.safetensors, the tokenizer files when the model has a tokenizer, and the loader shim.
+    (A training run becomes a model directory first: `megakv-convert from-checkpoint RUN_DIR OUT`.)
     """
     from megakv.hf.checkpoint import copy_tokenizer_files, special_token_ids
-    from megakv.inference.loading import resolve_model
-    from megakv.model_dir import write_directory_atomically
+    from megakv.model_dir import (
+        CONFIG_FILE,
+        WEIGHTS_FILE,
+        is_model_dir,
+        load_model,
+        tokenizer_path,
+        write_directory_atomically,
+    )
 
-    model, tokenizer_dir = resolve_model(model_dir, "cpu", dtype)
+    if not is_model_dir(model_dir):
+        raise ValueError(f"{model_dir} is not a megakv model directory ({CONFIG_FILE} + {WEIGHTS_FILE}): export a "
+                         "training run with `megakv-convert from-checkpoint RUN_DIR OUT_DIR` first, or import a "
+                         "transformers checkpoint with `megakv-convert from-hf`")
+    model, tokenizer_dir = load_model(model_dir, "cpu", dtype), tokenizer_path(model_dir)
     retain = check_retain_fits(normalise_retain(retain), model.cfg.n_layers)  # before anything is written
     wrapper = hf_model_from_megakv(model, retain)
     token_ids = special_token_ids(model.cfg, tokenizer_dir)

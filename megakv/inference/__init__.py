@@ -1,6 +1,9 @@
-"""Inference with a KV cache shared across depth: prefill, incremental decode, sampling, model loading.
+"""Inference with a KV cache shared across depth: prefill, incremental decode, sampling.
 
-  from megakv.inference import InferenceEngine, SamplingConfig, resolve_model
+Models are found by megakv.model_paths.resolve_model (a model directory, a run directory, a transformers one).
+
+  from megakv.inference import InferenceEngine, SamplingConfig
+  from megakv.model_paths import resolve_model
   model, tokenizer_dir = resolve_model("models/demo")
   out = InferenceEngine(model, retain="every:2").generate([[5, 17, 42]], max_new_tokens=32)
   out.tokens, out.stats.cache_bytes_per_token, out.stats.ttft_s, out.stats.decode_tokens_per_s
@@ -17,9 +20,8 @@ from megakv.inference.engine import (
     forward_layers,
     resolve_plan,
 )
-from megakv.inference.loading import model_from_state_dict, resolve_model
 from megakv.inference.sampling import SamplingConfig, sample_next_token
 
 __all__ = ["GenerationOutput", "GenerationStats", "InferenceEngine", "RetainChange", "RetainedKVCache",
-           "SamplingConfig", "forward_layers", "kv_bytes_per_token", "model_from_state_dict", "resolve_model",
-           "resolve_plan", "sample_next_token"]
+           "SamplingConfig", "forward_layers", "kv_bytes_per_token", "resolve_plan",
+           "sample_next_token"]

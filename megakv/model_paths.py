@@ -1,4 +1,7 @@
-"""Find the model behind a path: the one place inference, evaluation and export resolve `--model`.
+"""Find the model behind a path: the one place the inference, evaluation and export tools resolve `--model`.
+
+It sits above megakv.hf, megakv.train and megakv.inference (it reads all three kinds of directory), so
+none of them imports it and no import cycle runs through it.
 
 Accepted today:
   * a megakv model directory (config.yaml + model.safetensors [+ tokenizer/]);
