@@ -173,3 +173,21 @@ def test_bf16_two_stages_and_the_export_of_its_fp32_masters(dataset, tmp_path):
     for name, weight in layer_files.items():
         assert weight.dtype == torch.bfloat16 and masters[name].dtype == torch.float32
         assert torch.equal(masters[name].bfloat16(), weight), name  # the module weights are the rounded masters
+
+
+def test_sigkill_while_saving_keeps_the_previous_checkpoint(dataset, single, tmp_path):
+    """PP2: SIGKILL in the middle of the step-4 save leaves step 2 the complete latest;
+    --resume auto continues from it and the run still equals the one-process run."""
+    run_dir = tmp_path / "killed"
+    crash = launch_train(overrides(dataset, run_dir, "parallel.pipeline=2", "checkpoint.every=2",
+                                   "train.debug.sigkill_while_saving_step=4"), nproc=2)
+    assert not crash.ok
+    ckpts = run_dir / "checkpoints"
+    assert latest_tag(run_dir) == "step_00000002" and (ckpts / "step_00000002" / "megakv_state.json").is_file()
+    assert not (ckpts / "step_00000004").exists()
+    train(dataset, run_dir, 2, "parallel.pipeline=2", "checkpoint.every=2", resume=True)
+    assert read_status(run_dir)["state"] == "finished" and latest_tag(run_dir) == "step_00000004"
+    assert not list(ckpts.glob(".tmp-*"))  # the partial save was cleaned up at the next start
+    ours, theirs = step_losses(run_dir), step_losses(single)
+    for step in (3, 4):
+        assert ours[step] == pytest.approx(theirs[step], rel=1e-6), (step, ours[step], theirs[step])
