@@ -61,16 +61,18 @@ def universal_state(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
             for folder in zero.iterdir() if folder.is_dir()}
 
 
-def change_layout(dataset: Path, single: Path, tmp_path: Path, source: tuple[int, ...], target: tuple[int, int],
+def change_layout(dataset: Path, single: Path, tmp_path: Path, source: tuple[int, ...], target: tuple[int, ...],
                   *extra: str):
-    """source: (processes, pipeline stages[, tensor degree]), target: (processes, pipeline stages);
-    `single`: the one-process run of the same config."""
+    """source, target: (processes, pipeline stages[, tensor degree]); `single`: the one-process run of the
+    same config."""
     tensor = source[2] if len(source) > 2 else 1
+    target_tensor = target[2] if len(target) > 2 else 1
     interrupted = train(dataset, tmp_path / "source", source[0], source[1], f"train.debug.sigterm_at_step={STOP}",
                         *extra, tensor=tensor)
     assert read_status(interrupted)["step"] == STOP and latest_tag(interrupted) == "step_00000002"
     # without the conversion: refused before any process group, naming the command (exit 2)
-    refused = launch_train(overrides(dataset, interrupted, target[1], *extra), nproc=target[0], resume=True)
+    refused = launch_train(overrides(dataset, interrupted, target[1], *extra, tensor=target_tensor), nproc=target[0],
+                           resume=True)
     assert refused.returncodes == [2] * target[0], refused.output[-3000:]
     assert f"megakv-convert to-universal {interrupted}" in refused.output, refused.output[-3000:]
     assert convert_main(["to-universal", str(interrupted)]) == 0
@@ -81,10 +83,10 @@ def change_layout(dataset: Path, single: Path, tmp_path: Path, source: tuple[int
     # (a) load on the target layout and save at once: weights and Adam moments are the source's
     probe = tmp_path / "probe"
     shutil.copytree(interrupted, probe)
-    train(dataset, probe, target[0], target[1], f"train.steps={STOP}", *extra, resume=True)
+    train(dataset, probe, target[0], target[1], f"train.steps={STOP}", *extra, resume=True, tensor=target_tensor)
     assert latest_tag(probe) == "step_00000002" and read_status(probe)["state"] == "finished"
     saved = json.loads((probe / "checkpoints" / "step_00000002" / "megakv_state.json").read_text())["layout"]
-    assert (saved["world_size"], saved["pipeline"]) == target  # written by the target layout
+    assert (saved["world_size"], saved["pipeline"], saved["tensor"]) == (*target[:2], target_tensor)
     loaded_weights = consolidated_state_dict(probe)[1]  # read from the target layout's own files
     assert loaded_weights.keys() == source_weights.keys()
     for name, weight in source_weights.items():
@@ -97,7 +99,7 @@ def change_layout(dataset: Path, single: Path, tmp_path: Path, source: tuple[int
             assert torch.equal(loaded_state[name][key], tensors[key]), (name, key)
 
     # (b) train on from the conversion: the next losses follow the uninterrupted run
-    train(dataset, interrupted, target[0], target[1], *extra, resume=True)
+    train(dataset, interrupted, target[0], target[1], *extra, resume=True, tensor=target_tensor)
     assert read_status(interrupted)["state"] == "finished"
     reference, continued = step_losses(single), step_losses(interrupted)
     for step in range(STOP + 1, STEPS + 1):
@@ -162,12 +164,28 @@ def test_two_tensor_ranks_to_two_data_ranks_replicated_kv_heads(dataset, tmp_pat
     change_layout(dataset, reference, tmp_path, (2, 1, 2), (2, 1), *extra)
 
 
-def test_a_universal_checkpoint_does_not_resume_with_tensor_parallelism(dataset, tmp_path):
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_one_process_to_two_tensor_ranks(dataset, single, tmp_path):
+    # GQA, 2 K/V heads: DeepSpeed cuts each tensor along megakv's split dimension (o_proj / down_proj: 1)
+    change_layout(dataset, single, tmp_path, (1, 1), (2, 1, 2))
+
+
+def test_universal_checkpoints_tensor_parallelism_cannot_load_are_refused(dataset, tmp_path):
     run = tmp_path / "run"
     fake_checkpoint(dataset, run, pipeline=1)
     (run / "checkpoints" / "step_00000002_universal" / "zero" / "embed.weight").mkdir(parents=True)
     write_pointer(run / "checkpoints", "step_00000002_universal", LATEST_UNIVERSAL)
-    cfg = load_config(TINY_RECIPE, [*overrides(dataset, run, 1, tensor=2), "checkpoint.resume=auto"])
-    with pytest.raises(ConfigError) as refused:
-        preflight(cfg, ParallelLayout(world_size=2, rank=0, local_rank=0, tensor=2))
-    assert refused.value.field == "parallel.tensor" and "parallel.tensor=1" in refused.value.fix
+
+    def refusal(tensor: int) -> ConfigError:
+        cfg = load_config(TINY_RECIPE, [*overrides(dataset, run, 1, tensor=tensor), "checkpoint.resume=auto"])
+        with pytest.raises(ConfigError) as refused:
+            preflight(cfg, ParallelLayout(world_size=tensor, rank=0, local_rank=0, tensor=tensor))
+        assert refused.value.field == "parallel.tensor" and "parallel.tensor=1" in refused.value.fix
+        return refused.value
+
+    # a conversion that does not record the split dimensions (older): convert again
+    assert f"megakv-convert to-universal {run}` again" in refusal(2).fix
+    # tiny's 2 K/V heads over 4 tensor ranks: each head on 2 ranks, which DeepSpeed's cut cannot produce
+    (run / "checkpoints" / "step_00000002_universal" / "zero" / "megakv_split_dims.json").write_text("{}")
+    assert "replicated on 2 tensor ranks" in str(refusal(4))

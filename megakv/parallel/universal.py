@@ -31,9 +31,40 @@ _STAGE_FILE = re.compile(r"^mp_rank_\d+_model_states\.pt$")
 NAMED_MARKER = "embed.weight"
 
 
+SPLIT_DIMS_MARKER = "megakv_split_dims.json"  # the row-parallel tensors' cat_dim is megakv's split dimension
+
+
 def is_layout_free(tag_dir: Path) -> bool:
     """True for a universal checkpoint in MegaKVModel names (one any layout can load)."""
     return (Path(tag_dir) / ZERO_DIR / NAMED_MARKER).is_dir()
+
+
+def tensor_ready(tag_dir: Path) -> bool:
+    """True when every split parameter records the dimension megakv splits it along (DeepSpeed's loader cuts
+    a tensor-parallel shard along the file's cat_dim)."""
+    return (Path(tag_dir) / ZERO_DIR / SPLIT_DIMS_MARKER).is_file()
+
+
+def record_split_dims(universal_dir: Path) -> None:
+    """Set cat_dim in each split parameter's files to megakv's split dimension (o_proj / down_proj: 1)."""
+    import json
+
+    from megakv.parallel.tensor_split import split_of
+
+    zero = Path(universal_dir) / ZERO_DIR
+    dims = {}
+    for folder in sorted(p for p in zero.iterdir() if p.is_dir()):
+        where = split_of(folder.name)
+        if where is None:
+            continue
+        dims[folder.name] = where[1]
+        for key in STATE_KEYS:
+            path = folder / f"{key}.pt"
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            if saved.get("cat_dim", 0) != where[1]:
+                saved["cat_dim"] = where[1]
+                torch.save(saved, path)
+    (zero / SPLIT_DIMS_MARKER).write_text(json.dumps(dims, indent=1, sort_keys=True))
 
 
 def rename_to_model_names(universal_dir: Path, source_dir: Path, n_layers: int) -> None:

@@ -146,6 +146,9 @@ def convert_to_universal(run_dir: str | Path, workers: int = 1) -> Path:
 
 
 def _finish_universal(ckpt_dir: Path, tag: str, state: TrainState, tmp: Path, target: Path) -> Path:
+    from megakv.parallel.universal import record_split_dims
+
+    record_split_dims(tmp)  # so a launch with tensor parallelism cuts each tensor the way megakv splits it
     if (ckpt_dir / tag / RNG_DIR).is_dir():
         shutil.copytree(ckpt_dir / tag / RNG_DIR, tmp / RNG_DIR)
     state.files = manifest_of(tmp, checkpoint_files(tmp))  # the converted directory's own files

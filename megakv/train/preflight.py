@@ -21,7 +21,7 @@ from megakv.config.errors import ConfigError
 from megakv.config.model import ModelConfig
 from megakv.parallel.layout import ParallelLayout
 from megakv.parallel.tensor_split import tensor_split
-from megakv.parallel.universal import is_layout_free
+from megakv.parallel.universal import is_layout_free, tensor_ready
 from megakv.train.checkpoint import (
     LATEST_UNIVERSAL,
     CheckpointError,
@@ -252,15 +252,24 @@ def check_plans_layout(cfg: MegaKVConfig, data_parallel: int) -> None:
 
 
 def check_same_tensor(cfg: MegaKVConfig, resume: ResumePoint | None) -> None:
-    """A universal checkpoint resumes without tensor parallelism only: DeepSpeed would cut each tensor into
-    contiguous pieces, which is not megakv's split when K/V heads are replicated."""
-    if resume is not None and resume.universal and cfg.parallel.tensor > 1:
-        saved = int(resume.state.layout.get("tensor", 1))
+    """A universal checkpoint resumes with tensor parallelism when DeepSpeed's cut (each tensor in T pieces
+    along the recorded split dimension; a K/V tensor already of the shard's shape copied whole) is
+    megakv's split: not when several K/V heads are each replicated on several ranks."""
+    if resume is None or not resume.universal or cfg.parallel.tensor == 1:
+        return
+    saved = int(resume.state.layout.get("tensor", 1))
+    fix = (f"resume with parallel.tensor=1 (any data/pipeline layout), or on the layout that wrote it "
+           f"(parallel.tensor={saved}, {resume.state.data_parallel} data-parallel rank(s))")
+    split = tensor_split(cfg.model, cfg.parallel.tensor)
+    if split.kv_replicas > 1 and cfg.model.n_kv_heads > 1:
         raise ConfigError("parallel.tensor", cfg.parallel.tensor,
-                          f"{resume.path} is a universal checkpoint; resuming one with tensor parallelism is not "
-                          "supported yet",
-                          f"resume with parallel.tensor=1 (any data/pipeline layout), or on the layout that wrote "
-                          f"it (parallel.tensor={saved}, {resume.state.data_parallel} data-parallel rank(s))")
+                          f"resuming the universal checkpoint {resume.path} with {cfg.model.n_kv_heads} K/V heads "
+                          f"each replicated on {split.kv_replicas} tensor ranks is not supported yet", fix)
+    if not tensor_ready(resume.path):
+        raise ConfigError("parallel.tensor", cfg.parallel.tensor,
+                          f"the universal checkpoint {resume.path} does not record megakv's split dimensions (an "
+                          "older conversion)",
+                          f"run `megakv-convert to-universal {cfg.train.run_dir}` again, or {fix}")
 
 
 def preflight(cfg: MegaKVConfig, layout: ParallelLayout) -> Launch:
