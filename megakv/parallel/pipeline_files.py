@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from megakv.parallel.pipeline import dense_name
+from megakv.safe_load import deepspeed_globals, load_weights_only, numpy_globals
 
 LAYER_FILE = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
 STAGE_FILE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
@@ -38,10 +39,14 @@ def layer_files_state(tag_dir: Path, n_layers: int) -> dict[str, torch.Tensor]:
     return state
 
 
+def _load(path: Path):
+    return load_weights_only(path, deepspeed_globals() + numpy_globals())
+
+
 def master_weights_state(tag_dir: Path, n_layers: int) -> dict[str, torch.Tensor]:
     """fp32 master weights from the optimizer partitions of every stage and data rank.
 
-    Loads DeepSpeed's own pickles (weights_only=False): call only on a directory checked by the caller.
+    DeepSpeed's pickles are read by the weights-only unpickler (the globals DeepSpeed stores, nothing else).
     """
     tag_dir = Path(tag_dir)
     shards: dict[int, dict[int, Path]] = {}
@@ -53,8 +58,8 @@ def master_weights_state(tag_dir: Path, n_layers: int) -> dict[str, torch.Tensor
     state: dict[str, torch.Tensor] = {}
     for stage_file in sorted(p for p in tag_dir.iterdir() if STAGE_FILE.match(p.name)):
         stage = int(STAGE_FILE.match(stage_file.name).group(1))
-        shapes = torch.load(stage_file, map_location="cpu", weights_only=False)["param_shapes"]
-        parts = [torch.load(shards[stage][r], map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        shapes = _load(stage_file)["param_shapes"]
+        parts = [_load(shards[stage][r])["optimizer_state_dict"]
                  ["single_partition_of_fp32_groups"] for r in sorted(shards[stage])]
         for group, names in enumerate(shapes):
             flat = torch.cat([p[group] for p in parts])

@@ -70,7 +70,7 @@ def record_split_dims(universal_dir: Path) -> None:
 def rename_to_model_names(universal_dir: Path, source_dir: Path, n_layers: int) -> None:
     """Turn ds_to_universal's output for a pipeline checkpoint (`source_dir`) into MegaKVModel names.
 
-    Loads DeepSpeed's own pickle of stage 0 (weights_only=False): call only on a directory checked by the caller.
+    Stage 0's DeepSpeed pickle is read by the weights-only unpickler (the globals DeepSpeed stores only).
     """
     universal_dir, zero = Path(universal_dir), Path(universal_dir) / ZERO_DIR
     for folder in sorted(p for p in zero.iterdir() if p.is_dir()):
@@ -78,7 +78,7 @@ def rename_to_model_names(universal_dir: Path, source_dir: Path, n_layers: int) 
         if target.exists():
             raise FileExistsError(f"{folder} and {target} name the same MegaKVModel parameter")
         folder.rename(target)
-    stage_zero = torch.load(universal_dir / MODEL_STATES, map_location="cpu", weights_only=False)
+    stage_zero = _load(universal_dir / MODEL_STATES)
     stage_zero["module"] = layer_files_state(source_dir, n_layers)  # the module weights, MegaKVModel keys
     stage_zero["param_shapes"] = None  # per-stage shapes; a universal load takes the loading engine's own
     stage_zero["mp_world_size"] = 1
