@@ -1,0 +1,58 @@
+"""What a study part hands to the report: tables, claims held or not, plots, settings and time taken.
+
+Saved as OUT/<part>/results.json, so `megakv-study report` can rebuild the markdown without rerunning.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+RESULTS_FILE = "results.json"
+
+
+@dataclass
+class Table:
+    caption: str
+    columns: list[str]
+    rows: list[list[str | float | int | None]]
+
+
+@dataclass
+class Claim:
+    """One of the paper's claims, its number there, what this run measured, and whether it held."""
+
+    claim: str
+    paper: str
+    measured: str
+    held: bool | None  # None: not measurable at this scale (the report says why in `measured`)
+
+
+@dataclass
+class PartResult:
+    part: str  # finetune | pretrain | ablation
+    title: str
+    scale: str
+    seconds: float  # wall time of this invocation, cached work excluded
+    settings: dict = field(default_factory=dict)
+    tables: list[Table] = field(default_factory=list)
+    claims: list[Claim] = field(default_factory=list)
+    plots: list[str] = field(default_factory=list)  # PNG file names inside OUT/<part>/
+    notes: list[str] = field(default_factory=list)
+
+    def save(self, part_dir: Path) -> Path:
+        part_dir.mkdir(parents=True, exist_ok=True)
+        path = part_dir / RESULTS_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        os.replace(tmp, path)  # a crash mid-write keeps the previous results
+        return path
+
+    @classmethod
+    def load(cls, part_dir: Path) -> PartResult:
+        raw = json.loads((part_dir / RESULTS_FILE).read_text())
+        raw["tables"] = [Table(**t) for t in raw.get("tables", [])]
+        raw["claims"] = [Claim(**c) for c in raw.get("claims", [])]
+        return cls(**raw)
