@@ -1,0 +1,85 @@
+"""megakv-study: the paper's claims in miniature, regenerated as a markdown report with PNG plots.
+
+    megakv-study [finetune pretrain ablation | all] [--out runs/study] [--scale cpu|gpu|tiny]
+    megakv-study report [--out runs/study] [--report-dir DIR]     (re-render only, nothing is trained)
+
+Parts (megakv/study/): finetune (Table 2: SmolLM2-135M fine-tuned with R-CLA vs normally vs untouched),
+pretrain (Table 1 / Fig. 5: a q_cross sweep from scratch and shallower full-cache models), ablation
+(Table 3: CLA:2, CLA:4, RD-CLA:2 against R-CLA). Each part caches its models and measurements under
+OUT/<part>/ and resumes after an interruption; rerunning a finished part only rebuilds its results.
+Scales: cpu (the default, a 2-core machine), gpu (the settings for a real run), tiny (seconds; tests).
+Exit codes: 0 done, 1 a training run failed (rerun to resume it), 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from megakv.inference.cli_support import run_cli
+from megakv.study.report import write_report
+
+PARTS = ("finetune", "pretrain", "ablation")
+SCALES = ("cpu", "gpu", "tiny")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megakv-study", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("parts", nargs="*", default=["all"], metavar="PART",
+                        help=f"any of {', '.join(PARTS)}, 'all', or 'report' (re-render only)")
+    parser.add_argument("--out", type=Path, default=Path("runs/study"), help="models, caches and results")
+    parser.add_argument("--scale", choices=SCALES, default="cpu")
+    parser.add_argument("--report-dir", type=Path, default=None,
+                        help="write report.md and copies of the PNGs here instead of OUT")
+    return parser
+
+
+def selected_parts(names: list[str]) -> list[str]:
+    unknown = [n for n in names if n not in (*PARTS, "all", "report")]
+    if unknown:
+        raise ValueError(f"unknown study part(s) {unknown}: choose from {', '.join(PARTS)}, all or report")
+    if "report" in names and len(names) > 1:
+        raise ValueError("'report' only re-renders the report: give it alone")
+    if "all" in names or not names:
+        return list(PARTS)
+    return [p for p in PARTS if p in names]  # the paper's order, whatever the command line's
+
+
+def log_line(message: str) -> None:
+    print(f"[megakv-study {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def _run(args: argparse.Namespace, command: str) -> int:
+    if args.parts == ["report"]:
+        print(write_report(args.out, PARTS, args.report_dir, command))
+        return 0
+    parts = selected_parts(args.parts)
+    for index, part in enumerate(parts, 1):
+        log_line(f"part {index}/{len(parts)}: {part} (scale {args.scale}, cached under {args.out / part})")
+        runner = importlib.import_module(f"megakv.study.{part}")
+        start = time.perf_counter()
+        try:
+            result = runner.run(args.out / part, args.scale, log=log_line)
+        except subprocess.CalledProcessError as e:
+            print(f"megakv-study: error: part {part}: {' '.join(map(str, e.cmd[:6]))} ... failed with exit code "
+                  f"{e.returncode}; its log is above. Rerun the same command to resume.", file=sys.stderr)
+            return 1
+        result.save(args.out / part)
+        log_line(f"part {part} done in {time.perf_counter() - start:.0f} s")
+    print(write_report(args.out, PARTS, args.report_dir, command))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    return run_cli("megakv-study", lambda: _run(args, " ".join(["megakv-study", *argv])))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""megakv-study's report and command line, on hand-made part results (the parts are tested on their own)."""
+
+from __future__ import annotations
+
+import pytest
+
+from megakv.cli.study import main, selected_parts
+from megakv.study.report import write_report
+from megakv.study.results import Claim, PartResult, Table
+
+
+def _result(part: str, held: bool | None) -> PartResult:
+    return PartResult(part=part, title=f"{part} title", scale="tiny", seconds=90.0, settings={"steps": 2},
+                      tables=[Table("loss by retention", ["model", "every:1", "every:2"],
+                                    [["rcla", 2.5, 2.61234], ["normal|x", 2.4, None]])],
+                      claims=[Claim("R-CLA stays close at 50%", "lossless at 50%", "+4.5%", held)],
+                      plots=["loss.png"], notes=["two steps only"])
+
+
+def test_results_round_trip_and_report_marks_each_claim(tmp_path):
+    out = tmp_path / "study"
+    for part, held in (("finetune", True), ("ablation", False)):
+        _result(part, held).save(out / part)
+        (out / part / "loss.png").write_bytes(b"\x89PNG fake image bytes")
+    assert PartResult.load(out / "finetune") == _result("finetune", True)
+
+    report = write_report(out, ["finetune", "pretrain", "ablation"], tmp_path / "committed", "megakv-study all")
+    text = report.read_text()
+    assert report == tmp_path / "committed" / "report.md"
+    assert "1 of 2 claims held" in text
+    assert "| R-CLA stays close at 50% | lossless at 50% | +4.5% | **held** |" in text
+    assert "| R-CLA stays close at 50% | lossless at 50% | +4.5% | **not held** |" in text
+    assert "| rcla | 2.5 | 2.612 |" in text and "| normal\\|x | 2.4 | – |" in text  # escaped, missing cell
+    assert "Not run yet: pretrain." in text
+    assert text.index("finetune title") < text.index("ablation title")
+    for part in ("finetune", "ablation"):  # PNGs copied beside the report, linked relative to it
+        assert f"![loss.png]({part}/loss.png)" in text
+        assert (tmp_path / "committed" / part / "loss.png").read_bytes() == b"\x89PNG fake image bytes"
+
+
+def test_parts_run_in_the_papers_order_and_bad_names_are_refused():
+    assert selected_parts(["ablation", "finetune"]) == ["finetune", "ablation"]
+    assert selected_parts(["all"]) == ["finetune", "pretrain", "ablation"]
+    with pytest.raises(ValueError, match="unknown study part"):
+        selected_parts(["table2"])
+    with pytest.raises(ValueError, match="give it alone"):
+        selected_parts(["report", "finetune"])
+
+
+def test_command_line_errors_exit_2_and_name_the_fix(tmp_path, capsys):
+    assert main(["table2", "--out", str(tmp_path)]) == 2
+    assert "choose from finetune, pretrain, ablation" in capsys.readouterr().err
+    assert main(["report", "--out", str(tmp_path / "empty")]) == 2
+    assert "run `megakv-study` first" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--scale", "huge"])
+    assert exit_info.value.code == 2
