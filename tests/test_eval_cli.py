@@ -110,3 +110,30 @@ def test_generate_and_export_with_the_data_packages_sentencepiece_tokenizer(tmp_
     out = export_for_transformers(model_dir, tmp_path / "hf", retain="every:2")
     _, tokenizer_dir = resolve_model(out)
     assert load_tokenizer(tokenizer_dir).encode("the cat") == load_tokenizer(tmp_path / "spm").encode("the cat")
+
+
+def test_eval_cli_baseline_side_by_side_equals_two_separate_runs(model_dir, split, tmp_path, capsys):
+    other = write_model_dir(tmp_path / "other", tiny_model(seed=11))
+    retain = ["every:1", "every:2", "every:3"]
+    for path, name in ((model_dir, "a.json"), (other, "b.json")):
+        assert eval_main(["--model", str(path), "--data", str(split), "--retain", *retain, "--seq-len", "16",
+                          "--json", str(tmp_path / name), "--no-progress"]) == 0
+    alone = [[r["loss"] for r in json.loads((tmp_path / n).read_text())["results"]] for n in ("a.json", "b.json")]
+    capsys.readouterr()
+    assert eval_main(["--model", str(model_dir), "--baseline", str(other), "--data", str(split), "--retain", *retain,
+                      "--seq-len", "16", "--json", str(tmp_path / "both.json"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    both = json.loads((tmp_path / "both.json").read_text())
+    assert [r["loss"] for r in both["results"]] == alone[0]
+    assert [r["loss"] for r in both["baseline_results"]] == alone[1]
+    row = next(line for line in out.splitlines() if line.startswith("every:2") and line.count(".") >= 4)
+    ratio_a, ratio_b = float(row.split()[-3]), float(row.split()[-1])
+    assert ratio_a == pytest.approx(alone[0][1] / alone[0][0], abs=1e-3)
+    assert ratio_b == pytest.approx(alone[1][1] / alone[1][0], abs=1e-3)
+
+
+def test_eval_cli_baseline_of_another_shape_is_refused(model_dir, split, tmp_path, capsys):
+    deeper = write_model_dir(tmp_path / "deeper", tiny_model(seed=1, n_layers=8))
+    assert eval_main(["--model", str(model_dir), "--baseline", str(deeper), "--data", str(split),
+                      "--retain", "all"]) == 2
+    assert "n_layers=8" in capsys.readouterr().err

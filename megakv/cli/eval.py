@@ -3,6 +3,7 @@
   megakv-eval --model DIR --data data/val_text_document --retain every:1 every:2 every:3 every:4 \
       --json eval.json --plot eval.png
   megakv-eval --model DIR --data held_out.txt --retain all 0,3,5
+  megakv-eval --model RCLA_DIR --baseline NORMAL_DIR --data ...   (both models side by side)
 
 Every plan is scored on the same token windows. `--data` is a `.bin/.idx` prefix, or a jsonl / parquet /
 text file read as megakv-prep reads it (encoded with the model's tokenizer, or --tokenizer DIR). Only the
@@ -62,6 +63,21 @@ def load_windows(args: argparse.Namespace, model, tokenizer_dir):
     return windows, f"{loaded.describe(scored)} in {len(windows)} windows of {windows.shape[1] - 1}{hint}"
 
 
+def load_baseline(args: argparse.Namespace, model):
+    """The --baseline model; it must read the same windows (same vocabulary, context and depth)."""
+    from megakv.model_paths import resolve_model
+
+    if args.task != "lm":
+        raise ValueError("--baseline compares held-out loss (--task lm); compare QA scores with two runs")
+    baseline, _ = resolve_model(args.baseline, args.device, DTYPES[args.dtype])
+    for field in ("vocab_size", "max_seq_len", "n_layers"):
+        ours, theirs = getattr(model.cfg, field), getattr(baseline.cfg, field)
+        if ours != theirs:
+            raise ValueError(f"--baseline {args.baseline} has {field}={theirs} but --model {args.model} has "
+                             f"{ours}: compare models of the same shape and tokenizer")
+    return baseline
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megakv-eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -69,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_arguments(parser)
     parser.add_argument("--retain", nargs="+", default=["every:1", "every:2", "every:3", "every:4"],
                         help="retention plans: all, every:K, or layer lists like 0,3,5 (default: every:1..4)")
+    parser.add_argument("--baseline", default=None,
+                        help="a second model (e.g. trained normally) scored on the same windows and plans, "
+                             "printed beside --model with each one's loss relative to its own full cache")
     parser.add_argument("--json", default=None, help="write the results as JSON here")
     parser.add_argument("--plot", default=None, help="write a PNG plot of loss against KV cache bytes here")
     parser.add_argument("--task", choices=("lm", "qa"), default="lm",
@@ -80,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> int:
     from megakv.eval.loss import evaluate_plans
     from megakv.eval.progress import ProgressBar
-    from megakv.eval.report import format_table, plot_loss_vs_retention, write_json
+    from megakv.eval.report import format_comparison, format_table, plot_loss_vs_retention, write_json
     from megakv.inference.engine import resolve_plan
     from megakv.model_paths import resolve_model
 
@@ -91,15 +110,24 @@ def _run(args: argparse.Namespace) -> int:
     model, tokenizer_dir = resolve_model(args.model, args.device, DTYPES[args.dtype])
     for spec in args.retain:  # reject a bad plan before spending time on the others
         resolve_plan(spec, model.cfg.n_layers)
+    baseline = load_baseline(args, model) if args.baseline else None
     windows, scored = load_windows(args, model, tokenizer_dir)
-    with ProgressBar(len(args.retain) * len(windows), "evaluating", "windows", not args.no_progress) as bar:
-        results = evaluate_plans(model, args.retain, windows, args.batch_size, DTYPES[args.cache_dtype],
-                                 progress=bar.advance)
+    models = [model] if baseline is None else [model, baseline]
+    with ProgressBar(len(models) * len(args.retain) * len(windows), "evaluating", "windows",
+                     not args.no_progress) as bar:
+        scored_models = [evaluate_plans(m, args.retain, windows, args.batch_size, DTYPES[args.cache_dtype],
+                                        progress=bar.advance) for m in models]
+    results = scored_models[0]
     print(f"model {args.model} ({model.cfg.n_layers} layers), data {args.data}: {scored}")
     print(format_table(results))
+    extra = {}
+    if baseline is not None:
+        print("\nside by side: loss (and its ratio to the same model's first plan)")
+        print(format_comparison({str(args.model): results, str(args.baseline): scored_models[1]}))
+        extra = {"baseline": str(args.baseline), "baseline_results": [r.to_dict() for r in scored_models[1]]}
     if args.json:
         path = write_json(results, args.json, model=str(args.model), data=str(args.data),
-                          n_layers=model.cfg.n_layers, windows=len(windows), seq_len=windows.shape[1] - 1)
+                          n_layers=model.cfg.n_layers, windows=len(windows), seq_len=windows.shape[1] - 1, **extra)
         print(f"wrote {path}")
     if args.plot:
         print(f"wrote {plot_loss_vs_retention(results, args.plot, title=f'{args.model}')}")

@@ -18,6 +18,21 @@ def format_table(results: Sequence[PlanLoss]) -> str:
     return "\n".join(rows)
 
 
+def format_comparison(models: dict[str, Sequence[PlanLoss]]) -> str:
+    """One row per plan, one column pair per model: its loss and the ratio to its own first plan's loss."""
+    names = list(models)
+    first = {name: models[name][0].loss for name in names}
+    header = f"{'retain':<14}{'cache %':>9}" + "".join(f"  {name[-28:]:>28}{'ratio':>7}" for name in names)
+    rows = [header, "-" * len(header)]
+    for i, plan in enumerate(models[names[0]]):
+        row = f"{plan.retain:<14}{100 * plan.retained_fraction:>8.1f}%"
+        for name in names:
+            loss = models[name][i].loss
+            row += f"  {loss:>28.4f}{loss / first[name]:>7.3f}"
+        rows.append(row)
+    return "\n".join(rows)
+
+
 def write_json(results: Sequence[PlanLoss], path: str | Path, **metadata) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
