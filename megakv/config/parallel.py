@@ -22,7 +22,7 @@ def check_tensor_zero_stage(zero_stage: int, tensor: int, field: str = "parallel
 
 @dataclass
 class ParallelConfig:
-    tensor: int = 1  # head-split tensor parallelism (megakv/parallel/tensor.py; ZeRO 1-2, no pipeline yet)
+    tensor: int = 1  # head-split tensor parallelism (megakv/parallel/tensor.py; ZeRO 1-2, inside pipeline stages)
     pipeline: int = 1  # pipeline stages (DeepSpeed's pipe engine; needs zero_stage 1)
     # How blocks are cut into stages: uniform (same number of blocks per stage; n_layers must divide) or
     # parameters (balance parameter counts, the embedding counted on the first stage, the head on the last).
@@ -77,9 +77,4 @@ class ParallelConfig:
                               "DeepSpeed's pipeline engine supports ZeRO stage 1 at most",
                               "use parallel.zero_stage=1 with pipeline parallelism")
         check_tensor_zero_stage(self.zero_stage, self.tensor, f"{prefix}.zero_stage")
-        if self.tensor > 1 and self.pipeline > 1:  # each stage would need its blocks split: not written yet
-            raise ConfigError(f"{prefix}.tensor", self.tensor,
-                              f"tensor parallelism with pipeline parallelism (parallel.pipeline={self.pipeline}) "
-                              "is not implemented yet",
-                              "use parallel.tensor > 1 with parallel.pipeline=1 (TP x DP), or parallel.tensor=1")
         return world_size // model_parallel

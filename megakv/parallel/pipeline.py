@@ -20,6 +20,12 @@ Transports (parallel.pipeline_transport):
   fixed    pad to the most K/V slots that can cross c (min(c, L - c, max_distance)); constant shapes, so
            DeepSpeed sends its metadata once and allocates buffers once.
   dynamic  exactly the crossing set; DeepSpeed's dynamic_shape sends metadata with every tensor.
+
+With tensor parallelism inside the stages (parallel.tensor = T, applied by megakv/parallel/tensor.py after
+the stage is built), each tensor rank's blocks hold its heads, so the K/V packed across a boundary are
+that rank's K/V heads (n_kv_heads / T of them, or the one replicated head when n_kv_heads < T); DeepSpeed's
+p2p pairs a rank with the same (data, tensor) coordinate on the next stage, which holds the same heads.
+The hidden part is the same on every tensor rank.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from torch import nn
 
 from megakv.config.model import ModelConfig
 from megakv.model import Block, LiveKV, RMSNorm, RotaryEmbedding, init_weights, run_block
+from megakv.parallel.tensor_split import tensor_split
 from megakv.routing import RoutingPlan, crossing
 
 TRANSPORTS = ("fixed", "dynamic")
@@ -56,8 +63,13 @@ def max_slots(n_layers: int, boundary: int, max_distance: int | None) -> int:
     return most if max_distance is None else min(most, max_distance)
 
 
-def kv_width(cfg: ModelConfig) -> int:
-    return cfg.n_kv_heads * cfg.resolved_head_dim
+def kv_heads_per_rank(cfg: ModelConfig, tensor: int) -> int:
+    return tensor_split(cfg, tensor).kv_heads_per_rank
+
+
+def kv_width(cfg: ModelConfig, tensor: int = 1) -> int:
+    """Features of one K (or V) of one layer on one tensor rank."""
+    return kv_heads_per_rank(cfg, tensor) * cfg.resolved_head_dim
 
 
 def pack(hidden: torch.Tensor, live: LiveKV, sources: tuple[int, ...], slots: int, width: int) -> torch.Tensor:
@@ -73,15 +85,16 @@ def pack(hidden: torch.Tensor, live: LiveKV, sources: tuple[int, ...], slots: in
     return torch.cat(parts, dim=-1)
 
 
-def unpack(packed: torch.Tensor, sources: tuple[int, ...], cfg: ModelConfig) -> tuple[torch.Tensor, LiveKV]:
+def unpack(packed: torch.Tensor, sources: tuple[int, ...], cfg: ModelConfig, tensor: int = 1
+           ) -> tuple[torch.Tensor, LiveKV]:
     batch, seq, _ = packed.shape
-    d, width = cfg.d_model, kv_width(cfg)
+    d, width, heads = cfg.d_model, kv_width(cfg, tensor), kv_heads_per_rank(cfg, tensor)
     hidden = packed[..., :d]
     live: LiveKV = {}
     for slot, j in enumerate(sources):
         start = d + 2 * slot * width
         k, v = (packed[..., start + i * width:start + (i + 1) * width]
-                .reshape(batch, seq, cfg.n_kv_heads, -1).transpose(1, 2) for i in range(2))
+                .reshape(batch, seq, heads, -1).transpose(1, 2) for i in range(2))
         live[j] = (k, v)
     return hidden, live
 
@@ -107,12 +120,16 @@ class EmbedPipe(nn.Module):
 
 
 class BlockPipe(nn.Module):
-    """Layer `index`: the dense model's per-layer step, plus (un)packing at stage boundaries."""
+    """Layer `index`: the dense model's per-layer step, plus (un)packing at stage boundaries.
+
+    `tensor`: the tensor degree the block will be split over (the packed K/V are one rank's heads).
+    """
 
     def __init__(self, cfg: ModelConfig, index: int, seed: int, stage_starts: tuple[int, ...], transport: str,
-                 max_distance: int | None):
+                 max_distance: int | None, tensor: int = 1):
         super().__init__()
         self.cfg, self.index, self.transport, self.max_distance = cfg, index, transport, max_distance
+        self.tensor = tensor
         self.block = Block(cfg)
         init_weights(self.block, f"layers.{index}", cfg, seed)
         self.rope = RotaryEmbedding(cfg)  # recomputed per stage instead of sent: a non-persistent buffer
@@ -129,7 +146,7 @@ class BlockPipe(nn.Module):
         plan, keep = plan_of(plan_t)
         sources = crossing(plan, self.index)
         if self.receives_packed:
-            hidden, live = unpack(inputs[0], sources, self.cfg)
+            hidden, live = unpack(inputs[0], sources, self.cfg, self.tensor)
         else:
             hidden, flat = inputs[0], inputs[2:]
             live = {j: (flat[2 * n], flat[2 * n + 1]) for n, j in enumerate(sources)}
@@ -140,7 +157,7 @@ class BlockPipe(nn.Module):
         after = crossing(plan, self.index + 1)
         if self.sends_packed:
             slots = self._slots(self.index + 1, after)
-            return pack(hidden, live, after, slots, kv_width(self.cfg)), plan_t
+            return pack(hidden, live, after, slots, kv_width(self.cfg, self.tensor)), plan_t
         return (hidden, plan_t, *(t for j in after for t in live[j]))
 
 
@@ -167,7 +184,8 @@ def tied_head(embed: EmbedPipe, hidden: torch.Tensor) -> torch.Tensor:
     return F.linear(hidden, embed.embed.weight)
 
 
-def layer_specs(cfg: ModelConfig, seed: int, cuts: list[int], transport: str, max_distance: int | None) -> list:
+def layer_specs(cfg: ModelConfig, seed: int, cuts: list[int], transport: str, max_distance: int | None,
+                tensor: int = 1) -> list:
     from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
     stage_starts = tuple(cuts[1:-1])
@@ -176,7 +194,8 @@ def layer_specs(cfg: ModelConfig, seed: int, cuts: list[int], transport: str, ma
         last = TiedLayerSpec("embed", EmbedPipe, cfg, seed, forward_fn=tied_head, tied_weight_attr=["embed.weight"])
     else:
         first, last = LayerSpec(EmbedPipe, cfg, seed), LayerSpec(HeadPipe, cfg, seed)
-    blocks = [LayerSpec(BlockPipe, cfg, i, seed, stage_starts, transport, max_distance) for i in range(cfg.n_layers)]
+    blocks = [LayerSpec(BlockPipe, cfg, i, seed, stage_starts, transport, max_distance, tensor)
+              for i in range(cfg.n_layers)]
     return [first, *blocks, LayerSpec(NormPipe, cfg), last]
 
 
@@ -186,8 +205,11 @@ def spec_parts(cuts: list[int]) -> list[int]:
 
 
 def pipeline_module(cfg: ModelConfig, seed: int, cuts: list[int], topology, loss_fn, transport: str,
-                    max_distance: int | None):
-    """A PipelineModule that runs megakv's own stage cut (checked before launch), not DeepSpeed's."""
+                    max_distance: int | None, tensor: int = 1):
+    """A PipelineModule that runs megakv's own stage cut (checked before launch), not DeepSpeed's.
+
+    With `tensor` > 1 its blocks are still dense: `stage_blocks` gives them to the tensor split.
+    """
     from deepspeed.pipe import PipelineModule
 
     class MegaKVPipeline(PipelineModule):
@@ -199,9 +221,14 @@ def pipeline_module(cfg: ModelConfig, seed: int, cuts: list[int], topology, loss
 
     # With train.activation_checkpointing DeepSpeed recomputes one block at a time (interval 1, set from
     # the DeepSpeed config); only blocks, so the embedding's chunk is never recomputed.
-    return MegaKVPipeline(layer_specs(cfg, seed, cuts, transport, max_distance), topology=topology,
+    return MegaKVPipeline(layer_specs(cfg, seed, cuts, transport, max_distance, tensor), topology=topology,
                           loss_fn=loss_fn, partition_method="megakv", dynamic_shape=transport == "dynamic",
                           checkpointable_layers=[BLOCK_TYPE])
+
+
+def stage_blocks(module: nn.Module) -> list[Block]:
+    """The transformer blocks this stage runs, in layer order."""
+    return [layer.block for layer in module.modules() if isinstance(layer, BlockPipe)]
 
 
 # ----------------------------------------------------------------------------- names: pipeline <-> dense

@@ -7,6 +7,10 @@ does not read pipeline checkpoints, so megakv maps names itself (pipeline.dense_
   fp32 runs: the layer files hold the exact weights.
   bf16 runs: the fp32 master weights are rebuilt from the flat partitions, in the order of the
              stage's `param_shapes`.
+With tensor parallelism inside the stages (TP x PP) each layer has one file per tensor rank TT, and the
+optimizer files of stage s and tensor rank t are `mp_rank_{s * T + t}` (DeepSpeed's model-parallel rank
+counts over the stages and tensor ranks of a replica); every tensor rank's shard is merged
+(tensor_split.merge_state_dicts), so the result is the dense model's state dict whatever the layout.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from pathlib import Path
 import torch
 
 from megakv.parallel.pipeline import dense_name
+from megakv.parallel.tensor_split import TensorSplit, merge_state_dicts
 from megakv.safe_load import deepspeed_globals, load_weights_only, numpy_globals
 
 LAYER_FILE = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
@@ -24,48 +29,62 @@ STAGE_FILE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
 OPTIM_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 
 
-def layer_files_state(tag_dir: Path, n_layers: int) -> dict[str, torch.Tensor]:
-    """Weights as the layer files hold them (tensor rank 0), under MegaKVModel names."""
-    state: dict[str, torch.Tensor] = {}
+def _merged(shards: list[dict[str, torch.Tensor]], split: TensorSplit | None) -> dict[str, torch.Tensor]:
+    return shards[0] if split is None or split.tensor == 1 else merge_state_dicts(shards, split)
+
+
+def layer_files_state(tag_dir: Path, n_layers: int, split: TensorSplit | None = None) -> dict[str, torch.Tensor]:
+    """Weights as the layer files hold them, under MegaKVModel names; `split`: the run's tensor split
+    (None: no tensor parallelism), whose shards are merged."""
+    tensor = 1 if split is None else split.tensor
+    shards: list[dict[str, torch.Tensor]] = [{} for _ in range(tensor)]
     files = sorted(p for p in Path(tag_dir).iterdir() if LAYER_FILE.match(p.name))
     if not files:
         raise FileNotFoundError(f"{tag_dir} has no layer_*-model_*-model_states.pt files: not a pipeline checkpoint")
+    per_layer: dict[int, set[int]] = {}
     for path in files:
         index, tensor_rank = (int(g) for g in LAYER_FILE.match(path.name).groups())
-        if tensor_rank != 0:
-            raise NotImplementedError(f"{path.name}: merging tensor-parallel layer files is not supported")
-        for key, tensor in torch.load(path, map_location="cpu", weights_only=True).items():
-            state[dense_name(f"{index}.{key}", n_layers)] = tensor
-    return state
+        if tensor_rank >= tensor:
+            raise ValueError(f"{path}: a file of tensor rank {tensor_rank}, but the run's parallel.tensor is {tensor}")
+        per_layer.setdefault(index, set()).add(tensor_rank)
+        for key, value in torch.load(path, map_location="cpu", weights_only=True).items():
+            shards[tensor_rank][dense_name(f"{index}.{key}", n_layers)] = value
+    for index, ranks in per_layer.items():
+        if ranks != set(range(tensor)):
+            raise FileNotFoundError(f"{tag_dir}: layer {index} has files of tensor ranks {sorted(ranks)}, expected "
+                                    f"0..{tensor - 1}; restore the missing layer_{index:02d}-model_XX file")
+    return _merged(shards, split)
 
 
 def _load(path: Path):
     return load_weights_only(path, deepspeed_globals() + numpy_globals())
 
 
-def master_weights_state(tag_dir: Path, n_layers: int) -> dict[str, torch.Tensor]:
-    """fp32 master weights from the optimizer partitions of every stage and data rank.
+def master_weights_state(tag_dir: Path, n_layers: int, split: TensorSplit | None = None) -> dict[str, torch.Tensor]:
+    """fp32 master weights from the optimizer partitions of every stage, tensor and data rank.
 
     DeepSpeed's pickles are read by the weights-only unpickler (the globals DeepSpeed stores, nothing else).
     """
     tag_dir = Path(tag_dir)
-    shards: dict[int, dict[int, Path]] = {}
+    tensor = 1 if split is None else split.tensor
+    partitions: dict[int, dict[int, Path]] = {}
     for path in tag_dir.iterdir():
         match = OPTIM_FILE.match(path.name)
         if match:
-            data_rank, stage = int(match.group(1)), int(match.group(2))
-            shards.setdefault(stage, {})[data_rank] = path
-    state: dict[str, torch.Tensor] = {}
+            data_rank, model_rank = int(match.group(1)), int(match.group(2))
+            partitions.setdefault(model_rank, {})[data_rank] = path
+    shards: list[dict[str, torch.Tensor]] = [{} for _ in range(tensor)]
     for stage_file in sorted(p for p in tag_dir.iterdir() if STAGE_FILE.match(p.name)):
-        stage = int(STAGE_FILE.match(stage_file.name).group(1))
+        model_rank = int(STAGE_FILE.match(stage_file.name).group(1))
         shapes = _load(stage_file)["param_shapes"]
-        parts = [_load(shards[stage][r])["optimizer_state_dict"]
-                 ["single_partition_of_fp32_groups"] for r in sorted(shards[stage])]
+        parts = [_load(partitions[model_rank][r])["optimizer_state_dict"]
+                 ["single_partition_of_fp32_groups"] for r in sorted(partitions[model_rank])]
+        shard = shards[model_rank % tensor]
         for group, names in enumerate(shapes):
             flat = torch.cat([p[group] for p in parts])
             offset = 0
             for name, shape in names.items():
                 count = shape.numel()
-                state[dense_name(name, n_layers)] = flat[offset:offset + count].view(shape).clone()
+                shard[dense_name(name, n_layers)] = flat[offset:offset + count].view(shape).clone()
                 offset += count
-    return state
+    return _merged(shards, split)

@@ -24,13 +24,15 @@ rank instead of only on tensor rank 0.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from megakv.model import MegaKVModel
+from megakv.config.model import ModelConfig
+from megakv.model import Block, MegaKVModel
 from megakv.parallel.tensor_split import TensorSplit, merge_state_dicts, shard_tensor, split_of, tensor_split
 
 COLUMN_PARALLEL = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
@@ -154,7 +156,14 @@ def apply_tensor_parallel(model: MegaKVModel, tp_group: dist.ProcessGroup, tp_ra
     Every tensor rank must pass the same dense weights (same seed). Raises ConfigError if the model's
     heads or MLP width do not split over `tp_size` ranks.
     """
-    split = tensor_split(model.cfg, tp_size)
+    return apply_tensor_parallel_to_blocks(model.layers, model.cfg, tp_group, tp_rank, tp_size)
+
+
+def apply_tensor_parallel_to_blocks(blocks: Iterable[Block], cfg: ModelConfig, tp_group: dist.ProcessGroup,
+                                    tp_rank: int, tp_size: int) -> TensorSplit:
+    """`apply_tensor_parallel` on some blocks of a model (a pipeline stage's); the embedding, final norm
+    and head, wherever they live, stay replicated."""
+    split = tensor_split(cfg, tp_size)
     if not 0 <= tp_rank < tp_size:
         raise ValueError(f"tensor rank {tp_rank} is outside 0..{tp_size - 1}")
     if dist.get_world_size(tp_group) != tp_size or dist.get_rank(tp_group) != tp_rank:
@@ -162,8 +171,8 @@ def apply_tensor_parallel(model: MegaKVModel, tp_group: dist.ProcessGroup, tp_ra
                          f"expected {tp_rank} of {tp_size}")
     kv_hook = functools.partial(_sum_grad_over_replicas, group=tp_group, slot=split.kv_group(tp_rank),
                                 slots=split.kv_groups)
-    for index, block in enumerate(model.layers):
-        prefix = f"layers.{index}"
+    for block in blocks:
+        prefix = "block"  # split_of reads only the suffix of a parameter name
         for path in COLUMN_PARALLEL + ROW_PARALLEL:
             owner_name, attr = path.split(".")
             owner = getattr(block, owner_name)

@@ -73,7 +73,8 @@ def tensor_data_runner(cfg: MegaKVConfig, ctx: ParallelContext, ds_config: dict,
     same blocks, so the recomputed forward's collectives pair up).
     """
     if ctx.layout.pipeline != 1:
-        raise NotImplementedError("tensor x pipeline parallelism is not implemented yet")
+        raise ValueError("tensor_data_runner runs one pipeline stage; with parallel.pipeline > 1 the pipeline "
+                         "runner (megakv/parallel/wrap.py) splits each stage's blocks")
     grid = tensor_parallel_grid(ctx.topology)
     model, _ = build_tensor_parallel_model(cfg.model, cfg.train.seed, grid, init_state)
     if prepare is not None:

@@ -1,8 +1,10 @@
 """How a config becomes something DeepSpeed trains, for this process's place in the layout.
 
 Data parallelism (ZeRO 1-3): the dense MegaKVModel inside a DeepSpeedEngine (`DataParallelRunner`).
+Tensor parallelism without a pipeline (ZeRO 1-2): this rank's shard of the model (tensor_engine.py).
 Pipeline parallelism (ZeRO <= 1): each rank builds only its stage's layers as a PipelineModule
-(megakv/parallel/pipeline.py) on the layout's topology (`PipelineRunner`). The loop sees a StepRunner
+(megakv/parallel/pipeline.py) on the layout's topology (`PipelineRunner`); with parallel.tensor > 1 the
+stage's blocks are then split over its tensor group (TP x PP, TP x PP x DP). The loop sees a StepRunner
 either way.
 """
 
@@ -18,7 +20,9 @@ from megakv.model import MegaKVModel
 from megakv.optim.param_groups import weight_decay_groups
 from megakv.optim.schedule import WarmupCosineSchedule
 from megakv.parallel.context import ParallelContext
+from megakv.parallel.materialize import build_zero3_model
 from megakv.parallel.runners import DataParallelRunner, PipelineLoss, PipelineRunner, StepRunner
+from megakv.parallel.tensor import apply_tensor_parallel_to_blocks
 from megakv.parallel.tensor_engine import tensor_data_runner
 
 
@@ -49,31 +53,38 @@ def _initialize(model, parameters, cfg: MegaKVConfig, ds_config: dict):
 def build_runner(cfg: MegaKVConfig, ctx: ParallelContext, ds_config: dict,
                  init_state: dict[str, torch.Tensor] | None = None) -> StepRunner:
     """The model for this rank (from `init_state`, MegaKVModel names, when given) inside its engine."""
-    if ctx.layout.tensor != 1:  # TP x DP (megakv/parallel/tensor_engine.py); TP x PP is refused there
+    if ctx.layout.pipeline > 1:
+        return _pipeline_runner(cfg, ctx, ds_config, init_state)
+    if ctx.layout.tensor != 1:  # TP x DP (megakv/parallel/tensor_engine.py)
         return tensor_data_runner(cfg, ctx, ds_config, init_state,
                                   prepare=recompute_blocks if cfg.train.activation_checkpointing else None)
-    if ctx.layout.pipeline == 1:
+    if ds_config.get("zero_optimization", {}).get("stage") == 3:  # built partitioned: never whole on a rank
+        torch.manual_seed(cfg.train.seed)
+        model = build_zero3_model(cfg.model, cfg.train.seed, ds_config, init_state)
+    else:
         model = build_model(cfg.model, cfg.train.seed)
         if init_state is not None:
             model.load_state_dict(init_state)
-        if cfg.train.activation_checkpointing:
-            recompute_blocks(model)
-        engine = _initialize(model, weight_decay_groups(model, cfg.optim), cfg, ds_config)
-        return DataParallelRunner(engine, ctx)
-    return _pipeline_runner(cfg, ctx, ds_config, init_state)
+    if cfg.train.activation_checkpointing:
+        recompute_blocks(model)
+    engine = _initialize(model, weight_decay_groups(model, cfg.optim), cfg, ds_config)
+    return DataParallelRunner(engine, ctx)
 
 
 def _pipeline_runner(cfg: MegaKVConfig, ctx: ParallelContext, ds_config: dict,
                      init_state: dict[str, torch.Tensor] | None) -> PipelineRunner:
     from megakv.parallel.partition import block_cuts
-    from megakv.parallel.pipeline import DenseNames, load_dense_weights, pipeline_module
+    from megakv.parallel.pipeline import DenseNames, load_dense_weights, pipeline_module, stage_blocks
 
-    n_layers = cfg.model.n_layers
+    n_layers, tensor = cfg.model.n_layers, ctx.layout.tensor
     cuts = block_cuts(cfg.model, cfg.parallel.pipeline, cfg.parallel.pipeline_partition)
     loss = PipelineLoss()
     module = pipeline_module(cfg.model, cfg.train.seed, cuts, ctx.topology, loss, cfg.parallel.pipeline_transport,
-                             cfg.routing.max_distance)
-    if init_state is not None:
+                             cfg.routing.max_distance, tensor)
+    if init_state is not None:  # dense names and shapes: loaded before the blocks are split
         load_dense_weights(module, init_state, n_layers)
+    if tensor > 1:  # every tensor rank of the stage built the same dense blocks; each keeps its heads
+        apply_tensor_parallel_to_blocks(stage_blocks(module), cfg.model, ctx.tensor_group, ctx.layout.tensor_rank,
+                                        tensor)
     engine = _initialize(module, weight_decay_groups(DenseNames(module, n_layers), cfg.optim), cfg, ds_config)
     return PipelineRunner(engine, ctx, loss)

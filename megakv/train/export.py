@@ -69,15 +69,17 @@ def consolidated_state_dict(run_dir: str | Path) -> tuple[ModelConfig, dict[str,
 def _pipeline_state_dict(run_dir: Path, tag: str, state: TrainState) -> tuple[ModelConfig, dict, str]:
     """A pipeline run: layer files (fp32 runs) or the optimizer's fp32 masters (bf16), as MegaKVModel keys."""
     from megakv.parallel.pipeline_files import layer_files_state, master_weights_state
+    from megakv.parallel.tensor_split import tensor_split
 
     cfg = model_config_of(state)
     tag_dir = checkpoints_dir(run_dir) / tag
     precision = OmegaConf.create(state.config_yaml).get("train", {}).get("precision", "fp32")
+    split = tensor_split(cfg, int(state.layout.get("tensor", 1)))  # TP x PP: the shards are merged
     if precision == "fp32":
-        weights = layer_files_state(tag_dir, cfg.n_layers)
+        weights = layer_files_state(tag_dir, cfg.n_layers, split)
     else:
         check_deepspeed_dir(tag_dir)  # the optimizer shards unpickle with weights_only=False
-        weights = master_weights_state(tag_dir, cfg.n_layers)
+        weights = master_weights_state(tag_dir, cfg.n_layers, split)
     return cfg, {name: tensor.float().clone() for name, tensor in weights.items()}, tag
 
 
