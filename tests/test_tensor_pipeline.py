@@ -5,7 +5,8 @@ Every layout must train the model one process trains: losses step by step (rel 1
 norm (DeepSpeed's global norm over split and replicated parameters), validation at every retention, under
 per-micro-batch R-CLA plans that route across the stage boundary, checked equal on every rank. Each tensor
 rank packs its own K/V heads into the tensor crossing the boundary. A resume on the same layout is bit for
-bit; the export merges every (stage, tensor rank) shard into the dense model directory.
+bit; the export merges every (stage, tensor rank) shard into the dense model directory; a universal
+conversion of (TP2, PP2, DP1) resumes as (TP1, PP1, DP2).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from train_data import prepare_tiny_dataset
 from train_helpers import latest_tag, read_status, step_losses
 
 from megakv.cli.convert import main as convert_main
+from megakv.parallel.pipeline_files import layer_files_state, master_weights_state
+from megakv.parallel.tensor_split import tensor_split
 from megakv.train.checkpoint import write_pointer
 from megakv.train.export import consolidated_state_dict
 
@@ -32,6 +35,7 @@ KEEP_STEP_2 = ("checkpoint.every=2", "checkpoint.keep_last=2")  # the step-2 che
 # TP sums partial products in another order; Adam turns last-bit gradient differences into weight differences
 # of up to ~lr * 1e-3 after a few steps (measured max |TP2xPP2 - dense| after 4 steps: 1.6e-6).
 EXPORT_ATOL = 1e-5
+MOMENTS = ("fp32", "exp_avg", "exp_avg_sq")
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +76,11 @@ def test_two_tensor_ranks_in_two_stages_train_the_single_process_model(single, t
     assert {f"zero_pp_rank_0_mp_rank_{m:02d}_optim_states.pt" for m in range(4)} <= names
     layout = json.loads((tag_dir / "megakv_state.json").read_text())["layout"]
     assert (layout["tensor"], layout["pipeline"], layout["data_parallel"]) == (2, 2, 1)
+    # the optimizer's fp32 masters (what a bf16 run exports), merged from the four (stage, tensor rank) files,
+    # are the layer files' weights in an fp32 run
+    split = tensor_split(consolidated_state_dict(single)[0], 2)
+    layer_files, masters = layer_files_state(tag_dir, 4, split), master_weights_state(tag_dir, 4, split)
+    assert layer_files.keys() == masters.keys() and all(torch.equal(masters[k], v) for k, v in layer_files.items())
 
     # the export merges the shards of both stages and both tensor ranks into the dense model directory
     from megakv.model_dir import load_model
@@ -104,6 +113,30 @@ def test_resume_on_the_same_layout_is_bit_exact(dataset, tp2pp2, tmp_path):
         assert continued[step] == reference[step], (step, continued[step], reference[step])  # bit for bit
     ours, theirs = consolidated_state_dict(resumed)[1], consolidated_state_dict(tp2pp2)[1]
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+def test_universal_conversion_resumes_as_two_data_ranks(dataset, single, tp2pp2, tmp_path):
+    source = from_step_two(tp2pp2, tmp_path / "source")
+    assert convert_main(["to-universal", str(source)]) == 0
+    checkpoints = source / "checkpoints"
+    zero = checkpoints / (checkpoints / "latest_universal").read_text().strip() / "zero"
+    converted = {folder.name: {key: torch.load(folder / f"{key}.pt", weights_only=True)["param"] for key in MOMENTS}
+                 for folder in zero.iterdir() if folder.is_dir()}
+    weights = consolidated_state_dict(source)[1]  # the step-2 weights, from the layer files of every shard
+    assert converted.keys() == weights.keys()  # MegaKVModel names and shapes: one merged tensor per parameter
+    for name, weight in weights.items():
+        assert torch.equal(converted[name]["fp32"], weight), name
+        assert converted[name]["exp_avg_sq"].shape == weight.shape and converted[name]["exp_avg_sq"].any(), name
+    # (TP1, PP1, DP2) trains on from it: the next losses follow the uninterrupted one-process run
+    train(dataset, source, 2, *KEEP_STEP_2, resume=True)
+    saved = json.loads((checkpoints / latest_tag(source) / "megakv_state.json").read_text())["layout"]
+    assert (saved["tensor"], saved["pipeline"], saved["data_parallel"]) == (1, 1, 2)
+    reference, continued = step_losses(single), step_losses(source)
+    assert sorted(continued) == [3, 4]
+    for step in (3, 4):
+        assert continued[step] == pytest.approx(reference[step], rel=1e-5), (step, continued, reference)
+    ours, theirs = consolidated_state_dict(source)[1], consolidated_state_dict(single)[1]
+    assert all(torch.allclose(ours[k], theirs[k], rtol=0, atol=EXPORT_ATOL) for k in theirs)
 
 
 @pytest.mark.slow

@@ -147,13 +147,18 @@ def _split_flat(parts: list[torch.Tensor], shapes: dict) -> dict[str, torch.Tens
     return out
 
 
-def _rank_state(tag_dir: Path, tensor_rank: int) -> tuple[dict, dict[str, dict[str, torch.Tensor]], list]:
-    """(model states, {state key: {name: tensor}}, per-group step) of one tensor rank, all data ranks merged."""
-    states = _load(tag_dir / f"mp_rank_{tensor_rank:02d}_model_states.pt")
-    optim = _rank_optimizer_states(tag_dir, tensor_rank)
+def _rank_state(tag_dir: Path, model_rank: int, n_layers: int | None
+                ) -> tuple[dict, dict[str, dict[str, torch.Tensor]], list]:
+    """(model states, {state key: {name: tensor}}, per-group step) of one model-parallel rank (a tensor rank,
+    or under TP x PP a (stage, tensor rank) pair), all data ranks merged; `n_layers` (pipeline runs only)
+    turns the pipe engine's names into MegaKVModel names."""
+    states = _load(tag_dir / f"mp_rank_{model_rank:02d}_model_states.pt")
+    optim = _rank_optimizer_states(tag_dir, model_rank)
     per_key: dict[str, dict[str, torch.Tensor]] = {key: {} for key in STATE_KEYS}
     steps = []
     for group, shapes in enumerate(states["param_shapes"]):
+        if n_layers is not None:
+            shapes = {dense_name(name, n_layers): shape for name, shape in shapes.items()}
         per_key["fp32"].update(_split_flat([o["single_partition_of_fp32_groups"][group] for o in optim], shapes))
         adam = [o["base_optimizer_state"]["state"][group] for o in optim]
         for key in ("exp_avg", "exp_avg_sq"):
@@ -162,17 +167,37 @@ def _rank_state(tag_dir: Path, tensor_rank: int) -> tuple[dict, dict[str, dict[s
     return states, per_key, steps
 
 
+def _tensor_rank_state(tag_dir: Path, tensor_rank: int, tensor: int, stages: int, n_layers: int
+                       ) -> tuple[dict, dict[str, dict[str, torch.Tensor]], list]:
+    """One tensor rank's state over every pipeline stage: DeepSpeed's model-parallel rank of (stage s,
+    tensor rank t) is s * tensor + t. The model states returned are stage 0's."""
+    if stages == 1:
+        return _rank_state(tag_dir, tensor_rank, None)
+    per_stage = [_rank_state(tag_dir, stage * tensor + tensor_rank, n_layers) for stage in range(stages)]
+    per_key = {key: {name: value for _, state, _ in per_stage for name, value in state[key].items()}
+               for key in STATE_KEYS}
+    return per_stage[0][0], per_key, [step for _, _, steps in per_stage for step in steps]
+
+
 def tensor_to_universal(tag_dir: Path, out_dir: Path, cfg) -> None:
-    """A layout-free universal checkpoint of a tensor-parallel (TP x DP) checkpoint: every tensor rank's fp32
-    masters and Adam moments merged into MegaKVModel-shaped tensors (megakv's own shard merge, not
-    ds_to_universal's, which knows nothing of replicated K/V heads), written in DeepSpeed's per-parameter
-    format. `cfg`: the run's ModelConfig; tensor degree: the number of mp_rank files.
+    """A layout-free universal checkpoint of a tensor-parallel (TP x DP, or TP x PP x DP) checkpoint: every
+    tensor rank's fp32 masters and Adam moments merged into MegaKVModel-shaped tensors (megakv's own shard
+    merge, not ds_to_universal's, which knows nothing of replicated K/V heads), written in DeepSpeed's
+    per-parameter format. `cfg`: the run's ModelConfig; the layout is read from the files: the tensor degree
+    is the number of tensor ranks of the layer files (a pipeline run) or of the mp_rank files (no pipeline).
     """
+    from megakv.parallel.pipeline_files import LAYER_FILE
     from megakv.parallel.tensor_split import merge_state_dicts, tensor_split
 
     tag_dir, out_dir = Path(tag_dir), Path(out_dir)
-    tensor = len([p for p in tag_dir.iterdir() if _STAGE_FILE.match(p.name)])
-    ranks = [_rank_state(tag_dir, t) for t in range(tensor)]
+    model_ranks = len([p for p in tag_dir.iterdir() if _STAGE_FILE.match(p.name)])
+    layer_ranks = {int(m.group(2)) for m in (LAYER_FILE.match(p.name) for p in tag_dir.iterdir()) if m}
+    tensor = len(layer_ranks) if layer_ranks else model_ranks
+    if model_ranks % tensor:
+        raise ValueError(f"{tag_dir}: {model_ranks} mp_rank files do not split into pipeline stages of "
+                         f"{tensor} tensor ranks")
+    stages = model_ranks // tensor
+    ranks = [_tensor_rank_state(tag_dir, t, tensor, stages, cfg.n_layers) for t in range(tensor)]
     split = tensor_split(cfg, tensor)
     merged = {key: merge_state_dicts([r[1][key] for r in ranks], split) for key in STATE_KEYS}
     steps = [float(step) for step in ranks[0][2]]
@@ -191,7 +216,8 @@ def tensor_to_universal(tag_dir: Path, out_dir: Path, cfg) -> None:
     global_state["param_groups"] = first["base_optimizer_state"]["param_groups"]
     torch.save(global_state, zero / "optimizer_state.pt")
     states = ranks[0][0]
-    module = states["module"]
+    # the module weights in the training precision; a pipe engine's mp_rank files hold none (its layer files do)
+    module = states["module"] if stages == 1 else layer_files_state(tag_dir, cfg.n_layers, split)
     states["module"] = {name: merged["fp32"][name].to(module[name].dtype) for name in merged["fp32"]}
     states["param_shapes"] = None
     states["mp_world_size"] = 1
