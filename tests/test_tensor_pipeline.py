@@ -6,7 +6,7 @@ norm (DeepSpeed's global norm over split and replicated parameters), validation 
 per-micro-batch R-CLA plans that route across the stage boundary, checked equal on every rank. Each tensor
 rank packs its own K/V heads into the tensor crossing the boundary. A resume on the same layout is bit for
 bit; the export merges every (stage, tensor rank) shard into the dense model directory; a universal
-conversion of (TP2, PP2, DP1) resumes as (TP1, PP1, DP2).
+conversion of (TP2, PP2, DP1) resumes as (TP1, PP1, DP2), and one of a one-process run as (TP2, PP2).
 """
 
 from __future__ import annotations
@@ -139,13 +139,29 @@ def test_universal_conversion_resumes_as_two_data_ranks(dataset, single, tp2pp2,
     assert all(torch.allclose(ours[k], theirs[k], rtol=0, atol=EXPORT_ATOL) for k in theirs)
 
 
+def test_universal_conversion_of_one_process_resumes_on_two_tensor_ranks_in_two_stages(dataset, single, tmp_path):
+    # the other way: each (stage, tensor rank) cuts its shard of its layers out of the MegaKVModel-named files
+    source = from_step_two(single, tmp_path / "from_single")
+    assert convert_main(["to-universal", str(source)]) == 0
+    train(dataset, source, 4, *TP2_PP2, *KEEP_STEP_2, resume=True)
+    saved = json.loads((source / "checkpoints" / latest_tag(source) / "megakv_state.json").read_text())["layout"]
+    assert (saved["tensor"], saved["pipeline"], saved["data_parallel"]) == (2, 2, 1)
+    reference, continued = step_losses(single), step_losses(source)
+    assert sorted(continued) == [3, 4]
+    for step in (3, 4):
+        assert continued[step] == pytest.approx(reference[step], rel=1e-5), (step, continued, reference)
+    ours, theirs = consolidated_state_dict(source)[1], consolidated_state_dict(single)[1]
+    assert all(torch.allclose(ours[k], theirs[k], rtol=0, atol=EXPORT_ATOL) for k in theirs)
+
+
 @pytest.mark.slow
 def test_tensor_by_pipeline_by_data_parallel_with_replicated_kv_heads(dataset, tmp_path):
     # 8 processes: TP2 x PP2 x DP2; MQA (the one K/V head replicated on both tensor ranks, packed across the
-    # boundary by each) and the head tied to the embedding (held by both end stages)
+    # boundary by each), the head tied to the embedding (held by both end stages), and activation
+    # checkpointing (tensor peers recompute the same blocks, so the recomputed all-reduces pair up)
     extra = ("model.n_kv_heads=1", "model.tie_embeddings=true")
     reference = train(dataset, tmp_path / "single_mqa", 1, *extra)
-    run = train(dataset, tmp_path / "tp2pp2dp2", 8, *TP2_PP2, *extra)
+    run = train(dataset, tmp_path / "tp2pp2dp2", 8, *TP2_PP2, *extra, "train.activation_checkpointing=true")
     assert_same_training(run, reference, weights_atol=EXPORT_ATOL)
     traces = [(run / "logs" / f"plans_rank{rank}.txt").read_text().splitlines() for rank in range(8)]
     assert all(lines == traces[0] for lines in traces)
