@@ -18,12 +18,14 @@ from megakv.study.scratch import (
     RETAINS,
     ScratchRun,
     ScratchScale,
+    budget_note,
     plot_lines,
     prepare_data,
     retained_layers,
     scale_settings,
+    timing_note,
     train_and_score,
-    training_seconds,
+    unfinished,
 )
 
 PART = "pretrain"
@@ -158,19 +160,23 @@ def run(part_dir: Path, scale: str, *, log: Callable[[str], None]) -> PartResult
     n_layers = settings.model.n_layers
     deep_runs = {q: deep_run(study_dir, settings, q) for q in settings.q_sweep}
     shallow = {run.n_layers: run for run in shallow_runs(study_dir, settings)}
-    losses = train_and_score([*deep_runs.values(), *shallow.values()], settings, data,
+    runs = [*deep_runs.values(), *shallow.values()]
+    trained, started = unfinished(runs), time.perf_counter()
+    losses = train_and_score(runs, settings, data,
                              retains_of=lambda r: RETAINS if r.n_layers == n_layers else RETAINS[:1], log=log)
+    timing = timing_note(part_dir, runs, time.perf_counter() - started, trained)
     deep = {q: losses[r.name] for q, r in deep_runs.items()}
     shallow_loss = {layers: losses[r.name]["every:1"] for layers, r in shallow.items()}
 
     claims = [full_cache_cost_claim(deep), *depth_claims(deep, shallow_loss, n_layers),
               sharing_claim(deep, settings.reference_q)]
-    seconds = training_seconds(part_dir / "runs")
     notes = ["q_cross 0 is trained with routing `none` (the same plans as rcla at q 0: every layer its own K/V).",
              "Every model sees the same tokens in the same order (data.seed and routing.seed fixed); the shallow "
              "models have the deep model's width and differ only in depth.",
-             "Training time per model (s, when it was trained): "
-             + ", ".join(f"{name} {s:.0f}" for name, s in seconds.items())]
+             budget_note(deep_runs[0.0], settings),
+             "One training seed per model: a difference of well under 1% may not survive another seed "
+             "(seed-to-seed spread not measured here).",
+             timing]
     return PartResult(part=PART, title="Pre-training sweep from scratch (Table 1 / Fig. 5 analogue)", scale=scale,
                       seconds=time.perf_counter() - start, settings=settings.describe(),
                       tables=[sweep_table(deep, shallow_loss, n_layers), cache_table(deep, shallow_loss, n_layers)],

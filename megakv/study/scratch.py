@@ -28,13 +28,15 @@ from megakv import recipes
 from megakv.data.preprocess import preprocess
 from megakv.data.recipes import prepare_corpus
 from megakv.data.tokenizer import train_sentencepiece
+from megakv.model_paths import resolve_model
 from megakv.routing import deployment_plan
-from megakv.study.runs import retention_losses, train_run
+from megakv.study.runs import is_finished, retention_losses, train_run
 from megakv.train.run_dir import write_json_atomically
 
 Log = Callable[[str], None]
 RETAINS = ("every:1", "every:2", "every:3", "every:4")
 TRAIN_SECONDS_FILE = "train_seconds.json"
+WALL_FILE = "training_wall.json"
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,7 @@ class ScratchScale:
     eval_tokens_per_source: int  # held-out tokens scored per data source (the loss is their mean)
     concurrent_runs: int = 2  # trainings at once (one process each)
     threads_per_run: int = 1
+    precision: str = "fp32"  # train.precision
 
     def __post_init__(self) -> None:
         if self.reference_q not in self.q_sweep or self.reference_q <= 0:
@@ -80,7 +83,8 @@ class ScratchScale:
                          f"ffn {m.ffn_hidden}, seq {m.seq_len}, vocab {self.vocab_size}",
                 "training": f"{self.steps} steps x {self.global_batch} x {m.seq_len} tokens = "
                             f"{self.tokens_per_model:,} tokens per model, lr {self.lr:g} (warm-up "
-                            f"{self.warmup_steps}, cosine to 10%), AdamW (0.9, 0.99), wd 0.1, clip 1.0, fp32",
+                            f"{self.warmup_steps}, cosine to 10%), AdamW (0.9, 0.99), wd 0.1, clip 1.0, "
+                            f"{self.precision}",
                 "data": {"mix": "megakv-data mix (Linux + Python docs, Brown, Shakespeare, Milton)",
                          "stdlib": "the interpreter's standard-library sources (tiny scale)"}[self.corpus],
                 "held-out": f"first {self.eval_tokens_per_source:,} tokens of each source's held-out split, "
@@ -100,12 +104,14 @@ SCALES = {
         model=ScratchModel(n_layers=8, d_model=128, n_heads=4, n_kv_heads=4, ffn_hidden=352, seq_len=128),
         q_sweep=(0.0, 0.25, 0.5, 0.75), reference_q=0.5, steps=200, global_batch=16, micro_batch=16, lr=2e-3,
         warmup_steps=10, eval_tokens_per_source=4096),
-    # A real run (not run here): 28 layers like the paper's model, ~100M tokens per model on one GPU each.
+    # A real run (documented, not run here): 28 layers like the paper's model (~90M parameters), one GPU
+    # (train.device auto), 33M tokens per model: about 2 epochs of the mix's ~15M training tokens, so a run
+    # that wants the paper's Chinchilla-sized budget needs a larger corpus (data.datasets).
     "gpu": ScratchScale(
         name="gpu", corpus="mix", vocab_size=8192,
         model=ScratchModel(n_layers=28, d_model=512, n_heads=8, n_kv_heads=8, ffn_hidden=1408, seq_len=1024),
-        q_sweep=(0.0, 0.25, 0.5, 0.75), reference_q=0.5, steps=6000, global_batch=16, micro_batch=16, lr=1e-3,
-        warmup_steps=300, eval_tokens_per_source=65536, concurrent_runs=1, threads_per_run=8),
+        q_sweep=(0.0, 0.25, 0.5, 0.75), reference_q=0.5, steps=2000, global_batch=16, micro_batch=16, lr=1e-3,
+        warmup_steps=100, eval_tokens_per_source=65536, concurrent_runs=1, threads_per_run=8, precision="bf16"),
 }
 
 
@@ -198,7 +204,8 @@ class ScratchRun:
             "optim.schedule=cosine", "optim.beta1=0.9", "optim.beta2=0.99", "optim.weight_decay=0.1",
             "optim.grad_clip=1.0",
             f"train.steps={settings.steps}", f"train.global_batch={settings.global_batch}",
-            f"train.micro_batch={settings.micro_batch}", "train.precision=fp32", "parallel.zero_stage=2",
+            f"train.micro_batch={settings.micro_batch}", f"train.precision={settings.precision}",
+            "parallel.zero_stage=2",
             f"checkpoint.every={max(1, settings.steps // 2)}", "checkpoint.keep_last=1",
             "validation.every=0", f"logging.log_every={max(1, settings.steps // 10)}", "logging.tensorboard=false",
         ]
@@ -258,6 +265,34 @@ def train_and_score(runs: Sequence[ScratchRun], settings: ScratchScale, data: St
 def training_seconds(directory: Path) -> dict[str, float]:
     path = directory / TRAIN_SECONDS_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def budget_note(run: ScratchRun, settings: ScratchScale) -> str:
+    """Tokens per parameter of a trained model, against the paper's budget (34B tokens for 1.7B, ~20)."""
+    model, _ = resolve_model(run.run_dir)
+    params = sum(p.numel() for p in model.parameters())
+    return (f"Budget: {settings.tokens_per_model:,} training tokens for {params / 1e6:.2f}M parameters "
+            f"({run.name}) = {settings.tokens_per_model / params:.2g} tokens per parameter; the paper trains "
+            f"34B tokens for 1.7B (~20, Chinchilla), so these models are far earlier in training.")
+
+
+def unfinished(runs: Sequence[ScratchRun]) -> list[str]:
+    return [run.name for run in runs if not is_finished(run.run_dir)]
+
+
+def timing_note(part_dir: Path, runs: Sequence[ScratchRun], wall: float, trained: Sequence[str]) -> str:
+    """How long the part's trainings took when they ran (kept in part_dir, so a cached rerun still says it)."""
+    path = part_dir / WALL_FILE
+    if trained:
+        write_json_atomically(path, {"seconds": round(wall, 1), "trained": list(trained)})
+    record = json.loads(path.read_text()) if path.is_file() else None
+    per_model = {}
+    for run in runs:
+        per_model.update({k: v for k, v in training_seconds(run.run_dir.parent).items() if k == run.name})
+    text = "Training and scoring took "
+    text += (f"{record['seconds'] / 60:.1f} min of wall time (models trained then: {', '.join(record['trained'])})"
+             if record else "an unrecorded time (every model came from the cache)")
+    return text + "; per model (s, one thread each): " + ", ".join(f"{k} {v:.0f}" for k, v in per_model.items())
 
 
 def retained_layers(spec: str, n_layers: int) -> int:
