@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -61,3 +62,30 @@ def test_merge_refuses_to_overwrite_and_to_read_its_output(tmp_path, tokenizer_d
     ab = IndexedDataset(tmp_path / "d" / "ab")
     b = IndexedDataset(tmp_path / "d" / "b")
     assert ab[0].tolist() == b[0].tolist()  # the given order, b first
+
+
+def test_merging_qa_samples_merges_their_loss_masks_and_refuses_a_mix(tmp_path, tokenizer_dir):
+    from megakv.data.sft import MaskedTokens, mask_prefix, prepare_sft
+
+    records = [{"context": f"Speaker {i} said the line number {i} here.", "question": f"Who said line {i}?",
+                "answer": f"Speaker {i}"} for i in range(6)]
+    parts = []
+    for p in range(2):
+        path = tmp_path / f"qa{p}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in records[p * 3:(p + 1) * 3]))
+        parts.append(prepare_sft(path, tokenizer_dir, tmp_path / "parts" / f"qa_{p}", 96).prefix)
+    meta = merge(parts, tmp_path / "merged" / "qa")
+    out = tmp_path / "merged" / "qa"
+    merged = MaskedTokens(IndexedDataset(out), IndexedDataset(mask_prefix(out)))
+    expected = [MaskedTokens(IndexedDataset(p), IndexedDataset(mask_prefix(p))).get(i) for p in parts for i in range(3)]
+    assert [merged.get(i).tolist() for i in range(6)] == [e.tolist() for e in expected]  # masks kept per sample
+    assert meta["sft"]["seq_len"] == 96 and sum(meta["sft"]["orders"].values()) == 6
+    assert read_meta(tmp_path / "merged" / "qa")["sft"]["answer_tokens"] == sum(
+        read_meta(p)["sft"]["answer_tokens"] for p in parts)
+    plain = tmp_path / "plain" / "docs"
+    preprocess(_files(tmp_path / "in")[:1], tokenizer_dir, plain, progress=False)
+    with pytest.raises(DataError, match="loss mask"):
+        merge([parts[0], str(plain)], tmp_path / "mixed" / "qa")
+    # Overwriting a QA output with plain data removes its old mask, which would otherwise be applied.
+    merge([str(plain)], tmp_path / "merged" / "qa", overwrite=True)
+    assert not (tmp_path / "merged" / "qa_lossmask.idx").exists()

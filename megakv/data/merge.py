@@ -1,6 +1,9 @@
 """Many `.bin/.idx` pairs -> one, by streaming (no index is ever held in memory whole).
 
-The result is byte-identical to preprocessing all the inputs at once in the same order.
+The result is byte-identical to preprocessing all the inputs at once in the same order. QA samples
+prepared by `megakv-qa prep` carry a loss-mask pair (`PREFIX_lossmask`): when every input has one, the
+masks are merged the same way (written before the token pair, whose `.idx` lands last), so the merged
+data still counts only what each input counted; a mix of masked and unmasked inputs is refused.
 """
 
 from __future__ import annotations
@@ -14,6 +17,34 @@ from megakv.data.errors import DataError
 from megakv.data.indexed import IndexedDataset, IndexedWriter, bin_path, idx_path, pair_exists
 from megakv.data.metadata import read_meta, write_meta
 from megakv.data.tokenizer import TokenizerInfo, save_beside_data
+
+MASK_SUFFIX = "_lossmask"  # megakv.data.sft's loss-mask pair (sft imports torch; merging does not need it)
+
+
+def _mask_prefix(prefix: Path) -> Path:
+    return Path(f"{prefix}{MASK_SUFFIX}")
+
+
+def merged_sft_meta(prefixes: list[Path], metas: list[dict | None]) -> dict | None:
+    """The `sft` metadata of the merged QA samples (None: no input has a loss mask); refuses a mix."""
+    masked = [pair_exists(_mask_prefix(p)) for p in prefixes]
+    if not any(masked):
+        return None
+    if not all(masked):
+        plain = [str(p) for p, m in zip(prefixes, masked) if not m][:3]
+        raise DataError(f"some inputs are QA samples with a loss mask (megakv-qa prep) and some are not "
+                        f"(no {MASK_SUFFIX} pair: {plain})", "merge masked QA samples only with each other")
+    sft = [((m or {}).get("sft") or {}) for m in metas]
+    lengths = {s.get("seq_len") for s in sft}
+    if len(lengths) != 1 or None in lengths:
+        raise DataError(f"the QA inputs were prepared with different --seq-len {sorted(map(str, lengths))}",
+                        "prepare them with one --seq-len (megakv-qa prep), then merge")
+    orders: Counter = Counter()
+    for s in sft:
+        orders.update(s.get("orders", {}))
+    return {"seq_len": lengths.pop(), "orders": dict(orders), "pad_id": sft[0].get("pad_id"),
+            "answer_tokens": sum(int(s.get("answer_tokens", 0)) for s in sft),
+            "source": [str(s.get("source")) for s in sft][:100]}
 
 
 def expand_prefixes(patterns: list[str]) -> list[Path]:
@@ -75,6 +106,15 @@ def merge(inputs: list[str], output_prefix: str | Path, *, overwrite: bool = Fal
             raise DataError(f"{bin_path(prefix)} holds token id {largest}, above the max_token_id {claimed} its "
                             ".meta.json claims (the .bin was changed after preparation, or the metadata is wrong)",
                             "re-prepare that input with megakv-prep, then merge again")
+    sft = merged_sft_meta(prefixes, metas)
+    if sft is not None:
+        with IndexedWriter(_mask_prefix(output), "uint8") as masks:
+            for prefix in prefixes:
+                masks.add_index(IndexedDataset(_mask_prefix(prefix)))
+            masks.finalize()
+    elif pair_exists(_mask_prefix(output)):  # a stale mask from an overwritten QA output must not apply
+        for path in (idx_path(_mask_prefix(output)), bin_path(_mask_prefix(output))):
+            path.unlink(missing_ok=True)
     with IndexedWriter(output, sources[0].dtype) as writer:
         for source in sources:
             writer.add_index(source)
@@ -89,5 +129,7 @@ def merge(inputs: list[str], output_prefix: str | Path, *, overwrite: bool = Fal
             "seconds": round(time.time() - started, 3),
         }
         meta["max_token_id"] = max(scanned)
+        if sft is not None:
+            meta["sft"] = sft
         writer.finalize(before_commit=lambda: write_meta(output, meta))
     return meta

