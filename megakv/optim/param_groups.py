@@ -19,7 +19,8 @@ def weight_decay_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (decay if is_decayed(name, param.ndim, cfg) else no_decay).append(param)
+            ndim = len(getattr(param, "ds_shape", param.shape))  # a ZeRO-3 partition is flat; ds_shape is whole
+            (decay if is_decayed(name, ndim, cfg) else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay, "name": "decay"},
               {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
     return [g for g in groups if g["params"]]

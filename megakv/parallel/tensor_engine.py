@@ -23,6 +23,7 @@ from megakv.model import MegaKVModel
 from megakv.optim.param_groups import weight_decay_groups
 from megakv.optim.schedule import WarmupCosineSchedule
 from megakv.parallel.context import ParallelContext
+from megakv.parallel.materialize import materialize_tensor_shards, skeleton_model
 from megakv.parallel.runners import DataParallelRunner
 from megakv.parallel.tensor import apply_tensor_parallel
 from megakv.parallel.tensor_split import TensorSplit
@@ -40,13 +41,13 @@ def build_tensor_parallel_model(model_cfg: ModelConfig, seed: int, grid: Any,
                                 ) -> tuple[MegaKVModel, TensorSplit]:
     """The dense model for `seed` (or `init_state`, dense names), cut to this rank's tensor shard.
 
-    Every rank builds the whole dense model before slicing it (memory: one dense copy per rank at start).
+    The meta-device skeleton is split first, then filled one leaf at a time (megakv/parallel/materialize.py):
+    a rank holds its shard plus, transiently, one dense parameter, never the whole dense model.
     """
-    model = MegaKVModel(model_cfg, init_seed=seed)
-    if init_state is not None:
-        model.load_state_dict(init_state)
+    model = skeleton_model(model_cfg)
     split = apply_tensor_parallel(model, grid.get_slice_parallel_group(), grid.get_slice_parallel_rank(),
                                   grid.get_slice_parallel_world_size())
+    materialize_tensor_shards(model, split, grid.get_slice_parallel_rank(), seed, init_state)
     return model, split
 
 
