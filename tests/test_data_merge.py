@@ -86,6 +86,11 @@ def test_merging_qa_samples_merges_their_loss_masks_and_refuses_a_mix(tmp_path, 
     preprocess(_files(tmp_path / "in")[:1], tokenizer_dir, plain, progress=False)
     with pytest.raises(DataError, match="loss mask"):
         merge([parts[0], str(plain)], tmp_path / "mixed" / "qa")
+    from megakv.cli.merge import main as merge_main
+
+    assert merge_main(["--inputs", str(parts[0]), str(plain), "--output-prefix", str(tmp_path / "cli" / "qa")]) == 2
+    assert merge_main(["--inputs", *map(str, parts), "--output-prefix", str(tmp_path / "cli" / "qa")]) == 0
+    assert (tmp_path / "cli" / "qa_lossmask.idx").exists()
     # Overwriting a QA output with plain data removes its old mask, which would otherwise be applied.
     merge([str(plain)], tmp_path / "merged" / "qa", overwrite=True)
     assert not (tmp_path / "merged" / "qa_lossmask.idx").exists()

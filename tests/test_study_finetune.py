@@ -37,6 +37,47 @@ def test_claims_hold_for_the_papers_pattern_and_fail_without_it():
     assert [c.held for c in finetune_claims(_scores([0.0] * 4, [0.0] * 4))] == [False, False, False]
 
 
+def test_scores_equal_megakv_eval_qa_and_the_record_loss_equals_a_per_record_reference(tmp_path):
+    """score_plans batches one teacher-forced pass for both losses: the same EM, F1 and answer loss as
+    evaluate_qa (greedy one record at a time), and a record loss equal to summing each record by hand."""
+    import torch
+    import torch.nn.functional as F
+    from test_finetune_sft import qa_records as sft_records
+    from train_data import prepare_tiny_dataset
+
+    from megakv.config import ModelConfig
+    from megakv.data.sft import QARecord, encode_record
+    from megakv.data.tokenizer import load_tokenizer
+    from megakv.eval.qa import evaluate_qa
+    from megakv.model import MegaKVModel
+    from megakv.routing import deployment_plan
+
+    tokenizer = load_tokenizer(prepare_tiny_dataset(tmp_path / "tok").parent / "tokenizer")
+    cfg = ModelConfig(vocab_size=320, d_model=32, n_layers=4, n_heads=2, n_kv_heads=1, ffn_hidden=64, max_seq_len=192)
+    model = MegaKVModel(cfg, init_seed=5).eval()
+    records = [QARecord(r["context"], r["question"], r["answer"], r["id"]) for r in sft_records(10, seed=3)]
+    retains = ("every:1", "every:2")
+    ours = finetune.score_plans(model, tokenizer, records, retains, seq_len=128, max_new_tokens=3, batch=4)
+    plans = {spec: deployment_plan(spec, cfg.n_layers) for spec in retains}
+    reference = {r.spec: r for r in evaluate_qa(model, tokenizer, records, plans, seq_len=128, max_new_tokens=3)}
+    info = tokenizer.info
+    pad = info.pad_id if info.pad_id is not None else info.eos_id
+    for spec in retains:
+        assert ours[spec]["exact_match"] == reference[spec].exact_match and ours[spec]["f1"] == reference[spec].f1
+        assert ours[spec]["answer_loss"] == pytest.approx(reference[spec].answer_loss, rel=1e-5)
+        total = counted = 0.0
+        for record in records:
+            tokens, mask = encode_record(tokenizer, record, "cqa", 128, info.eos_id, pad, info.bos_id)
+            end = int(np.flatnonzero(mask)[-1]) + 1  # the record without its padding
+            ids = torch.as_tensor(tokens[:end])
+            with torch.no_grad():
+                logits = model(ids[None, :-1], plan=plans[spec])[0]
+            total += float(F.cross_entropy(logits, ids[1:], reduction="sum"))
+            counted += end - 1
+        assert ours[spec]["heldout_loss"] == pytest.approx(total / counted, rel=1e-5)
+    assert ours["every:1"]["heldout_loss"] != ours["every:2"]["heldout_loss"]
+
+
 def test_widened_mask_counts_the_whole_record_but_not_the_padding(tmp_path):
     from megakv.data.indexed import IndexedWriter
 

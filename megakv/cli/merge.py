@@ -3,7 +3,8 @@
     megakv-merge --inputs PREFIX... --output-prefix OUT [--overwrite]
 
 Inputs may be globs (`out/part_*`); they are merged in the given (globs: sorted) order, and the result is
-byte-identical to preprocessing all their inputs at once in that order.
+byte-identical to preprocessing all their inputs at once in that order. QA samples (megakv-qa prep) keep
+their loss masks: OUT_lossmask is merged alongside; mixing masked and unmasked inputs is refused.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> None:
         meta = merge(args.inputs, args.output_prefix, overwrite=args.overwrite)
+        masks = f", loss masks merged ({meta['sft']['seq_len']}-token QA samples)" if meta.get("sft") else ""
         print(f"{args.output_prefix}: merged {meta['merged_count']} pairs, {meta['documents']:,} documents, "
-              f"{meta['tokens']:,} tokens ({meta['dtype']}) in {meta['seconds']:.1f} s", flush=True)
+              f"{meta['tokens']:,} tokens ({meta['dtype']}){masks} in {meta['seconds']:.1f} s", flush=True)
 
     return run_cli(run)
 

@@ -73,7 +73,7 @@ class FinetuneScale:
     max_records: int  # QA records built (train/valid/test split by play)
     eval_records: int  # held-out (test-play) records answered and scored at every retention
     max_new_tokens: int
-    validation_samples: int  # validation sequences at each of 10 points of the run (every:1, :2, :4)
+    validation_samples: int  # validation sequences at each of 6 points of the run (every:1, :2, :4)
     threads: int  # OMP threads per training process and for the evaluation
     concurrent_runs: int = 2  # the two fine-tunes at once (1: one after the other)
     nproc: int = 1  # data-parallel training processes per fine-tune
@@ -97,7 +97,7 @@ class FinetuneScale:
                 f"checkpoint.every={max(1, self.steps // 4)}", "checkpoint.keep_last=1",
                 "logging.tensorboard=false", f"logging.log_every={max(1, self.steps // 40)}",
                 # Validation points (held-out plays, answer loss) trace how fast sharing is learned.
-                f"validation.every={max(1, self.steps // 10)}", f"validation.samples={self.validation_samples}",
+                f"validation.every={max(1, self.steps // 6)}", f"validation.samples={self.validation_samples}",
                 "validation.plans=[every:1,every:2,every:4]"]
 
     def routing(self, model: str) -> list[str]:
@@ -134,12 +134,13 @@ SCALES = {
         name="tiny", base="tiny", seq_len=128, steps=2, global_batch=2, micro_batch=2, lr=1e-3, warmup_steps=1,
         q_cross=0.6, max_distance=3, per_micro_batch=False, loss_on="record", max_records=300, eval_records=4,
         max_new_tokens=4, validation_samples=2, threads=1),
-    # A quiet 2-core machine: ~15 s per step with both fine-tunes at once (one thread each), ~45 min of
-    # training (164k tokens per model: the first try's 123k-token budget x 1.3), ~10 min of evaluation.
+    # Sized to finish in about an hour on a *busy* shared 2-core machine (measured: ~46 s per step with
+    # both fine-tunes at once, one thread each, at load ~18); a quiet one does it in ~15 min. 48 x 4 x 256
+    # = 49k tokens per model. The validation points trace how fast each model learns to share.
     "cpu": FinetuneScale(
-        name="cpu", base="smollm2", seq_len=256, steps=160, global_batch=4, micro_batch=2, lr=3e-4,
-        warmup_steps=5, q_cross=0.6, max_distance=3, per_micro_batch=True, loss_on="record", max_records=6000,
-        eval_records=64, max_new_tokens=8, validation_samples=4, threads=1),
+        name="cpu", base="smollm2", seq_len=256, steps=48, global_batch=4, micro_batch=2, lr=3e-4,
+        warmup_steps=3, q_cross=0.6, max_distance=3, per_micro_batch=True, loss_on="record", max_records=6000,
+        eval_records=32, max_new_tokens=6, validation_samples=4, threads=1),
     # A real run (not run here): one GPU, 2,000 steps of 32 x 512 tokens (33M tokens per model), the
     # paper's peak lr scaled to the shorter run.
     "gpu": FinetuneScale(
