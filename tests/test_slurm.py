@@ -177,6 +177,39 @@ def test_pipeline_stage_per_node_preempted_and_resumed_equals_one_process(cluste
         assert ours[step] == pytest.approx(theirs[step], rel=1e-6), (step, ours[step], theirs[step])
 
 
+def test_tensor_parallel_inside_each_node_data_parallel_across_nodes_equals_one_process(cluster, dataset, tmp_path):
+    """parallel.tensor=2 on 2 nodes x 2 ranks (GPUS_PER_NODE=2): pretrain.sbatch takes the layout from the config,
+    torchrun numbers ranks node by node and megakv orders them tensor fastest, so each tensor pair (two all-reduces
+    per block each way) is the two ranks of one node and only the data-parallel reduction crosses nodes. With one
+    routing plan per micro-batch (the data-parallel ranks train different plans in one step), the losses equal one
+    process training the same config, step by step."""
+    steps = 8
+    common = [f"data.datasets=[{dataset}]", f"train.steps={steps}", "parallel.zero_stage=2",
+              "routing.per_micro_batch=true", "routing.q_cross=0.75", "train.debug.check_plans=true"]
+    reference = launch_train([*common, f"train.run_dir={tmp_path / 'single'}"], nproc=1)
+    assert reference.ok, reference.output[-4000:]
+    run_dir = tmp_path / "tp2_dp2"
+    job = cluster.sbatch(PRETRAIN, str(TINY_RECIPE), *common, "parallel.tensor=2", f"train.run_dir={run_dir}",
+                         "logging.other_ranks_console=info", options=["--nodes=2"],
+                         env={**job_env(), "GPUS_PER_NODE": "2"}, cwd=tmp_path)
+    records = cluster.wait(job, timeout=240)
+    out = job_output(tmp_path, job)
+    assert_completed(cluster, job, records, out)
+    assert records[0]["NodeList"] == "node[1-2]", records
+    assert '"world_size": 4' in out and '"tensor": 2' in out and '"data_parallel": 2' in out, out
+    # srun --label gives the node task each rank logged from: ranks 0, 1 (tensor group 0) on node task 0, ranks 2, 3
+    # (tensor group 1) on node task 1; the data-parallel pairs (0, 2) and (1, 3) span the nodes.
+    node_of = {int(r): int(n) for n, r in re.findall(r"^(\d+): \[rank (\d+)\]", out, re.M)}
+    assert node_of == {0: 0, 1: 0, 2: 1, 3: 1}, node_of
+    assert read_status(run_dir)["state"] == "finished"
+    ours, theirs = step_losses(run_dir), step_losses(tmp_path / "single")
+    assert sorted(ours) == sorted(theirs) == list(range(1, steps + 1))
+    for step in theirs:
+        assert ours[step] == pytest.approx(theirs[step], rel=1e-6), (step, ours[step], theirs[step])
+    traces = plan_traces(run_dir)
+    assert sorted(traces) == [0, 1, 2, 3] and all(t == traces[0] for t in traces.values()), traces
+
+
 def test_preprocess_array_and_merge_equal_single_process(cluster, dataset, tmp_path):
     """data_prep/preprocess_array.sbatch as a 4-task array over 6 input files (a contiguous, byte-balanced share
     each), then data_prep/merge.sbatch after it (afterok): the merged pair is byte-identical to one megakv-prep over
