@@ -157,11 +157,13 @@ def test_universal_conversion_of_one_process_resumes_on_two_tensor_ranks_in_two_
 @pytest.mark.slow
 def test_tensor_by_pipeline_by_data_parallel_with_replicated_kv_heads(dataset, tmp_path):
     # 8 processes: TP2 x PP2 x DP2; MQA (the one K/V head replicated on both tensor ranks, packed across the
-    # boundary by each), the head tied to the embedding (held by both end stages), and activation
-    # checkpointing (tensor peers recompute the same blocks, so the recomputed all-reduces pair up)
+    # boundary by each), the head tied to the embedding (held by both end stages), activation checkpointing
+    # (tensor peers recompute the same blocks, so the recomputed all-reduces pair up) and the dynamic
+    # transport (exactly the crossing K/V, of this tensor rank's width)
     extra = ("model.n_kv_heads=1", "model.tie_embeddings=true")
     reference = train(dataset, tmp_path / "single_mqa", 1, *extra)
-    run = train(dataset, tmp_path / "tp2pp2dp2", 8, *TP2_PP2, *extra, "train.activation_checkpointing=true")
+    run = train(dataset, tmp_path / "tp2pp2dp2", 8, *TP2_PP2, *extra, "train.activation_checkpointing=true",
+                "parallel.pipeline_transport=dynamic")
     assert_same_training(run, reference, weights_atol=EXPORT_ATOL)
     traces = [(run / "logs" / f"plans_rank{rank}.txt").read_text().splitlines() for rank in range(8)]
     assert all(lines == traces[0] for lines in traces)
