@@ -1,6 +1,6 @@
 """Models larger than one rank: the ZeRO-3 and tensor-parallel builds never hold the whole model on a rank.
 
-Two gloo processes run every check once in a shared module fixture (one spawn, one ~180 MB fp32 model, so the
+Two gloo processes run every check once in a shared module fixture (one spawn, one ~107 MB fp32 model, so the
 difference between a dense copy and a half is tens of MB, far above allocator noise) and report numbers through
 a queue; each test asserts on its part. References are built in the same process: the dense model for the same
 seed (`build_model`, what every rank built before), its first loss, and its tensor slices.
@@ -24,8 +24,6 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from train_helpers import TINY_RECIPE, free_port
-
-pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 WORLD = 2
 # ~27 M parameters (~107 MB in fp32): 12 blocks of 2.2 M; the largest leaf (one MLP matrix) is 2.4 MB.
@@ -52,10 +50,12 @@ def _param_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def _checks(rank: int) -> dict:
+def _checks(rank: int, work_dir: str) -> dict:
     from deepspeed import zero
+    from safetensors.torch import load_file
 
     from megakv.config import load_config
+    from megakv.model_dir import WEIGHTS_FILE, save_model_dir
     from megakv.optim.param_groups import weight_decay_groups
     from megakv.parallel.context import init_parallel, layout_topology
     from megakv.parallel.layout import ParallelLayout
@@ -66,6 +66,7 @@ def _checks(rank: int) -> dict:
     from megakv.parallel.wrap import build_model, build_runner
     from megakv.routing import sample_plan
     from megakv.train.ds_config import generated_ds_config
+    from megakv.train.loop import _init_weights
 
     out: dict = {}
     cfg = load_config(TINY_RECIPE, [*BIG_MODEL, f"train.seed={SEED}", "parallel.zero_stage=3", "train.global_batch=2",
@@ -115,6 +116,22 @@ def _checks(rank: int) -> dict:
     out["decay_groups_equal"] = decay_groups(model) == decay_groups(dense)
     del model
 
+    # --- checkpoint.init_from under ZeRO-3: the model directory is read one tensor at a time into the partitions
+    model_dir = Path(work_dir) / "model"
+    if rank == 0:  # weights unlike the seed's, so a build that ignored them would show
+        save_model_dir(cfg.model, {n: t * 1.5 + 0.25 for n, t in dense_state.items()}, model_dir)
+    torch.distributed.barrier()
+    model, out["init_from_peak"] = _peak_of(
+        lambda: build_zero3_model(cfg.model, SEED, ds_config, _init_weights(cfg, str(model_dir))))
+    saved = load_file(str(model_dir / WEIGHTS_FILE))
+    differing = []
+    for name, param in model.named_parameters():
+        with zero.GatheredParameters([param]):
+            if not torch.equal(param.data, saved[name]):
+                differing.append(name)
+    out["init_from_differing"] = differing
+    del model, saved
+
     # --- the real ZeRO-3 path (build_runner -> partitioned build -> engine): its first loss is the dense one's
     inputs, labels = _tokens(cfg.model.vocab_size, seed=200 + rank)  # each data-parallel rank its own batch
     with torch.no_grad():
@@ -140,7 +157,7 @@ def names_of(group: dict, model) -> list[str]:
     return [n for n, p in model.named_parameters() if id(p) in ids]
 
 
-def _worker(rank: int, port: int, queue) -> None:
+def _worker(rank: int, port: int, work_dir: str, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
@@ -151,7 +168,7 @@ def _worker(rank: int, port: int, queue) -> None:
     from megakv.parallel.context import shutdown_parallel
 
     try:
-        queue.put((rank, _checks(rank)))
+        queue.put((rank, _checks(rank, work_dir)))
     except BaseException as e:  # report instead of hanging the parent on queue.get
         queue.put((rank, {"error": repr(e)}))
         raise
@@ -160,10 +177,12 @@ def _worker(rank: int, port: int, queue) -> None:
 
 
 @pytest.fixture(scope="module")
-def results() -> dict[int, dict]:
+def results(tmp_path_factory) -> dict[int, dict]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = mp.start_processes(_worker, args=(free_port(), queue), nprocs=WORLD, join=False, start_method="spawn")
+    work_dir = str(tmp_path_factory.mktemp("partitioned_build"))
+    procs = mp.start_processes(_worker, args=(free_port(), work_dir, queue), nprocs=WORLD, join=False,
+                               start_method="spawn")
     results = dict(queue.get(timeout=300) for _ in range(WORLD))
     procs.join()
     for rank, result in results.items():
@@ -171,6 +190,8 @@ def results() -> dict[int, dict]:
     return results
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_zero3_build_peaks_well_under_the_full_model(results):
     for rank, r in results.items():
         full = r["full_bytes"]
@@ -182,6 +203,8 @@ def test_zero3_build_peaks_well_under_the_full_model(results):
         assert r["zero3_peak"] < 0.6 * full, (rank, r["zero3_peak"], full)
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_zero3_build_equals_the_dense_build_and_its_first_loss(results):
     for rank, r in results.items():
         assert r["zero3_names"] and r["zero3_differing"] == [], (rank, r["zero3_differing"][:5])
@@ -191,6 +214,8 @@ def test_zero3_build_equals_the_dense_build_and_its_first_loss(results):
     assert results[0]["dense_loss"] != results[1]["dense_loss"]  # each rank's own micro-batch
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_tensor_parallel_build_materialises_only_the_shard(results):
     for rank, r in results.items():
         full, shard = r["full_bytes"], r["tp_bytes"]
@@ -198,3 +223,39 @@ def test_tensor_parallel_build_materialises_only_the_shard(results):
         assert r["tp_peak"] < shard + 0.1 * full, (rank, r["tp_peak"], shard, full)
         assert r["tp_differing"] == [] and r["tp_unmarked_splits"] == [], (rank, r["tp_differing"][:5])
         assert max(r["tp_grad_diff"].values()) <= 1e-5, (rank, r["tp_grad_diff"])
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_init_from_under_zero3_reads_the_model_directory_into_the_partitions(results):
+    for rank, r in results.items():
+        assert r["init_from_differing"] == [], (rank, r["init_from_differing"][:5])
+        assert r["init_from_peak"] < 0.6 * r["full_bytes"], (rank, r["init_from_peak"], r["full_bytes"])
+
+
+def test_model_directory_weights_read_one_tensor_at_a_time_and_refuse_what_does_not_fit(tmp_path):
+    from safetensors.torch import load_file
+
+    from megakv.config import ModelConfig
+    from megakv.model import MegaKVModel
+    from megakv.model_dir import WEIGHTS_FILE, save_model_dir
+    from megakv.parallel.materialize import SafetensorsWeights
+
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=48, max_seq_len=16)
+    save_model_dir(cfg, MegaKVModel(cfg, init_seed=1).to(torch.bfloat16).state_dict(), tmp_path / "m")
+    path = tmp_path / "m" / WEIGHTS_FILE
+    weights, saved = SafetensorsWeights(path, cfg), load_file(str(path))
+    assert sorted(weights) == sorted(saved) and len(weights) == len(saved)
+    assert all(weights[n].dtype == torch.bfloat16 and torch.equal(weights[n], saved[n]) for n in saved)
+    with pytest.raises(ValueError, match=r"do not match the model config \(layers.0.mlp.down_proj.weight is "
+                                         r"\(32, 48\), the config implies \(32, 64\)\).*config.yaml"):
+        SafetensorsWeights(path, ModelConfig(**{**cfg.__dict__, "ffn_hidden": 64}))
+    with pytest.raises(ValueError, match=r"missing \['layers.2"):
+        SafetensorsWeights(path, ModelConfig(**{**cfg.__dict__, "n_layers": 3}))
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="truncated or corrupt safetensors file.*copy the model directory again"):
+        SafetensorsWeights(truncated, cfg)
+    truncated.write_bytes(path.read_bytes()[:5])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        SafetensorsWeights(truncated, cfg)

@@ -19,6 +19,7 @@ or the embedding). Initial weights are bit-equal to the dense build's for the sa
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -132,23 +133,62 @@ def materialize_tensor_shards(model: MegaKVModel, split: TensorSplit, tp_rank: i
         raise RuntimeError(f"parameters left unmaterialised: {leftover[:3]}")
 
 
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                       "BOOL": torch.bool}
+
+
 class SafetensorsWeights(Mapping):
-    """A model directory's weights as a read-only mapping that reads one tensor per lookup (no dense copy)."""
+    """A model directory's weights file as a read-only mapping that reads one tensor per lookup (no dense copy).
 
-    def __init__(self, path: str | Path):
-        from safetensors import safe_open
+    Each lookup reads that tensor's bytes from the file into fresh memory (plain reads, not a memory map, so a
+    rank's resident memory is what it holds, not the pages of the whole file it has touched). Opening it checks
+    every name and shape in the file's header against `cfg`, so weights that do not fit the model fail here,
+    before any weight is read.
+    """
 
-        self.path = str(path)
-        self._file = safe_open(self.path, framework="pt", device="cpu")
-        self._names = [n for n in self._file.keys() if not n.startswith("rope.")]
+    def __init__(self, path: str | Path, cfg: ModelConfig):
+        self.path = Path(path)
+        try:
+            with open(self.path, "rb") as f:
+                header_len = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(header_len)) if 0 < header_len < 100 * 2**20 else None
+            size = self.path.stat().st_size
+            entries = {n: e for n, e in header.items() if n != "__metadata__" and not n.startswith("rope.")}
+            self._data_start = 8 + header_len
+            shapes = {n: tuple(e["shape"]) for n, e in entries.items()}
+            for entry in entries.values():
+                begin, end = entry["data_offsets"]
+                if entry["dtype"] not in _SAFETENSORS_DTYPES or not 0 <= begin <= end <= size - self._data_start:
+                    raise ValueError(f"entry {entry} is outside the file or of an unknown dtype")
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+            raise ValueError(f"{self.path}: truncated or corrupt safetensors file ({e}). Fix: copy the model "
+                             "directory again, or re-export it with megakv-convert") from None
+        expected = {n: tuple(t.shape) for n, t in skeleton_model(cfg).state_dict().items()}
+        wrong = sorted(n for n in expected.keys() & shapes.keys() if expected[n] != shapes[n])
+        missing, unexpected = sorted(expected.keys() - shapes.keys()), sorted(shapes.keys() - expected.keys())
+        if wrong or missing or unexpected:
+            detail = (f"{wrong[0]} is {shapes[wrong[0]]}, the config implies {expected[wrong[0]]}" if wrong else
+                      f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise ValueError(f"{self.path}: weights do not match the model config ({detail}). "
+                             "Fix: use the config.yaml the weights were saved with")
+        self._entries = {n: entries[n] for n in expected}
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        if name not in self._names:
-            raise KeyError(name)
-        return self._file.get_tensor(name)
+        entry = self._entries[name]
+        begin, end = entry["data_offsets"]
+        out = torch.empty(entry["shape"], dtype=_SAFETENSORS_DTYPES[entry["dtype"]])
+        if out.numel() * out.element_size() != end - begin:
+            raise ValueError(f"{self.path}: {name} holds {end - begin} bytes, its shape and dtype need "
+                             f"{out.numel() * out.element_size()}. Fix: re-export the model directory")
+        with open(self.path, "rb") as f:
+            f.seek(self._data_start + begin)
+            if f.readinto(out.view(-1).view(torch.uint8).numpy()) != end - begin:
+                raise ValueError(f"{self.path}: truncated while reading {name}. Fix: copy the model directory again")
+        return out
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._names)
+        return iter(self._entries)
 
     def __len__(self) -> int:
-        return len(self._names)
+        return len(self._entries)

@@ -13,6 +13,8 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -22,6 +24,7 @@ from megakv.config.errors import ConfigError
 from megakv.data.boundaries import mask_documents
 from megakv.optim.schedule import resume_schedule_notice
 from megakv.parallel import ParallelContext
+from megakv.parallel.materialize import SafetensorsWeights
 from megakv.parallel.runners import StepRunner
 from megakv.parallel.wrap import build_runner
 from megakv.routing import deployment_plan
@@ -40,13 +43,19 @@ log = logging.getLogger("megakv.train")
 
 
 
-def _init_weights(cfg: MegaKVConfig, model_dir: str) -> dict[str, torch.Tensor]:
-    from megakv.model_dir import load_model
+def _init_weights(cfg: MegaKVConfig, model_dir: str) -> Mapping[str, torch.Tensor]:
+    from megakv.model_dir import WEIGHTS_FILE, load_model, load_model_config
 
+    def check_same_model(source_cfg) -> None:
+        if source_cfg != cfg.model:
+            raise ConfigError("checkpoint.init_from", model_dir, "the model directory's config differs from model:",
+                              "use the same model settings as the directory's config.yaml")
+
+    if cfg.parallel.zero_stage == 3:  # built partitioned, reading one tensor at a time: no dense copy per rank
+        check_same_model(load_model_config(model_dir))
+        return SafetensorsWeights(Path(model_dir) / WEIGHTS_FILE, cfg.model)
     source = load_model(model_dir)
-    if source.cfg != cfg.model:
-        raise ConfigError("checkpoint.init_from", model_dir, "the model directory's config differs from model:",
-                          "use the same model settings as the directory's config.yaml")
+    check_same_model(source.cfg)
     return source.state_dict()
 
 
