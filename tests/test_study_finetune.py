@@ -114,7 +114,8 @@ def test_tiny_part_end_to_end_then_cached(tmp_path):
     result = finetune.run(part, "tiny", log=lines.append, qa_source=plays)
 
     assert result.part == "finetune" and result.scale == "tiny"
-    assert [len(t.rows) for t in result.tables] == [3, 3, 3, 3]
+    assert [len(t.rows) for t in result.tables[:4]] == [3, 3, 3, 3]
+    assert [row[0] for row in result.tables[4].rows] == [1, 2]  # validation after each of the 2 steps
     assert [c.held for c in result.claims] and all(isinstance(c.held, bool) for c in result.claims)
     assert (part / result.plots[0]).read_bytes()[:4] == b"\x89PNG"
     # Both fine-tunes ran their steps on the same samples; only R-CLA routed K/V across layers.

@@ -76,6 +76,7 @@ class FinetuneScale:
     validation_samples: int  # validation sequences at each of 6 points of the run (every:1, :2, :4)
     threads: int  # OMP threads per training process and for the evaluation
     concurrent_runs: int = 2  # the two fine-tunes at once (1: one after the other)
+    device: str = "cpu"  # of the evaluation (training picks its device itself)
     nproc: int = 1  # data-parallel training processes per fine-tune
 
     def __post_init__(self) -> None:
@@ -147,7 +148,7 @@ SCALES = {
         name="gpu", base="smollm2", seq_len=512, steps=2000, global_batch=32, micro_batch=16, lr=1e-4,
         warmup_steps=30, q_cross=0.6, max_distance=3, per_micro_batch=True, loss_on="record", max_records=6000,
         eval_records=628, max_new_tokens=16, validation_samples=64, threads=8,
-        concurrent_runs=1),
+        concurrent_runs=1, device="cuda"),
 }
 
 
@@ -293,10 +294,11 @@ def score_plans(model, tokenizer, records: Sequence, retains: Sequence[str], *, 
     pad_id = info.pad_id if info.pad_id is not None else info.eos_id
     stop = {info.eos_id, pad_id}
     encoded = [encode_record(tokenizer, r, "cqa", seq_len, info.eos_id, pad_id, info.bos_id) for r in records]
-    tokens = torch.as_tensor(np.stack([t for t, _ in encoded]))
-    answer = torch.as_tensor(np.stack([m for _, m in encoded])).bool()
+    device = model.embed.weight.device
+    tokens = torch.as_tensor(np.stack([t for t, _ in encoded]), device=device)
+    answer = torch.as_tensor(np.stack([m for _, m in encoded]), device=device).bool()
     ends = answer.int().cumsum(1).argmax(1) + 1  # one past each record's last answer token (its end token)
-    record = torch.arange(seq_len)[None, :] < ends[:, None]
+    record = torch.arange(seq_len, device=device)[None, :] < ends[:, None]
     prompts = [t[:int(np.flatnonzero(m)[0])].tolist() for t, m in encoded]
     # Labels are tokens[:, 1:]; label j counts for the answer loss if mask[j + 1], for the record loss if
     # token j + 1 belongs to the record (not padding).
@@ -338,7 +340,7 @@ def evaluate_model(name: str, model_path: Path, test_records: Path, settings: Fi
         if cached.get("key") == key:
             return cached["scores"]
     started = time.perf_counter()
-    model, tokenizer_dir = resolve_model(model_path)
+    model, tokenizer_dir = resolve_model(model_path, settings.device)
     model.eval()
     records = read_qa_records(test_records)[:settings.eval_records]
     log(f"evaluating {name}: {len(records)} held-out QA records at {' '.join(RETAINS)}")
@@ -403,15 +405,42 @@ def _tables(scores: Mapping[str, Mapping[str, Mapping[str, float]]]) -> list[Tab
                   "heldout_loss")]
 
 
-def _plot(path: Path, scores: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
+VALIDATION_RETAINS = ("every:1", "every:2", "every:4")
+
+
+def validation_curve(run_dir: Path) -> dict[int, dict[str, float]]:
+    """{step: {retain: validation answer loss}} from a run's metrics.jsonl (megakv-train's validation)."""
+    path = run_dir / "metrics.jsonl"
+    curve: dict[int, dict[str, float]] = {}
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        row = json.loads(line)
+        losses = {r: row[f"valid/loss_{r.replace(':', '')}"] for r in VALIDATION_RETAINS
+                  if f"valid/loss_{r.replace(':', '')}" in row}
+        if losses:
+            curve[int(row["step"])] = losses
+    return curve
+
+
+def _curve_table(curves: Mapping[str, dict[int, dict[str, float]]]) -> Table:
+    models = [m for m in ("rcla", "normal") if curves.get(m)]
+    columns = ["step", *(f"{m} {RETENTION[r]}" for m in models for r in VALIDATION_RETAINS)]
+    steps = sorted({step for m in models for step in curves[m]})
+    rows = [[step, *(round(curves[m][step][r], 3) if step in curves[m] and r in curves[m][step] else None
+                     for m in models for r in VALIDATION_RETAINS)] for step in steps]
+    return Table("validation answer loss during fine-tuning (held-out validation plays; megakv-train's "
+                 "validation samples): how fast each model learns to share", columns, rows)
+
+
+def _plot(path: Path, scores: Mapping[str, Mapping[str, Mapping[str, float]]],
+          curves: Mapping[str, dict[int, dict[str, float]]]) -> str:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(10, 4))
+    figure = Figure(figsize=(15, 4))
     FigureCanvasAgg(figure)
     xs = [100 / int(r.split(":")[1]) for r in RETAINS]
     for index, (metric, label) in enumerate((("f1", "QA token F1"), ("heldout_loss", "held-out loss (nats)"))):
-        axes = figure.add_subplot(1, 2, index + 1)
+        axes = figure.add_subplot(1, 3, index + 1)
         for model in MODELS:
             axes.plot(xs, [scores[model][r][metric] for r in RETAINS], marker="o", label=LABELS[model])
         axes.invert_xaxis()
@@ -420,6 +449,17 @@ def _plot(path: Path, scores: Mapping[str, Mapping[str, Mapping[str, float]]]) -
         axes.set(xlabel="KV cache retained (%)", ylabel=label, title=f"{label} vs retention")
         axes.grid(alpha=0.3)
         axes.legend(fontsize=8)
+    axes = figure.add_subplot(1, 3, 3)
+    for model, style in (("rcla", "-"), ("normal", "--")):
+        curve = curves.get(model, {})
+        for retain in VALIDATION_RETAINS:
+            steps = [s for s in sorted(curve) if retain in curve[s]]
+            if steps:
+                axes.plot(steps, [curve[s][retain] for s in steps], style, marker=".",
+                          label=f"{model} {RETENTION[retain]}")
+    axes.set(xlabel="fine-tuning step", ylabel="validation answer loss (nats)", title="learning to share")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7, ncol=2)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     return path.name
@@ -458,7 +498,8 @@ def run(part_dir: Path, scale: str, *, log: Log, qa_source: Path | None = None) 
         scored = pool.map(lambda item: evaluate_model(*item, data.test_records, settings, part_dir / "eval", log),
                           models.items())
         scores = dict(zip(models, scored))
-    plot = _plot(part_dir / "finetune_retention.png", scores)
+    curves = {m: validation_curve(part_dir / "runs" / m) for m in ("rcla", "normal")}
+    plot = _plot(part_dir / "finetune_retention.png", scores, curves)
     notes = [f"training time: R-CLA {seconds['rcla'] / 60:.1f} min, normal {seconds['normal'] / 60:.1f} min "
              "(as measured when each run was trained)",
              f"'collapse': F1 below {COLLAPSE_RATIO:.0%} of the model's own full-cache F1; 'close': at least "
@@ -466,7 +507,8 @@ def run(part_dir: Path, scale: str, *, log: Log, qa_source: Path | None = None) 
              "(naming a random speaker of the passage scores EM ~0.4; see qa/README.md)."]
     return PartResult(part="finetune", title="Fine-tuning a pretrained model with R-CLA vs normally (Table 2)",
                       scale=scale, seconds=time.perf_counter() - started,
-                      settings={**settings.describe(), "raw": asdict(settings)}, tables=_tables(scores),
+                      settings={**settings.describe(), "raw": asdict(settings)},
+                      tables=[*_tables(scores), _curve_table(curves)],
                       claims=finetune_claims(scores), plots=[plot], notes=notes)
 
 
