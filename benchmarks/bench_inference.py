@@ -27,6 +27,13 @@ are the weights the step reads, K/V projections of unread layers excluded, plus 
 attends over), decode every:4 / every:1, TTFT every:4 / every:1, and megakv / transformers decode.
 --decode-only fills the cache with random K/V instead of a timed prefill (decode cost does not depend on
 the values), which is what makes the 24-layer 2048x8 case affordable on a small CPU.
+Next to the bandwidth limit it prints a compute roof, also measured in the same run: matmul FLOPs of a
+step / the rate of a batch-row matmul with its weight in cache (as the engine runs it), plus attention
+FLOPs / the rate of one-token attention over an in-cache K/V. At 8 rows an fp32 matmul does 4 FLOP per
+weight byte, so streaming weights at ~17 GB/s needs ~70 GFLOP/s, near one core's AVX2 peak: the matmul
+kernels, not DRAM, bound the large batch-8 shape, and achieved/roof says how close the engine gets.
+Rows `SHAPE/mkl` are megakv's engine with prepack=False (decode matmuls through F.linear / MKL, the
+engine before megakv/inference/prepacked.py), interleaved with the others for a same-run before/after.
 """
 
 from __future__ import annotations
@@ -104,12 +111,14 @@ class Run:
 
 @torch.no_grad()
 def run_megakv(model: MegaKVModel, group: int, prompts: torch.Tensor, new_tokens: int, clock: Clock,
-               decode_only: bool = False) -> Run:
+               decode_only: bool = False, prepack: bool = True) -> Run:
     """megakv's engine (one preallocated cache for the retained layers): prefill, then greedy decode.
 
     decode_only: the cache is filled with random K/V for the prompt's positions instead of a prefill.
+    prepack=False: decode matmuls through F.linear (MKL) instead of oneDNN-prepacked weights (the engine
+    before prepacking; megakv/inference/prepacked.py).
     """
-    engine = InferenceEngine(model, f"every:{group}")
+    engine = InferenceEngine(model, f"every:{group}", prepack=prepack)
     batch, width = prompts.shape
     cache = engine.new_cache(batch, width + new_tokens)
     positions = model.default_positions(prompts)
@@ -180,8 +189,15 @@ def run_transformers_llama(model: MegaKVModel, group: int, prompts: torch.Tensor
     return Run(ttft, steps, nbytes, nbytes // (prompts.shape[0] * layers[0].get_seq_length()), len(layers))
 
 
-LABELS = {"megakv": "{shape}", "transformers": "{shape}/hf", "hf-stock": "{shape}/hf-stock"}  # row names
-RUNNERS = {"megakv": run_megakv, "transformers": run_transformers, "hf-stock": run_transformers_llama}
+def run_megakv_unpacked(model: MegaKVModel, group: int, prompts: torch.Tensor, new_tokens: int, clock: Clock,
+                        decode_only: bool = False) -> Run:
+    return run_megakv(model, group, prompts, new_tokens, clock, decode_only, prepack=False)
+
+
+LABELS = {"megakv": "{shape}", "megakv-mkl": "{shape}/mkl", "transformers": "{shape}/hf",
+          "hf-stock": "{shape}/hf-stock"}  # row names
+RUNNERS = {"megakv": run_megakv, "megakv-mkl": run_megakv_unpacked, "transformers": run_transformers,
+           "hf-stock": run_transformers_llama}
 
 
 def reset_peak_rss() -> bool:
@@ -289,38 +305,111 @@ def decode_step_bytes(model: MegaKVModel, group: int, batch: int, context: int) 
     return (weights + kv) * element
 
 
+def decode_step_flops(model: MegaKVModel, group: int, batch: int, context: int) -> tuple[int, int]:
+    """(matmul FLOPs, attention FLOPs) of one decode step: 2 per weight used per sequence (embedding
+    lookup excluded, K/V projections of unread layers skipped), and q.k plus p.v over `context` positions for
+    every query head of every layer."""
+    cfg = model.cfg
+    retained = set(range(0, cfg.n_layers, group))
+    params = 0
+    for name, p in model.named_parameters():
+        parts = name.split(".")
+        if name.startswith("embed.") and model.lm_head is not None or p.dim() < 2:
+            continue
+        if parts[0] == "layers" and parts[3] in ("k_proj", "v_proj") and int(parts[1]) not in retained:
+            continue
+        params += p.numel()
+    attention = 4 * cfg.n_layers * cfg.n_heads * cfg.resolved_head_dim * context * batch
+    return 2 * batch * params, attention
+
+
+@dataclass
+class ComputeRates:
+    """FLOP/s of the decode step's kernels on this core with their operands in cache (no DRAM traffic)."""
+    matmul: dict[str, float]  # engine -> a (batch x d_model) @ (d_model x 256) matmul as that engine runs it
+    attention: float  # one-token attention (GQA folded) over 256 cached positions
+    peak: float  # a 512^3 fp32 GEMM: what the core does when a matmul is not starved of rows
+
+
+def best_rate(flops: float, fn, calls: int = 50, repeats: int = 7) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.thread_time()
+        for _ in range(calls):
+            fn()
+        best = min(best, time.thread_time() - start)
+    return flops * calls / best
+
+
+@torch.no_grad()
+def measure_compute_rates(model: MegaKVModel, batch: int) -> ComputeRates:
+    """The compute roof's rates for one batch size (see ComputeRates); 1 thread, operands in L2/L3."""
+    from megakv.inference.prepacked import PackedWeight
+
+    cfg = model.cfg
+    dtype = model.embed.weight.dtype
+    weight = torch.randn(256, cfg.d_model, dtype=dtype)
+    x = torch.randn(batch, cfg.d_model, dtype=dtype)
+    packed = PackedWeight(weight)
+    flops = 2 * batch * weight.numel()
+    matmul = {"megakv": best_rate(flops, lambda: packed.linear(x)),
+              "megakv-mkl": best_rate(flops, lambda: torch.nn.functional.linear(x, weight))}
+    groups, hd = cfg.n_heads // cfg.n_kv_heads, cfg.resolved_head_dim
+    q = torch.randn(batch, cfg.n_kv_heads, groups, hd, dtype=dtype)
+    k, v = (torch.randn(batch, cfg.n_kv_heads, 256, hd, dtype=dtype) for _ in range(2))
+    attention = best_rate(4 * batch * cfg.n_heads * hd * 256,
+                          lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    a, b = torch.randn(512, 512, dtype=dtype), torch.randn(512, 512, dtype=dtype)
+    peak = best_rate(2 * 512**3, lambda: torch.mm(a, b), calls=5)
+    return ComputeRates(matmul, attention, peak)
+
+
+def l3_bytes() -> int | None:
+    try:
+        with open("/sys/devices/system/cpu/cpu0/cache/index3/size") as f:
+            text = f.read().strip()
+        return int(text[:-1]) * {"K": 2**10, "M": 2**20}[text[-1]] if text[-1] in "KM" else int(text)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def print_limit_table(rows: list[Measurement], step_bytes: dict[tuple[str, int, int, int], int], bandwidth: float,
-                      new_tokens: int) -> None:
-    """The issue-14 table: one line per (shape, prompt, batch)."""
+                      new_tokens: int, roofs: dict[tuple[str, int, int, int, str], float]) -> None:
+    """The issue-14 table: one line per (shape, prompt, batch, megakv variant)."""
     print(f"\nsingle-thread read bandwidth (measured in this run): {bandwidth / 1e9:.1f} GB/s; decode = "
-          f"10th-percentile step CPU time; limit = bytes per step / bandwidth"
+          f"10th-percentile step CPU time; limit = bytes per step / bandwidth; roof = matmul FLOPs / the "
+          f"engine's batch-B matmul rate + attention FLOPs / the attention rate, both measured in cache"
           f" (mean context prompt + {new_tokens // 2})")
-    header = (f"{'shape':<8}{'prompt x batch':>15}{'MB/step g1':>11}{'ms/step g1':>11}{'limit ms':>9}"
-              f"{'achieved/limit g1':>18}{'g4':>6}{'decode g4/g1':>13}{'TTFT g4/g1':>11}"
-              f"{'megakv/hf decode g1':>20}{'TTFT hf/megakv':>15}")
+    header = (f"{'shape':<11}{'prompt x batch':>15}{'MB/step g1':>11}{'ms/step g1':>11}{'limit ms':>9}"
+              f"{'roof ms':>8}{'achieved/limit g1':>18}{'g4':>6}{'achieved/roof g1':>17}"
+              f"{'decode g4/g1':>13}{'TTFT g4/g1':>11}{'megakv/hf decode g1':>20}{'TTFT hf/megakv':>15}")
     print(header)
     print("-" * len(header))
     index = {(m.shape, m.prompt_len, m.batch, m.group): m for m in rows}
-    cases = sorted({(m.shape, m.prompt_len, m.batch) for m in rows if "/" not in m.shape})
+    cases = sorted({(m.shape.split("/")[0], m.prompt_len, m.batch) for m in rows})
+    ratio = lambda a, b: a / b if a is not None and b else None  # noqa: E731
+
+    def fmt(value: float | None, width: int, digits: int = 2) -> str:
+        return f"{value:>{width}.{digits}f}" if value is not None and value == value else f"{'-':>{width}}"
+
     for shape, prompt_len, batch in cases:
-        mk = {g: index.get((shape, prompt_len, batch, g)) for g in (1, 4)}
         hf = index.get((f"{shape}/hf-stock", prompt_len, batch, 1))
-        if mk[1] is None:
-            continue
-        limit_ms = {g: 1000 * step_bytes[shape, prompt_len, batch, g] / bandwidth for g in (1, 4)}
-        step_ms = {g: 1000 * batch / m.decode_tokens_per_s for g, m in mk.items() if m}
-
-        def fmt(value: float | None, width: int, digits: int = 2) -> str:
-            return f"{value:>{width}.{digits}f}" if value is not None and value == value else f"{'-':>{width}}"
-
-        ratio = lambda a, b: a / b if a is not None and b else None  # noqa: E731
-        print(f"{shape:<8}{f'{prompt_len} x {batch}':>15}"
-              f"{step_bytes[shape, prompt_len, batch, 1] / 1e6:>11.1f}{step_ms[1]:>11.1f}{limit_ms[1]:>9.1f}"
-              f"{fmt(limit_ms[1] / step_ms[1], 18)}{fmt(ratio(limit_ms[4], step_ms.get(4)), 6)}"
-              f"{fmt(ratio(mk[4] and mk[4].decode_tokens_per_s, mk[1].decode_tokens_per_s), 13)}"
-              f"{fmt(ratio(mk[4] and mk[4].ttft_ms, mk[1].ttft_ms), 11)}"
-              f"{fmt(ratio(mk[1].decode_tokens_per_s, hf and hf.decode_tokens_per_s), 20)}"
-              f"{fmt(ratio(hf and hf.ttft_ms, mk[1].ttft_ms), 15)}")
+        for engine, label in (("megakv", shape), ("megakv-mkl", f"{shape}/mkl")):
+            mk = {g: index.get((label, prompt_len, batch, g)) for g in (1, 4)}
+            if mk[1] is None:
+                continue
+            limit_ms = {g: 1000 * step_bytes[shape, prompt_len, batch, g] / bandwidth for g in (1, 4)}
+            roof_ms = 1000 * roofs[shape, prompt_len, batch, 1, engine]
+            step_ms = {g: 1000 * batch / m.decode_tokens_per_s for g, m in mk.items() if m}
+            print(f"{label:<11}{f'{prompt_len} x {batch}':>15}"
+                  f"{step_bytes[shape, prompt_len, batch, 1] / 1e6:>11.1f}{step_ms[1]:>11.1f}{limit_ms[1]:>9.1f}"
+                  f"{roof_ms:>8.1f}{fmt(limit_ms[1] / step_ms[1], 18)}{fmt(ratio(limit_ms[4], step_ms.get(4)), 6)}"
+                  f"{fmt(roof_ms / step_ms[1], 17)}"
+                  f"{fmt(ratio(mk[4] and mk[4].decode_tokens_per_s, mk[1].decode_tokens_per_s), 13)}"
+                  f"{fmt(ratio(mk[4] and mk[4].ttft_ms, mk[1].ttft_ms), 11)}"
+                  f"{fmt(ratio(mk[1].decode_tokens_per_s, hf and hf.decode_tokens_per_s), 20)}"
+                  f"{fmt(ratio(hf and hf.ttft_ms, mk[1].ttft_ms), 15)}")
 
 
 def print_table(rows: list[Measurement]) -> None:
@@ -415,18 +504,20 @@ def limit_run(args: argparse.Namespace) -> int:
     """--limit: every case of the issue-14 table in one run, then the table."""
     if torch.get_num_threads() != 1:
         raise SystemExit("--limit compares with the single-thread read bandwidth: pass --threads 1")
-    # (shape, prompt, batch, engines, decode_only)
-    both = ("megakv", "hf-stock")
+    # (shape, prompt, batch, engines, decode_only); megakv-mkl: the engine without prepacked decode weights
+    both = ("megakv", "megakv-mkl", "hf-stock")
     cases = [("demo", 512, 1, both, False), ("demo", 512, 8, both, False), ("demo", 2048, 8, both, False),
              ("large", 512, 1, both, False)]
     if args.large_decode:
-        cases.append(("large", 2048, 8, ("megakv",), True))
+        cases.append(("large", 2048, 8, ("megakv", "megakv-mkl"), True))
     bandwidth = measure_read_bandwidth()
     print(f"torch {torch.__version__}, 1 thread (thread CPU time), {os.cpu_count()} cores, dtype {args.dtype}, "
           f"{args.new_tokens} new tokens, {args.repeats} interleaved repeats; read bandwidth "
-          f"{bandwidth / 1e9:.1f} GB/s", flush=True)
+          f"{bandwidth / 1e9:.1f} GB/s; load average {os.getloadavg()[0]:.1f}", flush=True)
     rows: list[Measurement] = []
     step_bytes: dict[tuple[str, int, int, int], int] = {}
+    roofs: dict[tuple[str, int, int, int, str], float] = {}
+    kv_layer_bytes: dict[tuple[str, int, int], int] = {}
     for shape in dict.fromkeys(case[0] for case in cases):
         model = build_model(shape, DTYPES[args.dtype], max(c[1] for c in cases if c[0] == shape) + args.new_tokens)
         for _, prompt_len, batch, engines, decode_only in (c for c in cases if c[0] == shape):
@@ -434,20 +525,41 @@ def limit_run(args: argparse.Namespace) -> int:
             case = run_case(model, shape, prompt_len, batch, [1, 4], args.new_tokens, args.repeats,
                             not args.no_warmup, engines, decode_only)
             rows.extend(case)
+            context = prompt_len + args.new_tokens // 2
+            rates = measure_compute_rates(model, batch)
             for g in (1, 4):
-                step_bytes[shape, prompt_len, batch, g] = decode_step_bytes(model, g, batch,
-                                                                            prompt_len + args.new_tokens // 2)
+                step_bytes[shape, prompt_len, batch, g] = decode_step_bytes(model, g, batch, context)
+                matmul_flops, attention_flops = decode_step_flops(model, g, batch, context)
+                for engine, rate in rates.matmul.items():
+                    roofs[shape, prompt_len, batch, g, engine] = matmul_flops / rate + attention_flops / rates.attention
+            cfg = model.cfg
+            kv_layer_bytes[shape, prompt_len, batch] = (2 * cfg.n_kv_heads * cfg.resolved_head_dim * batch * context
+                                                        * model.embed.weight.element_size())
             print_table(case)
+            print(f"  compute rates in cache (GFLOP/s): matmul at {batch} rows "
+                  + ", ".join(f"{engine} {rate / 1e9:.1f}" for engine, rate in rates.matmul.items())
+                  + f"; attention {rates.attention / 1e9:.1f}; fp32 peak (512^3 GEMM) {rates.peak / 1e9:.1f}; decode "
+                  f"FLOPs g1 {sum(decode_step_flops(model, 1, batch, context)) / 1e9:.2f} G (peak roof "
+                  f"{1000 * sum(decode_step_flops(model, 1, batch, context)) / rates.peak:.1f} ms)")
             print(f"  ({time.perf_counter() - start:.0f} s)", flush=True)
         del model
     bandwidth_after = measure_read_bandwidth()
-    print(f"\nread bandwidth after the run: {bandwidth_after / 1e9:.1f} GB/s (the limit uses the higher one)")
-    print_limit_table(rows, step_bytes, max(bandwidth, bandwidth_after), args.new_tokens)
+    print(f"\nread bandwidth after the run: {bandwidth_after / 1e9:.1f} GB/s (the limit uses the higher one); load "
+          f"average {os.getloadavg()[0]:.1f}")
+    print_limit_table(rows, step_bytes, max(bandwidth, bandwidth_after), args.new_tokens, roofs)
+    l3 = l3_bytes()
+    print("\nevery:4 / every:1: layers sharing K/V read it one after another (each layer's queries need the layer "
+          "before), so the shared K/V can only be re-read from cache if one layer's K/V plus a layer's weights fit "
+          f"in the last-level cache ({'unknown' if l3 is None else f'{l3 / 2**20:.0f} MiB'} L3 here, shared by "
+          "every process on the machine):")
+    for (shape, prompt_len, batch), nbytes in kv_layer_bytes.items():
+        print(f"  {shape} {prompt_len} x {batch}: one layer's K/V {nbytes / 2**20:.1f} MiB")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"argv": sys.argv[1:], "bandwidth": [bandwidth, bandwidth_after],
                        "rows": [asdict(m) for m in rows],
-                       "step_bytes": {"/".join(map(str, k)): v for k, v in step_bytes.items()}}, f, indent=2)
+                       "step_bytes": {"/".join(map(str, k)): v for k, v in step_bytes.items()},
+                       "roof_s": {"/".join(map(str, k)): v for k, v in roofs.items()}}, f, indent=2)
     return 0
 
 

@@ -188,3 +188,51 @@ def test_padded_decode_logits_equal_each_prompt_alone(model, retain):
             with torch.no_grad():
                 expected = model(alone, plan=plan)[0, -1]
             assert (got[row] - expected).abs().max().item() <= 1e-5
+
+
+def test_prepacked_decode_matmuls_equal_f_linear_and_follow_weight_writes():
+    """Decode-sized matmuls (2-64 rows) of wide weights run on oneDNN-prepacked weights: the same numbers as
+    F.linear, the original's parameters and hooks shared, a weight written in place repacked before its next
+    use; narrow weights stay plain; decode equals the full forward with and without prepacking."""
+    import torch.nn.functional as F
+
+    from megakv.inference.prepacked import (
+        MAX_PACKED_ROWS,
+        MIN_PACKED_OUT,
+        PackedLinear,
+        decode_view,
+        prepacking_available,
+    )
+
+    model = tiny_model(seed=4, ffn_hidden=MIN_PACKED_OUT, vocab_size=MIN_PACKED_OUT)  # gate/up/head wide enough
+    if not prepacking_available(model.embed.weight):
+        pytest.skip("this torch build has no oneDNN (prepacking is a CPU fp32 optimisation)")
+    view = decode_view(model)
+    original, packed = model.layers[1].mlp.up_proj, view.layers[1].mlp.up_proj
+    assert type(packed) is PackedLinear and type(original) is torch.nn.Linear
+    assert type(view.layers[1].attn.k_proj) is torch.nn.Linear  # 32 outputs: MKL is faster there
+    assert view.layers[1].attn.k_proj is not model.layers[1].attn.k_proj  # a shallow copy, sharing weights
+    assert packed.weight is original.weight and packed._forward_hooks is original._forward_hooks
+    for rows in (1, 2, 8, MAX_PACKED_ROWS, MAX_PACKED_ROWS + 1):
+        x = torch.randn(rows, model.cfg.d_model, generator=torch.Generator().manual_seed(rows))
+        with torch.no_grad():
+            assert (packed(x) - F.linear(x, original.weight)).abs().max().item() <= 1e-5
+    with torch.no_grad():
+        original.weight.mul_(-2.0)  # an in-place write (e.g. load_state_dict into the served model)
+        x = torch.randn(8, model.cfg.d_model)
+        assert (packed(x) - F.linear(x, original.weight)).abs().max().item() <= 1e-5
+
+    ids = torch.randint(0, MIN_PACKED_OUT, (8, 12), generator=torch.Generator().manual_seed(5))
+    positions = model.default_positions(ids)
+    logits = {}
+    for prepack in (True, False):
+        engine = InferenceEngine(model, "every:2", prepack=prepack)
+        assert (engine._runner is not model) == prepack and (engine._output_weight is not None) == prepack
+        cache = engine.new_cache(8, 12)
+        engine.step(ids[:, :6], cache, positions[:, :6])
+        logits[prepack] = torch.cat([engine.step(ids[:, t:t + 1], cache, positions[:, t:t + 1])
+                                     for t in range(6, 12)], 1)
+    with torch.no_grad():
+        expected = model(ids, plan=deployment_plan("every:2", 6))[:, 6:]
+    for got in logits.values():
+        assert (got - expected).abs().max().item() <= 1e-5

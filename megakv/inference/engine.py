@@ -25,6 +25,7 @@ import torch
 
 from megakv.inference.cache import RetainedKVCache, kv_bytes_per_token
 from megakv.inference.padding import attention_mask, left_pad, positions_from_valid
+from megakv.inference.prepacked import MIN_PACKED_OUT, PackedWeight, decode_view
 from megakv.inference.sampling import SamplingConfig, sample_next_token
 from megakv.model import KV, MegaKVModel
 from megakv.routing import RoutingPlan, deployment_plan
@@ -100,9 +101,14 @@ class GenerationOutput:
 class InferenceEngine:
     """Generation from a MegaKVModel under one deployment plan."""
 
-    def __init__(self, model: MegaKVModel, retain: str | Sequence[int] | RoutingPlan = "all"):
+    def __init__(self, model: MegaKVModel, retain: str | Sequence[int] | RoutingPlan = "all", prepack: bool = True):
+        """prepack: run decode-sized matmuls on weights prepacked once (CPU fp32: faster decode for batches of
+        2-64, one more copy of the linear weights in memory; megakv/inference/prepacked.py). Same numbers."""
         self.model = model.eval()
         self.plan = resolve_plan(retain, model.cfg.n_layers)
+        self._runner = decode_view(self.model) if prepack else self.model
+        packs_output = self._runner is not self.model and self.model.output_weight().shape[0] >= MIN_PACKED_OUT
+        self._output_weight = PackedWeight(self.model.output_weight()) if packs_output else None
 
     @property
     def retained(self) -> tuple[int, ...]:
@@ -158,10 +164,16 @@ class InferenceEngine:
         key_valid: (batch, cache.length + q_len), False at padding; None when nothing is padded.
         """
         mask = attention_mask(key_valid, input_ids.shape[1])
-        hidden = forward_layers(self.model, self.plan, self.model.embed(input_ids), position_ids, mask,
+        hidden = forward_layers(self._runner, self.plan, self.model.embed(input_ids), position_ids, mask,
                                 cache.extend)
         cache.advance(input_ids.shape[1])
-        return self.model.head(hidden[:, -1:] if last_only else hidden)
+        return self._head(hidden[:, -1:] if last_only else hidden)
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """model.head, with the output matmul on the prepacked weight where there is one."""
+        if self._output_weight is None:
+            return self.model.head(hidden)
+        return self._output_weight.linear(self.model.norm(hidden))
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32,

@@ -1,0 +1,82 @@
+"""Decode-sized matmuls through weights prepacked once by oneDNN (CPU, fp32).
+
+Why: a decode step multiplies a few rows (one per sequence) by every weight. MKL's sgemm, which
+F.linear uses, repacks the weight on every call and reaches about 5 GB/s of weight reads at 8 rows on
+one core; oneDNN with the weight reordered once into its blocked layout reaches about 7 GB/s at 8 rows
+and about 10 GB/s at 2 rows (benchmarks/bench_inference.py measures both). That holds for weights with
+many output rows; measured per shape (8 and 2 rows, weights streamed from DRAM): oneDNN took 0.43-0.90x
+MKL's time at 704-8192 outputs but 1.05-1.2x at 256 outputs (e.g. K/V projections, the demo's
+attention), so only weights with at least MIN_PACKED_OUT outputs are packed. At one row (a GEMV) and at
+prefill sizes MKL is as fast or faster, so those keep F.linear.
+
+`decode_view(model)` is a shallow copy of the module tree in which every wide enough nn.Linear also
+holds its prepacked weight. It shares the original's parameters, buffers and forward hooks (the same objects), so
+nothing is trained or stored twice except the packed weights, and a hook on `model.layers[i].attn.k_proj`
+still sees every call the engine makes. A packed weight is rebuilt when its source parameter has been
+written in place since it was packed (the tensor's version counter), so it never serves stale weights.
+Cost: one more copy of the linear weights in memory while the engine lives, built at the first
+decode-sized call (a prefill-only or batch-1 user never pays it; InferenceEngine(prepack=False) opts out).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Row counts (tokens x batch in one call) that take the packed path: where oneDNN measured faster than MKL.
+MIN_PACKED_ROWS, MAX_PACKED_ROWS = 2, 64
+PACK_ROWS_HINT = 8  # the row count the blocked layout is chosen for (oneDNN takes it as a hint)
+MIN_PACKED_OUT = 512  # narrower weights stay on MKL (slower packed, see above)
+
+
+def prepacking_available(weight: torch.Tensor) -> bool:
+    return (weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+class PackedWeight:
+    """A weight (out, in) and its oneDNN-packed copy, repacked whenever the weight changes in place."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight
+        self._packed, self._version = None, -1
+
+    def packed(self) -> torch.Tensor:
+        if self._version != self.weight._version:
+            with torch.no_grad():
+                self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), PACK_ROWS_HINT)
+            self._version = self.weight._version
+        return self._packed
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if not MIN_PACKED_ROWS <= rows <= MAX_PACKED_ROWS or torch.is_grad_enabled() or x.dtype != torch.float32:
+            return F.linear(x, self.weight, bias)
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed(), bias, "none", [], "")
+
+
+class PackedLinear(nn.Linear):
+    """An nn.Linear whose decode-sized calls use its prepacked weight (built by `decode_view` only)."""
+
+    packed_weight: PackedWeight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.packed_weight.linear(x, self.bias)
+
+
+def _shallow_tree(module: nn.Module) -> nn.Module:
+    clone = copy.copy(module)  # the same _parameters, _buffers and hook dicts: nothing is duplicated
+    clone._modules = {name: None if child is None else _shallow_tree(child) for name, child in module._modules.items()}
+    if type(module) is nn.Linear and module.out_features >= MIN_PACKED_OUT:
+        clone.__class__ = PackedLinear
+        clone.packed_weight = PackedWeight(module.weight)
+    return clone
+
+
+def decode_view(model: nn.Module) -> nn.Module:
+    """`model` with prepacked decode matmuls (see the module doc); `model` itself where oneDNN can't help."""
+    weight = next(model.parameters())
+    return _shallow_tree(model) if prepacking_available(weight) else model
