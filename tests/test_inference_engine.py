@@ -221,6 +221,8 @@ def test_prepacked_decode_matmuls_equal_f_linear_and_follow_weight_writes():
         original.weight.mul_(-2.0)  # an in-place write (e.g. load_state_dict into the served model)
         x = torch.randn(8, model.cfg.d_model)
         assert (packed(x) - F.linear(x, original.weight)).abs().max().item() <= 1e-5
+        original.weight.data = torch.randn_like(original.weight)  # new storage, version counter reset
+        assert (packed(x) - F.linear(x, original.weight)).abs().max().item() <= 1e-5
 
     ids = torch.randint(0, MIN_PACKED_OUT, (8, 12), generator=torch.Generator().manual_seed(5))
     positions = model.default_positions(ids)

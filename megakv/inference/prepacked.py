@@ -38,17 +38,19 @@ def prepacking_available(weight: torch.Tensor) -> bool:
 
 
 class PackedWeight:
-    """A weight (out, in) and its oneDNN-packed copy, repacked whenever the weight changes in place."""
+    """A weight (out, in) and its oneDNN-packed copy, repacked whenever the weight changes (written in place,
+    or its storage swapped as `param.data = ...` does)."""
 
     def __init__(self, weight: torch.Tensor):
         self.weight = weight
-        self._packed, self._version = None, -1
+        self._packed, self._packed_from = None, None
 
     def packed(self) -> torch.Tensor:
-        if self._version != self.weight._version:
+        source = (self.weight.data_ptr(), self.weight._version)
+        if self._packed_from != source:
             with torch.no_grad():
                 self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), PACK_ROWS_HINT)
-            self._version = self.weight._version
+            self._packed_from = source
         return self._packed
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
