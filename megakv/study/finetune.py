@@ -26,7 +26,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -500,16 +500,22 @@ def run(part_dir: Path, scale: str, *, log: Log, qa_source: Path | None = None) 
         scores = dict(zip(models, scored))
     curves = {m: validation_curve(part_dir / "runs" / m) for m in ("rcla", "normal")}
     plot = _plot(part_dir / "finetune_retention.png", scores, curves)
-    notes = [f"training time: R-CLA {seconds['rcla'] / 60:.1f} min, normal {seconds['normal'] / 60:.1f} min "
-             "(as measured when each run was trained)",
+    eval_seconds = {m: _eval_seconds(part_dir / "eval" / f"{m}.json") for m in models}
+    notes = [f"time: fine-tuning R-CLA {seconds['rcla'] / 60:.1f} min and normal {seconds['normal'] / 60:.1f} min "
+             f"(at once), evaluation {' + '.join(f'{eval_seconds[m] / 60:.1f}' for m in models)} min "
+             f"({', '.join(models)}; {settings.concurrent_runs} at once), as measured when each was computed",
              f"'collapse': F1 below {COLLAPSE_RATIO:.0%} of the model's own full-cache F1; 'close': at least "
              f"{CLOSE_RATIO:.0%} of it. QA: who speaks a quoted line in a passage of a play never trained on "
              "(naming a random speaker of the passage scores EM ~0.4; see qa/README.md)."]
     return PartResult(part="finetune", title="Fine-tuning a pretrained model with R-CLA vs normally (Table 2)",
                       scale=scale, seconds=time.perf_counter() - started,
-                      settings={**settings.describe(), "raw": asdict(settings)},
+                      settings=settings.describe(),
                       tables=[*_tables(scores), _curve_table(curves)],
                       claims=finetune_claims(scores), plots=[plot], notes=notes)
+
+
+def _eval_seconds(path: Path) -> float:
+    return float(json.loads(path.read_text()).get("seconds", 0.0)) if path.is_file() else 0.0
 
 
 def _seconds_path(part_dir: Path, model: str) -> Path:
