@@ -16,6 +16,7 @@ a whole model when one is built.
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import re
 from pathlib import Path
@@ -39,6 +40,7 @@ def _kib(field: str) -> int:
 
 def _peak_of(build):
     """(result, bytes by which this process's peak RSS rose above its RSS at the start of `build`)."""
+    gc.collect()  # an earlier model in reference cycles freed now, not in the middle of this build
     ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap back to the OS: the start RSS is live memory only
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     start = _kib("VmRSS")
