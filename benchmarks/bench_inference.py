@@ -39,6 +39,7 @@ engine before megakv/inference/prepacked.py), interleaved with the others for a 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -305,33 +306,48 @@ def decode_step_bytes(model: MegaKVModel, group: int, batch: int, context: int) 
     return (weights + kv) * element
 
 
-def decode_step_flops(model: MegaKVModel, group: int, batch: int, context: int) -> tuple[int, int]:
-    """(matmul FLOPs, attention FLOPs) of one decode step: 2 per weight used per sequence (embedding
-    lookup excluded, K/V projections of unread layers skipped), and q.k plus p.v over `context` positions for
-    every query head of every layer."""
+def decode_matmuls(model: MegaKVModel, group: int) -> list[torch.Tensor]:
+    """The weight matrices one decode step multiplies by (embedding lookup excluded, K/V projections of unread
+    layers skipped)."""
     cfg = model.cfg
     retained = set(range(0, cfg.n_layers, group))
-    params = 0
+    weights = []
     for name, p in model.named_parameters():
         parts = name.split(".")
         if name.startswith("embed.") and model.lm_head is not None or p.dim() < 2:
             continue
         if parts[0] == "layers" and parts[3] in ("k_proj", "v_proj") and int(parts[1]) not in retained:
             continue
-        params += p.numel()
-    attention = 4 * cfg.n_layers * cfg.n_heads * cfg.resolved_head_dim * context * batch
-    return 2 * batch * params, attention
+        weights.append(p)
+    return weights
+
+
+def decode_attention_flops(model: MegaKVModel, batch: int, context: int) -> int:
+    """q.k plus p.v over `context` positions for every query head of every layer."""
+    cfg = model.cfg
+    return 4 * cfg.n_layers * cfg.n_heads * cfg.resolved_head_dim * context * batch
 
 
 @dataclass
 class ComputeRates:
     """FLOP/s of the decode step's kernels on this core with their operands in cache (no DRAM traffic)."""
-    matmul: dict[str, float]  # engine -> a (batch x d_model) @ (d_model x 256) matmul as that engine runs it
+    matmul: dict[tuple[str, int, int], float]  # (engine, out, in) -> batch-row matmul as that engine runs it
     attention: float  # one-token attention (GQA folded) over 256 cached positions
     peak: float  # a 512^3 fp32 GEMM: what the core does when a matmul is not starved of rows
 
+    def roof_s(self, engine: str, weights: list[torch.Tensor], batch: int, attention_flops: int) -> float:
+        """Compute roof of a step: each weight's FLOPs at its in-cache rate, plus attention at its rate."""
+        matmul = sum(2 * batch * w.numel() / self.matmul[(engine, *rate_shape(w))] for w in weights)
+        return matmul + attention_flops / self.attention
 
-def best_rate(flops: float, fn, calls: int = 50, repeats: int = 7) -> float:
+
+def rate_shape(weight: torch.Tensor) -> tuple[int, int]:
+    """The shape a weight's rate is measured on: vocabulary-sized ones capped at 4096 rows (still wide enough
+    for the same kernel, small enough to stay in the last-level cache)."""
+    return min(weight.shape[0], 4096), weight.shape[1]
+
+
+def best_rate(flops: float, fn, calls: int = 20, repeats: int = 5) -> float:
     fn()
     best = float("inf")
     for _ in range(repeats):
@@ -344,17 +360,22 @@ def best_rate(flops: float, fn, calls: int = 50, repeats: int = 7) -> float:
 
 @torch.no_grad()
 def measure_compute_rates(model: MegaKVModel, batch: int) -> ComputeRates:
-    """The compute roof's rates for one batch size (see ComputeRates); 1 thread, operands in L2/L3."""
-    from megakv.inference.prepacked import PackedWeight
+    """The compute roof's rates for one batch size (see ComputeRates); 1 thread, operands in cache. megakv
+    runs a weight as its engine does (prepacked when wide enough, megakv/inference/prepacked.py), megakv-mkl
+    through F.linear."""
+    from megakv.inference.prepacked import MIN_PACKED_OUT, PackedWeight, prepacking_available
 
     cfg = model.cfg
     dtype = model.embed.weight.dtype
-    weight = torch.randn(256, cfg.d_model, dtype=dtype)
-    x = torch.randn(batch, cfg.d_model, dtype=dtype)
-    packed = PackedWeight(weight)
-    flops = 2 * batch * weight.numel()
-    matmul = {"megakv": best_rate(flops, lambda: packed.linear(x)),
-              "megakv-mkl": best_rate(flops, lambda: torch.nn.functional.linear(x, weight))}
+    matmul = {}
+    for shape in dict.fromkeys(rate_shape(w) for w in decode_matmuls(model, 1)):
+        weight, x = torch.randn(*shape, dtype=dtype), torch.randn(batch, shape[1], dtype=dtype)
+        flops = 2 * batch * weight.numel()
+        plain = functools.partial(torch.nn.functional.linear, x, weight)
+        wide = shape[0] >= MIN_PACKED_OUT and prepacking_available(weight)
+        matmul[("megakv", *shape)] = best_rate(flops, functools.partial(PackedWeight(weight).linear, x) if wide
+                                               else plain)
+        matmul[("megakv-mkl", *shape)] = best_rate(flops, plain)
     groups, hd = cfg.n_heads // cfg.n_kv_heads, cfg.resolved_head_dim
     q = torch.randn(batch, cfg.n_kv_heads, groups, hd, dtype=dtype)
     k, v = (torch.randn(batch, cfg.n_kv_heads, 256, hd, dtype=dtype) for _ in range(2))
@@ -378,8 +399,8 @@ def print_limit_table(rows: list[Measurement], step_bytes: dict[tuple[str, int, 
                       new_tokens: int, roofs: dict[tuple[str, int, int, int, str], float]) -> None:
     """The issue-14 table: one line per (shape, prompt, batch, megakv variant)."""
     print(f"\nsingle-thread read bandwidth (measured in this run): {bandwidth / 1e9:.1f} GB/s; decode = "
-          f"10th-percentile step CPU time; limit = bytes per step / bandwidth; roof = matmul FLOPs / the "
-          f"engine's batch-B matmul rate + attention FLOPs / the attention rate, both measured in cache"
+          f"10th-percentile step CPU time; limit = bytes per step / bandwidth; roof = each weight's matmul "
+          f"FLOPs / its batch-B rate as the engine runs it + attention FLOPs / the attention rate, in cache"
           f" (mean context prompt + {new_tokens // 2})")
     header = (f"{'shape':<11}{'prompt x batch':>15}{'MB/step g1':>11}{'ms/step g1':>11}{'limit ms':>9}"
               f"{'roof ms':>8}{'achieved/limit g1':>18}{'g4':>6}{'achieved/roof g1':>17}"
@@ -529,18 +550,21 @@ def limit_run(args: argparse.Namespace) -> int:
             rates = measure_compute_rates(model, batch)
             for g in (1, 4):
                 step_bytes[shape, prompt_len, batch, g] = decode_step_bytes(model, g, batch, context)
-                matmul_flops, attention_flops = decode_step_flops(model, g, batch, context)
-                for engine, rate in rates.matmul.items():
-                    roofs[shape, prompt_len, batch, g, engine] = matmul_flops / rate + attention_flops / rates.attention
+                for engine in ("megakv", "megakv-mkl"):
+                    roofs[shape, prompt_len, batch, g, engine] = rates.roof_s(
+                        engine, decode_matmuls(model, g), batch, decode_attention_flops(model, batch, context))
             cfg = model.cfg
             kv_layer_bytes[shape, prompt_len, batch] = (2 * cfg.n_kv_heads * cfg.resolved_head_dim * batch * context
                                                         * model.embed.weight.element_size())
             print_table(case)
-            print(f"  compute rates in cache (GFLOP/s): matmul at {batch} rows "
-                  + ", ".join(f"{engine} {rate / 1e9:.1f}" for engine, rate in rates.matmul.items())
-                  + f"; attention {rates.attention / 1e9:.1f}; fp32 peak (512^3 GEMM) {rates.peak / 1e9:.1f}; decode "
-                  f"FLOPs g1 {sum(decode_step_flops(model, 1, batch, context)) / 1e9:.2f} G (peak roof "
-                  f"{1000 * sum(decode_step_flops(model, 1, batch, context)) / rates.peak:.1f} ms)")
+            flops = sum(2 * batch * w.numel() for w in decode_matmuls(model, 1))
+            flops += decode_attention_flops(model, batch, context)
+            print(f"  compute rates in cache (GFLOP/s), matmul at {batch} rows (out x in: megakv / mkl): "
+                  + ", ".join(f"{o}x{i}: {rates.matmul['megakv', o, i] / 1e9:.1f} / "
+                              f"{rates.matmul['megakv-mkl', o, i] / 1e9:.1f}"
+                              for (engine, o, i) in rates.matmul if engine == "megakv")
+                  + f"; attention {rates.attention / 1e9:.1f}; fp32 peak (512^3 GEMM) {rates.peak / 1e9:.1f}; "
+                  f"decode FLOPs g1 {flops / 1e9:.2f} G (at peak {1000 * flops / rates.peak:.1f} ms)")
             print(f"  ({time.perf_counter() - start:.0f} s)", flush=True)
         del model
     bandwidth_after = measure_read_bandwidth()
