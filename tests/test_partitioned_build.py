@@ -61,7 +61,7 @@ def _checks(rank: int, work_dir: str) -> dict:
     from megakv.optim.param_groups import weight_decay_groups
     from megakv.parallel.context import init_parallel, layout_topology
     from megakv.parallel.layout import ParallelLayout
-    from megakv.parallel.materialize import build_zero3_model, skeleton_model
+    from megakv.parallel.materialize import SafetensorsWeights, build_zero3_model, skeleton_model
     from megakv.parallel.runners import causal_lm_loss
     from megakv.parallel.tensor_engine import build_tensor_parallel_model, tensor_parallel_grid
     from megakv.parallel.tensor_split import shard_state_dict, split_of
@@ -132,7 +132,16 @@ def _checks(rank: int, work_dir: str) -> dict:
             if not torch.equal(param.data, saved[name]):
                 differing.append(name)
     out["init_from_differing"] = differing
-    del model, saved
+    del model
+    # ... and under TP (checkpoint.init_from with parallel.tensor=2 reads the directory the same way)
+    tp_cfg = load_config(TINY_RECIPE, [*BIG_MODEL, "parallel.tensor=2", "train.global_batch=2", "train.micro_batch=1"])
+    lazy = _init_weights(tp_cfg, str(model_dir))
+    out["tp_init_from_lazy"] = isinstance(lazy, SafetensorsWeights)
+    (tp_model, split), out["tp_init_from_peak"] = _peak_of(lambda: build_tensor_parallel_model(cfg.model, SEED, grid,
+                                                                                               lazy))
+    expected, got = shard_state_dict(saved, split, rank), tp_model.state_dict()
+    out["tp_init_from_differing"] = sorted(n for n in expected if not torch.equal(got[n], expected[n]))
+    del tp_model, saved, expected, got
 
     # --- the real ZeRO-3 path (build_runner -> partitioned build -> engine): its first loss is the dense one's
     inputs, labels = _tokens(cfg.model.vocab_size, seed=200 + rank)  # each data-parallel rank its own batch
@@ -229,10 +238,12 @@ def test_tensor_parallel_build_materialises_only_the_shard(results):
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_init_from_under_zero3_reads_the_model_directory_into_the_partitions(results):
+def test_init_from_reads_the_model_directory_into_the_partitions_and_shards(results):
     for rank, r in results.items():
         assert r["init_from_differing"] == [], (rank, r["init_from_differing"][:5])
         assert r["init_from_peak"] < 0.6 * r["full_bytes"], (rank, r["init_from_peak"], r["full_bytes"])
+        assert r["tp_init_from_lazy"] and r["tp_init_from_differing"] == [], (rank, r["tp_init_from_differing"][:5])
+        assert r["tp_init_from_peak"] < r["tp_bytes"] + 0.1 * r["full_bytes"], (rank, r["tp_init_from_peak"])
 
 
 def test_model_directory_weights_read_one_tensor_at_a_time_and_refuse_what_does_not_fit(tmp_path):
