@@ -264,7 +264,8 @@ def _prep(records: Path, tokenizer: Path, prefix: Path, seq_len: int, whole_reco
         summary = prepare_sft(records, tokenizer, prefix, seq_len, overwrite=True)
         counted = widen_loss_mask(prefix) if whole_record else summary.answer_tokens
         log(f"prepared {prefix.name}: {summary.records} records x {seq_len} tokens, {counted:,} tokens counted")
-        done.write_text(json.dumps({"records": summary.records, "counted_tokens": counted}) + "\n")
+        done.write_text(json.dumps({"records": summary.records, "counted_tokens": counted,
+                                    "answer_tokens": summary.answer_tokens}) + "\n")
     return prefix
 
 
@@ -517,6 +518,7 @@ def run(part_dir: Path, scale: str, *, log: Log, qa_source: Path | None = None) 
     notes = [f"time: fine-tuning R-CLA {seconds['rcla'] / 60:.1f} min and normal {seconds['normal'] / 60:.1f} min "
              f"(at once), evaluation {' + '.join(f'{eval_seconds[m] / 60:.1f}' for m in models)} min "
              f"({', '.join(models)}; {settings.concurrent_runs} at once), as measured when each was computed",
+             _loss_note(data.train, settings),
              f"'collapse': F1 below {COLLAPSE_RATIO:.0%} of the model's own full-cache F1; 'close': at least "
              f"{CLOSE_RATIO:.0%} of it. QA: who speaks a quoted line in a passage of a play never trained on "
              "(naming a random speaker of the passage scores EM ~0.4; see qa/README.md)."]
@@ -525,6 +527,17 @@ def run(part_dir: Path, scale: str, *, log: Log, qa_source: Path | None = None) 
                       settings=settings.describe(),
                       tables=[*_tables(scores), _curve_table(curves)],
                       claims=finetune_claims(scores), plots=[plot], notes=notes)
+
+
+def _loss_note(train: Path, settings: FinetuneScale) -> str:
+    done = train.with_name(train.name + ".done")
+    counts = json.loads(done.read_text()) if done.is_file() else {}
+    counted, answers = counts.get("counted_tokens"), counts.get("answer_tokens")
+    if settings.loss_on == "answer" or not counted or not answers:
+        return f"training loss on {settings.loss_on} tokens"
+    return (f"training loss on whole records: {counted:,} counted tokens in the training set instead of the "
+            f"{answers:,} answer tokens ({counted / answers:.0f}x the signal per sample); the evaluation's "
+            "answer loss and QA scores are the paper's measures either way")
 
 
 def _eval_seconds(path: Path) -> float:
