@@ -310,7 +310,7 @@ def plot_lines(path: Path, title: str, xlabel: str, ylabel: str, lines: dict[str
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(6.4, 4.4))
+    figure = Figure(figsize=(8.4, 4.4))
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     for label, (xs, ys) in lines.items():
@@ -321,7 +321,7 @@ def plot_lines(path: Path, title: str, xlabel: str, ylabel: str, lines: dict[str
         axes.invert_xaxis()
     axes.set(title=title, xlabel=xlabel, ylabel=ylabel)
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=8)
+    axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))  # never over a point
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     return path.name
