@@ -63,9 +63,13 @@ def worst_gaps(variants: Mapping[str, Mapping[str, float]]) -> dict[str, tuple[f
     return gaps
 
 
+def _gap_text(gap: float, spec: str) -> str:
+    return f"{100 * gap:+.1f}% ({spec})" if gap > 0 else "+0.0% (best at every retention)"
+
+
 def competitive_claim(variants: Mapping[str, Mapping[str, float]], rcla: str) -> Claim:
     gaps = worst_gaps(variants)
-    shown = ", ".join(f"{n} {100 * g:+.1f}% ({r})" for n, (g, r) in sorted(gaps.items(), key=lambda kv: kv[1][0]))
+    shown = ", ".join(f"{n} {_gap_text(g, r)}" for n, (g, r) in sorted(gaps.items(), key=lambda kv: kv[1][0]))
     return Claim(
         claim="R-CLA is the only variant that stays competitive at every retention: its worst gap to the best "
               "model at any retention (100/50/33/25%) is the smallest",
@@ -115,7 +119,7 @@ def off_retention_claim(variants: Mapping[str, Mapping[str, float]], rcla: str,
 
 def ablation_table(variants: Mapping[str, Mapping[str, float]], labels: Mapping[str, str]) -> Table:
     gaps = worst_gaps(variants)
-    rows = [[labels[name], *[round(losses[r], 4) for r in RETAINS], f"{100 * gaps[name][0]:+.1f}% ({gaps[name][1]})"]
+    rows = [[labels[name], *[round(losses[r], 4) for r in RETAINS], _gap_text(*gaps[name])]
             for name, losses in variants.items()]
     return Table(caption="Table 3 analogue: held-out loss of each training strategy at each retention",
                  columns=["training", *RETAINS, "worst gap to best"], rows=rows)
