@@ -549,8 +549,17 @@ def _seconds_path(part_dir: Path, model: str) -> Path:
 
 
 def _recorded_seconds(part_dir: Path, model: str) -> float:
+    """The training time recorded by the study, else the span of the run's metrics (a run trained by a
+    study process that was stopped before it could record the time)."""
     path = _seconds_path(part_dir, model)
-    return float(json.loads(path.read_text())["seconds"]) if path.is_file() else 0.0
+    if path.is_file():
+        return float(json.loads(path.read_text())["seconds"])
+    metrics = part_dir / "runs" / model / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+    steps = [r for r in rows if "train/loss" in r and "time" in r]
+    if not steps:
+        return 0.0
+    return rows[-1]["time"] - steps[0]["time"] + steps[0].get("perf/step_time_s", 0.0)
 
 
 def _record_seconds(part_dir: Path, model: str, seconds: float) -> None:
