@@ -39,7 +39,9 @@ def _minutes(seconds: float) -> str:
 
 def format_part(result: PartResult, image_dir: str) -> list[str]:
     lines = [f"## {result.title}", "",
-             f"Scale `{result.scale}`; this invocation took {_minutes(result.seconds)} (cached work not counted).", ""]
+             f"Scale `{result.scale}`. The last invocation took {_minutes(result.seconds)}: cached models and "
+             "scores are not redone, so the time each training and evaluation took when it ran is in the notes.",
+             ""]
     if result.settings:
         lines += ["Settings: " + "; ".join(f"{k} = `{v}`" for k, v in result.settings.items()), ""]
     if result.claims:
@@ -70,8 +72,7 @@ def write_report(out: Path, parts: Sequence[str], report_dir: Path | None = None
     lines = ["# megakv-study: Stochastic KV Routing (R-CLA) in miniature", "",
              "Regenerate with `" + (command or "megakv-study") + "`. Each claim is stated next to the paper's "
              "number and marked held or not held by this run's measurements.", "",
-             f"{held} of {len(claims)} claims held; parts: "
-             + ", ".join(f"{r.part} ({_minutes(r.seconds)})" for r in results) + ".", ""]
+             f"{held} of {len(claims)} claims held; parts: " + ", ".join(r.part for r in results) + ".", ""]
     for result in results:
         image_dir = result.part
         if report_dir != out:
