@@ -8,12 +8,15 @@ evaluation of the saved model.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 
 import pytest
 import torch
 
+from megakv.cli.study import main as study_main
 from megakv.study import ablation, pretrain
 from megakv.study.results import PartResult
 from megakv.study.scratch import RETAINS, SCALES, ScratchModel, ScratchRun, ScratchScale, StudyData, scale_settings
@@ -130,13 +133,19 @@ def test_scales_and_run_overrides(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_study(tmp_path_factory):
-    """Both parts at the tiny scale in one study directory: the pretrain part first, then the ablation."""
+    """Both parts at the tiny scale through the study command (pretrain first, then the ablation), as a
+    user runs it: `megakv-study pretrain ablation --scale tiny --out OUT`, which also writes the report."""
     out = tmp_path_factory.mktemp("study")
-    messages: list[str] = []
-    results = {name: module.run(out / name, "tiny", log=messages.append)
-               for name, module in (("pretrain", pretrain), ("ablation", ablation))}
-    for name, result in results.items():
-        result.save(out / name)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert study_main(["ablation", "pretrain", "--scale", "tiny", "--out", str(out)]) == 0
+    prefix = "[megakv-study "
+    messages = [line.split("] ", 1)[1] for line in printed.getvalue().splitlines() if line.startswith(prefix)]
+    assert messages[0].startswith("part 1/2: pretrain")  # the paper's order, whatever the command line's
+    results = {name: PartResult.load(out / name) for name in ("pretrain", "ablation")}
+    report = (out / "report.md").read_text()
+    assert "## Pre-training sweep" in report and "Not run yet: finetune." in report
+    assert all(f"]({name}/{plot})" in report for name, r in results.items() for plot in r.plots)
     return out, results, messages
 
 

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The paper in miniature, regenerated: set-up (scripts/setup.sh, then the study's pinned optional
+# dependencies, scripts/study_setup.sh), then `megakv-study` with any arguments given here (default: all
+# parts at scale cpu), caching models under runs/study and writing the report to benchmarks/study_report/.
+#   bash scripts/study.sh                      # all three parts (an interrupted run resumes where it stopped)
+#   bash scripts/study.sh pretrain ablation    # only the from-scratch parts (no pretrained model needed)
+#   bash scripts/study.sh --scale gpu          # the settings for a real run, on a GPU machine
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+bash scripts/study_setup.sh
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
+exec .venv/bin/megakv-study --out runs/study --report-dir benchmarks/study_report "$@"
