@@ -18,6 +18,7 @@ from megakv.study.pretrain import reference_run
 from megakv.study.results import Claim, PartResult, Table
 from megakv.study.scratch import (
     RETAINS,
+    SEED_NOTE,
     ScratchRun,
     ScratchScale,
     budget_note,
@@ -153,8 +154,7 @@ def run(part_dir: Path, scale: str, *, log: Callable[[str], None]) -> PartResult
              "Claims are on held-out loss of models trained from scratch; the paper's Table 3 is QA F1 after "
              "fine-tuning Llama-3.1-8B, so only the direction is compared, never the numbers.",
              budget_note(reference, settings),
-             "One training seed per model: a difference of well under 1% may not survive another seed "
-             "(seed-to-seed spread not measured here).",
+             SEED_NOTE,
              timing]
     return PartResult(part=PART, title="Ablation: fixed groups vs R-CLA (Table 3 analogue)", scale=scale,
                       seconds=time.perf_counter() - start, settings=settings.describe(),

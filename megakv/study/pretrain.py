@@ -16,6 +16,7 @@ from pathlib import Path
 from megakv.study.results import Claim, PartResult, Table
 from megakv.study.scratch import (
     RETAINS,
+    SEED_NOTE,
     ScratchRun,
     ScratchScale,
     budget_note,
@@ -174,8 +175,7 @@ def run(part_dir: Path, scale: str, *, log: Callable[[str], None]) -> PartResult
              "Every model sees the same tokens in the same order (data.seed and routing.seed fixed); the shallow "
              "models have the deep model's width and differ only in depth.",
              budget_note(deep_runs[0.0], settings),
-             "One training seed per model: a difference of well under 1% may not survive another seed "
-             "(seed-to-seed spread not measured here).",
+             SEED_NOTE,
              timing]
     return PartResult(part=PART, title="Pre-training sweep from scratch (Table 1 / Fig. 5 analogue)", scale=scale,
                       seconds=time.perf_counter() - start, settings=settings.describe(),

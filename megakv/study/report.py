@@ -70,8 +70,9 @@ def write_report(out: Path, parts: Sequence[str], report_dir: Path | None = None
     claims = [c for r in results for c in r.claims]
     held = sum(c.held is True for c in claims)
     lines = ["# megakv-study: Stochastic KV Routing (R-CLA) in miniature", "",
-             "Regenerate with `" + (command or "megakv-study") + "`. Each claim is stated next to the paper's "
-             "number and marked held or not held by this run's measurements.", "",
+             "Regenerate with `bash scripts/study.sh` (set-up, then `megakv-study`; models and scores are cached "
+             "under its --out and reused). Each claim is stated next to the paper's number and marked held or "
+             "not held by this run's measurements." + (f" Written by `{command}`." if command else ""), "",
              f"{held} of {len(claims)} claims held; parts: " + ", ".join(r.part for r in results) + ".", ""]
     for result in results:
         image_dir = result.part
