@@ -57,12 +57,19 @@ def _checks(rank: int, work_dir: str) -> dict:
     from safetensors.torch import load_file
 
     from megakv.config import load_config
+    from megakv.model import Block
     from megakv.model_dir import WEIGHTS_FILE, save_model_dir
     from megakv.optim.param_groups import weight_decay_groups
     from megakv.parallel.context import init_parallel, layout_topology
     from megakv.parallel.layout import ParallelLayout
-    from megakv.parallel.materialize import SafetensorsWeights, build_zero3_model, skeleton_model
+    from megakv.parallel.materialize import (
+        SafetensorsWeights,
+        build_zero3_model,
+        materialize_block_shards,
+        skeleton_model,
+    )
     from megakv.parallel.runners import causal_lm_loss
+    from megakv.parallel.tensor import apply_tensor_parallel_to_blocks
     from megakv.parallel.tensor_engine import build_tensor_parallel_model, tensor_parallel_grid
     from megakv.parallel.tensor_split import shard_state_dict, split_of
     from megakv.parallel.wrap import build_model, build_runner
@@ -100,6 +107,29 @@ def _checks(rank: int, work_dir: str) -> dict:
                            for n in ("layers.0.attn.q_norm.weight", "layers.0.attn.k_norm.weight", "embed.weight")}
     del tp_model, got, expected
     dense.zero_grad(set_to_none=True)
+
+    # --- TP x PP: a pipeline stage's blocks are meta skeletons, split, then filled with this rank's heads only
+    # (what megakv/parallel/wrap.py does for each stage); a stage of all blocks but layer 0 here
+    stage = range(1, cfg.model.n_layers)
+
+    def build_stage():
+        with torch.device("meta"):
+            blocks = {i: Block(cfg.model) for i in stage}
+        stage_split = apply_tensor_parallel_to_blocks(blocks.values(), cfg.model, grid.get_slice_parallel_group(),
+                                                      rank, WORLD)
+        materialize_block_shards(blocks, cfg.model, stage_split, rank, SEED)
+        return blocks
+
+    blocks, out["stage_peak"] = _peak_of(build_stage)
+    out["stage_bytes"] = sum(_param_bytes(b) for b in blocks.values())
+    stage_dense = {n: t for n, t in dense_state.items() if n.startswith("layers.") and int(n.split(".")[1]) in stage}
+    out["stage_dense_bytes"] = sum(t.numel() * t.element_size() for t in stage_dense.values())
+    got = {f"layers.{i}.{k}": v for i, b in blocks.items() for k, v in b.state_dict().items()}
+    expected = shard_state_dict(stage_dense, split, rank)
+    out["stage_differing"] = sorted(n for n in expected if n not in got or not torch.equal(got[n], expected[n]))
+    out["stage_unmarked_splits"] = sorted(f"layers.{i}.{n}" for i, b in blocks.items() for n, p in b.named_parameters()
+                                          if split_of(n) is not None and not getattr(p, "tensor_model_parallel", False))
+    del blocks, got, expected, stage_dense
 
     # --- ZeRO-3: the partitioned build, then every parameter gathered and compared bitwise with the dense one
     model, out["zero3_peak"] = _peak_of(lambda: build_zero3_model(cfg.model, SEED, ds_config))
@@ -234,6 +264,16 @@ def test_tensor_parallel_build_materialises_only_the_shard(results):
         assert r["tp_peak"] < shard + 0.1 * full, (rank, r["tp_peak"], shard, full)
         assert r["tp_differing"] == [] and r["tp_unmarked_splits"] == [], (rank, r["tp_differing"][:5])
         assert max(r["tp_grad_diff"].values()) <= 1e-5, (rank, r["tp_grad_diff"])
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_a_tensor_split_pipeline_stage_materialises_only_its_shard(results):
+    for rank, r in results.items():
+        dense, shard = r["stage_dense_bytes"], r["stage_bytes"]
+        assert shard < 0.6 * dense, (rank, shard, dense)  # every block matrix is split; only norms replicated
+        assert r["stage_peak"] < shard + 0.1 * dense, (rank, r["stage_peak"], shard, dense)  # never the dense stage
+        assert r["stage_differing"] == [] and r["stage_unmarked_splits"] == [], (rank, r["stage_differing"][:5])
 
 
 @pytest.mark.distributed

@@ -116,21 +116,35 @@ def _replace_parameter(leaf: nn.Module, local: str, value: torch.Tensor) -> None
     leaf.register_parameter(local, new)
 
 
-def materialize_tensor_shards(model: MegaKVModel, split: TensorSplit, tp_rank: int, seed: int,
-                              init_state: Mapping[str, torch.Tensor] | None = None) -> None:
-    """Fill a tensor-split skeleton (megakv/parallel/tensor.py applied to `skeleton_model`) in place: each split
-    parameter gets tensor rank `tp_rank`'s slice of its dense value, each replicated one the whole value."""
-    reference = skeleton_model(model.cfg)  # dense shapes and leaf types, by name
-    for name, leaf in parameter_leaves(model):
+def _fill_shards(root: nn.Module, prefix: str, cfg: ModelConfig, split: TensorSplit, tp_rank: int, seed: int,
+                 init_state: Mapping[str, torch.Tensor] | None) -> None:
+    """Fill the split meta `root` (the MegaKVModel's submodule `prefix`, "" for the model) leaf by leaf."""
+    reference = skeleton_model(cfg)  # dense shapes and leaf types, by name
+    for local_name, leaf in parameter_leaves(root):
+        name = prefix + local_name
         dense = reference.get_submodule(name)
-        fill_leaf(dense, name, model.cfg, seed, init_state)
+        fill_leaf(dense, name, cfg, seed, init_state)
         for local, _ in list(leaf.named_parameters(recurse=False)):
             value = shard_tensor(f"{name}.{local}", dense.get_parameter(local).detach(), split, tp_rank)
             _replace_parameter(leaf, local, value)
         dense.to_empty(device="meta", recurse=False)  # frees the dense values
-    leftover = [n for n, p in model.named_parameters() if p.is_meta]
+    leftover = [prefix + n for n, p in root.named_parameters() if p.is_meta]
     if leftover:
         raise RuntimeError(f"parameters left unmaterialised: {leftover[:3]}")
+
+
+def materialize_tensor_shards(model: MegaKVModel, split: TensorSplit, tp_rank: int, seed: int,
+                              init_state: Mapping[str, torch.Tensor] | None = None) -> None:
+    """Fill a tensor-split skeleton (megakv/parallel/tensor.py applied to `skeleton_model`) in place: each split
+    parameter gets tensor rank `tp_rank`'s slice of its dense value, each replicated one the whole value."""
+    _fill_shards(model, "", model.cfg, split, tp_rank, seed, init_state)
+
+
+def materialize_block_shards(blocks: Mapping[int, nn.Module], cfg: ModelConfig, split: TensorSplit, tp_rank: int,
+                             seed: int, init_state: Mapping[str, torch.Tensor] | None = None) -> None:
+    """The same for a pipeline stage's split meta blocks, by layer index (dense names `layers.<i>.*`)."""
+    for index, block in blocks.items():
+        _fill_shards(block, f"layers.{index}.", cfg, split, tp_rank, seed, init_state)
 
 
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

@@ -31,7 +31,7 @@ The hidden part is the same on every tensor rank.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -122,7 +122,9 @@ class EmbedPipe(nn.Module):
 class BlockPipe(nn.Module):
     """Layer `index`: the dense model's per-layer step, plus (un)packing at stage boundaries.
 
-    `tensor`: the tensor degree the block will be split over (the packed K/V are one rank's heads).
+    `tensor`: the tensor degree the block will be split over (the packed K/V are one rank's heads). With
+    `tensor` > 1 the block is built on the meta device, without weights: megakv/parallel/materialize.py fills
+    this rank's shard once the block is split, so no rank ever holds the stage's dense blocks.
     """
 
     def __init__(self, cfg: ModelConfig, index: int, seed: int, stage_starts: tuple[int, ...], transport: str,
@@ -130,8 +132,12 @@ class BlockPipe(nn.Module):
         super().__init__()
         self.cfg, self.index, self.transport, self.max_distance = cfg, index, transport, max_distance
         self.tensor = tensor
-        self.block = Block(cfg)
-        init_weights(self.block, f"layers.{index}", cfg, seed)
+        if tensor > 1:
+            with torch.device("meta"):
+                self.block = Block(cfg)
+        else:
+            self.block = Block(cfg)
+            init_weights(self.block, f"layers.{index}", cfg, seed)
         self.rope = RotaryEmbedding(cfg)  # recomputed per stage instead of sent: a non-persistent buffer
         self.receives_packed = index in stage_starts
         self.sends_packed = index + 1 in stage_starts
@@ -208,7 +214,8 @@ def pipeline_module(cfg: ModelConfig, seed: int, cuts: list[int], topology, loss
                     max_distance: int | None, tensor: int = 1):
     """A PipelineModule that runs megakv's own stage cut (checked before launch), not DeepSpeed's.
 
-    With `tensor` > 1 its blocks are still dense: `stage_blocks` gives them to the tensor split.
+    With `tensor` > 1 its blocks are weightless (meta) skeletons: `stage_blocks` gives them to the tensor
+    split, then materialize_block_shards fills this rank's shard.
     """
     from deepspeed.pipe import PipelineModule
 
@@ -219,6 +226,11 @@ def pipeline_module(cfg: ModelConfig, seed: int, cuts: list[int], topology, loss
             self.parts = spec_parts(cuts)
             self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
 
+        def _apply(self, fn, recurse: bool = True):
+            # DeepSpeed moves the freshly built stage to its device; meta skeletons (tensor-split blocks,
+            # filled after the split) have nothing to move yet and stay meta.
+            return super()._apply(lambda t: t if t.is_meta else fn(t), recurse)
+
     # With train.activation_checkpointing DeepSpeed recomputes one block at a time (interval 1, set from
     # the DeepSpeed config); only blocks, so the embedding's chunk is never recomputed.
     return MegaKVPipeline(layer_specs(cfg, seed, cuts, transport, max_distance, tensor), topology=topology,
@@ -226,9 +238,9 @@ def pipeline_module(cfg: ModelConfig, seed: int, cuts: list[int], topology, loss
                           checkpointable_layers=[BLOCK_TYPE])
 
 
-def stage_blocks(module: nn.Module) -> list[Block]:
-    """The transformer blocks this stage runs, in layer order."""
-    return [layer.block for layer in module.modules() if isinstance(layer, BlockPipe)]
+def stage_blocks(module: nn.Module) -> dict[int, Block]:
+    """The transformer blocks this stage runs, by layer index, in layer order."""
+    return {layer.index: layer.block for layer in module.modules() if isinstance(layer, BlockPipe)}
 
 
 # ----------------------------------------------------------------------------- names: pipeline <-> dense
@@ -267,8 +279,10 @@ class DenseNames:
         return dense_named_parameters(self.module, self.n_layers)
 
 
-def load_dense_weights(module: nn.Module, state: dict[str, torch.Tensor], n_layers: int) -> None:
-    """Copy a MegaKVModel state dict into this stage's layers."""
+def load_dense_weights(module: nn.Module, state: Mapping[str, torch.Tensor], n_layers: int) -> None:
+    """Copy a MegaKVModel state dict into this stage's materialised layers (meta blocks are left to
+    materialize_block_shards, which reads their entries itself)."""
     with torch.no_grad():
         for key, tensor in module.state_dict().items():
-            tensor.copy_(state[dense_name(key, n_layers)])
+            if not tensor.is_meta:
+                tensor.copy_(state[dense_name(key, n_layers)])

@@ -20,7 +20,7 @@ from megakv.model import MegaKVModel
 from megakv.optim.param_groups import weight_decay_groups
 from megakv.optim.schedule import WarmupCosineSchedule
 from megakv.parallel.context import ParallelContext
-from megakv.parallel.materialize import build_zero3_model
+from megakv.parallel.materialize import build_zero3_model, materialize_block_shards
 from megakv.parallel.runners import DataParallelRunner, PipelineLoss, PipelineRunner, StepRunner
 from megakv.parallel.tensor import apply_tensor_parallel_to_blocks
 from megakv.parallel.tensor_engine import tensor_data_runner
@@ -83,8 +83,10 @@ def _pipeline_runner(cfg: MegaKVConfig, ctx: ParallelContext, ds_config: dict,
                              cfg.routing.max_distance, tensor)
     if init_state is not None:  # dense names and shapes: loaded before the blocks are split
         load_dense_weights(module, init_state, n_layers)
-    if tensor > 1:  # every tensor rank of the stage built the same dense blocks; each keeps its heads
-        apply_tensor_parallel_to_blocks(stage_blocks(module), cfg.model, ctx.tensor_group, ctx.layout.tensor_rank,
-                                        tensor)
+    if tensor > 1:  # the stage's blocks are meta skeletons: split them, then fill only this rank's heads
+        blocks = stage_blocks(module)
+        split = apply_tensor_parallel_to_blocks(blocks.values(), cfg.model, ctx.tensor_group, ctx.layout.tensor_rank,
+                                                tensor)
+        materialize_block_shards(blocks, cfg.model, split, ctx.layout.tensor_rank, cfg.train.seed, init_state)
     engine = _initialize(module, weight_decay_groups(DenseNames(module, n_layers), cfg.optim), cfg, ds_config)
     return PipelineRunner(engine, ctx, loss)
