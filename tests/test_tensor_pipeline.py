@@ -115,6 +115,19 @@ def test_resume_on_the_same_layout_is_bit_exact(dataset, tp2pp2, tmp_path):
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs)
 
 
+def assert_continues_single(single, source, layout: tuple[int, int, int]) -> None:
+    """`source`, resumed from step 2 on `layout` (tensor, pipeline, data), saved that layout and follows the
+    uninterrupted one-process run: steps 3-4 losses and the final weights."""
+    saved = json.loads((source / "checkpoints" / latest_tag(source) / "megakv_state.json").read_text())["layout"]
+    assert (saved["tensor"], saved["pipeline"], saved["data_parallel"]) == layout
+    reference, continued = step_losses(single), step_losses(source)
+    assert sorted(continued) == [3, 4]
+    for step in (3, 4):
+        assert continued[step] == pytest.approx(reference[step], rel=1e-5), (step, continued, reference)
+    ours, theirs = consolidated_state_dict(source)[1], consolidated_state_dict(single)[1]
+    assert all(torch.allclose(ours[k], theirs[k], rtol=0, atol=EXPORT_ATOL) for k in theirs)
+
+
 def test_universal_conversion_resumes_as_two_data_ranks(dataset, single, tp2pp2, tmp_path):
     source = from_step_two(tp2pp2, tmp_path / "source")
     assert convert_main(["to-universal", str(source)]) == 0
@@ -129,14 +142,7 @@ def test_universal_conversion_resumes_as_two_data_ranks(dataset, single, tp2pp2,
         assert converted[name]["exp_avg_sq"].shape == weight.shape and converted[name]["exp_avg_sq"].any(), name
     # (TP1, PP1, DP2) trains on from it: the next losses follow the uninterrupted one-process run
     train(dataset, source, 2, *KEEP_STEP_2, resume=True)
-    saved = json.loads((checkpoints / latest_tag(source) / "megakv_state.json").read_text())["layout"]
-    assert (saved["tensor"], saved["pipeline"], saved["data_parallel"]) == (1, 1, 2)
-    reference, continued = step_losses(single), step_losses(source)
-    assert sorted(continued) == [3, 4]
-    for step in (3, 4):
-        assert continued[step] == pytest.approx(reference[step], rel=1e-5), (step, continued, reference)
-    ours, theirs = consolidated_state_dict(source)[1], consolidated_state_dict(single)[1]
-    assert all(torch.allclose(ours[k], theirs[k], rtol=0, atol=EXPORT_ATOL) for k in theirs)
+    assert_continues_single(single, source, layout=(1, 1, 2))
 
 
 def test_universal_conversion_of_one_process_resumes_on_two_tensor_ranks_in_two_stages(dataset, single, tmp_path):
@@ -144,14 +150,7 @@ def test_universal_conversion_of_one_process_resumes_on_two_tensor_ranks_in_two_
     source = from_step_two(single, tmp_path / "from_single")
     assert convert_main(["to-universal", str(source)]) == 0
     train(dataset, source, 4, *TP2_PP2, *KEEP_STEP_2, resume=True)
-    saved = json.loads((source / "checkpoints" / latest_tag(source) / "megakv_state.json").read_text())["layout"]
-    assert (saved["tensor"], saved["pipeline"], saved["data_parallel"]) == (2, 2, 1)
-    reference, continued = step_losses(single), step_losses(source)
-    assert sorted(continued) == [3, 4]
-    for step in (3, 4):
-        assert continued[step] == pytest.approx(reference[step], rel=1e-5), (step, continued, reference)
-    ours, theirs = consolidated_state_dict(source)[1], consolidated_state_dict(single)[1]
-    assert all(torch.allclose(ours[k], theirs[k], rtol=0, atol=EXPORT_ATOL) for k in theirs)
+    assert_continues_single(single, source, layout=(2, 2, 1))
 
 
 @pytest.mark.slow
