@@ -3,17 +3,19 @@ megakv-train, real QA evaluation), the claims' logic, the loss-mask widening, an
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 from test_finetune_recipe import write_plays
 
 from megakv.data.indexed import IndexedDataset
 from megakv.data.sft import mask_prefix
 from megakv.hf import gguf
-from megakv.study import finetune
+from megakv.study import finetune, qa_scores
 from megakv.study.finetune import RETAINS, finetune_claims
 from megakv.study.results import PartResult
 
@@ -57,7 +59,7 @@ def test_scores_equal_megakv_eval_qa_and_the_record_loss_equals_a_per_record_ref
     model = MegaKVModel(cfg, init_seed=5).eval()
     records = [QARecord(r["context"], r["question"], r["answer"], r["id"]) for r in sft_records(10, seed=3)]
     retains = ("every:1", "every:2")
-    ours = finetune.score_plans(model, tokenizer, records, retains, seq_len=128, max_new_tokens=3, batch=4)
+    ours = qa_scores.score_plans(model, tokenizer, records, retains, seq_len=128, max_new_tokens=3, batch=4)
     plans = {spec: deployment_plan(spec, cfg.n_layers) for spec in retains}
     reference = {r.spec: r for r in evaluate_qa(model, tokenizer, records, plans, seq_len=128, max_new_tokens=3)}
     info = tokenizer.info
@@ -120,15 +122,27 @@ def test_the_study_command_without_the_wheel_exits_2_naming_the_install(tmp_path
 
 
 @pytest.mark.slow
-def test_tiny_part_end_to_end_then_cached(tmp_path):
+def test_tiny_part_end_to_end_then_cached(tmp_path, capsys):
     plays = write_plays(tmp_path / "plays")
     lines: list[str] = []
     part = tmp_path / "study" / "finetune"
     result = finetune.run(part, "tiny", log=lines.append, qa_source=plays)
+    # The two fine-tunes trained at once; every line of their output names the run that wrote it.
+    trainer_lines = [line for line in capsys.readouterr().out.splitlines() if "megakv.train" in line]
+    assert trainer_lines and all(line.startswith(("[rcla] ", "[normal] ", "[nearest-1] "))
+                                 for line in trainer_lines)
+    assert {line.split()[0] for line in trainer_lines} == {"[rcla]", "[normal]", "[nearest-1]"}
 
     assert result.part == "finetune" and result.scale == "tiny"
     assert [len(t.rows) for t in result.tables[:4]] == [3, 3, 3, 3]
-    assert [row[0] for row in result.tables[4].rows] == [1, 2]  # validation after each of the 2 steps
+    # The probe (an R-CLA fine-tune changing max_distance) is scored at every retention beside the main runs.
+    probes = result.tables[4]
+    assert [row[0] for row in probes.rows] == ["probe nearest-1", "R-CLA (main run)", "normal (main run)"]
+    assert "1 nearest" in probes.rows[0][1] and "3 nearest" in probes.rows[1][1]
+    assert all(np.isfinite(v) for row in probes.rows for v in row[2:])
+    probe_config = OmegaConf.load(part / "probes" / "nearest-1" / "config.yaml")
+    assert probe_config.routing.max_distance == 1 and probe_config.train.steps == 2
+    assert [row[0] for row in result.tables[5].rows] == [1, 2]  # validation after each of the 2 steps
     assert [c.held for c in result.claims] and all(isinstance(c.held, bool) for c in result.claims)
     assert (part / result.plots[0]).read_bytes()[:4] == b"\x89PNG"
     # Both fine-tunes ran their steps on the same samples; only R-CLA routed K/V across layers.
@@ -153,4 +167,13 @@ def test_tiny_part_end_to_end_then_cached(tmp_path):
     rerun = finetune.run(part, "tiny", log=again.append, qa_source=plays)
     assert rerun.tables == result.tables
     assert not any(line.startswith(("training", "evaluating", "building", "prepared")) for line in again)
-    assert sum(line.startswith("cached:") for line in again) == 2
+    assert sum(line.startswith("cached:") for line in again) == 3  # the two main runs and the probe
+
+    # Changed settings are refused, naming the setting, before anything is trained or overwritten.
+    before = (part / "runs" / "rcla" / "config.yaml").read_bytes()
+    changed = dataclasses.replace(finetune.SCALES["tiny"], max_distance=1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(finetune.SCALES, "tiny", changed)
+        with pytest.raises(ValueError, match=r"routing.max_distance: 3 -> 1.*move or delete"):
+            finetune.run(part, "tiny", log=again.append, qa_source=plays)
+    assert (part / "runs" / "rcla" / "config.yaml").read_bytes() == before

@@ -24,24 +24,23 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from megakv import recipes
 from megakv.data.indexed import IndexedDataset, IndexedWriter
 from megakv.data.sft import mask_prefix, prepare_sft, read_qa_records
+from megakv.study.probes import RoutingProbe, probe_table, run_probes
+from megakv.study.qa_scores import RETAINS, evaluate_model
 from megakv.study.results import Claim, PartResult, Table
-from megakv.study.runs import is_finished, train_run
-from megakv.train.run_dir import write_json_atomically
+from megakv.study.runs import timed_train_run
 
 Log = Callable[[str], None]
-RETAINS = ("every:1", "every:2", "every:3", "every:4")
 RETENTION = {"every:1": "100%", "every:2": "50%", "every:3": "33%", "every:4": "25%"}
 LOSS_ON = ("answer", "record")
 MODELS = ("untouched", "normal", "rcla")  # the rows of the tables, in this order
@@ -78,6 +77,9 @@ class FinetuneScale:
     concurrent_runs: int = 2  # the two fine-tunes at once (1: one after the other)
     device: str = "cpu"  # of the evaluation (training picks its device itself)
     nproc: int = 1  # data-parallel training processes per fine-tune
+    probes: tuple[RoutingProbe, ...] = ()  # short R-CLA fine-tunes changing one knob each (study/probes.py)
+    probe_steps: int = 0
+    probe_warmup_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.loss_on not in LOSS_ON:
@@ -130,25 +132,32 @@ class FinetuneScale:
                            f"{self.threads} thread(s) each"}
 
 
+CPU_PROBES = (RoutingProbe("paper", max_distance=None, lr=3e-4), RoutingProbe("nearest-3", max_distance=3, lr=3e-4),
+              RoutingProbe("nearest-1", max_distance=1, lr=3e-4),
+              RoutingProbe("nearest-1-lr6e-4", max_distance=1, lr=6e-4),
+              RoutingProbe("nearest-1-lr6e-4-per-step", max_distance=1, lr=6e-4, per_micro_batch=False))
 SCALES = {
     "tiny": FinetuneScale(
         name="tiny", base="tiny", seq_len=128, steps=2, global_batch=2, micro_batch=2, lr=1e-3, warmup_steps=1,
         q_cross=0.6, max_distance=3, per_micro_batch=False, loss_on="record", max_records=300, eval_records=4,
-        max_new_tokens=4, validation_samples=2, threads=1),
-    # Sized to finish in about an hour on a *busy* shared 2-core machine (measured: ~46 s per step with
-    # both fine-tunes at once, one thread each, at load ~18); a quiet one does it in ~15 min. 48 x 4 x 256
-    # = 49k tokens per model. The validation points trace how fast each model learns to share.
+        max_new_tokens=4, validation_samples=2, threads=1,
+        probes=(RoutingProbe("nearest-1", max_distance=1, lr=1e-3),), probe_steps=2, probe_warmup_steps=1),
+    # Both fine-tunes at once, one thread each: ~16 s per step on a quiet 2-core machine, so the main
+    # pair (192 x 4 x 256 = 197k tokens per model, 4x the first try's budget) takes ~1 h. The probes are
+    # 48-step R-CLA runs (~15 min per pair): max_distance 1 against 3 and the paper's any-earlier-layer,
+    # lr 6e-4 against 3e-4, per-step against per-micro-batch plans (measured in the report).
     "cpu": FinetuneScale(
-        name="cpu", base="smollm2", seq_len=256, steps=48, global_batch=4, micro_batch=2, lr=3e-4,
-        warmup_steps=3, q_cross=0.6, max_distance=3, per_micro_batch=True, loss_on="record", max_records=6000,
-        eval_records=32, max_new_tokens=6, validation_samples=4, threads=1),
+        name="cpu", base="smollm2", seq_len=256, steps=192, global_batch=4, micro_batch=2, lr=6e-4,
+        warmup_steps=6, q_cross=0.6, max_distance=1, per_micro_batch=True, loss_on="record", max_records=6000,
+        eval_records=32, max_new_tokens=6, validation_samples=4, threads=1,
+        probes=CPU_PROBES, probe_steps=48, probe_warmup_steps=3),
     # A real run (not run here): one GPU, 2,000 steps of 32 x 512 tokens (33M tokens per model), the
     # paper's peak lr scaled to the shorter run.
     "gpu": FinetuneScale(
         name="gpu", base="smollm2", seq_len=512, steps=2000, global_batch=32, micro_batch=16, lr=1e-4,
         warmup_steps=30, q_cross=0.6, max_distance=3, per_micro_batch=True, loss_on="record", max_records=6000,
         eval_records=628, max_new_tokens=16, validation_samples=64, threads=8,
-        concurrent_runs=1, device="cuda"),
+        concurrent_runs=1, device="cuda", probes=CPU_PROBES, probe_steps=500, probe_warmup_steps=10),
 }
 
 
@@ -287,84 +296,6 @@ def prepare_data(qa_dir: Path, tokenizer: Path, settings: FinetuneScale, log: Lo
     return QAData(train, valid, qa_dir / "test.jsonl")
 
 
-# ---------------------------------------------------------------------------------------- evaluation
-
-
-@torch.no_grad()
-def score_plans(model, tokenizer, records: Sequence, retains: Sequence[str], *, seq_len: int, max_new_tokens: int,
-                batch: int = 8) -> dict[str, dict[str, float]]:
-    """{retain: {exact_match, f1, answer_loss, heldout_loss}} on the same records and prompts.
-
-    The scores of megakv.eval.qa.evaluate_qa (greedy answers of the C->Q->A training prompt, EM and F1,
-    loss of the reference answer tokens), plus the loss of all the record's tokens (context, question
-    and answer: the held-out loss), with one batched teacher-forced pass per plan for both losses.
-    """
-    from megakv.data.sft import encode_record
-    from megakv.eval.qa import exact_match, greedy_answers, token_f1
-    from megakv.routing import deployment_plan
-
-    info = tokenizer.info
-    pad_id = info.pad_id if info.pad_id is not None else info.eos_id
-    stop = {info.eos_id, pad_id}
-    encoded = [encode_record(tokenizer, r, "cqa", seq_len, info.eos_id, pad_id, info.bos_id) for r in records]
-    device = model.embed.weight.device
-    tokens = torch.as_tensor(np.stack([t for t, _ in encoded]), device=device)
-    answer = torch.as_tensor(np.stack([m for _, m in encoded]), device=device).bool()
-    ends = answer.int().cumsum(1).argmax(1) + 1  # one past each record's last answer token (its end token)
-    record = torch.arange(seq_len, device=device)[None, :] < ends[:, None]
-    prompts = [t[:int(np.flatnonzero(m)[0])].tolist() for t, m in encoded]
-    # Labels are tokens[:, 1:]; label j counts for the answer loss if mask[j + 1], for the record loss if
-    # token j + 1 belongs to the record (not padding).
-    answer_labels, record_labels = answer[:, 1:], record[:, 1:]
-    scores = {}
-    for spec in retains:
-        plan = deployment_plan(spec, model.cfg.n_layers)
-        answer_sum = record_sum = 0.0
-        for first in range(0, len(records), batch):
-            rows = slice(first, first + batch)
-            logits = model(tokens[rows, :-1], plan=plan).float()
-            losses = F.cross_entropy(logits.transpose(1, 2), tokens[rows, 1:], reduction="none")
-            answer_sum += float(losses[answer_labels[rows]].sum())
-            record_sum += float(losses[record_labels[rows]].sum())
-        answers = greedy_answers(model, prompts, plan, max_new_tokens, stop, info.vocab_size, batch, info.eos_id,
-                                 pad_id)
-        predicted = [tokenizer.decode(a).strip().split("\n")[0].strip() for a in answers]
-        n = max(1, len(records))
-        scores[spec] = {"exact_match": sum(exact_match(p, r.answer) for p, r in zip(predicted, records)) / n,
-                        "f1": sum(token_f1(p, r.answer) for p, r in zip(predicted, records)) / n,
-                        "answer_loss": answer_sum / max(1, int(answer_labels.sum())),
-                        "heldout_loss": record_sum / max(1, int(record_labels.sum())),
-                        "examples": [{"question": r.question, "answer": r.answer, "predicted": p}
-                                     for p, r in list(zip(predicted, records))[:3]]}
-    return scores
-
-
-def evaluate_model(name: str, model_path: Path, test_records: Path, settings: FinetuneScale, eval_dir: Path,
-                   log: Log) -> dict[str, dict[str, float]]:
-    """`score_plans` of one model on the first held-out records (cached in eval_dir/NAME.json)."""
-    from megakv.data.tokenizer import load_tokenizer
-    from megakv.model_paths import resolve_model
-
-    path = eval_dir / f"{name}.json"
-    key = {"model": str(model_path.resolve()), "records": settings.eval_records, "seq_len": settings.seq_len,
-           "max_new_tokens": settings.max_new_tokens}
-    if path.is_file():
-        cached = json.loads(path.read_text())
-        if cached.get("key") == key:
-            return cached["scores"]
-    started = time.perf_counter()
-    model, tokenizer_dir = resolve_model(model_path, settings.device)
-    model.eval()
-    records = read_qa_records(test_records)[:settings.eval_records]
-    log(f"evaluating {name}: {len(records)} held-out QA records at {' '.join(RETAINS)}")
-    scores = score_plans(model, load_tokenizer(tokenizer_dir), records, RETAINS, seq_len=settings.seq_len,
-                         max_new_tokens=settings.max_new_tokens)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomically(path, {"key": key, "scores": scores, "seconds": time.perf_counter() - started})
-    log(f"evaluated {name} in {time.perf_counter() - started:.0f} s")
-    return scores
-
-
 # -------------------------------------------------------------------------------------------- claims
 
 
@@ -490,27 +421,25 @@ def run(part_dir: Path, scale: str, *, log: Log, qa_source: Path | None = None) 
     qa_dir = qa_records(part_dir, settings, qa_source, log)
     base = base_model(part_dir, settings, log)
     data = prepare_data(qa_dir, base / "tokenizer", settings, log)
-    common = [f"checkpoint.init_from={base}", f"data.datasets=[{data.train}]", f"data.valid_datasets=[{data.valid}]",
-              *settings.overrides()]
+    data_overrides = [f"checkpoint.init_from={base}", f"data.datasets=[{data.train}]",
+                      f"data.valid_datasets=[{data.valid}]"]
+    common = [*data_overrides, *settings.overrides()]
     # Both fine-tunes at once, one process and `threads` threads each: on a shared 2-core machine two
     # one-thread processes lose less to contention than one two-thread process (no OpenMP barriers).
     def train(model: str) -> float:
-        run_dir = part_dir / "runs" / model
-        if is_finished(run_dir):
-            log(f"cached: {run_dir}")
-            return _recorded_seconds(part_dir, model)
-        spent = train_run(recipes.path("finetune"), run_dir, [*common, *settings.routing(model)], log=log,
-                          nproc=settings.nproc, threads=settings.threads)
-        _record_seconds(part_dir, model, spent)
-        return spent
+        return timed_train_run(recipes.path("finetune"), part_dir / "runs" / model,
+                               [*common, *settings.routing(model)], log=log, nproc=settings.nproc,
+                               threads=settings.threads)
 
     with ThreadPoolExecutor(max_workers=settings.concurrent_runs) as pool:
         seconds = dict(zip(("rcla", "normal"), pool.map(train, ("rcla", "normal"))))
+    probe_scores, probe_seconds = run_probes(part_dir, settings, data_overrides, data.test_records, log)
     models = {"untouched": base, "normal": part_dir / "runs" / "normal", "rcla": part_dir / "runs" / "rcla"}
     torch.set_num_threads(settings.threads)  # per evaluation thread: they run `concurrent_runs` at once
     with ThreadPoolExecutor(max_workers=settings.concurrent_runs) as pool:
-        scored = pool.map(lambda item: evaluate_model(*item, data.test_records, settings, part_dir / "eval", log),
-                          models.items())
+        scored = pool.map(lambda item: evaluate_model(
+            *item, data.test_records, part_dir / "eval", log, records=settings.eval_records,
+            seq_len=settings.seq_len, max_new_tokens=settings.max_new_tokens, device=settings.device), models.items())
         scores = dict(zip(models, scored))
     curves = {m: validation_curve(part_dir / "runs" / m) for m in ("rcla", "normal")}
     plot = _plot(part_dir / "finetune_retention.png", scores, curves)
@@ -518,6 +447,7 @@ def run(part_dir: Path, scale: str, *, log: Log, qa_source: Path | None = None) 
     notes = [f"time: fine-tuning R-CLA {seconds['rcla'] / 60:.1f} min and normal {seconds['normal'] / 60:.1f} min "
              f"(at once), evaluation {' + '.join(f'{eval_seconds[m] / 60:.1f}' for m in models)} min "
              f"({', '.join(models)}; {settings.concurrent_runs} at once), as measured when each was computed",
+             *_probe_notes(settings, probe_seconds),
              _loss_note(data.train, settings),
              f"'collapse': F1 below {COLLAPSE_RATIO:.0%} of the model's own full-cache F1; 'close': at least "
              f"{CLOSE_RATIO:.0%} of it. QA: who speaks a quoted line in a passage of a play never trained on "
@@ -525,8 +455,18 @@ def run(part_dir: Path, scale: str, *, log: Log, qa_source: Path | None = None) 
     return PartResult(part="finetune", title="Fine-tuning a pretrained model with R-CLA vs normally (Table 2)",
                       scale=scale, seconds=time.perf_counter() - started,
                       settings=settings.describe(),
-                      tables=[*_tables(scores), _curve_table(curves)],
+                      tables=[*_tables(scores), *([probe_table(settings, probe_scores, scores)] if settings.probes
+                                                  else []), _curve_table(curves)],
                       claims=finetune_claims(scores), plots=[plot], notes=notes)
+
+
+def _probe_notes(settings: FinetuneScale, seconds: Mapping[str, float]) -> list[str]:
+    if not settings.probes:
+        return []
+    return [f"probes: {settings.probe_steps} steps each (warm-up {settings.probe_warmup_steps}, linear to 0), "
+            "otherwise the main R-CLA run's settings; training time " +
+            ", ".join(f"{name} {s / 60:.1f} min" for name, s in seconds.items()) +
+            f" ({settings.concurrent_runs} at once), as measured when each was trained"]
 
 
 def _loss_note(train: Path, settings: FinetuneScale) -> str:
@@ -542,25 +482,3 @@ def _loss_note(train: Path, settings: FinetuneScale) -> str:
 
 def _eval_seconds(path: Path) -> float:
     return float(json.loads(path.read_text()).get("seconds", 0.0)) if path.is_file() else 0.0
-
-
-def _seconds_path(part_dir: Path, model: str) -> Path:
-    return part_dir / "runs" / f"{model}_train_seconds.json"  # one file per run: they train at once
-
-
-def _recorded_seconds(part_dir: Path, model: str) -> float:
-    """The training time recorded by the study, else the span of the run's metrics (a run trained by a
-    study process that was stopped before it could record the time)."""
-    path = _seconds_path(part_dir, model)
-    if path.is_file():
-        return float(json.loads(path.read_text())["seconds"])
-    metrics = part_dir / "runs" / model / "metrics.jsonl"
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
-    steps = [r for r in rows if "train/loss" in r and "time" in r]
-    if not steps:
-        return 0.0
-    return rows[-1]["time"] - steps[0]["time"] + steps[0].get("perf/step_time_s", 0.0)
-
-
-def _record_seconds(part_dir: Path, model: str, seconds: float) -> None:
-    write_json_atomically(_seconds_path(part_dir, model), {"seconds": seconds})

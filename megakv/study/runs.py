@@ -7,6 +7,7 @@ trained again. Held-out losses per retention are cached in a small json next to 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -16,6 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 from megakv.eval.data import load_eval_tokens, make_windows
 from megakv.eval.loss import evaluate_plans
@@ -38,20 +40,94 @@ def train_command(config: Path, run_dir: Path, overrides: Sequence[str], nproc: 
     return [*launcher, str(config), f"train.run_dir={run_dir}", *overrides, "--resume", "auto"]
 
 
+def settings_changes(run_dir: Path, overrides: Sequence[str]) -> list[str]:
+    """The overrides a run directory's saved config.yaml disagrees with, as 'key: saved -> asked' lines.
+
+    Empty when the directory holds no run yet. A study that changed its settings must not silently reuse
+    (or resume into) a model trained with the old ones.
+    """
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        return []
+    saved = OmegaConf.load(saved_path)
+    changes = []
+    for override in overrides:
+        key = override.split("=", 1)[0]
+        asked = OmegaConf.select(OmegaConf.from_dotlist([override]), key)
+        had = OmegaConf.select(saved, key, default=None)
+        asked, had = (OmegaConf.to_object(v) if OmegaConf.is_config(v) else v for v in (asked, had))
+        if not _same_setting(asked, had):
+            changes.append(f"{key}: {had} -> {asked}")
+    return changes
+
+
+def _same_setting(asked, had) -> bool:
+    """Equal values; paths count as equal when they name the same file (relative or absolute spelling)."""
+    if isinstance(asked, list) and isinstance(had, list):
+        return len(asked) == len(had) and all(_same_setting(a, h) for a, h in zip(asked, had))
+    if isinstance(asked, str) and isinstance(had, str) and asked != had:
+        return Path(asked).resolve() == Path(had).resolve()
+    return asked == had
+
+
 def train_run(config: Path, run_dir: Path, overrides: Sequence[str], *, log: Log, nproc: int = 1,
               threads: int = 1) -> float:
     """Train (or finish training) one model; returns the seconds spent here (0 when it was cached)."""
+    changes = settings_changes(run_dir, overrides)
+    if changes:
+        raise ValueError(f"{run_dir} holds a run trained with other settings ({'; '.join(changes)}). Fix: move "
+                         "or delete that directory to train it again with these settings, or use another --out")
     if is_finished(run_dir):
         log(f"cached: {run_dir}")
         return 0.0
     log(f"training {run_dir.name}: {' '.join(overrides)}")
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     start = time.perf_counter()
-    subprocess.run(train_command(config, run_dir, overrides, nproc), check=True, env=env)
+    command = train_command(config, run_dir, overrides, nproc)
+    # Two runs train at once into one terminal: each line says which run wrote it (one write per line).
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          bufsize=1) as process:
+        for line in process.stdout:
+            sys.stdout.write(f"[{run_dir.name}] {line}")
+            sys.stdout.flush()
+    if process.returncode:
+        raise subprocess.CalledProcessError(process.returncode, command)
     if not is_finished(run_dir):
         raise RuntimeError(f"{run_dir}: megakv-train returned without finishing (status.json: "
                            f"{read_status(run_dir)}); rerun the study to resume it")
     return time.perf_counter() - start
+
+
+def timed_train_run(config: Path, run_dir: Path, overrides: Sequence[str], *, log: Log, nproc: int = 1,
+                    threads: int = 1) -> float:
+    """`train_run`, returning the seconds the training took when it ran, also for a cached run: recorded
+    beside the run (RUN_train_seconds.json; one file per run, since runs train at once), else the span of
+    its metrics (a run finished by a study process that was stopped before it could record the time)."""
+    record = run_dir.parent / f"{run_dir.name}_train_seconds.json"
+    cached = is_finished(run_dir)
+    spent = train_run(config, run_dir, overrides, log=log, nproc=nproc, threads=threads)
+    if not cached:
+        write_json_atomically(record, {"seconds": spent})
+        return spent
+    if record.is_file():
+        return float(json.loads(record.read_text())["seconds"])
+    metrics = run_dir / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+    steps = [r for r in rows if "train/loss" in r and "time" in r]
+    return rows[-1]["time"] - steps[0]["time"] + steps[0].get("perf/step_time_s", 0.0) if steps else 0.0
+
+
+def model_fingerprint(path: Path) -> str:
+    """Changes when the model at `path` (a run or model directory) is trained or written again: a cached
+    score keyed by it is not reused for a different model saved at the same place."""
+    digest = hashlib.sha256()
+    for name in ("config.yaml", "status.json", "checkpoints/latest"):
+        if (Path(path) / name).is_file():
+            digest.update((Path(path) / name).read_bytes())
+    for weights in sorted(Path(path).glob("*.safetensors")):
+        stat = weights.stat()
+        digest.update(f"{weights.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
 
 
 def retention_losses(run_dir: Path, data: Path, retains: Sequence[str], *, max_tokens: int, seq_len: int | None = None,

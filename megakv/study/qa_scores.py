@@ -1,0 +1,100 @@
+"""The study's QA scores of one model at every retention: greedy answers (exact match, token F1), the loss of
+the answer tokens and of all the record's tokens, from one batched teacher-forced pass per plan."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from megakv.data.sft import read_qa_records
+from megakv.study.runs import model_fingerprint
+from megakv.train.run_dir import write_json_atomically
+
+Log = Callable[[str], None]
+RETAINS = ("every:1", "every:2", "every:3", "every:4")
+
+
+@torch.no_grad()
+def score_plans(model, tokenizer, records: Sequence, retains: Sequence[str], *, seq_len: int, max_new_tokens: int,
+                batch: int = 8) -> dict[str, dict[str, float]]:
+    """{retain: {exact_match, f1, answer_loss, heldout_loss}} on the same records and prompts
+    (max_new_tokens 0: no answers are generated, only the two losses).
+
+    The scores of megakv.eval.qa.evaluate_qa (greedy answers of the C->Q->A training prompt, EM and F1,
+    loss of the reference answer tokens), plus the loss of all the record's tokens (context, question
+    and answer: the held-out loss), with one batched teacher-forced pass per plan for both losses.
+    """
+    from megakv.data.sft import encode_record
+    from megakv.eval.qa import exact_match, greedy_answers, token_f1
+    from megakv.routing import deployment_plan
+
+    info = tokenizer.info
+    pad_id = info.pad_id if info.pad_id is not None else info.eos_id
+    stop = {info.eos_id, pad_id}
+    encoded = [encode_record(tokenizer, r, "cqa", seq_len, info.eos_id, pad_id, info.bos_id) for r in records]
+    device = model.embed.weight.device
+    tokens = torch.as_tensor(np.stack([t for t, _ in encoded]), device=device)
+    answer = torch.as_tensor(np.stack([m for _, m in encoded]), device=device).bool()
+    ends = answer.int().cumsum(1).argmax(1) + 1  # one past each record's last answer token (its end token)
+    record = torch.arange(seq_len, device=device)[None, :] < ends[:, None]
+    prompts = [t[:int(np.flatnonzero(m)[0])].tolist() for t, m in encoded]
+    # Labels are tokens[:, 1:]; label j counts for the answer loss if mask[j + 1], for the record loss if
+    # token j + 1 belongs to the record (not padding).
+    answer_labels, record_labels = answer[:, 1:], record[:, 1:]
+    scores = {}
+    for spec in retains:
+        plan = deployment_plan(spec, model.cfg.n_layers)
+        answer_sum = record_sum = 0.0
+        for first in range(0, len(records), batch):
+            rows = slice(first, first + batch)
+            logits = model(tokens[rows, :-1], plan=plan).float()
+            losses = F.cross_entropy(logits.transpose(1, 2), tokens[rows, 1:], reduction="none")
+            answer_sum += float(losses[answer_labels[rows]].sum())
+            record_sum += float(losses[record_labels[rows]].sum())
+        scores[spec] = {"answer_loss": answer_sum / max(1, int(answer_labels.sum())),
+                        "heldout_loss": record_sum / max(1, int(record_labels.sum()))}
+        if max_new_tokens == 0:
+            continue
+        answers = greedy_answers(model, prompts, plan, max_new_tokens, stop, info.vocab_size, batch, info.eos_id,
+                                 pad_id)
+        predicted = [tokenizer.decode(a).strip().split("\n")[0].strip() for a in answers]
+        n = max(1, len(records))
+        scores[spec] = {"exact_match": sum(exact_match(p, r.answer) for p, r in zip(predicted, records)) / n,
+                        "f1": sum(token_f1(p, r.answer) for p, r in zip(predicted, records)) / n,
+                        **scores[spec],
+                        "examples": [{"question": r.question, "answer": r.answer, "predicted": p}
+                                     for p, r in list(zip(predicted, records))[:3]]}
+    return scores
+
+
+def evaluate_model(name: str, model_path: Path, test_records: Path, eval_dir: Path, log: Log, *, records: int,
+                   seq_len: int, max_new_tokens: int, device: str = "cpu") -> dict[str, dict[str, float]]:
+    """`score_plans` of one model on the first `records` held-out records (cached in eval_dir/NAME.json,
+    keyed by the model's fingerprint and these settings). max_new_tokens 0: the losses only."""
+    from megakv.data.tokenizer import load_tokenizer
+    from megakv.model_paths import resolve_model
+
+    path = eval_dir / f"{name}.json"
+    key = {"model": str(model_path.resolve()), "fingerprint": model_fingerprint(model_path),
+           "records": records, "seq_len": seq_len, "max_new_tokens": max_new_tokens}
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        if cached.get("key") == key:
+            return cached["scores"]
+    started = time.perf_counter()
+    model, tokenizer_dir = resolve_model(model_path, device)
+    model.eval()
+    chosen = read_qa_records(test_records)[:records]
+    log(f"evaluating {name}: {len(chosen)} held-out QA records at {' '.join(RETAINS)}")
+    scores = score_plans(model, load_tokenizer(tokenizer_dir), chosen, RETAINS, seq_len=seq_len,
+                         max_new_tokens=max_new_tokens)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomically(path, {"key": key, "scores": scores, "seconds": time.perf_counter() - started})
+    log(f"evaluated {name} in {time.perf_counter() - started:.0f} s")
+    return scores

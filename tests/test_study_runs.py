@@ -1,0 +1,60 @@
+"""megakv/study/runs.py: a cached run is reused only with the settings it was trained with, and a cached
+score only for the model it scored."""
+
+from __future__ import annotations
+
+import os
+
+from megakv.study.runs import model_fingerprint, settings_changes
+
+
+def _saved_run(run_dir, text: str):
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(text)
+    return run_dir
+
+
+SAVED = """routing:
+  strategy: rcla
+  max_distance: null
+  per_micro_batch: true
+optim:
+  lr: 0.0003
+data:
+  datasets:
+  - data/train_256
+"""
+
+
+def test_no_run_yet_means_no_changes(tmp_path):
+    assert settings_changes(tmp_path / "absent", ["optim.lr=1"]) == []
+
+
+def test_same_settings_in_another_spelling_are_not_changes(tmp_path, monkeypatch):
+    run = _saved_run(tmp_path / "run", SAVED)
+    monkeypatch.chdir(tmp_path)
+    asked = ["routing.strategy=rcla", "routing.max_distance=null", "routing.per_micro_batch=true",
+             "optim.lr=3e-4", f"data.datasets=[{tmp_path}/data/train_256]"]  # absolute path, same file
+    assert settings_changes(run, asked) == []
+
+
+def test_each_changed_setting_is_named_with_both_values(tmp_path):
+    run = _saved_run(tmp_path / "run", SAVED)
+    asked = ["routing.max_distance=1", "optim.lr=3e-4", "data.datasets=[data/train_512]", "train.steps=48"]
+    assert settings_changes(run, asked) == ["routing.max_distance: None -> 1",
+                                            "data.datasets: ['data/train_256'] -> ['data/train_512']",
+                                            "train.steps: None -> 48"]
+
+
+def test_fingerprint_follows_the_saved_model(tmp_path):
+    model = _saved_run(tmp_path / "model", SAVED)
+    (model / "model.safetensors").write_bytes(b"x" * 8)
+    first = model_fingerprint(model)
+    assert model_fingerprint(model) == first
+    (model / "model.safetensors").write_bytes(b"y" * 9)  # written again
+    assert model_fingerprint(model) != first
+    second = model_fingerprint(model)
+    os.utime(model / "model.safetensors", ns=(1, 1))
+    assert model_fingerprint(model) != second
+    (model / "status.json").write_text('{"state": "finished", "step": 4}')
+    assert model_fingerprint(model) != model_fingerprint(tmp_path / "model-copy-missing")
