@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import pickle
 import re
+import threading
 from pathlib import Path
 
 import torch
 
 _GLOBAL_IN_ERROR = re.compile(r"(?:GLOBAL|global)\s+([\w.]+)")
+# torch's allow-list (torch.serialization.safe_globals) is one set per process: a thread leaving the context
+# removes the globals another thread's load still needs. Loads through this module take turns.
+_ALLOW_LIST_LOCK = threading.Lock()
 
 
 class UnsafeFileError(ValueError):
@@ -57,7 +61,7 @@ def load_weights_only(path: str | Path, allowed: list | tuple = (), mmap: bool =
     UnsafeFileError naming the file and the global."""
     path = Path(path)
     try:
-        with torch.serialization.safe_globals(list(allowed)):
+        with _ALLOW_LIST_LOCK, torch.serialization.safe_globals(list(allowed)):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         text = str(e)

@@ -89,3 +89,30 @@ def test_generate_and_export_refuse_a_planted_payload(runs, tmp_path, capsys):
     assert convert_main(["to-universal", str(run_dir)]) == 2
     assert str(model_file) in capsys.readouterr().err
     assert not marker.exists() and not (tmp_path / "exported").exists()
+
+
+def test_loads_from_several_threads_keep_their_allow_list(tmp_path):
+    """torch's allow-list is one set per process: without turns, a thread leaving safe_globals removed the
+    globals another thread's load still needed (7 of 900 loads refused, measured before the fix)."""
+    import threading
+
+    import numpy as np
+
+    from megakv.safe_load import load_weights_only, numpy_globals
+
+    torch.save({"state": np.arange(5, dtype=np.uint32)}, tmp_path / "rng.pt")  # needs numpy's globals
+    refused: list[Exception] = []
+
+    def load_many():
+        for _ in range(300):
+            try:
+                assert load_weights_only(tmp_path / "rng.pt", numpy_globals())["state"].tolist() == [0, 1, 2, 3, 4]
+            except UnsafeFileError as e:
+                refused.append(e)
+
+    threads = [threading.Thread(target=load_many) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert refused == []

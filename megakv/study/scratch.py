@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import sysconfig
-import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -241,9 +240,6 @@ def train_and_score(runs: Sequence[ScratchRun], settings: ScratchScale, data: St
     directory (train_seconds.json), so a rerun from the cache still knows what the part cost.
     """
     config = recipes.path("demo")  # every field that matters is overridden by ScratchRun.overrides
-    # One model load at a time: the weights-only unpickler's allow-list (torch.serialization.safe_globals)
-    # is process-wide, so two threads loading checkpoints at once can drop each other's entries.
-    scoring = threading.Lock()
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(settings.threads_per_run)  # scoring runs beside the other training
 
@@ -252,8 +248,7 @@ def train_and_score(runs: Sequence[ScratchRun], settings: ScratchScale, data: St
         seconds = train_run(config, run.run_dir, run.overrides(settings, data), log=log,
                             threads=settings.threads_per_run)
         _record_seconds(run.run_dir.parent / TRAIN_SECONDS_FILE, run.name, seconds)
-        with scoring:
-            losses = held_out_loss(run.run_dir, data, settings, retains_of(run), log)
+        losses = held_out_loss(run.run_dir, data, settings, retains_of(run), log)
         log(f"{run.name}: done in {time.perf_counter() - start:.0f} s; " +
             ", ".join(f"{r} {v:.4f}" for r, v in losses.items()))
         return losses
