@@ -317,3 +317,19 @@ def test_launch_refuses_a_tensor_degree_the_heads_do_not_split(tmp_path):
     with pytest.raises(ConfigError) as e:
         preflight(cfg, ParallelLayout(world_size=3, rank=0, local_rank=0))
     assert e.value.field == "parallel.tensor" and "model.n_heads=4" in str(e.value) and "[1, 2, 4]" in str(e.value)
+
+
+def test_tensor_groups_spanning_nodes_are_warned_about():
+    from megakv.parallel.layout import ParallelLayout, tensor_group_spread_warning
+
+    def warning(world, per_node, tensor):
+        layout = ParallelLayout(world_size=world, rank=0, local_rank=0, tensor=tensor)
+        return tensor_group_spread_warning(layout, {"LOCAL_WORLD_SIZE": str(per_node)})
+
+    # 2 nodes x 3 processes with TP2: the group (2, 3) holds one rank of each node.
+    assert "parallel.tensor=2 does not divide the 3 processes per node" in warning(6, 3, 2)
+    assert "GPUS_PER_NODE" in warning(4, 1, 2)
+    assert warning(8, 4, 2) is None and warning(4, 4, 4) is None  # whole groups per node / one node
+    assert "parallel.tensor=4 does not divide the 2 processes" in warning(4, 2, 4)  # a group larger than a node
+    assert warning(4, 1, 1) is None  # no tensor parallelism
+    assert tensor_group_spread_warning(ParallelLayout(world_size=2, rank=0, local_rank=0, tensor=2), {}) is None

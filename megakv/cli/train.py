@@ -112,6 +112,7 @@ def _record_failure(launch, layout, message: str, rank: int) -> None:
 
 def _train(cfg, layout, launch, guard) -> int:
     from megakv.parallel import init_parallel, shutdown_parallel
+    from megakv.parallel.layout import tensor_group_spread_warning
     from megakv.train.launch_guard import exit_for_peer
     from megakv.train.logs import close_logging, setup_logging
     from megakv.train.loop import Trainer
@@ -129,6 +130,8 @@ def _train(cfg, layout, launch, guard) -> int:
             failure, layout.rank, lambda f: _record_failure(launch, layout, f.message, f.rank)))
     ctx = init_parallel(layout, cfg.parallel, cfg.train.device)
     log.info("layout %s, device %s, backend %s", json.dumps(layout.describe()), ctx.device, ctx.backend)
+    if (spread := tensor_group_spread_warning(layout)) and layout.rank == 0:
+        log.warning("%s", spread)
     trainer = Trainer(cfg, launch, ctx)
     try:
         trainer.setup()

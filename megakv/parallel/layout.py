@@ -59,3 +59,16 @@ class ParallelLayout:
         if not 0 <= rank < world:
             raise ValueError(f"RANK={rank} is outside WORLD_SIZE={world}: check the launcher's environment")
         return cls(world, rank, local_rank, cfg.tensor, cfg.pipeline)
+
+
+def tensor_group_spread_warning(layout: ParallelLayout, env: Mapping[str, str] | None = None) -> str | None:
+    """A warning when tensor groups span nodes: the launcher starts LOCAL_WORLD_SIZE processes per node
+    and ranks are tensor-fastest, so unless that count is a multiple of parallel.tensor some groups hold
+    ranks of two nodes and all-reduce over the network in every block (forward and backward)."""
+    env = os.environ if env is None else env
+    per_node = int(env.get("LOCAL_WORLD_SIZE", layout.world_size))
+    if layout.tensor == 1 or per_node >= layout.world_size or per_node % layout.tensor == 0:
+        return None
+    return (f"parallel.tensor={layout.tensor} does not divide the {per_node} processes per node: some tensor groups "
+            "span two nodes and all-reduce over the network in every block. Fix: launch a multiple of "
+            f"parallel.tensor processes per node (GPUS_PER_NODE / --nproc-per-node), e.g. {layout.tensor}")
