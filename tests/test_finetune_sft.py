@@ -14,8 +14,9 @@ from train_data import prepare_tiny_dataset
 from megakv.cli.qa import main as qa_main
 from megakv.config import load_config
 from megakv.data.errors import DataError
+from megakv.data.indexed import IndexedDataset
 from megakv.data.loader import build_data, micro_batches
-from megakv.data.sft import IGNORE, QARecord, choose_orders, encode_record, inputs_and_labels, prepare_sft
+from megakv.data.sft import IGNORE, QARecord, choose_orders, encode_record, inputs_and_labels, mask_prefix, prepare_sft
 from megakv.data.tokenizer import load_tokenizer
 from megakv.parallel.runners import causal_lm_loss, weighted_sequence_loss
 
@@ -103,6 +104,30 @@ def test_prepared_samples_count_only_answer_tokens(tmp_path, qa_dataset, tokeniz
                                "model.max_seq_len=128", f"data.cache_dir={tmp_path / 'c'}"])
     with pytest.raises(DataError, match=f"data.seq_len={SEQ}"):
         build_data(wrong.data, wrong.seq_len, is_builder=True)
+
+
+def test_loss_on_record_counts_every_record_token_but_not_the_padding(tmp_path, qa_dataset, tokenizer_dir, capsys):
+    """megakv-qa prep --loss-on record: the same samples, a mask widened from the first token to the
+    answer's end token; its labels are the answer-mask labels plus the whole prompt's, never padding."""
+    prefix = tmp_path / "out" / "qa_record"
+    assert qa_main(["prep", "--input", str(qa_dataset.parent.parent / "qa.jsonl"), "--tokenizer", str(tokenizer_dir),
+                    "--output-prefix", str(prefix), "--seq-len", str(SEQ), "--loss-on", "record"]) == 0
+    printed = capsys.readouterr().out
+    answer_only, whole = (IndexedDataset(mask_prefix(p)) for p in (qa_dataset, prefix))
+    tokens_a, tokens_w = IndexedDataset(qa_dataset), IndexedDataset(prefix)
+    assert len(whole) == len(answer_only) == 200
+    counted = 0
+    for i in range(200):
+        assert tokens_w.get(i).tolist() == tokens_a.get(i).tolist()  # the same samples
+        narrow, wide = answer_only.get(i), whole.get(i)
+        end = int(np.flatnonzero(narrow)[-1])  # the answer's end token; padding follows
+        assert wide[:end + 1].all() and not wide[end + 1:].any() and (wide >= narrow).all()
+        counted += int(wide.sum())
+    meta = json.loads(prefix.with_suffix(".meta.json").read_text())["sft"]
+    assert meta["loss_on"] == "record" and meta["counted_tokens"] == counted > 3 * meta["answer_tokens"]
+    assert f"{counted} tokens counted" in printed
+    with pytest.raises(DataError, match="--loss-on 'prompt' is not one of answer, record"):
+        prepare_sft(qa_dataset.parent.parent / "qa.jsonl", tokenizer_dir, tmp_path / "bad", SEQ, loss_on="prompt")
 
 
 def test_masked_tokens_contribute_nothing_to_the_loss_or_its_gradient():

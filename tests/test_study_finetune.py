@@ -12,8 +12,6 @@ import pytest
 from omegaconf import OmegaConf
 from test_finetune_recipe import write_plays
 
-from megakv.data.indexed import IndexedDataset
-from megakv.data.sft import mask_prefix
 from megakv.hf import gguf
 from megakv.study import finetune, qa_scores
 from megakv.study.finetune import RETAINS, finetune_claims
@@ -78,20 +76,6 @@ def test_scores_equal_megakv_eval_qa_and_the_record_loss_equals_a_per_record_ref
             counted += end - 1
         assert ours[spec]["heldout_loss"] == pytest.approx(total / counted, rel=1e-5)
     assert ours["every:1"]["heldout_loss"] != ours["every:2"]["heldout_loss"]
-
-
-def test_widened_mask_counts_the_whole_record_but_not_the_padding(tmp_path):
-    from megakv.data.indexed import IndexedWriter
-
-    prefix = tmp_path / "qa"
-    answer_masks = [np.array([0, 0, 0, 1, 1, 0, 0], np.uint8), np.array([0, 0, 0, 0, 0, 1, 0], np.uint8)]
-    with IndexedWriter(mask_prefix(prefix), np.uint8) as out:
-        for mask in answer_masks:
-            out.add_document(mask)
-        out.finalize()
-    assert finetune.widen_loss_mask(prefix) == 5 + 6
-    wide = IndexedDataset(mask_prefix(prefix))
-    assert wide.get(0).tolist() == [1, 1, 1, 1, 1, 0, 0] and wide.get(1).tolist() == [1, 1, 1, 1, 1, 1, 0]
 
 
 def test_missing_wheel_or_gguf_reader_is_a_clear_error_naming_the_install(monkeypatch):

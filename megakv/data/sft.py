@@ -33,6 +33,7 @@ IGNORE = -100  # torch.nn.functional.cross_entropy's default ignore_index
 MASK_SUFFIX = "_lossmask"
 ORDERS = ("qca", "cqa")  # question -> context -> answer, or context -> question -> answer
 FIELDS = ("context", "question", "answer")
+LOSS_ON = ("answer", "record")  # what the loss mask counts (prepare_sft)
 
 
 def mask_prefix(prefix: str | Path) -> Path:
@@ -144,12 +145,22 @@ class SFTSummary:
     orders: dict[str, int]
     answer_tokens: int
     seconds: float
+    counted_tokens: int = 0  # tokens the loss counts: the answer tokens, or every record token (loss_on record)
 
 
 def prepare_sft(records_path: str | Path, tokenizer_dir: str | Path, output_prefix: str | Path, seq_len: int, *,
-                seed: int = 1234, p_question_first: float = 0.5, overwrite: bool = False) -> SFTSummary:
-    """Write `output_prefix`.bin/.idx (+ .meta.json) and its `_lossmask` pair from a QA jsonl file."""
+                seed: int = 1234, p_question_first: float = 0.5, overwrite: bool = False,
+                loss_on: str = "answer") -> SFTSummary:
+    """Write `output_prefix`.bin/.idx (+ .meta.json) and its `_lossmask` pair from a QA jsonl file.
+
+    loss_on "answer" (the paper): only the answer and its end token count; "record": every token of the
+    record counts (context, question, answer, end token; never the padding), ~40x the training signal per
+    sample, for short budgets (megakv-study's fine-tuning part).
+    """
     started = time.time()
+    if loss_on not in LOSS_ON:
+        raise DataError(f"--loss-on {loss_on!r} is not one of {', '.join(LOSS_ON)}",
+                        "answer (the paper: only the answer tokens count) or record (every record token)")
     if seq_len < 8:
         raise DataError(f"--seq-len {seq_len} is too short for a prompt and an answer", "e.g. 256")
     if not 0.0 <= p_question_first <= 1.0:
@@ -163,13 +174,16 @@ def prepare_sft(records_path: str | Path, tokenizer_dir: str | Path, output_pref
     pad_id = info.pad_id if info.pad_id is not None else info.eos_id
     orders = choose_orders(len(records), seed, p_question_first)
     dtype = optimal_dtype(info.vocab_size)
-    answer_tokens, max_token_id = 0, 0
+    answer_tokens, counted_tokens, max_token_id = 0, 0, 0
     with IndexedWriter(mask_prefix(prefix), np.uint8) as masks, IndexedWriter(prefix, dtype) as tokens_out:
         for record, order in zip(records, orders):
             tokens, mask = encode_record(tokenizer, record, order, seq_len, info.eos_id, pad_id, info.bos_id)
+            answer_tokens += int(mask.sum())
+            if loss_on == "record":
+                mask[:int(np.flatnonzero(mask)[-1]) + 1] = 1  # up to the end token; the padding stays out
+            counted_tokens += int(mask.sum())
             tokens_out.add_document(tokens.astype(dtype))
             masks.add_document(mask)
-            answer_tokens += int(mask.sum())
             max_token_id = max(max_token_id, int(tokens.max()))
         masks.finalize()
         counts = {o: orders.count(o) for o in ORDERS}
@@ -177,10 +191,11 @@ def prepare_sft(records_path: str | Path, tokenizer_dir: str | Path, output_pref
                 "max_token_id": max_token_id, "vocab_size": info.vocab_size,
                 "eos_id": info.eos_id, "tokenizer": {"dir": saved_dir.name, "fingerprint": info.fingerprint},
                 "sft": {"seq_len": seq_len, "seed": seed, "p_question_first": p_question_first, "orders": counts,
-                        "answer_tokens": answer_tokens, "source": str(records_path), "pad_id": pad_id},
+                        "answer_tokens": answer_tokens, "loss_on": loss_on, "counted_tokens": counted_tokens,
+                        "source": str(records_path), "pad_id": pad_id},
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         tokens_out.finalize(before_commit=lambda: write_meta(prefix, meta))
-    return SFTSummary(str(prefix), len(records), counts, answer_tokens, time.time() - started)
+    return SFTSummary(str(prefix), len(records), counts, answer_tokens, time.time() - started, counted_tokens)
 
 
 class MaskedTokens:

@@ -29,12 +29,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from megakv import recipes
-from megakv.data.indexed import IndexedDataset, IndexedWriter
-from megakv.data.sft import mask_prefix, prepare_sft, read_qa_records
+from megakv.data.sft import LOSS_ON, prepare_sft, read_qa_records
 from megakv.study.probes import RoutingProbe, probe_table, run_probes
 from megakv.study.qa_scores import RETAINS, evaluate_model
 from megakv.study.results import Claim, PartResult, Table
@@ -42,7 +40,6 @@ from megakv.study.runs import timed_train_run
 
 Log = Callable[[str], None]
 RETENTION = {"every:1": "100%", "every:2": "50%", "every:3": "33%", "every:4": "25%"}
-LOSS_ON = ("answer", "record")
 MODELS = ("untouched", "normal", "rcla")  # the rows of the tables, in this order
 LABELS = {"untouched": "untouched (no fine-tuning)", "normal": "fine-tuned normally",
           "rcla": "fine-tuned with R-CLA"}
@@ -246,32 +243,12 @@ class QAData:
     test_records: Path  # jsonl of test plays: the QA evaluation
 
 
-def widen_loss_mask(prefix: str | Path) -> int:
-    """Make every token of each QA record count (prompt + answer + end token; padding still does not).
-
-    Rewrites PREFIX_lossmask in place (the writer renames its .idx last, so a crash leaves the old or the
-    new mask whole); returns the number of counted tokens.
-    """
-    mask_pair = mask_prefix(prefix)
-    old = IndexedDataset(mask_pair)
-    docs = [np.array(old.get(i)) for i in range(len(old))]  # copies: the pair is replaced below
-    counted = 0
-    with IndexedWriter(mask_pair, np.uint8) as out:
-        for mask in docs:
-            ones = np.flatnonzero(mask)
-            wide = np.zeros_like(mask)
-            wide[:int(ones[-1]) + 1 if len(ones) else 0] = 1
-            counted += int(wide.sum())
-            out.add_document(wide)
-        out.finalize()
-    return counted
-
-
 def _prep(records: Path, tokenizer: Path, prefix: Path, seq_len: int, whole_record: bool, log: Log) -> Path:
     done = prefix.with_name(prefix.name + ".done")  # written after the mask is final
     if not done.is_file():
-        summary = prepare_sft(records, tokenizer, prefix, seq_len, overwrite=True)
-        counted = widen_loss_mask(prefix) if whole_record else summary.answer_tokens
+        summary = prepare_sft(records, tokenizer, prefix, seq_len, overwrite=True,
+                              loss_on="record" if whole_record else "answer")
+        counted = summary.counted_tokens
         log(f"prepared {prefix.name}: {summary.records} records x {seq_len} tokens, {counted:,} tokens counted")
         done.write_text(json.dumps({"records": summary.records, "counted_tokens": counted,
                                     "answer_tokens": summary.answer_tokens}) + "\n")
