@@ -130,3 +130,28 @@ def test_preprocessing_with_a_hugging_face_directory(tmp_path):
     tok, ds = load_tokenizer(saved), IndexedDataset(tmp_path / "out" / "d")
     assert [tok.decode(ds[i][:-1].tolist()) for i in range(len(ds))] == docs
     assert all(ds[i][-1] == 1 for i in range(len(ds)))
+
+
+def test_threads_loading_a_hugging_face_tokenizer_at_once_all_get_it(tmp_path):
+    """transformers resolves its classes lazily, which is not thread-safe: in a fresh interpreter, three of four
+    threads loading at once failed with "cannot import name 'AutoTokenizer'" before loads took turns."""
+    import subprocess
+    import sys
+
+    directory = _hf_tokenizer(tmp_path / "hf")
+    script = f"""
+import threading
+from megakv.data.tokenizer import load_tokenizer
+failures = []
+def load():
+    try:
+        assert load_tokenizer({str(directory)!r}).encode("the king") != []
+    except Exception as e:
+        failures.append(repr(e))
+threads = [threading.Thread(target=load) for _ in range(4)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print(failures)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=300)
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr

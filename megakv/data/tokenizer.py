@@ -17,6 +17,7 @@ import io
 import json
 import os
 import shutil
+import threading
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -25,6 +26,8 @@ from pathlib import Path
 from typing import Protocol
 
 from megakv.data.errors import DataError
+
+_HF_LOAD_LOCK = threading.Lock()  # see _load_hf
 
 METADATA_FILE = "megakv_tokenizer.json"
 SPM_MODEL_FILE = "tokenizer.model"
@@ -127,14 +130,17 @@ class HuggingFaceTokenizer(_WithInfo):
 
 def _load_hf(directory: Path):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # worker processes give the parallelism
-    try:
+    # transformers resolves its classes lazily on first use, and that is not thread-safe: two threads
+    # loading at once got "cannot import name 'AutoTokenizer'". Loads take turns.
+    with _HF_LOAD_LOCK:
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-    except Exception as e:  # transformers raises many types (OSError, ValueError, KeyError...)
-        raise DataError(f"cannot load a Hugging Face tokenizer from {directory}: {e}",
-                        "pass a megakv tokenizer directory or one AutoTokenizer loads offline "
-                        "(tokenizer.json / tokenizer_config.json ...)") from None
+        try:
+            return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+        except Exception as e:  # transformers raises many types (OSError, ValueError, KeyError...)
+            raise DataError(f"cannot load a Hugging Face tokenizer from {directory}: {e}",
+                            "pass a megakv tokenizer directory or one AutoTokenizer loads offline "
+                            "(tokenizer.json / tokenizer_config.json ...)") from None
 
 
 def load_tokenizer(directory: str | Path) -> Tokenizer:
