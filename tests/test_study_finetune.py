@@ -122,7 +122,7 @@ def test_tiny_part_end_to_end_then_cached(tmp_path, capsys):
     # The probe (an R-CLA fine-tune changing max_distance) is scored at every retention beside the main runs.
     probes = result.tables[4]
     assert [row[0] for row in probes.rows] == ["probe nearest-1", "R-CLA (main run)", "normal (main run)"]
-    assert "1 nearest" in probes.rows[0][1] and "3 nearest" in probes.rows[1][1]
+    assert "the layer just below" in probes.rows[0][1] and "3 nearest" in probes.rows[1][1]
     assert all(np.isfinite(v) for row in probes.rows for v in row[2:])
     probe_config = OmegaConf.load(part / "probes" / "nearest-1" / "config.yaml")
     assert probe_config.routing.max_distance == 1 and probe_config.train.steps == 2

@@ -51,7 +51,9 @@ def selected_parts(names: list[str]) -> list[str]:
 
 
 def log_line(message: str) -> None:
-    print(f"[megakv-study {time.strftime('%H:%M:%S')}] {message}", flush=True)
+    # One write per line: the part's threads log at once, and print() writes the newline separately.
+    sys.stdout.write(f"[megakv-study {time.strftime('%H:%M:%S')}] {message}\n")
+    sys.stdout.flush()
 
 
 def _run(args: argparse.Namespace, command: str) -> int:

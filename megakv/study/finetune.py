@@ -7,8 +7,11 @@ Everything is cached under the part's directory, so an interrupted study resumes
                          study_setup.sh installs it), GGUF -> transformers -> megakv; at scale "tiny" a
                          random-init 4-layer Llama built with transformers (tests only)
   qa/                    speaker-attribution QA records from real plays (megakv-qa build) and their samples
-  runs/rcla, runs/normal the two fine-tunes (megakv-train --resume auto; a finished run is not retrained)
+  runs/rcla, runs/normal the two fine-tunes (megakv-train --resume auto; a finished run is not retrained,
+                         and one trained with other settings is refused)
+  probes/<name>          short R-CLA fine-tunes that each change one knob (megakv/study/probes.py)
   eval/<model>.json      QA scores (greedy answers, EM/F1, answer loss) and held-out loss per retention
+                         (megakv/study/qa_scores.py), keyed by the model's fingerprint
 
 Training loss on the whole record: by default (`loss_on="record"`) every token of a QA sample counts
 (context, question, answer and its end token; never the padding), not only the answer. The answer-only mask
@@ -112,8 +115,8 @@ class FinetuneScale:
                 "tiny": "random-init 4-layer Llama (tests only)"}[self.base]
         loss = {"record": "all tokens of each QA sample (context, question, answer; not padding)",
                 "answer": "answer tokens only (the paper's mask)"}[self.loss_on]
-        distance = "any earlier layer (the paper)" if self.max_distance is None else \
-            f"one of the {self.max_distance} nearest earlier layers"
+        distance = ("any earlier layer (the paper)" if self.max_distance is None else "the layer just below"
+                    if self.max_distance == 1 else f"one of the {self.max_distance} nearest earlier layers")
         return {"base model": base,
                 "fine-tuning": f"{self.steps} steps x {self.global_batch} x {self.seq_len} tokens = "
                                f"{self.tokens_per_run:,} tokens per model, lr {self.lr:g} (warm-up "

@@ -32,7 +32,8 @@ class RoutingProbe:
     per_micro_batch: bool = True
 
     def describe(self) -> str:
-        source = "any earlier layer" if self.max_distance is None else f"{self.max_distance} nearest"
+        source = ("any earlier layer" if self.max_distance is None else "the layer just below"
+                  if self.max_distance == 1 else f"one of the {self.max_distance} nearest")
         plans = "per micro-batch" if self.per_micro_batch else "per step"
         return f"source {source}, lr {self.lr:g}, a plan {plans}"
 
