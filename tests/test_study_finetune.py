@@ -37,6 +37,15 @@ def test_claims_hold_for_the_papers_pattern_and_fail_without_it():
     assert [c.held for c in finetune_claims(_scores([0.0] * 4, [0.0] * 4))] == [False, False, False]
 
 
+def test_evaluation_records_are_spread_evenly_over_the_plays():
+    # The test file lists one play after another: 4 plays x 10 records, 8 chosen -> 2 of each, none adjacent.
+    records = [(play, i) for play in "ABCD" for i in range(10)]
+    chosen = qa_scores.evenly_spaced(records, 8)
+    assert [r[0] for r in chosen] == list("AABBCCDD")
+    assert len(set(chosen)) == 8 and all(b[1] - a[1] >= 2 for a, b in zip(chosen, chosen[1:]) if a[0] == b[0])
+    assert qa_scores.evenly_spaced(records[:3], 8) == records[:3]
+
+
 def test_scores_equal_megakv_eval_qa_and_the_record_loss_equals_a_per_record_reference(tmp_path):
     """score_plans batches one teacher-forced pass for both losses: the same EM, F1 and answer loss as
     evaluate_qa (greedy one record at a time), and a record loss equal to summing each record by hand."""

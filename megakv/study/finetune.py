@@ -125,7 +125,7 @@ class FinetuneScale:
                 "R-CLA routing": f"q_cross {self.q_cross}, source: {distance}, a plan per "
                                  f"{'micro-batch' if self.per_micro_batch else 'optimizer step'}",
                 "normal routing": "none (every layer its own K/V), same data order and budget",
-                "evaluation": f"the first {self.eval_records} QA records of the held-out plays, answered "
+                "evaluation": f"{self.eval_records} QA records spread evenly over the held-out plays, answered "
                               f"greedily (<= {self.max_new_tokens} tokens, C->Q->A prompts) and their loss, at "
                               "every:1..4",
                 "compute": f"{self.concurrent_runs} fine-tune(s) at once, {self.nproc} process(es) x "

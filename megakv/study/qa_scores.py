@@ -73,16 +73,27 @@ def score_plans(model, tokenizer, records: Sequence, retains: Sequence[str], *, 
     return scores
 
 
+def evenly_spaced(items: Sequence, count: int) -> list:
+    """`count` items spread evenly over `items` (all of them when there are fewer).
+
+    The test file lists one play after another, and neighbouring records share passages: its first N
+    records would all come from one play and overlap each other.
+    """
+    if count >= len(items):
+        return list(items)
+    return [items[i * len(items) // count] for i in range(count)]
+
+
 def evaluate_model(name: str, model_path: Path, test_records: Path, eval_dir: Path, log: Log, *, records: int,
                    seq_len: int, max_new_tokens: int, device: str = "cpu") -> dict[str, dict[str, float]]:
-    """`score_plans` of one model on the first `records` held-out records (cached in eval_dir/NAME.json,
-    keyed by the model's fingerprint and these settings). max_new_tokens 0: the losses only."""
+    """`score_plans` of one model on `records` held-out records spread evenly over the file (cached in
+    eval_dir/NAME.json, keyed by the model's fingerprint and these settings). max_new_tokens 0: the losses only."""
     from megakv.data.tokenizer import load_tokenizer
     from megakv.model_paths import resolve_model
 
     path = eval_dir / f"{name}.json"
     key = {"model": str(model_path.resolve()), "fingerprint": model_fingerprint(model_path),
-           "records": records, "seq_len": seq_len, "max_new_tokens": max_new_tokens}
+           "records": records, "chosen": "evenly spaced", "seq_len": seq_len, "max_new_tokens": max_new_tokens}
     if path.is_file():
         cached = json.loads(path.read_text())
         if cached.get("key") == key:
@@ -90,7 +101,7 @@ def evaluate_model(name: str, model_path: Path, test_records: Path, eval_dir: Pa
     started = time.perf_counter()
     model, tokenizer_dir = resolve_model(model_path, device)
     model.eval()
-    chosen = read_qa_records(test_records)[:records]
+    chosen = evenly_spaced(read_qa_records(test_records), records)
     log(f"evaluating {name}: {len(chosen)} held-out QA records at {' '.join(RETAINS)}")
     scores = score_plans(model, load_tokenizer(tokenizer_dir), chosen, RETAINS, seq_len=seq_len,
                          max_new_tokens=max_new_tokens)
