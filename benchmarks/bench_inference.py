@@ -33,7 +33,9 @@ FLOPs / the rate of one-token attention over an in-cache K/V. At 8 rows an fp32 
 weight byte, so streaming weights at ~17 GB/s needs ~70 GFLOP/s, near one core's AVX2 peak: the matmul
 kernels, not DRAM, bound the large batch-8 shape, and achieved/roof says how close the engine gets.
 Rows `SHAPE/mkl` are megakv's engine with prepack=False (decode matmuls through F.linear / MKL, the
-engine before megakv/inference/prepacked.py), interleaved with the others for a same-run before/after.
+engine before megakv/inference/prepacked.py), and rows `SHAPE/sdpa` the engine with native_attention=False
+(one-token attention through torch's SDPA, the engine before megakv/inference/native_attention.py), both
+interleaved with the others for a same-run before/after.
 """
 
 from __future__ import annotations
@@ -112,14 +114,15 @@ class Run:
 
 @torch.no_grad()
 def run_megakv(model: MegaKVModel, group: int, prompts: torch.Tensor, new_tokens: int, clock: Clock,
-               decode_only: bool = False, prepack: bool = True) -> Run:
+               decode_only: bool = False, prepack: bool = True, native_attention: bool = True) -> Run:
     """megakv's engine (one preallocated cache for the retained layers): prefill, then greedy decode.
 
     decode_only: the cache is filled with random K/V for the prompt's positions instead of a prefill.
     prepack=False: decode matmuls through F.linear (MKL) instead of oneDNN-prepacked weights (the engine
-    before prepacking; megakv/inference/prepacked.py).
+    before prepacking; megakv/inference/prepacked.py). native_attention=False: one-token attention through
+    SDPA instead of the native kernel (megakv/inference/native_attention.py).
     """
-    engine = InferenceEngine(model, f"every:{group}", prepack=prepack)
+    engine = InferenceEngine(model, f"every:{group}", prepack=prepack, native_attention=native_attention)
     batch, width = prompts.shape
     cache = engine.new_cache(batch, width + new_tokens)
     positions = model.default_positions(prompts)
@@ -195,10 +198,16 @@ def run_megakv_unpacked(model: MegaKVModel, group: int, prompts: torch.Tensor, n
     return run_megakv(model, group, prompts, new_tokens, clock, decode_only, prepack=False)
 
 
-LABELS = {"megakv": "{shape}", "megakv-mkl": "{shape}/mkl", "transformers": "{shape}/hf",
-          "hf-stock": "{shape}/hf-stock"}  # row names
-RUNNERS = {"megakv": run_megakv, "megakv-mkl": run_megakv_unpacked, "transformers": run_transformers,
-           "hf-stock": run_transformers_llama}
+def run_megakv_sdpa(model: MegaKVModel, group: int, prompts: torch.Tensor, new_tokens: int, clock: Clock,
+                    decode_only: bool = False) -> Run:
+    return run_megakv(model, group, prompts, new_tokens, clock, decode_only, native_attention=False)
+
+
+LABELS = {"megakv": "{shape}", "megakv-mkl": "{shape}/mkl", "megakv-sdpa": "{shape}/sdpa",
+          "transformers": "{shape}/hf", "hf-stock": "{shape}/hf-stock"}  # row names
+RUNNERS = {"megakv": run_megakv, "megakv-mkl": run_megakv_unpacked, "megakv-sdpa": run_megakv_sdpa,
+           "transformers": run_transformers, "hf-stock": run_transformers_llama}
+MEGAKV_VARIANTS = ("megakv", "megakv-sdpa", "megakv-mkl")
 
 
 def reset_peak_rss() -> bool:
@@ -332,13 +341,14 @@ def decode_attention_flops(model: MegaKVModel, batch: int, context: int) -> int:
 class ComputeRates:
     """FLOP/s of the decode step's kernels on this core with their operands in cache (no DRAM traffic)."""
     matmul: dict[tuple[str, int, int], float]  # (engine, out, in) -> batch-row matmul as that engine runs it
-    attention: float  # one-token attention (GQA folded) over 256 cached positions
+    attention: dict[str, float]  # engine -> one-token attention (GQA folded) over 256 cached positions
     peak: float  # a 512^3 fp32 GEMM: what the core does when a matmul is not starved of rows
 
     def roof_s(self, engine: str, weights: list[torch.Tensor], batch: int, attention_flops: int) -> float:
         """Compute roof of a step: each weight's FLOPs at its in-cache rate, plus attention at its rate."""
-        matmul = sum(2 * batch * w.numel() / self.matmul[(engine, *rate_shape(w))] for w in weights)
-        return matmul + attention_flops / self.attention
+        matmuls = "megakv-mkl" if engine == "megakv-mkl" else "megakv"  # megakv-sdpa prepacks as megakv does
+        matmul = sum(2 * batch * w.numel() / self.matmul[(matmuls, *rate_shape(w))] for w in weights)
+        return matmul + attention_flops / self.attention[engine]
 
 
 def rate_shape(weight: torch.Tensor) -> tuple[int, int]:
@@ -363,6 +373,7 @@ def measure_compute_rates(model: MegaKVModel, batch: int) -> ComputeRates:
     """The compute roof's rates for one batch size (see ComputeRates); 1 thread, operands in cache. megakv
     runs a weight as its engine does (prepacked when wide enough, megakv/inference/prepacked.py), megakv-mkl
     through F.linear."""
+    from megakv.inference.native_attention import DecodeAttentionKernel
     from megakv.inference.prepacked import MIN_PACKED_OUT, PackedWeight, prepacking_available
 
     cfg = model.cfg
@@ -379,8 +390,11 @@ def measure_compute_rates(model: MegaKVModel, batch: int) -> ComputeRates:
     groups, hd = cfg.n_heads // cfg.n_kv_heads, cfg.resolved_head_dim
     q = torch.randn(batch, cfg.n_kv_heads, groups, hd, dtype=dtype)
     k, v = (torch.randn(batch, cfg.n_kv_heads, 256, hd, dtype=dtype) for _ in range(2))
-    attention = best_rate(4 * batch * cfg.n_heads * hd * 256,
-                          lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    attention_flops = 4 * batch * cfg.n_heads * hd * 256
+    sdpa = best_rate(attention_flops, lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    kernel = DecodeAttentionKernel.load()
+    native = sdpa if kernel is None or dtype != torch.float32 else best_rate(attention_flops, lambda: kernel(q, k, v))
+    attention = {"megakv": native, "megakv-mkl": native, "megakv-sdpa": sdpa}
     a, b = torch.randn(512, 512, dtype=dtype), torch.randn(512, 512, dtype=dtype)
     peak = best_rate(2 * 512**3, lambda: torch.mm(a, b), calls=5)
     return ComputeRates(matmul, attention, peak)
@@ -416,7 +430,8 @@ def print_limit_table(rows: list[Measurement], step_bytes: dict[tuple[str, int, 
 
     for shape, prompt_len, batch in cases:
         hf = index.get((f"{shape}/hf-stock", prompt_len, batch, 1))
-        for engine, label in (("megakv", shape), ("megakv-mkl", f"{shape}/mkl")):
+        for engine in MEGAKV_VARIANTS:
+            label = LABELS[engine].format(shape=shape)
             mk = {g: index.get((label, prompt_len, batch, g)) for g in (1, 4)}
             if mk[1] is None:
                 continue
@@ -525,12 +540,13 @@ def limit_run(args: argparse.Namespace) -> int:
     """--limit: every case of the issue-14 table in one run, then the table."""
     if torch.get_num_threads() != 1:
         raise SystemExit("--limit compares with the single-thread read bandwidth: pass --threads 1")
-    # (shape, prompt, batch, engines, decode_only); megakv-mkl: the engine without prepacked decode weights
-    both = ("megakv", "megakv-mkl", "hf-stock")
+    # (shape, prompt, batch, engines, decode_only); megakv-mkl / megakv-sdpa: the engine without prepacked decode
+    # weights / without the native decode attention
+    both = (*MEGAKV_VARIANTS, "hf-stock")
     cases = [("demo", 512, 1, both, False), ("demo", 512, 8, both, False), ("demo", 2048, 8, both, False),
              ("large", 512, 1, both, False)]
     if args.large_decode:
-        cases.append(("large", 2048, 8, ("megakv", "megakv-mkl"), True))
+        cases.append(("large", 2048, 8, MEGAKV_VARIANTS, True))
     bandwidth = measure_read_bandwidth()
     print(f"torch {torch.__version__}, 1 thread (thread CPU time), {os.cpu_count()} cores, dtype {args.dtype}, "
           f"{args.new_tokens} new tokens, {args.repeats} interleaved repeats; read bandwidth "
@@ -550,7 +566,7 @@ def limit_run(args: argparse.Namespace) -> int:
             rates = measure_compute_rates(model, batch)
             for g in (1, 4):
                 step_bytes[shape, prompt_len, batch, g] = decode_step_bytes(model, g, batch, context)
-                for engine in ("megakv", "megakv-mkl"):
+                for engine in MEGAKV_VARIANTS:
                     roofs[shape, prompt_len, batch, g, engine] = rates.roof_s(
                         engine, decode_matmuls(model, g), batch, decode_attention_flops(model, batch, context))
             cfg = model.cfg
@@ -563,7 +579,8 @@ def limit_run(args: argparse.Namespace) -> int:
                   + ", ".join(f"{o}x{i}: {rates.matmul['megakv', o, i] / 1e9:.1f} / "
                               f"{rates.matmul['megakv-mkl', o, i] / 1e9:.1f}"
                               for (engine, o, i) in rates.matmul if engine == "megakv")
-                  + f"; attention {rates.attention / 1e9:.1f}; fp32 peak (512^3 GEMM) {rates.peak / 1e9:.1f}; "
+                  + f"; attention native {rates.attention['megakv'] / 1e9:.1f} / sdpa "
+                  f"{rates.attention['megakv-sdpa'] / 1e9:.1f}; fp32 peak (512^3 GEMM) {rates.peak / 1e9:.1f}; "
                   f"decode FLOPs g1 {flops / 1e9:.2f} G (at peak {1000 * flops / rates.peak:.1f} ms)")
             print(f"  ({time.perf_counter() - start:.0f} s)", flush=True)
         del model

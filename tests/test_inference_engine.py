@@ -196,13 +196,8 @@ def test_prepacked_decode_matmuls_equal_f_linear_and_follow_weight_writes():
     use; narrow weights stay plain; decode equals the full forward with and without prepacking."""
     import torch.nn.functional as F
 
-    from megakv.inference.prepacked import (
-        MAX_PACKED_ROWS,
-        MIN_PACKED_OUT,
-        PackedLinear,
-        decode_view,
-        prepacking_available,
-    )
+    from megakv.inference.decode_view import decode_view
+    from megakv.inference.prepacked import MAX_PACKED_ROWS, MIN_PACKED_OUT, PackedLinear, prepacking_available
 
     model = tiny_model(seed=4, ffn_hidden=MIN_PACKED_OUT, vocab_size=MIN_PACKED_OUT)  # gate/up/head wide enough
     if not prepacking_available(model.embed.weight):
@@ -228,7 +223,7 @@ def test_prepacked_decode_matmuls_equal_f_linear_and_follow_weight_writes():
     positions = model.default_positions(ids)
     logits = {}
     for prepack in (True, False):
-        engine = InferenceEngine(model, "every:2", prepack=prepack)
+        engine = InferenceEngine(model, "every:2", prepack=prepack, native_attention=False)
         assert (engine._runner is not model) == prepack and (engine._output_weight is not None) == prepack
         cache = engine.new_cache(8, 12)
         engine.step(ids[:, :6], cache, positions[:, :6])

@@ -24,8 +24,10 @@ from dataclasses import dataclass, field
 import torch
 
 from megakv.inference.cache import RetainedKVCache, kv_bytes_per_token
+from megakv.inference.decode_view import decode_view
+from megakv.inference.native_attention import DecodeAttentionKernel
 from megakv.inference.padding import attention_mask, left_pad, positions_from_valid
-from megakv.inference.prepacked import MIN_PACKED_OUT, PackedWeight, decode_view
+from megakv.inference.prepacked import MIN_PACKED_OUT, PackedWeight
 from megakv.inference.sampling import SamplingConfig, sample_next_token
 from megakv.model import KV, MegaKVModel
 from megakv.routing import RoutingPlan, deployment_plan
@@ -101,12 +103,18 @@ class GenerationOutput:
 class InferenceEngine:
     """Generation from a MegaKVModel under one deployment plan."""
 
-    def __init__(self, model: MegaKVModel, retain: str | Sequence[int] | RoutingPlan = "all", prepack: bool = True):
+    def __init__(self, model: MegaKVModel, retain: str | Sequence[int] | RoutingPlan = "all", prepack: bool = True,
+                 native_attention: bool = True):
         """prepack: run decode-sized matmuls on weights prepacked once (CPU fp32: faster decode for batches of
-        2-64, one more copy of the linear weights in memory; megakv/inference/prepacked.py). Same numbers."""
+        2-64, one more copy of the linear weights in memory; megakv/inference/prepacked.py). Same numbers.
+        native_attention: run one-token attention through the native kernel (CPU fp32, compiled on first use;
+        megakv/inference/native_attention.py); SDPA where it does not apply or cannot be built. Same numbers."""
         self.model = model.eval()
         self.plan = resolve_plan(retain, model.cfg.n_layers)
-        self._runner = decode_view(self.model) if prepack else self.model
+        weight = model.embed.weight
+        use_kernel = native_attention and weight.device.type == "cpu" and weight.dtype == torch.float32
+        self.attention_kernel = DecodeAttentionKernel.load() if use_kernel else None
+        self._runner = decode_view(self.model, prepack, self.attention_kernel)
         packs_output = self._runner is not self.model and self.model.output_weight().shape[0] >= MIN_PACKED_OUT
         self._output_weight = PackedWeight(self.model.output_weight()) if packs_output else None
 

@@ -9,18 +9,14 @@ MKL's time at 704-8192 outputs but 1.05-1.2x at 256 outputs (e.g. K/V projection
 attention), so only weights with at least MIN_PACKED_OUT outputs are packed. At one row (a GEMV) and at
 prefill sizes MKL is as fast or faster, so those keep F.linear.
 
-`decode_view(model)` is a shallow copy of the module tree in which every wide enough nn.Linear also
-holds its prepacked weight. It shares the original's parameters, buffers and forward hooks (the same objects), so
-nothing is trained or stored twice except the packed weights, and a hook on `model.layers[i].attn.k_proj`
-still sees every call the engine makes. A packed weight is rebuilt when its source parameter has been
+megakv/inference/decode_view.py swaps PackedLinear in for every wide enough nn.Linear of a shallow copy
+of the model (the model itself is untouched). A packed weight is rebuilt when its source parameter has been
 written in place since it was packed (the tensor's version counter), so it never serves stale weights.
 Cost: one more copy of the linear weights in memory while the engine lives, built at the first
 decode-sized call (a prefill-only or batch-1 user never pays it; InferenceEngine(prepack=False) opts out).
 """
 
 from __future__ import annotations
-
-import copy
 
 import torch
 import torch.nn.functional as F
@@ -67,18 +63,3 @@ class PackedLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.packed_weight.linear(x, self.bias)
-
-
-def _shallow_tree(module: nn.Module) -> nn.Module:
-    clone = copy.copy(module)  # the same _parameters, _buffers and hook dicts: nothing is duplicated
-    clone._modules = {name: None if child is None else _shallow_tree(child) for name, child in module._modules.items()}
-    if type(module) is nn.Linear and module.out_features >= MIN_PACKED_OUT:
-        clone.__class__ = PackedLinear
-        clone.packed_weight = PackedWeight(module.weight)
-    return clone
-
-
-def decode_view(model: nn.Module) -> nn.Module:
-    """`model` with prepacked decode matmuls (see the module doc); `model` itself where oneDNN can't help."""
-    weight = next(model.parameters())
-    return _shallow_tree(model) if prepacking_available(weight) else model

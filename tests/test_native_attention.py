@@ -1,0 +1,154 @@
+"""The native decode-attention kernel: the same numbers as torch's SDPA (the independent reference) over
+head sizes, GQA groups, key counts, masks, cache-view strides and threads; the engine's decode with it
+equals the full forward and the engine without it; it is built once, atomically, per compiler and CPU;
+without a working compiler the engine falls back to SDPA and still computes the same thing."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_inference_support import PAD_ID, VOCAB, tiny_model
+
+from megakv.inference.engine import InferenceEngine
+from megakv.inference.native_attention import DecodeAttentionKernel, NativeDecodeAttention, build_library
+from megakv.model import Attention
+from megakv.routing import deployment_plan
+
+
+@pytest.fixture(scope="module")
+def kernel() -> DecodeAttentionKernel:
+    loaded = DecodeAttentionKernel.load()
+    assert loaded is not None, "this machine has a C compiler: the kernel must build (see the log for why not)"
+    return loaded
+
+
+def reference(q, k, v, key_valid=None):
+    """SDPA with the query heads of each K/V head as its rows (what the engine ran before the kernel)."""
+    mask = None if key_valid is None else key_valid[:, None, None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def cache_views(batch, kv_heads, keys, head_dim, capacity, generator, scale=1.0):
+    """K/V as the cache holds them: the first `keys` positions of a (2, batch, heads, capacity, dim) buffer."""
+    buffer = torch.randn(2, batch, kv_heads, capacity, head_dim, generator=generator) * scale
+    return buffer[0][:, :, :keys], buffer[1][:, :, :keys]
+
+
+@pytest.mark.parametrize("head_dim", [16, 64, 80, 128])
+@pytest.mark.parametrize("group", [1, 3, 4, 7])
+@pytest.mark.parametrize("keys", [1, 15, 16, 17, 300])
+def test_kernel_equals_sdpa(kernel, head_dim, group, keys):
+    generator = torch.Generator().manual_seed(head_dim * 1000 + group * 10 + keys)
+    q = torch.randn(2, 3, group, head_dim, generator=generator)
+    k, v = cache_views(2, 3, keys, head_dim, keys + 5, generator)
+    assert not k.is_contiguous()  # the cache's strides, not a packed copy
+    with torch.no_grad():
+        assert (kernel(q, k, v) - reference(q, k, v)).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernel_masks_and_threads(kernel, threads):
+    generator = torch.Generator().manual_seed(threads)
+    q = torch.randn(5, 2, 4, 64, generator=generator)
+    k, v = cache_views(5, 2, 203, 64, 256, generator)
+    key_valid = torch.rand(5, 203, generator=generator) > 0.4
+    key_valid[:, -1] = True  # the query's own position
+    key_valid[0] = False
+    key_valid[0, -1] = True  # a row that sees only itself
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            got = kernel(q, k, v, key_valid)
+            expected = reference(q, k, v, key_valid)
+    finally:
+        torch.set_num_threads(previous)
+    assert (got - expected).abs().max().item() <= 1e-5
+    assert (got[0] - v[0, :, -1:].expand(2, 4, 64)).abs().max().item() <= 1e-6  # all weight on its own key
+    k_masked = k.clone()
+    k_masked[~key_valid[:, None, :, None].expand_as(k)] = 1e4  # masked keys carry no weight at all
+    with torch.no_grad():
+        assert (kernel(q, k_masked, v, key_valid) - got).abs().max().item() <= 1e-6
+
+
+def test_kernel_exp_over_a_wide_score_range(kernel):
+    """Scores spread over hundreds (large activations): the polynomial exp and the max shift hold up, as
+    close to a float64 reference as SDPA itself is (here the kernel is ~4e-6 off, SDPA ~2e-5)."""
+    generator = torch.Generator().manual_seed(7)
+    q = torch.randn(1, 1, 4, 64, generator=generator) * 6
+    k, v = cache_views(1, 1, 1000, 64, 1000, generator, scale=6)
+    with torch.no_grad():
+        exact = reference(q.double(), k.double(), v.double())
+        kernel_error = (kernel(q, k, v) - exact).abs().max().item()
+        sdpa_error = (reference(q, k, v) - exact).abs().max().item()
+    assert kernel_error <= max(sdpa_error, 1e-5)
+
+
+def test_handles_only_what_the_kernel_computes(kernel):
+    q, kv = torch.randn(1, 4, 1, 64), torch.randn(1, 2, 9, 64)
+    with torch.no_grad():
+        assert kernel.handles(q, kv, kv)
+        assert not kernel.handles(q.bfloat16(), kv.bfloat16(), kv.bfloat16())
+        assert not kernel.handles(torch.randn(1, 4, 2, 64), kv, kv)  # two query positions: prefill path
+        assert not kernel.handles(torch.randn(1, 4, 1, 8), torch.randn(1, 2, 9, 8), torch.randn(1, 2, 9, 8))
+        assert not kernel.handles(q, kv.transpose(-1, -2).contiguous().transpose(-1, -2), kv)  # strided rows
+    assert not kernel.handles(q, kv, kv)  # autograd on: training never takes the kernel
+
+
+@pytest.mark.parametrize("retain", ["all", "every:2", "every:3", "0,4"])
+def test_engine_decode_with_the_kernel_equals_full_forward(kernel, retain, monkeypatch):
+    """head_dim 32, GQA 4/2, a left-padded batch (the masked path) and an unpadded one."""
+    calls: list = []
+    run_kernel = DecodeAttentionKernel.__call__
+    monkeypatch.setattr(DecodeAttentionKernel, "__call__",
+                        lambda self, q, *rest: calls.append(q.shape) or run_kernel(self, q, *rest))
+    model = tiny_model(seed=3, d_model=128)
+    engine = InferenceEngine(model, retain)
+    assert engine.attention_kernel is not None
+    assert all(type(layer.attn) is NativeDecodeAttention for layer in engine._runner.layers)
+    assert type(model.layers[0].attn) is Attention  # the model itself is never changed
+    ids = torch.randint(0, VOCAB, (3, 14), generator=torch.Generator().manual_seed(2))
+    positions = model.default_positions(ids)
+    cache = engine.new_cache(3, 14)
+    engine.step(ids[:, :6], cache, positions[:, :6])
+    got = torch.cat([engine.step(ids[:, t:t + 1], cache, positions[:, t:t + 1]) for t in range(6, 14)], 1)
+    with torch.no_grad():
+        expected = model(ids, plan=deployment_plan(retain, 6))[:, 6:]
+    assert (got - expected).abs().max().item() <= 1e-5
+    assert len(calls) == 8 * model.cfg.n_layers  # every decode step of every layer took the kernel
+    assert set(calls) == {(3, 2, 2, 32)}
+
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15]]
+    with_kernel = engine.generate(prompts, max_new_tokens=6, pad_id=PAD_ID)
+    without = InferenceEngine(model, retain, native_attention=False).generate(prompts, 6, pad_id=PAD_ID)
+    assert with_kernel.tokens == without.tokens
+    assert (with_kernel.first_logits - without.first_logits).abs().max().item() <= 1e-5
+
+
+def test_built_once_atomically(tmp_path, monkeypatch):
+    first = build_library(tmp_path)
+    assert first is not None and first.parent == tmp_path / "kernels"
+    stamp = first.stat().st_mtime_ns
+    assert build_library(tmp_path) == first and first.stat().st_mtime_ns == stamp  # reused, not rebuilt
+    assert [p.name for p in (tmp_path / "kernels").iterdir()] == [first.name]  # no partial build left behind
+    monkeypatch.setattr("megakv.inference.native_attention.cpu_identity", lambda: "another CPU")
+    other = build_library(tmp_path)
+    assert other is not None and other != first  # a -march=native build is never reused on another CPU
+
+
+def test_no_compiler_falls_back_to_sdpa(tmp_path, monkeypatch, caplog):
+    model = tiny_model(seed=5)
+    expected = InferenceEngine(model, "every:2").generate([[5, 6, 7]], max_new_tokens=5)
+    monkeypatch.setenv("MEGAKV_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a "compiler" that fails every build
+    with caplog.at_level(logging.WARNING, logger="megakv.inference.native_attention"):
+        engine = InferenceEngine(model, "every:2")
+    assert engine.attention_kernel is None
+    assert "could not build" in caplog.text and "using SDPA" in caplog.text
+    assert not list((tmp_path / "kernels").iterdir())  # failed builds leave nothing
+    assert engine.generate([[5, 6, 7]], max_new_tokens=5).tokens == expected.tokens
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    assert DecodeAttentionKernel.load() is None
