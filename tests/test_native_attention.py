@@ -14,6 +14,7 @@ from test_inference_support import PAD_ID, VOCAB, tiny_model
 
 from megakv.inference.engine import InferenceEngine
 from megakv.inference.native_attention import DecodeAttentionKernel, NativeDecodeAttention, build_library
+from megakv.inference.padding import left_pad, positions_from_valid
 from megakv.model import Attention
 from megakv.routing import deployment_plan
 
@@ -104,7 +105,8 @@ def test_engine_decode_with_the_kernel_equals_full_forward(kernel, retain, monke
     calls: list = []
     run_kernel = DecodeAttentionKernel.__call__
     monkeypatch.setattr(DecodeAttentionKernel, "__call__",
-                        lambda self, q, *rest: calls.append(q.shape) or run_kernel(self, q, *rest))
+                        lambda self, q, k, v, key_valid: calls.append((tuple(q.shape), key_valid is not None))
+                        or run_kernel(self, q, k, v, key_valid))
     model = tiny_model(seed=3, d_model=128)
     engine = InferenceEngine(model, retain)
     assert engine.attention_kernel is not None
@@ -119,13 +121,25 @@ def test_engine_decode_with_the_kernel_equals_full_forward(kernel, retain, monke
         expected = model(ids, plan=deployment_plan(retain, 6))[:, 6:]
     assert (got - expected).abs().max().item() <= 1e-5
     assert len(calls) == 8 * model.cfg.n_layers  # every decode step of every layer took the kernel
-    assert set(calls) == {(3, 2, 2, 32)}
+    assert set(calls) == {((3, 2, 2, 32), False)}
+    calls.clear()
 
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15]]
     with_kernel = engine.generate(prompts, max_new_tokens=6, pad_id=PAD_ID)
-    without = InferenceEngine(model, retain, native_attention=False).generate(prompts, 6, pad_id=PAD_ID)
-    assert with_kernel.tokens == without.tokens
-    assert (with_kernel.first_logits - without.first_logits).abs().max().item() <= 1e-5
+    assert set(calls) == {((3, 2, 2, 32), True)}  # padded: every decode step took the kernel with its key mask
+    sdpa_engine = InferenceEngine(model, retain, native_attention=False)
+    assert with_kernel.tokens == sdpa_engine.generate(prompts, 6, pad_id=PAD_ID).tokens
+
+    # Padded decode logits, step by step, against the engine without the kernel.
+    ids, valid = left_pad([p + [20, 21, 22, 23] for p in prompts], PAD_ID)
+    positions = positions_from_valid(valid)
+    logits = []
+    for one in (engine, sdpa_engine):
+        cache = one.new_cache(3, ids.shape[1])
+        one.step(ids[:, :6], cache, positions[:, :6], valid[:, :6])
+        logits.append(torch.cat([one.step(ids[:, t:t + 1], cache, positions[:, t:t + 1], valid[:, :t + 1])
+                                 for t in range(6, ids.shape[1])], 1))
+    assert (logits[0] - logits[1]).abs().max().item() <= 1e-5
 
 
 def test_built_once_atomically(tmp_path, monkeypatch):

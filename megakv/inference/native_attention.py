@@ -170,21 +170,17 @@ class NativeDecodeAttention(Attention):
 
     def attend(self, q: torch.Tensor, kv: KV, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         k, v = kv
-        key_valid = decode_key_mask(attn_mask, q, k)
-        if key_valid is False or not self.decode_kernel.handles(q, k, v):
+        if not self.decode_kernel.handles(q, k, v) or not kernel_takes_mask(attn_mask, q, k):
             return super().attend(q, kv, attn_mask)
         batch, heads, _, head_dim = q.shape
+        key_valid = None if attn_mask is None else attn_mask[:, 0, 0, :].expand(batch, k.shape[2])
         grouped = q.reshape(batch, k.shape[1], heads // k.shape[1], head_dim)
         out = self.decode_kernel(grouped, k, v, key_valid)
         return self.o_proj(out.view(batch, 1, heads * head_dim))
 
 
-def decode_key_mask(attn_mask: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None | bool:
-    """The (batch, keys) key mask the kernel takes for a one-token attn_mask; False for a mask it doesn't take."""
-    if attn_mask is None:
-        return None
-    batch, keys = q.shape[0], k.shape[2]
-    if (attn_mask.dtype != torch.bool or attn_mask.dim() != 4 or attn_mask.shape[1:3] != (1, 1)
-            or attn_mask.shape[-1] != keys or attn_mask.shape[0] not in (1, batch)):
-        return False
-    return attn_mask[:, 0, 0, :].expand(batch, keys)
+def kernel_takes_mask(attn_mask: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor) -> bool:
+    """True for no mask or a one-token key mask (batch or 1, 1, 1, keys) of booleans, the decode step's."""
+    return attn_mask is None or (attn_mask.dtype == torch.bool and attn_mask.dim() == 4
+                                 and attn_mask.shape[1:] == (1, 1, k.shape[2])
+                                 and attn_mask.shape[0] in (1, q.shape[0]))
