@@ -225,6 +225,9 @@ def test_prepacked_decode_matmuls_equal_f_linear_and_follow_weight_writes():
     for prepack in (True, False):
         engine = InferenceEngine(model, "every:2", prepack=prepack, native_attention=False)
         assert (engine._runner is not model) == prepack and (engine._output_weight is not None) == prepack
+        with_kernel = InferenceEngine(model, "every:2", prepack=prepack)  # a view for the attention alone
+        assert (with_kernel._output_weight is not None) == prepack
+        assert any(type(m) is PackedLinear for m in with_kernel._runner.modules()) == prepack
         cache = engine.new_cache(8, 12)
         engine.step(ids[:, :6], cache, positions[:, :6])
         logits[prepack] = torch.cat([engine.step(ids[:, t:t + 1], cache, positions[:, t:t + 1])

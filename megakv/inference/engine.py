@@ -27,7 +27,7 @@ from megakv.inference.cache import RetainedKVCache, kv_bytes_per_token
 from megakv.inference.decode_view import decode_view
 from megakv.inference.native_attention import DecodeAttentionKernel
 from megakv.inference.padding import attention_mask, left_pad, positions_from_valid
-from megakv.inference.prepacked import MIN_PACKED_OUT, PackedWeight
+from megakv.inference.prepacked import MIN_PACKED_OUT, PackedWeight, prepacking_available
 from megakv.inference.sampling import SamplingConfig, sample_next_token
 from megakv.model import KV, MegaKVModel
 from megakv.routing import RoutingPlan, deployment_plan
@@ -115,7 +115,8 @@ class InferenceEngine:
         use_kernel = native_attention and weight.device.type == "cpu" and weight.dtype == torch.float32
         self.attention_kernel = DecodeAttentionKernel.load() if use_kernel else None
         self._runner = decode_view(self.model, prepack, self.attention_kernel)
-        packs_output = self._runner is not self.model and self.model.output_weight().shape[0] >= MIN_PACKED_OUT
+        output = self.model.output_weight()
+        packs_output = prepack and prepacking_available(output) and output.shape[0] >= MIN_PACKED_OUT
         self._output_weight = PackedWeight(self.model.output_weight()) if packs_output else None
 
     @property

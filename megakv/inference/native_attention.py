@@ -69,8 +69,7 @@ def cpu_identity() -> str:
     return f"{platform.machine()}|{platform.processor()}|{flags}"
 
 
-def _library_key(cc: str, flags: list[str]) -> str:
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+def _library_key(cc: str, version: str, flags: list[str]) -> str:
     digest = hashlib.sha256()
     for part in (SOURCE.read_bytes(), cc.encode(), version.encode(), " ".join(flags).encode(),
                  cpu_identity().encode(), sys.platform.encode()):
@@ -87,9 +86,10 @@ def build_library(directory: Path | None = None) -> Path | None:
         logger.info("decode attention: no C compiler (%s) found, using SDPA", os.environ.get("CC", "cc"))
         return None
     directory = (directory or cache_dir()) / "kernels"
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
     errors = []
     for flags in FLAG_SETS:
-        target = directory / f"decode_attention-{_library_key(cc, flags)}.so"
+        target = directory / f"decode_attention-{_library_key(cc, version, flags)}.so"
         if target.exists():
             return target
         directory.mkdir(parents=True, exist_ok=True)
