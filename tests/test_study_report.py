@@ -36,6 +36,31 @@ def test_results_round_trip_and_report_marks_each_claim(tmp_path):
     for part in ("finetune", "ablation"):  # PNGs copied beside the report, linked relative to it
         assert f"![loss.png]({part}/loss.png)" in text
         assert (tmp_path / "committed" / part / "loss.png").read_bytes() == b"\x89PNG fake image bytes"
+    assert "kept from this report's directory" not in text
+
+
+def test_a_part_rerun_alone_refreshes_its_section_and_keeps_the_others(tmp_path):
+    committed, first, second = tmp_path / "committed", tmp_path / "first", tmp_path / "second"
+    for part in ("finetune", "ablation"):
+        result = _result(part, True)
+        result.finished = "2026-01-01 10:00 UTC"
+        result.save(first / part)
+        (first / part / "loss.png").write_bytes(f"{part} old plot".encode())
+    write_report(first, ["finetune", "pretrain", "ablation"], committed)
+    assert PartResult.load(committed / "finetune").finished == "2026-01-01 10:00 UTC"  # results kept beside it
+
+    rerun = _result("ablation", False)  # only the ablation rerun, into another OUT
+    rerun.finished = "2026-02-02 12:00 UTC"
+    rerun.save(second / "ablation")
+    (second / "ablation" / "loss.png").write_bytes(b"ablation new plot")
+    text = write_report(second, ["finetune", "pretrain", "ablation"], committed).read_text()
+    finetune, ablation = text.split("## finetune title")[1].split("## ablation title")
+    assert "Results built 2026-01-01 10:00 UTC and kept from this report's directory" in finetune
+    assert "**held**" in finetune and "**not held**" in ablation and "1 of 2 claims held" in text
+    assert "Results built 2026-02-02 12:00 UTC." in ablation and "kept from" not in ablation
+    assert (committed / "finetune" / "loss.png").read_bytes() == b"finetune old plot"
+    assert (committed / "ablation" / "loss.png").read_bytes() == b"ablation new plot"
+    assert PartResult.load(committed / "ablation") == rerun
 
 
 def test_parts_run_in_the_papers_order_and_bad_names_are_refused():

@@ -161,7 +161,7 @@ def test_tiny_parts_end_to_end(tiny_study):
         for table in result.tables:
             assert table.rows and all(len(row) == len(table.columns) for row in table.rows)
     assert len(sweep.claims) == 4 and len(ablate.claims) == 3
-    assert "min of wall time (models trained then: q0, q0.5, shallow-L2, shallow-L1)" in sweep.notes[-1]
+    assert "min of wall time (models trained then: q0, q0.5, shallow-L2, shallow-L1, q0.5-seed1235)" in sweep.notes[-1]
     assert "models trained then: cla2, cla4, rdcla2" in ablate.notes[-1]  # not q0.5: the sweep's
     assert all(isinstance(c.held, bool) for c in [*sweep.claims, *ablate.claims])
     sweep_rows = {row[0]: row for row in sweep.tables[0].rows}
@@ -171,6 +171,11 @@ def test_tiny_parts_end_to_end(tiny_study):
 
     # each model trained with its own strategy and depth, once
     runs = out / "pretrain" / "runs"
+    repeat = (runs / "q0.5-seed1235" / "config.yaml").read_text()
+    assert "seed: 1235" in repeat and "strategy: rcla" in repeat and "seed: 1234" in repeat  # data order kept
+    assert "seed: 1235" not in (runs / "q0.5" / "config.yaml").read_text()
+    noise = [n for n in sweep.notes if n.startswith("Seed noise: the R-CLA q 0.5 model trained with 2 seeds")]
+    assert len(noise) == 1 and noise[0] in ablate.notes  # the ablation reuses the repeat, does not retrain it
     for name, strategy, layers in (("q0", "none", 4), ("q0.5", "rcla", 4), ("shallow-L2", "none", 2),
                                    ("shallow-L1", "none", 1)):
         config = (runs / name / "config.yaml").read_text()
@@ -199,6 +204,6 @@ def test_tiny_parts_end_to_end(tiny_study):
     seconds = json.loads((runs / "train_seconds.json").read_text())
     again: list[str] = []
     rerun = pretrain.run(out / "pretrain", "tiny", log=again.append)
-    assert not any(m.startswith("training") for m in again) and sum(m.startswith("cached:") for m in again) == 4
+    assert not any(m.startswith("training") for m in again) and sum(m.startswith("cached:") for m in again) == 5
     assert rerun.tables == sweep.tables and rerun.claims == sweep.claims
     assert json.loads((runs / "train_seconds.json").read_text()) == seconds

@@ -71,6 +71,7 @@ def _run(args: argparse.Namespace, command: str) -> int:
             print(f"megakv-study: error: part {part}: {' '.join(map(str, e.cmd[:6]))} ... failed with exit code "
                   f"{e.returncode}; its log is above. Rerun the same command to resume.", file=sys.stderr)
             return 1
+        result.finished = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         result.save(args.out / part)
         log_line(f"part {part} done in {time.perf_counter() - start:.0f} s")
     print(write_report(args.out, PARTS, args.report_dir, command))

@@ -14,11 +14,10 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from megakv.study.pretrain import reference_run
+from megakv.study.pretrain import reference_by_seed, reference_repeats, reference_run
 from megakv.study.results import Claim, PartResult, Table
 from megakv.study.scratch import (
     RETAINS,
-    SEED_NOTE,
     ScratchRun,
     ScratchScale,
     budget_note,
@@ -26,6 +25,7 @@ from megakv.study.scratch import (
     prepare_data,
     retained_layers,
     scale_settings,
+    seed_note,
     timing_note,
     train_and_score,
     unfinished,
@@ -134,9 +134,11 @@ def run(part_dir: Path, scale: str, *, log: Callable[[str], None]) -> PartResult
     n_layers = settings.model.n_layers
     runs = fixed_runs(part_dir, settings)
     reference = reference_run(study_dir, settings)  # trained by the pretrain part unless this runs first
-    trained, started = unfinished([reference, *runs]), time.perf_counter()
-    losses = train_and_score([reference, *runs], settings, data, retains_of=lambda _: RETAINS, log=log)
-    timing = timing_note(part_dir, [reference, *runs], time.perf_counter() - started, trained)
+    repeats = reference_repeats(study_dir, settings)  # likewise: the noise floor of the comparisons
+    every_run = [reference, *runs, *repeats]
+    trained, started = unfinished(every_run), time.perf_counter()
+    losses = train_and_score(every_run, settings, data, retains_of=lambda _: RETAINS, log=log)
+    timing = timing_note(part_dir, every_run, time.perf_counter() - started, trained)
 
     rcla = f"rcla q{settings.reference_q:g}"
     variants = {rcla: losses[reference.name], **{r.name: losses[r.name] for r in runs}}
@@ -154,7 +156,7 @@ def run(part_dir: Path, scale: str, *, log: Callable[[str], None]) -> PartResult
              "Claims are on held-out loss of models trained from scratch; the paper's Table 3 is QA F1 after "
              "fine-tuning Llama-3.1-8B, so only the direction is compared, never the numbers.",
              budget_note(reference, settings),
-             SEED_NOTE,
+             seed_note(f"R-CLA q {settings.reference_q:g}", reference_by_seed(study_dir, settings, losses)),
              timing]
     return PartResult(part=PART, title="Ablation: fixed groups vs R-CLA (Table 3 analogue)", scale=scale,
                       seconds=time.perf_counter() - start, settings=settings.describe(),

@@ -1,4 +1,9 @@
-"""The study's markdown report, rebuilt from each part's results.json (no training or scoring here)."""
+"""The study's markdown report, rebuilt from each part's results.json (no training or scoring here).
+
+A part's results come from OUT/<part>/ when it ran there, else from REPORT_DIR/<part>/ (the copy an earlier
+report kept beside itself): rerunning one part refreshes its section and keeps the others, each marked
+with where and when its results were built.
+"""
 
 from __future__ import annotations
 
@@ -37,11 +42,13 @@ def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min"
 
 
-def format_part(result: PartResult, image_dir: str) -> list[str]:
+def format_part(result: PartResult, image_dir: str, kept: bool = False) -> list[str]:
+    built = f" Results built {result.finished}" if result.finished else " Results built at an unrecorded time"
+    built += (" and kept from this report's directory: this part was not rerun for this report." if kept else ".")
     lines = [f"## {result.title}", "",
              f"Scale `{result.scale}`. The last invocation took {_minutes(result.seconds)}: cached models and "
-             "scores are not redone, so the time each training and evaluation took when it ran is in the notes.",
-             ""]
+             "scores are not redone, so the time each training and evaluation took when it ran is in the notes."
+             + built, ""]
     if result.settings:
         lines += ["Settings: " + "; ".join(f"{k} = `{v}`" for k, v in result.settings.items()), ""]
     if result.claims:
@@ -55,18 +62,26 @@ def format_part(result: PartResult, image_dir: str) -> list[str]:
     return [*lines, ""] if result.notes else lines
 
 
-def completed_parts(out: Path, parts: Sequence[str]) -> list[PartResult]:
-    return [PartResult.load(out / part) for part in parts if (out / part / RESULTS_FILE).is_file()]
+def completed_parts(out: Path, parts: Sequence[str], report_dir: Path | None = None) -> list[tuple[PartResult, Path]]:
+    """(results, the directory they and their plots are in) per finished part: OUT first, then REPORT_DIR."""
+    found = []
+    for part in parts:
+        sources = [out / part] + ([report_dir / part] if report_dir else [])
+        source = next((d for d in sources if (d / RESULTS_FILE).is_file()), None)
+        if source is not None:
+            found.append((PartResult.load(source), source))
+    return found
 
 
 def write_report(out: Path, parts: Sequence[str], report_dir: Path | None = None, command: str = "") -> Path:
-    """OUT/report.md (or REPORT_DIR/report.md with the PNGs copied beside it) from the finished parts."""
-    results = completed_parts(out, parts)
-    if not results:
+    """OUT/report.md (or REPORT_DIR/report.md with results.json and the PNGs copied beside it)."""
+    report_dir = report_dir or out
+    found = completed_parts(out, parts, report_dir)
+    if not found:
         raise FileNotFoundError(f"no part of the study has results in {out} (looked for "
                                 f"{', '.join(f'{p}/{RESULTS_FILE}' for p in parts)}): run `megakv-study` first")
-    report_dir = report_dir or out
     report_dir.mkdir(parents=True, exist_ok=True)
+    results = [result for result, _ in found]
     claims = [c for r in results for c in r.claims]
     held = sum(c.held is True for c in claims)
     lines = ["# megakv-study: Stochastic KV Routing (R-CLA) in miniature", "",
@@ -74,13 +89,13 @@ def write_report(out: Path, parts: Sequence[str], report_dir: Path | None = None
              "under its --out and reused). Each claim is stated next to the paper's number and marked held or "
              "not held by this run's measurements." + (f" Written by `{command}`." if command else ""), "",
              f"{held} of {len(claims)} claims held; parts: " + ", ".join(r.part for r in results) + ".", ""]
-    for result in results:
-        image_dir = result.part
-        if report_dir != out:
+    for result, source in found:
+        kept = source == report_dir / result.part
+        if not kept:
             (report_dir / result.part).mkdir(exist_ok=True)
-            for plot in result.plots:
-                shutil.copyfile(out / result.part / plot, report_dir / result.part / plot)
-        lines += format_part(result, image_dir)
+            for name in (*result.plots, RESULTS_FILE):
+                shutil.copyfile(source / name, report_dir / result.part / name)
+        lines += format_part(result, result.part, kept=kept and report_dir != out)
     missing = [p for p in parts if p not in {r.part for r in results}]
     if missing:
         lines += [f"Not run yet: {', '.join(missing)}.", ""]

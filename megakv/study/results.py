@@ -1,6 +1,8 @@
 """What a study part hands to the report: tables, claims held or not, plots, settings and time taken.
 
-Saved as OUT/<part>/results.json, so `megakv-study report` can rebuild the markdown without rerunning.
+Saved as OUT/<part>/results.json, so `megakv-study report` can rebuild the markdown without rerunning, and
+copied beside a report written elsewhere (--report-dir), so a committed report can be rebuilt from its own
+directory when a part is rerun alone.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class PartResult:
     claims: list[Claim] = field(default_factory=list)
     plots: list[str] = field(default_factory=list)  # PNG file names inside OUT/<part>/
     notes: list[str] = field(default_factory=list)
+    finished: str = ""  # when these results were built (UTC), set by megakv-study; "" in older files
 
     def save(self, part_dir: Path) -> Path:
         part_dir.mkdir(parents=True, exist_ok=True)

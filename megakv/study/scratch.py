@@ -16,9 +16,9 @@ from __future__ import annotations
 import json
 import sysconfig
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -35,11 +35,7 @@ from megakv.train.run_dir import write_json_atomically
 
 Log = Callable[[str], None]
 RETAINS = ("every:1", "every:2", "every:3", "every:4")
-# Measured once at the cpu scale (side runs, not part of the study): the q 0.5 model retrained with routing
-# seeds 1235 and 1236 scored 6.349 and 6.324 at full cache against 6.570 with seed 1234.
-SEED_NOTE = ("One training seed per model: at the cpu scale, retraining the q 0.5 model with two other routing "
-             "seeds moved its full-cache loss by up to 4% (6.570 -> 6.349, 6.324), so differences of a few "
-             "percent between models are within seed noise.")
+BASE_SEED = 1234  # train.seed (initialisation) and routing.seed of every model; repeats count up from it
 TRAIN_SECONDS_FILE = "train_seconds.json"
 WALL_FILE = "training_wall.json"
 
@@ -68,6 +64,7 @@ class ScratchScale:
     lr: float
     warmup_steps: int
     eval_tokens_per_source: int  # held-out tokens scored per data source (the loss is their mean)
+    seed_repeats: int = 0  # extra trainings of the reference model with other seeds: the spread is the noise floor
     concurrent_runs: int = 2  # trainings at once (one process each)
     threads_per_run: int = 1
     precision: str = "fp32"  # train.precision
@@ -102,13 +99,15 @@ SCALES = {
         name="tiny", corpus="stdlib", vocab_size=320,
         model=ScratchModel(n_layers=4, d_model=32, n_heads=2, n_kv_heads=2, ffn_hidden=64, seq_len=32),
         q_sweep=(0.0, 0.5), reference_q=0.5, steps=3, global_batch=4, micro_batch=4, lr=3e-3, warmup_steps=1,
-        eval_tokens_per_source=512),
-    # ~2.7 s a step at one thread on a busy 2-core machine (two trainings at once): ~9 min a deep model.
+        eval_tokens_per_source=512, seed_repeats=1),
+    # ~0.75 s a step at one thread on an otherwise idle 2-core machine, two trainings at once: ~10 min a deep
+    # model. 800 steps (1.6M tokens): at 200 the models were still near unigram loss (~6.2) and sharing
+    # barely mattered to any of them, so nothing about routing could be read off.
     "cpu": ScratchScale(
         name="cpu", corpus="mix", vocab_size=8192,
         model=ScratchModel(n_layers=8, d_model=128, n_heads=4, n_kv_heads=4, ffn_hidden=352, seq_len=128),
-        q_sweep=(0.0, 0.25, 0.5, 0.75), reference_q=0.5, steps=200, global_batch=16, micro_batch=16, lr=2e-3,
-        warmup_steps=10, eval_tokens_per_source=4096),
+        q_sweep=(0.0, 0.25, 0.5, 0.75), reference_q=0.5, steps=800, global_batch=16, micro_batch=16, lr=2e-3,
+        warmup_steps=40, eval_tokens_per_source=4096, seed_repeats=2),
     # A real run (documented, not run here): 28 layers like the paper's model (~90M parameters), one GPU
     # (train.device auto), 33M tokens per model: about 2 epochs of the mix's ~15M training tokens, so a run
     # that wants the paper's Chinchilla-sized budget needs a larger corpus (data.datasets).
@@ -116,7 +115,8 @@ SCALES = {
         name="gpu", corpus="mix", vocab_size=8192,
         model=ScratchModel(n_layers=28, d_model=512, n_heads=8, n_kv_heads=8, ffn_hidden=1408, seq_len=1024),
         q_sweep=(0.0, 0.25, 0.5, 0.75), reference_q=0.5, steps=2000, global_batch=16, micro_batch=16, lr=1e-3,
-        warmup_steps=100, eval_tokens_per_source=65536, concurrent_runs=1, threads_per_run=8, precision="bf16"),
+        warmup_steps=100, eval_tokens_per_source=65536, seed_repeats=2, concurrent_runs=1, threads_per_run=8,
+        precision="bf16"),
 }
 
 
@@ -194,6 +194,7 @@ class ScratchRun:
     strategy: str  # none | rcla | cla:K | rdcla:K
     q_cross: float
     n_layers: int
+    seed: int = BASE_SEED  # initialisation and routing draws; the data order is the same for every run
 
     def overrides(self, settings: ScratchScale, data: StudyData) -> list[str]:
         m = settings.model
@@ -202,9 +203,10 @@ class ScratchRun:
             f"model.vocab_size={vocab}", f"model.d_model={m.d_model}", f"model.n_layers={self.n_layers}",
             f"model.n_heads={m.n_heads}", f"model.n_kv_heads={m.n_kv_heads}", f"model.ffn_hidden={m.ffn_hidden}",
             f"model.max_seq_len={m.seq_len}",
-            f"routing.strategy={self.strategy}", f"routing.q_cross={self.q_cross}", "routing.seed=1234",
+            f"routing.strategy={self.strategy}", f"routing.q_cross={self.q_cross}", f"routing.seed={self.seed}",
+            f"train.seed={self.seed}",
             f"data.datasets=[{','.join(data.train)}]", "data.weights=null", "data.valid_datasets=[]",
-            "data.valid_fraction=0.0", f"data.tokenizer={data.tokenizer}", "data.seed=1234",
+            "data.valid_fraction=0.0", f"data.tokenizer={data.tokenizer}", f"data.seed={BASE_SEED}",
             f"optim.lr={settings.lr}", "optim.min_lr_ratio=0.1", f"optim.warmup_steps={settings.warmup_steps}",
             "optim.schedule=cosine", "optim.beta1=0.9", "optim.beta2=0.99", "optim.weight_decay=0.1",
             "optim.grad_clip=1.0",
@@ -279,6 +281,30 @@ def budget_note(run: ScratchRun, settings: ScratchScale) -> str:
     return (f"Budget: {settings.tokens_per_model:,} training tokens for {params / 1e6:.2f}M parameters "
             f"({run.name}) = {settings.tokens_per_model / params:.2g} tokens per parameter; the paper trains "
             f"34B tokens for 1.7B (~20, Chinchilla), so these models are far earlier in training.")
+
+
+def seed_repeats(run: ScratchRun, count: int) -> list[ScratchRun]:
+    """`run` trained again with the next `count` seeds (initialisation and routing), beside it."""
+    return [replace(run, name=f"{run.name}-seed{run.seed + i}", run_dir=run.run_dir.with_name(
+        f"{run.run_dir.name}-seed{run.seed + i}"), seed=run.seed + i) for i in range(1, count + 1)]
+
+
+def seed_spread(by_seed: Mapping[int, Mapping[str, float]]) -> dict[str, float]:
+    """Per retention, how far apart the seeds' losses are: max / min - 1 (0 with one seed)."""
+    retains = next(iter(by_seed.values())).keys()
+    return {r: max(v[r] for v in by_seed.values()) / min(v[r] for v in by_seed.values()) - 1 for r in retains}
+
+
+def seed_note(label: str, by_seed: Mapping[int, Mapping[str, float]]) -> str:
+    """What retraining one model with other seeds did: the noise floor the differences between models face."""
+    if len(by_seed) < 2:
+        return "One training seed per model and no seed repeats at this scale: the seed noise is not measured."
+    spread = seed_spread(by_seed)
+    scores = ", ".join(f"seed {seed} {losses['every:1']:.4f}" for seed, losses in sorted(by_seed.items()))
+    return (f"Seed noise: the {label} model trained with {len(by_seed)} seeds (initialisation and routing; same "
+            f"data order) scored {scores} at full cache; spread (max / min - 1) "
+            + ", ".join(f"{r} {100 * v:.1f}%" for r, v in spread.items())
+            + ". Every other model has one seed, so differences between models smaller than this are noise.")
 
 
 def unfinished(runs: Sequence[ScratchRun]) -> list[str]:
