@@ -15,6 +15,7 @@ from pathlib import Path
 
 from megakv.study.results import Claim, PartResult, Table
 from megakv.study.scratch import (
+    BASE_SEED,
     RETAINS,
     ScratchRun,
     ScratchScale,
@@ -193,8 +194,9 @@ def run(part_dir: Path, scale: str, *, log: Callable[[str], None]) -> PartResult
     claims = [full_cache_cost_claim(deep, noise), *depth_claims(deep, shallow_loss, n_layers),
               sharing_claim(deep, settings.reference_q)]
     notes = ["q_cross 0 is trained with routing `none` (the same plans as rcla at q 0: every layer its own K/V).",
-             "Every model sees the same tokens in the same order (data.seed and routing.seed fixed); the shallow "
-             "models have the deep model's width and differ only in depth.",
+             f"Every model sees the same tokens in the same order (data.seed {BASE_SEED}); every model but the "
+             f"seed repeats also shares the initialisation and routing seed {BASE_SEED}. The shallow models have "
+             "the deep model's width and differ only in depth.",
              budget_note(deep_runs[0.0], settings),
              seed_note(f"R-CLA q {settings.reference_q:g}", by_seed),
              timing]
