@@ -12,6 +12,7 @@ import pytest
 from omegaconf import OmegaConf
 from test_finetune_recipe import write_plays
 
+from megakv.data.errors import DataError
 from megakv.hf import gguf
 from megakv.study import finetune, qa_scores
 from megakv.study.finetune import RETAINS, finetune_claims
@@ -44,6 +45,23 @@ def test_evaluation_records_are_spread_evenly_over_the_plays():
     assert [r[0] for r in chosen] == list("AABBCCDD")
     assert len(set(chosen)) == 8 and all(b[1] - a[1] >= 2 for a, b in zip(chosen, chosen[1:]) if a[0] == b[0])
     assert qa_scores.evenly_spaced(records[:3], 8) == records[:3]
+
+
+def test_chance_is_the_expected_score_of_naming_a_speaker_of_the_passage_at_random(tmp_path):
+    path = tmp_path / "test.jsonl"
+    records = [{"context": "ROMEO\nBut soft, what light\n\nJULIET\nAy me", "question": "Who says ...?",
+                "answer": "ROMEO"},
+               {"context": "FIRST WITCH\nWhen shall we three\n\nSECOND WITCH\nWhen the hurlyburly\n\n"
+                           "MACBETH\nSo foul and fair", "question": "Who says ...?", "answer": "FIRST WITCH"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    # By hand: EM 1/2 and 1/3; F1 (1 + 0) / 2 and (1 + 1/2 + 0) / 3 ("SECOND WITCH" shares "witch").
+    chance = qa_scores.chance_scores(path, 2)
+    assert chance["exact_match"] == pytest.approx((1 / 2 + 1 / 3) / 2)
+    assert chance["f1"] == pytest.approx((1 / 2 + 1 / 2) / 2)
+    assert qa_scores.chance_scores(path, 1) == {"exact_match": 0.5, "f1": 0.5}  # the first of the two
+    path.write_text("")
+    with pytest.raises(DataError, match="holds no records"):
+        qa_scores.chance_scores(path, 2)
 
 
 def test_scores_equal_megakv_eval_qa_and_the_record_loss_equals_a_per_record_reference(tmp_path):
@@ -127,7 +145,12 @@ def test_tiny_part_end_to_end_then_cached(tmp_path, capsys):
     assert {line.split()[0] for line in trainer_lines} == {"[rcla]", "[normal]", "[nearest-1]"}
 
     assert result.part == "finetune" and result.scale == "tiny"
-    assert [len(t.rows) for t in result.tables[:4]] == [3, 3, 3, 3]
+    assert [len(t.rows) for t in result.tables[:4]] == [4, 4, 3, 3]
+    # F1 and EM end with the chance row: one value at every retention, computed on the scored records.
+    chance = qa_scores.chance_scores(part / "qa" / "test.jsonl", finetune.SCALES["tiny"].eval_records)
+    for table, metric in zip(result.tables[:2], ("f1", "exact_match")):
+        assert table.rows[-1] == [finetune.CHANCE_LABEL, *[round(chance[metric], 4)] * len(RETAINS)]
+    assert 0 < chance["exact_match"] < 1 and f"{chance['exact_match']:.3f}" in result.notes[-1]
     # The probe (an R-CLA fine-tune changing max_distance) is scored at every retention beside the main runs.
     probes = result.tables[4]
     assert [row[0] for row in probes.rows] == ["probe nearest-1", "R-CLA (main run)", "normal (main run)"]

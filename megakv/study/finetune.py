@@ -37,7 +37,7 @@ import torch
 from megakv import recipes
 from megakv.data.sft import LOSS_ON, prepare_sft, read_qa_records
 from megakv.study.probes import RoutingProbe, probe_table, run_probes
-from megakv.study.qa_scores import RETAINS, evaluate_model
+from megakv.study.qa_scores import RETAINS, chance_scores, evaluate_model
 from megakv.study.results import Claim, PartResult, Table
 from megakv.study.runs import timed_train_run
 
@@ -315,12 +315,17 @@ def finetune_claims(scores: Mapping[str, Mapping[str, Mapping[str, float]]]) -> 
 # ---------------------------------------------------------------------------------------- the part
 
 
-def _tables(scores: Mapping[str, Mapping[str, Mapping[str, float]]]) -> list[Table]:
+CHANCE_LABEL = "chance: a random speaker of the passage (no model)"
+
+
+def _tables(scores: Mapping[str, Mapping[str, Mapping[str, float]]], chance: Mapping[str, float]) -> list[Table]:
     columns = ["model", *(f"{RETENTION[r]} ({r})" for r in RETAINS)]
 
     def table(caption: str, metric: str) -> Table:
-        return Table(caption, columns, [[LABELS[m], *(round(scores[m][r][metric], 4) for r in RETAINS)]
-                                        for m in MODELS])
+        rows = [[LABELS[m], *(round(scores[m][r][metric], 4) for r in RETAINS)] for m in MODELS]
+        # The floor a model reaches by learning only the answer's form; it does not depend on the cache.
+        chance_row = [[CHANCE_LABEL, *(round(chance[metric], 4) for _ in RETAINS)]] if metric in chance else []
+        return Table(caption, columns, rows + chance_row)
 
     return [table("QA token F1 by KV-cache retention (held-out plays; higher is better)", "f1"),
             table("QA exact match by retention", "exact_match"),
@@ -424,6 +429,7 @@ def run(part_dir: Path, scale: str, *, log: Log, qa_source: Path | None = None) 
     curves = {m: validation_curve(part_dir / "runs" / m) for m in ("rcla", "normal")}
     plot = _plot(part_dir / "finetune_retention.png", scores, curves)
     eval_seconds = {m: _eval_seconds(part_dir / "eval" / f"{m}.json") for m in models}
+    chance = chance_scores(data.test_records, settings.eval_records)
     notes = [f"time: fine-tuning R-CLA {seconds['rcla'] / 60:.1f} min and normal {seconds['normal'] / 60:.1f} min "
              f"(at once), evaluation {' + '.join(f'{eval_seconds[m] / 60:.1f}' for m in models)} min "
              f"({', '.join(models)}; {settings.concurrent_runs} at once), as measured when each was computed",
@@ -431,12 +437,14 @@ def run(part_dir: Path, scale: str, *, log: Log, qa_source: Path | None = None) 
              _loss_note(data.train, settings),
              f"'collapse': F1 below {COLLAPSE_RATIO:.0%} of the model's own full-cache F1; 'close': at least "
              f"{CLOSE_RATIO:.0%} of it. QA: who speaks a quoted line in a passage of a play never trained on "
-             "(naming a random speaker of the passage scores EM ~0.4; see qa/README.md)."]
+             f"(naming a speaker of the passage at random scores EM {chance['exact_match']:.3f}, F1 "
+             f"{chance['f1']:.3f} on these records, the tables' chance row; see qa/README.md)."]
     return PartResult(part="finetune", title="Fine-tuning a pretrained model with R-CLA vs normally (Table 2)",
                       scale=scale, seconds=time.perf_counter() - started,
                       settings=settings.describe(),
-                      tables=[*_tables(scores), *([probe_table(settings, probe_scores, scores)] if settings.probes
-                                                  else []), _curve_table(curves)],
+                      tables=[*_tables(scores, chance),
+                              *([probe_table(settings, probe_scores, scores)] if settings.probes else []),
+                              _curve_table(curves)],
                       claims=finetune_claims(scores), plots=[plot], notes=notes)
 
 

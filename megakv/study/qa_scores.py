@@ -84,6 +84,19 @@ def evenly_spaced(items: Sequence, count: int) -> list:
     return [items[i * len(items) // count] for i in range(count)]
 
 
+def chance_scores(test_records: Path, records: int) -> dict[str, float]:
+    """Expected exact match and F1 of naming a speaker of the passage uniformly at random, on the records
+    `evaluate_model` scores: what a model that learned only the answer's form (a name from the passage) gets."""
+    from megakv.data.qa_build import speakers_in
+    from megakv.eval.qa import exact_match, token_f1
+
+    chosen = evenly_spaced(read_qa_records(test_records), records)  # read_qa_records refuses an empty file
+    names = [sorted(speakers_in(r.context)) for r in chosen]
+    return {metric: float(np.mean([np.mean([score(name, r.answer) for name in speakers])
+                                   for r, speakers in zip(chosen, names)]))
+            for metric, score in (("exact_match", exact_match), ("f1", token_f1))}
+
+
 def evaluate_model(name: str, model_path: Path, test_records: Path, eval_dir: Path, log: Log, *, records: int,
                    seq_len: int, max_new_tokens: int, device: str = "cpu") -> dict[str, dict[str, float]]:
     """`score_plans` of one model on `records` held-out records spread evenly over the file (cached in
