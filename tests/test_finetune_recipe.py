@@ -53,6 +53,7 @@ def test_built_records_are_extractive_unique_and_held_out_by_play(tmp_path):
                       for line in block.split("\n")[1:]}
         matching = [line for line in speaker_of if line.rstrip(",;:") == quoted]
         assert len(matching) == 1 and speaker_of[matching[0]] == record["answer"]
+        assert record["evidence"] == matching[0]  # the line as printed: what a trimmed context keeps
     assert "random would score EM" in (tmp_path / "qa" / "README.md").read_text()
     assert qa_main(["build", "--output-dir", str(tmp_path / "x"), "--source", str(tmp_path / "empty")]) == 2
 

@@ -16,7 +16,16 @@ from megakv.config import load_config
 from megakv.data.errors import DataError
 from megakv.data.indexed import IndexedDataset
 from megakv.data.loader import build_data, micro_batches
-from megakv.data.sft import IGNORE, QARecord, choose_orders, encode_record, inputs_and_labels, mask_prefix, prepare_sft
+from megakv.data.sft import (
+    IGNORE,
+    QARecord,
+    choose_orders,
+    encode_record,
+    inputs_and_labels,
+    mask_prefix,
+    prepare_sft,
+    read_qa_records,
+)
 from megakv.data.tokenizer import load_tokenizer
 from megakv.parallel.runners import causal_lm_loss, weighted_sequence_loss
 
@@ -79,6 +88,30 @@ def test_a_record_is_prompt_then_counted_answer_then_padding(tokenizer_dir):
     tokens, mask = encode_record(tok, long, "cqa", SEQ, eos, pad)
     prompt = tok.decode(tokens[:np.flatnonzero(mask)[0]].tolist())
     assert "old Rome" in prompt and mask.sum() > 1
+
+
+def test_a_trimmed_context_is_centred_on_the_evidence_whatever_the_answer(tmp_path, tokenizer_dir):
+    tok = load_tokenizer(tokenizer_dir)
+    eos, pad = tok.info.eos_id, 0
+    # The answer occurs early and late; the line the question quotes sits in the middle, out of reach of a
+    # window around the answer's first occurrence.
+    context = ("The king speaks. " + "The fool fights the storm. " * 40 + "The maid remembers a letter. "
+               + "The fool fights the storm. " * 40 + "The king speaks again.")
+    asked = QARecord(context, "Who remembers a letter?", "The king", evidence="The maid remembers a letter.")
+    for answer in ("The king", "The fool"):  # an answer-centred window would hold the context's start
+        record = QARecord(asked.context, asked.question, answer, evidence=asked.evidence)
+        tokens, mask = encode_record(tok, record, "cqa", SEQ, eos, pad)
+        prompt = tok.decode(tokens[:np.flatnonzero(mask)[0]].tolist())
+        assert "maid remembers a letter" in prompt and "king speaks" not in prompt
+    tokens, mask = encode_record(tok, QARecord(context, asked.question, asked.answer), "cqa", SEQ, eos, pad)
+    assert "maid remembers" not in tok.decode(tokens[:np.flatnonzero(mask)[0]].tolist())  # no evidence: the answer
+    path = tmp_path / "qa.jsonl"
+    path.write_text(json.dumps({"context": context, "question": "q", "answer": "a", "evidence": "a lost line"}) + "\n")
+    with pytest.raises(DataError, match="qa.jsonl:1: evidence 'a lost line' is not a span of its context"):
+        read_qa_records(path)
+    path.write_text(json.dumps({"context": context, "question": "q", "answer": "a",
+                                "evidence": asked.evidence}) + "\n")
+    assert read_qa_records(path)[0].evidence == asked.evidence
 
 
 def test_prepared_samples_count_only_answer_tokens(tmp_path, qa_dataset, tokenizer_dir):

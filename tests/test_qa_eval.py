@@ -17,7 +17,7 @@ from megakv.cli.convert import main as convert_main
 from megakv.cli.eval import main as eval_main
 from megakv.cli.qa import main as qa_main
 from megakv.config import ModelConfig
-from megakv.data.sft import QARecord, encode_record
+from megakv.data.sft import QARecord, context_fits, encode_record
 from megakv.data.tokenizer import load_tokenizer
 from megakv.eval.qa import (
     evaluate_qa,
@@ -103,6 +103,23 @@ def test_answer_loss_is_the_masked_loss_of_the_reference_answer(qa_setup):
     expected = -logprobs[counted].gather(1, torch.tensor(tokens[1:])[counted][:, None]).mean()
     assert result.answer_loss == pytest.approx(float(expected), rel=1e-5)
     assert result.f1 == token_f1(result.examples[0]["predicted"], record.answer)
+
+
+def test_qa_eval_says_when_the_reference_answer_chose_the_context_window(qa_setup, tmp_path, capsys):
+    root, tok_dir = qa_setup
+    tok = load_tokenizer(tok_dir)
+    short = json.loads((root / "test.jsonl").read_text().splitlines()[0])
+    long_context = " ".join(["The fool fights the storm."] * 60) + " The king loves old Rome."
+    long = {"context": long_context, "question": "What does the king love?", "answer": "old Rome"}
+    assert not context_fits(tok, QARecord(**long), "cqa", SEQ) and context_fits(tok, QARecord(**short), "cqa", SEQ)
+    data = tmp_path / "qa.jsonl"
+    for records, note in (([short, long, long], "note: 2 of 3 records"),
+                          ([short, dict(long, evidence="The king loves old Rome.")], None)):
+        data.write_text("".join(json.dumps(r) + "\n" for r in records))
+        assert eval_main(["--task", "qa", "--model", str(root / "base"), "--data", str(data), "--retain", "every:1",
+                          "--max-new-tokens", "2", "--seq-len", str(SEQ), "--no-progress"]) == 0
+        out = capsys.readouterr().out
+        assert (note in out) if note else ("note:" not in out)
 
 
 @pytest.mark.slow

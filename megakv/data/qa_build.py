@@ -8,7 +8,9 @@ carries a canary forbidding training on it). So this builds one from the plays o
 - context: a passage of 4-8 consecutive speeches of one play, "SPEAKER\\nlines" as printed (at most
   1,200 characters, so a 384-token sample holds it whole and trimming never drops the quoted line);
 - question: Who says "<one line of one speech in the passage>"?
-- answer: that speech's speaker, a span of the context.
+- answer: that speech's speaker, a span of the context;
+- evidence: the quoted line as printed: a context too long for a sample is trimmed around it, so the
+  window never depends on the answer (the speaker's name occurs all over the passage).
 
 What it measures, honestly: retrieving an attribution from the prompt (find the quoted line, read the
 name above it) -- an in-context lookup over real, long-range text, exactly what sharing the KV cache
@@ -61,12 +63,13 @@ def play_records(name: str, text: str, rng: np.random.RandomState, per_play: int
         candidates = [line for line in lines if len(line.split()) >= 5 and all_lines.count(line) == 1]
         if not candidates:
             continue
-        line = candidates[int(rng.randint(0, len(candidates)))].rstrip(",;:")
+        printed = candidates[int(rng.randint(0, len(candidates)))]
         context = "\n\n".join(f"{who}\n" + "\n".join(said) for who, said in passage)
         if len(context) > MAX_CONTEXT_CHARS:
             continue
         records.append({"id": f"{name}#{first}+{pick}", "context": context,
-                        "question": f'Who says "{line}"?', "answer": speaker, "play": name})
+                        "question": f'Who says "{printed.rstrip(",;:")}"?', "answer": speaker,
+                        "evidence": printed, "play": name})
     return records
 
 

@@ -46,10 +46,14 @@ class QARecord:
     question: str
     answer: str
     id: str = ""
+    # A span of the context the answer rests on (optional). A context too long for the sample is trimmed to
+    # a window around it; without it, around the answer, which at evaluation means the reference answer
+    # chooses what the model sees. Held-out sets should give it.
+    evidence: str = ""
 
 
 def read_qa_records(path: str | Path) -> list[QARecord]:
-    """Records of a jsonl file with string fields context, question, answer (and an optional id)."""
+    """Records of a jsonl file with string fields context, question, answer (optional: id, evidence)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"QA file {path} not found", "pass a jsonl file with context, question and answer fields")
@@ -67,7 +71,12 @@ def read_qa_records(path: str | Path) -> list[QARecord]:
             if missing:
                 raise DataError(f"{path}:{line_no}: missing or empty string field(s) {missing}",
                                 f"give every record non-empty string fields {list(FIELDS)}")
-            records.append(QARecord(raw["context"], raw["question"], raw["answer"], str(raw.get("id", line_no))))
+            evidence = raw.get("evidence", "")
+            if not isinstance(evidence, str) or (evidence and evidence not in raw["context"]):
+                raise DataError(f"{path}:{line_no}: evidence {str(evidence)[:60]!r} is not a span of its context",
+                                "give evidence as text copied from the context, or leave the field out")
+            records.append(QARecord(raw["context"], raw["question"], raw["answer"], str(raw.get("id", line_no)),
+                                    evidence))
     if not records:
         raise DataError(f"{path} holds no records", "pass a jsonl file with at least one QA record")
     return records
@@ -88,14 +97,14 @@ def prompt_pieces(record: QARecord, order: str) -> tuple[str, str, str]:
     raise ValueError(f"unknown order {order!r}, expected one of {ORDERS}")
 
 
-def _fit_context(tokenizer: Tokenizer, context: str, room: int, answer: str) -> list[int]:
-    """At most `room` tokens of the context; when it is longer, a character window around the answer's
-    first occurrence (else its start), shrunk until it fits."""
+def _fit_context(tokenizer: Tokenizer, context: str, room: int, focus: str) -> list[int]:
+    """At most `room` tokens of the context; when it is longer, a character window around the first
+    occurrence of `focus` (the evidence, else the answer; else the context's start), shrunk until it fits."""
     ids = tokenizer.encode(context)
     if len(ids) <= room:
         return ids
-    at = context.lower().find(answer.strip().lower()) if answer.strip() else -1
-    centre = at + len(answer.strip()) // 2 if at >= 0 else 0
+    at = context.lower().find(focus.strip().lower()) if focus.strip() else -1
+    centre = at + len(focus.strip()) // 2 if at >= 0 else 0
     width = max(1, int(room * len(context) / len(ids)))
     while True:
         first = max(0, min(centre - width // 2, len(context) - width))
@@ -105,9 +114,10 @@ def _fit_context(tokenizer: Tokenizer, context: str, room: int, answer: str) -> 
         width = max(1, int(width * 0.9))
 
 
-def encode_prompt(tokenizer: Tokenizer, record: QARecord, order: str, budget: int, answer: str = "",
+def encode_prompt(tokenizer: Tokenizer, record: QARecord, order: str, budget: int, focus: str = "",
                   bos_id: int | None = None) -> list[int]:
-    """Prompt ids of at most `budget` tokens (the context trimmed to fit); the same for training and eval."""
+    """Prompt ids of at most `budget` tokens (the context trimmed to fit around `focus`); the same for
+    training and eval."""
     before, context, after = prompt_pieces(record, order)
     head = ([bos_id] if bos_id is not None else []) + tokenizer.encode(before)
     tail = tokenizer.encode(after)
@@ -115,7 +125,14 @@ def encode_prompt(tokenizer: Tokenizer, record: QARecord, order: str, budget: in
     if room < 1:
         raise DataError(f"record {record.id!r}: the question and template take {len(head) + len(tail)} tokens, "
                         f"leaving no room for the context in {budget}", "raise --seq-len or shorten the question")
-    return head + _fit_context(tokenizer, context, room, answer) + tail
+    return head + _fit_context(tokenizer, context, room, focus) + tail
+
+
+def context_fits(tokenizer: Tokenizer, record: QARecord, order: str, seq_len: int, bos_id: int | None = None) -> bool:
+    """Whether encode_record keeps the record's whole context (else it trims it to a window)."""
+    before, context, after = prompt_pieces(record, order)
+    prompt = (bos_id is not None) + sum(len(tokenizer.encode(text)) for text in (before, context, after))
+    return prompt + len(answer_ids_of(tokenizer, record.answer)) + 1 <= seq_len
 
 
 def answer_ids_of(tokenizer: Tokenizer, answer: str) -> list[int]:
@@ -129,7 +146,7 @@ def encode_record(tokenizer: Tokenizer, record: QARecord, order: str, seq_len: i
     if len(answer) >= seq_len // 2:
         raise DataError(f"record {record.id!r}: the answer takes {len(answer)} tokens of seq_len {seq_len}",
                         "raise --seq-len, or drop records with long answers")
-    prompt = encode_prompt(tokenizer, record, order, seq_len - len(answer), record.answer, bos_id)
+    prompt = encode_prompt(tokenizer, record, order, seq_len - len(answer), record.evidence or record.answer, bos_id)
     ids = prompt + answer
     tokens = np.full(seq_len, pad_id, np.int64)
     mask = np.zeros(seq_len, np.uint8)

@@ -142,15 +142,16 @@ SCALES = {
         q_cross=0.6, max_distance=3, per_micro_batch=False, loss_on="record", max_records=300, eval_records=4,
         max_new_tokens=4, validation_samples=2, threads=1,
         probes=(RoutingProbe("nearest-1", max_distance=1, lr=1e-3),), probe_steps=2, probe_warmup_steps=1),
-    # Both fine-tunes at once, one thread each: ~16 s per step on a quiet 2-core machine, so the main
-    # pair (192 x 4 x 256 = 197k tokens per model, 4x the first try's budget) takes ~1 h. The probes are
-    # 48-step R-CLA runs (~15 min per pair): max_distance 1 against 3 and the paper's any-earlier-layer,
-    # lr 6e-4 against 3e-4, per-step against per-micro-batch plans (measured in the report).
+    # 384-token samples hold a whole QA record (at 256, 37% of them had their context trimmed and 8% lost
+    # the quoted line). Both fine-tunes at once, one thread each: the main pair (128 x 4 x 384 = 197k tokens
+    # per model, 4x the first try's budget) takes ~50 min on a quiet 2-core machine. The probes are 32-step
+    # R-CLA runs (~15 min per pair): max_distance 1 against 3 and the paper's any-earlier-layer, lr 6e-4
+    # against 3e-4, per-step against per-micro-batch plans (measured in the report).
     "cpu": FinetuneScale(
-        name="cpu", base="smollm2", seq_len=256, steps=192, global_batch=4, micro_batch=2, lr=6e-4,
-        warmup_steps=6, q_cross=0.6, max_distance=1, per_micro_batch=True, loss_on="record", max_records=6000,
+        name="cpu", base="smollm2", seq_len=384, steps=128, global_batch=4, micro_batch=2, lr=6e-4,
+        warmup_steps=4, q_cross=0.6, max_distance=1, per_micro_batch=True, loss_on="record", max_records=6000,
         eval_records=32, max_new_tokens=6, validation_samples=4, threads=1,
-        probes=CPU_PROBES, probe_steps=48, probe_warmup_steps=3),
+        probes=CPU_PROBES, probe_steps=32, probe_warmup_steps=2),
     # A real run (not run here): one GPU, 2,000 steps of 32 x 512 tokens (33M tokens per model), the
     # paper's peak lr scaled to the shorter run.
     "gpu": FinetuneScale(
