@@ -29,13 +29,19 @@ def _scores(normal_f1: list[float], rcla_f1: list[float]) -> dict:
 def test_claims_hold_for_the_papers_pattern_and_fail_without_it():
     held = finetune_claims(_scores([0.80, 0.30, 0.10, 0.05], [0.82, 0.78, 0.60, 0.40]))
     assert [c.held for c in held] == [True, True, True]
-    assert "0.820 / 0.780 / 0.600 / 0.400" in held[1].measured and "95% of full" in held[1].measured
+    assert "0.820 / 0.780 / 0.600 / 0.400" in held[1].measured and "95% of the full cache's F1" in held[1].measured
     # Normal fine-tuning keeping 60% at 50% has not collapsed; R-CLA at 85% of its full cache is not close;
     # R-CLA below normal at 25% does not beat it everywhere.
     not_held = finetune_claims(_scores([0.80, 0.48, 0.30, 0.30], [0.80, 0.68, 0.50, 0.20]))
     assert [c.held for c in not_held] == [False, False, False]
     # A model that answers nothing even with its full cache neither collapses nor stays close.
     assert [c.held for c in finetune_claims(_scores([0.0] * 4, [0.0] * 4))] == [False, False, False]
+    # Judged above chance: keeping 94% of F1 0.50 is keeping 80% of its 0.15 over a guess's 0.35, not close;
+    # a model at chance with its full cache has nothing to keep, however flat its F1.
+    over = finetune_claims(_scores([0.60, 0.30, 0.20, 0.10], [0.50, 0.47, 0.40, 0.36]), chance_f1=0.35)
+    assert [c.held for c in over] == [True, False, True]
+    assert "80% of the full cache's F1 above chance (0.350)" in over[1].measured
+    assert [c.held for c in finetune_claims(_scores([0.35] * 4, [0.35] * 4), chance_f1=0.35)][:2] == [False, False]
 
 
 def test_evaluation_records_are_spread_evenly_over_the_plays():

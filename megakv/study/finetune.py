@@ -15,7 +15,7 @@ Everything is cached under the part's directory, so an interrupted study resumes
 
 Training loss on the whole record: by default (`loss_on="record"`) every token of a QA sample counts
 (context, question, answer and its end token; never the padding), not only the answer. The answer-only mask
-leaves ~5 target tokens in a 256-token sample: far too little signal to teach 30 layers to attend with
+leaves ~5 target tokens in a 384-token sample: far too little signal to teach 30 layers to attend with
 another layer's K/V in a CPU budget (the measurements behind this choice are in the part's notes). The
 evaluation is the same for every model: greedy answers and the loss of the answer tokens on held-out plays,
 plus the loss of all record tokens ("held-out loss"), at every retention.
@@ -51,8 +51,8 @@ PAPER_COLLAPSE = ("Base (fine-tuned normally) F1 at 50% / 25%: RepLiQA 0.314 / 0
                   "0.226 / 0.047 of 0.301, SQuAD v2 0.427 / 0.257 of 0.583")
 PAPER_CLOSE = "R-CLA F1 at 50% vs 100%: SQuAD v2 0.740 vs 0.758, HotpotQA 0.305 vs 0.306, MSMarco 0.324 vs 0.318"
 PAPER_BEATS = "R-CLA > Base at 50% and 25% on all 5 tasks x 3 models (e.g. SQuAD v2 25%: 0.628 vs 0.257)"
-COLLAPSE_RATIO = 0.5  # normal fine-tuning "collapses" at a retention: F1 below half of its own full-cache F1
-CLOSE_RATIO = 0.9  # R-CLA "stays close" at 50%: F1 at least 90% of its own full-cache F1
+COLLAPSE_RATIO = 0.5  # normal fine-tuning "collapses" at a retention: F1 gain over chance below half its own
+CLOSE_RATIO = 0.9  # R-CLA "stays close" at 50%: F1 gain over chance at least 90% of its own at full cache
 
 
 @dataclass(frozen=True)
@@ -281,32 +281,39 @@ def prepare_data(qa_dir: Path, tokenizer: Path, settings: FinetuneScale, log: Lo
 
 
 def _pct(value: float, reference: float) -> str:
-    return f"{100 * value / reference:.0f}%" if reference > 0 else "n/a (full-cache F1 is 0)"
+    return f"{100 * value / reference:.0f}%" if reference > 0 else "n/a (full-cache F1 is not above chance)"
 
 
-def finetune_claims(scores: Mapping[str, Mapping[str, Mapping[str, float]]]) -> list[Claim]:
-    """The paper's Table 2 claims, judged on F1 (each model against its own full-cache F1)."""
+def finetune_claims(scores: Mapping[str, Mapping[str, Mapping[str, float]]], chance_f1: float = 0.0) -> list[Claim]:
+    """The paper's Table 2 claims, judged on F1 above chance (each model against its own full-cache F1 above
+    chance). The paper's QA sets have F1 near 0 for a guess, where this is its plain F1 ratio; here naming a
+    speaker of the passage at random scores ~0.35, and a model that only learnt to name one keeps "all" of it."""
     normal, rcla = scores["normal"], scores["rcla"]
     reduced = [r for r in RETAINS if r != "every:1"]
-    full_normal, full_rcla = normal["every:1"]["f1"], rcla["every:1"]["f1"]
-    collapsed = full_normal > 0 and all(normal[r]["f1"] < COLLAPSE_RATIO * full_normal for r in reduced)
-    close = full_rcla > 0 and rcla["every:2"]["f1"] >= CLOSE_RATIO * full_rcla
+
+    def gain(model: Mapping[str, Mapping[str, float]], retain: str) -> float:
+        return model[retain]["f1"] - chance_f1
+
+    full_normal, full_rcla = gain(normal, "every:1"), gain(rcla, "every:1")
+    collapsed = full_normal > 0 and all(gain(normal, r) < COLLAPSE_RATIO * full_normal for r in reduced)
+    close = full_rcla > 0 and gain(rcla, "every:2") >= CLOSE_RATIO * full_rcla
     beats = all(rcla[r]["f1"] > normal[r]["f1"] for r in reduced)
+    above = f"F1 above chance ({chance_f1:.3f})" if chance_f1 else "F1"
 
     def f1s(model: Mapping[str, Mapping[str, float]]) -> str:
         return " / ".join(f"{model[r]['f1']:.3f}" for r in RETAINS)
 
     return [
-        Claim("Normal fine-tuning collapses at 50% retention and below (F1 < "
-              f"{COLLAPSE_RATIO:.0%} of its own full-cache F1 at 50%, 33% and 25%)", PAPER_COLLAPSE,
-              f"normal F1 100/50/33/25%: {f1s(normal)} (50%: {_pct(normal['every:2']['f1'], full_normal)} of full; "
-              f"held-out loss {normal['every:1']['heldout_loss']:.2f} -> {normal['every:2']['heldout_loss']:.2f})",
-              collapsed),
-        Claim(f"R-CLA stays close to its full-cache score at 50% (F1 >= {CLOSE_RATIO:.0%} of its own 100%)",
-              PAPER_CLOSE,
-              f"R-CLA F1 100/50/33/25%: {f1s(rcla)} (50%: {_pct(rcla['every:2']['f1'], full_rcla)} of full; "
-              f"held-out loss {rcla['every:1']['heldout_loss']:.2f} -> {rcla['every:2']['heldout_loss']:.2f})",
-              close),
+        Claim(f"Normal fine-tuning collapses at 50% retention and below ({above} < {COLLAPSE_RATIO:.0%} of its "
+              "own at full cache, at 50%, 33% and 25%)", PAPER_COLLAPSE,
+              f"normal F1 100/50/33/25%: {f1s(normal)} (50%: {_pct(gain(normal, 'every:2'), full_normal)} of the "
+              f"full cache's {above}; held-out loss {normal['every:1']['heldout_loss']:.2f} -> "
+              f"{normal['every:2']['heldout_loss']:.2f})", collapsed),
+        Claim(f"R-CLA stays close to its full-cache score at 50% ({above} >= {CLOSE_RATIO:.0%} of its own at "
+              "100%)", PAPER_CLOSE,
+              f"R-CLA F1 100/50/33/25%: {f1s(rcla)} (50%: {_pct(gain(rcla, 'every:2'), full_rcla)} of the full "
+              f"cache's {above}; held-out loss {rcla['every:1']['heldout_loss']:.2f} -> "
+              f"{rcla['every:2']['heldout_loss']:.2f})", close),
         Claim("R-CLA beats normal fine-tuning at every reduced retention (50%, 33%, 25%)", PAPER_BEATS,
               "F1 R-CLA vs normal: " + ", ".join(f"{RETENTION[r]} {rcla[r]['f1']:.3f} vs {normal[r]['f1']:.3f}"
                                                  for r in reduced), beats),
@@ -446,7 +453,7 @@ def run(part_dir: Path, scale: str, *, log: Log, qa_source: Path | None = None) 
                       tables=[*_tables(scores, chance),
                               *([probe_table(settings, probe_scores, scores)] if settings.probes else []),
                               _curve_table(curves)],
-                      claims=finetune_claims(scores), plots=[plot], notes=notes)
+                      claims=finetune_claims(scores, chance['f1']), plots=[plot], notes=notes)
 
 
 def _probe_notes(settings: FinetuneScale, seconds: Mapping[str, float]) -> list[str]:
