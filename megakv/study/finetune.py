@@ -443,8 +443,8 @@ def run(part_dir: Path, scale: str, *, log: Log, qa_source: Path | None = None) 
              f"({', '.join(models)}; {settings.concurrent_runs} at once), as measured when each was computed",
              *_probe_notes(settings, probe_seconds),
              _loss_note(data.train, settings),
-             f"'collapse': F1 below {COLLAPSE_RATIO:.0%} of the model's own full-cache F1; 'close': at least "
-             f"{CLOSE_RATIO:.0%} of it. QA: who speaks a quoted line in a passage of a play never trained on "
+             f"'collapse': F1 above chance below {COLLAPSE_RATIO:.0%} of the model's own at full cache; 'close': "
+             f"at least {CLOSE_RATIO:.0%} of it. QA: who speaks a quoted line in a passage of a play never trained on "
              f"(naming a speaker of the passage at random scores EM {chance['exact_match']:.3f}, F1 "
              f"{chance['f1']:.3f} on these records, the tables' chance row; see qa/README.md)."]
     return PartResult(part="finetune", title="Fine-tuning a pretrained model with R-CLA vs normally (Table 2)",
