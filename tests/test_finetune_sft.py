@@ -20,6 +20,7 @@ from megakv.data.sft import (
     IGNORE,
     QARecord,
     choose_orders,
+    context_fits,
     encode_record,
     inputs_and_labels,
     mask_prefix,
@@ -98,6 +99,8 @@ def test_a_trimmed_context_is_centred_on_the_evidence_whatever_the_answer(tmp_pa
     context = ("The king speaks. " + "The fool fights the storm. " * 40 + "The maid remembers a letter. "
                + "The fool fights the storm. " * 40 + "The king speaks again.")
     asked = QARecord(context, "Who remembers a letter?", "The king", evidence="The maid remembers a letter.")
+    assert not context_fits(tok, asked, "cqa", SEQ)  # what megakv-eval counts: encode_record trims this one
+    assert context_fits(tok, QARecord("The king speaks.", asked.question, asked.answer), "cqa", SEQ)
     for answer in ("The king", "The fool"):  # an answer-centred window would hold the context's start
         record = QARecord(asked.context, asked.question, answer, evidence=asked.evidence)
         tokens, mask = encode_record(tok, record, "cqa", SEQ, eos, pad)

@@ -114,10 +114,9 @@ def _fit_context(tokenizer: Tokenizer, context: str, room: int, focus: str) -> l
         width = max(1, int(width * 0.9))
 
 
-def encode_prompt(tokenizer: Tokenizer, record: QARecord, order: str, budget: int, focus: str = "",
-                  bos_id: int | None = None) -> list[int]:
-    """Prompt ids of at most `budget` tokens (the context trimmed to fit around `focus`); the same for
-    training and eval."""
+def _framed(tokenizer: Tokenizer, record: QARecord, order: str, budget: int,
+            bos_id: int | None) -> tuple[list[int], str, list[int], int]:
+    """(ids before the context, the context, ids after it, tokens of `budget` left for the context)."""
     before, context, after = prompt_pieces(record, order)
     head = ([bos_id] if bos_id is not None else []) + tokenizer.encode(before)
     tail = tokenizer.encode(after)
@@ -125,14 +124,26 @@ def encode_prompt(tokenizer: Tokenizer, record: QARecord, order: str, budget: in
     if room < 1:
         raise DataError(f"record {record.id!r}: the question and template take {len(head) + len(tail)} tokens, "
                         f"leaving no room for the context in {budget}", "raise --seq-len or shorten the question")
+    return head, context, tail, room
+
+
+def encode_prompt(tokenizer: Tokenizer, record: QARecord, order: str, budget: int, focus: str = "",
+                  bos_id: int | None = None) -> list[int]:
+    """Prompt ids of at most `budget` tokens (the context trimmed to fit around `focus`); the same for
+    training and eval."""
+    head, context, tail, room = _framed(tokenizer, record, order, budget, bos_id)
     return head + _fit_context(tokenizer, context, room, focus) + tail
+
+
+def _prompt_budget(tokenizer: Tokenizer, record: QARecord, seq_len: int) -> int:
+    """Tokens of a seq_len sample left for the prompt: the answer and its end token come after it."""
+    return seq_len - len(answer_ids_of(tokenizer, record.answer)) - 1
 
 
 def context_fits(tokenizer: Tokenizer, record: QARecord, order: str, seq_len: int, bos_id: int | None = None) -> bool:
     """Whether encode_record keeps the record's whole context (else it trims it to a window)."""
-    before, context, after = prompt_pieces(record, order)
-    prompt = (bos_id is not None) + sum(len(tokenizer.encode(text)) for text in (before, context, after))
-    return prompt + len(answer_ids_of(tokenizer, record.answer)) + 1 <= seq_len
+    _, context, _, room = _framed(tokenizer, record, order, _prompt_budget(tokenizer, record, seq_len), bos_id)
+    return len(tokenizer.encode(context)) <= room
 
 
 def answer_ids_of(tokenizer: Tokenizer, answer: str) -> list[int]:
@@ -146,7 +157,8 @@ def encode_record(tokenizer: Tokenizer, record: QARecord, order: str, seq_len: i
     if len(answer) >= seq_len // 2:
         raise DataError(f"record {record.id!r}: the answer takes {len(answer)} tokens of seq_len {seq_len}",
                         "raise --seq-len, or drop records with long answers")
-    prompt = encode_prompt(tokenizer, record, order, seq_len - len(answer), record.evidence or record.answer, bos_id)
+    prompt = encode_prompt(tokenizer, record, order, _prompt_budget(tokenizer, record, seq_len),
+                           record.evidence or record.answer, bos_id)
     ids = prompt + answer
     tokens = np.full(seq_len, pad_id, np.int64)
     mask = np.zeros(seq_len, np.uint8)
