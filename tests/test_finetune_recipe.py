@@ -10,7 +10,8 @@ import torch
 
 from megakv.cli.qa import main as qa_main
 from megakv.config import ModelConfig, load_config
-from megakv.data.qa_build import speeches
+from megakv.data.errors import DataError
+from megakv.data.qa_build import build_qa_set, built_kind, guesses, speeches
 from megakv.model import MegaKVModel
 from megakv.model_dir import save_model_dir
 from megakv.recipes import path as recipe_path
@@ -35,27 +36,58 @@ def test_speeches_are_read_as_printed():
     assert speeches(text) == [("HAMLET", ["To be, or not to be.", "That is the question."])]
 
 
-def test_built_records_are_extractive_unique_and_held_out_by_play(tmp_path):
+def _built(tmp_path, kind: str) -> dict[str, list[dict]]:
     source = write_plays(tmp_path / "plays")
-    assert qa_main(["build", "--output-dir", str(tmp_path / "qa"), "--source", str(source),
-                    "--max-records", "600"]) == 0
-    splits = {s: [json.loads(line) for line in (tmp_path / "qa" / f"{s}.jsonl").read_text().splitlines()]
+    assert qa_main(["build", "--output-dir", str(tmp_path / kind), "--source", str(source), "--max-records", "600",
+                    "--kind", kind]) == 0
+    splits = {s: [json.loads(line) for line in (tmp_path / kind / f"{s}.jsonl").read_text().splitlines()]
               for s in ("train", "valid", "test")}
     assert all(splits.values())
     plays = {s: {r["play"] for r in records} for s, records in splits.items()}
     assert len(plays["test"]) == len(plays["valid"]) == 4 and not plays["test"] & plays["train"]
     assert not plays["valid"] & plays["train"] and not plays["test"] & plays["valid"]
+    assert built_kind(tmp_path / kind) == kind
+    assert "random would score EM" in (tmp_path / kind / "README.md").read_text()
+    return splits
+
+
+def _speeches_of(context: str) -> list[list[str]]:
+    return [block.split("\n") for block in context.split("\n\n")]
+
+
+def test_built_speaker_records_are_extractive_unique_and_held_out_by_play(tmp_path):
+    splits = _built(tmp_path, "speaker")
     for record in splits["train"] + splits["test"]:
         quoted = record["question"].removeprefix('Who says "').removesuffix('"?')
         assert len(record["context"]) <= 1200
         # The answer is the speaker printed above the quoted line, and that line occurs once in the passage.
-        speaker_of = {line: block.split("\n")[0] for block in record["context"].split("\n\n")
-                      for line in block.split("\n")[1:]}
+        speaker_of = {line: speech[0] for speech in _speeches_of(record["context"]) for line in speech[1:]}
         matching = [line for line in speaker_of if line.rstrip(",;:") == quoted]
         assert len(matching) == 1 and speaker_of[matching[0]] == record["answer"]
         assert record["evidence"] == matching[0]  # the line as printed: what a trimmed context keeps
-    assert "random would score EM" in (tmp_path / "qa" / "README.md").read_text()
+
+
+def test_built_next_line_records_answer_the_line_after_the_quoted_one(tmp_path):
+    splits = _built(tmp_path, "next-line")
+    for record in splits["train"] + splits["test"]:
+        quoted = record["question"].removeprefix('Which line follows "').removesuffix('"?')
+        assert record["question"] != quoted and len(record["context"]) <= 1200
+        spoken = [line for speech in _speeches_of(record["context"]) for line in speech[1:]]
+        # The quoted line occurs once; the answer is the next line of the same speech, also unique.
+        pairs = [(line, after) for speech in _speeches_of(record["context"])
+                 for line, after in zip(speech[1:], speech[2:]) if line.rstrip(",;:") == quoted]
+        assert len(pairs) == 1 and pairs[0][1] == record["answer"] and spoken.count(record["answer"]) == 1
+        assert record["evidence"] == "\n".join(pairs[0]) and record["evidence"] in record["context"]
+        # A guess is another line of the passage, the answer among them, never the quoted line.
+        options = guesses("next-line", record["context"], record["evidence"])
+        assert record["answer"] in options and pairs[0][0] not in options and len(options) == len(spoken) - 1
+
+
+def test_qa_build_refuses_bad_input(tmp_path):
     assert qa_main(["build", "--output-dir", str(tmp_path / "x"), "--source", str(tmp_path / "empty")]) == 2
+    with pytest.raises(DataError, match="unknown question kind 'who'.*choose one of next-line, speaker"):
+        build_qa_set(tmp_path / "x", source=write_plays(tmp_path / "plays"), kind="who")
+    assert not (tmp_path / "x").exists()  # refused before writing anything
 
 
 def test_the_finetune_recipe_has_the_papers_settings_and_takes_the_models_section(tmp_path):

@@ -94,7 +94,7 @@ def test_answer_loss_is_the_masked_loss_of_the_reference_answer(qa_setup):
     model, tok = load_model(root / "base"), load_tokenizer(tok_dir)
     record = QARecord(**{k: v for k, v in qa_records(1)[0].items() if k != "id"})
     plan = deployment_plan("every:1", 4)
-    result, = evaluate_qa(model, tok, [record], {"every:1": plan}, seq_len=SEQ, max_new_tokens=3)
+    result, = evaluate_qa(model, tok, [record], {"every:1": plan}, seq_len=SEQ, max_new_tokens=8)
     pad = tok.info.pad_id if tok.info.pad_id is not None else tok.info.eos_id
     tokens, mask = encode_record(tok, record, "cqa", SEQ, tok.info.eos_id, pad, tok.info.bos_id)
     with torch.no_grad():
@@ -103,6 +103,9 @@ def test_answer_loss_is_the_masked_loss_of_the_reference_answer(qa_setup):
     expected = -logprobs[counted].gather(1, torch.tensor(tokens[1:])[counted][:, None]).mean()
     assert result.answer_loss == pytest.approx(float(expected), rel=1e-5)
     assert result.f1 == token_f1(result.examples[0]["predicted"], record.answer)
+    # A greedy budget shorter than the reference answer (8 tokens here) would truncate what the model earned.
+    with pytest.raises(ValueError, match="shorter than the longest reference answer .8 tokens"):
+        evaluate_qa(model, tok, [record], {"every:1": plan}, seq_len=SEQ, max_new_tokens=7)
 
 
 def test_qa_eval_says_when_the_reference_answer_chose_the_context_window(qa_setup, tmp_path, capsys):
@@ -117,7 +120,7 @@ def test_qa_eval_says_when_the_reference_answer_chose_the_context_window(qa_setu
                           ([short, dict(long, evidence="The king loves old Rome.")], None)):
         data.write_text("".join(json.dumps(r) + "\n" for r in records))
         assert eval_main(["--task", "qa", "--model", str(root / "base"), "--data", str(data), "--retain", "every:1",
-                          "--max-new-tokens", "2", "--seq-len", str(SEQ), "--no-progress"]) == 0
+                          "--max-new-tokens", "16", "--seq-len", str(SEQ), "--no-progress"]) == 0
         out = capsys.readouterr().out
         assert (note in out) if note else ("note:" not in out)
 
@@ -142,7 +145,7 @@ def test_finetune_then_qa_eval_at_every_retention_plan(qa_setup, tmp_path):
 
     out = tmp_path / "qa.json"
     code = eval_main(["--task", "qa", "--model", str(tmp_path / "tuned"), "--data", str(root / "test.jsonl"),
-                      "--retain", "every:1", "every:2", "every:3", "every:4", "--max-new-tokens", "4",
+                      "--retain", "every:1", "every:2", "every:3", "every:4", "--max-new-tokens", "16",
                       "--seq-len", str(SEQ), "--json", str(out), "--no-progress"])
     assert code == 0
     report = json.loads(out.read_text())
@@ -155,3 +158,6 @@ def test_finetune_then_qa_eval_at_every_retention_plan(qa_setup, tmp_path):
 
     missing = eval_main(["--task", "qa", "--model", str(tmp_path / "tuned"), "--data", str(tmp_path / "nope.jsonl")])
     assert missing == 2
+    short = eval_main(["--task", "qa", "--model", str(tmp_path / "tuned"), "--data", str(root / "test.jsonl"),
+                       "--max-new-tokens", "1", "--seq-len", str(SEQ), "--no-progress"])
+    assert short == 2  # no reference answer here is one token: a 1-token budget is refused

@@ -61,13 +61,23 @@ def test_chance_is_the_expected_score_of_naming_a_speaker_of_the_passage_at_rand
                            "MACBETH\nSo foul and fair", "question": "Who says ...?", "answer": "FIRST WITCH"}]
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     # By hand: EM 1/2 and 1/3; F1 (1 + 0) / 2 and (1 + 1/2 + 0) / 3 ("SECOND WITCH" shares "witch").
-    chance = qa_scores.chance_scores(path, 2)
+    chance = qa_scores.chance_scores(path, 2, "speaker")
     assert chance["exact_match"] == pytest.approx((1 / 2 + 1 / 3) / 2)
     assert chance["f1"] == pytest.approx((1 / 2 + 1 / 2) / 2)
-    assert qa_scores.chance_scores(path, 1) == {"exact_match": 0.5, "f1": 0.5}  # the first of the two
+    assert qa_scores.chance_scores(path, 1, "speaker") == {"exact_match": 0.5, "f1": 0.5}  # the first of the two
     path.write_text("")
     with pytest.raises(DataError, match="holds no records"):
-        qa_scores.chance_scores(path, 2)
+        qa_scores.chance_scores(path, 2, "speaker")
+
+
+def test_next_line_chance_is_the_expected_score_of_another_line_of_the_passage(tmp_path):
+    path = tmp_path / "test.jsonl"
+    context = "ROMEO\nBut soft, what light\nIt is the east\n\nJULIET\nAy me the light"
+    path.write_text(json.dumps({"context": context, "question": 'Which line follows "But soft, what light"?',
+                                "answer": "It is the east", "evidence": "But soft, what light\nIt is the east"})
+                    + "\n")
+    # Guesses: "It is the east" (EM 1, F1 1) and "Ay me the light" (EM 0; "the" is an article, so F1 0).
+    assert qa_scores.chance_scores(path, 1, "next-line") == {"exact_match": 0.5, "f1": 0.5}
 
 
 def test_scores_equal_megakv_eval_qa_and_the_record_loss_equals_a_per_record_reference(tmp_path):
@@ -90,9 +100,9 @@ def test_scores_equal_megakv_eval_qa_and_the_record_loss_equals_a_per_record_ref
     model = MegaKVModel(cfg, init_seed=5).eval()
     records = [QARecord(r["context"], r["question"], r["answer"], r["id"]) for r in sft_records(10, seed=3)]
     retains = ("every:1", "every:2")
-    ours = qa_scores.score_plans(model, tokenizer, records, retains, seq_len=128, max_new_tokens=3, batch=4)
+    ours = qa_scores.score_plans(model, tokenizer, records, retains, seq_len=128, max_new_tokens=10, batch=4)
     plans = {spec: deployment_plan(spec, cfg.n_layers) for spec in retains}
-    reference = {r.spec: r for r in evaluate_qa(model, tokenizer, records, plans, seq_len=128, max_new_tokens=3)}
+    reference = {r.spec: r for r in evaluate_qa(model, tokenizer, records, plans, seq_len=128, max_new_tokens=10)}
     info = tokenizer.info
     pad = info.pad_id if info.pad_id is not None else info.eos_id
     for spec in retains:
@@ -153,9 +163,10 @@ def test_tiny_part_end_to_end_then_cached(tmp_path, capsys):
     assert result.part == "finetune" and result.scale == "tiny"
     assert [len(t.rows) for t in result.tables[:4]] == [4, 4, 3, 3]
     # F1 and EM end with the chance row: one value at every retention, computed on the scored records.
-    chance = qa_scores.chance_scores(part / "qa" / "test.jsonl", finetune.SCALES["tiny"].eval_records)
+    settings = finetune.SCALES["tiny"]
+    chance = qa_scores.chance_scores(part / "qa" / "test.jsonl", settings.eval_records, settings.qa_kind)
     for table, metric in zip(result.tables[:2], ("f1", "exact_match")):
-        assert table.rows[-1] == [finetune.CHANCE_LABEL, *[round(chance[metric], 4)] * len(RETAINS)]
+        assert table.rows[-1] == [finetune.CHANCE_LABELS["next-line"], *[round(chance[metric], 4)] * len(RETAINS)]
     assert 0 < chance["exact_match"] < 1 and f"{chance['exact_match']:.3f}" in result.notes[-1]
     # The probe (an R-CLA fine-tune changing max_distance) is scored at every retention beside the main runs.
     probes = result.tables[4]
@@ -197,5 +208,11 @@ def test_tiny_part_end_to_end_then_cached(tmp_path, capsys):
     with pytest.MonkeyPatch.context() as patch:
         patch.setitem(finetune.SCALES, "tiny", changed)
         with pytest.raises(ValueError, match=r"routing.max_distance: 3 -> 1.*move or delete"):
+            finetune.run(part, "tiny", log=again.append, qa_source=plays)
+    assert (part / "runs" / "rcla" / "config.yaml").read_bytes() == before
+    # So are other questions: the cached fine-tunes were trained on next-line records.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(finetune.SCALES, "tiny", dataclasses.replace(finetune.SCALES["tiny"], qa_kind="speaker"))
+        with pytest.raises(DataError, match="holds next-line questions, this scale asks speaker questions"):
             finetune.run(part, "tiny", log=again.append, qa_source=plays)
     assert (part / "runs" / "rcla" / "config.yaml").read_bytes() == before

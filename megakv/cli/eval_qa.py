@@ -18,7 +18,7 @@ from megakv.inference.cli_support import DTYPES
 
 def add_qa_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("--task qa")
-    group.add_argument("--max-new-tokens", type=int, default=16, help="longest greedy answer (default: %(default)s)")
+    group.add_argument("--max-new-tokens", type=int, default=32, help="longest greedy answer (default: %(default)s)")
     group.add_argument("--order", choices=("cqa", "qca"), default="cqa",
                        help="prompt order: context first (cqa) or question first (default: %(default)s)")
     group.add_argument("--limit", type=int, default=200, help="score the first N records; 0: all "

