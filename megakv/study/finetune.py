@@ -134,10 +134,12 @@ class FinetuneScale:
                            f"{self.threads} thread(s) each"}
 
 
-CPU_PROBES = (RoutingProbe("paper", max_distance=None, lr=3e-4), RoutingProbe("nearest-3", max_distance=3, lr=3e-4),
-              RoutingProbe("nearest-1", max_distance=1, lr=3e-4),
+# Four probes, two rounds of two on a 2-core machine: max_distance 1 against the paper's any earlier layer,
+# lr 6e-4 against 3e-4, a plan per step against per micro-batch. The GPU preset adds max_distance 3.
+CPU_PROBES = (RoutingProbe("paper", max_distance=None, lr=3e-4), RoutingProbe("nearest-1", max_distance=1, lr=3e-4),
               RoutingProbe("nearest-1-lr6e-4", max_distance=1, lr=6e-4),
               RoutingProbe("nearest-1-lr6e-4-per-step", max_distance=1, lr=6e-4, per_micro_batch=False))
+GPU_PROBES = (*CPU_PROBES, RoutingProbe("nearest-3", max_distance=3, lr=3e-4))
 SCALES = {
     "tiny": FinetuneScale(
         name="tiny", base="tiny", seq_len=128, steps=2, global_batch=2, micro_batch=2, lr=1e-3, warmup_steps=1,
@@ -147,8 +149,7 @@ SCALES = {
     # 384-token samples hold a whole QA record (at 256, 37% of them had their context trimmed and 8% lost
     # the quoted line). Both fine-tunes at once, one thread each: the main pair (128 x 4 x 384 = 197k tokens
     # per model, 4x the first try's budget) takes ~50 min on a quiet 2-core machine. The probes are 32-step
-    # R-CLA runs (~15 min per pair): max_distance 1 against 3 and the paper's any-earlier-layer, lr 6e-4
-    # against 3e-4, per-step against per-micro-batch plans (measured in the report).
+    # R-CLA runs (~18 min per pair, CPU_PROBES; measured in the report).
     "cpu": FinetuneScale(
         name="cpu", base="smollm2", seq_len=384, steps=128, global_batch=4, micro_batch=2, lr=6e-4,
         warmup_steps=4, q_cross=0.6, max_distance=1, per_micro_batch=True, loss_on="record", max_records=6000,
@@ -160,7 +161,7 @@ SCALES = {
         name="gpu", base="smollm2", seq_len=512, steps=2000, global_batch=32, micro_batch=16, lr=1e-4,
         warmup_steps=30, q_cross=0.6, max_distance=3, per_micro_batch=True, loss_on="record", max_records=6000,
         eval_records=628, max_new_tokens=24, validation_samples=64, threads=8,
-        concurrent_runs=1, device="cuda", probes=CPU_PROBES, probe_steps=500, probe_warmup_steps=10),
+        concurrent_runs=1, device="cuda", probes=GPU_PROBES, probe_steps=500, probe_warmup_steps=10),
 }
 
 
