@@ -172,9 +172,15 @@ def test_tiny_part_end_to_end_then_cached(tmp_path, capsys):
     probes = result.tables[4]
     assert [row[0] for row in probes.rows] == ["probe nearest-1", "R-CLA (main run)", "normal (main run)"]
     assert "the layer just below" in probes.rows[0][1] and "3 nearest" in probes.rows[1][1]
+    assert "q_cross ramped up over 1 steps" in probes.rows[0][1] and "ramped" not in probes.rows[1][1]
     assert all(np.isfinite(v) for row in probes.rows for v in row[2:])
     probe_config = OmegaConf.load(part / "probes" / "nearest-1" / "config.yaml")
     assert probe_config.routing.max_distance == 1 and probe_config.train.steps == 2
+    # Its q_cross ramp: step 1 at q 0 (every layer its own K/V), step 2 at the full q_cross.
+    assert probe_config.routing.q_cross_warmup_steps == 1
+    probe_metrics = (part / "probes" / "nearest-1" / "metrics.jsonl").read_text().splitlines()
+    probe_rows = [json.loads(line) for line in probe_metrics]
+    assert [r["routing/routed_fraction"] for r in probe_rows if "train/loss" in r][0] == 0
     assert [row[0] for row in result.tables[5].rows] == [1, 2]  # validation after each of the 2 steps
     assert [c.held for c in result.claims] and all(isinstance(c.held, bool) for c in result.claims)
     assert (part / result.plots[0]).read_bytes()[:4] == b"\x89PNG"

@@ -18,6 +18,16 @@ class RoutingConfig:
     seed: int = 1234
     # false: one plan per optimizer step (all micro-batches share it); true: one plan per micro-batch.
     per_micro_batch: bool = False
+    # Ramp q_cross linearly from 0 at step 0 to its value at this step (0: no ramp, the paper). Fine-tuning
+    # a pretrained model at full q_cross starts it far off (every:2 loss ~12 for SmolLM2); a ramp lets it
+    # learn to read its neighbours' K/V before most of its layers must.
+    q_cross_warmup_steps: int = 0
+
+    def q_cross_at(self, step: int) -> float:
+        """q_cross for the 0-based optimizer step `step`."""
+        if self.q_cross_warmup_steps <= 0 or step >= self.q_cross_warmup_steps:
+            return self.q_cross
+        return self.q_cross * step / self.q_cross_warmup_steps
 
     def validate(self, n_layers: int, prefix: str = "routing") -> None:
         from megakv.routing import parse_strategy  # routing imports config types; avoid a cycle
@@ -33,3 +43,6 @@ class RoutingConfig:
         if self.max_distance is not None and self.max_distance < 1:
             raise ConfigError(f"{prefix}.max_distance", self.max_distance, "must be >= 1 or null",
                               "null lets a layer read any earlier layer")
+        if self.q_cross_warmup_steps < 0:
+            raise ConfigError(f"{prefix}.q_cross_warmup_steps", self.q_cross_warmup_steps, "must be >= 0",
+                              "0 trains at q_cross from the first step; N ramps it up over N steps")

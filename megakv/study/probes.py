@@ -30,18 +30,21 @@ class RoutingProbe:
     max_distance: int | None  # None: any earlier layer (the paper)
     lr: float
     per_micro_batch: bool = True
+    q_cross_warmup_steps: int = 0  # routing.q_cross_warmup_steps (0: q_cross from the first step, the paper)
 
     def describe(self) -> str:
         source = ("any earlier layer" if self.max_distance is None else "the layer just below"
                   if self.max_distance == 1 else f"one of the {self.max_distance} nearest")
         plans = "per micro-batch" if self.per_micro_batch else "per step"
-        return f"source {source}, lr {self.lr:g}, a plan {plans}"
+        ramp = f", q_cross ramped up over {self.q_cross_warmup_steps} steps" if self.q_cross_warmup_steps else ""
+        return f"source {source}, lr {self.lr:g}, a plan {plans}{ramp}"
 
 
 def probe_settings(settings, probe: RoutingProbe):
     """The part's settings (FinetuneScale) at the probe budget with the probe's routing and lr."""
     return dataclasses.replace(settings, steps=settings.probe_steps, warmup_steps=settings.probe_warmup_steps,
-                               lr=probe.lr, max_distance=probe.max_distance, per_micro_batch=probe.per_micro_batch)
+                               lr=probe.lr, max_distance=probe.max_distance, per_micro_batch=probe.per_micro_batch,
+                               q_cross_warmup_steps=probe.q_cross_warmup_steps)
 
 
 def run_probes(part_dir: Path, settings, data_overrides: Sequence[str], test_records: Path,
@@ -75,7 +78,8 @@ def probe_table(settings, probe_scores: Mapping[str, Scores], main_scores: Mappi
 
     probe_budget = f"{settings.probe_steps} steps"
     rows = [row(f"probe {p.name}", f"{probe_budget}; {p.describe()}", probe_scores[p.name]) for p in settings.probes]
-    main = RoutingProbe("main", settings.max_distance, settings.lr, settings.per_micro_batch)
+    main = RoutingProbe("main", settings.max_distance, settings.lr, settings.per_micro_batch,
+                        settings.q_cross_warmup_steps)
     rows.append(row("R-CLA (main run)", f"{settings.steps} steps; {main.describe()}", main_scores["rcla"]))
     rows.append(row("normal (main run)", f"{settings.steps} steps; routing none, lr {settings.lr:g}",
                     main_scores["normal"]))

@@ -28,7 +28,7 @@ def plans_per_step(cfg: RoutingConfig, global_batch: int, micro_batch: int) -> i
 
 def sample_step_plans(cfg: RoutingConfig, n_layers: int, step: int, count: int) -> list[RoutingPlan]:
     """Plans for slots 0..count-1 of `step` (slot = global micro-batch position, see the module doc)."""
-    return [sample_plan(cfg.strategy, n_layers, q_cross=cfg.q_cross, seed=cfg.seed, step=step, micro_batch=m,
+    return [sample_plan(cfg.strategy, n_layers, q_cross=cfg.q_cross_at(step), seed=cfg.seed, step=step, micro_batch=m,
                         max_distance=cfg.max_distance) for m in range(count)]
 
 
