@@ -32,6 +32,18 @@ from megakv.config.errors import ConfigError
 from megakv.train import EXIT_CONFIG, EXIT_FAILED, EXIT_OK
 
 QUIET_RANK_EXIT_DELAY_S = 3.0  # a rank that leaves the report of a shared mistake to rank 0 waits this long
+QUIET_RANK_AGENT_WAIT_S = 60.0  # ... or this long under torchrun, whose agent stops it when rank 0 exits
+
+
+def _quiet_rank_wait(rank: int, error: Exception) -> None:
+    """No store to wait on (--dry-run): leave rank 0 time to say the shared mistake before exiting.
+
+    Under torchrun the agent stops this rank as soon as rank 0 exits, so it can wait as long as rank 0 needs
+    (a loaded machine takes seconds to import torch); if it is still here after that, it says it itself."""
+    stopped_by_agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    time.sleep(QUIET_RANK_AGENT_WAIT_S if stopped_by_agent else QUIET_RANK_EXIT_DELAY_S)
+    if stopped_by_agent:
+        print(f"[rank {rank}] megakv-train: error: {error}", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -182,17 +194,21 @@ def main(argv: list[str] | None = None) -> int:
             if error is None:
                 return EXIT_FAILED
     if error is not None:
-        if rank == 0 or not isinstance(error, ConfigError):  # a config mistake is every rank's: say it once
+        said = rank == 0 or not isinstance(error, ConfigError)  # a config mistake is every rank's: say it once
+        if said:
             print(f"[rank {rank}] megakv-train: error: {error}", file=sys.stderr)
-        elif guard is None:  # no store to wait on: give rank 0 time to say it before the launcher stops all
-            time.sleep(QUIET_RANK_EXIT_DELAY_S)
         if guard is not None:
-            guard.report(str(error), EXIT_CONFIG)
+            guard.report(str(error), EXIT_CONFIG, said=said)
+            if not said and not guard.wait_until_said(0):
+                print(f"[rank {rank}] megakv-train: error: {error}", file=sys.stderr)  # rank 0 never did
+        elif not said:
+            _quiet_rank_wait(rank, error)
         return EXIT_CONFIG
     if guard is not None:
         failure = guard.agree()
         if failure is not None:
             print(failure.describe(rank), file=sys.stderr)
+            guard.mark_said()
             return failure.code or EXIT_FAILED
     if layout.rank == 0:
         _prepare_run_dir(launch)

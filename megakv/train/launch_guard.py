@@ -80,11 +80,16 @@ class LaunchGuard:
         except Exception:  # noqa: BLE001 - the store is gone (its host exited): nothing more to learn
             return None
 
-    def report(self, message: str, code: int) -> None:
-        """Tell every rank why this one stops; the store's host stays until they have read it (or a short while)."""
+    def report(self, message: str, code: int, said: bool = True) -> None:
+        """Tell every rank why this one stops; the store's host stays until they have read it (or a short while).
+
+        said: this rank has printed the message (a rank that leaves a shared mistake to rank 0 has not)."""
         payload = json.dumps({"rank": self.rank, "message": message, "code": code})
         try:
             self.store.compare_set("error", "", payload)  # the first failure is the one reported
+            if not said:  # counted as done once it has heard rank 0 say it (wait_until_said)
+                return
+            self.mark_said()
             self.store.add("failed", 1)
             if not self.hosts_store:
                 return
@@ -108,6 +113,29 @@ class LaunchGuard:
             self.store.add("acks", 1)
         except Exception:  # noqa: BLE001
             pass
+
+    def mark_said(self) -> None:
+        """This rank has printed why the launch stops (its own failure or a peer's)."""
+        try:
+            self.store.set(f"said/{self.rank}", "1")
+        except Exception:  # noqa: BLE001
+            pass
+
+    def wait_until_said(self, rank: int = 0) -> bool:
+        """Wait (up to parallel.timeout) until `rank` has printed why the launch stops; False if it never did.
+
+        A rank that leaves a shared mistake to rank 0 must not exit first: a launcher that stops every rank
+        when one fails (torchrun, the deepspeed launcher) would stop rank 0 before it says anything."""
+        deadline = time.monotonic() + self.timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if self.store.check([f"said/{rank}"]):
+                    self.store.add("failed", 1)  # heard: the store's host need not wait for this rank any more
+                    return True
+            except Exception:  # noqa: BLE001 - the store is gone with its host: nobody is left to say it
+                return False
+            time.sleep(POLL_S)
+        return False
 
     def wait_for_error(self, seconds: float) -> PeerFailure | None:
         """After a collective failed here: did a peer explain why? (It may still be posting.)"""
