@@ -42,6 +42,10 @@ def test_claims_hold_for_the_papers_pattern_and_fail_without_it():
     assert [c.held for c in over] == [True, False, True]
     assert "80% of the full cache's F1 above chance (0.350)" in over[1].measured
     assert [c.held for c in finetune_claims(_scores([0.35] * 4, [0.35] * 4), chance_f1=0.35)][:2] == [False, False]
+    # Beating a collapsed normal model with answers worse than a guess (0.12) is not beating it.
+    below = finetune_claims(_scores([0.86, 0.01, 0.03, 0.02], [0.11, 0.13, 0.06, 0.06]), chance_f1=0.12)
+    assert [c.held for c in below] == [True, False, False] and "and chance (0.120)" in below[2].claim
+    assert finetune_claims(_scores([0.86, 0.01, 0.03, 0.02], [0.80, 0.75, 0.30, 0.20]), chance_f1=0.12)[2].held
 
 
 def test_evaluation_records_are_spread_evenly_over_the_plays():

@@ -138,11 +138,12 @@ class FinetuneScale:
                            f"{self.threads} thread(s) each"}
 
 
-# Four probes, two rounds of two on a 2-core machine. nearest-1-lr6e-4 has the main R-CLA run's settings;
-# each other probe changes one knob of it: the paper's source (any earlier layer), lr 1e-4 (how fast sharing
-# is learnt against how much of the full-cache skill is kept), and q_cross ramped up from 0 over half the
-# probe (the pretrained model is not thrown at 60% foreign K/V on its first step). The GPU preset adds
-# max_distance 3, lr 3e-4 and a plan per step instead of per micro-batch.
+# Four probes, two rounds of two on a 2-core machine. nearest-1-lr6e-4 has the main R-CLA run's settings
+# without its q_cross ramp (q 0.6 from the first step); each other probe changes one knob of it: the
+# paper's source (any earlier layer), lr 1e-4 (how fast sharing is learnt against how much of the
+# full-cache skill is kept), and q_cross ramped up from 0 over half the probe (the pretrained model is not
+# thrown at 60% foreign K/V on its first step). The GPU preset adds max_distance 3, lr 3e-4 and a plan per
+# step instead of per micro-batch.
 CPU_PROBES = (RoutingProbe("nearest-1-lr6e-4", max_distance=1, lr=6e-4),
               RoutingProbe("any-earlier-lr6e-4", max_distance=None, lr=6e-4),
               RoutingProbe("nearest-1-lr1e-4", max_distance=1, lr=1e-4),
@@ -161,10 +162,12 @@ SCALES = {
         probe_warmup_steps=1),
     # 384-token samples hold a whole QA record (at 256, 37% of them had their context trimmed and 8% lost
     # the quoted line). Both fine-tunes at once, one thread each: the main pair (128 x 4 x 384 = 197k tokens
-    # per model, 4x the first try's budget) takes ~50 min on a quiet 2-core machine. R-CLA's q_cross ramps up
+    # per model, 4x the first try's budget) takes ~33 min on a quiet 2-core machine. R-CLA's q_cross ramps up
     # over the first quarter: at 0.6 from step 1 (these settings otherwise, run 2026-12-03) the pretrained
-    # model started at loss ~12 and lost the task at full cache (F1 0.08 against normal's 0.89). The probes
-    # are 32-step R-CLA runs (~18 min per pair, CPU_PROBES; measured in the report).
+    # model started at loss ~12 and lost the task at full cache (F1 0.08 against normal's 0.89); with the ramp
+    # (2026-12-06) it starts at 3.6 and keeps more (answer loss 0.97 against 1.59) but still scores below a
+    # guess at full cache (F1 0.11; normal 0.86): see the committed report. The probes
+    # are 32-step R-CLA runs (~12 min per pair, CPU_PROBES; measured in the report).
     "cpu": FinetuneScale(
         name="cpu", base="smollm2", seq_len=384, steps=128, global_batch=4, micro_batch=2, lr=6e-4,
         warmup_steps=4, q_cross=0.6, max_distance=1, per_micro_batch=True, loss_on="record", max_records=6000,
@@ -322,7 +325,9 @@ def finetune_claims(scores: Mapping[str, Mapping[str, Mapping[str, float]]], cha
     full_normal, full_rcla = gain(normal, "every:1"), gain(rcla, "every:1")
     collapsed = full_normal > 0 and all(gain(normal, r) < COLLAPSE_RATIO * full_normal for r in reduced)
     close = full_rcla > 0 and gain(rcla, "every:2") >= CLOSE_RATIO * full_rcla
-    beats = all(rcla[r]["f1"] > normal[r]["f1"] for r in reduced)
+    # Beating a collapsed model with answers worse than a guess is not the paper's claim: R-CLA must also
+    # score above chance at each reduced retention.
+    beats = all(rcla[r]["f1"] > max(normal[r]["f1"], chance_f1) for r in reduced)
     above = f"F1 above chance ({chance_f1:.3f})" if chance_f1 else "F1"
 
     def f1s(model: Mapping[str, Mapping[str, float]]) -> str:
@@ -339,7 +344,8 @@ def finetune_claims(scores: Mapping[str, Mapping[str, Mapping[str, float]]], cha
               f"R-CLA F1 100/50/33/25%: {f1s(rcla)} (50%: {_pct(gain(rcla, 'every:2'), full_rcla)} of the full "
               f"cache's {above}; held-out loss {rcla['every:1']['heldout_loss']:.2f} -> "
               f"{rcla['every:2']['heldout_loss']:.2f})", close),
-        Claim("R-CLA beats normal fine-tuning at every reduced retention (50%, 33%, 25%)", PAPER_BEATS,
+        Claim("R-CLA beats normal fine-tuning at every reduced retention (50%, 33%, 25%), and chance"
+              + (f" ({chance_f1:.3f})" if chance_f1 else ""), PAPER_BEATS,
               "F1 R-CLA vs normal: " + ", ".join(f"{RETENTION[r]} {rcla[r]['f1']:.3f} vs {normal[r]['f1']:.3f}"
                                                  for r in reduced), beats),
     ]
@@ -475,7 +481,8 @@ def run(part_dir: Path, scale: str, *, log: Log, qa_source: Path | None = None) 
              *_probe_notes(settings, probe_seconds),
              _loss_note(data.train, settings),
              f"'collapse': F1 above chance below {COLLAPSE_RATIO:.0%} of the model's own at full cache; 'close': "
-             f"at least {CLOSE_RATIO:.0%} of it. QA: {QUESTIONS[settings.qa_kind]} in a passage of a play never "
+             f"at least {CLOSE_RATIO:.0%} of it; 'beats': R-CLA's F1 above both normal's and chance at each reduced "
+             f"retention. QA: {QUESTIONS[settings.qa_kind]} in a passage of a play never "
              f"trained on ({GUESSES[settings.qa_kind]} at random scores EM {chance['exact_match']:.3f}, F1 "
              f"{chance['f1']:.3f} on these records, the tables' chance row; see qa/README.md)."]
     return PartResult(part="finetune", title="Fine-tuning a pretrained model with R-CLA vs normally (Table 2)",
@@ -491,7 +498,8 @@ def _probe_notes(settings: FinetuneScale, seconds: Mapping[str, float]) -> list[
     if not settings.probes:
         return []
     return [f"probes: {settings.probe_steps} steps each (warm-up {settings.probe_warmup_steps}, linear to 0), "
-            "otherwise the main R-CLA run's settings; training time " +
+            "otherwise the main R-CLA run's settings except the q_cross ramp (none unless the probe names one); "
+            "training time " +
             ", ".join(f"{name} {s / 60:.1f} min" for name, s in seconds.items()) +
             f" ({settings.concurrent_runs} at once), as measured when each was trained"]
 
