@@ -344,8 +344,8 @@ def finetune_claims(scores: Mapping[str, Mapping[str, Mapping[str, float]]], cha
               f"R-CLA F1 100/50/33/25%: {f1s(rcla)} (50%: {_pct(gain(rcla, 'every:2'), full_rcla)} of the full "
               f"cache's {above}; held-out loss {rcla['every:1']['heldout_loss']:.2f} -> "
               f"{rcla['every:2']['heldout_loss']:.2f})", close),
-        Claim("R-CLA beats normal fine-tuning at every reduced retention (50%, 33%, 25%), and chance"
-              + (f" ({chance_f1:.3f})" if chance_f1 else ""), PAPER_BEATS,
+        Claim("R-CLA beats normal fine-tuning at every reduced retention (50%, 33%, 25%)"
+              + (f", and chance ({chance_f1:.3f})" if chance_f1 else ""), PAPER_BEATS,
               "F1 R-CLA vs normal: " + ", ".join(f"{RETENTION[r]} {rcla[r]['f1']:.3f} vs {normal[r]['f1']:.3f}"
                                                  for r in reduced), beats),
     ]
