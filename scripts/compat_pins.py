@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import re
 import sys
-import tomllib
 from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10 (pyproject allows it): test_compat.sh installs tomli there
+    import tomli as tomllib
 
 FAST_MOVING = ("transformers", "tokenizers", "datasets", "deepspeed")
 

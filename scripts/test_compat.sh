@@ -17,7 +17,8 @@ for which in "${@:-lowest newest}"; do
     trap 'rm -rf "$venv"' EXIT
     "$PYTHON" -m venv "$venv"
     "$venv/bin/python" -m pip install --quiet "torch==2.13.0"
-    "$PYTHON" scripts/compat_pins.py "$mode" > "$venv/pins.txt"
+    "$venv/bin/python" -m pip install --quiet "tomli; python_version < '3.11'"  # compat_pins.py on 3.10
+    "$venv/bin/python" scripts/compat_pins.py "$mode" > "$venv/pins.txt"
     "$venv/bin/python" -m pip install --quiet -r "$venv/pins.txt" -e ".[dev]"
     echo "== $mode: $("$venv/bin/python" -m pip list --format=freeze 2>/dev/null \
          | grep -iE '^(transformers|tokenizers|datasets|deepspeed|huggingface.hub|torch)==' | tr '\n' ' ')"
