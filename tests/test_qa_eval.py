@@ -21,6 +21,7 @@ from megakv.data.sft import QARecord, context_fits, encode_record
 from megakv.data.tokenizer import load_tokenizer
 from megakv.eval.qa import (
     evaluate_qa,
+    evenly_spaced,
     exact_match,
     greedy_answer,
     greedy_answers,
@@ -123,6 +124,28 @@ def test_qa_eval_says_when_the_reference_answer_chose_the_context_window(qa_setu
                           "--max-new-tokens", "16", "--seq-len", str(SEQ), "--no-progress"]) == 0
         out = capsys.readouterr().out
         assert (note in out) if note else ("note:" not in out)
+
+
+def test_qa_eval_spread_scores_records_spread_over_the_file(qa_setup, tmp_path):
+    # Two "documents" one after the other: --limit 4 takes the first four (all from document A); with
+    # --spread it takes two of each, the records evenly_spaced picks, in file order (the JSON keeps the
+    # first three scored records as examples).
+    root, _ = qa_setup
+    records = [dict(r, id=f"{doc}{i}") for doc in "AB" for i, r in enumerate(qa_records(6, seed=2))]
+    data = tmp_path / "two_documents.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    ids = {}
+    for flags in ((), ("--spread",)):
+        out = tmp_path / f"qa{len(flags)}.json"
+        assert eval_main(["--task", "qa", "--model", str(root / "base"), "--data", str(data), "--retain", "every:1",
+                          "--max-new-tokens", "16", "--seq-len", str(SEQ), "--limit", "4", *flags,
+                          "--json", str(out), "--no-progress"]) == 0
+        result, = json.loads(out.read_text())["results"]
+        assert result["records"] == 4
+        ids[flags] = [e["id"] for e in result["examples"]]  # the first three scored records
+    assert ids[()] == ["A0", "A1", "A2"]
+    assert [r["id"] for r in evenly_spaced(records, 4)] == ["A0", "A3", "B0", "B3"]
+    assert ids[("--spread",)] == ["A0", "A3", "B0"]
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from test_finetune_recipe import write_plays
 
 from megakv.data.errors import DataError
+from megakv.eval.qa import evenly_spaced
 from megakv.hf import gguf
 from megakv.study import finetune, qa_scores
 from megakv.study.finetune import RETAINS, finetune_claims
@@ -51,10 +52,10 @@ def test_claims_hold_for_the_papers_pattern_and_fail_without_it():
 def test_evaluation_records_are_spread_evenly_over_the_plays():
     # The test file lists one play after another: 4 plays x 10 records, 8 chosen -> 2 of each, none adjacent.
     records = [(play, i) for play in "ABCD" for i in range(10)]
-    chosen = qa_scores.evenly_spaced(records, 8)
+    chosen = evenly_spaced(records, 8)
     assert [r[0] for r in chosen] == list("AABBCCDD")
     assert len(set(chosen)) == 8 and all(b[1] - a[1] >= 2 for a, b in zip(chosen, chosen[1:]) if a[0] == b[0])
-    assert qa_scores.evenly_spaced(records[:3], 8) == records[:3]
+    assert evenly_spaced(records[:3], 8) == records[:3]
 
 
 def test_chance_is_the_expected_score_of_naming_a_speaker_of_the_passage_at_random(tmp_path):

@@ -23,13 +23,16 @@ def add_qa_arguments(parser: argparse.ArgumentParser) -> None:
                        help="prompt order: context first (cqa) or question first (default: %(default)s)")
     group.add_argument("--limit", type=int, default=200, help="score the first N records; 0: all "
                        "(default: %(default)s)")
+    group.add_argument("--spread", action="store_true",
+                       help="--limit's N records spread evenly over the file instead of its first N (a file of "
+                       "several documents, as megakv-qa build's test plays, lists one after another)")
 
 
 def run_qa(args: argparse.Namespace) -> int:
     from megakv.data.sft import context_fits, read_qa_records
     from megakv.data.tokenizer import load_tokenizer
     from megakv.eval.progress import ProgressBar
-    from megakv.eval.qa import evaluate_qa, format_qa_table
+    from megakv.eval.qa import evaluate_qa, evenly_spaced, format_qa_table
     from megakv.inference.engine import resolve_plan
     from megakv.model_paths import resolve_model
 
@@ -38,7 +41,8 @@ def run_qa(args: argparse.Namespace) -> int:
     model, tokenizer_dir = resolve_model(args.model, args.device, DTYPES[args.dtype])
     plans = {spec: resolve_plan(spec, model.cfg.n_layers) for spec in args.retain}
     records = read_qa_records(args.data)
-    records = records[:args.limit] if args.limit else records
+    if args.limit:
+        records = evenly_spaced(records, args.limit) if args.spread else records[:args.limit]
     tokenizer_dir = args.tokenizer or tokenizer_dir
     if tokenizer_dir is None:
         raise ValueError(f"{args.model} has no tokenizer/: pass --tokenizer DIR")
@@ -48,7 +52,8 @@ def run_qa(args: argparse.Namespace) -> int:
     with ProgressBar(len(plans) * len(records), "answering", "questions", not args.no_progress) as bar:
         results = evaluate_qa(model, tokenizer, records, plans, seq_len=seq_len, max_new_tokens=args.max_new_tokens,
                               order=args.order, progress=bar.advance)
-    print(f"model {args.model} ({model.cfg.n_layers} layers), QA data {args.data}: {len(records)} records, "
+    chosen = f"{len(records)} records" + (" spread evenly over the file" if args.spread and args.limit else "")
+    print(f"model {args.model} ({model.cfg.n_layers} layers), QA data {args.data}: {chosen}, "
           f"prompts of at most {seq_len} tokens ({args.order})")
     guided = sum(not r.evidence and not context_fits(tokenizer, r, args.order, seq_len, tokenizer.info.bos_id)
                  for r in records)

@@ -25,6 +25,18 @@ _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = set(string.punctuation)
 
 
+def evenly_spaced(items: Sequence, count: int) -> list:
+    """`count` items spread evenly over `items` (all of them when there are fewer).
+
+    A QA file built from several documents (megakv-qa build's test plays) lists one document after
+    another, and neighbouring records share passages: its first N records would all come from one
+    document and overlap each other.
+    """
+    if count >= len(items):
+        return list(items)
+    return [items[i * len(items) // count] for i in range(count)]
+
+
 def normalize_answer(text: str) -> str:
     text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
     return " ".join(_ARTICLES.sub(" ", text).split())

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from megakv.data.sft import read_qa_records
+from megakv.eval.qa import evenly_spaced
 from megakv.study.runs import model_fingerprint
 from megakv.train.run_dir import write_json_atomically
 
@@ -73,17 +74,6 @@ def score_plans(model, tokenizer, records: Sequence, retains: Sequence[str], *, 
                         "examples": [{"question": r.question, "answer": r.answer, "predicted": p}
                                      for p, r in list(zip(predicted, records))[:3]]}
     return scores
-
-
-def evenly_spaced(items: Sequence, count: int) -> list:
-    """`count` items spread evenly over `items` (all of them when there are fewer).
-
-    The test file lists one play after another, and neighbouring records share passages: its first N
-    records would all come from one play and overlap each other.
-    """
-    if count >= len(items):
-        return list(items)
-    return [items[i * len(items) // count] for i in range(count)]
 
 
 def chance_scores(test_records: Path, records: int, kind: str) -> dict[str, float]:
