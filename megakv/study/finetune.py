@@ -138,21 +138,24 @@ class FinetuneScale:
                            f"{self.threads} thread(s) each"}
 
 
-# Four probes, two rounds of two on a 2-core machine. nearest-1-lr6e-4 has the main R-CLA run's settings
+# Five probes, two at a time on a 2-core machine. nearest-1-lr6e-4 has the main R-CLA run's settings
 # without its q_cross ramp (q 0.6 from the first step); each other probe changes one knob of it: the
 # paper's source (any earlier layer), lr 1e-4 (how fast sharing is learnt against how much of the
-# full-cache skill is kept), and q_cross ramped up from 0 over half the probe (the pretrained model is not
-# thrown at 60% foreign K/V on its first step). The GPU preset adds max_distance 3, lr 3e-4 and a plan per
-# step instead of per micro-batch.
+# full-cache skill is kept), q_cross ramped up from 0 over half the probe (the pretrained model is not
+# thrown at 60% foreign K/V on its first step), and one plan per optimizer step (megakv's default) instead
+# of one per micro-batch (a draw per forward pass; 2 micro-batches a step here). The GPU preset adds
+# max_distance 3 and lr 3e-4.
+PER_STEP_PROBE = RoutingProbe("nearest-1-lr6e-4-per-step", max_distance=1, lr=6e-4, per_micro_batch=False)
 CPU_PROBES = (RoutingProbe("nearest-1-lr6e-4", max_distance=1, lr=6e-4),
               RoutingProbe("any-earlier-lr6e-4", max_distance=None, lr=6e-4),
               RoutingProbe("nearest-1-lr1e-4", max_distance=1, lr=1e-4),
-              RoutingProbe("nearest-1-lr6e-4-ramp16", max_distance=1, lr=6e-4, q_cross_warmup_steps=16))
+              RoutingProbe("nearest-1-lr6e-4-ramp16", max_distance=1, lr=6e-4, q_cross_warmup_steps=16),
+              PER_STEP_PROBE)
 GPU_PROBES = (*CPU_PROBES[:3],
               RoutingProbe("nearest-1-lr6e-4-ramp250", max_distance=1, lr=6e-4, q_cross_warmup_steps=250),
               RoutingProbe("nearest-3-lr6e-4", max_distance=3, lr=6e-4),
               RoutingProbe("nearest-1-lr3e-4", max_distance=1, lr=3e-4),
-              RoutingProbe("nearest-1-lr6e-4-per-step", max_distance=1, lr=6e-4, per_micro_batch=False))
+              PER_STEP_PROBE)
 SCALES = {
     "tiny": FinetuneScale(
         name="tiny", base="tiny", seq_len=128, steps=2, global_batch=2, micro_batch=2, lr=1e-3, warmup_steps=1,
