@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+from megakv.config import load_config
 from megakv.study.runs import model_fingerprint, settings_changes
 
 
@@ -58,3 +59,11 @@ def test_fingerprint_follows_the_saved_model(tmp_path):
     assert model_fingerprint(model) != second
     (model / "status.json").write_text('{"state": "finished", "step": 4}')
     assert model_fingerprint(model) != model_fingerprint(tmp_path / "model-copy-missing")
+
+
+def test_a_key_given_twice_is_judged_by_its_last_value(tmp_path):
+    """megakv-train applies overrides in order (the last one wins), so only the last value can differ."""
+    assert load_config(None, ["optim.lr=1e-3", "optim.lr=3e-4"]).optim.lr == 3e-4
+    run = _saved_run(tmp_path / "run", SAVED)
+    assert settings_changes(run, ["optim.lr=1e-3", "optim.lr=3e-4"]) == []
+    assert settings_changes(run, ["optim.lr=3e-4", "optim.lr=1e-3"]) == ["optim.lr: 0.0003 -> 0.001"]

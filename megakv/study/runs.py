@@ -50,9 +50,10 @@ def settings_changes(run_dir: Path, overrides: Sequence[str]) -> list[str]:
     if not saved_path.is_file():
         return []
     saved = OmegaConf.load(saved_path)
+    # megakv-train applies overrides in order, so a key given twice ends with its last value.
+    last_override_per_key = {override.split("=", 1)[0]: override for override in overrides}
     changes = []
-    for override in overrides:
-        key = override.split("=", 1)[0]
+    for key, override in last_override_per_key.items():
         asked = OmegaConf.select(OmegaConf.from_dotlist([override]), key)
         had = OmegaConf.select(saved, key, default=None)
         asked, had = (OmegaConf.to_object(v) if OmegaConf.is_config(v) else v for v in (asked, had))
