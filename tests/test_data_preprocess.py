@@ -99,6 +99,26 @@ def test_prepend_bos(tmp_path, tokenizer_dir):
     assert [ds[i][0] for i in range(3)] == [1, 1, 1] and [ds[i][-1] for i in range(3)] == [2, 2, 2]
 
 
+
+def test_prepend_bos_survives_a_batch_whose_records_are_all_skipped(tmp_path, tokenizer_dir, monkeypatch):
+    import megakv.data.preprocess as prep
+
+    monkeypatch.setattr(prep, "BATCH_RECORDS", 4)  # the first batch is the 4 bad lines, the second the good ones
+    path = tmp_path / "in" / "d.jsonl"
+    path.parent.mkdir()
+    good = [json.dumps({"text": doc}) for doc in DOCS[:3]]
+    path.write_text("\n".join(['{"other": 1}'] * 4 + good) + "\n")
+    options = PrepOptions(prepend_bos=True)
+    summary = preprocess([str(path)], tokenizer_dir, tmp_path / "d", options=options, progress=False,
+                         max_skip_fraction=1.0)
+    assert summary.documents == 3 and dict(summary.skipped) == {"missing_field": 4}
+    ds = IndexedDataset(tmp_path / "d")
+    assert [ds[i][0] for i in range(3)] == [1, 1, 1]
+    path.write_text('{"other": 1}\n' * 4)  # every record skipped: the clear error, not a crash
+    with pytest.raises(DataError, match="all 4 records were skipped"):
+        preprocess([str(path)], tokenizer_dir, tmp_path / "e", options=options, progress=False)
+
+
 # (line content, skip reason); every line of one jsonl file, each bad in its own way
 BAD_JSONL = [
     (b'{"text": "good one"}', None),

@@ -160,7 +160,7 @@ def encode_task(task: _Task) -> _Result:
     ends = np.cumsum(raw_lengths)
     tokens = np.insert(flat, ends, task.eos_id)  # end-of-document token after every document
     lengths = raw_lengths + 1
-    if task.options.prepend_bos and task.bos_id is not None:
+    if task.options.prepend_bos and task.bos_id is not None and len(lengths):  # a batch may keep no record
         tokens = np.insert(tokens, np.concatenate([[0], np.cumsum(lengths)[:-1]]), task.bos_id)
         lengths = lengths + 1
     return _Result(tokens.astype(task.dtype), lengths, skips, out_of_vocab)
