@@ -4,6 +4,7 @@ loss in which masked tokens contribute nothing (value and gradients)."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from train_data import prepare_tiny_dataset
 from megakv.cli.qa import main as qa_main
 from megakv.config import load_config
 from megakv.data.errors import DataError
-from megakv.data.indexed import IndexedDataset
+from megakv.data.indexed import IndexedDataset, IndexedWriter
 from megakv.data.loader import build_data, micro_batches
 from megakv.data.sft import (
     IGNORE,
@@ -142,9 +143,60 @@ def test_prepared_samples_count_only_answer_tokens(tmp_path, qa_dataset, tokeniz
         build_data(wrong.data, wrong.seq_len, is_builder=True)
 
 
+
+def test_every_record_is_one_sample_and_a_single_held_out_record_validates(tmp_path, qa_dataset):
+    """N records give N samples (none lost to the one-token overlap of windows), each exactly one record;
+    the very last record's final label, past the end of the data, is a filler the loss ignores."""
+    ds = IndexedDataset(qa_dataset)
+    cfg = load_config(None, [f"data.datasets=[{qa_dataset}]", f"data.seq_len={SEQ}", "model.vocab_size=320",
+                             "model.max_seq_len=128", "data.valid_fraction=0.005", f"data.cache_dir={tmp_path / 'c'}"])
+    data = build_data(cfg.data, cfg.seq_len, is_builder=True)
+    valid_set, = data.valid_sets.values()
+    assert len(data.valid) == len(valid_set) == 1  # 0.005 x 200 rounds to one held-out record: one sample
+    def record_of(sample):
+        return tuple(np.where(sample < 0, -sample - 1, sample)[:SEQ].tolist())
+
+    every_record = Counter(tuple(ds.get(i).tolist()) for i in range(len(ds)))  # (records may repeat)
+    epoch_samples = [data.train[i] for i in range(199 * 2)]  # two epochs of the 199 training records
+    for epoch in (epoch_samples[:199], epoch_samples[199:]):
+        assert Counter(map(record_of, epoch)) + Counter([record_of(data.valid[0])]) == every_record
+    last_labels = [int(s[-1]) for s in epoch_samples]
+    assert sum(label == -1 for label in last_labels[:199]) == 1  # the filler: masked (negative), once an epoch
+    inputs, labels = inputs_and_labels(torch.from_numpy(np.stack(epoch_samples[:199])))
+    assert inputs.min() >= 0 and (labels[:, -1] == IGNORE).all()  # a record's last label is padding's or filler's
+
+
+def test_a_validation_split_or_dataset_shorter_than_one_sample_is_refused(tmp_path):
+    """Validation asked for but impossible is an error, not a run that silently validates on nothing."""
+    prefix = prepare_tiny_dataset(tmp_path / "d")
+    tokens = IndexedDataset(prefix)
+    short, short_docs = tmp_path / "short", tmp_path / "short_docs"
+    with IndexedWriter(short, tokens.dtype) as writer:
+        writer.add_document(tokens.get(0, 0, 20))
+        writer.finalize()
+    with IndexedWriter(short_docs, tokens.dtype) as writer:  # 30 documents of 5 tokens
+        for i in range(30):
+            writer.add_document(tokens.get(i, 0, 5))
+        writer.finalize()
+
+    def data_with(*overrides):
+        cfg = load_config(None, ["data.seq_len=64", f"data.tokenizer={prefix.parent / 'tokenizer'}",
+                                 f"data.cache_dir={tmp_path / 'c'}", *overrides])
+        return build_data(cfg.data, cfg.seq_len, is_builder=True)
+
+    with pytest.raises(DataError, match=r"validation dataset \(data.valid_datasets\) .*short has 20 tokens in 1 "
+                                        r"documents, fewer than one sample of seq_len \+ 1 = 65"):
+        data_with(f"data.datasets=[{prefix}]", f"data.valid_datasets=[{short}]", "data.valid_fraction=0")
+    with pytest.raises(DataError, match=r"held-out split \(data.valid_fraction\) of .*short_docs has 10 tokens "
+                                        r"in 2 documents.*raise data.valid_fraction, or set it to 0"):
+        data_with(f"data.datasets=[{short_docs}]", "data.valid_fraction=0.05")
+    assert data_with(f"data.datasets=[{short_docs}]", "data.valid_fraction=0").valid is None
+
+
 def test_loss_on_record_counts_every_record_token_but_not_the_padding(tmp_path, qa_dataset, tokenizer_dir, capsys):
-    """megakv-qa prep --loss-on record: the same samples, a mask widened from the first token to the
-    answer's end token; its labels are the answer-mask labels plus the whole prompt's, never padding."""
+    """megakv-qa prep --loss-on record: the same samples, a mask widened from the second token to the
+    answer's end token; its labels are the answer-mask labels plus the prompt's, never padding, and never
+    a record's first token (its only label position follows the previous record's padding)."""
     prefix = tmp_path / "out" / "qa_record"
     assert qa_main(["prep", "--input", str(qa_dataset.parent.parent / "qa.jsonl"), "--tokenizer", str(tokenizer_dir),
                     "--output-prefix", str(prefix), "--seq-len", str(SEQ), "--loss-on", "record"]) == 0
@@ -157,7 +209,7 @@ def test_loss_on_record_counts_every_record_token_but_not_the_padding(tmp_path, 
         assert tokens_w.get(i).tolist() == tokens_a.get(i).tolist()  # the same samples
         narrow, wide = answer_only.get(i), whole.get(i)
         end = int(np.flatnonzero(narrow)[-1])  # the answer's end token; padding follows
-        assert wide[:end + 1].all() and not wide[end + 1:].any() and (wide >= narrow).all()
+        assert not wide[0] and wide[1:end + 1].all() and not wide[end + 1:].any() and (wide >= narrow).all()
         counted += int(wide.sum())
     meta = json.loads(prefix.with_suffix(".meta.json").read_text())["sft"]
     assert meta["loss_on"] == "record" and meta["counted_tokens"] == counted > 3 * meta["answer_tokens"]

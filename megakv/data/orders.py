@@ -38,6 +38,7 @@ class Source:
     prefix: Path
     dataset: IndexedDataset
     identity: str  # content hash (metadata.dataset_identity)
+    record_aligned: bool = False  # QA records of seq_len tokens with a loss mask: one sample per record
 
     @property
     def salt(self) -> int:
@@ -46,6 +47,11 @@ class Source:
     @property
     def name(self) -> str:
         return self.prefix.name
+
+
+def _alignment(source: Source) -> dict:
+    # Only record-aligned sources say so, so the cache keys of plain data stay what they were.
+    return {"record_aligned": True} if source.record_aligned else {}
 
 
 @dataclass
@@ -66,11 +72,11 @@ class OrderPlan:
 
     def epoch_description(self, source: Source, split_key: str, epoch: int) -> dict:
         return {"kind": "train-epoch", "dataset": source.identity, "split": split_key, "seq_len": self.seq_len,
-                "seed": self.cfg.seed, "epoch": epoch}
+                "seed": self.cfg.seed, "epoch": epoch, **_alignment(source)}
 
     def valid_description(self, source: Source, split_key: str) -> dict:
         return {"kind": "valid", "dataset": source.identity, "split": split_key, "seq_len": self.seq_len,
-                "split_seed": self.cfg.split_seed}
+                "split_seed": self.cfg.split_seed, **_alignment(source)}
 
     def split_key(self, source: Source) -> str:
         return cache_key(self.split_description(source))
@@ -85,7 +91,7 @@ class OrderPlan:
         return int(source.dataset.lengths[docs].sum(dtype=np.int64))
 
     def samples_per_epoch(self, source: Source, docs: np.ndarray) -> int:
-        return samples_in(self.tokens_of(source, docs), self.seq_len)
+        return samples_in(self.tokens_of(source, docs), self.seq_len, source.record_aligned)
 
     def blend_counts(self, samples_per_epoch: list[int]) -> list[int]:
         """Samples of each training dataset per blend block (see blend.py)."""
@@ -95,10 +101,12 @@ class OrderPlan:
         return counts_from_weights(weights)
 
     def compute_epoch(self, source: Source, docs: np.ndarray, epoch: int) -> EpochOrder:
-        return train_epoch_order(source.dataset.lengths, docs, self.seq_len, self.cfg.seed, source.salt, epoch)
+        return train_epoch_order(source.dataset.lengths, docs, self.seq_len, self.cfg.seed, source.salt, epoch,
+                                 source.record_aligned)
 
     def compute_valid(self, source: Source, docs: np.ndarray) -> EpochOrder:
-        return valid_order(source.dataset.lengths, docs, self.seq_len, self.cfg.split_seed, source.salt)
+        return valid_order(source.dataset.lengths, docs, self.seq_len, self.cfg.split_seed, source.salt,
+                           source.record_aligned)
 
     # -- cache
     def load_split(self, source: Source) -> Split | None:

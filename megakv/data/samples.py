@@ -3,7 +3,9 @@
 A split's documents are read in an order (shuffled anew each train epoch), concatenated (each already
 ends with its end-of-document token), and cut into samples of seq_len + 1 tokens that overlap by one
 token (inputs = sample[:-1], labels = sample[1:]); the tail that does not fill a sample is dropped for
-that epoch. The samples of an epoch are then served in a shuffled order. Everything is a pure function of
+that epoch. Record-aligned data (QA records prepared as seq_len-token samples with a loss mask) has one
+sample per record: the last record's missing final label is MASKED_FILLER, a label the loss ignores.
+The samples of an epoch are then served in a shuffled order. Everything is a pure function of
 (data, seed, seq_len, split, epoch), drawn from numpy's legacy RandomState, whose streams never change
 across numpy versions, so an order built today is the order rebuilt after a resume next year.
 """
@@ -19,6 +21,7 @@ from megakv.data.errors import DataError
 from megakv.data.indexed import IndexedDataset
 
 _SPLIT, _DOCS, _SAMPLES, _VALID = 0, 1, 2, 3  # stream tags: one independent random stream per purpose
+MASKED_FILLER = -1  # token id 0 with its loss mask off (sft.MaskedTokens' encoding): never counted
 
 
 def _rng(*words: int) -> np.random.RandomState:
@@ -55,29 +58,31 @@ class EpochOrder:
         return {"docs": self.docs, "starts": self.starts, "order": self.order}
 
 
-def samples_in(total_tokens: int, seq_len: int) -> int:
-    return max(0, (total_tokens - 1) // seq_len)
+def samples_in(total_tokens: int, seq_len: int, record_aligned: bool = False) -> int:
+    # A sample needs seq_len + 1 tokens; record-aligned data pads the very last label (MASKED_FILLER).
+    return max(0, (total_tokens - (0 if record_aligned else 1)) // seq_len)
 
 
 def build_epoch_order(lengths: np.ndarray, docs: np.ndarray, seq_len: int, doc_rng: np.random.RandomState | None,
-                      sample_rng: np.random.RandomState) -> EpochOrder:
+                      sample_rng: np.random.RandomState, record_aligned: bool = False) -> EpochOrder:
     docs = docs if doc_rng is None else docs[doc_rng.permutation(len(docs))]
     starts = np.zeros(len(docs) + 1, np.int64)
     np.cumsum(lengths[docs], dtype=np.int64, out=starts[1:])
-    order = sample_rng.permutation(samples_in(int(starts[-1]), seq_len)).astype(np.int64)
+    order = sample_rng.permutation(samples_in(int(starts[-1]), seq_len, record_aligned)).astype(np.int64)
     return EpochOrder(docs.astype(np.int64), starts, order)
 
 
-def train_epoch_order(lengths: np.ndarray, docs: np.ndarray, seq_len: int, seed: int, salt: int, epoch: int
-                      ) -> EpochOrder:
+def train_epoch_order(lengths: np.ndarray, docs: np.ndarray, seq_len: int, seed: int, salt: int, epoch: int,
+                      record_aligned: bool = False) -> EpochOrder:
     return build_epoch_order(lengths, docs, seq_len, _rng(seed, salt, epoch, _DOCS),
-                             _rng(seed, salt, epoch, _SAMPLES))
+                             _rng(seed, salt, epoch, _SAMPLES), record_aligned)
 
 
-def valid_order(lengths: np.ndarray, docs: np.ndarray, seq_len: int, split_seed: int, salt: int) -> EpochOrder:
+def valid_order(lengths: np.ndarray, docs: np.ndarray, seq_len: int, split_seed: int, salt: int,
+                record_aligned: bool = False) -> EpochOrder:
     # Documents in file order, samples in a fixed shuffled order (independent of the training seed), so
     # evaluating only the first few batches still sees a spread of the held-out data.
-    return build_epoch_order(lengths, docs, seq_len, None, _rng(split_seed, salt, 0, _VALID))
+    return build_epoch_order(lengths, docs, seq_len, None, _rng(split_seed, salt, 0, _VALID), record_aligned)
 
 
 class GPTSamples:
@@ -132,6 +137,9 @@ class GPTSamples:
         k = int(np.searchsorted(order.starts, start, side="right")) - 1
         offset, filled = start - int(order.starts[k]), 0
         while filled < count:
+            if k == len(order.docs):  # only record-aligned data reads past its end (samples_in)
+                out[filled:] = MASKED_FILLER
+                break
             doc = int(order.docs[k])
             piece = self.dataset.get(doc, offset, count - filled)
             if self.vocab_size is not None and len(piece) and int(piece.max()) >= self.vocab_size:

@@ -209,7 +209,8 @@ def prepare_sft(records_path: str | Path, tokenizer_dir: str | Path, output_pref
             tokens, mask = encode_record(tokenizer, record, order, seq_len, info.eos_id, pad_id, info.bos_id)
             answer_tokens += int(mask.sum())
             if loss_on == "record":
-                mask[:int(np.flatnonzero(mask)[-1]) + 1] = 1  # up to the end token; the padding stays out
+                # Tokens 1 .. the end token; token 0 is only ever the label after the previous record's padding.
+                mask[1:int(np.flatnonzero(mask)[-1]) + 1] = 1
             counted_tokens += int(mask.sum())
             tokens_out.add_document(tokens.astype(dtype))
             masks.add_document(mask)
@@ -262,6 +263,7 @@ def attach_loss_mask(source, seq_len: int, meta: dict | None) -> None:
                         f"trains on {seq_len}-token windows", f"set data.seq_len={prepared}, or prepare the "
                         f"records again with megakv-qa prep --seq-len {seq_len}")
     source.dataset = MaskedTokens(source.dataset, IndexedDataset(prefix))
+    source.record_aligned = True  # every record one sample, none lost to the one-token overlap of windows
 
 
 def inputs_and_labels(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
