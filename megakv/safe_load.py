@@ -12,6 +12,7 @@ RNG files megakv wrote before it switched them to JSON.
 
 from __future__ import annotations
 
+import os
 import pickle
 import re
 import threading
@@ -85,10 +86,20 @@ def check_torch_file(path: str | Path, allowed: list | tuple) -> None:
 
 
 def check_deepspeed_dir(directory: str | Path) -> int:
-    """Check every `.pt` file under a DeepSpeed checkpoint directory; returns how many were checked."""
+    """Check every `.pt` file under a DeepSpeed checkpoint directory; returns how many were checked.
+
+    A link inside it is refused: megakv never writes one, the walk here does not follow it, and DeepSpeed's
+    loaders would (a linked folder could hand them files this check never saw).
+    """
     allowed = deepspeed_globals() + numpy_globals()
-    files = sorted(Path(directory).rglob("*.pt"))
-    for path in files:
+    files = []
+    for root, dirs, names in os.walk(directory, followlinks=False):
+        for name in dirs + names:
+            if (Path(root) / name).is_symlink():
+                raise UnsafeFileError(Path(root) / name, "a checkpoint holds no links (megakv never writes one), "
+                                      "and a link can lead a loader to files this check did not see")
+        files += [Path(root) / name for name in names if name.endswith(".pt")]
+    for path in sorted(files):
         check_torch_file(path, allowed)
     return len(files)
 

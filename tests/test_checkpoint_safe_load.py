@@ -76,6 +76,26 @@ def test_resume_refuses_a_planted_payload(runs, tmp_path, name):
     assert not marker.exists()
 
 
+
+def test_a_linked_folder_inside_a_checkpoint_is_refused(runs, tmp_path):
+    """The check walks without following links, and DeepSpeed's universal loader lists and loads every file of
+    a zero/<param>/ folder through one: a received checkpoint with a linked folder is refused outright."""
+    run_dir = runs.copy_stopped(tmp_path / "run")
+    marker = tmp_path / "payload-ran"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    torch.save({"x": Payload(marker)}, elsewhere / "fp32.pt")
+    tag_dir = run_dir / "checkpoints" / tag(STOP_AT)
+    (tag_dir / "zero").mkdir()
+    (tag_dir / "zero" / "layers.0.mlp_norm.weight").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(UnsafeFileError, match="holds no links") as info:
+        check_deepspeed_dir(tag_dir)
+    assert info.value.path == tag_dir / "zero" / "layers.0.mlp_norm.weight"
+    resumed = launch_train(runs.overrides(run_dir), nproc=1, resume=True)
+    assert resumed.returncodes == [2], resumed.output[-4000:]
+    assert "holds no links" in resumed.output and not marker.exists()
+
+
 def test_generate_and_export_refuse_a_planted_payload(runs, tmp_path, capsys):
     run_dir = runs.copy_stopped(tmp_path / "run")
     marker = tmp_path / "payload-ran"
