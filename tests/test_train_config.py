@@ -101,6 +101,24 @@ def test_fragment_contradicting_the_config_is_an_error(dataset, tmp_path):
     expect_error("parallel.ds_fragment", build_ds_config, tiny(dataset, tmp_path, "parallel.ds_fragment=nope"), 1)
 
 
+
+@pytest.mark.parametrize("fragment, field", [
+    ({"bf16": {"check_grad_overflow": False}}, "megakv's generated DeepSpeed config"),  # non-finite skipping
+    ({"steps_per_print": 10}, "megakv's generated DeepSpeed config"),
+    ({"bfloat16": {"enabled": True}}, "train.precision"),  # DeepSpeed's alias of bf16
+    ({"zero_optimization": {"cpu_offload": True}}, "parallel.offload_optimizer"),  # alias of offload_optimizer
+])
+def test_fragment_may_not_change_what_megakv_generates_or_use_an_alias(dataset, tmp_path, fragment, field):
+    path = tmp_path / "fragment.json"
+    path.write_text(json.dumps(fragment))
+    err = expect_error(field, build_ds_config, tiny(dataset, tmp_path, "train.precision=bf16",
+                                                    f"parallel.ds_fragment={path}"), 1)
+    assert str(path) in err.problem
+    path.write_text(json.dumps({"bf16": {"check_grad_overflow": True}, "zero_optimization": {"overlap_comm": True}}))
+    assert build_ds_config(tiny(dataset, tmp_path, "train.precision=bf16", f"parallel.ds_fragment={path}"),
+                           1)["zero_optimization"]["overlap_comm"] is True  # agreeing keys and tuning keys: fine
+
+
 # ----------------------------------------------------------------------------- bad input, before any process group
 
 

@@ -1,8 +1,10 @@
 """The DeepSpeed JSON, generated from the typed config: the config is the only place a value lives.
 
 A fragment from ds_configs/ (parallel.ds_fragment) may add tuning keys the typed config does not model
-(bucket sizes, overlap, prefetch). A fragment key that the typed config owns must carry the same value,
-otherwise the launch is refused: a contradiction is an error, never a silent win for either side.
+(bucket sizes, overlap, prefetch). A fragment key that the typed config owns, or that megakv generates
+(e.g. bf16.check_grad_overflow, which non-finite-step skipping relies on), must carry the same value, and
+DeepSpeed's older aliases of owned keys (bfloat16, cpu_offload) are refused: a contradiction is an error,
+never a silent win for either side.
 """
 
 from __future__ import annotations
@@ -31,7 +33,16 @@ OWNED_KEYS = {
     "zero_optimization.offload_optimizer.device": "parallel.offload_optimizer",
     "zero_optimization.offload_param.device": "parallel.offload_optimizer",
     "checkpoint.load_universal": "checkpoint.resume",
+    "zero_force_ds_cpu_optimizer": "parallel.offload_optimizer",
 }
+# DeepSpeed's older spellings of owned keys: it still honours them, so they could bypass the check above.
+ALIAS_KEYS = {
+    "bfloat16": "train.precision",
+    "amp": "train.precision",
+    "zero_optimization.cpu_offload": "parallel.offload_optimizer",
+    "zero_optimization.cpu_offload_params": "parallel.offload_optimizer",
+}
+GENERATED = "megakv's generated DeepSpeed config"  # the owner of a generated key the table does not name
 
 
 def gradient_accumulation_steps(cfg: MegaKVConfig, data_parallel: int) -> int:
@@ -112,8 +123,8 @@ def _leaves(tree: dict[str, Any], prefix: str = ""):
             yield path, value
 
 
-def _owner(path: str) -> str | None:
-    for key, field in OWNED_KEYS.items():
+def _owner(path: str, table: dict[str, str]) -> str | None:
+    for key, field in table.items():
         if path == key or path.startswith(key + "."):
             return field
     return None
@@ -147,12 +158,17 @@ def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_fragment(generated: dict[str, Any], fragment: dict[str, Any], name: str) -> None:
-    """Refuse a fragment that sets a value the typed config owns to something else."""
+    """Refuse a fragment that sets a value the typed config owns, or megakv generates, to something else."""
     for path, value in _leaves(fragment):
-        owner = _owner(path)
+        alias = _owner(path, ALIAS_KEYS)
+        if alias is not None:
+            raise ConfigError(alias, "(from the config)",
+                              f"DeepSpeed fragment {name!r} sets {path}, an older DeepSpeed spelling of a setting "
+                              "the config owns", f"remove {path} from the fragment and set {alias} instead")
+        present, ours = _lookup(generated, path)
+        owner = _owner(path, OWNED_KEYS) or (GENERATED if present else None)
         if owner is None:
             continue
-        present, ours = _lookup(generated, path)
         if not present or not _same(ours, value):
             shown = ours if present else "(unset)"
             raise ConfigError(owner, shown,
