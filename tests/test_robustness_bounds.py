@@ -44,7 +44,8 @@ def test_a_micro_batch_that_cannot_fit_is_refused_and_a_risky_one_warned(runs, t
 
 
 @pytest.mark.parametrize("override", ["routing.q_cross=0.7", "routing.strategy=none", "routing.seed=7",
-                                      "train.global_batch=16"])
+                                      "train.global_batch=16", "data.reset_attention_mask=true",
+                                      "data.reset_position_ids=true"])
 def test_resume_refuses_settings_that_change_what_the_run_computes(runs, tmp_path, override):
     run_dir = runs.copy_stopped(tmp_path / "run")
     field = override.split("=")[0]
@@ -54,6 +55,19 @@ def test_resume_refuses_settings_that_change_what_the_run_computes(runs, tmp_pat
     allowed = preflight(tiny_config(runs, run_dir, "checkpoint.resume=auto", "checkpoint.allow_config_change=true",
                                     override), one_process())
     assert any(c.startswith(f"{field}:") and "allowed" in c for c in allowed.resume.config_changes)
+
+
+
+def test_resume_refuses_another_sample_length(runs, tmp_path):
+    """data.seq_len decides the sample order: refused before any process group, naming the field (it used to
+    pass preflight and fail later as a data fingerprint blaming data.datasets)."""
+    run_dir = runs.copy_stopped(tmp_path / "run")
+    saved = tiny_config(runs, run_dir, "checkpoint.resume=auto").seq_len
+    with pytest.raises(ConfigError) as info:
+        preflight(tiny_config(runs, run_dir, "checkpoint.resume=auto", f"data.seq_len={saved // 2}"), one_process())
+    assert info.value.field == "data.seq_len" and f"{saved}-token samples" in info.value.problem
+    assert f"data.seq_len={saved}" in info.value.fix
+    preflight(tiny_config(runs, run_dir, "checkpoint.resume=auto", f"data.seq_len={saved}"), one_process())
 
 
 def test_resume_logs_other_changed_settings_and_allowed_ones(runs, tmp_path):

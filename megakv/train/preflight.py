@@ -118,19 +118,27 @@ def _data_identity(data: dict) -> dict:
 def check_same_data(cfg: MegaKVConfig, state: TrainState, where: Path) -> None:
     """Refuse, before any process group, to resume on other data settings. (Changed file contents under the
     same settings are caught once the data is opened, by the data fingerprint.)"""
-    saved = _data_identity(_saved_section(state, "data", DataConfig))
-    ours = _data_identity(asdict(cfg.data))
+    saved_data = _saved_section(state, "data", DataConfig)
+    saved, ours = _data_identity(saved_data), _data_identity(asdict(cfg.data))
     for name in DATA_IDENTITY_FIELDS:
         if saved[name] != ours[name]:
             raise ConfigError(f"data.{name}", getattr(cfg.data, name),
                               f"the checkpoint in {where} was trained with data.{name}={saved[name]!r}: resuming "
                               "on other data would not continue the same sample order",
                               "resume with that run's data settings, or choose a new train.run_dir")
+    # The sample length, as resolved (data.seq_len, else the model's context, which check_same_model fixed).
+    saved_seq_len = saved_data.get("seq_len") or cfg.model.max_seq_len
+    if saved_seq_len != cfg.seq_len:
+        raise ConfigError("data.seq_len", cfg.data.seq_len,
+                          f"the checkpoint in {where} was trained on {saved_seq_len}-token samples, this launch "
+                          f"asks for {cfg.seq_len}: resuming would not continue the same sample order",
+                          f"resume with data.seq_len={saved_seq_len}, or start a new train.run_dir with "
+                          "checkpoint.init_from")
 
 
 # Settings that change what a resumed run computes: refused unless --allow-config-change. (model and data
 # are always refused: the weights or the sample order would not continue.)
-COMPUTE_FIELDS = ("train.global_batch", "routing.")
+COMPUTE_FIELDS = ("train.global_batch", "routing.", "data.reset_attention_mask", "data.reset_position_ids")
 # Settings that are not part of the run's identity: never reported as changes.
 IGNORED_FIELDS = ("checkpoint.resume", "checkpoint.allow_config_change", "train.run_dir", "train.debug.", "model.",
                   "data.")
@@ -152,7 +160,8 @@ def config_changes(cfg: MegaKVConfig, state: TrainState) -> list[tuple[str, obje
     ours = OmegaConf.to_container(OmegaConf.merge(schema, OmegaConf.structured(cfg)))
     saved_flat, ours_flat = _flat(saved), _flat(ours)
     return [(name, saved_flat.get(name), value) for name, value in sorted(ours_flat.items())
-            if saved_flat.get(name) != value and not name.startswith(IGNORED_FIELDS)]
+            if saved_flat.get(name) != value and (name.startswith(COMPUTE_FIELDS) or
+                                                  not name.startswith(IGNORED_FIELDS))]
 
 
 def check_config_changes(cfg: MegaKVConfig, state: TrainState, where: Path, allow: bool) -> list[str]:
