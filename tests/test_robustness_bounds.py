@@ -13,7 +13,7 @@ import time
 
 import pytest
 from checkpoint_helpers import one_process, shared_runs, tiny_config
-from train_helpers import REPO, TINY_RECIPE, _child_env, launch_train, read_status
+from train_helpers import REPO, TINY_RECIPE, _child_env, latest_tag, launch_train, read_status
 
 from megakv.config import ConfigError, load_config
 from megakv.train.preflight import preflight
@@ -68,6 +68,40 @@ def test_resume_refuses_another_sample_length(runs, tmp_path):
     assert info.value.field == "data.seq_len" and f"{saved}-token samples" in info.value.problem
     assert f"data.seq_len={saved}" in info.value.fix
     preflight(tiny_config(runs, run_dir, "checkpoint.resume=auto", f"data.seq_len={saved}"), one_process())
+
+
+
+def test_launch_mistakes_are_named_before_any_process_group(runs, tmp_path):
+    """Each used to pass --dry-run and then crash with a traceback (exit 1), log NaN, or do nothing."""
+    def refused(field, fn, *args):
+        with pytest.raises(ConfigError) as info:
+            fn(*args)
+        assert info.value.field == field and "Fix:" in str(info.value), str(info.value)
+        return info.value
+
+    refused("routing.seed", tiny_config, runs, tmp_path / "a", "routing.seed=-1")  # crashed at step 1
+    assert "train.steps=[1" in str(refused("<override>", tiny_config, runs, tmp_path / "a", "train.steps=[1"))
+    no_validation_data = refused("validation.every", tiny_config, runs, tmp_path / "a", "data.valid_fraction=0",
+                                 "validation.every=2")  # validated on nothing: NaN losses, exit 0
+    assert "data.valid_datasets" in no_validation_data.fix
+    tiny_config(runs, tmp_path / "a", "data.valid_fraction=0", "validation.every=0")
+    (tmp_path / "a_file").write_text("")
+    refused("train.run_dir", preflight, tiny_config(runs, tmp_path / "a_file"), one_process())
+    run_dir = runs.copy_stopped(tmp_path / "run")  # its checkpoint is at step 6
+    shorter = refused("train.steps", preflight, tiny_config(runs, run_dir, "checkpoint.resume=auto",
+                                                            "train.steps=4"), one_process())
+    assert "at step 6" in shorter.problem and "train.steps >= 6" in shorter.fix
+
+
+def test_a_run_that_ends_inside_a_nonfinite_streak_is_not_finished(runs, tmp_path):
+    """Its last update was skipped: exit 3 and status "diverged" with the last good checkpoint kept, as for a
+    streak of train.max_nonfinite_steps (it used to exit 0, "finished", and save the final step)."""
+    run_dir = tmp_path / "run"
+    run = launch_train(runs.overrides(run_dir, "train.steps=3", "checkpoint.every=1", "validation.every=0",
+                                      "train.debug.nonfinite_loss_at=[3]"), nproc=1)
+    assert run.returncodes == [3], run.output[-4000:]
+    assert read_status(run_dir)["state"] == "diverged" and latest_tag(run_dir) == "step_00000002"
+    assert "ended with 1 non-finite step(s) in a row" in run.output
 
 
 def test_resume_logs_other_changed_settings_and_allowed_ones(runs, tmp_path):

@@ -12,9 +12,10 @@ tensorboard/, logs/rank*.log, metrics.jsonl and status.json.
 Exit codes: 0 finished, or stopped by SIGTERM/SIGUSR1 after saving a checkpoint (status.json "state" is
 "finished" or "preempted"; a requeued job continues with --resume auto); 2 configuration or launch error
 (reported before any process group starts when it can be); 3 stopped after train.max_nonfinite_steps
-non-finite steps in a row (the last good checkpoint is kept); 1 anything else (status.json "failed", with
-the error). When one rank fails, every other rank exits with that rank's message and exit code within
-parallel.timeout seconds. A second SIGTERM/SIGINT aborts at once, without saving.
+non-finite steps in a row, or ended inside a shorter such streak (the last good checkpoint is kept); 1
+anything else (status.json "failed", with the error). When one rank fails, every other rank exits with
+that rank's message and exit code within parallel.timeout seconds. A second SIGTERM/SIGINT aborts at once,
+without saving.
 """
 
 from __future__ import annotations
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = error = None
     try:
         cfg, layout, launch = _prepare(args)
-    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:
+    except (ConfigError, OSError, ValueError, RuntimeError) as e:  # OSError: e.g. a full or read-only disk
         error = e
     if args.dry_run and error is None:
         print(f"megakv-train: launch checked; wrote {launch.run_dir}/config.yaml and ds_config.json")

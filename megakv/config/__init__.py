@@ -83,6 +83,12 @@ class MegaKVConfig:
             raise ConfigError("data.seq_len", self.data.seq_len,
                               f"longer than the model's context (model.max_seq_len={self.model.max_seq_len}): "
                               "positions beyond it were never trained", "lower data.seq_len, or null for the context")
+        if (self.data.datasets and self.validation.every > 0 and self.data.valid_fraction == 0
+                and not self.data.valid_datasets):  # validating on nothing would log NaN losses
+            raise ConfigError("validation.every", self.validation.every, "there is no validation data: "
+                              "data.valid_fraction is 0 and data.valid_datasets is empty",
+                              "hold out data (data.valid_fraction, e.g. 0.01) or list data.valid_datasets, "
+                              "or set validation.every=0")
         if (self.data.reset_attention_mask or self.data.reset_position_ids) and self.parallel.pipeline > 1:
             name = "reset_attention_mask" if self.data.reset_attention_mask else "reset_position_ids"
             raise ConfigError(f"data.{name}", True, "document-boundary masking is not implemented for pipeline "
@@ -161,6 +167,12 @@ def _dotlist(overrides: list[str] | None) -> Any:
         if "=" not in item:
             raise ConfigError("<override>", item, "overrides must look like key=value",
                               "e.g. model.n_layers=8 routing.q_cross=0.5")
+        try:
+            OmegaConf.from_dotlist([item])
+        except yaml.YAMLError as e:  # the value after '=' is parsed as YAML
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError("<override>", item, f"the value is not valid YAML ({problem})",
+                              "close the bracket or quote the value, e.g. data.datasets=[a,b]") from None
     return OmegaConf.from_dotlist(overrides)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megakv.config.errors import ConfigError
+from megakv.routing import parse_strategy
 
 
 @dataclass
@@ -30,8 +31,6 @@ class RoutingConfig:
         return self.q_cross * step / self.q_cross_warmup_steps
 
     def validate(self, n_layers: int, prefix: str = "routing") -> None:
-        from megakv.routing import parse_strategy  # routing imports config types; avoid a cycle
-
         try:
             parse_strategy(self.strategy, n_layers)
         except ValueError as e:
@@ -43,6 +42,8 @@ class RoutingConfig:
         if self.max_distance is not None and self.max_distance < 1:
             raise ConfigError(f"{prefix}.max_distance", self.max_distance, "must be >= 1 or null",
                               "null lets a layer read any earlier layer")
+        if self.seed < 0:  # numpy's SeedSequence, which draws the plans, takes no negative seed
+            raise ConfigError(f"{prefix}.seed", self.seed, "must be >= 0", "any non-negative integer")
         if self.q_cross_warmup_steps < 0:
             raise ConfigError(f"{prefix}.q_cross_warmup_steps", self.q_cross_warmup_steps, "must be >= 0",
                               "0 trains at q_cross from the first step; N ramps it up over N steps")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from megakv.config.errors import ConfigError
+from megakv.routing import deployment_plan
 
 
 @dataclass
@@ -15,8 +16,6 @@ class ValidationConfig:
     plans: list[str] = field(default_factory=lambda: ["every:1", "every:2", "every:3", "every:4"])
 
     def validate(self, n_layers: int, prefix: str = "validation") -> None:
-        from megakv.routing import deployment_plan
-
         if self.every < 0:
             raise ConfigError(f"{prefix}.every", self.every, "must be >= 0", "0 disables validation")
         if self.samples < 1:

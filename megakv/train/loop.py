@@ -220,6 +220,11 @@ class Trainer:
                 self.save()
                 self._status("preempted", signal=self.stop.signal_name)
                 return EXIT_OK
+        if state.nonfinite_in_a_row:  # the last steps applied no update: not a finished run
+            log.error("stopping: the run ended with %d non-finite step(s) in a row, so its last updates were "
+                      "skipped; the last good checkpoint is kept", state.nonfinite_in_a_row)
+            self._status("diverged")
+            return EXIT_DIVERGED
         if cfg.validation.every and validated_at != state.step:
             self.validate()
         if cfg.checkpoint.save_final:

@@ -7,6 +7,7 @@ directory can be resumed (same model; same data-parallel size or a universal che
 
 from __future__ import annotations
 
+import os
 import uuid
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -213,6 +214,10 @@ def find_resume(cfg: MegaKVConfig, data_parallel: int) -> ResumePoint | None:
     check_same_model(cfg, state, where)
     check_same_data(cfg, state, where)
     check_same_zero_stage(cfg, state, where)
+    if state.step > cfg.train.steps:  # a shorter run cannot be continued from a longer one's checkpoint
+        raise ConfigError("train.steps", cfg.train.steps, f"the checkpoint in {where} is at step {state.step}, "
+                          "past the end of this run", f"resume with train.steps >= {state.step}, or start a new "
+                          "train.run_dir with checkpoint.init_from")
     changes = tuple(check_config_changes(cfg, state, where, cfg.checkpoint.allow_config_change))
     saved_pipeline, saved_tensor = int(state.layout.get("pipeline", 1)), int(state.layout.get("tensor", 1))
     if (state.data_parallel, saved_pipeline, saved_tensor) == (data_parallel, cfg.parallel.pipeline,
@@ -281,6 +286,20 @@ def check_same_tensor(cfg: MegaKVConfig, resume: ResumePoint | None) -> None:
                           f"run `megakv-convert to-universal {cfg.train.run_dir}` again, or {fix}")
 
 
+def check_run_dir(cfg: MegaKVConfig) -> None:
+    """The run directory (and its checkpoints/) must be a directory, or creatable: said now, not as a traceback
+    after the other ranks started waiting."""
+    run_dir = Path(cfg.train.run_dir)
+    for path in (run_dir, checkpoints_dir(run_dir)):
+        if path.exists() and not path.is_dir():
+            raise ConfigError("train.run_dir", str(run_dir), f"{path} exists and is not a directory",
+                              "choose another train.run_dir")
+    existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError("train.run_dir", str(run_dir), f"cannot create or write it ({existing} is not a "
+                          "writable directory)", "choose a train.run_dir you can write")
+
+
 def preflight(cfg: MegaKVConfig, layout: ParallelLayout) -> Launch:
     check_device("train.device", cfg.train.device,
                  "use train.device=auto or cpu here, or launch where torch sees a GPU")
@@ -295,6 +314,7 @@ def preflight(cfg: MegaKVConfig, layout: ParallelLayout) -> Launch:
     memory_note = check_activation_memory(cfg, layout.local_rank)
     if memory_note and layout.rank == 0:
         warnings.warn(memory_note, stacklevel=2)
+    check_run_dir(cfg)
     resume = find_resume(cfg, data_parallel)
     check_same_tensor(cfg, resume)
     ds_config = build_ds_config(cfg, data_parallel, load_universal=bool(resume and resume.universal))
