@@ -132,3 +132,27 @@ def test_finetune_at_a_shorter_window_trains_resumes_and_exports_the_models_cont
     # The export keeps the model's own context, not the training window.
     exported_cfg, _, _ = consolidated_state_dict(straight)
     assert exported_cfg.max_seq_len == CONTEXT and exported_cfg == TINY_MODEL
+
+
+def test_init_from_a_model_trained_with_another_tokenizer_is_refused(tmp_path, dataset):
+    """Other token ids would make the weights meaningless without any error (the loss looked like a random
+    initialisation's): the launch is refused, naming both tokenizers; a copy of the data's tokenizer is fine."""
+    from megakv.parallel.layout import ParallelLayout
+    from megakv.train.preflight import preflight
+
+    state = MegaKVModel(TINY_MODEL, init_seed=7).state_dict()
+    same = save_model_dir(TINY_MODEL, state, tmp_path / "same", tokenizer_dir=dataset.parent / "tokenizer")
+    other_tokenizer = prepare_tiny_dataset(tmp_path / "other", vocab_size=310).parent / "tokenizer"
+    other = save_model_dir(TINY_MODEL, state, tmp_path / "other_model", tokenizer_dir=other_tokenizer)
+
+    def launch(model):
+        cfg = load_config(finetune_yaml(tmp_path), [f"checkpoint.init_from={model}", f"data.datasets=[{dataset}]",
+                                                    f"train.run_dir={tmp_path / 'run'}"])
+        return preflight(cfg, ParallelLayout(world_size=1, rank=0, local_rank=0))
+
+    launch(same)
+    with pytest.raises(ConfigError) as error:
+        launch(other)
+    assert error.value.field == "checkpoint.init_from"
+    assert str(other_tokenizer.name) in error.value.problem and str(dataset.parent / "tokenizer") in error.value.problem
+    assert f"--tokenizer {other / 'tokenizer'}" in error.value.fix

@@ -87,6 +87,38 @@ def check_tokenizer(cfg: MegaKVConfig) -> None:
                           f"set model.vocab_size >= {vocab} (a multiple of 64 is faster)")
 
 
+def check_init_tokenizer(cfg: MegaKVConfig) -> None:
+    """checkpoint.init_from's model must have been trained with the data's tokenizer: other token ids would make
+    its weights meaningless without any error. Copies of one tokenizer agree (same files); different files
+    that encode alike (e.g. a re-saved Hugging Face tokenizer) are accepted."""
+    from megakv.data.errors import DataError
+    from megakv.data.tokenizer import PROBE_TEXT, load_tokenizer, read_info
+    from megakv.model_dir import tokenizer_path
+
+    if cfg.checkpoint.init_from is None:
+        return
+    model_tokenizer = tokenizer_path(cfg.checkpoint.init_from)
+    if model_tokenizer is None:
+        return  # the directory does not say which tokenizer it was trained with
+    data_tokenizer = tokenizer_dir(cfg)
+    try:
+        if read_info(model_tokenizer).fingerprint == read_info(data_tokenizer).fingerprint:
+            return
+        ours, theirs = load_tokenizer(data_tokenizer), load_tokenizer(model_tokenizer)
+    except DataError:
+        return  # an unreadable tokenizer is reported by the data checks
+
+    def signature(tok):
+        return tok.vocab_size, tok.eos_id, tok.bos_id, tok.encode(PROBE_TEXT)
+
+    if signature(ours) != signature(theirs):
+        raise ConfigError("checkpoint.init_from", cfg.checkpoint.init_from,
+                          f"its model was trained with the tokenizer {model_tokenizer}, but the data was prepared "
+                          f"with another one ({data_tokenizer}): the token ids would not mean what the weights "
+                          "learned", f"prepare the data with the model's tokenizer (megakv-prep / megakv-qa prep "
+                          f"--tokenizer {model_tokenizer}), or start from a model trained with {data_tokenizer}")
+
+
 def _saved_section(state: TrainState, name: str, schema: type) -> dict:
     """One section of the config a checkpoint was written with, completed with today's defaults."""
     raw = OmegaConf.create(state.config_yaml).get(name, {})
@@ -311,6 +343,7 @@ def preflight(cfg: MegaKVConfig, layout: ParallelLayout) -> Launch:
     cfg.data.validate("data")  # training needs data (a config that only describes a model may omit it)
     check_data_files(cfg)
     check_tokenizer(cfg)
+    check_init_tokenizer(cfg)
     memory_note = check_activation_memory(cfg, layout.local_rank)
     if memory_note and layout.rank == 0:
         warnings.warn(memory_note, stacklevel=2)
