@@ -8,6 +8,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 tasks=${1:-16}
 shift || true
 : "${INPUT:?export INPUT}" "${TOKENIZER:?export TOKENIZER}" "${OUTPUT_DIR:?export OUTPUT_DIR}"
+export NUM_SHARDS=$tasks  # every task, and any task resubmitted later, is one share of this many
 array=$(sbatch --parsable --array=0-$((tasks - 1)) "$@" "$here/preprocess_array.sbatch")
 merge=$(sbatch --parsable --dependency=afterok:"${array%%;*}" "$@" "$here/merge.sbatch")
 echo "array job ${array%%;*} ($tasks tasks), then merge job ${merge%%;*} -> $OUTPUT_DIR/${MERGED_NAME:-train}"

@@ -284,6 +284,23 @@ def test_shards_are_contiguous_cover_every_file_once_and_balance_bytes():
         select_shard(files, 3, 3)
 
 
+def test_a_shard_without_files_writes_an_empty_part_that_merges(tmp_path, tokenizer_dir):
+    """More array tasks than files: the empty shares succeed (an error failed the array, so its afterok merge
+    never ran) and the merged parts equal one run over all the files."""
+    from megakv.data.merge import merge
+
+    inputs, opts = write_inputs("txt-document", tmp_path / "in", DOCS[:3])  # 3 files, 5 shares
+    parts = [tmp_path / "parts" / f"part_{index}" for index in range(5)]
+    files = [preprocess(inputs, tokenizer_dir, prefix, options=opts, shard=(index, 5), progress=False).files
+             for index, prefix in enumerate(parts)]
+    assert sum(files) == 3 and files.count(0) == 2
+    assert [len(IndexedDataset(p)) for p, n in zip(parts, files) if n == 0] == [0, 0]
+    merge([str(p) for p in parts], tmp_path / "merged")
+    preprocess(inputs, tokenizer_dir, tmp_path / "single", options=opts, progress=False)
+    for suffix in (".bin", ".idx"):
+        assert (tmp_path / f"merged{suffix}").read_bytes() == (tmp_path / f"single{suffix}").read_bytes()
+
+
 def test_utf8_bom_and_crlf_are_not_part_of_the_text(tmp_path, tokenizer_dir):
     path = tmp_path / "bom.jsonl"
     path.write_bytes(b'\xef\xbb\xbf{"text": "first"}\r\n{"text": "second"}\r\n')

@@ -223,7 +223,7 @@ def test_preprocess_array_and_merge_equal_single_process(cluster, dataset, tmp_p
     tokenizer = dataset.parent / "tokenizer"
     out_dir = tmp_path / "prepared"
     env = {**job_env(), "INPUT": f"{raw}/*.jsonl", "TOKENIZER": str(tokenizer), "OUTPUT_DIR": str(out_dir),
-           "PREP_ARGS": "--no-progress"}
+           "PREP_ARGS": "--no-progress", "NUM_SHARDS": "4"}
     small = ["--cpus-per-task=1", "--mem=500M", "--time=10"]
     array = cluster.sbatch(PREP_ARRAY, options=["--array=0-3", *small], env=env, cwd=tmp_path)
     merge = cluster.sbatch(PREP_MERGE, options=[f"--dependency=afterok:{array}", *small], env=env, cwd=tmp_path)
@@ -236,6 +236,19 @@ def test_preprocess_array_and_merge_equal_single_process(cluster, dataset, tmp_p
     merged = cluster.wait(merge, timeout=60)
     assert merged[0]["JobState"] == "COMPLETED", (merged, outputs())
     assert sorted(p.name for p in out_dir.glob("part_*.bin")) == [f"part_{i:05d}.bin" for i in range(4)]
+    # A task resubmitted alone (as after a node failure) prepares its own share again, not all the files as
+    # shard 0 of a 1-task array (which duplicated data in the merge).
+    lost = out_dir / "part_00002"
+    kept = {suffix: lost.with_suffix(suffix).read_bytes() for suffix in (".bin", ".idx")}
+    for suffix in (".bin", ".idx", ".meta.json"):
+        lost.with_suffix(suffix).unlink()
+    for merged_file in out_dir.glob("train.*"):
+        merged_file.unlink()
+    again = cluster.sbatch(PREP_ARRAY, options=["--array=2", *small], env=env, cwd=tmp_path)
+    assert cluster.wait(again, timeout=120)[0]["JobState"] == "COMPLETED", outputs()
+    assert {suffix: lost.with_suffix(suffix).read_bytes() for suffix in (".bin", ".idx")} == kept
+    merge = cluster.sbatch(PREP_MERGE, options=small, env=env, cwd=tmp_path)
+    assert cluster.wait(merge, timeout=60)[0]["JobState"] == "COMPLETED", outputs()
 
     reference = tmp_path / "single" / "train"
     single = subprocess.run(
