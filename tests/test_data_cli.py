@@ -72,7 +72,7 @@ def test_slurm_array_scripts_prepare_and_merge(tmp_path):
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "INPUT": f"{tmp_path / 'raw'}/*.jsonl", "TOKENIZER": str(tmp_path / "tok"),
            "OUTPUT_DIR": str(tmp_path / "out"), "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_MIN": "0",
-           "SLURM_CPUS_PER_TASK": "1", "PREP_ARGS": "--no-progress"}
+           "SLURM_CPUS_PER_TASK": "1", "PREP_ARGS": "--no-progress", "NUM_SHARDS": "3"}
     for task in range(3):
         run = subprocess.run(["bash", str(REPO / "data_prep" / "preprocess_array.sbatch")], capture_output=True,
                              text=True, env={**env, "SLURM_ARRAY_TASK_ID": str(task)})
@@ -89,3 +89,7 @@ def test_slurm_array_scripts_prepare_and_merge(tmp_path):
     missing = subprocess.run(["bash", str(REPO / "data_prep" / "preprocess_array.sbatch")], capture_output=True,
                              text=True, env={k: v for k, v in env.items() if k != "INPUT"})
     assert missing.returncode != 0 and "set INPUT" in missing.stderr
+    unsized_env = {**{k: v for k, v in env.items() if k != "NUM_SHARDS"}, "SLURM_ARRAY_TASK_ID": "1"}
+    unsized = subprocess.run(["bash", str(REPO / "data_prep" / "preprocess_array.sbatch")], capture_output=True,
+                             text=True, env=unsized_env)
+    assert unsized.returncode != 0 and "export NUM_SHARDS" in unsized.stderr
