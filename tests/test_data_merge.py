@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,61 @@ def test_merging_qa_samples_merges_their_loss_masks_and_refuses_a_mix(tmp_path, 
     # Overwriting a QA output with plain data removes its old mask, which would otherwise be applied.
     merge([str(plain)], tmp_path / "merged" / "qa", overwrite=True)
     assert not (tmp_path / "merged" / "qa_lossmask.idx").exists()
+
+
+def test_qa_parts_merge_by_glob_and_a_crash_mid_commit_never_pairs_new_mask_with_old_tokens(tmp_path, tokenizer_dir,
+                                                                                          monkeypatch):
+    import megakv.data.indexed as indexed
+    from megakv.data.sft import MaskedTokens, mask_prefix, prepare_sft
+
+    records = [{"context": f"Speaker {i} said the line number {i} here.", "question": f"Who said line {i}?",
+                "answer": f"Speaker {i}"} for i in range(6)]
+    parts = []
+    for p in range(2):
+        path = tmp_path / f"qa{p}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in records[p * 3:(p + 1) * 3]))
+        parts.append(prepare_sft(path, tokenizer_dir, tmp_path / "parts" / f"qa_{p}", 96).prefix)
+    # `part_*` also matches the parts' qa_*_lossmask pairs: they travel with their token pairs, not as inputs.
+    meta = merge([str(tmp_path / "parts" / "qa_*")], tmp_path / "merged" / "qa")
+    assert meta["merged_from"] == parts and meta["documents"] == 6
+
+    # Overwrite the first part with other records, the disk filling up as the token pair's index is written:
+    # the old part must stay whole (old tokens, old mask), never old tokens beside the new mask.
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps({**r, "answer": "a much longer answer than before " + r["answer"]}) + "\n"
+                             for r in records[:3]))
+    before = {path.name: path.read_bytes() for path in (tmp_path / "parts").glob("qa_0*") if path.is_file()}
+
+    def full_disk_for_the_token_index(path, mode="r", *args, **kwargs):
+        if str(path).startswith(str(tmp_path / "parts" / "qa_0.idx")) and "w" in mode:
+            raise OSError(28, "No space left on device")
+        return open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(indexed, "open", full_disk_for_the_token_index, raising=False)
+    with pytest.raises(OSError, match="No space left"):
+        prepare_sft(other, tokenizer_dir, tmp_path / "parts" / "qa_0", 96, overwrite=True)
+    monkeypatch.undo()
+    assert {path.name: path.read_bytes() for path in (tmp_path / "parts").glob("qa_0*") if path.is_file()} == before
+    prepare_sft(other, tokenizer_dir, tmp_path / "parts" / "qa_0", 96, overwrite=True)
+    fresh = MaskedTokens(IndexedDataset(parts[0]), IndexedDataset(mask_prefix(parts[0])))
+    assert read_meta(parts[0])["sft"]["answer_tokens"] == sum(int((fresh.get(i) >= 0).sum()) for i in range(3))
+    # megakv-prep --overwrite of a QA prefix with plain text removes the QA mask, which would otherwise apply.
+    preprocess(_files(tmp_path / "in")[:1], tokenizer_dir, parts[0], overwrite=True, progress=False)
+    assert not mask_prefix(parts[0]).with_name(mask_prefix(parts[0]).name + ".idx").exists()
+
+
+def test_pairs_without_metadata_merge_and_describe(tmp_path, tokenizer_dir):
+    """Megatron-made pairs have no .meta.json: their merge records null tokenizer and vocabulary, which
+    `megakv-data info` and a second merge read without a traceback."""
+    from megakv.cli.data import main as data_main
+
+    files = _files(tmp_path / "in")
+    for i, f in enumerate(files[:2]):
+        preprocess([f], tokenizer_dir, tmp_path / "meg" / f"m{i}", progress=False)
+        (tmp_path / "meg" / f"m{i}.meta.json").unlink()
+    shutil.rmtree(tmp_path / "meg" / "tokenizer")
+    meta = merge([str(tmp_path / "meg" / "m0"), str(tmp_path / "meg" / "m1")], tmp_path / "meg" / "merged")
+    assert meta["tokenizer"] is None and meta["vocab_size"] is None
+    assert data_main(["info", str(tmp_path / "meg" / "merged")]) == 0
+    again = merge([str(tmp_path / "meg" / "merged"), str(tmp_path / "meg" / "m0")], tmp_path / "meg" / "twice")
+    assert again["documents"] == 90

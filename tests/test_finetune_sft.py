@@ -181,7 +181,7 @@ def test_a_validation_split_or_dataset_shorter_than_one_sample_is_refused(tmp_pa
 
     def data_with(*overrides):
         cfg = load_config(None, ["data.seq_len=64", f"data.tokenizer={prefix.parent / 'tokenizer'}",
-                                 f"data.cache_dir={tmp_path / 'c'}", *overrides])
+                                 f"data.cache_dir={tmp_path / 'c'}", "validation.every=0", *overrides])
         return build_data(cfg.data, cfg.seq_len, is_builder=True)
 
     with pytest.raises(DataError, match=r"validation dataset \(data.valid_datasets\) .*short has 20 tokens in 1 "

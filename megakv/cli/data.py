@@ -45,8 +45,9 @@ def _parser() -> argparse.ArgumentParser:
 def check_token_ids(prefix: str, dataset: IndexedDataset, meta: dict) -> int:
     """Scan the .bin: ids above the bound the metadata claims (or its vocabulary) name the sequence."""
     scanned = dataset.max_token_id()
-    bounds = [int(meta["max_token_id"])] if "max_token_id" in meta else []
-    bounds += [int(meta["vocab_size"]) - 1] if "vocab_size" in meta else []
+    # A merge of pairs without metadata records null for what it could not know.
+    bounds = [int(meta["max_token_id"])] if meta.get("max_token_id") is not None else []
+    bounds += [int(meta["vocab_size"]) - 1] if meta.get("vocab_size") is not None else []
     limit = min(bounds) if bounds else None
     if limit is not None and scanned > limit:
         first = next(i for i in range(len(dataset)) if len(dataset[i]) and int(dataset[i].max()) > limit)

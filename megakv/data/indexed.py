@@ -60,6 +60,20 @@ def idx_path(prefix: str | Path) -> Path:
     return Path(f"{prefix}.idx")
 
 
+# QA samples (megakv-qa prep) carry a loss-mask pair beside their token pair: PREFIX_lossmask.bin/.idx.
+MASK_SUFFIX = "_lossmask"
+
+
+def mask_prefix(prefix: str | Path) -> Path:
+    return Path(f"{prefix}{MASK_SUFFIX}")
+
+
+def remove_pair(prefix: str | Path) -> None:
+    """Delete a pair, `.idx` first (a pair without it no longer counts as present)."""
+    for path in (idx_path(prefix), bin_path(prefix)):
+        path.unlink(missing_ok=True)
+
+
 def optimal_dtype(vocab_size: int) -> np.dtype:
     """The smallest unsigned dtype holding every id in [0, vocab_size)."""
     if vocab_size <= 0:

@@ -2,7 +2,7 @@
 
 The result is byte-identical to preprocessing all the inputs at once in the same order. QA samples
 prepared by `megakv-qa prep` carry a loss-mask pair (`PREFIX_lossmask`): when every input has one, the
-masks are merged the same way (written before the token pair, whose `.idx` lands last), so the merged
+masks are merged the same way (committed just before the token pair's `.idx` lands), so the merged
 data still counts only what each input counted; a mix of masked and unmasked inputs is refused.
 """
 
@@ -14,20 +14,23 @@ from collections import Counter
 from pathlib import Path
 
 from megakv.data.errors import DataError
-from megakv.data.indexed import IndexedDataset, IndexedWriter, bin_path, idx_path, pair_exists
+from megakv.data.indexed import (
+    MASK_SUFFIX,
+    IndexedDataset,
+    IndexedWriter,
+    bin_path,
+    idx_path,
+    mask_prefix,
+    pair_exists,
+    remove_pair,
+)
 from megakv.data.metadata import read_meta, write_meta
 from megakv.data.tokenizer import TokenizerInfo, save_beside_data
-
-MASK_SUFFIX = "_lossmask"  # megakv.data.sft's loss-mask pair (sft imports torch; merging does not need it)
-
-
-def _mask_prefix(prefix: Path) -> Path:
-    return Path(f"{prefix}{MASK_SUFFIX}")
 
 
 def merged_sft_meta(prefixes: list[Path], metas: list[dict | None]) -> dict | None:
     """The `sft` metadata of the merged QA samples (None: no input has a loss mask); refuses a mix."""
-    masked = [pair_exists(_mask_prefix(p)) for p in prefixes]
+    masked = [pair_exists(mask_prefix(p)) for p in prefixes]
     if not any(masked):
         return None
     if not all(masked):
@@ -55,6 +58,10 @@ def expand_prefixes(patterns: list[str]) -> list[Path]:
             base = pattern[:-4] if pattern.endswith(".idx") else pattern
             matches = sorted(glob.glob(base + ".idx") + ([] if base.endswith("*") else glob.glob(base + "*.idx")))
             matches = sorted(set(matches))
+            # `out/part_*` also matches QA parts' loss-mask pairs: those travel with their token pair.
+            found = {m[:-4] for m in matches}
+            matches = [m for m in matches if not (m[:-4].endswith(MASK_SUFFIX) and
+                                                  m[:-4].removesuffix(MASK_SUFFIX) in found)]
             if not matches:
                 raise DataError(f"{pattern!r} matched no .idx files", "check the pattern and quoting")
             prefixes.extend(Path(m[:-4]) for m in matches)
@@ -81,7 +88,8 @@ def merge(inputs: list[str], output_prefix: str | Path, *, overwrite: bool = Fal
     if len(dtypes) > 1:
         raise DataError(f"the inputs store different token dtypes {sorted(dtypes)}",
                         "merge only pairs made with the same tokenizer")
-    fingerprints = {m["tokenizer"]["fingerprint"] for m in metas if m is not None}
+    # Megatron-made pairs, or a merge without a tokenizer beside its inputs, record none.
+    fingerprints = {((m or {}).get("tokenizer") or {}).get("fingerprint") for m in metas} - {None}
     if len(fingerprints) > 1:
         raise DataError("the inputs were tokenized with different tokenizers",
                         "merge only pairs made with the same tokenizer (compare their .meta.json)")
@@ -107,14 +115,18 @@ def merge(inputs: list[str], output_prefix: str | Path, *, overwrite: bool = Fal
                             ".meta.json claims (the .bin was changed after preparation, or the metadata is wrong)",
                             "re-prepare that input with megakv-prep, then merge again")
     sft = merged_sft_meta(prefixes, metas)
-    if sft is not None:
-        with IndexedWriter(_mask_prefix(output), "uint8") as masks:
-            for prefix in prefixes:
-                masks.add_index(IndexedDataset(_mask_prefix(prefix)))
-            masks.finalize()
-    elif pair_exists(_mask_prefix(output)):  # a stale mask from an overwritten QA output must not apply
-        for path in (idx_path(_mask_prefix(output)), bin_path(_mask_prefix(output))):
-            path.unlink(missing_ok=True)
+
+    def commit_mask_and_meta() -> None:
+        # Runs once the old output's .idx is gone: no moment pairs a new mask with old tokens, or the reverse.
+        if sft is not None:
+            with IndexedWriter(mask_prefix(output), "uint8") as masks:
+                for prefix in prefixes:
+                    masks.add_index(IndexedDataset(mask_prefix(prefix)))
+                masks.finalize()
+        else:
+            remove_pair(mask_prefix(output))  # a stale mask from an overwritten QA output must not apply
+        write_meta(output, meta)
+
     with IndexedWriter(output, sources[0].dtype) as writer:
         for source in sources:
             writer.add_index(source)
@@ -131,5 +143,5 @@ def merge(inputs: list[str], output_prefix: str | Path, *, overwrite: bool = Fal
         meta["max_token_id"] = max(scanned)
         if sft is not None:
             meta["sft"] = sft
-        writer.finalize(before_commit=lambda: write_meta(output, meta))
+        writer.finalize(before_commit=commit_mask_and_meta)
     return meta

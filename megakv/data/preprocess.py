@@ -25,7 +25,15 @@ import numpy as np
 
 from megakv.data.documents import TOO_LARGE, Skip, record_text
 from megakv.data.errors import DataError
-from megakv.data.indexed import IndexedDataset, IndexedWriter, idx_path, optimal_dtype, pair_exists
+from megakv.data.indexed import (
+    IndexedDataset,
+    IndexedWriter,
+    idx_path,
+    mask_prefix,
+    optimal_dtype,
+    pair_exists,
+    remove_pair,
+)
 from megakv.data.metadata import read_meta, write_meta
 from megakv.data.progress import Progress
 from megakv.data.sources import InputFile, RecordReader, expand_inputs, select_shard
@@ -332,7 +340,11 @@ def _preprocess(inputs: list[str], tokenizer: str | Path, output_prefix: str | P
             "options": asdict(options), "shard": list(shard) if shard else None,
             "skipped": dict(summary.skipped), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        writer.finalize(before_commit=lambda: write_meta(prefix, meta))
+        def commit_meta() -> None:
+            remove_pair(mask_prefix(prefix))  # an overwritten QA output's loss mask must not apply to plain text
+            write_meta(prefix, meta)
+
+        writer.finalize(before_commit=commit_meta)
     summary.seconds = time.time() - started
     return summary
 

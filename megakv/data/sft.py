@@ -25,19 +25,14 @@ import numpy as np
 import torch
 
 from megakv.data.errors import DataError
-from megakv.data.indexed import IndexedDataset, IndexedWriter, optimal_dtype, pair_exists
+from megakv.data.indexed import IndexedDataset, IndexedWriter, mask_prefix, optimal_dtype, pair_exists
 from megakv.data.metadata import write_meta
 from megakv.data.tokenizer import Tokenizer, load_tokenizer, save_beside_data
 
 IGNORE = -100  # torch.nn.functional.cross_entropy's default ignore_index
-MASK_SUFFIX = "_lossmask"
 ORDERS = ("qca", "cqa")  # question -> context -> answer, or context -> question -> answer
 FIELDS = ("context", "question", "answer")
 LOSS_ON = ("answer", "record")  # what the loss mask counts (prepare_sft)
-
-
-def mask_prefix(prefix: str | Path) -> Path:
-    return Path(f"{prefix}{MASK_SUFFIX}")
 
 
 @dataclass(frozen=True)
@@ -215,7 +210,6 @@ def prepare_sft(records_path: str | Path, tokenizer_dir: str | Path, output_pref
             tokens_out.add_document(tokens.astype(dtype))
             masks.add_document(mask)
             max_token_id = max(max_token_id, int(tokens.max()))
-        masks.finalize()
         counts = {o: orders.count(o) for o in ORDERS}
         meta = {"documents": len(records), "tokens": len(records) * seq_len, "dtype": dtype.name,
                 "max_token_id": max_token_id, "vocab_size": info.vocab_size,
@@ -224,7 +218,12 @@ def prepare_sft(records_path: str | Path, tokenizer_dir: str | Path, output_pref
                         "answer_tokens": answer_tokens, "loss_on": loss_on, "counted_tokens": counted_tokens,
                         "source": str(records_path), "pad_id": pad_id},
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        tokens_out.finalize(before_commit=lambda: write_meta(prefix, meta))
+        def commit_mask_and_meta() -> None:
+            # The old token pair is gone by now: no moment pairs the new mask with old tokens.
+            masks.finalize()
+            write_meta(prefix, meta)
+
+        tokens_out.finalize(before_commit=commit_mask_and_meta)
     return SFTSummary(str(prefix), len(records), counts, answer_tokens, time.time() - started, counted_tokens)
 
 
