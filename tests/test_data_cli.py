@@ -31,6 +31,11 @@ def test_tokenizer_prep_merge_info(tmp_path, capsys):
     assert tokenizer_cli.main(["train", "--input", str(tmp_path / "raw"), "--vocab-size", "400",
                                "--output", str(tmp_path / "tok")]) == 0
     assert "vocab 400" in capsys.readouterr().out
+    # A wrong --text-key reads no text: said as such, not as a SentencePiece complaint about the vocabulary.
+    assert tokenizer_cli.main(["train", "--input", str(tmp_path / "raw"), "--vocab-size", "400", "--text-key",
+                               "body", "--output", str(tmp_path / "tok_none")]) == 2
+    err = capsys.readouterr().err
+    assert "no text was read from the 4 input file(s)" in err and "missing_field" in err and "--text-key" in err
     assert tokenizer_cli.main(["encode", str(tmp_path / "tok"), "to be\nor not"]) == 0
     assert json.loads(capsys.readouterr().out)["decoded"] == "to be\nor not"
     assert prep_cli.main(["--input", str(tmp_path / "raw" / "*.jsonl"), "--tokenizer", str(tmp_path / "tok"),

@@ -15,6 +15,7 @@ from dataclasses import asdict
 
 from megakv.data.cli_support import run_cli
 from megakv.data.documents import iter_texts
+from megakv.data.errors import DataError
 from megakv.data.sources import FORMATS, TXT_UNITS, expand_inputs
 from megakv.data.tokenizer import import_hf_tokenizer, load_tokenizer, read_info, train_sentencepiece
 
@@ -57,10 +58,23 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             skipped: Counter = Counter()
             files = expand_inputs(args.input, args.format)
-            texts = iter_texts(files, args.text_key, args.txt_unit, skipped)
-            info = train_sentencepiece(texts, args.output, args.vocab_size, model_type=args.model_type,
-                                       max_sentences=args.max_sentences,
-                                       character_coverage=args.character_coverage)
+            read = Counter()
+
+            def counted_texts():
+                for text in iter_texts(files, args.text_key, args.txt_unit, skipped):
+                    read["texts"] += 1
+                    yield text
+
+            try:
+                info = train_sentencepiece(counted_texts(), args.output, args.vocab_size, model_type=args.model_type,
+                                           max_sentences=args.max_sentences,
+                                           character_coverage=args.character_coverage)
+            except DataError:
+                if read["texts"] == 0:  # SentencePiece's own message would blame the vocabulary size
+                    raise DataError(f"no text was read from the {len(files)} input file(s) (skipped records: "
+                                    f"{dict(skipped) or 'none'})", f"check --text-key (now {args.text_key!r}), "
+                                    "--format and --txt-unit") from None
+                raise
             print(f"trained {info.kind} {args.model_type} tokenizer, vocab {info.vocab_size}, eos {info.eos_id} "
                   f"-> {args.output}" + (f" (skipped records: {dict(skipped)})" if skipped else ""))
         elif args.command == "import":
