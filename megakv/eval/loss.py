@@ -30,21 +30,31 @@ class PlanLoss:
         return asdict(self)
 
 
+LOGIT_CHUNK_ELEMENTS = 1 << 25  # fp32 logits scored at once (128 MiB): a long window x a large vocabulary
+# (8K x 49K for SmolLM2, 64K x 128K for Llama 3) would otherwise need gigabytes of logits per window.
+
+
 @torch.no_grad()
 def mean_loss(model: MegaKVModel, plan: RoutingPlan, windows: torch.Tensor, batch_size: int = 8,
               progress: Callable[[int], None] | None = None) -> tuple[float, int]:
     """(mean cross-entropy over all predicted tokens, their count) for windows (n, seq + 1).
 
+    The output head runs on chunks of positions (LOGIT_CHUNK_ELEMENTS logits at a time); the sum is the same.
     `progress(n)` is told after each batch how many windows it held."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = model.embed.weight.device
+    rows = max(1, LOGIT_CHUNK_ELEMENTS // model.cfg.vocab_size)
     total, count = 0.0, 0
     for start in range(0, len(windows), batch_size):
         batch = windows[start:start + batch_size].to(device)
-        logits = model(batch[:, :-1], plan=plan)
-        total += F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum").item()
-        count += batch[:, 1:].numel()
+        inputs = batch[:, :-1]
+        hidden = model.run_layers(model.embed(inputs), model.default_positions(inputs), plan).flatten(0, 1)
+        labels = batch[:, 1:].flatten()
+        for first in range(0, len(labels), rows):
+            logits = model.head(hidden[first:first + rows]).float()
+            total += F.cross_entropy(logits, labels[first:first + rows], reduction="sum").item()
+        count += labels.numel()
         if progress is not None:
             progress(len(batch))
     return total / count, count
