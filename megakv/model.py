@@ -78,6 +78,15 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.register_buffer("inv_freq", rope_inverse_frequencies(cfg), persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        # model.to(bfloat16) / .half() cast every floating buffer; the frequencies stay fp32 (as in
+        # transformers): rounded to bf16's 8 mantissa bits, they shift the angles of late positions by radians.
+        inv_freq = self.inv_freq
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32:
+            self.inv_freq = inv_freq.to(self.inv_freq.device, torch.float32)
+        return self
+
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> Rope:
         freqs = position_ids[..., None].float() * self.inv_freq  # (batch, seq, head_dim / 2)
         angles = torch.cat([freqs, freqs], dim=-1)

@@ -114,15 +114,26 @@ def model_from_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor], devi
     return model.eval()
 
 
+def read_safetensors(path: str | Path, device: str | torch.device = "cpu",
+                     fix: str = "copy the model directory again, or re-export it with megakv-convert",
+                     ) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file; a damaged or unreadable file is a ValueError naming it and `fix`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist. Fix: {fix}")
+    try:
+        return load_file(str(path), device=str(device))
+    except SafetensorError as e:
+        raise ValueError(f"{path}: truncated or corrupt safetensors file ({e}). Fix: {fix}") from None
+    except OSError as e:  # permissions, I/O errors: not a damaged file
+        raise ValueError(f"{path} cannot be read ({e.strerror or e}). Fix: check its permissions and the file "
+                         "system it is on") from None
+
+
 def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None) -> MegaKVModel:
     cfg = load_model_config(model_dir)
-    weights = Path(model_dir) / WEIGHTS_FILE
-    try:
-        state = load_file(str(weights), device=str(device))
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{weights}: truncated or corrupt safetensors file ({e}). Fix: copy the model directory "
-                         "again, or re-export it with megakv-convert") from None
+    state = read_safetensors(Path(model_dir) / WEIGHTS_FILE, device)
     return model_from_state_dict(cfg, state, device, dtype, source=f"{model_dir}/{WEIGHTS_FILE}")
 
 

@@ -38,13 +38,11 @@ def _from_hf(args: argparse.Namespace) -> Path:
 
 
 def _to_hf(args: argparse.Namespace) -> Path:
-    from safetensors.torch import load_file
-
     from megakv.hf.checkpoint import save_hf_checkpoint
-    from megakv.model_dir import WEIGHTS_FILE, load_model_config, tokenizer_path
+    from megakv.model_dir import WEIGHTS_FILE, load_model_config, read_safetensors, tokenizer_path
 
     cfg = load_model_config(args.src)
-    state = load_file(str(Path(args.src) / WEIGHTS_FILE))
+    state = read_safetensors(Path(args.src) / WEIGHTS_FILE)
     return save_hf_checkpoint(cfg, state, args.out, tokenizer_dir=tokenizer_path(args.src),
                               overwrite=args.overwrite, dtype=DTYPES[args.dtype] if args.dtype else None)
 

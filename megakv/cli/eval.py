@@ -36,15 +36,6 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def check_device_argument(args: argparse.Namespace) -> None:
-    from megakv.config.devices import device_problem
-
-    problem = device_problem(args.device)
-    if problem is not None:
-        raise ValueError(f"--device = {args.device!r}: {problem}. Fix: pass --device cpu, or run on a machine "
-                         f"with that device")
-
-
 def load_windows(args: argparse.Namespace, model, tokenizer_dir):
     """(windows, a line saying how many tokens of how many are scored); warns about a long --seq-len."""
     from megakv.eval.data import make_windows, read_eval_tokens
@@ -67,8 +58,6 @@ def load_baseline(args: argparse.Namespace, model):
     """The --baseline model; it must read the same windows (same vocabulary, context and depth)."""
     from megakv.model_paths import resolve_model
 
-    if args.task != "lm":
-        raise ValueError("--baseline compares held-out loss (--task lm); compare QA scores with two runs")
     baseline, _ = resolve_model(args.baseline, args.device, DTYPES[args.dtype])
     for field in ("vocab_size", "max_seq_len", "n_layers"):
         ours, theirs = getattr(model.cfg, field), getattr(baseline.cfg, field)
@@ -104,8 +93,12 @@ def _run(args: argparse.Namespace) -> int:
     from megakv.model_paths import resolve_model
 
     apply_runtime_options(args)
-    check_device_argument(args)
     if args.task == "qa":
+        # Options of the loss report only: refused, not silently ignored.
+        for option, fix in (("baseline", "run --task qa once per model and compare the tables (or --json)"),
+                            ("plot", "drop it; --json writes the QA scores")):
+            if getattr(args, option):
+                raise ValueError(f"--{option} applies to --task lm (held-out loss) only, not to --task qa. Fix: {fix}")
         return run_qa(args)
     model, tokenizer_dir = resolve_model(args.model, args.device, DTYPES[args.dtype])
     for spec in args.retain:  # reject a bad plan before spending time on the others

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 
 from megakv.inference.cli_support import DTYPES, add_model_arguments, apply_runtime_options, run_cli
 
@@ -67,9 +68,9 @@ def parse_shrink_at(texts: list[str]) -> list[tuple[int, str]]:
     return schedule
 
 
-def continuation_text(tokenizer, prompt: list[int], new: list[int], eos: int | None) -> str:
+def continuation_text(tokenizer, prompt: list[int], new: list[int], eos: Sequence[int]) -> str:
     """The text the new tokens add to the prompt: decoded together, so spacing at the seam is right."""
-    if new and new[-1] == eos:
+    if new and new[-1] in eos:
         new = new[:-1]
     prefix, whole = tokenizer.decode(prompt), tokenizer.decode(prompt + new)
     return whole[len(prefix):] if whole.startswith(prefix) else tokenizer.decode(new)
@@ -105,8 +106,12 @@ def _run(args: argparse.Namespace) -> int:
     if any(not ids for ids in prompts):
         raise ValueError("a prompt encodes to no tokens: give it some text (or use --add-bos)")
 
-    eos = tokenizer.eos_id if tokenizer is not None else model.cfg.eos_token_id
-    pad = next((i for i in (getattr(tokenizer, "pad_id", None), eos, model.cfg.pad_token_id) if i is not None), 0)
+    # Every id that ends a sequence: the tokenizer's, then all of the model config's (an imported
+    # Llama-3-Instruct lists several, and transformers stops at any of them).
+    eos = [tokenizer.eos_id] if tokenizer is not None else []
+    eos += [i for i in model.cfg.eos_token_ids if i not in eos]
+    pad_candidates = (getattr(tokenizer, "pad_id", None), *eos[:1], model.cfg.pad_token_id)
+    pad = next((i for i in pad_candidates if i is not None), 0)
     longest = max(len(ids) for ids in prompts) + args.max_new_tokens
     if longest > model.cfg.max_seq_len:
         print(f"megakv-generate: warning: {longest} positions exceed the model's trained context "

@@ -26,6 +26,13 @@ def device_problem(name: str) -> str | None:
     return None
 
 
+def resolve_device(name: str) -> str:
+    """`auto` -> cuda when a GPU is available, else cpu; any other name unchanged."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
 def check_device(field: str, name: str, fix: str) -> None:
     """Raise ConfigError naming `field` when the device cannot be used on this machine."""
     problem = device_problem(name)

@@ -41,12 +41,21 @@ class ModelConfig:
     tie_embeddings: bool = False
     init_std: float = 0.02
     bos_token_id: int | None = None
-    eos_token_id: int | None = None
+    # One id, or several that all end a sequence (transformers' form: Llama-3-Instruct lists
+    # end_of_text, eom and eot); an import keeps them all, an export writes them back.
+    eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
 
     @property
     def resolved_head_dim(self) -> int:
         return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """Every id that ends a sequence (empty when none is set)."""
+        if self.eos_token_id is None:
+            return ()
+        return tuple(self.eos_token_id) if isinstance(self.eos_token_id, (list, tuple)) else (self.eos_token_id,)
 
     @property
     def kv_bytes_per_token_per_layer(self) -> int:
@@ -82,6 +91,9 @@ class ModelConfig:
         if self.family in ("llama", "mistral"):
             need(not self.qk_norm, "qk_norm", f"family {self.family} has no q/k norm",
                  "set family=qwen3 to export a model with q/k norm")
+        if self.family == "qwen3":  # transformers' Qwen3 always applies q/k norm: an export would differ
+            need(self.qk_norm, "qk_norm", "family qwen3 always has q/k norm",
+                 "set qk_norm=true, or family=llama (no q/k norm, attention_bias) or qwen2 (q/k/v bias)")
         if self.family == "mistral":
             need(not (self.qkv_bias or self.out_bias), "qkv_bias", "mistral has no attention bias",
                  "set family=qwen2 (q/k/v bias) or llama (attention_bias)")
@@ -94,6 +106,7 @@ class ModelConfig:
                  f"{self.family}'s attention_bias covers q/k/v and output together (out_bias={self.out_bias})",
                  "set qkv_bias and out_bias to the same value, or use family=qwen2 for q/k/v bias only")
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            value = getattr(self, name)
-            need(value is None or 0 <= value < self.vocab_size, name, f"outside the vocabulary [0, {self.vocab_size})",
-                 "use the tokenizer's id or null")
+            ids = self.eos_token_ids if name == "eos_token_id" else (getattr(self, name),)
+            need(all(i is None or 0 <= i < self.vocab_size for i in ids), name,
+                 f"outside the vocabulary [0, {self.vocab_size})", "use the tokenizer's id or null")
+        need(self.eos_token_id != [], "eos_token_id", "an empty list", "list at least one id, or use null")

@@ -18,7 +18,7 @@ from megakv.hf.mapping import (
     state_dict_to_hf,
 )
 from megakv.hf.tokenizer import HF_TOKENIZER_FILES
-from megakv.model_dir import write_directory_atomically
+from megakv.model_dir import read_safetensors, write_directory_atomically
 
 # Files that make up a transformers tokenizer; carried between formats when present.
 TOKENIZER_FILES = HF_TOKENIZER_FILES
@@ -29,30 +29,66 @@ def read_hf_config(hf_dir: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{hf_dir} has no config.json: expected a transformers checkpoint directory "
                                 f"written by save_pretrained")
-    return json.loads(path.read_text())
+    config = _read_json(path)
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds a JSON {type(config).__name__}, not a config object. Fix: use the "
+                         "config.json that save_pretrained wrote")
+    return config
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}). Fix: copy the checkpoint directory again") from None
+
+
+# A damaged weights file of a transformers directory: what to do about it.
+_REFETCH = "download or copy the checkpoint directory again"
 
 
 def read_hf_weights(hf_dir: str | Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     hf_dir = Path(hf_dir)
     if (hf_dir / "model.safetensors").is_file():
-        return load_file(str(hf_dir / "model.safetensors"))
+        return read_safetensors(hf_dir / "model.safetensors", fix=_REFETCH)
     index = hf_dir / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        index_json = _read_json(index)
+        weight_map = index_json.get("weight_map") if isinstance(index_json, dict) else None
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index} has no weight_map. Fix: {_REFETCH}")
         weights: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            weights.update(load_file(str(hf_dir / shard)))
+        for shard in sorted(set(weight_map.values())):
+            weights.update(read_safetensors(hf_dir / shard, fix=_REFETCH))
         return weights
     if (hf_dir / "pytorch_model.bin").is_file():
-        return torch.load(hf_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        return _read_pytorch_bin(hf_dir / "pytorch_model.bin")
     raise FileNotFoundError(f"{hf_dir} holds no weights (model.safetensors, a sharded index or pytorch_model.bin)")
+
+
+def _read_pytorch_bin(path: Path) -> dict[str, torch.Tensor]:
+    """A pickled state dict, through the weights-only unpickler: a file that needs any other global is refused
+    (a pickle can run code), so is one that is not a dict of tensors."""
+    from megakv.safe_load import UnsafeFileError, load_weights_only
+
+    fix = ("convert it to model.safetensors with the tool that wrote it (save_pretrained(..., "
+           "safe_serialization=True)), or use a copy from a source you trust")
+    try:
+        state = load_weights_only(path)
+    except UnsafeFileError as e:
+        needs = f"it needs the global {e.global_name!r}" if e.global_name else "the weights-only unpickler refused it"
+        raise UnsupportedCheckpoint(f"refusing to load {path}: {needs}; nothing from it was run. Fix: {fix}") from None
+    except (RuntimeError, EOFError, OSError) as e:  # not a torch file, or a truncated one
+        raise ValueError(f"{path}: truncated or not a torch file ({str(e).splitlines()[0][:200]}). "
+                         f"Fix: {_REFETCH}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UnsupportedCheckpoint(f"{path} does not hold a state dict (names -> tensors). Fix: {fix}")
+    return state
 
 
 def load_hf_checkpoint(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """A transformers Llama/Mistral/Qwen2/Qwen3 directory -> (ModelConfig, megakv state dict)."""
-    cfg = model_config_from_hf(read_hf_config(hf_dir))
+    cfg = model_config_from_hf(read_hf_config(hf_dir), source=str(Path(hf_dir) / "config.json"))
     hf_weights = read_hf_weights(hf_dir)
     if cfg.tie_embeddings is False and "lm_head.weight" not in hf_weights:
         raise UnsupportedCheckpoint(f"{hf_dir}: lm_head.weight is missing but tie_word_embeddings is false")
@@ -91,7 +127,7 @@ def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
     return copied
 
 
-def special_token_ids(cfg: ModelConfig, tokenizer_dir: str | Path | None) -> dict[str, int | None]:
+def special_token_ids(cfg: ModelConfig, tokenizer_dir: str | Path | None) -> dict[str, int | list[int] | None]:
     """bos/eos/pad ids for an export's config.json and generation_config.json.
 
     The model config's own ids win; ids it leaves unset come from the tokenizer the model was trained with,

@@ -101,12 +101,21 @@ def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, RopeScalingConfig]:
     raise UnsupportedCheckpoint(f"rope type {kind!r} is not supported (megakv implements default and llama3)")
 
 
-def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
-    """A transformers config (as a dict, e.g. config.json) -> ModelConfig. Refuses what it cannot match."""
+# The shape keys every supported config.json holds (transformers writes them all).
+_REQUIRED_HF_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+
+
+def model_config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
+    """A transformers config (as a dict, e.g. config.json; `source` names it in errors) -> ModelConfig.
+    Refuses what it cannot match."""
     family = hf.get("model_type")
     if family not in HF_CLASSES:
         raise UnsupportedCheckpoint(
             f"model_type {family!r} is not supported: megakv imports {', '.join(HF_CLASSES)} checkpoints")
+    missing = [key for key in _REQUIRED_HF_KEYS if hf.get(key) is None]
+    if missing:
+        raise ValueError(f"{source} has no {', '.join(missing)}, which a {family} model needs. Fix: use the "
+                         "config.json that save_pretrained wrote together with these weights")
     if hf.get("hidden_act", "silu") != "silu":
         raise UnsupportedCheckpoint(f"hidden_act {hf.get('hidden_act')!r}: megakv's MLP is SwiGLU (silu)")
     if hf.get("mlp_bias"):
@@ -121,7 +130,7 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     n_heads = int(hf["num_attention_heads"])
     attention_bias = bool(hf.get("attention_bias", False))
     head_dim = hf.get("head_dim")
-    eos = hf.get("eos_token_id")
+    eos = hf.get("eos_token_id")  # an int or a list (all of them end a sequence): kept as given
     cfg = ModelConfig(
         family=family,
         vocab_size=int(hf["vocab_size"]),
@@ -141,7 +150,7 @@ def model_config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         init_std=float(hf.get("initializer_range", 0.02)),
         bos_token_id=hf.get("bos_token_id"),
-        eos_token_id=eos[0] if isinstance(eos, list) else eos,
+        eos_token_id=(list(eos) or None) if isinstance(eos, (list, tuple)) else eos,
         pad_token_id=hf.get("pad_token_id"),
     )
     cfg.validate()

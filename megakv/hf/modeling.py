@@ -87,7 +87,7 @@ class MegaKVConfig(PreTrainedConfig):
     tie_embeddings: bool = False
     init_std: float = 0.02
     bos_token_id: int | None = None
-    eos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None  # several ids: any of them ends a sequence
     pad_token_id: int | None = None
     use_cache: bool = True
     retain: str = "all"  # deployment plan: all | every:K | explicit retained layers "0,3,5"

@@ -17,15 +17,28 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="megakv model directory, training run directory (latest checkpoint), or a transformers "
                              "checkpoint directory (Llama/Mistral/Qwen2/Qwen3, or one exported by megakv-convert "
                              "to-hf-rcla)")
-    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--device", default="cpu",
+                        help="torch device: cpu, cuda, cuda:1, ... or auto (cuda when available, else cpu; "
+                             "default: cpu)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                         help="weights and activations dtype (default: float32)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
 def apply_runtime_options(args: argparse.Namespace) -> None:
+    """Check --threads and --device before anything is loaded; `--device auto` becomes the device it picks."""
+    from megakv.config.devices import device_problem, resolve_device
+
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads = {args.threads}: must be a positive number of CPU threads. Fix: pass e.g. "
+                         "--threads 4, or leave it out for torch's choice")
+    problem = device_problem(args.device)
+    if problem is not None:
+        raise ValueError(f"--device = {args.device!r}: {problem}. Fix: pass --device cpu (or auto), or run on a "
+                         "machine with that device")
+    args.device = resolve_device(args.device)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
 
 

@@ -186,10 +186,11 @@ class InferenceEngine:
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32,
-                 sampling: SamplingConfig | None = None, eos_id: int | None = None,
+                 sampling: SamplingConfig | None = None, eos_id: int | Sequence[int] | None = None,
                  pad_id: int = 0,
                  shrink_at: Sequence[tuple[int, str | Sequence[int] | RoutingPlan]] = ()) -> GenerationOutput:
-        """Generate up to `max_new_tokens` per prompt (left-padded into one batch); stop a prompt at `eos_id`.
+        """Generate up to `max_new_tokens` per prompt (left-padded into one batch); stop a prompt at `eos_id`
+        (one id, or several that all end a sequence, as a model config's eos_token_id list).
 
         shrink_at: [(N, S'), ...]: the first N new tokens come from the current set, then `set_retain(S')`
         (elastic retention); the engine's own set is restored when generation ends.
@@ -199,12 +200,13 @@ class InferenceEngine:
         schedule = self.shrink_schedule(shrink_at, max_new_tokens)
         initial_plan = self.plan
         try:
-            return self._generate(prompts, max_new_tokens, sampling, eos_id, pad_id, schedule)
+            stop = () if eos_id is None else tuple(eos_id) if isinstance(eos_id, Sequence) else (int(eos_id),)
+            return self._generate(prompts, max_new_tokens, sampling, stop, pad_id, schedule)
         finally:
             self.plan = initial_plan
 
     def _generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: SamplingConfig | None,
-                  eos_id: int | None, pad_id: int, schedule: list[tuple[int, RoutingPlan]]) -> GenerationOutput:
+                  stop: tuple[int, ...], pad_id: int, schedule: list[tuple[int, RoutingPlan]]) -> GenerationOutput:
         sampling = sampling or SamplingConfig()
         generator = sampling.generator(self.device)
         ids, valid = left_pad(prompts, pad_id, self.device)
@@ -226,13 +228,14 @@ class InferenceEngine:
 
         out: list[list[int]] = [[] for _ in range(batch)]
         finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        stop_ids = torch.tensor(stop, dtype=torch.long, device=self.device)
         next_position = positions[:, -1] + 1
         decode_start, steps, step_times = time.perf_counter(), 1, []
         while True:
             for row in (~finished).nonzero().flatten().tolist():
                 out[row].append(int(token[row]))
-            if eos_id is not None:
-                finished |= token == eos_id
+            if stop:
+                finished |= torch.isin(token, stop_ids)
             if bool(finished.all()) or steps == max_new_tokens:
                 break
             if schedule and schedule[0][0] == steps:
@@ -249,7 +252,7 @@ class InferenceEngine:
             steps += 1
         decode_s = time.perf_counter() - decode_start
 
-        reasons = ["eos" if eos_id is not None and seq and seq[-1] == eos_id else "length" for seq in out]
+        reasons = ["eos" if seq and seq[-1] in stop else "length" for seq in out]
         first = changes[0].cache_bytes_before if changes else cache.nbytes
         stats = GenerationStats(retained=initial_retained, batch=batch, prompt_tokens=width, new_tokens=steps,
                                 cache_bytes=first, cache_bytes_per_token=kv_bytes_per_token(

@@ -1,0 +1,256 @@
+"""Serving-side inputs: bf16 RoPE, configs transformers would read differently, damaged transformers
+directories, --device / --threads, a list of eos ids, and eval options that do not apply to --task qa."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from test_hf_parity import tiny_hf_model
+from test_inference_support import EOS_ID, tiny_config, tiny_model, write_indexed_split, write_model_dir
+
+from megakv.cli.convert import main as convert_main
+from megakv.cli.eval import main as eval_main
+from megakv.cli.generate import main as generate_main
+from megakv.cli.plan import main as plan_main
+from megakv.config import ConfigError
+from megakv.config.devices import resolve_device
+from megakv.inference.engine import InferenceEngine
+from megakv.model_dir import model_from_state_dict, save_model_dir
+from megakv.model_paths import resolve_model
+
+MISSING_DEVICE = "cuda:99" if torch.cuda.is_available() else "cuda"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return write_model_dir(tmp_path_factory.mktemp("serving"), tiny_model(seed=6))
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory):
+    return write_indexed_split(tmp_path_factory.mktemp("data") / "val", n_docs=8, doc_len=30)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("hf") / "hf"
+    assert convert_main(["to-hf", str(model_dir), str(out)]) == 0
+    return out
+
+
+def _copy_dir(src: Path, dst: Path) -> Path:
+    return Path(shutil.copytree(src, dst))
+
+
+def _error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+# --- 1. RoPE frequencies stay fp32 under --dtype bfloat16 / float16 ---
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_model_keeps_its_rope_frequencies_fp32(dtype):
+    model = tiny_model()
+    cast = model_from_state_dict(model.cfg, model.state_dict(), "cpu", dtype)
+    assert cast.embed.weight.dtype == dtype
+    assert cast.rope.inv_freq.dtype == torch.float32
+    assert torch.equal(cast.rope.inv_freq, model.rope.inv_freq)
+    # nor does a plain module cast and back
+    assert torch.equal(tiny_model().to(dtype).float().rope.inv_freq, model.rope.inv_freq)
+
+
+def test_bf16_logits_at_late_positions_are_as_close_to_fp32_as_transformers_bf16(tmp_path):
+    hf = tiny_hf_model("llama", 2, False, max_position_embeddings=1024)
+    with torch.no_grad():  # sharper attention, so positions matter
+        for name, p in hf.named_parameters():
+            if "q_proj" in name or "k_proj" in name:
+                p.mul_(8)
+    hf.save_pretrained(tmp_path)
+    ids = torch.randint(3, 97, (1, 600), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = hf(input_ids=ids).logits.float()
+        hf_bf16 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+        ours, _ = resolve_model(tmp_path, "cpu", torch.bfloat16)
+        late = slice(400, 600)
+        theirs_error = (hf_bf16(input_ids=ids).logits.float() - reference)[:, late].abs().mean()
+        our_error = (ours(ids).float() - reference)[:, late].abs().mean()
+    # bf16 frequencies made this about twice transformers' error
+    assert our_error <= 1.1 * theirs_error
+
+
+# --- 2. qwen3 always has q/k norm ---
+
+def test_qwen3_without_qk_norm_is_refused(tmp_path, capsys):
+    with pytest.raises(ConfigError, match=r"model.qk_norm.*qwen3 always has q/k norm.*Fix: set qk_norm=true"):
+        tiny_config(family="qwen3", qk_norm=False).validate()
+    model = tiny_model(family="qwen3", qk_norm=True)
+    save_model_dir(model.cfg, model.state_dict(), tmp_path / "m")
+    config = tmp_path / "m" / "config.yaml"  # a model directory written before the check
+    config.write_text(config.read_text().replace("qk_norm: true", "qk_norm: false"))
+    assert convert_main(["to-hf", str(tmp_path / "m"), str(tmp_path / "hf")]) == 2
+    assert "qwen3 always has q/k norm" in _error(capsys)
+    assert not (tmp_path / "hf").exists()
+
+
+# --- 3. damaged transformers inputs are one clear error, exit 2 ---
+
+def _truncate(path: Path, size: int = 1000) -> None:
+    path.write_bytes(path.read_bytes()[:size])
+
+
+def test_a_truncated_hf_safetensors_is_named(hf_dir, tmp_path, capsys):
+    broken = _copy_dir(hf_dir, tmp_path / "broken")
+    weights = broken / "model.safetensors"
+    _truncate(weights)
+    assert generate_main(["--model", str(broken), "--prompt-ids", "5 6"]) == 2
+    err = _error(capsys)
+    assert f"{weights}: truncated or corrupt safetensors file" in err and "Fix:" in err
+    assert convert_main(["from-hf", str(broken), str(tmp_path / "out")]) == 2
+    assert f"{weights}: truncated or corrupt safetensors file" in _error(capsys)
+
+
+def test_to_hf_of_a_truncated_model_dir_is_named(model_dir, tmp_path, capsys):
+    broken = _copy_dir(model_dir, tmp_path / "broken")
+    _truncate(broken / "model.safetensors")
+    assert convert_main(["to-hf", str(broken), str(tmp_path / "out")]) == 2
+    err = _error(capsys)
+    assert f"{broken / 'model.safetensors'}: truncated or corrupt safetensors file" in err
+    assert "Fix: copy the model directory again" in err
+
+
+def test_a_config_json_without_a_required_key_is_named(hf_dir, tmp_path, capsys):
+    broken = _copy_dir(hf_dir, tmp_path / "broken")
+    config = json.loads((broken / "config.json").read_text())
+    del config["num_attention_heads"]
+    (broken / "config.json").write_text(json.dumps(config))
+    assert convert_main(["from-hf", str(broken), str(tmp_path / "out")]) == 2
+    err = _error(capsys)
+    assert f"{broken / 'config.json'} has no num_attention_heads" in err and "Fix:" in err
+    assert generate_main(["--model", str(broken), "--prompt-ids", "5 6"]) == 2
+    assert "has no num_attention_heads" in _error(capsys)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, (f"touch {tempfile.gettempdir()}/megakv-poisoned-bin-ran",))
+
+
+def test_a_poisoned_pytorch_model_bin_is_refused_unrun(hf_dir, tmp_path, capsys):
+    marker = Path(tempfile.gettempdir()) / "megakv-poisoned-bin-ran"
+    marker.unlink(missing_ok=True)
+    poisoned = _copy_dir(hf_dir, tmp_path / "poisoned")
+    (poisoned / "model.safetensors").unlink()
+    torch.save({"model.embed_tokens.weight": torch.zeros(2), "x": _Payload()}, poisoned / "pytorch_model.bin")
+    assert convert_main(["from-hf", str(poisoned), str(tmp_path / "out")]) == 2
+    err = _error(capsys)
+    assert f"refusing to load {poisoned / 'pytorch_model.bin'}" in err and "Fix:" in err
+    assert not marker.exists()
+    _truncate(poisoned / "pytorch_model.bin", 100)
+    assert convert_main(["from-hf", str(poisoned), str(tmp_path / "out")]) == 2
+    assert f"{poisoned / 'pytorch_model.bin'}: truncated or not a torch file" in _error(capsys)
+
+
+def test_an_unreadable_weights_file_is_not_called_corrupt(model_dir, monkeypatch, capsys):
+    def unreadable(*args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr("megakv.model_dir.load_file", unreadable)
+    assert generate_main(["--model", str(model_dir), "--prompt-ids", "5 6"]) == 2
+    err = _error(capsys)
+    assert "cannot be read (Input/output error)" in err and "corrupt" not in err
+
+
+# --- 4. --device and --threads are checked before anything is loaded ---
+
+def test_auto_device_resolves_to_what_this_machine_has(model_dir, split, capsys):
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == "cpu"
+    assert generate_main(["--model", str(model_dir), "--prompt", "the cat", "--device", "auto",
+                          "--max-new-tokens", "3"]) == 0
+    assert eval_main(["--model", str(model_dir), "--data", str(split), "--retain", "all", "--seq-len", "16",
+                      "--device", "auto", "--no-progress"]) == 0
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--device", MISSING_DEVICE], f"--device = '{MISSING_DEVICE}'"),
+    (["--device", "gpu"], "--device = 'gpu': not a torch device"),
+    (["--threads", "-1"], "--threads = -1: must be a positive number"),
+    (["--threads", "0"], "--threads = 0: must be a positive number"),
+])
+def test_a_bad_device_or_thread_count_is_one_clear_error(model_dir, split, capsys, argv, message):
+    data = ["--data", str(split), "--no-progress"]
+    for main, extra in ((generate_main, ["--prompt", "the cat"]), (eval_main, data),
+                        (plan_main, [*data, "--budget", "0.5"])):
+        assert main(["--model", str(model_dir), *extra, *argv]) == 2
+        err = _error(capsys)
+        assert message in err and "Fix:" in err
+
+
+# --- 5. every eos id of a transformers config survives import and export and stops generation ---
+
+@pytest.fixture(scope="module")
+def eos_list_dirs(tmp_path_factory):
+    """A transformers model whose config lists eos [2, 88] (as Llama-3-Instruct lists several), imported."""
+    root = tmp_path_factory.mktemp("eos")
+    hf = tiny_hf_model("llama", 2, False, eos_token_id=[2, 88])
+    hf.generation_config.eos_token_id = [2, 88]
+    hf.save_pretrained(root / "src")
+    assert convert_main(["from-hf", str(root / "src"), str(root / "mk")]) == 0
+    return hf, root
+
+
+def test_from_hf_keeps_every_eos_id_and_the_exports_write_them_back(eos_list_dirs):
+    _, root = eos_list_dirs
+    model, _ = resolve_model(root / "mk")
+    assert model.cfg.eos_token_id == [2, 88] and model.cfg.eos_token_ids == (2, 88)
+    for command in ("to-hf", "to-hf-rcla"):
+        out = root / command
+        assert convert_main([command, str(root / "mk"), str(out)]) == 0
+        for name in ("config.json", "generation_config.json"):
+            assert json.loads((out / name).read_text())["eos_token_id"] == [2, 88], (command, name)
+
+
+def test_generation_stops_at_any_eos_id_like_transformers(eos_list_dirs, capsys):
+    hf, root = eos_list_dirs
+    prompt = [5, 6, 7]
+    with torch.no_grad():
+        expected = hf.generate(torch.tensor([prompt]), max_new_tokens=30, do_sample=False, pad_token_id=0)
+    expected = expected[0, len(prompt):].tolist()
+    assert expected[-1] == 88 and len(expected) < 30  # the tiny model's greedy path ends on the second id
+    assert generate_main(["--model", str(root / "mk"), "--prompt-ids", "5 6 7", "--max-new-tokens", "30"]) == 0
+    assert capsys.readouterr().out.split() == [str(i) for i in expected]
+    model, _ = resolve_model(root / "mk")
+    out = InferenceEngine(model).generate([prompt], 30, eos_id=model.cfg.eos_token_ids)
+    assert out.tokens == [expected] and out.finish_reasons == ["eos"]
+
+
+def test_an_eos_list_outside_the_vocabulary_is_refused():
+    with pytest.raises(ConfigError, match=r"model.eos_token_id.*outside the vocabulary"):
+        tiny_config(eos_token_id=[EOS_ID, 10_000]).validate()
+    with pytest.raises(ConfigError, match=r"model.eos_token_id.*empty list"):
+        tiny_config(eos_token_id=[]).validate()
+
+
+# --- 6. megakv-eval --task qa refuses the loss-report options ---
+
+@pytest.mark.parametrize("option", ["--baseline", "--plot"])
+def test_qa_task_refuses_loss_only_options(model_dir, tmp_path, capsys, option):
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(json.dumps({"context": "the cat sat on a mat", "question": "what sat", "answer": "the cat"}) + "\n")
+    value = str(model_dir) if option == "--baseline" else str(tmp_path / "qa.png")
+    assert eval_main(["--task", "qa", "--model", str(model_dir), "--data", str(qa), "--no-progress",
+                      option, value]) == 2
+    err = _error(capsys)
+    assert f"{option} applies to --task lm" in err and "Fix:" in err
+    assert not (tmp_path / "qa.png").exists()
