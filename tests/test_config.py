@@ -43,6 +43,10 @@ def test_saved_config_reloads_identically(tmp_path):
     (["routing.strategy=cla:99"], "routing.strategy", "group size 99"),
     (["routing.strategy=random"], "routing.strategy", "unknown routing strategy"),
     (["routing.max_distance=0"], "routing.max_distance", ">= 1"),
+    (["routing.seed=-1"], "routing.seed", ">= 0"),
+    (["model.rope_scaling.type=llama3", "model.rope_scaling.factor=0"], "model.rope_scaling", "positive factor"),
+    (["model.rope_scaling.type=llama3", "model.rope_scaling.high_freq_factor=1"], "model.rope_scaling",
+     "0 < low_freq_factor < high_freq_factor"),
     (["model.n_layer=4"], "model.n_layer", "not in"),
     (["model.n_layers=four"], "model.n_layers", "four"),
 ])

@@ -86,6 +86,15 @@ class ModelConfig:
         need(self.rope_theta > 0, "rope_theta", "must be positive", "typical values: 10000, 500000, 1e6")
         need(self.rope_scaling.type in ("none", "llama3"), "rope_scaling",
              f"rope_scaling.type {self.rope_scaling.type!r} is not supported", "use 'none' or 'llama3'")
+        scaling = self.rope_scaling
+        if scaling.type == "llama3":  # a zero factor or equal low/high factors divide by zero: NaN losses
+            need(scaling.factor > 0 and scaling.original_max_position_embeddings > 0, "rope_scaling",
+                 f"llama3 needs a positive factor and original_max_position_embeddings (factor {scaling.factor}, "
+                 f"original_max_position_embeddings {scaling.original_max_position_embeddings})",
+                 "copy rope_scaling from the checkpoint's config.json (Llama 3.1: factor 8, 8192)")
+            need(0 < scaling.low_freq_factor < scaling.high_freq_factor, "rope_scaling",
+                 f"llama3 needs 0 < low_freq_factor < high_freq_factor (got {scaling.low_freq_factor}, "
+                 f"{scaling.high_freq_factor})", "Llama 3.1 uses low_freq_factor 1 and high_freq_factor 4")
         need(self.norm_eps > 0, "norm_eps", "must be positive", "typical values: 1e-5, 1e-6")
         need(self.init_std > 0, "init_std", "must be positive", "typical value: 0.02")
         if self.family in ("llama", "mistral"):
