@@ -65,8 +65,9 @@ def test_merge_refuses_to_overwrite_and_to_read_its_output(tmp_path, tokenizer_d
     assert ab[0].tolist() == b[0].tolist()  # the given order, b first
 
 
-def test_merging_qa_samples_merges_their_loss_masks_and_refuses_a_mix(tmp_path, tokenizer_dir):
-    from megakv.data.sft import MaskedTokens, mask_prefix, prepare_sft
+def _qa_parts(tmp_path: Path, tokenizer_dir) -> tuple[list[dict], list[str]]:
+    """Six QA records prepared as two parts of three (qa_0, qa_1 under tmp_path/parts)."""
+    from megakv.data.sft import prepare_sft
 
     records = [{"context": f"Speaker {i} said the line number {i} here.", "question": f"Who said line {i}?",
                 "answer": f"Speaker {i}"} for i in range(6)]
@@ -75,6 +76,12 @@ def test_merging_qa_samples_merges_their_loss_masks_and_refuses_a_mix(tmp_path, 
         path = tmp_path / f"qa{p}.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in records[p * 3:(p + 1) * 3]))
         parts.append(prepare_sft(path, tokenizer_dir, tmp_path / "parts" / f"qa_{p}", 96).prefix)
+    return records, parts
+
+def test_merging_qa_samples_merges_their_loss_masks_and_refuses_a_mix(tmp_path, tokenizer_dir):
+    from megakv.data.sft import MaskedTokens, mask_prefix
+
+    _, parts = _qa_parts(tmp_path, tokenizer_dir)
     meta = merge(parts, tmp_path / "merged" / "qa")
     out = tmp_path / "merged" / "qa"
     merged = MaskedTokens(IndexedDataset(out), IndexedDataset(mask_prefix(out)))
@@ -102,13 +109,7 @@ def test_qa_parts_merge_by_glob_and_a_crash_mid_commit_never_pairs_new_mask_with
     import megakv.data.indexed as indexed
     from megakv.data.sft import MaskedTokens, mask_prefix, prepare_sft
 
-    records = [{"context": f"Speaker {i} said the line number {i} here.", "question": f"Who said line {i}?",
-                "answer": f"Speaker {i}"} for i in range(6)]
-    parts = []
-    for p in range(2):
-        path = tmp_path / f"qa{p}.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in records[p * 3:(p + 1) * 3]))
-        parts.append(prepare_sft(path, tokenizer_dir, tmp_path / "parts" / f"qa_{p}", 96).prefix)
+    records, parts = _qa_parts(tmp_path, tokenizer_dir)
     # `part_*` also matches the parts' qa_*_lossmask pairs: they travel with their token pairs, not as inputs.
     meta = merge([str(tmp_path / "parts" / "qa_*")], tmp_path / "merged" / "qa")
     assert meta["merged_from"] == parts and meta["documents"] == 6
