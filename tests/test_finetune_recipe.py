@@ -11,7 +11,7 @@ import torch
 from megakv.cli.qa import main as qa_main
 from megakv.config import ModelConfig, load_config
 from megakv.data.errors import DataError
-from megakv.data.qa_build import build_qa_set, built_kind, guesses, speeches
+from megakv.data.qa_build import build_qa_set, built_kind, built_settings, guesses, speeches
 from megakv.model import MegaKVModel
 from megakv.model_dir import save_model_dir
 from megakv.recipes import path as recipe_path
@@ -47,9 +47,21 @@ def _built(tmp_path, kind: str) -> dict[str, list[dict]]:
     assert len(plays["test"]) == len(plays["valid"]) == 4 and not plays["test"] & plays["train"]
     assert not plays["valid"] & plays["train"] and not plays["test"] & plays["valid"]
     assert built_kind(tmp_path / kind) == kind
+    assert built_settings(tmp_path / kind) == {"kind": kind, "seed": 1234, "max_records": 600,
+                                               "source": str(source.resolve())}
     assert "random would score EM" in (tmp_path / kind / "README.md").read_text()
     return splits
 
+
+
+@pytest.mark.parametrize("max_records, words", [("0", "asks for no records"), ("-5", "asks for no records"),
+                                                ("5", "fewer than one record per play")])
+def test_build_refuses_a_record_count_it_cannot_honour(tmp_path, capsys, max_records, words):
+    """It wrote one record per play (12 here) and exited 0 whatever --max-records asked."""
+    source = write_plays(tmp_path / "plays")
+    assert qa_main(["build", "--output-dir", str(tmp_path / "qa"), "--source", str(source), "--max-records",
+                    max_records]) == 2
+    assert words in capsys.readouterr().err and not (tmp_path / "qa").exists()
 
 def _speeches_of(context: str) -> list[list[str]]:
     return [block.split("\n") for block in context.split("\n\n")]

@@ -16,7 +16,7 @@ from megakv.data.errors import DataError
 from megakv.eval.qa import evenly_spaced
 from megakv.hf import gguf
 from megakv.study import finetune, qa_scores
-from megakv.study.finetune import RETAINS, finetune_claims
+from megakv.study.finetune import RETAINS, finetune_claims, retention_labels
 from megakv.study.results import PartResult
 
 
@@ -25,6 +25,14 @@ def _scores(normal_f1: list[float], rcla_f1: list[float]) -> dict:
         return {r: {"f1": f, "exact_match": f, "answer_loss": 1.0, "heldout_loss": 2.0} for r, f in zip(RETAINS, f1s)}
 
     return {"untouched": model([0.5, 0.0, 0.0, 0.0]), "normal": model(normal_f1), "rcla": model(rcla_f1)}
+
+
+def test_retention_is_labelled_by_the_layers_each_plan_keeps():
+    assert retention_labels() == {"every:1": "100%", "every:2": "50%", "every:3": "34%", "every:4": "25%"}
+    assert retention_labels(30) == {"every:1": "100%", "every:2": "50%", "every:3": "33%", "every:4": "27%"}
+    assert retention_labels(4)["every:3"] == "50%"  # layers 0 and 3 of 4
+    claims = finetune_claims(_scores([0.80, 0.30, 0.10, 0.05], [0.82, 0.78, 0.60, 0.40]), n_layers=30)
+    assert "at 50%, 33%, 27%" in claims[0].claim and "F1 100/50/33/27%" in claims[0].measured
 
 
 def test_claims_hold_for_the_papers_pattern_and_fail_without_it():
@@ -224,6 +232,11 @@ def test_tiny_part_end_to_end_then_cached(tmp_path, capsys):
     # So are other questions: the cached fine-tunes were trained on next-line records.
     with pytest.MonkeyPatch.context() as patch:
         patch.setitem(finetune.SCALES, "tiny", dataclasses.replace(finetune.SCALES["tiny"], qa_kind="speaker"))
-        with pytest.raises(DataError, match="holds next-line questions, this scale asks speaker questions"):
+        with pytest.raises(DataError, match=r"built with other settings: kind 'next-line' \(asked: 'speaker'\)"):
+            finetune.run(part, "tiny", log=again.append, qa_source=plays)
+    # And records built to another size (the models were fine-tuned on those).
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(finetune.SCALES, "tiny", dataclasses.replace(finetune.SCALES["tiny"], max_records=120))
+        with pytest.raises(DataError, match=r"max_records 300 \(asked: 120\)"):
             finetune.run(part, "tiny", log=again.append, qa_source=plays)
     assert (part / "runs" / "rcla" / "config.yaml").read_bytes() == before

@@ -67,3 +67,35 @@ def test_a_key_given_twice_is_judged_by_its_last_value(tmp_path):
     run = _saved_run(tmp_path / "run", SAVED)
     assert settings_changes(run, ["optim.lr=1e-3", "optim.lr=3e-4"]) == []
     assert settings_changes(run, ["optim.lr=3e-4", "optim.lr=1e-3"]) == ["optim.lr: 0.0003 -> 0.001"]
+
+
+def test_a_setting_that_comes_from_the_recipe_is_compared_too(tmp_path):
+    """The study passes a recipe plus overrides: a value the recipe supplies (weight decay, seeds, the q_cross
+    ramp left at its default) must match the saved run as well, or the cached model is not reused."""
+    from megakv.config import save_config
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("optim:\n  weight_decay: 0.1\nrouting:\n  seed: 1234\n  q_cross_warmup_steps: 8\n"
+                      "logging:\n  log_every: 5\n")
+    asked = ["optim.lr=3e-4", "data.datasets=[data/train_256]"]
+    run = tmp_path / "run"
+    run.mkdir()
+    save_config(load_config(recipe, asked), run / "config.yaml")  # what megakv-train saved for that run
+    assert settings_changes(run, asked, recipe) == []
+    recipe.write_text("optim:\n  weight_decay: 0.0\nrouting:\n  seed: 1234\nlogging:\n  log_every: 50\n")
+    assert sorted(settings_changes(run, asked, recipe)) == ["optim.weight_decay: 0.1 -> 0.0",
+                                                            "routing.q_cross_warmup_steps: 8 -> 0"]  # not logging
+
+
+def test_a_run_retrained_in_place_with_the_same_settings_has_another_fingerprint(tmp_path):
+    """Same config.yaml, status.json and `latest` tag: only the checkpoint's manifest (run id, file digests)
+    tells the models apart, so a cached QA score of the old one is not reused for the new one."""
+    run = _saved_run(tmp_path / "run", SAVED)
+    (run / "status.json").write_text('{"state": "finished", "step": 4}')
+    tag = run / "checkpoints" / "step_00000004"
+    tag.mkdir(parents=True)
+    (run / "checkpoints" / "latest").write_text("step_00000004")
+    (tag / "megakv_state.json").write_text('{"run_id": "first", "files": {"a.pt": [8, "aaaa"]}}')
+    first = model_fingerprint(run)
+    (tag / "megakv_state.json").write_text('{"run_id": "second", "files": {"a.pt": [8, "bbbb"]}}')
+    assert model_fingerprint(run) != first

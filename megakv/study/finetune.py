@@ -37,13 +37,21 @@ import torch
 
 from megakv import recipes
 from megakv.data.sft import LOSS_ON, prepare_sft, read_qa_records
+from megakv.model_dir import load_model_config
+from megakv.routing import deployment_plan
 from megakv.study.probes import RoutingProbe, probe_table, run_probes
 from megakv.study.qa_scores import RETAINS, chance_scores, evaluate_model
 from megakv.study.results import Claim, PartResult, Table
 from megakv.study.runs import timed_train_run
 
 Log = Callable[[str], None]
-RETENTION = {"every:1": "100%", "every:2": "50%", "every:3": "33%", "every:4": "25%"}
+PAPER_DEPTH = 32  # Llama-3.1-8B: every:k keeps exactly 1/k of its layers
+
+
+def retention_labels(n_layers: int = PAPER_DEPTH) -> dict[str, str]:
+    """The cache each plan keeps, as a percentage of this model's layers (every:4 keeps 8 of SmolLM2's 30
+    layers: 27%, not 25%)."""
+    return {r: f"{100 * len(deployment_plan(r, n_layers).retained) / n_layers:.0f}%" for r in RETAINS}
 MODELS = ("untouched", "normal", "rcla")  # the rows of the tables, in this order
 LABELS = {"untouched": "untouched (no fine-tuning)", "normal": "fine-tuned normally",
           "rcla": "fine-tuned with R-CLA"}
@@ -76,7 +84,7 @@ class FinetuneScale:
     validation_samples: int  # validation sequences at each of 6 points of the run (every:1, :2, :4)
     threads: int  # OMP threads per training process and for the evaluation
     concurrent_runs: int = 2  # the two fine-tunes at once (1: one after the other)
-    device: str = "cpu"  # of the evaluation (training picks its device itself)
+    device: str = "cpu"  # of the evaluation: cpu, cuda, ... or auto (training picks its device itself)
     nproc: int = 1  # data-parallel training processes per fine-tune
     probes: tuple[RoutingProbe, ...] = ()  # short R-CLA fine-tunes changing one knob each (study/probes.py)
     probe_steps: int = 0
@@ -182,7 +190,7 @@ SCALES = {
         name="gpu", base="smollm2", seq_len=512, steps=2000, global_batch=32, micro_batch=16, lr=1e-4,
         warmup_steps=30, q_cross=0.6, max_distance=3, per_micro_batch=True, loss_on="record", max_records=6000,
         eval_records=628, max_new_tokens=24, validation_samples=64, threads=8, q_cross_warmup_steps=500,
-        concurrent_runs=1, device="cuda", probes=GPU_PROBES, probe_steps=500, probe_warmup_steps=10),
+        concurrent_runs=1, device="auto", probes=GPU_PROBES, probe_steps=500, probe_warmup_steps=10),
 }
 
 
@@ -285,17 +293,21 @@ def _prep(records: Path, tokenizer: Path, prefix: Path, seq_len: int, whole_reco
 
 def qa_records(part_dir: Path, settings: FinetuneScale, source: Path | None, log: Log) -> Path:
     from megakv.data.errors import DataError
-    from megakv.data.qa_build import build_qa_set, built_kind
+    from megakv.data.qa_build import build_qa_set, built_settings, source_name
 
     qa_dir = part_dir / "qa"
-    kind = built_kind(qa_dir)
-    if kind is None:
+    built = built_settings(qa_dir)
+    if built is None:
         log(f"building the QA records into {qa_dir}")
         log(build_qa_set(qa_dir, source=source, max_records=settings.max_records, kind=settings.qa_kind))
-    elif kind != settings.qa_kind:  # the cached runs and scores were made on other questions
-        raise DataError(f"{qa_dir} holds {kind} questions, this scale asks {settings.qa_kind} questions",
-                        f"move {part_dir} aside (its models were fine-tuned on those questions) or pick "
-                        "another --out")
+        return qa_dir
+    asked = {"kind": settings.qa_kind, "max_records": settings.max_records, "source": source_name(source)}
+    # Keys an older build.json lacks are not compared; the cached runs and scores were made on these records.
+    differ = [f"{key} {built[key]!r} (asked: {value!r})" for key, value in asked.items()
+              if key in built and built[key] != value]
+    if differ:
+        raise DataError(f"{qa_dir} holds QA records built with other settings: {'; '.join(differ)}",
+                        f"move {part_dir} aside (its models were fine-tuned on those records) or pick another --out")
     return qa_dir
 
 
@@ -314,13 +326,17 @@ def _pct(value: float, reference: float) -> str:
     return f"{100 * value / reference:.0f}%" if reference > 0 else "n/a (full-cache F1 is not above chance)"
 
 
-def finetune_claims(scores: Mapping[str, Mapping[str, Mapping[str, float]]], chance_f1: float = 0.0) -> list[Claim]:
+def finetune_claims(scores: Mapping[str, Mapping[str, Mapping[str, float]]], chance_f1: float = 0.0,
+                    n_layers: int = PAPER_DEPTH) -> list[Claim]:
     """The paper's Table 2 claims, judged on F1 above chance (each model against its own full-cache F1 above
     chance). The paper's QA sets have F1 near 0 for a guess, where this is its plain F1 ratio; on speaker
     questions a random speaker of the passage scores ~0.35, and a model that only learnt to name one would
     keep "all" of it."""
     normal, rcla = scores["normal"], scores["rcla"]
     reduced = [r for r in RETAINS if r != "every:1"]
+    cache = retention_labels(n_layers)
+    half, reduced_list = cache["every:2"], ", ".join(cache[r] for r in reduced)
+    all_levels = "/".join(cache[r].rstrip("%") for r in RETAINS) + "%"
 
     def gain(model: Mapping[str, Mapping[str, float]], retain: str) -> float:
         return model[retain]["f1"] - chance_f1
@@ -337,19 +353,19 @@ def finetune_claims(scores: Mapping[str, Mapping[str, Mapping[str, float]]], cha
         return " / ".join(f"{model[r]['f1']:.3f}" for r in RETAINS)
 
     return [
-        Claim(f"Normal fine-tuning collapses at 50% retention and below ({above} < {COLLAPSE_RATIO:.0%} of its "
-              "own at full cache, at 50%, 33% and 25%)", PAPER_COLLAPSE,
-              f"normal F1 100/50/33/25%: {f1s(normal)} (50%: {_pct(gain(normal, 'every:2'), full_normal)} of the "
-              f"full cache's {above}; held-out loss {normal['every:1']['heldout_loss']:.2f} -> "
+        Claim(f"Normal fine-tuning collapses at {half} retention and below ({above} < {COLLAPSE_RATIO:.0%} of "
+              f"its own at full cache, at {reduced_list})", PAPER_COLLAPSE,
+              f"normal F1 {all_levels}: {f1s(normal)} ({half}: {_pct(gain(normal, 'every:2'), full_normal)} of "
+              f"the full cache's {above}; held-out loss {normal['every:1']['heldout_loss']:.2f} -> "
               f"{normal['every:2']['heldout_loss']:.2f})", collapsed),
-        Claim(f"R-CLA stays close to its full-cache score at 50% ({above} >= {CLOSE_RATIO:.0%} of its own at "
+        Claim(f"R-CLA stays close to its full-cache score at {half} ({above} >= {CLOSE_RATIO:.0%} of its own at "
               "100%)", PAPER_CLOSE,
-              f"R-CLA F1 100/50/33/25%: {f1s(rcla)} (50%: {_pct(gain(rcla, 'every:2'), full_rcla)} of the full "
+              f"R-CLA F1 {all_levels}: {f1s(rcla)} ({half}: {_pct(gain(rcla, 'every:2'), full_rcla)} of the full "
               f"cache's {above}; held-out loss {rcla['every:1']['heldout_loss']:.2f} -> "
               f"{rcla['every:2']['heldout_loss']:.2f})", close),
-        Claim("R-CLA beats normal fine-tuning at every reduced retention (50%, 33%, 25%)"
+        Claim(f"R-CLA beats normal fine-tuning at every reduced retention ({reduced_list})"
               + (f", and chance ({chance_f1:.3f})" if chance_f1 else ""), PAPER_BEATS,
-              "F1 R-CLA vs normal: " + ", ".join(f"{RETENTION[r]} {rcla[r]['f1']:.3f} vs {normal[r]['f1']:.3f}"
+              "F1 R-CLA vs normal: " + ", ".join(f"{cache[r]} {rcla[r]['f1']:.3f} vs {normal[r]['f1']:.3f}"
                                                  for r in reduced), beats),
     ]
 
@@ -365,8 +381,9 @@ GUESSES = {"speaker": "naming a speaker of the passage", "next-line": "answering
 
 
 def _tables(scores: Mapping[str, Mapping[str, Mapping[str, float]]], chance: Mapping[str, float],
-            kind: str) -> list[Table]:
-    columns = ["model", *(f"{RETENTION[r]} ({r})" for r in RETAINS)]
+            kind: str, n_layers: int) -> list[Table]:
+    cache = retention_labels(n_layers)
+    columns = ["model", *(f"{cache[r]} ({r})" for r in RETAINS)]
 
     def table(caption: str, metric: str) -> Table:
         rows = [[LABELS[m], *(round(scores[m][r][metric], 4) for r in RETAINS)] for m in MODELS]
@@ -397,9 +414,10 @@ def validation_curve(run_dir: Path) -> dict[int, dict[str, float]]:
     return curve
 
 
-def _curve_table(curves: Mapping[str, dict[int, dict[str, float]]]) -> Table:
+def _curve_table(curves: Mapping[str, dict[int, dict[str, float]]], n_layers: int) -> Table:
     models = [m for m in ("rcla", "normal") if curves.get(m)]
-    columns = ["step", *(f"{m} {RETENTION[r]}" for m in models for r in VALIDATION_RETAINS)]
+    cache = retention_labels(n_layers)
+    columns = ["step", *(f"{m} {cache[r]}" for m in models for r in VALIDATION_RETAINS)]
     steps = sorted({step for m in models for step in curves[m]})
     rows = [[step, *(round(curves[m][step][r], 3) if step in curves[m] and r in curves[m][step] else None
                      for m in models for r in VALIDATION_RETAINS)] for step in steps]
@@ -408,13 +426,14 @@ def _curve_table(curves: Mapping[str, dict[int, dict[str, float]]]) -> Table:
 
 
 def _plot(path: Path, scores: Mapping[str, Mapping[str, Mapping[str, float]]],
-          curves: Mapping[str, dict[int, dict[str, float]]]) -> str:
+          curves: Mapping[str, dict[int, dict[str, float]]], n_layers: int) -> str:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(15, 4))
     FigureCanvasAgg(figure)
-    xs = [100 / int(r.split(":")[1]) for r in RETAINS]
+    xs = [100 * len(deployment_plan(r, n_layers).retained) / n_layers for r in RETAINS]
+    cache = retention_labels(n_layers)
     for index, (metric, label) in enumerate((("f1", "QA token F1"), ("heldout_loss", "held-out loss (nats)"))):
         axes = figure.add_subplot(1, 3, index + 1)
         for model in MODELS:
@@ -432,7 +451,7 @@ def _plot(path: Path, scores: Mapping[str, Mapping[str, Mapping[str, float]]],
             steps = [s for s in sorted(curve) if retain in curve[s]]
             if steps:
                 axes.plot(steps, [curve[s][retain] for s in steps], style, marker=".",
-                          label=f"{model} {RETENTION[retain]}")
+                          label=f"{model} {cache[retain]}")
     axes.set(xlabel="fine-tuning step", ylabel="validation answer loss (nats)", title="learning to share")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7, ncol=2)
@@ -475,7 +494,8 @@ def run(part_dir: Path, scale: str, *, log: Log, qa_source: Path | None = None) 
     # The main table first: an interrupted study has it before the probes' hour.
     probe_scores, probe_seconds = run_probes(part_dir, settings, data_overrides, data.test_records, log)
     curves = {m: validation_curve(part_dir / "runs" / m) for m in ("rcla", "normal")}
-    plot = _plot(part_dir / "finetune_retention.png", scores, curves)
+    n_layers = load_model_config(base).n_layers
+    plot = _plot(part_dir / "finetune_retention.png", scores, curves, n_layers)
     eval_seconds = {m: _eval_seconds(part_dir / "eval" / f"{m}.json") for m in models}
     chance = chance_scores(data.test_records, settings.eval_records, settings.qa_kind)
     notes = [f"time: fine-tuning R-CLA {seconds['rcla'] / 60:.1f} min and normal {seconds['normal'] / 60:.1f} min "
@@ -491,10 +511,10 @@ def run(part_dir: Path, scale: str, *, log: Log, qa_source: Path | None = None) 
     return PartResult(part="finetune", title="Fine-tuning a pretrained model with R-CLA vs normally (Table 2)",
                       scale=scale, seconds=time.perf_counter() - started,
                       settings=settings.describe(),
-                      tables=[*_tables(scores, chance, settings.qa_kind),
+                      tables=[*_tables(scores, chance, settings.qa_kind, n_layers),
                               *([probe_table(settings, probe_scores, scores)] if settings.probes else []),
-                              _curve_table(curves)],
-                      claims=finetune_claims(scores, chance['f1']), plots=[plot], notes=notes)
+                              _curve_table(curves, n_layers)],
+                      claims=finetune_claims(scores, chance['f1'], n_layers), plots=[plot], notes=notes)
 
 
 def _probe_notes(settings: FinetuneScale, seconds: Mapping[str, float]) -> list[str]:

@@ -3,6 +3,7 @@ the answer tokens and of all the record's tokens, from one batched teacher-force
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -94,18 +95,20 @@ def evaluate_model(name: str, model_path: Path, test_records: Path, eval_dir: Pa
                    seq_len: int, max_new_tokens: int, device: str = "cpu") -> dict[str, dict[str, float]]:
     """`score_plans` of one model on `records` held-out records spread evenly over the file (cached in
     eval_dir/NAME.json, keyed by the model's fingerprint and these settings). max_new_tokens 0: the losses only."""
+    from megakv.config.devices import resolve_device
     from megakv.data.tokenizer import load_tokenizer
     from megakv.model_paths import resolve_model
 
     path = eval_dir / f"{name}.json"
     key = {"model": str(model_path.resolve()), "fingerprint": model_fingerprint(model_path),
+           "test_records": hashlib.sha256(Path(test_records).read_bytes()).hexdigest()[:16],
            "records": records, "chosen": "evenly spaced", "seq_len": seq_len, "max_new_tokens": max_new_tokens}
     if path.is_file():
         cached = json.loads(path.read_text())
         if cached.get("key") == key:
             return cached["scores"]
     started = time.perf_counter()
-    model, tokenizer_dir = resolve_model(model_path, device)
+    model, tokenizer_dir = resolve_model(model_path, resolve_device(device))
     model.eval()
     chosen = evenly_spaced(read_qa_records(test_records), records)
     log(f"evaluating {name}: {len(chosen)} held-out QA records at {' '.join(RETAINS)}")

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from megakv.config import load_config
 from megakv.eval.data import load_eval_tokens, make_windows
 from megakv.eval.loss import evaluate_plans
 from megakv.model_paths import resolve_model
@@ -40,11 +41,16 @@ def train_command(config: Path, run_dir: Path, overrides: Sequence[str], nproc: 
     return [*launcher, str(config), f"train.run_dir={run_dir}", *overrides, "--resume", "auto"]
 
 
-def settings_changes(run_dir: Path, overrides: Sequence[str]) -> list[str]:
-    """The overrides a run directory's saved config.yaml disagrees with, as 'key: saved -> asked' lines.
+# Settings that do not change the trained model: a cached run is reused whatever they are now.
+NOT_COMPARED = ("train.run_dir", "train.debug.", "checkpoint.", "logging.", "validation.", "data.cache_dir")
 
-    Empty when the directory holds no run yet. A study that changed its settings must not silently reuse
-    (or resume into) a model trained with the old ones.
+
+def settings_changes(run_dir: Path, overrides: Sequence[str], config: Path | None = None) -> list[str]:
+    """The settings a run directory's saved config.yaml disagrees with, as 'key: saved -> asked' lines: each
+    override, and with `config` (the recipe the run is launched with) every other setting it resolves to.
+
+    Empty when the directory holds no run yet. A study that changed its settings (or its recipe) must not
+    silently reuse (or resume into) a model trained with the old ones.
     """
     saved_path = run_dir / "config.yaml"
     if not saved_path.is_file():
@@ -59,7 +65,21 @@ def settings_changes(run_dir: Path, overrides: Sequence[str]) -> list[str]:
         asked, had = (OmegaConf.to_object(v) if OmegaConf.is_config(v) else v for v in (asked, had))
         if not _same_setting(asked, had):
             changes.append(f"{key}: {had} -> {asked}")
+    if config is not None:
+        resolved = _flat(OmegaConf.to_container(OmegaConf.structured(load_config(config, list(overrides)))))
+        saved_flat = _flat(OmegaConf.to_container(saved))
+        for key, asked in resolved.items():
+            if key in last_override_per_key or key.startswith(NOT_COMPARED) or key not in saved_flat:
+                continue
+            if not _same_setting(asked, saved_flat[key]):
+                changes.append(f"{key}: {saved_flat[key]} -> {asked}")
     return changes
+
+
+def _flat(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: tree}
 
 
 def _same_setting(asked, had) -> bool:
@@ -74,7 +94,7 @@ def _same_setting(asked, had) -> bool:
 def train_run(config: Path, run_dir: Path, overrides: Sequence[str], *, log: Log, nproc: int = 1,
               threads: int = 1) -> float:
     """Train (or finish training) one model; returns the seconds spent here (0 when it was cached)."""
-    changes = settings_changes(run_dir, overrides)
+    changes = settings_changes(run_dir, overrides, config)
     if changes:
         raise ValueError(f"{run_dir} holds a run trained with other settings ({'; '.join(changes)}). Fix: move "
                          "or delete that directory to train it again with these settings, or use another --out")
@@ -125,6 +145,11 @@ def model_fingerprint(path: Path) -> str:
     for name in ("config.yaml", "status.json", "checkpoints/latest"):
         if (Path(path) / name).is_file():
             digest.update((Path(path) / name).read_bytes())
+    latest = Path(path) / "checkpoints" / "latest"
+    if latest.is_file():  # the checkpoint's manifest: its run id and every file's sha256 (a retrained model differs)
+        state = latest.parent / latest.read_text().strip() / "megakv_state.json"
+        if state.is_file():
+            digest.update(state.read_bytes())
     for weights in sorted(Path(path).glob("*.safetensors")):
         stat = weights.stat()
         digest.update(f"{weights.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())

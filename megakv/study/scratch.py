@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import sysconfig
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -245,11 +246,14 @@ def train_and_score(runs: Sequence[ScratchRun], settings: ScratchScale, data: St
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(settings.threads_per_run)  # scoring runs beside the other training
 
+    record_lock = threading.Lock()  # runs finish at once and share one seconds file (read, update, write)
+
     def one(run: ScratchRun) -> dict[str, float]:
         start = time.perf_counter()
         seconds = train_run(config, run.run_dir, run.overrides(settings, data), log=log,
                             threads=settings.threads_per_run)
-        _record_seconds(run.run_dir.parent / TRAIN_SECONDS_FILE, run.name, seconds)
+        with record_lock:
+            _record_seconds(run.run_dir.parent / TRAIN_SECONDS_FILE, run.name, seconds)
         losses = held_out_loss(run.run_dir, data, settings, retains_of(run), log)
         log(f"{run.name}: done in {time.perf_counter() - start:.0f} s; " +
             ", ".join(f"{r} {v:.4f}" for r, v in losses.items()))
