@@ -91,6 +91,18 @@ def _weights_of(weights: Sequence[float], index: int, size: int) -> torch.Tensor
     return torch.tensor(weights[index * size:(index + 1) * size], dtype=torch.float64)
 
 
+def clear_zero3_gradients(engine: Any) -> None:
+    """Zero ZeRO-3's flat gradient partitions before a step's first micro-batch.
+
+    DeepSpeed 0.19's stage 3 (without offload) writes each parameter's reduced gradient into one flat buffer and
+    never clears it: a parameter that gets no gradient in a step (under R-CLA, the K/V projections of a layer
+    no other layer reads) would be updated with its previous step's gradient. ZeRO-1/2 count it as zero.
+    """
+    buffer = getattr(getattr(engine, "optimizer", None), "grad_partitions_flat_buffer", None)
+    if buffer is not None:
+        buffer.zero_()
+
+
 class DataParallelRunner:
     def __init__(self, engine: Any, ctx: ParallelContext):
         self.engine, self.ctx = engine, ctx
@@ -105,6 +117,7 @@ class DataParallelRunner:
                    poison: bool = False) -> StepResult:
         engine = self.engine
         engine.train()
+        clear_zero3_gradients(engine)
         loss_sum = 0.0
         layout = self.ctx.layout
         mine = rank_plans(plans, layout.data_rank, layout.data_parallel)
