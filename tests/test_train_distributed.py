@@ -227,3 +227,29 @@ def test_zero3_matches_zero1_and_resumes_exactly_when_routing_leaves_projections
     assert_ok(resumed, "resumed ZeRO-3 run")
     continued = step_losses(stopped)
     assert all(continued[step] == zero3[step] for step in range(3, 6)), (continued, zero3)
+
+
+def test_another_zero_stage_resumes_through_a_universal_checkpoint(dataset, tmp_path):
+    """ZeRO-2 -> ZeRO-1 (e.g. onto a pipeline, which needs stage 1) goes through `megakv-convert to-universal`
+    like another layout and continues as the straight run does; stage 3 cannot move, and its conversion no
+    longer crashes (bare tensors in its files) nor leaves `latest_universal` naming a half-made directory."""
+    common = ["routing.q_cross=0.75", "train.steps=5", "train.debug.check_plans=false"]
+    straight = tmp_path / "straight"
+    assert_ok(launch_train(overrides(dataset, straight, 1, *common), nproc=1), "straight ZeRO-1 run")
+    moved = tmp_path / "moved"
+    assert_ok(launch_train(overrides(dataset, moved, 2, *common, "train.debug.sigterm_at_step=2"), nproc=1), "stop")
+    refused = launch_train(overrides(dataset, moved, 1, *common), nproc=1, resume=True)
+    assert refused.returncodes == [2] and "at ZeRO stage 2" in refused.output and "to-universal" in refused.output
+    to_three = launch_train(overrides(dataset, moved, 3, *common), nproc=1, resume=True)
+    assert to_three.returncodes == [2] and "to or from stage 3" in to_three.output
+    assert convert_main(["to-universal", str(moved)]) == 0
+    assert_ok(launch_train(overrides(dataset, moved, 1, *common), nproc=1, resume=True), "ZeRO-1 resume")
+    reference, continued = step_losses(straight), step_losses(moved)
+    for step in range(3, 6):
+        assert abs(continued[step] - reference[step]) < 1e-5, (step, continued[step], reference[step])
+
+    zero3 = tmp_path / "zero3"
+    assert_ok(launch_train(overrides(dataset, zero3, 3, *common, "train.debug.sigterm_at_step=2"), nproc=1), "z3")
+    assert convert_main(["to-universal", str(zero3)]) == 0
+    assert (zero3 / "checkpoints" / "latest_universal").read_text().strip() == "step_00000002_universal"
+    assert not list((zero3 / "checkpoints").glob(".tmp-*"))

@@ -61,6 +61,8 @@ def record_split_dims(universal_dir: Path) -> None:
         for key in STATE_KEYS:
             path = folder / f"{key}.pt"
             saved = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(saved, dict):  # a ZeRO-3 conversion stores bare tensors: no tensor-parallel cut
+                return  # (tensor parallelism cannot train ZeRO-3), so the directory is not marked tensor-ready
             if saved.get("cat_dim", 0) != where[1]:
                 saved["cat_dim"] = where[1]
                 torch.save(saved, path)

@@ -22,6 +22,7 @@ from megakv.train.checkpoint import (
     checkpoint_files,
     latest_checkpoint,
     manifest_of,
+    read_pointer,
     universal_tag,
     write_pointer,
 )
@@ -122,22 +123,30 @@ def convert_to_universal(run_dir: str | Path, workers: int = 1) -> Path:
     target = ckpt_dir / universal_tag(tag)
     tmp = ckpt_dir / (TMP_PREFIX + universal_tag(tag))
     shutil.rmtree(tmp, ignore_errors=True)
+    pointer = read_pointer(ckpt_dir, LATEST_UNIVERSAL)  # ds_to_universal points it at `tmp` before megakv is done
+    try:
+        return _convert(ckpt_dir, tag, state, tmp, target, workers)
+    except BaseException:  # nothing half-made is left, and the pointer names what it named before
+        shutil.rmtree(tmp, ignore_errors=True)
+        if pointer is not None:
+            write_pointer(ckpt_dir, pointer, LATEST_UNIVERSAL)
+        else:
+            (ckpt_dir / LATEST_UNIVERSAL).unlink(missing_ok=True)
+        raise
+
+
+def _convert(ckpt_dir: Path, tag: str, state: TrainState, tmp: Path, target: Path, workers: int) -> Path:
     if int(state.layout.get("tensor", 1)) > 1:  # megakv merges the shards itself (replicated K/V heads)
         from megakv.parallel.universal import tensor_to_universal
 
         tmp.mkdir()
-        try:
-            tensor_to_universal(ckpt_dir / tag, tmp, model_config_of(state))
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        tensor_to_universal(ckpt_dir / tag, tmp, model_config_of(state))
         return _finish_universal(ckpt_dir, tag, state, tmp, target)
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt_dir / tag),
            "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", str(workers),
            "--num_merge_workers", str(workers)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise RuntimeError(f"ds_to_universal failed (exit {done.returncode}):\n{done.stdout[-3000:]}\n"
                            f"{done.stderr[-3000:]}")
     if int(state.layout.get("pipeline", 1)) > 1:  # a layout-free checkpoint: MegaKVModel parameter names

@@ -212,14 +212,18 @@ def check_config_changes(cfg: MegaKVConfig, state: TrainState, where: Path, allo
     return described
 
 
-def check_same_zero_stage(cfg: MegaKVConfig, state: TrainState, where: Path) -> None:
-    saved = state.layout.get("zero_stage")
-    if saved is not None and int(saved) != cfg.parallel.zero_stage:
+def saved_zero_stage(cfg: MegaKVConfig, state: TrainState, where: Path) -> int:
+    """The checkpoint's ZeRO stage. Another stage goes through a universal conversion, like another layout,
+    between stages 1 and 2; DeepSpeed's stage-3 shards and its stage-3 universal files differ in kind, so a
+    move to or from stage 3 is refused."""
+    saved = int(state.layout.get("zero_stage", cfg.parallel.zero_stage))
+    if saved != cfg.parallel.zero_stage and 3 in (saved, cfg.parallel.zero_stage):
         raise ConfigError("parallel.zero_stage", cfg.parallel.zero_stage,
-                          f"the checkpoint in {where} was written with ZeRO stage {saved}; DeepSpeed cannot load "
-                          "its shards into another stage",
+                          f"the checkpoint in {where} was written with ZeRO stage {saved}; DeepSpeed cannot move "
+                          "a run's optimizer state to or from stage 3",
                           f"resume with parallel.zero_stage={saved}, or export the weights (megakv-convert "
                           "from-checkpoint) and start a new train.run_dir with checkpoint.init_from")
+    return saved
 
 
 def find_resume(cfg: MegaKVConfig, data_parallel: int) -> ResumePoint | None:
@@ -245,22 +249,23 @@ def find_resume(cfg: MegaKVConfig, data_parallel: int) -> ResumePoint | None:
     where = ckpt_dir / tag
     check_same_model(cfg, state, where)
     check_same_data(cfg, state, where)
-    check_same_zero_stage(cfg, state, where)
+    saved_stage = saved_zero_stage(cfg, state, where)
     if state.step > cfg.train.steps:  # a shorter run cannot be continued from a longer one's checkpoint
         raise ConfigError("train.steps", cfg.train.steps, f"the checkpoint in {where} is at step {state.step}, "
                           "past the end of this run", f"resume with train.steps >= {state.step}, or start a new "
                           "train.run_dir with checkpoint.init_from")
     changes = tuple(check_config_changes(cfg, state, where, cfg.checkpoint.allow_config_change))
     saved_pipeline, saved_tensor = int(state.layout.get("pipeline", 1)), int(state.layout.get("tensor", 1))
-    if (state.data_parallel, saved_pipeline, saved_tensor) == (data_parallel, cfg.parallel.pipeline,
-                                                             cfg.parallel.tensor):
+    if (state.data_parallel, saved_pipeline, saved_tensor, saved_stage) == (
+            data_parallel, cfg.parallel.pipeline, cfg.parallel.tensor, cfg.parallel.zero_stage):
         return ResumePoint(ckpt_dir, tag, state, universal=False, notices=tuple(notices), config_changes=changes)
     converted = universal_tag(tag)
     problem = (f"{ckpt_dir / tag} was written by {state.data_parallel} data-parallel rank(s) x {saved_pipeline} "
-               f"pipeline stage(s) x tensor degree {saved_tensor}, this launch has {data_parallel} x "
-               f"{cfg.parallel.pipeline} x {cfg.parallel.tensor}")
+               f"pipeline stage(s) x tensor degree {saved_tensor} at ZeRO stage {saved_stage}, this launch has "
+               f"{data_parallel} x {cfg.parallel.pipeline} x {cfg.parallel.tensor} at stage {cfg.parallel.zero_stage}")
     same_layout = (f"launch {state.data_parallel * saved_pipeline * saved_tensor} processes with "
-                   f"parallel.pipeline={saved_pipeline} parallel.tensor={saved_tensor} (the layout that wrote it)")
+                   f"parallel.pipeline={saved_pipeline} parallel.tensor={saved_tensor} "
+                   f"parallel.zero_stage={saved_stage} (the layout that wrote it)")
     if read_pointer(ckpt_dir, LATEST_UNIVERSAL) != converted or not (ckpt_dir / converted).is_dir():
         raise ConfigError("checkpoint.resume", "auto", problem,
                           f"run `megakv-convert to-universal {run_dir}` first, or {same_layout}")
