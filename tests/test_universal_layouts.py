@@ -155,6 +155,29 @@ def test_another_pipeline_size_names_the_conversion_to_run(dataset, tmp_path):
     assert f"megakv-convert to-universal {run}` again" in stale.value.fix
 
 
+
+def test_another_cut_of_the_same_pipeline_names_the_conversion_to_run(dataset, tmp_path):
+    """4 stages of 8 blocks: uniform cuts [0, 2, 4, 6, 8], parameters (the embedding and head weigh on the end
+    stages) [0, 1, 2, 7, 8]. Each stage's optimizer shard holds its own blocks, so resuming with the other
+    partition is another layout, not a native load."""
+    run = tmp_path / "run"
+    shape = ["model.n_layers=8", "model.vocab_size=4096"]
+    cfg = load_config(TINY_RECIPE, [*overrides(dataset, run, 4), *shape])
+    tag_dir = run / "checkpoints" / "step_00000002"
+    tag_dir.mkdir(parents=True)
+    TrainState(step=2, layout={"data_parallel": 1, "pipeline": 4, "zero_stage": 1},
+               config_yaml=to_yaml(cfg)).write(tag_dir)
+    write_pointer(run / "checkpoints", "step_00000002")
+    four_stages = ParallelLayout(world_size=4, rank=0, local_rank=0, pipeline=4)
+    same = load_config(TINY_RECIPE, [*overrides(dataset, run, 4), *shape, "checkpoint.resume=auto"])
+    assert not preflight(same, four_stages).resume.universal
+    other = load_config(TINY_RECIPE, [*overrides(dataset, run, 4), *shape, "parallel.pipeline_partition=parameters",
+                                      "checkpoint.resume=auto"])
+    with pytest.raises(ConfigError) as refused:
+        preflight(other, four_stages)
+    assert "stages cut at blocks [0, 2, 4, 6, 8], now [0, 1, 2, 7, 8]" in str(refused.value)
+    assert f"megakv-convert to-universal {run}" in refused.value.fix
+
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_two_tensor_ranks_to_two_data_ranks_replicated_kv_heads(dataset, tmp_path):

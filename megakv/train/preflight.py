@@ -20,6 +20,7 @@ from megakv.config.data import DataConfig
 from megakv.config.devices import check_device
 from megakv.config.errors import ConfigError
 from megakv.config.model import ModelConfig
+from megakv.config.parallel import ParallelConfig
 from megakv.parallel.layout import ParallelLayout
 from megakv.parallel.tensor_split import tensor_split
 from megakv.parallel.universal import is_layout_free, tensor_ready
@@ -212,6 +213,16 @@ def check_config_changes(cfg: MegaKVConfig, state: TrainState, where: Path, allo
     return described
 
 
+def stage_cuts(cfg: MegaKVConfig, saved_pipeline: int, saved_parallel: dict) -> tuple[list[int], list[int]]:
+    """(the checkpoint's pipeline cut, this launch's), equal when there is nothing to compare."""
+    from megakv.parallel.partition import block_cuts
+
+    if saved_pipeline != cfg.parallel.pipeline or saved_pipeline == 1:
+        return [], []
+    saved = block_cuts(cfg.model, saved_pipeline, saved_parallel.get("pipeline_partition", "uniform"))
+    return saved, block_cuts(cfg.model, cfg.parallel.pipeline, cfg.parallel.pipeline_partition)
+
+
 def saved_zero_stage(cfg: MegaKVConfig, state: TrainState, where: Path) -> int:
     """The checkpoint's ZeRO stage. Another stage goes through a universal conversion, like another layout,
     between stages 1 and 2; DeepSpeed's stage-3 shards and its stage-3 universal files differ in kind, so a
@@ -256,13 +267,16 @@ def find_resume(cfg: MegaKVConfig, data_parallel: int) -> ResumePoint | None:
                           "train.run_dir with checkpoint.init_from")
     changes = tuple(check_config_changes(cfg, state, where, cfg.checkpoint.allow_config_change))
     saved_pipeline, saved_tensor = int(state.layout.get("pipeline", 1)), int(state.layout.get("tensor", 1))
-    if (state.data_parallel, saved_pipeline, saved_tensor, saved_stage) == (
-            data_parallel, cfg.parallel.pipeline, cfg.parallel.tensor, cfg.parallel.zero_stage):
+    # Each stage's optimizer shard holds its own blocks: another cut of the same number of stages is another layout.
+    saved_cuts, cuts = stage_cuts(cfg, saved_pipeline, _saved_section(state, "parallel", ParallelConfig))
+    if (state.data_parallel, saved_pipeline, saved_tensor, saved_stage, saved_cuts) == (
+            data_parallel, cfg.parallel.pipeline, cfg.parallel.tensor, cfg.parallel.zero_stage, cuts):
         return ResumePoint(ckpt_dir, tag, state, universal=False, notices=tuple(notices), config_changes=changes)
     converted = universal_tag(tag)
     problem = (f"{ckpt_dir / tag} was written by {state.data_parallel} data-parallel rank(s) x {saved_pipeline} "
                f"pipeline stage(s) x tensor degree {saved_tensor} at ZeRO stage {saved_stage}, this launch has "
-               f"{data_parallel} x {cfg.parallel.pipeline} x {cfg.parallel.tensor} at stage {cfg.parallel.zero_stage}")
+               f"{data_parallel} x {cfg.parallel.pipeline} x {cfg.parallel.tensor} at stage {cfg.parallel.zero_stage}"
+               + (f" (stages cut at blocks {saved_cuts}, now {cuts})" if saved_cuts != cuts else ""))
     same_layout = (f"launch {state.data_parallel * saved_pipeline * saved_tensor} processes with "
                    f"parallel.pipeline={saved_pipeline} parallel.tensor={saved_tensor} "
                    f"parallel.zero_stage={saved_stage} (the layout that wrote it)")
