@@ -73,7 +73,7 @@ def competitive_claim(variants: Mapping[str, Mapping[str, float]], rcla: str) ->
     shown = ", ".join(f"{n} {_gap_text(g, r)}" for n, (g, r) in sorted(gaps.items(), key=lambda kv: kv[1][0]))
     return Claim(
         claim="R-CLA is the only variant that stays competitive at every retention: its worst gap to the best "
-              "model at any retention (100/50/33/25%) is the smallest",
+              "model at any retention (every:1-4) is the smallest",
         paper=f"\"the only variant that stays competitive at every retention level from one training run\"; "
               f"e.g. SQuAD v2 F1 R-CLA/CLA@2/CLA@4/RD-CLA@2 at 100% {PAPER_SQUAD['100%']}, 50% "
               f"{PAPER_SQUAD['50%']}, 25% {PAPER_SQUAD['25%']}",

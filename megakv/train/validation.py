@@ -1,4 +1,4 @@
-"""Validation loss under deployment plans (every:1..4 = 100/50/33/25% of layers keep a cache).
+"""Validation loss under deployment plans (every:k keeps layers 0, k, 2k, ...: about 1/k of the cache).
 
 The first `samples` validation sequences are spread over the data-parallel ranks. Ranks run the same
 number of micro-batches (ZeRO-3 gathers parameters collectively in every forward), padding with
