@@ -178,10 +178,21 @@ class LaunchGuard:
         """A daemon thread: beat, watch the next rank's beat, and when any rank posts an error (or the
         watched rank or the store goes silent for parallel.timeout) call on_failure(failure), which exits."""
         watched = (self.rank + 1) % self.world_size
+        lost_store = PeerFailure(-1, f"lost contact with the rendezvous store (MASTER_ADDR:MASTER_PORT, hosted by "
+                                 f"rank 0 or the launcher) for {self.timeout_s:g}s (parallel.timeout): it exited or "
+                                 "froze", 1)
+        contact = {"last": time.monotonic()}  # when a store call last returned (read by the deadman)
+        fired = threading.Lock()
+
+        def fail(failure: PeerFailure, store_reachable: bool = True) -> None:
+            if fired.acquire(blocking=False):  # once, from whichever thread notices first
+                if store_reachable:  # a call to a frozen store would block this thread too
+                    self._acknowledge()
+                on_failure(failure)
 
         def loop():
             beats, last_beat = -1, -1.0
-            seen_change = last_contact = time.monotonic()
+            seen_change = time.monotonic()
             while self._watching.is_set():
                 now = time.monotonic()
                 try:
@@ -192,26 +203,34 @@ class LaunchGuard:
                         if peer != beats:
                             beats, seen_change = peer, now
                     failure = self.posted_or_raise()
-                    last_contact = now
+                    contact["last"] = time.monotonic()
                 except Exception:  # noqa: BLE001 - the store host is gone or frozen
                     failure = None
-                    if now - last_contact > self.timeout_s:
-                        failure = PeerFailure(-1, f"lost contact with the rendezvous store (MASTER_ADDR:MASTER_PORT, "
-                                              f"hosted by rank 0 or the launcher) for {self.timeout_s:g}s "
-                                              "(parallel.timeout): it exited or froze", 1)
+                    if now - contact["last"] > self.timeout_s:
+                        fail(lost_store, store_reachable=False)
+                        return
                 if failure is None and now - seen_change > self.timeout_s and self._watching.is_set():
                     failure = PeerFailure(watched, f"rank {watched} stopped responding: no heartbeat for "
                                           f"{self.timeout_s:g}s (parallel.timeout); it froze, was stopped or its "
                                           "machine is gone. Fix: check that rank's log and machine", 1)
                     self.report_for(failure)
                 if failure is not None and failure.rank != self.rank:
-                    self._acknowledge()
-                    on_failure(failure)
+                    fail(failure)
+                    return
+                time.sleep(WATCH_S)
+
+        def deadman():
+            # A store call to a frozen host (SIGSTOP, a hung node) blocks past its own timeout: the loop above
+            # never gets to count, so this thread does.
+            while self._watching.is_set():
+                if time.monotonic() - contact["last"] > self.timeout_s + WATCH_S:
+                    fail(lost_store, store_reachable=False)
                     return
                 time.sleep(WATCH_S)
 
         self._watching.set()
         threading.Thread(target=loop, name="megakv-launch-guard", daemon=True).start()
+        threading.Thread(target=deadman, name="megakv-launch-deadman", daemon=True).start()
 
     def report_for(self, failure: PeerFailure) -> None:
         """Post a failure noticed here on behalf of another rank (without waiting)."""
