@@ -24,6 +24,8 @@ class DebugConfig:
     sigterm_at_step: int = -1
     # Global rank 0 SIGKILLs itself while writing the checkpoint of this step (after its shards).
     sigkill_while_saving_step: int = -1
+    # Every step lasts at least this long (seconds): holds a run inside a step for signal tests.
+    min_step_s: float = 0.0
 
 
 @dataclass

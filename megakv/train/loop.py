@@ -150,7 +150,10 @@ class Trainer:
             check_plans_agree(plans, number, self.ctx.device)
             self.plan_trace.write(f"{number} " + " | ".join(str(p) for p in plans) + "\n")
         poison = number in cfg.train.debug.nonfinite_loss_at
+        started = time.monotonic()
         result = self.runner.train_step(self._micro_batches(), plans, poison=poison)
+        while time.monotonic() - started < cfg.train.debug.min_step_s:  # a sleep a signal may cut short
+            time.sleep(0.05)
         if number == cfg.train.debug.sigterm_at_step and self.ctx.is_global_zero:
             os.kill(os.getpid(), signal.SIGTERM)  # fault injection: a real signal, through the real handler
         losses = torch.tensor([result.loss_sum, result.micro_batches], dtype=torch.float64, device=self.ctx.device)
