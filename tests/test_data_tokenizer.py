@@ -155,3 +155,21 @@ print(failures)
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=300)
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr
+
+
+def test_an_eos_token_that_is_also_the_unk_token_is_accepted(tmp_path):
+    """SmolLM2's <|endoftext|> is both its unk token and its document separator: it was refused as 'not a token
+    of the vocabulary' because its id equals the unk id."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(synthetic_documents(80), trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<|endoftext|>").save_pretrained(str(tmp_path / "hf"))
+    info = import_hf_tokenizer(tmp_path / "hf", tmp_path / "out", eos_token="<|endoftext|>")
+    assert info.eos_id == 0 == info.unk_id
+    with pytest.raises(DataError, match="--eos-token"):
+        import_hf_tokenizer(tmp_path / "hf", tmp_path / "out2", eos_token="<not-a-token>")

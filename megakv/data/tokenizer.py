@@ -261,8 +261,10 @@ def train_sentencepiece(texts: Iterable[str], output_dir: str | Path, vocab_size
 
 def _hf_info(tok, fingerprint: str, eos_token: str | None) -> TokenizerInfo:
     vocab_size = max(len(tok), max(tok.get_vocab().values(), default=-1) + 1)
+    # Membership, not "not the unk id": SmolLM2's <|endoftext|> is both its unk token and its document end.
+    known = eos_token is None or eos_token in tok.get_vocab() or eos_token in tok.all_special_tokens
     eos_id = tok.convert_tokens_to_ids(eos_token) if eos_token is not None else tok.eos_token_id
-    if eos_id is None or (eos_token is not None and eos_id == tok.unk_token_id):
+    if eos_id is None or not known:
         raise DataError(f"the tokenizer has no end-of-document token (eos_token={eos_token or tok.eos_token!r})",
                         "pass --eos-token with a token of its vocabulary, e.g. '</s>' or '<|endoftext|>'")
     return TokenizerInfo(kind="huggingface", vocab_size=int(vocab_size), eos_id=int(eos_id),
