@@ -9,6 +9,7 @@ import pytest
 from data_fixtures import module_tokenizer, synthetic_documents
 
 from megakv.data.errors import DataError
+from megakv.data.indexed import IndexedDataset
 from megakv.data.tokenizer import (
     METADATA_FILE,
     TokenizerInfo,
@@ -173,3 +174,23 @@ def test_an_eos_token_that_is_also_the_unk_token_is_accepted(tmp_path):
     assert info.eos_id == 0 == info.unk_id
     with pytest.raises(DataError, match="--eos-token"):
         import_hf_tokenizer(tmp_path / "hf", tmp_path / "out2", eos_token="<not-a-token>")
+
+
+def test_special_token_text_in_data_stays_text_but_a_prompt_may_use_it(tmp_path):
+    """A document quoting "<|endoftext|>" (common in text about language models) must not gain a document end
+    in the middle: data is encoded with special-token text split into ordinary pieces, as the SentencePiece
+    tokenizers do; a prompt typed for megakv-generate keeps transformers' reading (the special token)."""
+    from megakv.data.preprocess import preprocess
+
+    source = _hf_tokenizer(tmp_path / "hf")
+    info = import_hf_tokenizer(source, tmp_path / "tok")
+    tok = load_tokenizer(tmp_path / "tok")
+    text = "the model wrote <|endoftext|> and went on"
+    assert info.eos_id not in tok.encode(text) and info.eos_id not in tok.encode_batch([text])[0]
+    assert tok.decode(tok.encode(text)) == text
+    assert info.eos_id in tok.encode_prompt(text)
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(json.dumps({"text": text}) + "\n" + json.dumps({"text": "a second document"}) + "\n")
+    preprocess([str(corpus)], tmp_path / "tok", tmp_path / "d", progress=False)
+    first = IndexedDataset(tmp_path / "d")[0].tolist()
+    assert first.count(info.eos_id) == 1 and first[-1] == info.eos_id  # one document, one end

@@ -93,7 +93,7 @@ def _run(args: argparse.Namespace) -> int:
         from megakv.data.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(tokenizer_dir)
-        prompts = [tokenizer.encode(text) for text in args.prompt]
+        prompts = [tokenizer.encode_prompt(text) for text in args.prompt]
         if args.add_bos:
             if tokenizer.bos_id is None:
                 raise ValueError("--add-bos: the tokenizer has no bos token")

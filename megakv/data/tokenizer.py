@@ -71,9 +71,11 @@ class Tokenizer(Protocol):
     bos_id: int | None
     pad_id: int | None
 
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str) -> list[int]: ...  # data: special-token text such as "<|im_end|>" stays text
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
+    def encode_batch(self, texts: list[str]) -> list[list[int]]: ...  # the same, for many texts
+
+    def encode_prompt(self, text: str) -> list[int]: ...  # typed by a person: "<|im_end|>" is the special token
 
     def decode(self, ids: list[int]) -> str: ...
 
@@ -108,6 +110,9 @@ class SentencePieceTokenizer(_WithInfo):
         # One thread: parallelism comes from the worker processes, never from hidden threads.
         return self._sp.encode(texts, num_threads=1)
 
+    def encode_prompt(self, text: str) -> list[int]:
+        return self.encode(text)  # SentencePiece reads no special tokens out of text
+
     def decode(self, ids: list[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
 
@@ -117,12 +122,17 @@ class HuggingFaceTokenizer(_WithInfo):
         super().__init__(info)
         self._tok = tok
 
+    # Data is text: a document that quotes "<|endoftext|>" must not gain a document end (nor a chat turn).
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False)
+        return self._tok.encode(text, add_special_tokens=False, split_special_tokens=True)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        out = self._tok(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)
+        out = self._tok(texts, add_special_tokens=False, return_attention_mask=False, verbose=False,
+                        split_special_tokens=True)
         return out["input_ids"]
+
+    def encode_prompt(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False)  # as transformers reads a chat-formatted prompt
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode([int(i) for i in ids])
