@@ -12,8 +12,6 @@ normally trained model degrades much more when layers share caches than the R-CL
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,19 +21,20 @@ import torch
 from megakv.eval.data import load_eval_tokens, make_windows
 from megakv.eval.loss import evaluate_plans
 from megakv.model_paths import resolve_model
+from megakv.study.runs import train_run
 
 REPO = Path(__file__).resolve().parents[1]
 RETAIN = ["every:1", "every:2", "every:3", "every:4"]
 
 
 def train(run_dir: Path, data: Path, strategy: str, q_cross: float, steps: int, model: list[str]) -> None:
-    cmd = [sys.executable, "-m", "megakv.cli.train", str(REPO / "megakv" / "recipes" / "demo.yaml"),
-           f"train.run_dir={run_dir}", f"train.steps={steps}", f"routing.strategy={strategy}",
-           f"routing.q_cross={q_cross}", f"data.datasets=[{data}/shakespeare_train]",
-           f"data.valid_datasets=[{data}/shakespeare_valid]", f"data.tokenizer={data}/tokenizer",
-           "validation.every=0", f"checkpoint.every={steps}", "optim.warmup_steps=10", *model]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    subprocess.run(cmd, check=True, env=env, cwd=REPO)
+    """megakv-train, or the finished run already there when it was trained with these settings (resumed when
+    it was interrupted; refused, naming the difference, when it was trained with others)."""
+    overrides = [f"train.steps={steps}", f"routing.strategy={strategy}", f"routing.q_cross={q_cross}",
+                 f"data.datasets=[{data}/shakespeare_train]", f"data.valid_datasets=[{data}/shakespeare_valid]",
+                 f"data.tokenizer={data}/tokenizer", "validation.every=0", f"checkpoint.every={steps}",
+                 "optim.warmup_steps=10", *model]
+    train_run(REPO / "megakv" / "recipes" / "demo.yaml", run_dir, overrides, log=print)
 
 
 def main() -> None:
@@ -51,15 +50,20 @@ def main() -> None:
                         help="model overrides (default: 8 layers, d=128, seq 128)")
     args = parser.parse_args()
     if not (args.data / "shakespeare_train.idx").is_file():
-        sys.exit(f"no prepared data in {args.data}: run `megakv-data demo --output {args.data}` first")
+        print(f"error: no prepared data in {args.data}. Fix: run `megakv-data demo --output {args.data}` first",
+              file=sys.stderr)
+        sys.exit(2)
 
     torch.set_num_threads(1)
     results = {}
     for name, strategy in (("normal", "none"), (f"rcla q={args.q_cross}", "rcla")):
         run_dir = args.out / strategy
         start = time.perf_counter()
-        if not (run_dir / "status.json").is_file() or '"finished"' not in (run_dir / "status.json").read_text():
+        try:
             train(run_dir, args.data, strategy, args.q_cross, args.steps, args.model)
+        except ValueError as e:  # the directory holds a run trained with other settings
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
         model, _ = resolve_model(run_dir)
         tokens = load_eval_tokens(args.data / "shakespeare_valid", max_tokens=args.eval_tokens)
         windows = make_windows(tokens, model.cfg.max_seq_len, model.cfg.vocab_size)
