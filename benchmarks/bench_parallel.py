@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import queue as queue_module
 import socket
 import sys
 import time
@@ -125,7 +126,13 @@ def run(layout: str, steps: int, warmup: int) -> dict[int, dict]:
     queue = ctx.Queue()
     procs = mp.start_processes(_worker, args=(2, _free_port(), layout, steps, warmup, queue), nprocs=2, join=False,
                                start_method="spawn")
-    results = dict(queue.get(timeout=1800) for _ in range(2))
+    results: dict[int, dict] = {}
+    while len(results) < 2:
+        try:
+            rank, result = queue.get(timeout=5)
+            results[rank] = result
+        except queue_module.Empty:
+            procs.join(timeout=0)  # raises ProcessRaisedException / ProcessExitedException if a worker died
     procs.join()
     return results
 
@@ -135,6 +142,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
     args = parser.parse_args()
+    if args.steps < 1 or args.warmup < 0:
+        parser.error("--steps must be >= 1 and --warmup >= 0 (nothing would be measured)")  # exits 2
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     print(f"demo shape, {GLOBAL} x {SEQ} tokens per step, 2 gloo processes, ZeRO-1, fp32, "

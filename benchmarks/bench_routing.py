@@ -42,6 +42,8 @@ def main() -> None:
     parser.add_argument("--q-cross", type=float, default=0.5)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    if args.rounds < 1 or args.threads < 1:
+        parser.error("--rounds and --threads must be >= 1: nothing would be measured")
     torch.set_num_threads(args.threads)
 
     cfg = ModelConfig(vocab_size=args.vocab, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,

@@ -133,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for every run (e.g. data paths)")
     args = parser.parse_args(argv)
+    if args.warmup < 0 or args.steps <= args.warmup or args.repeats < 1:
+        parser.error("--steps must exceed --warmup (>= 0) and --repeats be >= 1: no step would be measured")
     os.environ.update(ENV)
 
     from megakv.config import load_config

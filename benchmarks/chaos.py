@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{exact - sum(t.exact for t in saving)}/{len(trials) - len(saving)} while training); "
               f"surviving rank exited by itself in {len(peers)}/{len(trials)} "
               f"(max {max(peers) if peers else float('nan'):.2f}s)")
-        return 0 if exact == len(trials) else 1
+        return 0 if exact == len(trials) and len(peers) == len(trials) else 1  # a hung survivor fails too
     finally:
         if args.keep is None:
             shutil.rmtree(root, ignore_errors=True)
