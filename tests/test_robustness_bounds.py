@@ -133,7 +133,7 @@ def _start_slow_run(runs, run_dir, min_step_s: float):
             lines.append(line)
             if "step 1/" in line:
                 training.set()
-            if "again to abort" in line:
+            if "to abort at once" in line:
                 noted.set()
 
     threading.Thread(target=read, daemon=True).start()
@@ -186,3 +186,38 @@ def test_copies_of_one_stop_signal_save_once(runs, tmp_path):
     assert read_status(run_dir)["state"] == "preempted"
     assert list((run_dir / "checkpoints").glob("step_*"))
 
+
+
+STOP_THEN_LONG_C_CALL = """
+import ctypes, sys, time
+from megakv.train.signals import StopRequest
+stop = StopRequest().install()
+print("ready", flush=True)
+while not stop.requested:
+    time.sleep(0.01)
+print("stopping", flush=True)
+ctypes.CDLL(None).system(b"sleep 8")  # a long C call that runs no Python (as a kernel or a collective)
+print("survived", flush=True)
+"""
+
+
+def test_a_second_signal_aborts_even_inside_a_long_c_call(tmp_path):
+    """After the duplicate window the abort is armed at the C level, not by a Python handler that could only run
+    once the main thread came back from C (a hung collective: never)."""
+    from megakv.train.signals import DUPLICATE_WINDOW_S
+
+    proc = subprocess.Popen([sys.executable, "-c", STOP_THEN_LONG_C_CALL], cwd=REPO, env=_child_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.stdout.readline().startswith("megakv-train: SIGTERM received")
+        assert proc.stdout.readline().strip() == "stopping"
+        time.sleep(DUPLICATE_WINDOW_S + 1.0)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGTERM, proc.stdout.read()

@@ -5,14 +5,18 @@ The handler only records the request; the loop acts on it at the next step bound
 agree through an all-reduce (a signal may reach only some ranks). One cancellation can arrive several
 times within milliseconds (SLURM with proctrack/linuxproc signals every process of the step: the rank,
 torchrun, which passes it on, and the node launcher, which does too), so for DUPLICATE_WINDOW_S after the
-first SIGTERM/SIGINT both are ignored; then both go back to the system's default action, so a second one
-ends the process even inside a long C++ kernel, where no Python handler could run.
+first SIGTERM/SIGINT the kernel ignores both; then a thread sets them back to the system's default action
+through libc (Python's signal.signal works in the main thread only, which may be inside a long kernel or
+collective), so a second one ends the process even there, where no Python handler could run.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
+import threading
+import time
 from dataclasses import dataclass
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
@@ -31,20 +35,24 @@ class StopRequest:
     def _handle(self, signum, _frame) -> None:
         self.signal_name = self.signal_name or signal.Signals(signum).name
         if signum in ABORT_ON_SECOND:
-            for sig in ABORT_ON_SECOND:  # ignored by the kernel, even inside a long C++ call
+            for sig in ABORT_ON_SECOND:  # copies of this one are ignored by the kernel ...
                 signal.signal(sig, signal.SIG_IGN)
-            signal.signal(signal.SIGALRM, self._arm_abort)
-            signal.setitimer(signal.ITIMER_REAL, DUPLICATE_WINDOW_S)
+            threading.Thread(target=_default_action_after_window, name="megakv-abort-arming", daemon=True).start()
             note = (f"megakv-train: {signal.Signals(signum).name} received: saving a checkpoint after this step, "
-                    "then exiting; send SIGTERM or SIGINT again to abort at once without saving\n")
+                    f"then exiting; send SIGTERM or SIGINT again (after {DUPLICATE_WINDOW_S:g} s) to abort at once "
+                    "without saving\n")
             os.write(2, note.encode())  # not logging: a handler may interrupt a logging call holding its lock
-
-    @staticmethod
-    def _arm_abort(_signum, _frame) -> None:
-        for sig in ABORT_ON_SECOND:
-            signal.signal(sig, signal.SIG_DFL)
 
     def install(self) -> StopRequest:
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
         return self
+
+
+def _default_action_after_window() -> None:
+    """... until the window ends; then the default action (terminate), set at the C level from this thread."""
+    time.sleep(DUPLICATE_WINDOW_S)
+    libc = ctypes.CDLL(None)
+    libc.signal.argtypes, libc.signal.restype = [ctypes.c_int, ctypes.c_void_p], ctypes.c_void_p
+    for sig in ABORT_ON_SECOND:
+        libc.signal(int(sig), None)  # SIG_DFL is the null handler
