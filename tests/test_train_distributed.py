@@ -206,7 +206,7 @@ def test_bf16_two_ranks_train_and_resume_bit_exactly(dataset, tmp_path):
     assert all(torch.isfinite(w).all() and w.dtype == torch.float32 for w in final_weights(interrupted).values())
 
 
-def test_zero3_matches_zero1_and_resumes_exactly_when_routing_leaves_projections_unused(dataset, tmp_path):
+def test_zero3_and_offload_match_zero1_and_resume_exactly_when_routing_leaves_projections_unused(dataset, tmp_path):
     """Under R-CLA a layer whose K/V no other layer reads gets no gradient. DeepSpeed's ZeRO-3 kept such a
     parameter's previous gradient in its flat buffer and applied it again (loss 4.309 against 4.263 after 10
     steps here, and a resume that lost the stale gradient diverged from the straight run); ZeRO-1 counts it
@@ -218,9 +218,13 @@ def test_zero3_matches_zero1_and_resumes_exactly_when_routing_leaves_projections
         assert_ok(done, name)
         return run_dir
 
-    zero1, zero3 = step_losses(run("zero1", 1)), step_losses(run("zero3", 3))
-    for step in range(1, 6):
-        assert abs(zero3[step] - zero1[step]) < 1e-6, (step, zero3[step], zero1[step])
+    zero1 = step_losses(run("zero1", 1))
+    for name, stage, *extra in (("zero3", 3), ("zero1-offload", 1, "parallel.offload_optimizer=cpu"),
+                                ("zero3-offload", 3, "parallel.offload_optimizer=cpu")):
+        other = step_losses(run(name, stage, *extra))  # offload keeps its own CPU gradient copies: the same bug
+        for step in range(1, 6):
+            assert abs(other[step] - zero1[step]) < 1e-6, (name, step, other[step], zero1[step])
+    zero3 = step_losses(tmp_path / "zero3")
     stopped = run("stopped", 3, "train.debug.sigterm_at_step=2")
     resumed = launch_train(overrides(dataset, stopped, 3, "routing.q_cross=0.75", "train.steps=5",
                                      "train.debug.check_plans=false"), nproc=1, resume=True)

@@ -91,16 +91,23 @@ def _weights_of(weights: Sequence[float], index: int, size: int) -> torch.Tensor
     return torch.tensor(weights[index * size:(index + 1) * size], dtype=torch.float64)
 
 
-def clear_zero3_gradients(engine: Any) -> None:
-    """Zero ZeRO-3's flat gradient partitions before a step's first micro-batch.
+def clear_stale_gradients(engine: Any) -> None:
+    """Zero DeepSpeed's persistent gradient buffers before a step's first micro-batch.
 
-    DeepSpeed 0.19's stage 3 (without offload) writes each parameter's reduced gradient into one flat buffer and
-    never clears it: a parameter that gets no gradient in a step (under R-CLA, the K/V projections of a layer
-    no other layer reads) would be updated with its previous step's gradient. ZeRO-1/2 count it as zero.
+    A parameter that gets no gradient in a step (under R-CLA, the K/V projections of a layer no other layer
+    reads) must count as zero, as plain ZeRO-1/2 count it. DeepSpeed 0.19 writes reduced gradients into buffers
+    it never clears in three cases, which would apply the previous step's gradient again: ZeRO-3's flat
+    partitions, and the CPU copies of ZeRO-1/2 and ZeRO-3 with offload_optimizer.
     """
-    buffer = getattr(getattr(engine, "optimizer", None), "grad_partitions_flat_buffer", None)
-    if buffer is not None:
-        buffer.zero_()
+    optimizer = getattr(engine, "optimizer", None)
+    buffers = [getattr(optimizer, "grad_partitions_flat_buffer", None)]  # ZeRO-3 (None with offload)
+    if getattr(optimizer, "cpu_offload", False):  # ZeRO-1/2 with offload
+        buffers += [flat.grad for flat in optimizer.single_partition_of_fp32_groups]
+    if getattr(optimizer, "offload_optimizer", False):  # ZeRO-3 with offload
+        buffers += [flat.grad for flat in getattr(optimizer, "fp32_partitioned_groups_flat", [])]
+    for buffer in buffers:
+        if buffer is not None:
+            buffer.zero_()
 
 
 class DataParallelRunner:
@@ -117,7 +124,7 @@ class DataParallelRunner:
                    poison: bool = False) -> StepResult:
         engine = self.engine
         engine.train()
-        clear_zero3_gradients(engine)
+        clear_stale_gradients(engine)
         loss_sum = 0.0
         layout = self.ctx.layout
         mine = rank_plans(plans, layout.data_rank, layout.data_parallel)
