@@ -13,7 +13,7 @@ import time
 
 import pytest
 from checkpoint_helpers import one_process, shared_runs, tiny_config
-from train_helpers import REPO, TINY_RECIPE, _child_env, latest_tag, launch_train, read_status
+from train_helpers import REPO, TINY_RECIPE, _child_env, launch_train, read_status
 
 from megakv.config import ConfigError, load_config
 from megakv.train.preflight import preflight
@@ -93,15 +93,21 @@ def test_launch_mistakes_are_named_before_any_process_group(runs, tmp_path):
     assert "at step 6" in shorter.problem and "train.steps >= 6" in shorter.fix
 
 
-def test_a_run_that_ends_inside_a_nonfinite_streak_is_not_finished(runs, tmp_path):
-    """Its last update was skipped: exit 3 and status "diverged" with the last good checkpoint kept, as for a
-    streak of train.max_nonfinite_steps (it used to exit 0, "finished", and save the final step)."""
+def test_a_launch_whose_every_step_is_non_finite_is_not_finished(runs, tmp_path):
+    """No update applied (e.g. a llama3 rope_scaling that yields NaN): exit 3 and status "diverged" with the last
+    good checkpoint kept (it used to exit 0 "finished" and save). A run whose last step alone was skipped still
+    finishes, with a warning: its weights are the last good step's, and a resume would only repeat the skip."""
     run_dir = tmp_path / "run"
     run = launch_train(runs.overrides(run_dir, "train.steps=3", "checkpoint.every=1", "validation.every=0",
                                       "train.debug.nonfinite_loss_at=[3]"), nproc=1)
-    assert run.returncodes == [3], run.output[-4000:]
-    assert read_status(run_dir)["state"] == "diverged" and latest_tag(run_dir) == "step_00000002"
+    assert run.ok and read_status(run_dir)["state"] == "finished", run.output[-4000:]
     assert "ended with 1 non-finite step(s) in a row" in run.output
+    nothing = tmp_path / "nothing"
+    run = launch_train(runs.overrides(nothing, "train.steps=2", "checkpoint.every=1", "validation.every=0",
+                                      "train.max_nonfinite_steps=5", "train.debug.nonfinite_loss_at=[1,2]"), nproc=1)
+    assert run.returncodes == [3], run.output[-4000:]
+    assert read_status(nothing)["state"] == "diverged" and "none of this launch's 2 steps was finite" in run.output
+    assert not list((nothing / "checkpoints").glob("step_*"))
 
 
 def test_resume_logs_other_changed_settings_and_allowed_ones(runs, tmp_path):

@@ -12,7 +12,7 @@ tensorboard/, logs/rank*.log, metrics.jsonl and status.json.
 Exit codes: 0 finished, or stopped by SIGTERM/SIGUSR1 after saving a checkpoint (status.json "state" is
 "finished" or "preempted"; a requeued job continues with --resume auto); 2 configuration or launch error
 (reported before any process group starts when it can be); 3 stopped after train.max_nonfinite_steps
-non-finite steps in a row, or ended inside a shorter such streak (the last good checkpoint is kept); 1
+non-finite steps in a row, or when no step of the launch was finite (the last good checkpoint is kept); 1
 anything else (status.json "failed", with the error). When one rank fails, every other rank exits with
 that rank's message and exit code within parallel.timeout seconds. A second SIGTERM/SIGINT (more than a
 second after the first: copies of one cancellation come together) aborts at once, without saving.

@@ -152,7 +152,7 @@ class Trainer:
         poison = number in cfg.train.debug.nonfinite_loss_at
         started = time.monotonic()
         result = self.runner.train_step(self._micro_batches(), plans, poison=poison)
-        while time.monotonic() - started < cfg.train.debug.min_step_s:  # a sleep a signal may cut short
+        while time.monotonic() - started < cfg.train.debug.min_step_s:  # signals are handled between the sleeps
             time.sleep(0.05)
         if number == cfg.train.debug.sigterm_at_step and self.ctx.is_global_zero:
             os.kill(os.getpid(), signal.SIGTERM)  # fault injection: a real signal, through the real handler
@@ -175,6 +175,7 @@ class Trainer:
         window_time, window_steps = 0.0, 0
         step_times: list[float] = []
         validated_at = None
+        ran, applied_updates = 0, 0  # steps of this launch, and those that updated the weights
         while state.step < total:
             lr = self.runner.learning_rate()  # the rate this step trains with; the scheduler moves on after it
             started = time.perf_counter()
@@ -183,6 +184,7 @@ class Trainer:
             window_time, window_steps = window_time + elapsed, window_steps + 1
             step_times = (step_times + [elapsed])[-50:]
             finite = math.isfinite(loss) and applied
+            ran, applied_updates = ran + 1, applied_updates + finite
             if finite:
                 state.nonfinite_in_a_row = 0
             else:
@@ -223,11 +225,15 @@ class Trainer:
                 self.save()
                 self._status("preempted", signal=self.stop.signal_name)
                 return EXIT_OK
-        if state.nonfinite_in_a_row:  # the last steps applied no update: not a finished run
-            log.error("stopping: the run ended with %d non-finite step(s) in a row, so its last updates were "
-                      "skipped; the last good checkpoint is kept", state.nonfinite_in_a_row)
+        if ran and not applied_updates:  # every step was skipped: nothing was trained, not a finished run
+            log.error("stopping: none of this launch's %d steps was finite, so no update was applied; the last "
+                      "good checkpoint is kept. Fix: check the model and optimizer settings (e.g. "
+                      "model.rope_scaling, optim.lr, train.precision)", ran)
             self._status("diverged")
             return EXIT_DIVERGED
+        if state.nonfinite_in_a_row:  # the weights are those of the last good step; say so and finish
+            log.warning("the run ended with %d non-finite step(s) in a row, whose updates were skipped",
+                        state.nonfinite_in_a_row)
         if cfg.validation.every and validated_at != state.step:
             self.validate()
         if cfg.checkpoint.save_final:
