@@ -224,7 +224,7 @@ class LaunchGuard:
             # never gets to count, so this thread does.
             while self._watching.is_set():
                 if time.monotonic() - contact["last"] > self.timeout_s + WATCH_S:
-                    fail(lost_store, store_reachable=False)
+                    on_failure(lost_store)  # not through `fail`: its holder may be blocked on the frozen store
                     return
                 time.sleep(WATCH_S)
 
