@@ -187,9 +187,12 @@ def test_a_validation_split_or_dataset_shorter_than_one_sample_is_refused(tmp_pa
     with pytest.raises(DataError, match=r"validation dataset \(data.valid_datasets\) .*short has 20 tokens in 1 "
                                         r"documents, fewer than one sample of seq_len \+ 1 = 65"):
         data_with(f"data.datasets=[{prefix}]", f"data.valid_datasets=[{short}]", "data.valid_fraction=0")
-    with pytest.raises(DataError, match=r"held-out split \(data.valid_fraction\) of .*short_docs has 10 tokens "
-                                        r"in 2 documents.*raise data.valid_fraction, or set it to 0"):
+    with pytest.raises(DataError, match=r"data.valid_fraction=0.05 holds out no sample of seq_len \+ 1 = 65 tokens "
+                                        r"from any dataset \(short_docs: 10 tokens in 2 documents\)"):
         data_with(f"data.datasets=[{short_docs}]", "data.valid_fraction=0.05")
+    # In a blend, a small dataset whose share holds no whole sample leaves validation to the others.
+    blended = data_with(f"data.datasets=[{short_docs},{prefix}]", "data.valid_fraction=0.05")
+    assert len(blended.valid) > 0 and len(blended.valid_sets["short_docs"]) == 0
     assert data_with(f"data.datasets=[{short_docs}]", "data.valid_fraction=0").valid is None
 
 

@@ -176,9 +176,15 @@ def build_data(cfg: DataConfig, seq_len: int, *, is_builder: bool, barrier: Call
     valid_sets: dict[str, GPTSamples] = {}
     for source, split in zip(train_sources, splits):
         if len(split.valid):
-            _check_holds_a_sample(plan, source, split.valid, "the held-out split (data.valid_fraction) of",
-                                  "raise data.valid_fraction, or set it to 0 for no held-out split")
             valid_sets[_unique_name(source.name, valid_sets)] = plan.valid_part(source, split.key, split.valid)
+    if cfg.valid_fraction > 0 and not valid_sources and not any(len(v) for v in valid_sets.values()):
+        # Held-out data asked for, none there (documents too few or too short): not a run validating on nothing.
+        held = ", ".join(f"{s.name}: {plan.tokens_of(s, split.valid)} tokens in {len(split.valid)} documents"
+                         for s, split in zip(train_sources, splits))
+        raise DataError(f"data.valid_fraction={cfg.valid_fraction:g} holds out no sample of seq_len + 1 = "
+                        f"{seq_len + 1} tokens from any dataset ({held})",
+                        "raise data.valid_fraction, list data.valid_datasets, or set data.valid_fraction=0 "
+                        "(and validation.every=0)")
     for source in valid_sources:
         docs = np.arange(len(source.dataset), dtype=np.int64)
         _check_holds_a_sample(plan, source, docs, "the validation dataset (data.valid_datasets)",

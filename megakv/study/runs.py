@@ -42,7 +42,8 @@ def train_command(config: Path, run_dir: Path, overrides: Sequence[str], nproc: 
 
 
 # Settings that do not change the trained model: a cached run is reused whatever they are now.
-NOT_COMPARED = ("train.run_dir", "train.debug.", "checkpoint.", "logging.", "validation.", "data.cache_dir")
+NOT_COMPARED = ("train.run_dir", "train.debug.", "checkpoint.", "logging.", "validation.", "data.cache_dir",
+                "data.valid_datasets", "parallel.timeout")
 
 
 def settings_changes(run_dir: Path, overrides: Sequence[str], config: Path | None = None) -> list[str]:
