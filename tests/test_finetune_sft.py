@@ -187,9 +187,10 @@ def test_a_validation_split_or_dataset_shorter_than_one_sample_is_refused(tmp_pa
     with pytest.raises(DataError, match=r"validation dataset \(data.valid_datasets\) .*short has 20 tokens in 1 "
                                         r"documents, fewer than one sample of seq_len \+ 1 = 65"):
         data_with(f"data.datasets=[{prefix}]", f"data.valid_datasets=[{short}]", "data.valid_fraction=0")
-    with pytest.raises(DataError, match=r"data.valid_fraction=0.05 holds out no sample of seq_len \+ 1 = 65 tokens "
-                                        r"from any dataset \(short_docs: 10 tokens in 2 documents\)"):
-        data_with(f"data.datasets=[{short_docs}]", "data.valid_fraction=0.05")
+    with pytest.raises(DataError, match=r"validation.every=100 but the data holds no validation sample of seq_len "
+                                        r"\+ 1 = 65 tokens \(held-out samples per dataset: short_docs: 0;"):
+        data_with(f"data.datasets=[{short_docs}]", "data.valid_fraction=0.05").check_validation(100)
+    data_with(f"data.datasets=[{short_docs}]", "data.valid_fraction=0.05").check_validation(0)  # not asked for
     # In a blend, a small dataset whose share holds no whole sample leaves validation to the others.
     blended = data_with(f"data.datasets=[{short_docs},{prefix}]", "data.valid_fraction=0.05")
     assert len(blended.valid) > 0 and len(blended.valid_sets["short_docs"]) == 0

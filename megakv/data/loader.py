@@ -63,6 +63,15 @@ class Data:
     def pad_id(self) -> int | None:
         return self.tokenizer.pad_id
 
+    def check_validation(self, every: int) -> None:
+        """Validation asked for (validation.every > 0) with no held-out sample: not a run validating on nothing."""
+        if every and self.valid is None:
+            held = ", ".join(f"{name}: {len(part)}" for name, part in self.valid_sets.items()) or "none"
+            raise DataError(f"validation.every={every} but the data holds no validation sample of seq_len + 1 = "
+                            f"{self.seq_len + 1} tokens (held-out samples per dataset: {held}; a dataset of fewer "
+                            "than 2 documents holds none out)",
+                            "raise data.valid_fraction, list data.valid_datasets, or set validation.every=0")
+
     def check_model_vocab(self, model_vocab_size: int) -> None:
         if model_vocab_size < self.vocab_size:
             raise DataError(f"the model's vocabulary ({model_vocab_size}) is smaller than the data's tokenizer "
@@ -177,14 +186,6 @@ def build_data(cfg: DataConfig, seq_len: int, *, is_builder: bool, barrier: Call
     for source, split in zip(train_sources, splits):
         if len(split.valid):
             valid_sets[_unique_name(source.name, valid_sets)] = plan.valid_part(source, split.key, split.valid)
-    if cfg.valid_fraction > 0 and not valid_sources and not any(len(v) for v in valid_sets.values()):
-        # Held-out data asked for, none there (documents too few or too short): not a run validating on nothing.
-        held = ", ".join(f"{s.name}: {plan.tokens_of(s, split.valid)} tokens in {len(split.valid)} documents"
-                         for s, split in zip(train_sources, splits))
-        raise DataError(f"data.valid_fraction={cfg.valid_fraction:g} holds out no sample of seq_len + 1 = "
-                        f"{seq_len + 1} tokens from any dataset ({held})",
-                        "raise data.valid_fraction, list data.valid_datasets, or set data.valid_fraction=0 "
-                        "(and validation.every=0)")
     for source in valid_sources:
         docs = np.arange(len(source.dataset), dtype=np.int64)
         _check_holds_a_sample(plan, source, docs, "the validation dataset (data.valid_datasets)",

@@ -78,6 +78,7 @@ class Trainer:
         cfg, ctx = self.cfg, self.ctx
         self.data = build_data(cfg.data, self.seq_len, is_builder=ctx.is_global_zero, barrier=ctx.barrier,
                                train_samples=cfg.train.steps * cfg.train.global_batch)
+        self.data.check_validation(cfg.validation.every)
         if self.data.vocab_size > cfg.model.vocab_size:
             raise ConfigError("model.vocab_size", cfg.model.vocab_size,
                               f"the tokenizer has {self.data.vocab_size} tokens", "raise model.vocab_size")
