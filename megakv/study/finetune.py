@@ -45,13 +45,7 @@ from megakv.study.results import Claim, PartResult, Table
 from megakv.study.runs import timed_train_run
 
 Log = Callable[[str], None]
-PAPER_DEPTH = 32  # Llama-3.1-8B: every:k keeps exactly 1/k of its layers
-
-
-def retention_labels(n_layers: int = PAPER_DEPTH) -> dict[str, str]:
-    """The cache each plan keeps, as a percentage of this model's layers (every:4 keeps 8 of SmolLM2's 30
-    layers: 27%, not 25%)."""
-    return {r: f"{100 * len(deployment_plan(r, n_layers).retained) / n_layers:.0f}%" for r in RETAINS}
+PAPER_DEPTH = 32  # Llama-3.1-8B's layers: every:2 and every:4 keep exactly a half and a quarter of them
 MODELS = ("untouched", "normal", "rcla")  # the rows of the tables, in this order
 LABELS = {"untouched": "untouched (no fine-tuning)", "normal": "fine-tuned normally",
           "rcla": "fine-tuned with R-CLA"}
@@ -324,6 +318,12 @@ def prepare_data(qa_dir: Path, tokenizer: Path, settings: FinetuneScale, log: Lo
 
 def _pct(value: float, reference: float) -> str:
     return f"{100 * value / reference:.0f}%" if reference > 0 else "n/a (full-cache F1 is not above chance)"
+
+
+def retention_labels(n_layers: int = PAPER_DEPTH) -> dict[str, str]:
+    """The cache each plan keeps, as a percentage of this model's layers (every:4 keeps 8 of SmolLM2's 30
+    layers: 27%, not 25%)."""
+    return {r: f"{100 * len(deployment_plan(r, n_layers).retained) / n_layers:.0f}%" for r in RETAINS}
 
 
 def finetune_claims(scores: Mapping[str, Mapping[str, Mapping[str, float]]], chance_f1: float = 0.0,
