@@ -15,6 +15,10 @@ explicit list); layer l reads mu(l) = the nearest retained layer at or below l.
 
 Sampling is a pure function of (seed, step, micro_batch) through its own numpy generator, never a
 global RNG, so every rank and every resumed run computes the same plan.
+
+q_cross is P(cross-layer). The paper's p is ambiguous: its Sec. 3.2 defines p as the probability of a layer's
+own K/V, while Sec. 4.1 and Table 1 use p as the probability of routing ("< 2% even at p = 0.75"); megakv
+names the quantity it means.
 """
 
 from __future__ import annotations

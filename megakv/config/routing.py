@@ -14,7 +14,7 @@ class RoutingConfig:
     strategy: str = "rcla"
     # P(a layer attends with an earlier layer's K/V). For rdcla:K, P(a non-leader uses its leader's K/V).
     q_cross: float = 0.5
-    # Only route to one of the `max_distance` nearest earlier layers (null: any earlier layer, as the paper).
+    # rcla only: route to one of the `max_distance` nearest earlier layers (null: any earlier layer, as the paper).
     max_distance: int | None = None
     seed: int = 1234
     # false: one plan per optimizer step (all micro-batches share it); true: one plan per micro-batch.
