@@ -39,6 +39,7 @@ __all__ = [
     "RoutingConfig",
     "TrainConfig",
     "ValidationConfig",
+    "flat_settings",
     "load_config",
     "load_section",
     "save_config",
@@ -240,6 +241,13 @@ def load_section(path: str | Path, schema: type[T], prefix: str) -> T:
         name = e.field if e.field.startswith(f"{prefix}.") or e.field == prefix else f"{prefix}.{e.field}"
         raise ConfigError(name, e.value, f"{e.problem.rstrip('.')} (in {path})", e.fix) from None
     return cfg
+
+
+def flat_settings(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{"section.key": value} of a config as plain containers (OmegaConf.to_container); lists stay values."""
+    if isinstance(tree, dict):
+        return {k: v for key, value in tree.items() for k, v in flat_settings(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: tree}
 
 
 def to_yaml(cfg: Any) -> str:

@@ -26,7 +26,7 @@ from megakv.data.cache import IndexCache
 from megakv.data.errors import DataError
 from megakv.data.indexed import IndexedDataset
 from megakv.data.metadata import dataset_identity, read_meta, token_id_bound
-from megakv.data.orders import WHOLE, OrderPlan, Source
+from megakv.data.orders import WHOLE, OrderPlan, Source, alignment_key
 from megakv.data.samples import GPTSamples
 from megakv.data.sft import attach_loss_mask, inputs_and_labels
 from megakv.data.tokenizer import TokenizerInfo, read_info
@@ -124,13 +124,6 @@ def _unique_name(name: str, taken: dict) -> str:
     return candidate
 
 
-def _check_holds_a_sample(plan: OrderPlan, source: Source, docs: np.ndarray, what: str, fix: str) -> None:
-    # Validation asked for but silently absent would read as a run without held-out data.
-    if plan.samples_per_epoch(source, docs) == 0:
-        raise DataError(f"{what} {source.prefix} has {plan.tokens_of(source, docs)} tokens in {len(docs)} "
-                        f"documents, fewer than one sample of seq_len + 1 = {plan.seq_len + 1}", fix)
-
-
 def build_data(cfg: DataConfig, seq_len: int, *, is_builder: bool, barrier: Callable[[], None] | None = None,
                train_samples: int | None = None, wait_timeout_s: float = 3600.0) -> Data:
     """Open, check and index the data of `cfg` for samples of seq_len + 1 tokens.
@@ -188,14 +181,15 @@ def build_data(cfg: DataConfig, seq_len: int, *, is_builder: bool, barrier: Call
             valid_sets[_unique_name(source.name, valid_sets)] = plan.valid_part(source, split.key, split.valid)
     for source in valid_sources:
         docs = np.arange(len(source.dataset), dtype=np.int64)
-        _check_holds_a_sample(plan, source, docs, "the validation dataset (data.valid_datasets)",
-                              "validate on a larger dataset, or lower data.seq_len")
+        if plan.samples_per_epoch(source, docs) == 0:  # listed for validation, yet it would validate on nothing
+            raise DataError(f"the validation dataset (data.valid_datasets) {source.prefix} has "
+                            f"{plan.tokens_of(source, docs)} tokens in {len(docs)} documents, fewer than one sample "
+                            f"of seq_len + 1 = {seq_len + 1}", "validate on a larger dataset, or lower data.seq_len")
         valid_sets[_unique_name(source.name, valid_sets)] = plan.valid_part(source, WHOLE, docs)
 
     description = {"version": FINGERPRINT_VERSION, "seq_len": seq_len, "seed": cfg.seed,
                    "tokenizer": tokenizer.fingerprint,
-                   "train": [{"dataset": s.identity, "split": split.key, "count": c,
-                              **({"record_aligned": True} if s.record_aligned else {})}
+                   "train": [{"dataset": s.identity, "split": split.key, "count": c, **alignment_key(s)}
                              for s, split, c in zip(train_sources, splits, counts)]}
     fingerprint = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:20]
     for part in [*train_parts, *valid_sets.values()]:

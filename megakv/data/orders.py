@@ -49,8 +49,8 @@ class Source:
         return self.prefix.name
 
 
-def _alignment(source: Source) -> dict:
-    # Only record-aligned sources say so, so the cache keys of plain data stay what they were.
+def alignment_key(source: Source) -> dict:
+    # Only record-aligned sources say so: the cache keys and data fingerprints of plain data stay what they were.
     return {"record_aligned": True} if source.record_aligned else {}
 
 
@@ -72,11 +72,11 @@ class OrderPlan:
 
     def epoch_description(self, source: Source, split_key: str, epoch: int) -> dict:
         return {"kind": "train-epoch", "dataset": source.identity, "split": split_key, "seq_len": self.seq_len,
-                "seed": self.cfg.seed, "epoch": epoch, **_alignment(source)}
+                "seed": self.cfg.seed, "epoch": epoch, **alignment_key(source)}
 
     def valid_description(self, source: Source, split_key: str) -> dict:
         return {"kind": "valid", "dataset": source.identity, "split": split_key, "seq_len": self.seq_len,
-                "split_seed": self.cfg.split_seed, **_alignment(source)}
+                "split_seed": self.cfg.split_seed, **alignment_key(source)}
 
     def split_key(self, source: Source) -> str:
         return cache_key(self.split_description(source))

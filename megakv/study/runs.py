@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from megakv.config import load_config
+from megakv.config import flat_settings, load_config
 from megakv.eval.data import load_eval_tokens, make_windows
 from megakv.eval.loss import evaluate_plans
 from megakv.model_paths import resolve_model
@@ -67,20 +67,14 @@ def settings_changes(run_dir: Path, overrides: Sequence[str], config: Path | Non
         if not _same_setting(asked, had):
             changes.append(f"{key}: {had} -> {asked}")
     if config is not None:
-        resolved = _flat(OmegaConf.to_container(OmegaConf.structured(load_config(config, list(overrides)))))
-        saved_flat = _flat(OmegaConf.to_container(saved))
+        resolved = flat_settings(OmegaConf.to_container(OmegaConf.structured(load_config(config, list(overrides)))))
+        saved_flat = flat_settings(OmegaConf.to_container(saved))
         for key, asked in resolved.items():
             if key in last_override_per_key or key.startswith(NOT_COMPARED) or key not in saved_flat:
                 continue
             if not _same_setting(asked, saved_flat[key]):
                 changes.append(f"{key}: {saved_flat[key]} -> {asked}")
     return changes
-
-
-def _flat(tree, prefix: str = "") -> dict:
-    if isinstance(tree, dict):
-        return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
-    return {prefix[:-1]: tree}
 
 
 def _same_setting(asked, had) -> bool:

@@ -182,13 +182,6 @@ class LaunchGuard:
                                  f"rank 0 or the launcher) for {self.timeout_s:g}s (parallel.timeout): it exited or "
                                  "froze", 1)
         contact = {"last": time.monotonic()}  # when a store call last returned (read by the deadman)
-        fired = threading.Lock()
-
-        def fail(failure: PeerFailure, store_reachable: bool = True) -> None:
-            if fired.acquire(blocking=False):  # once, from whichever thread notices first
-                if store_reachable:  # a call to a frozen store would block this thread too
-                    self._acknowledge()
-                on_failure(failure)
 
         def loop():
             beats, last_beat = -1, -1.0
@@ -204,27 +197,25 @@ class LaunchGuard:
                             beats, seen_change = peer, now
                     failure = self.posted_or_raise()
                     contact["last"] = time.monotonic()
-                except Exception:  # noqa: BLE001 - the store host is gone or frozen
+                except Exception:  # noqa: BLE001 - the store host is gone: the deadman counts the silence
                     failure = None
-                    if now - contact["last"] > self.timeout_s:
-                        fail(lost_store, store_reachable=False)
-                        return
                 if failure is None and now - seen_change > self.timeout_s and self._watching.is_set():
                     failure = PeerFailure(watched, f"rank {watched} stopped responding: no heartbeat for "
                                           f"{self.timeout_s:g}s (parallel.timeout); it froze, was stopped or its "
                                           "machine is gone. Fix: check that rank's log and machine", 1)
                     self.report_for(failure)
                 if failure is not None and failure.rank != self.rank:
-                    fail(failure)
+                    self._acknowledge()
+                    on_failure(failure)
                     return
                 time.sleep(WATCH_S)
 
         def deadman():
-            # A store call to a frozen host (SIGSTOP, a hung node) blocks past its own timeout: the loop above
-            # never gets to count, so this thread does.
+            # The store is gone (calls fail) or frozen (SIGSTOP, a hung node: calls block past their own
+            # timeout, so the loop above never gets to count): either way no call has returned for a while.
             while self._watching.is_set():
                 if time.monotonic() - contact["last"] > self.timeout_s + WATCH_S:
-                    on_failure(lost_store)  # not through `fail`: its holder may be blocked on the frozen store
+                    on_failure(lost_store)  # no acknowledgement: it would block on the frozen store too
                     return
                 time.sleep(WATCH_S)
 

@@ -153,8 +153,7 @@ class Trainer:
         poison = number in cfg.train.debug.nonfinite_loss_at
         started = time.monotonic()
         result = self.runner.train_step(self._micro_batches(), plans, poison=poison)
-        while time.monotonic() - started < cfg.train.debug.min_step_s:  # signals are handled between the sleeps
-            time.sleep(0.05)
+        time.sleep(max(0.0, cfg.train.debug.min_step_s - (time.monotonic() - started)))  # a signal's handler runs
         if number == cfg.train.debug.sigterm_at_step and self.ctx.is_global_zero:
             os.kill(os.getpid(), signal.SIGTERM)  # fault injection: a real signal, through the real handler
         losses = torch.tensor([result.loss_sum, result.micro_batches], dtype=torch.float64, device=self.ctx.device)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from megakv.config import MegaKVConfig
+from megakv.config import MegaKVConfig, flat_settings
 from megakv.config.data import DataConfig
 from megakv.config.devices import check_device
 from megakv.config.errors import ConfigError
@@ -178,21 +178,12 @@ IGNORED_FIELDS = ("checkpoint.resume", "checkpoint.allow_config_change", "train.
                   "data.")
 
 
-def _flat(tree, prefix: str = "") -> dict:
-    if isinstance(tree, dict):
-        out = {}
-        for key, value in tree.items():
-            out.update(_flat(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: tree}
-
-
 def config_changes(cfg: MegaKVConfig, state: TrainState) -> list[tuple[str, object, object]]:
     """(field, value in the checkpoint, value now) for every setting that differs from the checkpoint's."""
     schema = OmegaConf.structured(MegaKVConfig)
     saved = OmegaConf.to_container(OmegaConf.merge(schema, OmegaConf.create(state.config_yaml or "{}")))
     ours = OmegaConf.to_container(OmegaConf.merge(schema, OmegaConf.structured(cfg)))
-    saved_flat, ours_flat = _flat(saved), _flat(ours)
+    saved_flat, ours_flat = flat_settings(saved), flat_settings(ours)
     return [(name, saved_flat.get(name), value) for name, value in sorted(ours_flat.items())
             if saved_flat.get(name) != value and (name.startswith(COMPUTE_FIELDS) or
                                                   not name.startswith(IGNORED_FIELDS))]
