@@ -194,3 +194,35 @@ def test_special_token_text_in_data_stays_text_but_a_prompt_may_use_it(tmp_path)
     preprocess([str(corpus)], tmp_path / "tok", tmp_path / "d", progress=False)
     first = IndexedDataset(tmp_path / "d")[0].tolist()
     assert first.count(info.eos_id) == 1 and first[-1] == info.eos_id  # one document, one end
+
+
+def test_a_prompt_starts_with_bos_where_the_tokenizer_adds_one(tmp_path):
+    """Llama's tokenizer starts every text with <s> (transformers' tokenizer(text) adds it); megakv-generate
+    encoded prompts without it, so an imported Llama saw prompts it was never trained on unless the user knew
+    to pass --add-bos. A prompt now starts as transformers starts it: one bos (also where the text is a chat
+    template's output that begins with the bos text), and no eos at the end even where the tokenizer adds one."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(synthetic_documents(80), trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    for name, template in (("llama", "<s> $A"), ("bos-and-eos", "<s> $A </s>")):
+        tok.post_processor = processors.TemplateProcessing(single=template, special_tokens=[("<s>", 1), ("</s>", 2)])
+        PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>") \
+            .save_pretrained(str(tmp_path / name))
+        import_hf_tokenizer(tmp_path / name, tmp_path / f"{name}-megakv")
+        ours, theirs = load_tokenizer(tmp_path / f"{name}-megakv"), AutoTokenizer.from_pretrained(tmp_path / name)
+        text = "the quick brown fox"
+        reference = theirs(text)["input_ids"]
+        assert reference[0] == ours.bos_id == 1
+        expected = reference[:-1] if name == "bos-and-eos" else reference
+        assert ours.encode_prompt(text) == expected
+        assert ours.encode_prompt("<s>" + text) == expected  # a chat template's text keeps one bos
+        assert ours.encode_prompt("") == [1]
+        assert ours.encode(text) == theirs(text, add_special_tokens=False)["input_ids"]  # data: no bos added
+    import_hf_tokenizer(_hf_tokenizer(tmp_path / "hf"), tmp_path / "plain")
+    plain = load_tokenizer(tmp_path / "plain")
+    assert plain.encode_prompt("the quick brown fox") == plain.encode("the quick brown fox")  # adds nothing

@@ -38,7 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = all)")
     parser.add_argument("--seed", type=int, default=None, help="seed for sampling")
-    parser.add_argument("--add-bos", action="store_true", help="prepend the tokenizer's bos token to each prompt")
+    parser.add_argument("--add-bos", action="store_true",
+                        help="start each prompt with the tokenizer's bos token (text prompts already start with it "
+                             "where the tokenizer adds one, as transformers' tokenizer(text) does: Llama's)")
     parser.add_argument("--no-eos-stop", action="store_true", help="do not stop at the end-of-sequence token")
     parser.add_argument("--stats", action="store_true",
                         help="also print cache bytes, time to first token and decode tokens/s")
@@ -97,7 +99,7 @@ def _run(args: argparse.Namespace) -> int:
         if args.add_bos:
             if tokenizer.bos_id is None:
                 raise ValueError("--add-bos: the tokenizer has no bos token")
-            prompts = [[tokenizer.bos_id, *ids] for ids in prompts]
+            prompts = [ids if ids[:1] == [tokenizer.bos_id] else [tokenizer.bos_id, *ids] for ids in prompts]
     else:
         prompts = [_parse_ids(text) for text in args.prompt_ids]
     vocab = model.cfg.vocab_size

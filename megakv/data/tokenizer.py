@@ -75,7 +75,8 @@ class Tokenizer(Protocol):
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]: ...  # the same, for many texts
 
-    def encode_prompt(self, text: str) -> list[int]: ...  # typed by a person: "<|im_end|>" is the special token
+    def encode_prompt(self, text: str) -> list[int]: ...  # typed by a person: "<|im_end|>" is the special token,
+    # and a tokenizer that starts every text with bos (Llama's) starts a prompt with it
 
     def decode(self, ids: list[int]) -> str: ...
 
@@ -132,7 +133,18 @@ class HuggingFaceTokenizer(_WithInfo):
         return out["input_ids"]
 
     def encode_prompt(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False)  # as transformers reads a chat-formatted prompt
+        """The ids transformers' `tokenizer(text)` gives a prompt, with what it adds at the start (Llama's bos)
+        but not at the end (an eos would end the text to be continued), and one bos where the text itself
+        begins with it (a chat template's output)."""
+        plain = self._tok.encode(text, add_special_tokens=False)
+        full = self._tok.encode(text, add_special_tokens=True)
+        if plain:
+            prefix = full[:next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), 0)]
+        else:  # "" (generation from nothing): its bos, if the tokenizer adds one
+            prefix = full[:1] if full[:1] == [self.bos_id] else []
+        if prefix[-1:] == plain[:1] == [self.bos_id]:
+            prefix = prefix[:-1]
+        return prefix + plain
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode([int(i) for i in ids])
