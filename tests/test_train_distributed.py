@@ -182,6 +182,7 @@ def test_resume_refuses_changed_data_contents(dataset, tmp_path):
     again = launch_train(overrides(prefix, run_dir, 2, "train.steps=4", "train.debug.check_plans=false"), nproc=1,
                          resume=True)
     assert again.returncodes == [2] and "fingerprint" in again.output and "data.datasets" in again.output
+    assert f"megakv-convert from-checkpoint {run_dir}" in again.output  # how to keep the weights
     assert latest_tag(run_dir) == "step_00000002"
 
 

@@ -86,8 +86,12 @@ class Trainer:
         if resume is not None and resume.state.data_fingerprint != self.data.fingerprint:
             raise ConfigError("data.datasets", cfg.data.datasets,
                               f"the checkpoint {resume.path} was trained on data with fingerprint "
-                              f"{resume.state.data_fingerprint}, this data has {self.data.fingerprint}",
-                              "resume with the same data (files, weights, split, seed), or start a new run_dir")
+                              f"{resume.state.data_fingerprint}, this data has {self.data.fingerprint}: the files, "
+                              "weights, split or seed differ, or the megakv that wrote it cut them into samples "
+                              "otherwise (before 2026-12-07, QA records lost one sample per file)",
+                              "resume with the same data (files, weights, split, seed); else keep its weights "
+                              f"with `megakv-convert from-checkpoint {cfg.train.run_dir} MODEL_DIR` and train in a "
+                              "new run_dir with checkpoint.init_from=MODEL_DIR")
         init_state = None
         if cfg.checkpoint.init_from and resume is None:
             init_state = _init_weights(cfg, cfg.checkpoint.init_from)
