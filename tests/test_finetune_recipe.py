@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from megakv.cli.qa import main as qa_main
-from megakv.config import ModelConfig, load_config
+from megakv.config import ConfigError, ModelConfig, load_config
 from megakv.data.errors import DataError
 from megakv.data.qa_build import build_qa_set, built_kind, built_settings, guesses, speeches
 from megakv.model import MegaKVModel
@@ -115,5 +115,10 @@ def test_the_finetune_recipe_has_the_papers_settings_and_takes_the_models_sectio
     assert cfg.optim.warmup_steps == math.ceil(0.015 * cfg.train.steps)
     assert cfg.optim.schedule == "wsd" and cfg.optim.wsd_decay_style == "linear" and cfg.optim.min_lr_ratio == 0
     assert cfg.optim.warmup_steps + cfg.optim.wsd_decay_steps == cfg.train.steps
-    with pytest.raises(Exception, match="model.n_layers"):
+    with pytest.raises(ConfigError, match="takes the model section from") as refused:
         load_config(recipe_path("finetune"), [f"checkpoint.init_from={tmp_path / 'base'}", "model.n_layers=6"])
+    assert refused.value.field == "model.n_layers"
+    # Without init_from the recipe names what is missing (it used to blame data.seq_len against the default model).
+    with pytest.raises(ConfigError, match="names none") as missing:
+        load_config(recipe_path("finetune"))
+    assert missing.value.field == "checkpoint.init_from"

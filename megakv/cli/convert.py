@@ -7,7 +7,7 @@
                                                model dir (fp32, with the run's tokenizer); --hf: transformers dir
   megakv-convert to-universal RUN_DIR          latest training checkpoint -> DeepSpeed universal checkpoint, so
                                                `megakv-train --resume auto` can continue on another number of
-                                               data-parallel ranks or pipeline stages
+                                               data-parallel ranks, pipeline stages or tensor ranks, or ZeRO 1<->2
   megakv-convert to-hf-rcla MEGAKV_DIR OUT_DIR [--retain every:2]
                                                megakv model dir -> transformers directory of model_type "megakv"
                                                (KV shared across depth; cache only for the retained layers)
@@ -78,7 +78,8 @@ def _add_training_commands(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.set_defaults(func=_from_checkpoint)
     p = sub.add_parser("to-universal", help="convert a run's latest checkpoint to a DeepSpeed universal checkpoint "
-                                            "(resume on another number of data-parallel ranks or pipeline stages)")
+                                            "(resume on another number of data-parallel ranks, pipeline stages, "
+                                            "tensor degree, or ZeRO 1 <-> 2)")
     p.add_argument("src", metavar="RUN_DIR")
     p.set_defaults(func=_to_universal)
 

@@ -29,7 +29,8 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=65536,
                         help="score only the first this many tokens of the data; 0 scores all (default: %(default)s)")
     parser.add_argument("--seq-len", type=int, default=None,
-                        help="window length (default: the model's max_seq_len)")
+                        help="window length (default: the model's max_seq_len); --task qa: the longest prompt "
+                             "(default 512, at most the model's max_seq_len)")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: %(default)s)")
     parser.add_argument("--cache-dtype", choices=sorted(DTYPES), default="bfloat16",
                         help="dtype in which KV bytes per token are reported (default: %(default)s)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from megakv.inference.cli_support import DTYPES
@@ -48,6 +49,9 @@ def run_qa(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.model} has no tokenizer/: pass --tokenizer DIR")
     tokenizer = load_tokenizer(tokenizer_dir)
     seq_len = min(args.seq_len or 512, model.cfg.max_seq_len)
+    if args.seq_len and args.seq_len > seq_len:
+        print(f"warning: --seq-len {args.seq_len} exceeds the model's context; QA prompts use {seq_len} tokens",
+              file=sys.stderr)
     model.eval()
     with ProgressBar(len(plans) * len(records), "answering", "questions", not args.no_progress) as bar:
         results = evaluate_qa(model, tokenizer, records, plans, seq_len=seq_len, max_new_tokens=args.max_new_tokens,

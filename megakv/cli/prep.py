@@ -33,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--eos-token", help="end-of-document token for a Hugging Face tokenizer that has none")
     p.add_argument("--strict", action="store_true", help="fail on the first bad record (file:line)")
     p.add_argument("--max-skip-fraction", type=float, default=DEFAULT_MAX_SKIP_FRACTION,
-                   help="fail (writing nothing) when more than this fraction of the records is skipped; an "
+                   help="fail (writing no .bin/.idx) when more than this fraction of the records is skipped; an "
                         "output without documents always fails (default: %(default)s)")
     p.add_argument("--max-record-mb", type=float, default=DEFAULT_MAX_RECORD_MB,
                    help="skip (or, with --strict, fail on) a record larger than this: tokenizing one record takes "

@@ -34,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="probability of Q->C->A (else C->Q->A)")
     prep.add_argument("--loss-on", choices=("answer", "record"), default="answer",
                       help="answer: only the answer tokens count (the paper); record: every token of the record "
-                           "(context, question, answer; not padding), ~40x the signal for short budgets")
+                           "(context, question, answer; not padding), ~20-25x the signal for short budgets")
     prep.add_argument("--overwrite", action="store_true", help="replace an existing output")
     build = sub.add_parser("build", help="build the offline extractive QA set (train/valid/test jsonl)",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)

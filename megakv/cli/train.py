@@ -2,7 +2,7 @@
 
   megakv-train CONFIG.yaml [key=value ...] [--resume auto]
 
-Single process:       megakv-train megakv/recipes/tiny.yaml train.run_dir=runs/tiny
+Single process:       megakv-train megakv/recipes/tiny.yaml train.run_dir=runs/tiny data.datasets=[PREFIX]
 torchrun:             torchrun --nproc_per_node 2 -m megakv.cli.train CONFIG.yaml ...
 deepspeed launcher:   deepspeed --num_gpus 2 --module megakv.cli.train CONFIG.yaml ...
 
@@ -55,8 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", choices=["auto", "none"], default=None,
                         help="auto: continue from the newest intact checkpoint in train.run_dir, if any")
     parser.add_argument("--allow-config-change", action="store_true",
-                        help="resume although train.global_batch or routing.* differ from the checkpoint's "
-                             "(each change is logged)")
+                        help="resume although train.global_batch, routing.* or data.reset_attention_mask / "
+                             "reset_position_ids differ from the checkpoint's (each change is logged); model.*, "
+                             "the data's identity and ZeRO-3 <-> 1/2 are refused whatever this says")
     parser.add_argument("--dry-run", action="store_true",
                         help="check the config and launch, write config.yaml and ds_config.json, do not train")
     # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same.

@@ -187,6 +187,10 @@ def _model_of_init_dir(sources: list[Any]) -> Any:
         given = OmegaConf.merge(*sources)
     except OmegaConfBaseException:
         return None  # the typed merge that follows names the mistake
+    checkpoint = OmegaConf.select(given, "checkpoint", default=None)
+    if isinstance(checkpoint, DictConfig) and OmegaConf.is_missing(checkpoint, "init_from"):  # a recipe's `???`
+        raise ConfigError("checkpoint.init_from", "???", "this recipe fine-tunes a model and names none",
+                          "pass checkpoint.init_from=MODEL_DIR (megakv-convert from-hf HF_DIR MODEL_DIR makes one)")
     init_from = OmegaConf.select(given, "checkpoint.init_from", default=None)
     if not init_from:
         return None

@@ -15,8 +15,8 @@ class CheckpointConfig:
     # none: start fresh (refuses a run_dir that already holds checkpoints); auto: continue from the newest
     # complete checkpoint in run_dir if there is one, else start fresh.
     resume: str = "none"
-    # Resume even though settings that change what the run computes (train.global_batch, routing.*) differ
-    # from the checkpoint's; every change is logged (megakv-train --allow-config-change).
+    # Resume even though settings that change what the run computes (train.global_batch, routing.*,
+    # data.reset_*) differ from the checkpoint's; every change is logged (megakv-train --allow-config-change).
     allow_config_change: bool = False
     # Start from the weights of a megakv model directory (optimizer and schedule start fresh); null: random.
     init_from: str | None = None

@@ -178,7 +178,7 @@ def prepare_sft(records_path: str | Path, tokenizer_dir: str | Path, output_pref
     """Write `output_prefix`.bin/.idx (+ .meta.json) and its `_lossmask` pair from a QA jsonl file.
 
     loss_on "answer" (the paper): only the answer and its end token count; "record": every token of the
-    record counts (context, question, answer, end token; never the padding), ~40x the training signal per
+    record counts (context, question, answer, end token; never the padding), ~20-25x the training signal per
     sample, for short budgets (megakv-study's fine-tuning part).
     """
     started = time.time()

@@ -173,7 +173,8 @@ def check_fragment(generated: dict[str, Any], fragment: dict[str, Any], name: st
             shown = ours if present else "(unset)"
             raise ConfigError(owner, shown,
                               f"DeepSpeed fragment {name!r} sets {path}={value!r}, which contradicts the config",
-                              f"remove {path} from the fragment or change {owner} to match it")
+                              f"remove {path} from the fragment, change {owner} to match it, or choose "
+                              "another fragment (parallel.ds_fragment=zero1|zero2|zero3, or null for none)")
 
 
 def build_ds_config(cfg: MegaKVConfig, data_parallel: int, load_universal: bool = False) -> dict[str, Any]:
