@@ -178,7 +178,15 @@ def test_dense_activation_checkpointing_gives_the_same_gradients():
         model = MegaKVModel(CFG, init_seed=SEED)
         if recompute:
             recompute_blocks(model)
-        torch.nn.functional.cross_entropy(model(ids, plan).flatten(0, 1), ids.flatten()).backward()
+        # Each block's MLP runs once in the forward, and again in the backward only when it is recomputed (a
+        # pre-hook: non-reentrant checkpointing stops a recompute once it has the saved tensors it needs).
+        calls = [0] * CFG.n_layers
+        for index, block in enumerate(model.layers):
+            block.mlp.register_forward_pre_hook(lambda *_, index=index: calls.__setitem__(index, calls[index] + 1))
+        loss = torch.nn.functional.cross_entropy(model(ids, plan).flatten(0, 1), ids.flatten())
+        assert calls == [1] * CFG.n_layers
+        loss.backward()
+        assert calls == [2 if recompute else 1] * CFG.n_layers
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and "embed.weight" in grads[1]
     assert all(torch.allclose(grads[0][n], grads[1][n], rtol=1e-6, atol=1e-9) for n in grads[0])
