@@ -182,7 +182,8 @@ def test_dense_activation_checkpointing_gives_the_same_gradients():
         # pre-hook: non-reentrant checkpointing stops a recompute once it has the saved tensors it needs).
         calls = [0] * CFG.n_layers
         for index, block in enumerate(model.layers):
-            block.mlp.register_forward_pre_hook(lambda *_, index=index: calls.__setitem__(index, calls[index] + 1))
+            block.mlp.register_forward_pre_hook(
+                lambda *_, index=index, calls=calls: calls.__setitem__(index, calls[index] + 1))
         loss = torch.nn.functional.cross_entropy(model(ids, plan).flatten(0, 1), ids.flatten())
         assert calls == [1] * CFG.n_layers
         loss.backward()
