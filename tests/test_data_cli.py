@@ -65,8 +65,9 @@ def test_errors_are_one_clear_line_and_exit_code_2(tmp_path, capsys):
     assert merge_cli.main(["--inputs", str(tmp_path / "x_*"), "--output-prefix", str(tmp_path / "m")]) == 2
     assert "matched no .idx files" in capsys.readouterr().err
     assert data_cli.main(["info", str(tmp_path / "missing")]) == 2
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as usage:  # argparse's usage error: exit 2, naming the missing option
         prep_cli.main(["--input", "x", "--tokenizer", "t", "--output-prefix", "o", "--shard-index", "1"])
+    assert usage.value.code == 2 and "--num-shards" in capsys.readouterr().err
 
 
 def test_slurm_array_scripts_prepare_and_merge(tmp_path):
