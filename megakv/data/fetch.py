@@ -1,7 +1,8 @@
 """Downloading pinned packages with the registries' own clients, into a cache outside the repository.
 
 Cache: `$MEGAKV_CACHE` or `~/.cache/megakv`. PyPI and npm files are pinned by sha256 and verified;
-Debian packages are verified by apt itself (signed archive indexes), and their version is recorded.
+Debian packages are verified by apt itself (signed archive indexes) and pinned by version: the archive drops
+old versions, so a pin it no longer holds falls back to its current version, loudly (the text then differs).
 """
 
 from __future__ import annotations
@@ -25,6 +26,12 @@ class Pinned:
     version: str
     filename: str  # what the client saves
     sha256: str
+
+
+@dataclass(frozen=True)
+class DebianPin:
+    package: str
+    version: str  # Debian's version string, e.g. 6.1.192-3 or 3.11.2-6+deb12u9
 
 
 def cache_root() -> Path:
@@ -84,26 +91,43 @@ def fetch_pinned(pin: Pinned) -> Path:
     return target
 
 
-def fetch_deb(package: str) -> Path:
-    """A Debian package's .deb (the archive's current version), downloaded once with `apt-get download`."""
-    cached = sorted(_downloads().glob(f"{package}_*.deb"))
-    if cached:
-        return cached[-1]
+def deb_version(deb: Path) -> str:
+    """The version in a .deb's file name (PACKAGE_VERSION_ARCH.deb; apt writes ':' as %3a)."""
+    return deb.name.split("_")[1].replace("%3a", ":")
+
+
+def fetch_deb(pin: DebianPin) -> Path:
+    """The pinned version of a Debian package (downloaded once with `apt-get download`); where the archive no
+    longer holds it, its current version, with a warning saying that the text differs from the pin's."""
+    cached = {deb_version(path): path for path in _downloads().glob(f"{pin.package}_*.deb")}
+    if pin.version in cached:
+        return cached[pin.version]
+    try:
+        return _apt_download(f"{pin.package}={pin.version}", pin.package)
+    except DataError as pinned_failed:
+        current = _apt_download(pin.package, pin.package)
+        print(f"warning: {pin.package} {pin.version}, the version megakv pins, could not be downloaded "
+              f"({str(pinned_failed).splitlines()[-1]}); using {deb_version(current)}: this text, and any number "
+              "trained on it, differs from the pinned data's", file=sys.stderr)
+        return current
+
+
+def _apt_download(spec: str, package: str) -> Path:
     with tempfile.TemporaryDirectory(dir=_downloads()) as tmp:
-        _run(["apt-get", "download", package], Path(tmp),
+        _run(["apt-get", "download", spec], Path(tmp),
              "run on Debian/Ubuntu with the package lists present (`apt-get update` as root once)")
         debs = sorted(Path(tmp).glob(f"{package}_*.deb"))
         if not debs:
-            raise DataError(f"apt-get download {package} saved no .deb", "check the package name")
+            raise DataError(f"apt-get download {spec} saved no .deb", "check the package name")
         target = _downloads() / debs[0].name
         os.replace(debs[0], target)
     return target
 
 
 def extract_deb(deb: Path, destination: Path) -> Path:
-    """Unpack a .deb's files (no root needed) into `destination`, once."""
+    """Unpack a .deb's files (no root needed) into `destination`, once per .deb (another version re-extracts)."""
     marker = destination / ".extracted"
-    if not marker.exists():
+    if not marker.exists() or marker.read_text() != deb.name:
         if destination.exists():
             shutil.rmtree(destination)
         destination.mkdir(parents=True)

@@ -7,13 +7,21 @@ pairs already made from the same inputs are skipped.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from megakv.config.data import DataConfig
-from megakv.data.corpora import HELD_OUT_FRACTION, Document, mix_corpus, shakespeare_corpus, write_splits
+from megakv.data.corpora import (
+    HELD_OUT_FRACTION,
+    Document,
+    corpus_sources,
+    mix_corpus,
+    shakespeare_corpus,
+    write_splits,
+)
 from megakv.data.errors import DataError
 from megakv.data.preprocess import PrepSummary, preprocess
 from megakv.data.tokenizer import METADATA_FILE, TokenizerInfo, train_sentencepiece
@@ -37,12 +45,25 @@ def fetch_corpus(name: str, output: str | Path) -> dict[str, dict[str, Path]]:
     if name not in CORPORA:
         raise DataError(f"unknown corpus {name!r}", f"use one of {sorted(CORPORA)}")
     corpus: dict[str, list[Document]] = CORPORA[name]()
-    return write_splits(corpus, Path(output) / "raw", HELD_OUT_FRACTION[name])
+    paths = write_splits(corpus, Path(output) / "raw", HELD_OUT_FRACTION[name])
+    write_sources(Path(output), corpus_sources(name))
+    return paths
+
+
+SOURCES_FILE = "sources.json"  # beside data.yaml: each source's package and version
+
+
+def write_sources(output: Path, sources: dict[str, str]) -> None:
+    (output / SOURCES_FILE).write_text(json.dumps(sources, indent=2) + "\n")
+
+
+def read_sources(output: str | Path) -> dict[str, str] | None:
+    """The sources a prepared corpus was made from; None for one prepared before megakv recorded them."""
+    path = Path(output) / SOURCES_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def train_texts(paths: dict[str, dict[str, Path]]):
-    import json
-
     for source in paths.values():
         with open(source["train"], encoding="utf-8") as f:
             for line in f:

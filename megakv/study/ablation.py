@@ -21,6 +21,7 @@ from megakv.study.scratch import (
     ScratchRun,
     ScratchScale,
     budget_note,
+    described,
     plot_lines,
     prepare_data,
     retained_layers,
@@ -159,5 +160,5 @@ def run(part_dir: Path, scale: str, *, log: Callable[[str], None]) -> PartResult
              seed_note(f"R-CLA q {settings.reference_q:g}", reference_by_seed(study_dir, settings, losses)),
              timing]
     return PartResult(part=PART, title="Ablation: fixed groups vs R-CLA (Table 3 analogue)", scale=scale,
-                      seconds=time.perf_counter() - start, settings=settings.describe(),
+                      seconds=time.perf_counter() - start, settings=described(settings, data),
                       tables=[ablation_table(variants, labels)], claims=claims, plots=[plot], notes=notes)

@@ -20,6 +20,7 @@ from megakv.study.scratch import (
     ScratchRun,
     ScratchScale,
     budget_note,
+    described,
     plot_lines,
     prepare_data,
     retained_layers,
@@ -201,6 +202,6 @@ def run(part_dir: Path, scale: str, *, log: Callable[[str], None]) -> PartResult
              seed_note(f"R-CLA q {settings.reference_q:g}", by_seed),
              timing]
     return PartResult(part=PART, title="Pre-training sweep from scratch (Table 1 / Fig. 5 analogue)", scale=scale,
-                      seconds=time.perf_counter() - start, settings=settings.describe(),
+                      seconds=time.perf_counter() - start, settings=described(settings, data),
                       tables=[sweep_table(deep, shallow_loss, n_layers), cache_table(deep, shallow_loss, n_layers)],
                       claims=claims, plots=plots(part_dir, deep, shallow_loss, n_layers), notes=notes)

@@ -27,7 +27,7 @@ from omegaconf import OmegaConf
 
 from megakv import recipes
 from megakv.data.preprocess import preprocess
-from megakv.data.recipes import prepare_corpus
+from megakv.data.recipes import prepare_corpus, read_sources
 from megakv.data.tokenizer import train_sentencepiece
 from megakv.model_paths import resolve_model
 from megakv.routing import deployment_plan
@@ -135,6 +135,15 @@ class StudyData:
     train: tuple[str, ...]  # dataset prefixes
     held_out: dict[str, str]  # source name -> held-out prefix
     tokenizer: str
+    sources: str = ""  # the packages and versions the text came from, for the report
+
+
+def described(settings: ScratchScale, data: StudyData) -> dict[str, str]:
+    """The settings a report states, the data's package versions included."""
+    description = settings.describe()
+    if data.sources:
+        description["data"] += f"; {data.sources}"
+    return description
 
 
 def _mix_data(root: Path, vocab_size: int, log: Log) -> StudyData:
@@ -144,7 +153,10 @@ def _mix_data(root: Path, vocab_size: int, log: Log) -> StudyData:
         prepare_corpus("mix", root, vocab_size=vocab_size, progress=False)
     data = OmegaConf.load(data_yaml).data
     held_out = {Path(p).name.removesuffix("_valid"): str(p) for p in data.valid_datasets}
-    return StudyData(tuple(str(p) for p in data.datasets), held_out, str(data.tokenizer))
+    recorded = read_sources(root)
+    sources = (", ".join(dict.fromkeys(recorded.values())) if recorded
+               else "package versions not recorded (prepared before megakv recorded them)")
+    return StudyData(tuple(str(p) for p in data.datasets), held_out, str(data.tokenizer), sources)
 
 
 def stdlib_documents(max_chars: int) -> list[str]:
