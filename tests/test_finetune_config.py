@@ -156,3 +156,17 @@ def test_init_from_a_model_trained_with_another_tokenizer_is_refused(tmp_path, d
     assert error.value.field == "checkpoint.init_from"
     assert str(other_tokenizer.name) in error.value.problem and str(dataset.parent / "tokenizer") in error.value.problem
     assert f"--tokenizer {other / 'tokenizer'}" in error.value.fix
+
+    # A model imported with megakv-convert from-hf carries a plain transformers tokenizer directory (no megakv
+    # metadata): the check was skipped for it, the main fine-tuning path. Now its encodings are compared.
+    import shutil
+
+    from megakv.hf.tokenizer import write_hf_tokenizer
+
+    for model, source in ((same, dataset.parent / "tokenizer"), (other, other_tokenizer)):
+        shutil.rmtree(model / "tokenizer")
+        write_hf_tokenizer(source, model / "tokenizer")
+        assert not (model / "tokenizer" / "megakv_tokenizer.json").exists()
+    launch(same)
+    with pytest.raises(ConfigError, match="trained with the tokenizer"):
+        launch(other)

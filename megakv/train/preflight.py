@@ -105,6 +105,9 @@ def check_init_tokenizer(cfg: MegaKVConfig) -> None:
     try:
         if read_info(model_tokenizer).fingerprint == read_info(data_tokenizer).fingerprint:
             return
+    except DataError:
+        pass  # a plain Hugging Face directory (megakv-convert from-hf copies one) has no megakv metadata
+    try:
         ours, theirs = load_tokenizer(data_tokenizer), load_tokenizer(model_tokenizer)
     except DataError:
         return  # an unreadable tokenizer is reported by the data checks
