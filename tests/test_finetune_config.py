@@ -78,6 +78,12 @@ def test_dry_run_catches_the_mismatch_and_a_missing_model_dir(tmp_path, model_di
     assert "model.n_kv_heads" in bad.stderr and "Traceback" not in bad.stderr
     missing = dry(f"checkpoint.init_from={tmp_path / 'nowhere'}")
     assert missing.returncode == 2 and "checkpoint.init_from" in missing.stderr and "megakv-convert" in missing.stderr
+    run_dir = tmp_path / "a_run"  # a megakv-train run directory holds a config.yaml too, of another kind
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("model:\n  n_layers: 4\n")
+    a_run = dry(f"checkpoint.init_from={run_dir}")
+    assert a_run.returncode == 2 and "a training run directory" in a_run.stderr
+    assert f"megakv-convert from-checkpoint {run_dir}" in a_run.stderr
     fine = dry(f"checkpoint.init_from={model_dir}", f"data.seq_len={WINDOW}")
     assert fine.returncode == 0, fine.stderr
 
@@ -119,12 +125,19 @@ def test_finetune_at_a_shorter_window_trains_resumes_and_exports_the_models_cont
         expected = sum(float(causal_lm_loss(model(x), y)) for x, y in batches) / len(batches)
     assert losses[1] == pytest.approx(expected, rel=1e-5)
 
-    # Interrupted after step 2 and resumed: the same losses, bit for bit (the data position counts windows).
+    # Interrupted after step 2 and resumed: the same losses, bit for bit (the data position counts windows),
+    # also when the base model directory is gone by then (a requeued job: its checkpoint holds the model).
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(model_dir, base)
+    own = [f"checkpoint.init_from={base}", *common[1:]]
     resumed = tmp_path / "resumed"
-    stop = launch_train([*common, f"train.run_dir={resumed}", "train.debug.sigterm_at_step=2"], nproc=1,
+    stop = launch_train([*own, f"train.run_dir={resumed}", "train.debug.sigterm_at_step=2"], nproc=1,
                         config=finetune_yaml(tmp_path))
     assert stop.ok, stop.output[-4000:]
-    again = launch_train([*common, f"train.run_dir={resumed}"], nproc=1, resume=True, config=finetune_yaml(tmp_path))
+    shutil.rmtree(base)
+    again = launch_train([*own, f"train.run_dir={resumed}"], nproc=1, resume=True, config=finetune_yaml(tmp_path))
     assert again.ok, again.output[-4000:]
     continued = step_losses(resumed)
     assert [continued[s] for s in (3, 4)] == [losses[s] for s in (3, 4)]

@@ -195,10 +195,22 @@ def _model_of_init_dir(sources: list[Any]) -> Any:
     if not init_from:
         return None
     path = Path(str(init_from)) / MODEL_DIR_CONFIG
-    if not path.is_file():
+    if (path.parent / "checkpoints").is_dir():  # a megakv-train run directory also holds a config.yaml
+        raise ConfigError("checkpoint.init_from", str(init_from), "a training run directory, not a model directory",
+                          f"export its weights first: megakv-convert from-checkpoint {init_from} MODEL_DIR, then "
+                          "checkpoint.init_from=MODEL_DIR (to continue the run itself: --resume auto)")
+    run_dir = OmegaConf.select(given, "train.run_dir", default=None) or TrainConfig.run_dir
+    run_config = Path(str(run_dir)) / "config.yaml"
+    if path.is_file():
+        model = load_section(path, ModelConfig, "model")
+    elif not Path(str(init_from)).exists() and (run_config.parent / "checkpoints").is_dir() and run_config.is_file():
+        # A requeued fine-tune whose base model directory was removed: it resumes from its own checkpoints,
+        # whose model section its config.yaml holds (a fresh start there is refused: the directory has checkpoints).
+        path = run_config
+        model = _merge(ModelConfig, [_read_yaml(run_config).get("model", {})])
+    else:
         raise ConfigError("checkpoint.init_from", str(init_from), f"not a megakv model directory ({path} not found)",
                           "convert it first: megakv-convert from-hf HF_DIR OUT_DIR, or from-checkpoint RUN_DIR OUT_DIR")
-    model = load_section(path, ModelConfig, "model")
     user = OmegaConf.select(given, "model", default=None)
     if isinstance(user, DictConfig):
         agreed = _merge(ModelConfig, [OmegaConf.structured(model), user])
