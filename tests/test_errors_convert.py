@@ -21,3 +21,17 @@ def test_an_existing_output_is_refused_before_the_source_is_read(tmp_path, capsy
     # with --overwrite the (invalid) source is what is reported
     assert convert_main([command, str(source), str(out), "--overwrite"]) == 2
     assert "already exists" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["from-checkpoint", "from-hf", "to-hf", "to-hf-rcla"])
+def test_the_input_or_a_directory_holding_it_is_never_the_output(tmp_path, capsys, command):
+    """`megakv-convert from-checkpoint runs/X runs/X --overwrite` deleted the run (checkpoints, logs) and exited 0
+    (found by a user-journey audit); `from-hf hf hf --overwrite` removed the original transformers files."""
+    source = tmp_path / "models" / "source"
+    source.mkdir(parents=True)
+    (source / "keep.txt").write_text("precious")
+    for out in (source, tmp_path / "models", tmp_path / "models" / "source" / ".." / "source"):
+        assert convert_main([command, str(source), str(out), "--overwrite"]) == 2
+        err = capsys.readouterr().err
+        assert "writing it would delete the input" in err, err
+    assert (source / "keep.txt").read_text() == "precious"

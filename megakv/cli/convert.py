@@ -113,9 +113,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def refuse_existing_output(out: str | None, overwrite: bool) -> None:
-    """Before any work (consolidating a ZeRO checkpoint can take minutes): a non-empty OUT_DIR needs --overwrite."""
-    if out is None or overwrite:
+def refuse_existing_output(src: str, out: str | None, overwrite: bool) -> None:
+    """Before any work (consolidating a ZeRO checkpoint can take minutes): a non-empty OUT_DIR needs --overwrite,
+    and OUT_DIR may not be the input or a directory holding it (replacing it would delete the input)."""
+    if out is None:
+        return
+    source, target = Path(src).resolve(), Path(out).resolve()
+    if target == source or target in source.parents:
+        raise ValueError(f"the output directory {out} is {'the input' if target == source else 'a parent of the input'}"
+                         f" {src}: writing it would delete the input; choose another output directory")
+    if overwrite:
         return
     path = Path(out)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
@@ -126,7 +133,7 @@ def refuse_existing_output(out: str | None, overwrite: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        refuse_existing_output(getattr(args, "out", None), getattr(args, "overwrite", False))
+        refuse_existing_output(args.src, getattr(args, "out", None), getattr(args, "overwrite", False))
         out = args.func(args)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"megakv-convert: error: {e}", file=sys.stderr)
