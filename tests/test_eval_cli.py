@@ -137,3 +137,28 @@ def test_eval_cli_baseline_of_another_shape_is_refused(model_dir, split, tmp_pat
     assert eval_main(["--model", str(model_dir), "--baseline", str(deeper), "--data", str(split),
                       "--retain", "all"]) == 2
     assert "n_layers=8" in capsys.readouterr().err
+
+
+def test_eval_refuses_data_prepared_with_another_tokenizer(tmp_path, capsys):
+    """megakv-eval scored a prefix made with another tokenizer and exited 0 with a meaningless loss (the ids
+    fitted the vocabulary); megakv-train refused the same pairing. Data made with the model's tokenizer, or
+    with the transformers files of it, is scored."""
+    import shutil
+
+    from train_data import prepare_tiny_dataset
+
+    from megakv.hf.tokenizer import write_hf_tokenizer
+    from megakv.model_dir import save_model_dir
+
+    prefix = prepare_tiny_dataset(tmp_path / "data", vocab_size=300)
+    model = tiny_model(seed=2, vocab_size=320)
+    foreign = write_model_dir(tmp_path / "foreign", model)  # the word-level test tokenizer
+    args = ["--data", str(prefix), "--retain", "all", "--seq-len", "16", "--max-tokens", "256"]
+    assert eval_main(["--model", str(foreign), *args]) == 2
+    err = capsys.readouterr().err
+    assert "was prepared with the tokenizer" in err and f"megakv-prep --tokenizer {foreign / 'tokenizer'}" in err
+    own = save_model_dir(model.cfg, model.state_dict(), tmp_path / "own", tokenizer_dir=prefix.parent / "tokenizer")
+    assert eval_main(["--model", str(own), *args]) == 0
+    shutil.rmtree(own / "tokenizer")
+    write_hf_tokenizer(prefix.parent / "tokenizer", own / "tokenizer")  # the same ids from other files
+    assert eval_main(["--model", str(own), *args]) == 0

@@ -204,6 +204,23 @@ def read_info(directory: str | Path) -> TokenizerInfo:
     return TokenizerInfo.read(directory)
 
 
+def encode_alike(first: str | Path, second: str | Path) -> bool | None:
+    """Whether two tokenizer directories give the same ids: copies of one tokenizer (same files), or different
+    files that agree on the vocabulary size, special ids and a probe text's ids (a re-saved Hugging Face
+    tokenizer, a plain transformers directory beside its megakv import). None when one cannot be loaded."""
+    try:
+        if read_info(first).fingerprint == read_info(second).fingerprint:
+            return True
+    except DataError:
+        pass  # a plain Hugging Face directory (megakv-convert from-hf copies one) has no megakv metadata
+    try:
+        tokenizers = load_tokenizer(first), load_tokenizer(second)
+    except DataError:
+        return None
+    a, b = ((t.vocab_size, t.eos_id, t.bos_id, t.encode(PROBE_TEXT)) for t in tokenizers)
+    return a == b
+
+
 # ---------------------------------------------------------------------------------------------- saving
 
 

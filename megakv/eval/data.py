@@ -89,13 +89,32 @@ def read_text_tokens(path: str | Path, tokenizer_dir: str | Path | None, max_tok
     return read_raw_tokens(path, tokenizer_dir, max_tokens)[0]
 
 
+def check_prepared_with(prefix: Path, tokenizer_dir: str | Path) -> None:
+    """Refuse a prepared dataset whose tokenizer gives other ids than the model's: its loss would mean nothing."""
+    from megakv.data.metadata import read_meta
+    from megakv.data.tokenizer import encode_alike
+
+    made_with = ((read_meta(prefix) or {}).get("tokenizer") or {}).get("dir")
+    if made_with is None:
+        return  # made by other tooling (Megatron): nothing says which tokenizer
+    data_tokenizer = prefix.parent / made_with
+    if data_tokenizer.is_dir() and encode_alike(tokenizer_dir, data_tokenizer) is False:
+        raise ValueError(f"{prefix} was prepared with the tokenizer {data_tokenizer}, which gives other token ids "
+                         f"than the model's ({tokenizer_dir}): its loss would mean nothing; prepare the data with "
+                         f"megakv-prep --tokenizer {tokenizer_dir}")
+
+
 def read_eval_tokens(data: str | Path, tokenizer_dir: str | Path | None = None, max_tokens: int | None = None,
                      text_key: str = "text") -> EvalTokens:
-    """Token ids of `data`: a `.bin/.idx` prefix (also accepted with either suffix), or a raw jsonl /
-    parquet / text file (encoded with `tokenizer_dir`), with how much of the data they are."""
+    """Token ids of `data`: a `.bin/.idx` prefix (also accepted with either suffix; refused when made with a
+    tokenizer other than `tokenizer_dir`), or a raw jsonl / parquet / text file (encoded with `tokenizer_dir`),
+    with how much of the data they are."""
     prefix = _indexed_prefix(data)
     if prefix is not None:
         from megakv.data.indexed import IndexedDataset
+
+        if tokenizer_dir is not None:
+            check_prepared_with(prefix, tokenizer_dir)
 
         available = IndexedDataset(prefix).num_tokens
         tokens = read_indexed_tokens(prefix, max_tokens)

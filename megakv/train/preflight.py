@@ -92,8 +92,7 @@ def check_init_tokenizer(cfg: MegaKVConfig) -> None:
     """checkpoint.init_from's model must have been trained with the data's tokenizer: other token ids would make
     its weights meaningless without any error. Copies of one tokenizer agree (same files); different files
     that encode alike (e.g. a re-saved Hugging Face tokenizer) are accepted."""
-    from megakv.data.errors import DataError
-    from megakv.data.tokenizer import PROBE_TEXT, load_tokenizer, read_info
+    from megakv.data.tokenizer import encode_alike
     from megakv.model_dir import tokenizer_path
 
     if cfg.checkpoint.init_from is None:
@@ -102,20 +101,7 @@ def check_init_tokenizer(cfg: MegaKVConfig) -> None:
     if model_tokenizer is None:
         return  # the directory does not say which tokenizer it was trained with
     data_tokenizer = tokenizer_dir(cfg)
-    try:
-        if read_info(model_tokenizer).fingerprint == read_info(data_tokenizer).fingerprint:
-            return
-    except DataError:
-        pass  # a plain Hugging Face directory (megakv-convert from-hf copies one) has no megakv metadata
-    try:
-        ours, theirs = load_tokenizer(data_tokenizer), load_tokenizer(model_tokenizer)
-    except DataError:
-        return  # an unreadable tokenizer is reported by the data checks
-
-    def signature(tok):
-        return tok.vocab_size, tok.eos_id, tok.bos_id, tok.encode(PROBE_TEXT)
-
-    if signature(ours) != signature(theirs):
+    if encode_alike(model_tokenizer, data_tokenizer) is False:  # None: unreadable, reported by the data checks
         raise ConfigError("checkpoint.init_from", cfg.checkpoint.init_from,
                           f"its model was trained with the tokenizer {model_tokenizer}, but the data was prepared "
                           f"with another one ({data_tokenizer}): the token ids would not mean what the weights "
