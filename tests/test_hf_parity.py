@@ -127,3 +127,13 @@ def test_convert_refuses_to_overwrite(tmp_path, capsys):
     assert convert_main(["from-hf", str(tmp_path / "hf"), str(tmp_path / "out")]) == 2
     assert "not empty" in capsys.readouterr().err
     assert (tmp_path / "out" / "keep.txt").read_text() == "precious"
+
+
+def test_a_sliding_window_model_is_imported_with_its_window_as_the_context_and_says_so():
+    """megakv has no sliding-window attention: a Mistral whose window is shorter than its positions is imported
+    with the window as its context (the two attentions agree within it). The import used to say only 'wrote'."""
+    hf = tiny_hf_model("mistral", 2, False, sliding_window=32).config.to_dict()
+    with pytest.warns(UserWarning, match="sliding_window 32 < max_position_embeddings 64"):
+        assert model_config_from_hf(hf).max_seq_len == 32
+    hf["sliding_window"] = None
+    assert model_config_from_hf(hf).max_seq_len == 64

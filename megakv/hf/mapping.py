@@ -11,6 +11,7 @@ The two models compute the same function with the all-own routing plan; only nam
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Any
 
 import torch
@@ -125,6 +126,9 @@ def model_config_from_hf(hf: dict[str, Any], source: str = "config.json") -> Mod
     uses_window = window is not None and (family == "mistral" or hf.get("use_sliding_window", False))
     if uses_window and window < max_len:
         # megakv has no sliding-window attention; within the window both are the same function.
+        warnings.warn(f"sliding_window {window} < max_position_embeddings {max_len}: megakv has no sliding-window "
+                      f"attention, so the imported model's context (max_seq_len, and max_position_embeddings of its "
+                      f"exports) is {window}, where the two attentions agree", stacklevel=2)
         max_len = int(window)
     theta, scaling = _rope_from_hf(hf)
     n_heads = int(hf["num_attention_heads"])
