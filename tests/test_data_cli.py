@@ -38,6 +38,25 @@ def test_tokenizer_prep_merge_info(tmp_path, capsys):
     assert "no text was read from the 4 input file(s)" in err and "missing_field" in err and "--text-key" in err
     assert tokenizer_cli.main(["encode", str(tmp_path / "tok"), "to be\nor not"]) == 0
     assert json.loads(capsys.readouterr().out)["decoded"] == "to be\nor not"
+    # The output directory was replaced whatever it held: another directory's files, the corpus itself.
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("precious")
+    train = ["train", "--input", str(tmp_path / "raw"), "--vocab-size", "400"]
+    assert tokenizer_cli.main([*train, "--output", str(tmp_path / "mine")]) == 2
+    assert "already exists and is not empty" in capsys.readouterr().err
+    for output in (tmp_path / "raw", tmp_path):
+        assert tokenizer_cli.main([*train, "--output", str(output), "--overwrite"]) == 2
+        assert "writing it would delete the input" in capsys.readouterr().err
+    assert tokenizer_cli.main(["import", "--from", str(tmp_path / "tok"), "--output", str(tmp_path / "tok"),
+                               "--overwrite"]) == 2
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "precious" and len(list((tmp_path / "raw").iterdir())) == 4
+    assert tokenizer_cli.main([*train, "--output", str(tmp_path / "tok"), "--overwrite"]) == 0  # a tokenizer: replaced
+    capsys.readouterr()
+    assert tokenizer_cli.main([*train, "--output", str(tmp_path / "raw" / "shard_00.jsonl")]) == 2
+    assert "is the input" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("x")
+    assert tokenizer_cli.main([*train, "--output", str(tmp_path / "a_file")]) == 2
+    assert "is a file" in capsys.readouterr().err
     assert prep_cli.main(["--input", str(tmp_path / "raw" / "*.jsonl"), "--tokenizer", str(tmp_path / "tok"),
                           "--output-prefix", str(tmp_path / "all" / "train"), "--no-progress"]) == 0
     out = capsys.readouterr().out

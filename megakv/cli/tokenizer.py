@@ -13,7 +13,7 @@ import json
 from collections import Counter
 from dataclasses import asdict
 
-from megakv.data.cli_support import run_cli
+from megakv.data.cli_support import refuse_output_dir, run_cli
 from megakv.data.documents import iter_texts
 from megakv.data.errors import DataError
 from megakv.data.sources import FORMATS, TXT_UNITS, expand_inputs
@@ -28,6 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--input", nargs="+", required=True, help="files, globs or directories")
     train.add_argument("--vocab-size", type=int, required=True)
     train.add_argument("--output", required=True, help="tokenizer directory to write")
+    train.add_argument("--overwrite", action="store_true", help="replace a non-empty --output directory")
     train.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
     train.add_argument("--text-key", default="text", help="jsonl / parquet field holding the text")
     train.add_argument("--format", choices=FORMATS, help="input format (default: from file names)")
@@ -42,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     imp = sub.add_parser("import", help="save a Hugging Face tokenizer directory as a megakv one")
     imp.add_argument("--from", dest="source", required=True, help="directory AutoTokenizer loads offline")
     imp.add_argument("--output", required=True)
+    imp.add_argument("--overwrite", action="store_true", help="replace a non-empty --output directory")
     imp.add_argument("--eos-token", help="end-of-document token, if the tokenizer declares none")
     info = sub.add_parser("info", help="print a tokenizer directory's metadata")
     info.add_argument("directory")
@@ -58,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             skipped: Counter = Counter()
             files = expand_inputs(args.input, args.format)
+            refuse_output_dir(args.output, [*(f.path for f in files), *args.input], args.overwrite)
             read = Counter()
 
             def counted_texts():
@@ -78,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"trained {info.kind} {args.model_type} tokenizer, vocab {info.vocab_size}, eos {info.eos_id} "
                   f"-> {args.output}" + (f" (skipped records: {dict(skipped)})" if skipped else ""))
         elif args.command == "import":
+            refuse_output_dir(args.output, [args.source], args.overwrite)
             info = import_hf_tokenizer(args.source, args.output, args.eos_token)
             print(f"imported {args.source}: vocab {info.vocab_size}, eos {info.eos_id} -> {args.output}")
         elif args.command == "info":
