@@ -34,4 +34,14 @@ def test_the_input_or_a_directory_holding_it_is_never_the_output(tmp_path, capsy
         assert convert_main([command, str(source), str(out), "--overwrite"]) == 2
         err = capsys.readouterr().err
         assert "writing it would delete the input" in err, err
-    assert (source / "keep.txt").read_text() == "precious"
+    (source / "checkpoints").mkdir()  # `from-checkpoint RUN RUN/checkpoints --overwrite` deleted the checkpoints
+    (source / "checkpoints" / "step_1").write_text("weights")
+    assert convert_main([command, str(source), str(source / "checkpoints"), "--overwrite"]) == 2
+    assert "would delete part of the input" in capsys.readouterr().err
+    (source / "model").mkdir()  # a previous export inside the run may be replaced: it is no part of the input
+    (source / "model" / "config.yaml").write_text("n_layers: 2\n")
+    assert convert_main([command, str(source), str(source / "model"), "--overwrite"]) == 2
+    assert "inside the input" not in capsys.readouterr().err  # refused for the invalid source, not the output
+    assert convert_main([command, str(source), str(source / "keep.txt"), "--overwrite"]) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert (source / "keep.txt").read_text() == "precious" and (source / "checkpoints" / "step_1").is_file()

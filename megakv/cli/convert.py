@@ -122,9 +122,15 @@ def refuse_existing_output(src: str, out: str | None, overwrite: bool) -> None:
     if target == source or target in source.parents:
         raise ValueError(f"the output directory {out} is {'the input' if target == source else 'a parent of the input'}"
                          f" {src}: writing it would delete the input; choose another output directory")
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"the output {out} is a file: choose a directory path")
+    previous_export = (path / "config.json").is_file() or (path / "config.yaml").is_file()
+    if source in target.parents and path.is_dir() and any(path.iterdir()) and not previous_export:  # RUN/checkpoints
+        raise ValueError(f"the output directory {out} lies inside the input {src} and holds files: replacing it "
+                         "would delete part of the input; choose a new or empty directory")
     if overwrite:
         return
-    path = Path(out)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise FileExistsError(f"{path} already exists and is not empty: choose a new output directory or pass "
                               f"--overwrite")
