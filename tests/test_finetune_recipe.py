@@ -95,8 +95,9 @@ def test_built_next_line_records_answer_the_line_after_the_quoted_one(tmp_path):
         assert record["answer"] in options and pairs[0][0] not in options and len(options) == len(spoken) - 1
 
 
-def test_qa_build_refuses_bad_input(tmp_path):
+def test_qa_build_refuses_bad_input(tmp_path, capsys):
     assert qa_main(["build", "--output-dir", str(tmp_path / "x"), "--source", str(tmp_path / "empty")]) == 2
+    assert "not found" in capsys.readouterr().err
     with pytest.raises(DataError, match="unknown question kind 'who'.*choose one of next-line, speaker"):
         build_qa_set(tmp_path / "x", source=write_plays(tmp_path / "plays"), kind="who")
     assert not (tmp_path / "x").exists()  # refused before writing anything
@@ -122,3 +123,18 @@ def test_the_finetune_recipe_has_the_papers_settings_and_takes_the_models_sectio
     with pytest.raises(ConfigError, match="names none") as missing:
         load_config(recipe_path("finetune"))
     assert missing.value.field == "checkpoint.init_from"
+
+
+def test_qa_build_keeps_a_set_already_there_unless_told(tmp_path, capsys):
+    """A second build into the same directory (another seed re-splits the plays: a model fine-tuned on the old
+    train split could be scored on its own training records) or into a directory with the user's README.md
+    replaced the files and exited 0."""
+    source = write_plays(tmp_path / "plays")
+    build = ["build", "--output-dir", str(tmp_path / "qa"), "--source", str(source), "--max-records", "600"]
+    assert qa_main(build) == 0
+    train = (tmp_path / "qa" / "train.jsonl").read_text()
+    assert qa_main([*build, "--seed", "7"]) == 2
+    assert "already holds train.jsonl, valid.jsonl, test.jsonl, build.json, README.md" in capsys.readouterr().err
+    assert (tmp_path / "qa" / "train.jsonl").read_text() == train
+    assert qa_main([*build, "--seed", "7", "--overwrite"]) == 0
+    assert (tmp_path / "qa" / "train.jsonl").read_text() != train

