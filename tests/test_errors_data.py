@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from data_fixtures import module_tokenizer, synthetic_documents, write_jsonl
 
@@ -149,3 +150,25 @@ def test_memory_per_record_is_bounded(tmp_path, tokenizer_dir):
     assert "too_large=1" in result.stdout
     peak_mib = int(result.stdout.split("peak_kib")[1].split()[0]) / 1024
     assert peak_mib < 1024, f"megakv-prep peaked at {peak_mib:.0f} MiB on a 48 MB record"
+
+
+def test_metadata_that_is_not_an_object_is_named(tmp_path, capsys):
+    """A .meta.json holding a JSON list crashed megakv-data info and megakv-merge (AttributeError)."""
+    from megakv.cli.data import main as data_main
+    from megakv.data.indexed import IndexedWriter
+
+    prefix = tmp_path / "d"
+    with IndexedWriter(prefix, np.uint16) as writer:
+        writer.add_document(np.array([5, 6, 2]))
+        writer.finalize()
+    (tmp_path / "d.meta.json").write_text("[1, 2]")
+    assert data_main(["info", str(prefix)]) == 2
+    err = capsys.readouterr().err
+    assert "holds a JSON list, not megakv's metadata object" in err and "Traceback" not in err
+
+
+def test_an_output_path_under_a_file_is_exit_2_not_a_traceback(tmp_path, tokenizer_dir, capsys):
+    corpus = write_jsonl(tmp_path / "c.jsonl", DOCS)
+    assert _prep([corpus], tokenizer_dir, corpus / "sub") == 2  # NotADirectoryError was a traceback
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "Traceback" not in err

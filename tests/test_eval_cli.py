@@ -45,7 +45,7 @@ def test_generate_sampling_is_reproducible(model_dir, capsys):
 @pytest.mark.parametrize("argv,message", [
     (["--retain", "1,2"], "must include layer 0"),
     (["--retain", "0,7"], "out of range"),
-    (["--temperature", "-1"], "temperature must be >= 0"),
+    (["--temperature", "-1"], "temperature must be finite and >= 0"),
 ])
 def test_generate_bad_input(model_dir, capsys, argv, message):
     assert generate_main(["--model", str(model_dir), "--prompt", "the"] + argv) == 2

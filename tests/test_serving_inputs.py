@@ -254,3 +254,52 @@ def test_qa_task_refuses_loss_only_options(model_dir, tmp_path, capsys, option):
     err = _error(capsys)
     assert f"{option} applies to --task lm" in err and "Fix:" in err
     assert not (tmp_path / "qa.png").exists()
+
+
+# --- bad inputs found by the CLI audit of 2026-12-07 (each was a traceback or a meaningless exit 0) ---
+
+
+@pytest.mark.parametrize("temperature", ["nan", "inf", "-1"])
+def test_a_temperature_that_means_nothing_is_refused(model_dir, capsys, temperature):
+    argv = ["--model", str(model_dir), "--prompt-ids", "5 6", "--max-new-tokens", "2", "--temperature", temperature]
+    assert generate_main(argv) == 2  # nan: a traceback from torch.multinomial; inf: uniform tokens, exit 0
+    assert "temperature must be finite and >= 0" in _error(capsys)
+
+
+def test_a_tiny_temperature_samples_the_most_likely_token(model_dir, capsys):
+    from megakv.inference.sampling import SamplingConfig, sample_next_token
+
+    logits = torch.tensor([[1.0, 3.0, 2.0], [0.5, -1.0, 0.25]])
+    for temperature in (1e-45, 1e-300):  # logits / temperature overflowed to inf - inf = NaN
+        assert sample_next_token(logits, SamplingConfig(temperature=temperature, seed=0)).tolist() == [1, 0]
+    argv = ["--model", str(model_dir), "--prompt-ids", "5 6", "--max-new-tokens", "3", "--no-eos-stop"]
+    assert generate_main([*argv, "--temperature", "1e-300", "--seed", "1"]) == 0
+    sampled = capsys.readouterr().out
+    assert generate_main(argv) == 0 and capsys.readouterr().out == sampled  # = greedy
+
+
+def test_a_config_json_that_is_not_an_object_is_named(model_dir, tmp_path, capsys):
+    broken = tmp_path / "hf"
+    broken.mkdir()
+    (broken / "config.json").write_text("[1, 2]")
+    assert generate_main(["--model", str(broken), "--prompt-ids", "5 6"]) == 2
+    assert "holds a JSON list, not an object" in _error(capsys)
+
+
+def test_running_out_of_memory_is_a_clear_error_and_a_bug_keeps_its_traceback(capsys):
+    """--max-new-tokens 100000000 asked torch for a 25 GB KV cache: a traceback. The handler is tested with the
+    error torch raises (allocating that much here would take the machine's memory)."""
+    from megakv.inference.cli_support import run_cli
+
+    def out_of_memory() -> int:
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:119] DefaultCPUAllocator: can't allocate memory: you "
+                           "tried to allocate 25600000512 bytes")
+
+    assert run_cli("megakv-generate", out_of_memory) == 2
+    assert "out of memory" in _error(capsys)
+
+    def bug() -> int:
+        raise RuntimeError("shape mismatch")
+
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        run_cli("megakv-generate", bug)

@@ -307,7 +307,15 @@ def check_retain_fits(retain: str, n_layers: int) -> str:
 
 def is_megakv_hf_dir(path: str | Path) -> bool:
     config = Path(path) / "config.json"
-    return config.is_file() and json.loads(config.read_text()).get("model_type") == MODEL_TYPE
+    if not config.is_file():
+        return False
+    try:
+        loaded = json.loads(config.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{config} is not valid JSON ({e})") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{config} holds a JSON {type(loaded).__name__}, not an object of settings")
+    return loaded.get("model_type") == MODEL_TYPE
 
 
 def stored_retain(path: str | Path) -> str:

@@ -48,7 +48,13 @@ def run_cli(prog: str, body: Callable[[], int]) -> int:
 
     try:
         return body()
-    except (FileNotFoundError, FileExistsError, ValueError, KeyError, DataError) as e:
+    except (OSError, ValueError, KeyError, DataError) as e:  # OSError: a file where a directory goes, and so on
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"{prog}: error: {message}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as e:
+        if not isinstance(e, MemoryError | torch.OutOfMemoryError) and "allocate" not in str(e):
+            raise  # a bug, not a setting: keep its traceback
+        print(f"{prog}: error: out of memory ({str(e).splitlines()[0][:200]}). Fix: lower --max-new-tokens, "
+              "--batch-size or --seq-len, or the number of prompts", file=sys.stderr)
         return 2

@@ -15,8 +15,8 @@ class SamplingConfig:
     seed: int | None = None  # seeds a private generator: the same seed gives the same tokens
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 <= self.temperature < float("inf"):  # NaN fails too; inf would sample uniformly, whatever the model
+            raise ValueError(f"temperature must be finite and >= 0 (0 = greedy), got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 = no limit), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
@@ -52,5 +52,8 @@ def sample_next_token(logits: torch.Tensor, config: SamplingConfig,
     """logits (batch, vocab) -> token ids (batch,)."""
     if config.greedy:
         return logits.argmax(-1)
-    scaled = filter_logits(logits.float() / config.temperature, config.top_k, config.top_p)
+    # In float64 (1e-300 is 0 in float32) and shifted so the largest is 0 before dividing: a tiny temperature
+    # sends the others to -inf, never to NaN.
+    logits = logits.double()
+    scaled = filter_logits((logits - logits.amax(-1, keepdim=True)) / config.temperature, config.top_k, config.top_p)
     return torch.multinomial(scaled.softmax(-1), 1, generator=generator).squeeze(-1)
