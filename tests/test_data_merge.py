@@ -154,3 +154,16 @@ def test_pairs_without_metadata_merge_and_describe(tmp_path, tokenizer_dir):
     assert data_main(["info", str(tmp_path / "meg" / "merged")]) == 0
     again = merge([str(tmp_path / "meg" / "merged"), str(tmp_path / "meg" / "m0")], tmp_path / "meg" / "twice")
     assert again["documents"] == 90
+
+
+def test_merging_pairs_without_documents_is_an_error(tmp_path):
+    """megakv-prep refuses an output without documents; a merge of empty pairs wrote one and exited 0."""
+    import numpy as np
+
+    from megakv.data.indexed import IndexedWriter
+
+    with IndexedWriter(tmp_path / "empty", np.uint16) as writer:
+        writer.finalize()
+    with pytest.raises(DataError, match="hold no documents"):
+        merge([str(tmp_path / "empty")], tmp_path / "merged")
+    assert not (tmp_path / "merged.idx").exists()

@@ -83,6 +83,8 @@ def merge(inputs: list[str], output_prefix: str | Path, *, overwrite: bool = Fal
         raise DataError(f"{idx_path(output)} already exists", "choose another --output-prefix or pass --overwrite")
 
     sources = [IndexedDataset(p) for p in prefixes]  # validates every pair before writing anything
+    if not sum(len(s) for s in sources):  # like megakv-prep: an output without documents is no dataset
+        raise DataError(f"the {len(sources)} input pair(s) hold no documents", "merge pairs that hold data")
     metas = [read_meta(p) for p in prefixes]
     dtypes = {str(s.dtype) for s in sources}
     if len(dtypes) > 1:

@@ -72,14 +72,23 @@ def train_texts(paths: dict[str, dict[str, Path]]):
 
 def prepare_corpus(name: str, output: str | Path, *, vocab_size: int | None = None, workers: int = 1,
                    progress: bool = True) -> PreparedCorpus:
+    if vocab_size is not None and vocab_size < 1:  # before the download, which takes minutes
+        raise DataError(f"--vocab-size {vocab_size} must be positive", f"e.g. {DEFAULT_VOCAB.get(name, 8000)}")
+    if workers < 1:
+        raise DataError(f"--workers {workers} must be at least 1", "e.g. the number of CPU cores")
     output = Path(output).resolve()
-    paths = fetch_corpus(name, output)
     tokenizer_dir = output / "tokenizer"
     if (tokenizer_dir / METADATA_FILE).exists():
         info = TokenizerInfo.read(tokenizer_dir)
+        if vocab_size is not None and vocab_size != info.vocab_size:
+            raise DataError(f"{output} already holds a tokenizer of {info.vocab_size} pieces, not {vocab_size}",
+                            f"use --vocab-size {info.vocab_size}, another --output, or delete {tokenizer_dir}")
+    paths = fetch_corpus(name, output)
+    if (tokenizer_dir / METADATA_FILE).exists():
         print(f"keeping the existing tokenizer {tokenizer_dir} (vocab {info.vocab_size}); delete it to retrain")
     else:
-        info = train_sentencepiece(train_texts(paths), tokenizer_dir, vocab_size or DEFAULT_VOCAB[name])
+        info = train_sentencepiece(train_texts(paths), tokenizer_dir,
+                                   DEFAULT_VOCAB[name] if vocab_size is None else vocab_size)
         print(f"trained a SentencePiece BPE tokenizer of {info.vocab_size} pieces -> {tokenizer_dir}")
     train, valid, summaries = [], [], []
     for source, split_paths in paths.items():
