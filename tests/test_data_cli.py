@@ -54,6 +54,13 @@ def test_tokenizer_prep_merge_info(tmp_path, capsys):
     capsys.readouterr()
     assert tokenizer_cli.main([*train, "--output", str(tmp_path / "raw" / "shard_00.jsonl")]) == 2
     assert "is the input" in capsys.readouterr().err
+    # Settings SentencePiece cannot use: --vocab-size 0 was blamed on the text, the others were tracebacks.
+    base = ["train", "--input", str(tmp_path / "raw"), "--output", str(tmp_path / "t2")]
+    for settings, words in ((["--vocab-size", "0"], "too small"),
+                            (["--vocab-size", "400", "--max-sentences", "-1"], "must be positive"),
+                            (["--vocab-size", "400", "--character-coverage", "nan"], "must lie in (0, 1]")):
+        assert tokenizer_cli.main([*base, *settings]) == 2, settings
+        assert words in capsys.readouterr().err, settings
     (tmp_path / "a_file").write_text("x")
     assert tokenizer_cli.main([*train, "--output", str(tmp_path / "a_file")]) == 2
     assert "is a file" in capsys.readouterr().err

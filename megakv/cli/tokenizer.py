@@ -17,7 +17,13 @@ from megakv.data.cli_support import refuse_output_dir, run_cli
 from megakv.data.documents import iter_texts
 from megakv.data.errors import DataError
 from megakv.data.sources import FORMATS, TXT_UNITS, expand_inputs
-from megakv.data.tokenizer import import_hf_tokenizer, load_tokenizer, read_info, train_sentencepiece
+from megakv.data.tokenizer import (
+    check_spm_settings,
+    import_hf_tokenizer,
+    load_tokenizer,
+    read_info,
+    train_sentencepiece,
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> None:
         if args.command == "train":
+            check_spm_settings(args.vocab_size, args.model_type, args.max_sentences, args.character_coverage)
             skipped: Counter = Counter()
             files = expand_inputs(args.input, args.format)
             refuse_output_dir(args.output, [*(f.path for f in files), *args.input], args.overwrite)

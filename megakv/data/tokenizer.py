@@ -249,6 +249,21 @@ def _sentences(texts: Iterable[str], max_bytes: int) -> Iterator[str]:
                 yield line
 
 
+def check_spm_settings(vocab_size: int, model_type: str = "bpe", max_sentences: int = 2_000_000,
+                       character_coverage: float = 0.9999) -> None:
+    """Refuse settings SentencePiece cannot train with, before any text is read."""
+    if model_type not in ("bpe", "unigram"):
+        raise DataError(f"unknown SentencePiece model type {model_type!r}", "use bpe or unigram")
+    min_vocab = 256 + len(SPM_SPECIAL_IDS) + 1 + 1  # byte pieces + specials + "\n" + at least one piece
+    if vocab_size < min_vocab:
+        raise DataError(f"vocab size {vocab_size} is too small for a byte-fallback tokenizer",
+                        f"use at least {min_vocab} (typical: 8000 to 64000)")
+    if max_sentences < 1:
+        raise DataError(f"--max-sentences {max_sentences} must be positive", "e.g. 2000000")
+    if not 0 < character_coverage <= 1:  # NaN fails too
+        raise DataError(f"--character-coverage {character_coverage} must lie in (0, 1]", "e.g. 0.9999, or 0.98")
+
+
 def train_sentencepiece(texts: Iterable[str], output_dir: str | Path, vocab_size: int, *,
                         model_type: str = "bpe", max_sentences: int = 2_000_000,
                         character_coverage: float = 0.9999, seed: int = 0) -> TokenizerInfo:
@@ -259,12 +274,7 @@ def train_sentencepiece(texts: Iterable[str], output_dir: str | Path, vocab_size
     """
     import sentencepiece as spm
 
-    if model_type not in ("bpe", "unigram"):
-        raise DataError(f"unknown SentencePiece model type {model_type!r}", "use bpe or unigram")
-    min_vocab = 256 + len(SPM_SPECIAL_IDS) + 1 + 1  # byte pieces + specials + "\n" + at least one piece
-    if vocab_size < min_vocab:
-        raise DataError(f"vocab size {vocab_size} is too small for a byte-fallback tokenizer",
-                        f"use at least {min_vocab} (typical: 8000 to 64000)")
+    check_spm_settings(vocab_size, model_type, max_sentences, character_coverage)
     output_dir = Path(output_dir)
     model = io.BytesIO()
     max_bytes = 16384
