@@ -172,3 +172,21 @@ def test_an_output_path_under_a_file_is_exit_2_not_a_traceback(tmp_path, tokeniz
     assert _prep([corpus], tokenizer_dir, corpus / "sub") == 2  # NotADirectoryError was a traceback
     err = capsys.readouterr().err
     assert err.startswith("error:") and "Traceback" not in err
+
+
+@pytest.mark.parametrize("name, content", [("g.jsonl.gz", b"not gzip at all"), ("g.parquet", b"not parquet"),
+                                           ("t.jsonl.gz", None)])
+def test_a_damaged_compressed_or_parquet_input_is_named(tmp_path, tokenizer_dir, capsys, name, content):
+    """A corrupt .gz or .parquet, or a truncated .gz (an interrupted download), was a traceback."""
+    import gzip
+
+    path = tmp_path / name
+    if content is None:
+        whole = gzip.compress("".join(json.dumps({"text": d}) + "\n" for d in DOCS).encode())
+        path.write_bytes(whole[: len(whole) // 2])
+    else:
+        path.write_bytes(content)
+    assert _prep([path], tokenizer_dir, tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert f"{path} cannot be read as" in err and "Traceback" not in err
+    assert not (tmp_path / "out.idx").exists()

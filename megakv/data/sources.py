@@ -17,6 +17,7 @@ import glob
 import gzip
 import lzma
 import os
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,6 +141,22 @@ class RecordReader:
             return self.file.size
 
     def __iter__(self) -> Iterator[tuple[int, object]]:
+        # A damaged file (a truncated download, another format under this name) is named, not a traceback.
+        try:
+            yield from self._records()
+        except (OSError, EOFError, lzma.LZMAError, zlib.error) as e:
+            raise self._unreadable(e) from None
+        except Exception as e:
+            if self.file.format != "parquet" or isinstance(e, DataError):
+                raise
+            raise self._unreadable(e) from None  # pyarrow / datasets errors of a file that is no parquet
+
+    def _unreadable(self, error: BaseException) -> DataError:
+        kind = self.file.format + (f" ({self.file.compression[1:]})" if self.file.compression else "")
+        return DataError(f"{self.file.path} cannot be read as {kind}: {type(error).__name__}: {error}",
+                         "check the file (an interrupted download is truncated), or pass --format")
+
+    def _records(self) -> Iterator[tuple[int, object]]:
         if self.file.format == "parquet":
             yield from self._parquet_rows()
             return
