@@ -162,3 +162,10 @@ def test_eval_refuses_data_prepared_with_another_tokenizer(tmp_path, capsys):
     shutil.rmtree(own / "tokenizer")
     write_hf_tokenizer(prefix.parent / "tokenizer", own / "tokenizer")  # the same ids from other files
     assert eval_main(["--model", str(own), *args]) == 0
+    # Raw text with a --tokenizer other than the model's was encoded with it and scored, exit 0.
+    text = tmp_path / "held_out.txt"
+    text.write_text(random_text(300))
+    raw = ["--data", str(text), "--retain", "all", "--seq-len", "16"]
+    assert eval_main(["--model", str(foreign), *raw, "--tokenizer", str(prefix.parent / "tokenizer")]) == 2
+    assert "gives other token ids than the model's tokenizer" in capsys.readouterr().err
+    assert eval_main(["--model", str(own), *raw, "--tokenizer", str(prefix.parent / "tokenizer")]) == 0

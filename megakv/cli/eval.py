@@ -48,6 +48,12 @@ def load_windows(args: argparse.Namespace, model, tokenizer_dir):
         print(f"warning: --seq-len {seq_len} exceeds the model's context of {model.cfg.max_seq_len} tokens "
               f"(max_seq_len): positions beyond it were never trained and the loss will be worse",
               file=sys.stderr)
+    if args.tokenizer and tokenizer_dir is not None:
+        from megakv.data.tokenizer import encode_alike
+
+        if encode_alike(args.tokenizer, tokenizer_dir) is False:  # the loss of other ids would mean nothing
+            raise ValueError(f"--tokenizer {args.tokenizer} gives other token ids than the model's tokenizer "
+                             f"({tokenizer_dir}): drop --tokenizer, the model's is used")
     loaded = read_eval_tokens(args.data, args.tokenizer or tokenizer_dir, args.max_tokens or None, args.text_key)
     windows = make_windows(loaded.tokens, seq_len, model.cfg.vocab_size)
     scored = len(windows) * (windows.shape[1] - 1)
