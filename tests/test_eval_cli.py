@@ -169,3 +169,21 @@ def test_eval_refuses_data_prepared_with_another_tokenizer(tmp_path, capsys):
     assert eval_main(["--model", str(foreign), *raw, "--tokenizer", str(prefix.parent / "tokenizer")]) == 2
     assert "gives other token ids than the model's tokenizer" in capsys.readouterr().err
     assert eval_main(["--model", str(own), *raw, "--tokenizer", str(prefix.parent / "tokenizer")]) == 0
+
+
+def test_results_paths_are_checked_before_the_evaluation(model_dir, split, tmp_path, capsys):
+    """--json naming a directory failed with a traceback after the whole evaluation; --plot p.txt failed after it
+    too, and --plot without a suffix said 'wrote p' where matplotlib wrote p.png."""
+    (tmp_path / "a_dir").mkdir()
+    (tmp_path / "a_file").write_text("x")
+    base = ["--model", str(model_dir), "--data", str(split), "--retain", "all", "--seq-len", "16", "--no-progress"]
+    for extra, words in ((["--json", str(tmp_path / "a_dir")], "is a directory"),
+                         (["--json", str(tmp_path / "a_file" / "e.json")], "is a file, so nothing can be written"),
+                         (["--plot", str(tmp_path / "p.txt")], "ending in .png, .pdf, .svg"),
+                         (["--plot", str(tmp_path / "p")], "ending in .png, .pdf, .svg")):
+        assert eval_main([*base, *extra]) == 2, extra
+        captured = capsys.readouterr()
+        assert words in captured.err and "every:1" not in captured.out, extra  # refused before scoring
+    assert plan_main(["--model", str(model_dir), "--data", str(split), "--budget", "50%", "--seq-len", "16",
+                      "--json", str(tmp_path / "a_dir")]) == 2
+    assert "is a directory" in capsys.readouterr().err

@@ -16,7 +16,14 @@ import argparse
 import sys
 
 from megakv.cli.eval_qa import add_qa_arguments, run_qa
-from megakv.inference.cli_support import DTYPES, add_model_arguments, apply_runtime_options, run_cli
+from megakv.inference.cli_support import (
+    DTYPES,
+    PLOT_SUFFIXES,
+    add_model_arguments,
+    apply_runtime_options,
+    check_output_file,
+    run_cli,
+)
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -100,6 +107,9 @@ def _run(args: argparse.Namespace) -> int:
     from megakv.model_paths import resolve_model
 
     apply_runtime_options(args)
+    check_output_file(args.json, "--json")
+    if args.task == "lm":
+        check_output_file(args.plot, "--plot", PLOT_SUFFIXES)
     if args.task == "qa":
         # Options of the loss report only: refused, not silently ignored.
         for option, fix in (("baseline", "run --task qa once per model and compare the tables (or --json)"),

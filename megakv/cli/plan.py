@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from megakv.cli.eval import add_data_arguments, load_windows
-from megakv.inference.cli_support import DTYPES, add_model_arguments, apply_runtime_options, run_cli
+from megakv.inference.cli_support import DTYPES, add_model_arguments, apply_runtime_options, check_output_file, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +40,7 @@ def _run(args: argparse.Namespace) -> int:
     from megakv.planner import most_evaluations, parse_budget, plan_with_model, retain_spec
 
     apply_runtime_options(args)
+    check_output_file(args.json, "--json")
     model, tokenizer_dir = resolve_model(args.model, args.device, DTYPES[args.dtype])
     cache_dtype = DTYPES[args.cache_dtype]
     budget = parse_budget(args.budget, model.cfg, cache_dtype)  # fail fast, before reading data

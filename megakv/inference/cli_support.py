@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -40,6 +41,24 @@ def apply_runtime_options(args: argparse.Namespace) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+
+
+PLOT_SUFFIXES = (".png", ".pdf", ".svg")
+
+
+def check_output_file(path: str | None, flag: str, suffixes: tuple[str, ...] = ()) -> None:
+    """Before any work: a results file can be written where it is asked for (else the error came after the whole
+    evaluation, or a plot landed under another name)."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise ValueError(f"{flag} {path} is a directory: give a file path")
+    existing = next(parent for parent in target.parents if parent.exists())
+    if not existing.is_dir():
+        raise ValueError(f"{flag} {path}: {existing} is a file, so nothing can be written under it")
+    if suffixes and target.suffix.lower() not in suffixes:
+        raise ValueError(f"{flag} {path}: give a file name ending in {', '.join(suffixes)}")
 
 
 def run_cli(prog: str, body: Callable[[], int]) -> int:
