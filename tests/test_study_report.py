@@ -80,3 +80,13 @@ def test_command_line_errors_exit_2_and_name_the_fix(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--scale", "huge"])
     assert exit_info.value.code == 2
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", "{}", "\x00\x01 not json"])
+def test_a_damaged_results_file_is_named(tmp_path, capsys, content):
+    """`megakv-study report` over a results.json that is a list, an empty object or garbage was a traceback."""
+    (tmp_path / "finetune").mkdir()
+    (tmp_path / "finetune" / "results.json").write_text(content)
+    assert main(["report", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'finetune' / 'results.json'} is not a study part's results" in err and "Traceback" not in err

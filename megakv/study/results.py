@@ -55,7 +55,12 @@ class PartResult:
 
     @classmethod
     def load(cls, part_dir: Path) -> PartResult:
-        raw = json.loads((part_dir / RESULTS_FILE).read_text())
-        raw["tables"] = [Table(**t) for t in raw.get("tables", [])]
-        raw["claims"] = [Claim(**c) for c in raw.get("claims", [])]
-        return cls(**raw)
+        path = part_dir / RESULTS_FILE
+        try:
+            raw = json.loads(path.read_text())
+            raw["tables"] = [Table(**t) for t in raw.get("tables", [])]
+            raw["claims"] = [Claim(**c) for c in raw.get("claims", [])]
+            return cls(**raw)
+        except (ValueError, TypeError, AttributeError) as e:  # not JSON, or not a part's results
+            raise ValueError(f"{path} is not a study part's results ({type(e).__name__}: {e}): delete it and "
+                             "rerun that part") from None
