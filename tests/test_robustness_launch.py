@@ -5,7 +5,6 @@ that fails before the process group, one that fails after it (2 gloo processes),
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -50,12 +49,18 @@ def test_a_rank_failing_its_checks_before_the_process_group_stops_the_others(run
 
 
 def test_a_rank_failing_after_the_process_group_stops_the_others(runs, tmp_path):
-    """Rank 1's copy of the data is truncated (found when the data is opened, after the process group):
-    rank 0, waiting in a collective, exits with rank 1's message; status.json says failed, with it."""
+    """Rank 1's data is too short for one sample (found when its samples are built, after the process group;
+    damaged files are refused before it): rank 0, waiting in a collective, exits with rank 1's message;
+    status.json says failed, with it."""
+    import numpy as np
+
+    from megakv.data.indexed import IndexedWriter
+
     copy = tmp_path / "copy"
-    shutil.copytree(runs.dataset.parent, copy)
-    data = (copy / "train.bin").read_bytes()
-    (copy / "train.bin").write_bytes(data[:len(data) // 2])
+    copy.mkdir()
+    with IndexedWriter(copy / "train", np.uint16) as writer:
+        writer.add_document(np.array([5, 6, 7, 8, 2]))
+        writer.finalize()
     run_dir = tmp_path / "run"
     good = runs.overrides(run_dir, "parallel.timeout=120")
     bad = runs.overrides(run_dir, "parallel.timeout=120", f"data.datasets=[{copy / 'train'}]",

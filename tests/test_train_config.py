@@ -214,3 +214,33 @@ def test_weight_decay_groups(dataset, tmp_path):
     assert "layers.0.attn.q_proj.weight" in decayed and "layers.0.mlp.down_proj.weight" in decayed
     assert {"embed.weight", "lm_head.weight", "norm.weight", "layers.0.attn_norm.weight"} <= plain
     assert decayed | plain == set(names.values())
+
+
+def test_dry_run_reads_the_data_as_the_launch_does(dataset, tmp_path, capsys):
+    """--dry-run said 'launch checked', exit 0, for a pair with a bad index, a truncated .bin, no tokens, or ids
+    outside the model's vocabulary; the launch refused them only after the process group started."""
+    import numpy as np
+
+    from megakv.data.indexed import IndexedWriter
+    from megakv.data.metadata import read_meta, write_meta
+
+    def copy(name: str) -> Path:
+        for suffix in (".bin", ".idx", ".meta.json"):
+            shutil.copy(f"{dataset}{suffix}", tmp_path / f"{name}{suffix}")
+        return tmp_path / name
+
+    bad_index = copy("bad_index")
+    Path(f"{bad_index}.idx").write_bytes(b"garbage" * 10)
+    truncated = copy("truncated")
+    Path(f"{truncated}.bin").write_bytes(Path(f"{truncated}.bin").read_bytes()[:100])
+    empty = tmp_path / "empty"
+    with IndexedWriter(empty, np.uint16) as writer:
+        writer.finalize()
+    too_big = copy("too_big")
+    write_meta(too_big, {**read_meta(too_big), "max_token_id": 100_000})
+    for prefix, words in ((bad_index, "not an MMIDIDX index"), (truncated, "truncated"), (empty, "holds no tokens"),
+                          (too_big, "outside the model's vocabulary")):
+        code = train_main([str(TINY_RECIPE), f"data.datasets=[{prefix}]", f"train.run_dir={tmp_path / 'run'}",
+                           "--dry-run"])
+        assert code == 2, prefix.name
+        assert words in capsys.readouterr().err, prefix.name

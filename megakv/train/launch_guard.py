@@ -51,7 +51,8 @@ class LaunchGuard:
     def __init__(self, store, rank: int, world_size: int, timeout_s: float):
         self.rank, self.world_size, self.timeout_s = rank, world_size, timeout_s
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")  # torchrun's store outlives a restart
-        self.store = dist.PrefixStore(f"megakv/attempt{attempt}/", store)
+        self.prefix = f"megakv/attempt{attempt}/"
+        self.store = dist.PrefixStore(self.prefix, store)
         self.raw_store = store
         # env:// puts the store in rank 0's process (torchrun keeps its own): exiting there takes it away
         self.hosts_store = rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
@@ -68,10 +69,11 @@ class LaunchGuard:
         return cls(store, rank, world, timeout_s)
 
     # ------------------------------------------------------------------ the error board
-    def posted_or_raise(self) -> PeerFailure | None:
-        if not self.store.check(["error"]):
+    def posted_or_raise(self, store=None) -> PeerFailure | None:
+        store = store or self.store
+        if not store.check(["error"]):
             return None
-        raw = json.loads(self.store.get("error"))
+        raw = json.loads(store.get("error"))
         return PeerFailure(int(raw["rank"]), str(raw["message"]), int(raw["code"]))
 
     def posted(self) -> PeerFailure | None:
@@ -108,9 +110,9 @@ class LaunchGuard:
         except Exception:  # noqa: BLE001 - best effort: the peers still end by parallel.timeout
             pass
 
-    def _acknowledge(self) -> None:
+    def _acknowledge(self, store=None) -> None:
         try:
-            self.store.add("acks", 1)
+            (store or self.store).add("acks", 1)
         except Exception:  # noqa: BLE001
             pass
 
@@ -174,10 +176,22 @@ class LaunchGuard:
         dist.init_process_group(backend, store=dist.PrefixStore("pg/", self.store), rank=self.rank,
                                 world_size=self.world_size, timeout=timedelta(seconds=self.timeout_s))
 
+    def _watch_store(self):
+        """A connection of the watcher's own: one store client serialises its calls, so a main thread waiting
+        on the store (DeepSpeed creating a process group waits for every rank there) kept the watcher from
+        reading a peer's error until parallel.timeout."""
+        try:
+            client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                   timeout=timedelta(seconds=self.timeout_s))
+            return dist.PrefixStore(self.prefix, client)
+        except Exception:  # noqa: BLE001 - the shared client still works, only slower to notice
+            return self.store
+
     def watch(self, on_failure) -> None:
         """A daemon thread: beat, watch the next rank's beat, and when any rank posts an error (or the
         watched rank or the store goes silent for parallel.timeout) call on_failure(failure), which exits."""
         watched = (self.rank + 1) % self.world_size
+        store = self._watch_store()
         lost_store = PeerFailure(-1, f"lost contact with the rendezvous store (MASTER_ADDR:MASTER_PORT, hosted by "
                                  f"rank 0 or the launcher) for {self.timeout_s:g}s (parallel.timeout): it exited or "
                                  "froze", 1)
@@ -190,12 +204,12 @@ class LaunchGuard:
                 now = time.monotonic()
                 try:
                     if now - last_beat >= BEAT_S:
-                        self.store.add(f"beat/{self.rank}", 1)
-                        peer = self.store.add(f"beat/{watched}", 0)
+                        store.add(f"beat/{self.rank}", 1)
+                        peer = store.add(f"beat/{watched}", 0)
                         last_beat = now
                         if peer != beats:
                             beats, seen_change = peer, now
-                    failure = self.posted_or_raise()
+                    failure = self.posted_or_raise(store)
                     contact["last"] = time.monotonic()
                 except Exception:  # noqa: BLE001 - the store host is gone: the deadman counts the silence
                     failure = None
@@ -203,9 +217,9 @@ class LaunchGuard:
                     failure = PeerFailure(watched, f"rank {watched} stopped responding: no heartbeat for "
                                           f"{self.timeout_s:g}s (parallel.timeout); it froze, was stopped or its "
                                           "machine is gone. Fix: check that rank's log and machine", 1)
-                    self.report_for(failure)
+                    self.report_for(failure, store)
                 if failure is not None and failure.rank != self.rank:
-                    self._acknowledge()
+                    self._acknowledge(store)
                     on_failure(failure)
                     return
                 time.sleep(WATCH_S)
@@ -223,11 +237,11 @@ class LaunchGuard:
         threading.Thread(target=loop, name="megakv-launch-guard", daemon=True).start()
         threading.Thread(target=deadman, name="megakv-launch-deadman", daemon=True).start()
 
-    def report_for(self, failure: PeerFailure) -> None:
+    def report_for(self, failure: PeerFailure, store=None) -> None:
         """Post a failure noticed here on behalf of another rank (without waiting)."""
         payload = json.dumps({"rank": failure.rank, "message": failure.message, "code": failure.code})
         try:
-            self.store.compare_set("error", "", payload)
+            (store or self.store).compare_set("error", "", payload)
         except Exception:  # noqa: BLE001
             pass
 

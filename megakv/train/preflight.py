@@ -58,14 +58,31 @@ class Launch:
 
 
 def check_data_files(cfg: MegaKVConfig) -> None:
-    from megakv.data.indexed import bin_path, idx_path, pair_exists
+    """Every pair exists, reads as an index (header, sizes), holds tokens, and (where its metadata says) fits the
+    model's vocabulary: --dry-run passed damaged or empty data that the launch refused after the process group."""
+    from megakv.data.errors import DataError
+    from megakv.data.indexed import IndexedDataset, bin_path, idx_path, pair_exists
+    from megakv.data.metadata import read_meta
 
     for name in ("datasets", "valid_datasets"):
         for i, prefix in enumerate(getattr(cfg.data, name)):
+            field = f"data.{name}[{i}]"
             if not pair_exists(prefix):
-                raise ConfigError(f"data.{name}[{i}]", prefix,
+                raise ConfigError(field, prefix,
                                   f"no prepared dataset: {bin_path(prefix)} and {idx_path(prefix)} must both exist",
                                   "give the prefix of a .bin/.idx pair written by megakv-prep (without suffix)")
+            try:
+                tokens = IndexedDataset(prefix).num_tokens
+                largest = (read_meta(prefix) or {}).get("max_token_id")
+            except DataError as e:
+                fix = e.fix or "prepare the dataset again with megakv-prep"
+                raise ConfigError(field, prefix, e.problem, fix) from None
+            if tokens == 0:
+                raise ConfigError(field, prefix, "the dataset holds no tokens", "prepare it again from its text")
+            if largest is not None and int(largest) >= cfg.model.vocab_size:
+                raise ConfigError(field, prefix, f"holds token id {largest}, outside the model's vocabulary of "
+                                  f"{cfg.model.vocab_size}", "prepare it with the model's tokenizer, or raise "
+                                  "model.vocab_size")
 
 
 def tokenizer_dir(cfg: MegaKVConfig) -> Path:
