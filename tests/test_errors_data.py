@@ -12,6 +12,7 @@ from data_fixtures import module_tokenizer, synthetic_documents, write_jsonl
 
 from megakv.cli import prep as prep_cli
 from megakv.cli import tokenizer as tokenizer_cli
+from megakv.data.errors import DataError
 from megakv.data.indexed import IndexedDataset, pair_exists
 
 REPO = Path(__file__).resolve().parents[1]
@@ -190,3 +191,27 @@ def test_a_damaged_compressed_or_parquet_input_is_named(tmp_path, tokenizer_dir,
     err = capsys.readouterr().err
     assert f"{path} cannot be read as" in err and "Traceback" not in err
     assert not (tmp_path / "out.idx").exists()
+
+
+def test_prep_refuses_no_workers_and_a_directory_as_prefix(tmp_path, tokenizer_dir, capsys):
+    """--workers 0 was accepted; --output-prefix out/ wrote ./out.bin and ./tokenizer beside the directory."""
+    corpus = write_jsonl(tmp_path / "c.jsonl", DOCS)
+    (tmp_path / "out").mkdir()
+    for extra, words in ((["--workers", "0"], "--workers must be at least 1"),):
+        with pytest.raises(SystemExit) as usage:
+            _prep([corpus], tokenizer_dir, tmp_path / "d", *extra)
+        assert usage.value.code == 2 and words in capsys.readouterr().err
+    for prefix in (f"{tmp_path / 'out'}/", str(tmp_path / "out")):
+        with pytest.raises(SystemExit) as usage:
+            prep_cli.main(["--input", str(corpus), "--tokenizer", str(tokenizer_dir), "--output-prefix", prefix])
+        assert usage.value.code == 2 and "names a directory" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl", "out"]
+
+
+def test_a_qa_file_that_is_not_utf8_is_named_with_its_line(tmp_path):
+    from megakv.data.sft import read_qa_records
+
+    path = tmp_path / "qa.jsonl"
+    path.write_bytes(json.dumps({"context": "c", "question": "q", "answer": "a"}).encode() + b"\n\xff\xfe\n")
+    with pytest.raises(DataError, match=r"qa.jsonl:2: not UTF-8"):
+        read_qa_records(path)

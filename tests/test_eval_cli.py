@@ -187,3 +187,12 @@ def test_results_paths_are_checked_before_the_evaluation(model_dir, split, tmp_p
     assert plan_main(["--model", str(model_dir), "--data", str(split), "--budget", "50%", "--seq-len", "16",
                       "--json", str(tmp_path / "a_dir")]) == 2
     assert "is a directory" in capsys.readouterr().err
+
+
+def test_eval_refuses_a_window_or_batch_of_nothing(model_dir, split, capsys):
+    """--seq-len 0 meant the model's context; --batch-size 0 was accepted."""
+    base = ["--model", str(model_dir), "--data", str(split), "--retain", "all"]
+    assert eval_main([*base, "--seq-len", "0"]) == 2
+    assert "--seq-len must be >= 1" in capsys.readouterr().err
+    assert eval_main([*base, "--batch-size", "0"]) == 2
+    assert "--batch-size must be >= 1" in capsys.readouterr().err

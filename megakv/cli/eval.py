@@ -48,6 +48,8 @@ def load_windows(args: argparse.Namespace, model, tokenizer_dir):
     """(windows, a line saying how many tokens of how many are scored); warns about a long --seq-len."""
     from megakv.eval.data import make_windows, read_eval_tokens
 
+    if args.seq_len is not None and args.seq_len < 1:
+        raise ValueError(f"--seq-len must be >= 1 (or left out for the model's context), got {args.seq_len}")
     if args.max_tokens != 0 and args.max_tokens < 2:
         raise ValueError(f"--max-tokens must be >= 2 (or 0 for all), got {args.max_tokens}")
     seq_len = args.seq_len or model.cfg.max_seq_len
@@ -107,6 +109,8 @@ def _run(args: argparse.Namespace) -> int:
     from megakv.model_paths import resolve_model
 
     apply_runtime_options(args)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     check_output_file(args.json, "--json")
     if args.task == "lm":
         check_output_file(args.plot, "--plot", PLOT_SUFFIXES)

@@ -12,6 +12,8 @@ pick this task's files.
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
 from megakv.data.cli_support import run_cli
 from megakv.data.preprocess import DEFAULT_MAX_RECORD_MB, DEFAULT_MAX_SKIP_FRACTION, PrepOptions, preprocess
@@ -50,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if (args.shard_index is None) != (args.num_shards is None):
         parser.error("--shard-index and --num-shards go together")
+    if args.workers < 1:
+        parser.error(f"--workers must be at least 1, got {args.workers}")
+    if args.output_prefix.endswith(("/", os.sep)) or Path(args.output_prefix).is_dir():  # wrote ./out.bin beside it
+        parser.error(f"--output-prefix {args.output_prefix} names a directory: give a file prefix inside it, e.g. "
+                     f"{Path(args.output_prefix) / 'train'}")
     options = PrepOptions(text_key=args.text_key, txt_unit=args.txt_unit, format=args.format,
                           prepend_bos=args.prepend_bos, strict=args.strict, max_record_mb=args.max_record_mb)
     shard = (args.shard_index, args.num_shards) if args.num_shards is not None else None

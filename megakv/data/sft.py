@@ -53,8 +53,13 @@ def read_qa_records(path: str | Path) -> list[QARecord]:
     if not path.is_file():
         raise DataError(f"QA file {path} not found", "pass a jsonl file with context, question and answer fields")
     records = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for line_no, raw_line in enumerate(f, 1):
+            try:
+                line = raw_line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{line_no}: not UTF-8 ({e.reason} at byte {e.start})",
+                                "save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
