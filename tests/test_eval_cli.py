@@ -179,8 +179,8 @@ def test_results_paths_are_checked_before_the_evaluation(model_dir, split, tmp_p
     base = ["--model", str(model_dir), "--data", str(split), "--retain", "all", "--seq-len", "16", "--no-progress"]
     for extra, words in ((["--json", str(tmp_path / "a_dir")], "is a directory"),
                          (["--json", str(tmp_path / "a_file" / "e.json")], "is a file, so nothing can be written"),
-                         (["--plot", str(tmp_path / "p.txt")], "ending in .png, .pdf, .svg"),
-                         (["--plot", str(tmp_path / "p")], "ending in .png, .pdf, .svg")):
+                         (["--plot", str(tmp_path / "p.txt")], "ending in .avif, .eps"),
+                         (["--plot", str(tmp_path / "p")], "ending in .avif, .eps")):
         assert eval_main([*base, *extra]) == 2, extra
         captured = capsys.readouterr()
         assert words in captured.err and "every:1" not in captured.out, extra  # refused before scoring
@@ -196,3 +196,40 @@ def test_eval_refuses_a_window_or_batch_of_nothing(model_dir, split, capsys):
     assert "--seq-len must be >= 1" in capsys.readouterr().err
     assert eval_main([*base, "--batch-size", "0"]) == 2
     assert "--batch-size must be >= 1" in capsys.readouterr().err
+
+
+def test_generate_starts_a_prompt_with_the_bos_the_tokenizer_adds_unless_told_not_to(tmp_path, capsys):
+    """A Llama-style tokenizer starts every text with <s>: a text prompt gets it (as transformers' tokenizer(text)
+    does; --add-bos no longer doubles it); --no-bos serves a model trained on data prepared without it."""
+    from data_fixtures import synthetic_documents
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from megakv.data.tokenizer import import_hf_tokenizer
+    from megakv.model_dir import save_model_dir
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(synthetic_documents(80), trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1), ("</s>", 2)])
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>") \
+        .save_pretrained(str(tmp_path / "hf_tok"))
+    import_hf_tokenizer(tmp_path / "hf_tok", tmp_path / "tok")
+    model = tiny_model(seed=3, vocab_size=300, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model_dir = save_model_dir(model.cfg, model.state_dict(), tmp_path / "model", tokenizer_dir=tmp_path / "tok")
+
+    def continuation(prompt: str, *argv: str) -> str:  # what follows the echoed prompt
+        assert generate_main(["--model", str(model_dir), "--prompt", prompt, "--max-new-tokens", "8", "--no-eos-stop",
+                              *argv]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith(prompt)
+        return out[len(prompt):]
+
+    text = "the quick brown fox"
+    with_bos = continuation(text)
+    assert continuation(text, "--add-bos") == with_bos == continuation("<s>" + text)
+    assert continuation(text, "--no-bos") != with_bos
+    assert generate_main(["--model", str(model_dir), "--prompt", text, "--add-bos", "--no-bos"]) == 2
+    assert "contradict" in capsys.readouterr().err

@@ -84,6 +84,13 @@ def test_dry_run_catches_the_mismatch_and_a_missing_model_dir(tmp_path, model_di
     a_run = dry(f"checkpoint.init_from={run_dir}")
     assert a_run.returncode == 2 and "a training run directory" in a_run.stderr
     assert f"megakv-convert from-checkpoint {run_dir}" in a_run.stderr
+    # A mistyped init_from must not borrow the model of whatever run train.run_dir holds (the requeue fallback
+    # applies only to a run fine-tuned from that very directory).
+    (run_dir / "checkpoints" / "step_00000001").mkdir()
+    (run_dir / "checkpoints" / "step_00000001" / "megakv_state.json").write_text("{}")
+    (run_dir / "config.yaml").write_text("model:\n  n_layers: 2\ncheckpoint:\n  init_from: null\n")
+    with pytest.raises(ConfigError, match="not a megakv model directory"):
+        load_config(finetune_yaml(tmp_path), [f"checkpoint.init_from={tmp_path / 'typo'}", f"train.run_dir={run_dir}"])
     fine = dry(f"checkpoint.init_from={model_dir}", f"data.seq_len={WINDOW}")
     assert fine.returncode == 0, fine.stderr
 

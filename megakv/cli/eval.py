@@ -18,10 +18,10 @@ import sys
 from megakv.cli.eval_qa import add_qa_arguments, run_qa
 from megakv.inference.cli_support import (
     DTYPES,
-    PLOT_SUFFIXES,
     add_model_arguments,
     apply_runtime_options,
     check_output_file,
+    plot_suffixes,
     run_cli,
 )
 
@@ -113,7 +113,7 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     check_output_file(args.json, "--json")
     if args.task == "lm":
-        check_output_file(args.plot, "--plot", PLOT_SUFFIXES)
+        check_output_file(args.plot, "--plot", plot_suffixes())
     if args.task == "qa":
         # Options of the loss report only: refused, not silently ignored.
         for option, fix in (("baseline", "run --task qa once per model and compare the tables (or --json)"),

@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--add-bos", action="store_true",
                         help="start each prompt with the tokenizer's bos token (text prompts already start with it "
                              "where the tokenizer adds one, as transformers' tokenizer(text) does: Llama's)")
+    parser.add_argument("--no-bos", action="store_true",
+                        help="do not start text prompts with the bos token the tokenizer adds (for a model trained "
+                             "on data prepared without it: megakv-prep adds none unless --prepend-bos)")
     parser.add_argument("--no-eos-stop", action="store_true", help="do not stop at the end-of-sequence token")
     parser.add_argument("--stats", action="store_true",
                         help="also print cache bytes, time to first token and decode tokens/s")
@@ -96,6 +99,10 @@ def _run(args: argparse.Namespace) -> int:
 
         tokenizer = load_tokenizer(tokenizer_dir)
         prompts = [tokenizer.encode_prompt(text) for text in args.prompt]
+        if args.add_bos and args.no_bos:
+            raise ValueError("--add-bos and --no-bos contradict each other: pass one")
+        if args.no_bos:
+            prompts = [ids[1:] if ids[:1] == [tokenizer.bos_id] else ids for ids in prompts]
         if args.add_bos:
             if tokenizer.bos_id is None:
                 raise ValueError("--add-bos: the tokenizer has no bos token")

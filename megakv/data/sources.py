@@ -142,14 +142,15 @@ class RecordReader:
 
     def __iter__(self) -> Iterator[tuple[int, object]]:
         # A damaged file (a truncated download, another format under this name) is named, not a traceback.
+        damaged: tuple[type[BaseException], ...] = (OSError, EOFError, lzma.LZMAError, zlib.error)
+        if self.file.format == "parquet":
+            import pyarrow
+
+            damaged += (pyarrow.ArrowException,)  # ArrowInvalid: not a parquet file, or a truncated one
         try:
             yield from self._records()
-        except (OSError, EOFError, lzma.LZMAError, zlib.error) as e:
+        except damaged as e:
             raise self._unreadable(e) from None
-        except Exception as e:
-            if self.file.format != "parquet" or isinstance(e, DataError):
-                raise
-            raise self._unreadable(e) from None  # pyarrow / datasets errors of a file that is no parquet
 
     def _unreadable(self, error: BaseException) -> DataError:
         kind = self.file.format + (f" ({self.file.compression[1:]})" if self.file.compression else "")

@@ -43,7 +43,12 @@ def apply_runtime_options(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
 
 
-PLOT_SUFFIXES = (".png", ".pdf", ".svg")
+def plot_suffixes() -> tuple[str, ...]:
+    """The file types matplotlib writes (png, pdf, svg, jpg, ...)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    return tuple(f".{kind}" for kind in sorted(FigureCanvasAgg(Figure()).get_supported_filetypes()))
 
 
 def check_output_file(path: str | None, flag: str, suffixes: tuple[str, ...] = ()) -> None:

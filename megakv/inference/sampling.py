@@ -50,10 +50,9 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 def sample_next_token(logits: torch.Tensor, config: SamplingConfig,
                       generator: torch.Generator | None = None) -> torch.Tensor:
     """logits (batch, vocab) -> token ids (batch,)."""
-    if config.greedy:
+    if config.greedy or config.temperature < torch.finfo(torch.float32).tiny:  # greedy to any precision
         return logits.argmax(-1)
-    # In float64 (1e-300 is 0 in float32) and shifted so the largest is 0 before dividing: a tiny temperature
-    # sends the others to -inf, never to NaN.
-    logits = logits.double()
+    # Shifted so the largest is 0 before dividing: a tiny temperature sends the others to -inf, never to NaN.
+    logits = logits.float()
     scaled = filter_logits((logits - logits.amax(-1, keepdim=True)) / config.temperature, config.top_k, config.top_p)
     return torch.multinomial(scaled.softmax(-1), 1, generator=generator).squeeze(-1)
