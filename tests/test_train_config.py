@@ -241,6 +241,6 @@ def test_dry_run_reads_the_data_as_the_launch_does(dataset, tmp_path, capsys):
     for prefix, words in ((bad_index, "not an MMIDIDX index"), (truncated, "truncated"), (empty, "holds no tokens"),
                           (too_big, "outside the model's vocabulary")):
         code = train_main([str(TINY_RECIPE), f"data.datasets=[{prefix}]", f"train.run_dir={tmp_path / 'run'}",
-                           "--dry-run"])
+                           f"data.tokenizer={dataset.parent / 'tokenizer'}", "--dry-run"])
         assert code == 2, prefix.name
         assert words in capsys.readouterr().err, prefix.name

@@ -62,7 +62,6 @@ def check_data_files(cfg: MegaKVConfig) -> None:
     model's vocabulary: --dry-run passed damaged or empty data that the launch refused after the process group."""
     from megakv.data.errors import DataError
     from megakv.data.indexed import IndexedDataset, bin_path, idx_path, pair_exists
-    from megakv.data.metadata import read_meta
 
     for name in ("datasets", "valid_datasets"):
         for i, prefix in enumerate(getattr(cfg.data, name)):
@@ -73,16 +72,24 @@ def check_data_files(cfg: MegaKVConfig) -> None:
                                   "give the prefix of a .bin/.idx pair written by megakv-prep (without suffix)")
             try:
                 tokens = IndexedDataset(prefix).num_tokens
-                largest = (read_meta(prefix) or {}).get("max_token_id")
             except DataError as e:
                 fix = e.fix or "prepare the dataset again with megakv-prep"
                 raise ConfigError(field, prefix, e.problem, fix) from None
             if tokens == 0:
                 raise ConfigError(field, prefix, "the dataset holds no tokens", "prepare it again from its text")
+
+
+def check_data_vocab(cfg: MegaKVConfig) -> None:
+    """Token ids a dataset's metadata reports fit the model (after check_tokenizer, which names the usual cause)."""
+    from megakv.data.metadata import read_meta
+
+    for name in ("datasets", "valid_datasets"):
+        for i, prefix in enumerate(getattr(cfg.data, name)):
+            largest = (read_meta(prefix) or {}).get("max_token_id")
             if largest is not None and int(largest) >= cfg.model.vocab_size:
-                raise ConfigError(field, prefix, f"holds token id {largest}, outside the model's vocabulary of "
-                                  f"{cfg.model.vocab_size}", "prepare it with the model's tokenizer, or raise "
-                                  "model.vocab_size")
+                raise ConfigError(f"data.{name}[{i}]", prefix, f"holds token id {largest}, outside the model's "
+                                  f"vocabulary of {cfg.model.vocab_size}", "prepare it with the model's tokenizer, "
+                                  "or raise model.vocab_size")
 
 
 def tokenizer_dir(cfg: MegaKVConfig) -> Path:
@@ -359,6 +366,7 @@ def preflight(cfg: MegaKVConfig, layout: ParallelLayout) -> Launch:
     cfg.data.validate("data")  # training needs data (a config that only describes a model may omit it)
     check_data_files(cfg)
     check_tokenizer(cfg)
+    check_data_vocab(cfg)
     check_init_tokenizer(cfg)
     memory_note = check_activation_memory(cfg, layout.local_rank)
     if memory_note and layout.rank == 0:
