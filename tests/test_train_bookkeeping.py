@@ -4,6 +4,7 @@ step time, peak memory and MFU in the log and in TensorBoard, and document-bound
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from dataclasses import replace
@@ -154,3 +155,15 @@ def test_document_masking_in_training_matches_a_masked_reference(dataset, tmp_pa
     assert run_loss["plain"] == pytest.approx(plain, abs=1e-5)
     assert run_loss["masked"] == pytest.approx(reference, abs=1e-5)
     assert abs(reference - plain) > 20 * 1e-5  # an untrained model: small, but far beyond the tolerance
+
+
+def test_a_metrics_line_cut_mid_character_is_dropped_on_resume(tmp_path):
+    """A crash can cut metrics.jsonl inside a multi-byte character: the resume was a UnicodeDecodeError
+    traceback. Such a line is dropped like any other cut line; the steps up to the checkpoint are kept."""
+    from megakv.train.metrics import drop_records_after
+
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": s, "note": "ü"}, ensure_ascii=False) for s in (1, 2, 3)]
+    path.write_bytes(("\n".join(lines) + "\n").encode() + lines[2].encode()[:-3])  # ends inside "ü"
+    assert drop_records_after(path, 2) == 2  # step 3, and the cut line
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]

@@ -37,11 +37,12 @@ def drop_records_after(metrics_file: Path, step: int) -> int:
     if not metrics_file.is_file():
         return 0
     kept, dropped = [], 0
-    for line in metrics_file.read_text().splitlines():
+    for raw in metrics_file.read_bytes().splitlines():
         try:
+            line = raw.decode("utf-8")
             record_step = json.loads(line).get("step", 0)
-        except (json.JSONDecodeError, AttributeError):
-            dropped += 1  # a line cut short by a crash
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            dropped += 1  # a line cut short by a crash (mid-character, even), or damaged
             continue
         if isinstance(record_step, int) and record_step > step:
             dropped += 1
