@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from megakv.data.errors import DataError
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -114,26 +116,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def refuse_existing_output(src: str, out: str | None, overwrite: bool) -> None:
-    """Before any work (consolidating a ZeRO checkpoint can take minutes): a non-empty OUT_DIR needs --overwrite,
-    and OUT_DIR may not be the input or a directory holding it (replacing it would delete the input)."""
+    """Before any work (consolidating a ZeRO checkpoint can take minutes): the data tools' output rules (not the
+    input or a directory holding it, not a file, non-empty only with --overwrite), and not a directory inside
+    the input other than a previous export (RUN_DIR/checkpoints: replacing it would delete part of the input)."""
+    from megakv.data.cli_support import refuse_output_dir
+
     if out is None:
         return
-    source, target = Path(src).resolve(), Path(out).resolve()
-    if target == source or target in source.parents:
-        raise ValueError(f"the output directory {out} is {'the input' if target == source else 'a parent of the input'}"
-                         f" {src}: writing it would delete the input; choose another output directory")
+    refuse_output_dir(out, [src], overwrite)
     path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"the output {out} is a file: choose a directory path")
     previous_export = (path / "config.json").is_file() or (path / "config.yaml").is_file()
-    if source in target.parents and path.is_dir() and any(path.iterdir()) and not previous_export:  # RUN/checkpoints
+    inside = Path(src).resolve() in path.resolve().parents
+    if inside and path.is_dir() and any(path.iterdir()) and not previous_export:
         raise ValueError(f"the output directory {out} lies inside the input {src} and holds files: replacing it "
                          "would delete part of the input; choose a new or empty directory")
-    if overwrite:
-        return
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise FileExistsError(f"{path} already exists and is not empty: choose a new output directory or pass "
-                              f"--overwrite")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         refuse_existing_output(args.src, getattr(args, "out", None), getattr(args, "overwrite", False))
         out = args.func(args)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError, DataError) as e:
         print(f"megakv-convert: error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}")

@@ -78,13 +78,13 @@ def prepare_corpus(name: str, output: str | Path, *, vocab_size: int | None = No
         raise DataError(f"--workers {workers} must be at least 1", "e.g. the number of CPU cores")
     output = Path(output).resolve()
     tokenizer_dir = output / "tokenizer"
-    if (tokenizer_dir / METADATA_FILE).exists():
-        info = TokenizerInfo.read(tokenizer_dir)
-        if vocab_size is not None and vocab_size != info.vocab_size:
-            raise DataError(f"{output} already holds a tokenizer of {info.vocab_size} pieces, not {vocab_size}",
-                            f"use --vocab-size {info.vocab_size}, another --output, or delete {tokenizer_dir}")
+    existing = TokenizerInfo.read(tokenizer_dir) if (tokenizer_dir / METADATA_FILE).exists() else None
+    if existing is not None and vocab_size is not None and vocab_size != existing.vocab_size:
+        raise DataError(f"{output} already holds a tokenizer of {existing.vocab_size} pieces, not {vocab_size}",
+                        f"use --vocab-size {existing.vocab_size}, another --output, or delete {tokenizer_dir}")
     paths = fetch_corpus(name, output)
-    if (tokenizer_dir / METADATA_FILE).exists():
+    if existing is not None:
+        info = existing
         print(f"keeping the existing tokenizer {tokenizer_dir} (vocab {info.vocab_size}); delete it to retrain")
     else:
         info = train_sentencepiece(train_texts(paths), tokenizer_dir,

@@ -58,8 +58,8 @@ class Launch:
 
 
 def check_data_files(cfg: MegaKVConfig) -> None:
-    """Every pair exists, reads as an index (header, sizes), holds tokens, and (where its metadata says) fits the
-    model's vocabulary: --dry-run passed damaged or empty data that the launch refused after the process group."""
+    """Every pair exists, reads as an index (header, sizes) and holds tokens: --dry-run passed damaged or empty
+    data that the launch refused after the process group."""
     from megakv.data.errors import DataError
     from megakv.data.indexed import IndexedDataset, bin_path, idx_path, pair_exists
 
