@@ -244,16 +244,31 @@ def test_an_eos_list_outside_the_vocabulary_is_refused():
 
 # --- 6. megakv-eval --task qa refuses the loss-report options ---
 
-@pytest.mark.parametrize("option", ["--baseline", "--plot"])
-def test_qa_task_refuses_loss_only_options(model_dir, tmp_path, capsys, option):
+# --batch-size 8 and --cache-dtype bfloat16 are their defaults: given, they are still refused (the user meant them)
+@pytest.mark.parametrize("option,value", [("--baseline", None), ("--plot", "qa.png"), ("--max-tokens", "100"),
+                                          ("--batch-size", "8"), ("--text-key", "body"),
+                                          ("--cache-dtype", "bfloat16")])
+def test_qa_task_refuses_loss_only_options(model_dir, tmp_path, capsys, option, value):
     qa = tmp_path / "qa.jsonl"
     qa.write_text(json.dumps({"context": "the cat sat on a mat", "question": "what sat", "answer": "the cat"}) + "\n")
-    value = str(model_dir) if option == "--baseline" else str(tmp_path / "qa.png")
+    value = str(model_dir) if option == "--baseline" else value
     assert eval_main(["--task", "qa", "--model", str(model_dir), "--data", str(qa), "--no-progress",
-                      option, value]) == 2
+                      option, value, "--json", str(tmp_path / "qa.json")]) == 2
     err = _error(capsys)
     assert f"{option} applies to --task lm" in err and "Fix:" in err
-    assert not (tmp_path / "qa.png").exists()
+    assert not (tmp_path / "qa.png").exists() and not (tmp_path / "qa.json").exists()
+
+
+@pytest.mark.parametrize("option", [["--limit", "5"], ["--spread"], ["--order", "qca"], ["--max-new-tokens", "4"]])
+def test_loss_task_refuses_qa_only_options(model_dir, tmp_path, capsys, option):
+    text = tmp_path / "held_out.txt"
+    text.write_text("the cat sat on a mat\n" * 20)
+    assert eval_main(["--model", str(model_dir), "--data", str(text), "--no-progress", *option,
+                      "--json", str(tmp_path / "lm.json")]) == 2
+    err = _error(capsys)
+    assert f"{option[0]} applies to --task qa only" in err and "Fix:" in err
+    assert not (tmp_path / "lm.json").exists()
+    assert eval_main(["--model", str(model_dir), "--data", str(text), "--no-progress", "--retain", "every:1"]) == 0
 
 
 # --- bad inputs found by the CLI audit of 2026-12-07 (each was a traceback or a meaningless exit 0) ---

@@ -21,6 +21,7 @@ from megakv.inference.cli_support import (
     add_model_arguments,
     apply_runtime_options,
     check_output_file,
+    given_options,
     plot_suffixes,
     run_cli,
 )
@@ -83,6 +84,34 @@ def load_baseline(args: argparse.Namespace, model):
     return baseline
 
 
+# Options each task reads alone; given to the other task they are refused, not silently ignored.
+LM_ONLY_OPTIONS = {"baseline": "run --task qa once per model and compare the tables (or --json)",
+                   "plot": "drop it; --json writes the QA scores",
+                   "max_tokens": "drop it; --limit chooses how many QA records are scored",
+                   "batch_size": "drop it; QA answers one record at a time",
+                   "text_key": "drop it; QA records are jsonl with context / question / answer fields",
+                   "cache_dtype": "drop it; the QA table reports no cache bytes"}
+QA_ONLY_OPTIONS = ("max_new_tokens", "order", "limit", "spread")
+
+
+def refuse_other_task_options(args: argparse.Namespace) -> None:
+    given = args.given_options
+    if args.task == "qa":
+        for dest, fix in LM_ONLY_OPTIONS.items():
+            if dest in given:
+                raise ValueError(f"{option_flag(dest)} applies to --task lm (held-out loss) only, not to --task qa. "
+                                 f"Fix: {fix}")
+    else:
+        for dest in QA_ONLY_OPTIONS:
+            if dest in given:
+                raise ValueError(f"{option_flag(dest)} applies to --task qa only, not to the held-out loss "
+                                 f"(--task lm). Fix: add --task qa with a QA jsonl as --data, or drop it")
+
+
+def option_flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megakv-eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -114,12 +143,8 @@ def _run(args: argparse.Namespace) -> int:
     check_output_file(args.json, "--json")
     if args.task == "lm":
         check_output_file(args.plot, "--plot", plot_suffixes())
+    refuse_other_task_options(args)
     if args.task == "qa":
-        # Options of the loss report only: refused, not silently ignored.
-        for option, fix in (("baseline", "run --task qa once per model and compare the tables (or --json)"),
-                            ("plot", "drop it; --json writes the QA scores")):
-            if getattr(args, option):
-                raise ValueError(f"--{option} applies to --task lm (held-out loss) only, not to --task qa. Fix: {fix}")
         return run_qa(args)
     model, tokenizer_dir = resolve_model(args.model, args.device, DTYPES[args.dtype])
     for spec in args.retain:  # reject a bad plan before spending time on the others
@@ -149,7 +174,9 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.given_options = given_options(parser, argv)
     return run_cli("megakv-eval", lambda: _run(args))
 
 

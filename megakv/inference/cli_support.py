@@ -66,6 +66,13 @@ def check_output_file(path: str | None, flag: str, suffixes: tuple[str, ...] = (
         raise ValueError(f"{flag} {path}: give a file name ending in {', '.join(suffixes)}")
 
 
+def given_options(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
+    """The option dests the command line sets itself (a default equal to the given value still counts)."""
+    unset = object()  # argparse fills in defaults only for attributes the namespace lacks
+    prefilled = argparse.Namespace(**dict.fromkeys(vars(parser.parse_args(argv)), unset))
+    return {dest for dest, value in vars(parser.parse_args(argv, prefilled)).items() if value is not unset}
+
+
 def run_cli(prog: str, body: Callable[[], int]) -> int:
     """Run `body`; user mistakes (bad paths, specs, data) become one clear line and exit status 2."""
     from megakv.data.errors import DataError
