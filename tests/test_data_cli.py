@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -38,6 +39,19 @@ def test_tokenizer_prep_merge_info(tmp_path, capsys):
     assert "no text was read from the 4 input file(s)" in err and "missing_field" in err and "--text-key" in err
     assert tokenizer_cli.main(["encode", str(tmp_path / "tok"), "to be\nor not"]) == 0
     assert json.loads(capsys.readouterr().out)["decoded"] == "to be\nor not"
+    assert tokenizer_cli.main(["info", str(tmp_path / "tok")]) == 0
+    assert json.loads(capsys.readouterr().out)["vocab_size"] == 400
+    # info printed the metadata of a directory whose model file was garbage, or another tokenizer's.
+    shutil.copytree(tmp_path / "tok", tmp_path / "tok_bad")
+    (tmp_path / "tok_bad" / "tokenizer.model").write_bytes(b"\x00garbage" * 10)
+    assert tokenizer_cli.main(["info", str(tmp_path / "tok_bad")]) == 2
+    assert "not a SentencePiece model" in capsys.readouterr().err
+    assert tokenizer_cli.main(["train", "--input", str(tmp_path / "raw"), "--vocab-size", "500",
+                               "--output", str(tmp_path / "tok500")]) == 0
+    shutil.copy(tmp_path / "tok500" / "tokenizer.model", tmp_path / "tok_bad" / "tokenizer.model")
+    capsys.readouterr()
+    assert tokenizer_cli.main(["info", str(tmp_path / "tok_bad")]) == 2
+    assert "do not match its megakv_tokenizer.json" in capsys.readouterr().err
     # The output directory was replaced whatever it held: another directory's files, the corpus itself.
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("precious")

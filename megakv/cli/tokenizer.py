@@ -21,8 +21,8 @@ from megakv.data.tokenizer import (
     check_spm_settings,
     import_hf_tokenizer,
     load_tokenizer,
-    read_info,
     train_sentencepiece,
+    verified_info,
 )
 
 
@@ -51,7 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--output", required=True)
     imp.add_argument("--overwrite", action="store_true", help="replace a non-empty --output directory")
     imp.add_argument("--eos-token", help="end-of-document token, if the tokenizer declares none")
-    info = sub.add_parser("info", help="print a tokenizer directory's metadata")
+    info = sub.add_parser("info", help="check that a tokenizer directory loads and matches its metadata, "
+                                        "and print the metadata")
     info.add_argument("directory")
     enc = sub.add_parser("encode", help="print the ids of a text (a quick check)")
     enc.add_argument("directory")
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             info = import_hf_tokenizer(args.source, args.output, args.eos_token)
             print(f"imported {args.source}: vocab {info.vocab_size}, eos {info.eos_id} -> {args.output}")
         elif args.command == "info":
-            print(json.dumps(asdict(read_info(args.directory)), indent=2))
+            print(json.dumps(asdict(verified_info(args.directory)), indent=2))
         else:
             tok = load_tokenizer(args.directory)
             ids = tok.encode(args.text)

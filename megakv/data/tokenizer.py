@@ -204,6 +204,19 @@ def read_info(directory: str | Path) -> TokenizerInfo:
     return TokenizerInfo.read(directory)
 
 
+def verified_info(directory: str | Path) -> TokenizerInfo:
+    """A megakv tokenizer directory's metadata, after checking that its files load and are the files the
+    metadata describes (their fingerprint is what tells copies of one tokenizer apart from other tokenizers)."""
+    info = read_info(directory)
+    load_tokenizer(directory)
+    files = _fingerprint_dir(Path(directory))
+    if files != info.fingerprint:
+        raise DataError(f"{directory}: its files do not match its {METADATA_FILE} (fingerprint {files[:12]}, the "
+                        f"metadata says {info.fingerprint[:12]}): they were changed after the tokenizer was saved",
+                        "re-create the directory with `megakv-tokenizer train` or `megakv-tokenizer import`")
+    return info
+
+
 def encode_alike(first: str | Path, second: str | Path) -> bool | None:
     """Whether two tokenizer directories give the same ids: copies of one tokenizer (same files), or different
     files that agree on the vocabulary size, special ids and a probe text's ids (a re-saved Hugging Face
