@@ -67,3 +67,40 @@ def test_the_options_are_config_fields_refused_with_pipeline_parallelism():
     assert cfg.data.reset_attention_mask and cfg.data.reset_position_ids
     with pytest.raises(ConfigError, match="data.reset_attention_mask.*pipeline"):
         load_config(None, ["data.reset_attention_mask=true", "parallel.pipeline=2", "parallel.zero_stage=1"])
+
+
+def test_resets_are_refused_on_data_whose_documents_do_not_end_with_eod(tmp_path):
+    """A Megatron pair prepared without --append-eod has no EOD: the resets would silently do nothing."""
+    import numpy as np
+
+    from megakv.data.indexed import IndexedWriter
+    from megakv.data.tokenizer import read_info
+    from megakv.testing.tiny_data import prepare_tiny_dataset
+    from megakv.train.preflight import check_document_ends
+
+    prepared = prepare_tiny_dataset(tmp_path / "tiny")
+    eod = read_info(prepared.parent / "tokenizer").eos_id
+    rng = np.random.default_rng(0)
+    no_eod = tmp_path / "tiny" / "data" / "megatron_no_eod"
+    with IndexedWriter(no_eod, np.uint16) as writer:
+        for _ in range(50):
+            writer.add_document(rng.integers(eod + 5, 300, size=int(rng.integers(5, 40))))
+        writer.finalize()
+    resets = ["data.reset_attention_mask=true", "data.reset_position_ids=true"]
+    check_document_ends(load_config(None, [f"data.datasets=[{prepared}]", *resets]))  # megakv-prep's: fine
+    check_document_ends(load_config(None, [f"data.datasets=[{no_eod}]"]))  # no reset asked for: fine
+    with pytest.raises(ConfigError, match=r"data.datasets\[1\].*no sequence of it ends with the end-of-document "
+                                          r"token.*reset_attention_mask and data.reset_position_ids.*append-eod"):
+        check_document_ends(load_config(None, [f"data.datasets=[{prepared},{no_eod}]", *resets]))
+    with pytest.raises(ConfigError, match=r"data.valid_datasets\[0\].*reset_position_ids would find"):
+        check_document_ends(load_config(None, [f"data.datasets=[{prepared}]", f"data.valid_datasets=[{no_eod}]",
+                                               "data.reset_position_ids=true"]))
+    # Megatron's --split-sentences with --append-eod: only a document's last sentence ends with EOD; accepted.
+    split = tmp_path / "tiny" / "data" / "megatron_sentences"
+    with IndexedWriter(split, np.uint16) as writer:
+        for _ in range(50):
+            sentences = [rng.integers(eod + 5, 300, size=6) for _ in range(4)]
+            sentences[-1] = np.append(sentences[-1], eod)
+            writer.add_documents(np.concatenate(sentences), np.array([len(s) for s in sentences]))
+        writer.finalize()
+    check_document_ends(load_config(None, [f"data.datasets=[{split}]", *resets]))

@@ -17,7 +17,8 @@ class DataConfig:
     valid_datasets: list[str] = field(default_factory=list)
     # Tokenizer directory; None: the `tokenizer/` saved beside the first dataset.
     tokenizer: str | None = None
-    # Fraction of each training dataset's documents held out for validation (whole documents).
+    # Fraction of each training dataset's sequences held out for validation, whole (megakv-prep writes one
+    # sequence per document; a Megatron pair made with --split-sentences, one per sentence).
     valid_fraction: float = 0.01
     # Seed of the train/validation split; kept apart from `seed` so runs with different seeds share it.
     split_seed: int = 1234

@@ -112,6 +112,28 @@ def check_tokenizer(cfg: MegaKVConfig) -> None:
                           f"set model.vocab_size >= {vocab} (a multiple of 64 is faster)")
 
 
+def check_document_ends(cfg: MegaKVConfig) -> None:
+    """data.reset_attention_mask / reset_position_ids find documents by their EOD token: on data whose
+    documents do not end with it (Megatron's preprocess_data.py without --append-eod) they would do nothing."""
+    from megakv.data.boundaries import ends_with_eod
+    from megakv.data.indexed import IndexedDataset
+    from megakv.data.tokenizer import read_info
+
+    resets = [f"data.{name}" for name in ("reset_attention_mask", "reset_position_ids") if getattr(cfg.data, name)]
+    if not resets:
+        return
+    eod = read_info(tokenizer_dir(cfg)).eos_id
+    for name in ("datasets", "valid_datasets"):
+        for i, prefix in enumerate(getattr(cfg.data, name)):
+            if not ends_with_eod(IndexedDataset(prefix), eod):
+                raise ConfigError(f"data.{name}[{i}]", prefix,
+                                  f"no sequence of it ends with the end-of-document token {eod}, so "
+                                  f"{' and '.join(resets)} would find no document boundary (a Megatron pair "
+                                  "prepared without --append-eod?)",
+                                  "prepare it again with megakv-prep (or Megatron's --append-eod), or set "
+                                  f"{'=false and '.join(resets)}=false")
+
+
 def check_init_tokenizer(cfg: MegaKVConfig) -> None:
     """checkpoint.init_from's model must have been trained with the data's tokenizer: other token ids would make
     its weights meaningless without any error. Copies of one tokenizer agree (same files); different files
@@ -367,6 +389,7 @@ def preflight(cfg: MegaKVConfig, layout: ParallelLayout) -> Launch:
     check_data_files(cfg)
     check_tokenizer(cfg)
     check_data_vocab(cfg)
+    check_document_ends(cfg)
     check_init_tokenizer(cfg)
     memory_note = check_activation_memory(cfg, layout.local_rank)
     if memory_note and layout.rank == 0:
