@@ -228,6 +228,16 @@ def _seeded_generator(seed: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed(int(mixed[0]) << 32 | int(mixed[1]))
 
 
+def _seeded_normal_(weight: torch.Tensor, std: float, seed: int, name: str) -> None:
+    """Fill `weight` from its own CPU generator; drawn on the CPU and copied for a weight on another device (a
+    CUDA tensor cannot draw from a CPU generator), so a model built on a GPU starts from the same values."""
+    generator = _seeded_generator(seed, name)
+    if weight.device.type == "cpu":
+        weight.normal_(0.0, std, generator=generator)
+    else:
+        weight.copy_(torch.empty(weight.shape, dtype=weight.dtype).normal_(0.0, std, generator=generator))
+
+
 def init_weights(module: nn.Module, prefix: str, cfg: ModelConfig, seed: int) -> None:
     """Initialise `module`, named `prefix` inside a MegaKVModel, as the whole model would be with `seed`."""
     std = cfg.init_std
@@ -238,13 +248,12 @@ def init_weights(module: nn.Module, prefix: str, cfg: ModelConfig, seed: int) ->
         if isinstance(sub, nn.Linear):
             is_residual_out = name.endswith("o_proj") or name.endswith("down_proj")
             with torch.no_grad():
-                sub.weight.normal_(0.0, residual_std if is_residual_out else std,
-                                   generator=_seeded_generator(seed, name + ".weight"))
+                _seeded_normal_(sub.weight, residual_std if is_residual_out else std, seed, name + ".weight")
             if sub.bias is not None:
                 nn.init.zeros_(sub.bias)
         elif isinstance(sub, nn.Embedding):
             with torch.no_grad():
-                sub.weight.normal_(0.0, std, generator=_seeded_generator(seed, name + ".weight"))
+                _seeded_normal_(sub.weight, std, seed, name + ".weight")
         elif isinstance(sub, RMSNorm):
             nn.init.ones_(sub.weight)
 

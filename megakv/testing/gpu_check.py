@@ -9,6 +9,7 @@ validation at every:1..4) on the CPU in fp32 (the reference), on the GPU in fp32
 - the trained model scores the same held-out loss at every retention plan on GPU and CPU, greedy decoding
   gives the same tokens, and transformers' own Llama on the GPU (megakv-convert to-hf) gives the same logits
   and greedy tokens as megakv's engine;
+- a model built on the GPU starts from the weights the same seed gives on the CPU;
 - decode on the GPU at a serving shape: cache bytes and decode speed at every:1, every:2 and every:4.
 The process group of a one-GPU run is NCCL's (checked from the run's log). Several ranks per GPU cannot
 share NCCL, so pipeline and tensor parallel layouts need a node with 2+ GPUs:
@@ -158,6 +159,20 @@ def serving_checks(run_dir: Path, dataset: Path, work: Path, device: str) -> lis
     ]
 
 
+def init_check(device: str) -> Check:
+    """A model built on the device starts from the weights the same seed gives on the CPU."""
+    from megakv.config import ModelConfig
+    from megakv.model import MegaKVModel
+
+    cfg = ModelConfig(vocab_size=320, d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden=128, max_seq_len=64)
+    on_cpu = MegaKVModel(cfg, init_seed=7).state_dict()
+    with torch.device(device):
+        built_there = MegaKVModel(cfg, init_seed=7).state_dict()
+    same = [name for name, value in on_cpu.items() if torch.equal(built_there[name].cpu(), value)]
+    return Check(f"model built on {device} = built on cpu (same seed)", len(same) == len(on_cpu),
+                 f"{len(same)} of {len(on_cpu)} tensors identical", "all")
+
+
 def decode_figures(device: str, quick: bool) -> dict[str, dict[str, float]]:
     """Cache bytes and decode speed of a serving-sized model (random weights) at three retention plans."""
     from megakv.config import ModelConfig
@@ -214,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     dataset = prepare_tiny_dataset(work / "tiny")
     checks, trained = training_checks(dataset, work / "runs", args.device)
     checks += serving_checks(trained, dataset, work, args.device)
+    checks.append(init_check(args.device))
     figures = decode_figures(args.device, args.quick)
     for check in checks:
         print(f"{'PASS' if check.passed else 'FAIL'}  {check.name}: {check.measured} (tolerance {check.tolerance})")
