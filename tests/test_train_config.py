@@ -79,6 +79,14 @@ def test_cli_dry_run_writes_resolved_config_and_ds_json(dataset, tmp_path):
     assert ds["zero_optimization"]["stage3_prefetch_bucket_size"] == 50_000_000  # from the fragment
     assert ds["train_batch_size"] == cfg.train.global_batch
     assert ds["gradient_accumulation_steps"] == cfg.train.global_batch // cfg.train.micro_batch  # one rank
+    # A second dry run with other settings leaves the run's own files alone (they replaced them, so a requeued
+    # fine-tune read an init_from it was never trained from): it writes dry-run.* beside them.
+    before = {name: (run / name).read_bytes() for name in ("config.yaml", "ds_config.json")}
+    assert train_main([str(TINY_RECIPE), f"data.datasets=[{dataset}]", f"train.run_dir={run}", "optim.lr=0.5",
+                       "parallel.zero_stage=1", "--dry-run"]) == 0
+    assert {name: (run / name).read_bytes() for name in before} == before
+    assert load_config(run / "dry-run.config.yaml").optim.lr == 0.5
+    assert json.loads((run / "dry-run.ds_config.json").read_text())["zero_optimization"]["stage"] == 1
 
 
 @pytest.mark.parametrize("fragment", ["zero1", "zero2", "zero3", "zero3_offload"])

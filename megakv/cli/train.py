@@ -28,6 +28,7 @@ import sys
 import time
 import traceback
 import warnings
+from pathlib import Path
 
 from megakv.config.errors import ConfigError
 from megakv.train import EXIT_CONFIG, EXIT_FAILED, EXIT_OK
@@ -59,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "reset_position_ids differ from the checkpoint's (each change is logged); model.*, "
                              "the data's identity and ZeRO-3 <-> 1/2 are refused whatever this says")
     parser.add_argument("--dry-run", action="store_true",
-                        help="check the config and launch, write config.yaml and ds_config.json, do not train")
+                        help="check the config and launch, write config.yaml and ds_config.json (dry-run.* beside an "
+                             "existing run's), do not train")
     # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser
@@ -69,7 +71,7 @@ def _prepare(args: argparse.Namespace):
     from megakv.config import load_config, save_config
     from megakv.parallel.layout import ParallelLayout
     from megakv.train.preflight import preflight
-    from megakv.train.run_dir import CONFIG, DS_CONFIG, write_json_atomically
+    from megakv.train.run_dir import write_json_atomically
 
     overrides = list(args.overrides)
     if args.resume is not None:
@@ -79,11 +81,21 @@ def _prepare(args: argparse.Namespace):
     cfg = load_config(args.config, overrides)
     layout = ParallelLayout.from_env(cfg.parallel)
     launch = preflight(cfg, layout)
+    config_file, ds_config_file = run_files(launch.run_dir, args.dry_run)
     if layout.rank == 0:
         launch.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, launch.run_dir / CONFIG)
-        write_json_atomically(launch.run_dir / DS_CONFIG, launch.ds_config)
-    return cfg, layout, launch
+        save_config(cfg, config_file)
+        write_json_atomically(ds_config_file, launch.ds_config)
+    return cfg, layout, launch, (config_file, ds_config_file)
+
+
+def run_files(run_dir: Path, dry_run: bool) -> tuple[Path, Path]:
+    """Where the resolved config.yaml and ds_config.json go. A dry run beside an existing run's files writes
+    dry-run.* copies: the run's own say what it trained with (a requeued fine-tune reads its init_from)."""
+    from megakv.train.run_dir import CONFIG, DS_CONFIG
+
+    prefix = "dry-run." if dry_run and (run_dir / CONFIG).exists() else ""
+    return run_dir / f"{prefix}{CONFIG}", run_dir / f"{prefix}{DS_CONFIG}"
 
 
 def _prepare_run_dir(launch) -> None:
@@ -179,11 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     rank, _world = env_rank_world()
     cfg = error = None
     try:
-        cfg, layout, launch = _prepare(args)
+        cfg, layout, launch, written = _prepare(args)
     except (ConfigError, OSError, ValueError, RuntimeError) as e:  # OSError: e.g. a full or read-only disk
         error = e
     if args.dry_run and error is None:
-        print(f"megakv-train: launch checked; wrote {launch.run_dir}/config.yaml and ds_config.json")
+        print(f"megakv-train: launch checked; wrote {written[0]} and {written[1].name}")
         return EXIT_OK
     timeout = cfg.parallel.timeout if cfg is not None else ParallelConfig().timeout
     guard = None
