@@ -29,7 +29,7 @@ from megakv.data.sft import (
     read_qa_records,
 )
 from megakv.data.tokenizer import load_tokenizer
-from megakv.parallel.runners import causal_lm_loss, weighted_sequence_loss
+from megakv.parallel.runners import causal_lm_loss, weighted_label_count, weighted_token_loss
 
 SEQ = 128
 OBJECTS = ["the crown", "his sword", "the night", "her father", "the sea", "a letter", "the storm", "old Rome"]
@@ -257,11 +257,18 @@ def test_masked_tokens_contribute_nothing_to_the_loss_or_its_gradient():
     assert float(again) == float(loss.detach())
     # A batch with nothing counted gives 0, not NaN (a NaN would count as a diverged step).
     assert float(causal_lm_loss(logits.detach(), torch.full_like(labels, IGNORE))) == 0.0
-    # Validation's per-sequence mean counts the same labels.
-    per_seq = weighted_sequence_loss(logits.detach(), masked_labels, torch.ones(3, dtype=torch.float64))
-    expected = sum(F.cross_entropy(logits[i][counted[i]], labels[i][counted[i]]) for i in range(3)
-                   if counted[i].any())
-    assert float(per_seq) == pytest.approx(float(expected), rel=1e-6)
+    # Validation is a mean over the counted labels of the weighted sequences (as megakv-eval's), not a mean
+    # of per-sequence means: a sequence with few answer tokens does not weigh more.
+    weights = torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64)  # the last: a weight-0 repeat (padding a rank)
+    total = weighted_token_loss(logits.detach(), masked_labels, weights)
+    tokens = weighted_label_count(masked_labels, weights)
+    assert tokens == float(counted[:2].sum())
+    kept = counted.clone()
+    kept[2] = False
+    assert float(total) / tokens == pytest.approx(float(F.cross_entropy(logits[kept], labels[kept])), rel=1e-6)
+    # Given the step's counted labels per micro-batch, a micro-batch's loss is its sum over that figure.
+    assert float(causal_lm_loss(logits.detach(), masked_labels, 2.5)) == pytest.approx(
+        float(F.cross_entropy(logits[counted], labels[counted], reduction="sum")) / 2.5, rel=1e-6)
 
 
 def test_inputs_and_labels_is_the_identity_split_for_plain_data():
@@ -278,3 +285,59 @@ def test_bad_records_are_refused_naming_the_line(tmp_path, tokenizer_dir):
     assert not (tmp_path / "o" / "qa.idx").exists()
     assert qa_main(["prep", "--input", str(path), "--tokenizer", str(tokenizer_dir), "--output-prefix",
                     str(tmp_path / "o" / "qa")]) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_masked_loss_is_the_mean_over_the_steps_answer_tokens_whatever_the_micro_batch(tmp_path, qa_dataset):
+    """Averaging per-micro-batch means let a micro-batch with few answer tokens weigh more, so the loss and the
+    gradient changed with train.micro_batch (step 1: 5.7801 at 2 vs 5.7687 at 8). Now each micro-batch's sum is
+    divided by the step's counted tokens per micro-batch: one process at micro-batch 8 or 2 and two processes
+    at 2 train alike, and step 1 equals the mean over the step's answer tokens computed here."""
+    from train_helpers import TINY_RECIPE, launch_train, read_metrics, step_losses
+
+    from megakv.parallel.wrap import build_model
+    from megakv.train.export import consolidated_state_dict
+
+    common = [f"data.datasets=[{qa_dataset}]", f"data.seq_len={SEQ}", "model.max_seq_len=128",
+              "routing.strategy=none", "train.steps=3", "train.global_batch=8", "data.valid_fraction=0.1",
+              "validation.every=3", "validation.samples=12", "validation.plans=[every:1]", "checkpoint.every=3",
+              "logging.tensorboard=false", f"data.cache_dir={tmp_path / 'cache'}"]
+    runs = {"mb8": (1, ["train.micro_batch=8"]), "mb2": (1, ["train.micro_batch=2"]),
+            "dp2": (2, ["train.micro_batch=2"])}
+    for name, (nproc, extra) in runs.items():
+        run = launch_train([*common, *extra, f"train.run_dir={tmp_path / name}"], nproc=nproc)
+        assert run.ok, run.output[-4000:]
+    losses = {name: step_losses(tmp_path / name) for name in runs}
+    norms = {name: {r["step"]: r["train/grad_norm"] for r in read_metrics(tmp_path / name) if "loss_exact" in r}
+             for name in runs}
+    for name in ("mb2", "dp2"):
+        for step in (1, 2, 3):
+            assert losses[name][step] == pytest.approx(losses["mb8"][step], rel=1e-6), (name, step)
+            assert norms[name][step] == pytest.approx(norms["mb8"][step], rel=1e-5), (name, step)
+
+    cfg = load_config(TINY_RECIPE, [*common, "train.micro_batch=8"])
+    data = build_data(cfg.data, cfg.seq_len, is_builder=True)
+    (inputs, labels), = micro_batches(data.train, 0, 8, 8, 0, 1)
+    per_sample = (labels != IGNORE).sum(dim=1)
+    assert per_sample.min() < per_sample.max()  # answers of different lengths: the case that was wrong
+    with torch.no_grad():
+        logits = build_model(cfg.model, cfg.train.seed)(inputs)
+    counted = labels != IGNORE
+    expected = F.cross_entropy(logits[counted].double(), labels[counted])
+    assert losses["mb8"][1] == pytest.approx(float(expected), rel=1e-5)
+
+    # Validation is the mean over the held-out answer tokens too (it was a mean of per-sample means).
+    _, weights, _ = consolidated_state_dict(tmp_path / "mb2")
+    model = build_model(cfg.model, cfg.train.seed)
+    model.load_state_dict(weights)
+    assert len(data.valid) > 12  # validation.samples=12: the first 12 held-out samples
+    rows = torch.from_numpy(np.stack([np.asarray(data.valid[i], dtype=np.int64) for i in range(12)]))
+    valid_inputs, valid_labels = inputs_and_labels(rows)
+    with torch.no_grad():
+        valid_logits = model(valid_inputs)
+    kept = valid_labels != IGNORE
+    reference = float(F.cross_entropy(valid_logits[kept].double(), valid_labels[kept]))
+    for name in runs:
+        logged, = [r["valid/loss_every1"] for r in read_metrics(tmp_path / name) if "valid/loss_every1" in r]
+        assert logged == pytest.approx(reference, rel=1e-5), name

@@ -61,6 +61,23 @@ def test_a_changed_schedule_is_described_with_the_fix():
     assert schedule_change(cfg, 8, cfg, 8, steps_applied=4) is None
 
 
+def test_eta_counts_whole_iterations_and_leaves_out_the_first():
+    """The ETA was remaining steps x the mean step time: the first step's start-up inflated it and validation
+    and checkpoint saves (outside the timed step) were missing from it."""
+    from megakv.train.throughput import EtaClock
+
+    clock = EtaClock(window=3)
+    clock.iteration_starts(0.0)
+    assert clock.seconds_left(10, step_seconds=1.0) == 10.0  # nothing whole timed yet: the step itself
+    clock.iteration_starts(5.0)  # the first iteration (start-up) took 5 s: left out
+    assert clock.seconds_left(10, step_seconds=0.5) == 5.0
+    for now in (5.5, 6.0, 7.5):  # 0.5, 0.5, then 1.5 s: a step with a validation and a save
+        clock.iteration_starts(now)
+    assert clock.seconds_left(10, step_seconds=0.5) == pytest.approx(10 * (0.5 + 0.5 + 1.5) / 3)
+    clock.iteration_starts(8.0)  # the window keeps the last 3: 0.5, 1.5, 0.5
+    assert clock.seconds_left(4, step_seconds=0.5) == pytest.approx(4 * 2.5 / 3)
+
+
 def test_flops_per_token_by_hand():
     cfg = ModelConfig(vocab_size=320, d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden=128, max_seq_len=64)
     per_layer = 64 * 64 + 2 * (64 * 32) + 64 * 64 + 3 * (64 * 128)  # q, k, v, o, gate/up/down
@@ -167,3 +184,21 @@ def test_a_metrics_line_cut_mid_character_is_dropped_on_resume(tmp_path):
     path.write_bytes(("\n".join(lines) + "\n").encode() + lines[2].encode()[:-3])  # ends inside "ü"
     assert drop_records_after(path, 2) == 2  # step 3, and the cut line
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
+
+
+@pytest.mark.slow
+def test_tensorboard_shows_each_step_once_after_a_resume(dataset, tmp_path):
+    """A run that went past its last checkpoint and resumed: metrics.jsonl drops the abandoned steps, and
+    TensorBoard hid nothing (it showed steps 1..5 then 4, 5 again, the abandoned step 5 among them)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    _run(dataset, run, "train.steps=5", "checkpoint.every=3", "checkpoint.save_final=false")
+    _run(dataset, run, "train.steps=5", "checkpoint.every=3", "optim.lr=1e-3", resume=True)  # steps 4, 5 redone
+    losses = step_losses(run)
+    assert sorted(losses) == [1, 2, 3, 4, 5]
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    shown = events.Scalars("train/loss")
+    assert [e.step for e in shown] == [1, 2, 3, 4, 5]
+    assert [e.value for e in shown] == pytest.approx([losses[s] for s in range(1, 6)], rel=1e-6)

@@ -11,7 +11,7 @@ LEVELS = ("debug", "info", "warning", "error")
 
 @dataclass
 class LoggingConfig:
-    log_every: int = 10  # console line and TensorBoard training scalars every N steps
+    log_every: int = 10  # the console line every N steps (metrics.jsonl and TensorBoard get every step)
     tensorboard: bool = True  # write run_dir/tensorboard/ on the rank that holds the loss
     level: str = "info"  # level of the rank-prefixed logs (log files of every rank, console of rank 0)
     other_ranks_console: str = "warning"  # console level of ranks other than 0 (their files keep `level`)

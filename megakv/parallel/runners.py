@@ -23,24 +23,39 @@ from megakv.routing import RoutingPlan
 MicroBatch = tuple[torch.Tensor, torch.Tensor]  # (inputs, labels), each (micro_batch, seq_len)
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over the labels that count (IGNORE = -100 marks the others, e.g. a QA
-    prompt: megakv/data/sft.py), in fp32 whatever the training precision; 0 when none counts."""
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor,
+                   tokens_per_micro_batch: float | None = None) -> torch.Tensor:
+    """Next-token cross-entropy over the labels that count (IGNORE = -100 marks the others, e.g. a QA prompt:
+    megakv/data/sft.py), in fp32 whatever the training precision: their mean (0 when none counts), or, given
+    the step's counted labels per micro-batch, their sum divided by it. Gradient accumulation and data
+    parallelism average micro-batch losses; with the second form that average is the step's mean over its
+    tokens, so a micro-batch with few answer tokens does not weigh more, whatever the micro-batch size."""
     flat = labels.reshape(-1)
     total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), flat, reduction="sum")
+    if tokens_per_micro_batch is not None:
+        return total / tokens_per_micro_batch
     return total / (flat != -100).sum().clamp(min=1)
 
 
-def weighted_sequence_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Sum over sequences of weight x the sequence's mean next-token loss over counted labels (validation)."""
+def counted_labels(labels: torch.Tensor) -> int:
+    """The labels that count in the loss (the others are IGNORE = -100)."""
+    return int((labels != -100).sum())
+
+
+def weighted_token_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Sum over sequences of weight x the sequence's summed next-token loss over counted labels (validation
+    divides by the weighted count of those labels: a mean over tokens, as megakv-eval reports)."""
     per_token = F.cross_entropy(logits.float().transpose(1, 2), labels, reduction="none")
-    counted = (labels != -100).sum(dim=1).clamp(min=1)
-    return (per_token.sum(dim=1) / counted * weights.to(per_token.dtype)).sum()
+    return (per_token.sum(dim=1) * weights.to(per_token.dtype)).sum()
+
+
+def weighted_label_count(labels: torch.Tensor, weights: torch.Tensor) -> float:
+    return float(((labels != -100).sum(dim=1).to(torch.float64) * weights).sum())
 
 
 @dataclass
 class StepResult:
-    loss_sum: float  # sum over this data-parallel replica's micro-batches of their mean loss
+    loss_sum: float  # sum over this data-parallel replica's micro-batches of their loss (causal_lm_loss)
     micro_batches: int
     applied: bool  # False when DeepSpeed skipped the optimizer step (non-finite gradients)
     grad_norm: float | None
@@ -50,11 +65,13 @@ class StepRunner(Protocol):
     engine: Any  # what checkpoints save and load; the loop never calls it
 
     def train_step(self, micro_batches: Sequence[MicroBatch], plans: Sequence[RoutingPlan],
-                   poison: bool = False) -> StepResult:
-        """This rank's micro-batches; `plans`: the step's plan, or one per global micro-batch slot."""
+                   tokens_per_micro_batch: float | None = None, poison: bool = False) -> StepResult:
+        """This rank's micro-batches; `plans`: the step's plan, or one per global micro-batch slot;
+        `tokens_per_micro_batch`: the step's counted labels over all its micro-batches (causal_lm_loss)."""
 
     def eval_loss(self, micro_batches: Sequence[MicroBatch], weights: Sequence[float],
-                  plan: RoutingPlan) -> tuple[float, float]: ...
+                  plan: RoutingPlan) -> tuple[float, float]:
+        """(sum of weight x summed loss over each sequence's counted labels, weighted count of those labels)."""
 
     def learning_rate(self) -> float: ...
 
@@ -121,7 +138,7 @@ class DataParallelRunner:
         return float(self.engine.get_lr()[0])
 
     def train_step(self, micro_batches: Sequence[MicroBatch], plans: Sequence[RoutingPlan],
-                   poison: bool = False) -> StepResult:
+                   tokens_per_micro_batch: float | None = None, poison: bool = False) -> StepResult:
         engine = self.engine
         engine.train()
         clear_stale_gradients(engine)
@@ -132,7 +149,7 @@ class DataParallelRunner:
         for index, batch in enumerate(micro_batches):
             inputs, labels = self._to_device(batch)
             loss = causal_lm_loss(engine(inputs, plan=mine[index % len(mine)], keep_kv=keep[index % len(keep)]),
-                                  labels)
+                                  labels, tokens_per_micro_batch)
             if poison:  # fault injection: a non-finite loss whose gradients are non-finite too
                 loss = loss * float("nan")
             engine.backward(loss)
@@ -145,17 +162,16 @@ class DataParallelRunner:
     @torch.no_grad()
     def eval_loss(self, micro_batches: Sequence[MicroBatch], weights: Sequence[float],
                   plan: RoutingPlan) -> tuple[float, float]:
-        """(sum of weight x per-sequence mean loss, sum of weights) over this rank's micro-batches."""
         engine = self.engine
         engine.eval()
-        total, weight_sum = 0.0, 0.0
+        total, counted = 0.0, 0.0
         for index, batch in enumerate(micro_batches):
+            w = _weights_of(weights, index, len(batch[0]))
+            counted += weighted_label_count(batch[1], w)
             inputs, labels = self._to_device(batch)
-            w = _weights_of(weights, index, len(inputs))
-            total += float(weighted_sequence_loss(engine(inputs, plan=plan), labels, w.to(self.ctx.device)))
-            weight_sum += float(w.sum())
+            total += float(weighted_token_loss(engine(inputs, plan=plan), labels, w.to(self.ctx.device)))
         engine.train()
-        return total, weight_sum
+        return total, counted
 
 
 class PipelineLoss:
@@ -163,11 +179,12 @@ class PipelineLoss:
 
     def __init__(self) -> None:
         self.poison = False
+        self.tokens_per_micro_batch: float | None = None  # the step's, set for the length of train_batch
 
     def __call__(self, logits: torch.Tensor, labels) -> torch.Tensor:
         if isinstance(labels, (tuple, list)):
-            return weighted_sequence_loss(logits, labels[0], labels[1])
-        loss = causal_lm_loss(logits, labels)
+            return weighted_token_loss(logits, labels[0], labels[1])
+        loss = causal_lm_loss(logits, labels, self.tokens_per_micro_batch)
         return loss * float("nan") if self.poison else loss
 
 
@@ -187,16 +204,16 @@ class PipelineRunner:
             yield (inputs, plan), labels_of(index, labels)
 
     def train_step(self, micro_batches: Sequence[MicroBatch], plans: Sequence[RoutingPlan],
-                   poison: bool = False) -> StepResult:
+                   tokens_per_micro_batch: float | None = None, poison: bool = False) -> StepResult:
         engine = self.engine
         layout = self.ctx.layout
         mine = rank_plans(plans, layout.data_rank, layout.data_parallel)
         keep = kept_kv(plans, layout.data_parallel)
-        self.loss.poison = poison
+        self.loss.poison, self.loss.tokens_per_micro_batch = poison, tokens_per_micro_batch
         try:
             engine.train_batch(data_iter=self._feed(micro_batches, mine, keep, lambda _, labels: labels))
         finally:
-            self.loss.poison = False
+            self.loss.poison, self.loss.tokens_per_micro_batch = False, None
         # dp_group_loss: this replica's mean over its micro-batches, broadcast to every stage.
         replica_mean = float(engine.dp_group_loss)
         norm = engine.get_global_grad_norm()
@@ -219,5 +236,6 @@ class PipelineRunner:
         mean = self.engine.eval_batch(iter(list(self._feed(micro_batches, [plan], [frozenset()], with_weights))),
                                       num_micro_batches=len(micro_batches))
         self.engine.module.train()
-        weight_sum = float(sum(weights[:len(micro_batches) * size]))
-        return float(mean) * len(micro_batches), weight_sum
+        counted = sum(weighted_label_count(labels, _weights_of(weights, index, size))
+                      for index, (_, labels) in enumerate(micro_batches))
+        return float(mean) * len(micro_batches), counted

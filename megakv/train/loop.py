@@ -36,7 +36,7 @@ from megakv.train.preflight import Launch
 from megakv.train.run_dir import LOGS, METRICS, TENSORBOARD, TOKENIZER, checkpoints_dir, write_status
 from megakv.train.signals import StopRequest
 from megakv.train.state import TrainState
-from megakv.train.throughput import StepMeter
+from megakv.train.throughput import EtaClock, StepMeter
 from megakv.train.validation import validation_batches, validation_losses
 
 log = logging.getLogger("megakv.train")
@@ -129,7 +129,7 @@ class Trainer:
         self.valid_plans = {spec: deployment_plan(spec, cfg.model.n_layers) for spec in cfg.validation.plans}
         if self.layout.holds_loss:
             tb_dir = self.run_dir / TENSORBOARD if cfg.logging.tensorboard else None
-            self.metrics = MetricsWriter(self.run_dir / METRICS, tb_dir)
+            self.metrics = MetricsWriter(self.run_dir / METRICS, tb_dir, first_step=self.state.step + 1)
         if ctx.is_global_zero:
             tokenizer_copy = self.run_dir / TOKENIZER
             if self.data.tokenizer_dir is not None and not tokenizer_copy.exists():
@@ -145,6 +145,16 @@ class Trainer:
         return micro_batches(self.data.train, self.state.consumed_samples, self.cfg.train.global_batch,
                              self.cfg.train.micro_batch, self.layout.data_rank, self.layout.data_parallel)
 
+    def _tokens_per_micro_batch(self, batches) -> float:
+        """The step's counted labels per micro-batch, over every data-parallel replica (causal_lm_loss): the
+        same for every micro-batch of pre-training data, fewer where a loss mask hides prompts or padding."""
+        from megakv.parallel.runners import counted_labels
+
+        counts = torch.tensor([sum(counted_labels(labels) for _, labels in batches), len(batches)],
+                              dtype=torch.float64, device=self.ctx.device)
+        self.ctx.all_reduce(counts, self.ctx.data_group)
+        return max(float(counts[0]), 1.0) / float(counts[1])
+
     def _step(self) -> tuple[float, bool, list, float | None, bool]:
         cfg, state = self.cfg, self.state
         number = state.step + 1  # 1-based number of the step being run
@@ -155,8 +165,9 @@ class Trainer:
             check_plans_agree(plans, number, self.ctx.device)
             self.plan_trace.write(f"{number} " + " | ".join(str(p) for p in plans) + "\n")
         poison = number in cfg.train.debug.nonfinite_loss_at
+        batches = self._micro_batches()
         started = time.monotonic()
-        result = self.runner.train_step(self._micro_batches(), plans, poison=poison)
+        result = self.runner.train_step(batches, plans, self._tokens_per_micro_batch(batches), poison=poison)
         time.sleep(max(0.0, cfg.train.debug.min_step_s - (time.monotonic() - started)))  # a signal's handler runs
         if number == cfg.train.debug.sigterm_at_step and self.ctx.is_global_zero:
             os.kill(os.getpid(), signal.SIGTERM)  # fault injection: a real signal, through the real handler
@@ -177,16 +188,16 @@ class Trainer:
         total = cfg.train.steps
         tokens_per_step = cfg.train.global_batch * self.seq_len
         window_time, window_steps = 0.0, 0
-        step_times: list[float] = []
+        eta_clock = EtaClock()
         validated_at = None
         ran, applied_updates = 0, 0  # steps of this launch, and those that updated the weights
         while state.step < total:
             lr = self.runner.learning_rate()  # the rate this step trains with; the scheduler moves on after it
             started = time.perf_counter()
+            eta_clock.iteration_starts(started)
             loss, stop, plans, grad_norm, applied = self._step()
             elapsed = time.perf_counter() - started
             window_time, window_steps = window_time + elapsed, window_steps + 1
-            step_times = (step_times + [elapsed])[-50:]
             finite = math.isfinite(loss) and applied
             ran, applied_updates = ran + 1, applied_updates + finite
             if finite:
@@ -205,7 +216,7 @@ class Trainer:
                 self.metrics.write(state.step, scalars, loss_exact=repr(loss), applied=applied,
                                    plans=[str(p) for p in plans])
             if state.step % cfg.logging.log_every == 0 or state.step == total:
-                eta = (total - state.step) * sum(step_times) / len(step_times)
+                eta = eta_clock.seconds_left(total - state.step, elapsed)
                 if self.ctx.is_global_zero:
                     gnorm = f"{grad_norm:.3f}" if grad_norm is not None else "-"
                     log.info("step %d/%d | loss %.4f | lr %.2e | grad norm %s | %s tok/s | %s | ETA %s", state.step,

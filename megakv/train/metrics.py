@@ -56,13 +56,15 @@ def drop_records_after(metrics_file: Path, step: int) -> int:
 
 
 class MetricsWriter:
-    def __init__(self, metrics_file: Path, tensorboard_dir: Path | None):
+    def __init__(self, metrics_file: Path, tensorboard_dir: Path | None, first_step: int = 1):
+        """first_step: the step this launch runs first. TensorBoard hides the events an earlier launch wrote for
+        it and later steps (run past its last checkpoint, then resumed), as metrics.jsonl drops them."""
         self.file = open(metrics_file, "a", buffering=1)
         self.tb = None
         if tensorboard_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(log_dir=str(tensorboard_dir))
+            self.tb = SummaryWriter(log_dir=str(tensorboard_dir), purge_step=first_step)
 
     def write(self, step: int, scalars: dict[str, float], **extra) -> None:
         record = {"step": step, "time": time.time(), **scalars, **extra}

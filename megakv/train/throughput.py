@@ -88,3 +88,26 @@ class StepMeter:
         mfu = self.mfu(step_seconds)
         return (f"step {step_seconds:.3f} s | {kind} {memory / 2**30:.2f} GiB"
                 + (f" | MFU {100 * mfu:.1f}%" if mfu is not None else ""))
+
+
+class EtaClock:
+    """Time left, from whole loop iterations (a step with its validation, checkpoint saves and logging) over
+    the last `window`, leaving out a launch's first iteration (start-up: allocation, caches, compilation)."""
+
+    def __init__(self, window: int = 50):
+        self.window = window
+        self._last_start: float | None = None
+        self._finished = 0
+        self._times: list[float] = []
+
+    def iteration_starts(self, now: float) -> None:
+        if self._last_start is not None:
+            self._finished += 1
+            if self._finished > 1:
+                self._times = (self._times + [now - self._last_start])[-self.window:]
+        self._last_start = now
+
+    def seconds_left(self, remaining_steps: int, step_seconds: float) -> float:
+        """`step_seconds`: the step just run, the estimate until a whole later iteration has been timed."""
+        per_step = sum(self._times) / len(self._times) if self._times else step_seconds
+        return remaining_steps * per_step
