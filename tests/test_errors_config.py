@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -60,6 +61,36 @@ def test_train_device_cuda_without_a_gpu_fails_the_dry_run():
     result = _train_cli(str(REPO / "megakv" / "recipes" / "tiny.yaml"), "train.device=cuda")
     assert result.returncode == 2
     assert "config field 'train.device' = 'cuda': no CUDA GPU is available" in _one_clean_line(result.stderr)
+
+
+def test_device_accelerator_and_backend_must_agree():
+    """Each pair failed only at the first forward or collective: DeepSpeed on another accelerator than the run
+    (a CPU run on a GPU node had its engine on the GPU), NCCL on the CPU, gloo on GPUs."""
+    tiny = str(REPO / "megakv" / "recipes" / "tiny.yaml")
+    env = {**CHILD_ENV, "DS_ACCELERATOR": "cuda"}
+    result = subprocess.run([sys.executable, "-m", "megakv.cli.train", tiny, "train.device=cpu", "--dry-run"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "'train.device' = 'cpu': the run would use the cpu while DS_ACCELERATOR=cuda" in _one_clean_line(
+        result.stderr)
+    result = _train_cli(tiny, "train.device=cpu", "parallel.backend=nccl")
+    assert result.returncode == 2
+    assert "'parallel.backend' = 'nccl': NCCL runs on GPUs only" in _one_clean_line(result.stderr)
+
+
+def test_a_cpu_run_pins_deepspeed_to_the_cpu(monkeypatch):
+    """DeepSpeed picks CUDA whenever torch sees a GPU, whatever train.device says; a CPU run pins it first."""
+    from megakv.config.devices import device_type
+    from megakv.parallel.context import pin_deepspeed_to
+
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    pin_deepspeed_to("cpu")
+    assert os.environ["DS_ACCELERATOR"] == "cpu"
+    assert device_type("auto") == "cpu"  # pinned: auto follows DeepSpeed's accelerator, even on a GPU node
+    monkeypatch.setenv("DS_ACCELERATOR", "cuda")
+    assert device_type("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    pin_deepspeed_to("cuda")
+    assert os.environ["DS_ACCELERATOR"] == "cuda"
 
 
 @pytest.fixture(scope="module")

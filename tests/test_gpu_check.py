@@ -25,9 +25,9 @@ def test_gpu_check_runs_every_comparison_with_the_cpu_standing_in(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(report.read_text())
     names = [c["name"] for c in result["checks"]]
-    assert len(names) == 12 and all(c["passed"] for c in result["checks"]), result["checks"]
+    assert len(names) == 13 and all(c["passed"] for c in result["checks"]), result["checks"]
     assert "train cpu bf16 ~ cpu fp32" in names and "transformers generate() = megakv engine on cpu" in names
-    assert "12 of 12 checks passed" in proc.stdout
+    assert "13 of 13 checks passed" in proc.stdout
     # The resumed runs really stopped and went on: 8 steps each, the stopped one after step 4.
     stop = next(c for c in result["checks"] if c["name"] == "SIGTERM stop")
     assert stop["measured"] == "stopped after step 4"

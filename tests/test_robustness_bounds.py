@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from checkpoint_helpers import one_process, shared_runs, tiny_config
@@ -56,6 +57,27 @@ def test_resume_refuses_settings_that_change_what_the_run_computes(runs, tmp_pat
                                     override), one_process())
     assert any(c.startswith(f"{field}:") and "allowed" in c for c in allowed.resume.config_changes)
 
+
+
+def test_another_micro_batch_changes_the_run_only_with_a_plan_per_micro_batch():
+    """With routing.per_micro_batch a step draws global_batch / micro_batch plans: another micro-batch size drew
+    other plans from the resumed step on (losses off by 9.7e-4 two steps later) with only a log line."""
+    from megakv.config import to_yaml
+    from megakv.train.preflight import check_config_changes
+    from megakv.train.state import TrainState
+
+    def changes(saved: list[str], now: list[str], allow: bool = False) -> list[str]:
+        state = TrainState(step=2, config_yaml=to_yaml(load_config(TINY_RECIPE, saved)))
+        return check_config_changes(load_config(TINY_RECIPE, now), state, Path("ckpt"), allow)
+
+    per_micro_batch = ["routing.per_micro_batch=true"]
+    with pytest.raises(ConfigError) as info:
+        changes(per_micro_batch, [*per_micro_batch, "train.micro_batch=1"])
+    assert info.value.field == "train.micro_batch" and "--allow-config-change" in info.value.fix
+    assert changes(per_micro_batch, [*per_micro_batch, "train.micro_batch=1"], allow=True) == [
+        "train.micro_batch: 2 -> 1 (allowed by --allow-config-change)"]
+    # one plan per step: the micro-batch size changes only how the step is accumulated
+    assert changes([], ["train.micro_batch=1"]) == ["train.micro_batch: 2 -> 1"]
 
 
 def test_resume_refuses_another_sample_length(runs, tmp_path):

@@ -129,13 +129,61 @@ def test_two_stages_two_data_ranks_to_two_stages_one_data_rank(dataset, single, 
     change_layout(dataset, single, tmp_path, source=(4, 2), target=(2, 2))
 
 
-def fake_checkpoint(dataset: Path, run_dir: Path, **layout: int) -> None:
+def fake_checkpoint(dataset: Path, run_dir: Path, *extra: str, **layout: int) -> None:
     """A checkpoint directory as far as preflight and the converter read it before touching any shard."""
-    cfg = load_config(TINY_RECIPE, overrides(dataset, run_dir, layout.get("pipeline", 1)))
+    cfg = load_config(TINY_RECIPE, overrides(dataset, run_dir, layout.get("pipeline", 1), *extra))
     tag_dir = run_dir / "checkpoints" / "step_00000002"
     tag_dir.mkdir(parents=True)
     TrainState(step=2, layout={"data_parallel": 1, **layout}, config_yaml=to_yaml(cfg)).write(tag_dir)
     write_pointer(run_dir / "checkpoints", "step_00000002")
+
+
+def fake_universal(run_dir: Path, files: dict[str, bytes] | None = None) -> Path:
+    """An intact conversion as preflight reads it: MegaKVModel-named folders and a manifest of its files."""
+    from megakv.train.checkpoint import manifest_of
+
+    target = run_dir / "checkpoints" / "step_00000002_universal"
+    (target / "zero" / "embed.weight").mkdir(parents=True)
+    for name, content in (files or {}).items():
+        (target / name).write_bytes(content)
+    state = TrainState.read(run_dir / "checkpoints" / "step_00000002")
+    state.files = manifest_of(target, list(files or {}))
+    state.write(target)
+    write_pointer(run_dir / "checkpoints", target.name, LATEST_UNIVERSAL)
+    return target
+
+
+def test_a_damaged_conversion_is_refused(dataset, tmp_path):
+    """A changed file of a conversion trained on silently, a missing one crashed in DeepSpeed: the manifest the
+    conversion writes is now checked before loading."""
+    run = tmp_path / "run"
+    fake_checkpoint(dataset, run, pipeline=2)
+    weights = "zero/embed.weight/fp32.pt"
+    target = fake_universal(run, {weights: b"weights" * 100})
+    cfg = load_config(TINY_RECIPE, [*overrides(dataset, run, 1), "checkpoint.resume=auto"])
+    assert preflight(cfg, ParallelLayout(world_size=2, rank=0, local_rank=0)).resume.universal  # intact: used
+    (target / weights).write_bytes(b"weighTs" * 100)
+    with pytest.raises(ConfigError, match=r"its conversion is damaged: .*fp32.pt does not match the checksum"):
+        preflight(cfg, ParallelLayout(world_size=2, rank=0, local_rank=0))
+    (target / weights).unlink()
+    with pytest.raises(ConfigError, match=r"its conversion is damaged: .*fp32.pt is missing") as missing:
+        preflight(cfg, ParallelLayout(world_size=2, rank=0, local_rank=0))
+    assert f"megakv-convert to-universal {run}` again" in missing.value.fix
+
+
+def test_a_zero3_run_on_another_layout_is_refused(dataset, tmp_path):
+    """DeepSpeed 0.19's ZeRO-3 universal load shares one Adam step counter between the parameter groups and
+    gives every group the first one's weight decay: resumed on 1 rank from 2, the loss drifted 1.4e-3 by the
+    third step, with no warning (helper audit). Refused, naming the two ways that work."""
+    run = tmp_path / "run"
+    zero3 = ("parallel.zero_stage=3", "routing.per_micro_batch=false")
+    fake_checkpoint(dataset, run, *zero3, data_parallel=2, zero_stage=3)
+    fake_universal(run)
+    cfg = load_config(TINY_RECIPE, [*overrides(dataset, run, 1, *zero3), "checkpoint.resume=auto"])
+    with pytest.raises(ConfigError, match="cannot load a ZeRO-3 optimizer state into another layout") as refused:
+        preflight(cfg, ParallelLayout(world_size=1, rank=0, local_rank=0))
+    assert "parallel.zero_stage=3" in refused.value.fix and "checkpoint.init_from" in refused.value.fix
+    assert not preflight(cfg, ParallelLayout(world_size=2, rank=0, local_rank=0)).resume.universal  # same layout
 
 
 def test_another_pipeline_size_names_the_conversion_to_run(dataset, tmp_path):
@@ -197,8 +245,7 @@ def test_one_process_to_two_tensor_ranks(dataset, single, tmp_path):
 def test_universal_checkpoints_tensor_parallelism_cannot_load_are_refused(dataset, tmp_path):
     run = tmp_path / "run"
     fake_checkpoint(dataset, run, pipeline=1)
-    (run / "checkpoints" / "step_00000002_universal" / "zero" / "embed.weight").mkdir(parents=True)
-    write_pointer(run / "checkpoints", "step_00000002_universal", LATEST_UNIVERSAL)
+    fake_universal(run)
 
     def refusal(tensor: int) -> ConfigError:
         cfg = load_config(TINY_RECIPE, [*overrides(dataset, run, 1, tensor=tensor), "checkpoint.resume=auto"])

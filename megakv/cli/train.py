@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _prepare(args: argparse.Namespace):
     from megakv.config import load_config, save_config
+    from megakv.parallel.context import pin_deepspeed_to
     from megakv.parallel.layout import ParallelLayout
     from megakv.train.preflight import preflight
     from megakv.train.run_dir import write_json_atomically
@@ -79,6 +80,7 @@ def _prepare(args: argparse.Namespace):
     if args.allow_config_change:
         overrides.append("checkpoint.allow_config_change=true")
     cfg = load_config(args.config, overrides)
+    pin_deepspeed_to(cfg.train.device)  # before DeepSpeed is imported: it picks its accelerator once
     layout = ParallelLayout.from_env(cfg.parallel)
     launch = preflight(cfg, layout)
     config_file, ds_config_file = run_files(launch.run_dir, args.dry_run)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from megakv.config.errors import ConfigError
@@ -38,3 +40,22 @@ def check_device(field: str, name: str, fix: str) -> None:
     problem = device_problem(name)
     if problem is not None:
         raise ConfigError(field, name, problem, fix)
+
+
+def pinned_accelerator() -> str | None:
+    """DeepSpeed's accelerator as the environment pins it (DS_ACCELERATOR); None: DeepSpeed picks CUDA whenever
+    torch sees a GPU."""
+    return os.environ.get("DS_ACCELERATOR") or None
+
+
+def device_type(requested: str) -> str:
+    """train.device resolved without touching a GPU: auto is cuda when torch sees one and DeepSpeed is not
+    pinned to another accelerator (DS_ACCELERATOR=cpu runs on the CPU, as DeepSpeed's engine will)."""
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() and pinned_accelerator() in (None, "cuda") else "cpu"
+    return requested
+
+
+def gpu_index(local_rank: int) -> int:
+    """This rank's GPU: its local rank, or 0 where the launcher gave each process one GPU of its own."""
+    return 0 if torch.cuda.device_count() == 1 else local_rank

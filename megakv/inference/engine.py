@@ -205,6 +205,11 @@ class InferenceEngine:
         finally:
             self.plan = initial_plan
 
+    def _wait_for_device(self) -> None:
+        """GPU kernels run asynchronously: timings read before they finish would time their launch only."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def _generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: SamplingConfig | None,
                   stop: tuple[int, ...], pad_id: int, schedule: list[tuple[int, RoutingPlan]]) -> GenerationOutput:
         sampling = sampling or SamplingConfig()
@@ -224,6 +229,7 @@ class InferenceEngine:
         start = time.perf_counter()
         first_logits = self.step(ids, cache, positions, key_valid)[:, -1]
         token = sample_next_token(first_logits, sampling, generator)
+        self._wait_for_device()
         ttft = time.perf_counter() - start
 
         out: list[list[int]] = [[] for _ in range(batch)]
@@ -247,6 +253,7 @@ class InferenceEngine:
             step_start = time.perf_counter()
             logits = self.step(token[:, None], cache, next_position[:, None], key_valid)[:, -1]
             token = sample_next_token(logits, sampling, generator)
+            self._wait_for_device()
             step_times.append(time.perf_counter() - step_start)
             next_position = next_position + 1
             steps += 1

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megakv.config.devices import device_type, gpu_index
 from megakv.config.parallel import ParallelConfig
 from megakv.parallel.layout import ParallelLayout
 
@@ -77,12 +78,19 @@ def _build_groups(topology, rank: int) -> dict[str, dist.ProcessGroup]:
 
 
 def resolve_device(requested: str, local_rank: int) -> torch.device:
-    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+    if device_type(requested) == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError("train.device=cuda but torch sees no GPU; use train.device=auto or cpu")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
+        torch.cuda.set_device(gpu_index(local_rank))
+        return torch.device("cuda", gpu_index(local_rank))
     return torch.device("cpu")
+
+
+def pin_deepspeed_to(requested: str) -> None:
+    """A run on the CPU of a GPU node pins DeepSpeed to the CPU too (else its engine moves the model to the GPU).
+    Call before DeepSpeed is imported: it reads DS_ACCELERATOR once."""
+    if device_type(requested) == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def _free_port() -> int:

@@ -61,6 +61,7 @@ def build_runner(cfg: MegaKVConfig, ctx: ParallelContext, ds_config: dict,
     if ds_config.get("zero_optimization", {}).get("stage") == 3:  # built partitioned: never whole on a rank
         torch.manual_seed(cfg.train.seed)
         model = build_zero3_model(cfg.model, cfg.train.seed, ds_config, init_state)
+        model.rope.to(ctx.device)  # zero.Init places parameters only, and DeepSpeed moves no ZeRO-3 module
     else:
         model = build_model(cfg.model, cfg.train.seed)
         if init_state is not None:

@@ -4,7 +4,7 @@
 
 On a tiny dataset built offline (megakv/testing/tiny_data.py) it trains the tiny recipe (R-CLA, ZeRO-2,
 validation at every:1..4) on the CPU in fp32 (the reference), on the GPU in fp32 and in bf16, and checks:
-- GPU fp32 training equals the CPU's step by step (losses), bf16 stays near it;
+- GPU fp32 training (ZeRO-2 and ZeRO-3) equals the CPU's step by step (losses), bf16 stays near it;
 - a GPU run stopped by SIGTERM resumes on the GPU to the uninterrupted run's losses, and on the CPU;
 - the trained model scores the same held-out loss at every retention plan on GPU and CPU, greedy decoding
   gives the same tokens, and transformers' own Llama on the GPU (megakv-convert to-hf) gives the same logits
@@ -54,8 +54,8 @@ def child_env(device: str) -> dict[str, str]:
                TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore::FutureWarning")
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)  # a bare one-process launch
-    if device == "cpu":
-        env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed would pick CUDA on a GPU node for the CPU reference too
+    if device != "cpu":
+        env.pop("DS_ACCELERATOR", None)  # train.device=cpu must pin DeepSpeed to the CPU by itself
     return env
 
 
@@ -95,6 +95,7 @@ def training_checks(dataset: Path, work: Path, device: str) -> tuple[list[Check]
     train(dataset, cpu, "cpu", "fp32")
     gpu_log = train(dataset, work / "gpu_fp32", device, "fp32")
     train(dataset, work / "gpu_bf16", device, "bf16")
+    train(dataset, work / "gpu_zero3", device, "fp32", "parallel.zero_stage=3")
     stopped = work / "gpu_fp32_stopped"
     train(dataset, stopped, device, "fp32", "train.debug.sigterm_at_step=4")
     stopped_at = max(losses(stopped))
@@ -108,6 +109,7 @@ def training_checks(dataset: Path, work: Path, device: str) -> tuple[list[Check]
               f"{f'backend {backend}' in gpu_log}", f"{backend} for a {device} run"),
         compare(f"train {device} fp32 = cpu fp32", losses(work / "gpu_fp32"), losses(cpu), 1e-4),
         compare(f"train {device} bf16 ~ cpu fp32", losses(work / "gpu_bf16"), losses(cpu), 3e-2),
+        compare(f"train {device} fp32 ZeRO-3 = cpu fp32 ZeRO-2", losses(work / "gpu_zero3"), losses(cpu), 1e-4),
         Check("SIGTERM stop", stopped_at == 4, f"stopped after step {stopped_at}", "after step 4"),
         compare(f"resume on {device} = uninterrupted", losses(stopped), losses(work / "gpu_fp32"), 1e-5),
         compare(f"{device} checkpoint resumed on cpu ~ cpu run", losses(on_cpu), losses(cpu), 1e-4),

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from megakv.config import MegaKVConfig
+from megakv.config.devices import device_type, gpu_index
 
 WARN_FRACTION = 0.5
 
@@ -31,8 +32,9 @@ def _bytes_per_value(cfg: MegaKVConfig) -> int:
 
 
 def _machine_bytes(cfg: MegaKVConfig, local_rank: int) -> tuple[int, str]:
-    if cfg.train.device != "cpu" and torch.cuda.is_available():
-        return torch.cuda.get_device_properties(local_rank).total_memory, f"GPU {local_rank}"
+    if device_type(cfg.train.device) == "cuda" and torch.cuda.is_available():
+        index = gpu_index(local_rank)
+        return torch.cuda.get_device_properties(index).total_memory, f"GPU {index}"
     ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return total // max(1, ranks_here), f"RAM / {ranks_here} rank(s) on this machine"

@@ -13,11 +13,12 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
 from omegaconf import OmegaConf
 
 from megakv.config import MegaKVConfig, flat_settings
 from megakv.config.data import DataConfig
-from megakv.config.devices import check_device
+from megakv.config.devices import check_device, device_type, pinned_accelerator
 from megakv.config.errors import ConfigError
 from megakv.config.model import ModelConfig
 from megakv.config.parallel import ParallelConfig
@@ -33,6 +34,7 @@ from megakv.train.checkpoint import (
     read_pointer,
     step_tags,
     universal_tag,
+    verify,
 )
 from megakv.train.ds_config import build_ds_config, gradient_accumulation_steps
 from megakv.train.memory import check_activation_memory
@@ -228,7 +230,8 @@ def check_config_changes(cfg: MegaKVConfig, state: TrainState, where: Path, allo
     """Refuse changes to what the run computes (unless allowed); describe every change for the log."""
     described = []
     for name, before, now in config_changes(cfg, state):
-        computes = name.startswith(COMPUTE_FIELDS)
+        # With a plan per micro-batch, the micro-batch size sets how many plans a step draws.
+        computes = name.startswith(COMPUTE_FIELDS) or (name == "train.micro_batch" and cfg.routing.per_micro_batch)
         if computes and not allow:
             raise ConfigError(name, now, f"the checkpoint in {where} was trained with {name}={before!r}; resuming "
                               "with another value changes what the run computes",
@@ -314,6 +317,19 @@ def find_resume(cfg: MegaKVConfig, data_parallel: int) -> ResumePoint | None:
                           f"{problem}; its conversion {ckpt_dir / converted} does not hold the parameters under "
                           "MegaKVModel names (an older or partial conversion)",
                           f"run `megakv-convert to-universal {run_dir}` again, or {same_layout}")
+    damage = verify(ckpt_dir / converted)
+    if damage is not None:  # a missing or changed file: DeepSpeed would crash on it or train from it silently
+        raise ConfigError("checkpoint.resume", "auto", f"{problem}; its conversion is damaged: {damage}",
+                          f"run `megakv-convert to-universal {run_dir}` again, or {same_layout}")
+    if saved_stage == 3:
+        # DeepSpeed 0.19's ZeRO-3 universal load gives every parameter group one shared Adam step counter (it
+        # advances once per group each step) and the first group's settings (weight decay on the norms).
+        raise ConfigError("checkpoint.resume", "auto",
+                          f"{problem}; DeepSpeed cannot load a ZeRO-3 optimizer state into another layout intact "
+                          "(its step count and per-group weight decay come out wrong), so the run would go on "
+                          "training another model",
+                          f"{same_layout}, or export the weights (`megakv-convert from-checkpoint {run_dir} DIR`) "
+                          "and start a new train.run_dir with checkpoint.init_from=DIR (the optimizer starts afresh)")
     return ResumePoint(ckpt_dir, converted, state, universal=True, notices=tuple(notices), config_changes=changes)
 
 
@@ -377,9 +393,32 @@ def check_run_dir(cfg: MegaKVConfig) -> None:
                           "writable directory)", "choose a train.run_dir you can write")
 
 
+def check_device_pairing(cfg: MegaKVConfig, local_rank: int) -> None:
+    """The device, DeepSpeed's accelerator and the process-group backend must agree: each mismatch fails only at
+    the first forward or collective otherwise (a model on the GPU fed from the CPU, NCCL on CPU tensors)."""
+    device, pinned = device_type(cfg.train.device), pinned_accelerator()
+    if pinned not in (None, device):
+        raise ConfigError("train.device", cfg.train.device, f"the run would use the {device} while DS_ACCELERATOR="
+                          f"{pinned} puts DeepSpeed's engine on {pinned}",
+                          f"unset DS_ACCELERATOR (or set it to {device}), or choose the other train.device")
+    backend = cfg.parallel.backend
+    if backend == "nccl" and device == "cpu":
+        raise ConfigError("parallel.backend", backend, "NCCL runs on GPUs only and this run is on the CPU",
+                          "use parallel.backend=auto (gloo on the CPU)")
+    if backend == "gloo" and device == "cuda":
+        raise ConfigError("parallel.backend", backend, "gloo cannot all-gather, reduce-scatter or send GPU tensors, "
+                          "which ZeRO and the pipeline do", "use parallel.backend=auto (NCCL on GPUs)")
+    gpus = torch.cuda.device_count() if device == "cuda" else 0
+    if gpus > 1 and local_rank >= gpus:
+        raise ConfigError("train.device", cfg.train.device, f"this process is local rank {local_rank} but sees "
+                          f"{gpus} GPUs: two ranks would share one", "start at most one process per GPU on a node "
+                          "(torchrun --nproc_per_node, srun --ntasks-per-node)")
+
+
 def preflight(cfg: MegaKVConfig, layout: ParallelLayout) -> Launch:
     check_device("train.device", cfg.train.device,
                  "use train.device=auto or cpu here, or launch where torch sees a GPU")
+    check_device_pairing(cfg, layout.local_rank)
     tensor_split(cfg.model, cfg.parallel.tensor)  # the heads and MLP split over the tensor ranks
     data_parallel = cfg.parallel.validate_layout(layout.world_size)
     accumulation = gradient_accumulation_steps(cfg, data_parallel)

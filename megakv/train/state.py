@@ -78,8 +78,8 @@ def capture_rng() -> dict:
     state = {"python": [version, list(internal), gauss],
              "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
              "torch": _bytes(torch.get_rng_state())}
-    if torch.cuda.is_available():
-        state["cuda"] = [_bytes(s) for s in torch.cuda.get_rng_state_all()]
+    if torch.cuda.is_available():  # this rank's GPU only: a resume may see fewer GPUs per process
+        state["cuda"] = _bytes(torch.cuda.get_rng_state(torch.cuda.current_device()))
     return state
 
 
@@ -90,7 +90,11 @@ def restore_rng(state: dict) -> None:
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(_tensor(state["torch"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([_tensor(s) for s in state["cuda"]])
+        saved = state["cuda"]
+        if isinstance(saved, list):  # checkpoints before 2026-12-07 saved every visible GPU's state
+            saved = saved[min(torch.cuda.current_device(), len(saved) - 1)] if saved else None
+        if saved is not None:
+            torch.cuda.set_rng_state(_tensor(saved), torch.cuda.current_device())
 
 
 def write_rng(path: Path) -> None:
