@@ -45,3 +45,16 @@ def test_the_input_or_a_directory_holding_it_is_never_the_output(tmp_path, capsy
     assert convert_main([command, str(source), str(source / "keep.txt"), "--overwrite"]) == 2
     assert "is a file" in capsys.readouterr().err
     assert (source / "keep.txt").read_text() == "precious" and (source / "checkpoints" / "step_1").is_file()
+
+
+def test_to_universal_passes_deepspeeds_progress_on_and_keeps_its_end_for_errors(capsys):
+    """ds_to_universal's output (its progress bars) was captured whole and shown only on failure: a conversion
+    of a large run sat silent for minutes."""
+    import sys
+
+    from megakv.train.export import run_showing_progress
+
+    code, tail = run_showing_progress([sys.executable, "-c", "import sys\nfor i in range(3): print(f'shard {i}')\n"
+                                       "sys.exit(3)"], keep_chars=16)
+    assert code == 3 and tail == "shard 1\nshard 2\n"
+    assert capsys.readouterr().err == "shard 0\nshard 1\nshard 2\n"

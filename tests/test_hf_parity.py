@@ -6,6 +6,7 @@ import pytest
 import torch
 import transformers
 from safetensors.torch import load_file
+from tqdm import tqdm
 
 from megakv.cli.convert import main as convert_main
 from megakv.hf.checkpoint import load_hf_checkpoint
@@ -85,11 +86,15 @@ def test_state_dict_round_trip_is_exact(family):
         assert torch.equal(back[key], tensor), key
 
 
-def test_convert_cli_round_trip_through_files(tmp_path):
+def test_convert_cli_round_trip_through_files(tmp_path, capsys):
     hf_model = tiny_hf_model("qwen3", 2, True)
     hf_model.save_pretrained(tmp_path / "hf")
     (tmp_path / "hf" / "tokenizer_config.json").write_text('{"tokenizer_class": "PreTrainedTokenizerFast"}')
     assert convert_main(["from-hf", str(tmp_path / "hf"), str(tmp_path / "mk")]) == 0
+    progress = capsys.readouterr().err  # a multi-GB model takes minutes: a bar over the bytes read, then a line
+    size = tqdm.format_sizeof((tmp_path / "hf" / "model.safetensors").stat().st_size, divisor=1024)
+    assert "reading weights: 100%" in progress and f"{size}/{size}" in progress
+    assert f"writing {tmp_path / 'mk'}: done in" in progress
     assert (tmp_path / "mk" / "tokenizer" / "tokenizer_config.json").is_file()
     ours = load_model(tmp_path / "mk")
     ids = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(3))

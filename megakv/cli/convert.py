@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -26,14 +29,26 @@ from megakv.data.errors import DataError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+@contextmanager
+def phase(what: str) -> Iterator[None]:
+    """A line when a long step starts and one with its duration when it ends (multi-GB models take minutes)."""
+    started = time.perf_counter()
+    print(f"megakv-convert: {what} ...", file=sys.stderr, flush=True)
+    yield
+    print(f"megakv-convert: {what}: done in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
+
+
 def _from_hf(args: argparse.Namespace) -> Path:
     import tempfile
 
-    from megakv.hf.checkpoint import copy_tokenizer_files, load_hf_checkpoint
+    from megakv.eval.progress import ProgressBar
+    from megakv.hf.checkpoint import copy_tokenizer_files, hf_weight_files, load_hf_checkpoint
     from megakv.model_dir import save_model_dir
 
-    cfg, state = load_hf_checkpoint(args.src)
-    with tempfile.TemporaryDirectory() as tok:
+    total = sum(path.stat().st_size for path in hf_weight_files(args.src))
+    with ProgressBar(total, "reading weights", "B", unit_scale=True) as bar:
+        cfg, state = load_hf_checkpoint(args.src, progress=bar.advance)
+    with tempfile.TemporaryDirectory() as tok, phase(f"writing {args.out}"):
         has_tokenizer = bool(copy_tokenizer_files(args.src, tok))
         return save_model_dir(cfg, state, args.out, tokenizer_dir=tok if has_tokenizer else None,
                               overwrite=args.overwrite)
@@ -44,16 +59,19 @@ def _to_hf(args: argparse.Namespace) -> Path:
     from megakv.model_dir import WEIGHTS_FILE, load_model_config, read_safetensors, tokenizer_path
 
     cfg = load_model_config(args.src)
-    state = read_safetensors(Path(args.src) / WEIGHTS_FILE)
-    return save_hf_checkpoint(cfg, state, args.out, tokenizer_dir=tokenizer_path(args.src),
-                              overwrite=args.overwrite, dtype=DTYPES[args.dtype] if args.dtype else None)
+    with phase(f"reading {Path(args.src) / WEIGHTS_FILE}"):
+        state = read_safetensors(Path(args.src) / WEIGHTS_FILE)
+    with phase(f"writing {args.out}"):
+        return save_hf_checkpoint(cfg, state, args.out, tokenizer_dir=tokenizer_path(args.src),
+                                  overwrite=args.overwrite, dtype=DTYPES[args.dtype] if args.dtype else None)
 
 
 def _to_hf_rcla(args: argparse.Namespace) -> Path:
     from megakv.hf.modeling import export_for_transformers
 
-    return export_for_transformers(args.src, args.out, retain=args.retain,
-                                   dtype=DTYPES[args.dtype] if args.dtype else None, overwrite=args.overwrite)
+    with phase(f"writing {args.out}"):
+        return export_for_transformers(args.src, args.out, retain=args.retain,
+                                       dtype=DTYPES[args.dtype] if args.dtype else None, overwrite=args.overwrite)
 
 
 def _from_checkpoint(args: argparse.Namespace) -> Path:

@@ -11,10 +11,12 @@ class ProgressBar:
     """tqdm on stderr; `advance(n)` after each piece of work. Redraws every 0.5 s on a terminal, every
     30 s in a log file, and not at all when disabled."""
 
-    def __init__(self, total: int | None, desc: str, unit: str, enabled: bool = True):
+    def __init__(self, total: int | None, desc: str, unit: str, enabled: bool = True, unit_scale: bool = False):
+        """unit_scale: show counts as k/M/G (for bytes)."""
         interactive = sys.stderr.isatty()
-        self._bar = tqdm(total=total, desc=desc, unit=f" {unit}", disable=not enabled, file=sys.stderr,
-                         mininterval=0.5 if interactive else 30.0, dynamic_ncols=True)
+        self._bar = tqdm(total=total, desc=desc, unit=unit if unit_scale else f" {unit}", disable=not enabled,
+                         file=sys.stderr, mininterval=0.5 if interactive else 30.0, dynamic_ncols=True,
+                         unit_scale=unit_scale, unit_divisor=1024 if unit_scale else 1000)
 
     def advance(self, n: int = 1) -> None:
         self._bar.update(n)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -47,23 +48,31 @@ def _read_json(path: Path):
 _REFETCH = "download or copy the checkpoint directory again"
 
 
-def read_hf_weights(hf_dir: str | Path) -> dict[str, torch.Tensor]:
+def hf_weight_files(hf_dir: str | Path) -> list[Path]:
+    """The files holding a transformers directory's weights, in reading order."""
     hf_dir = Path(hf_dir)
     if (hf_dir / "model.safetensors").is_file():
-        return read_safetensors(hf_dir / "model.safetensors", fix=_REFETCH)
+        return [hf_dir / "model.safetensors"]
     index = hf_dir / "model.safetensors.index.json"
     if index.is_file():
         index_json = _read_json(index)
         weight_map = index_json.get("weight_map") if isinstance(index_json, dict) else None
         if not isinstance(weight_map, dict):
             raise ValueError(f"{index} has no weight_map. Fix: {_REFETCH}")
-        weights: dict[str, torch.Tensor] = {}
-        for shard in sorted(set(weight_map.values())):
-            weights.update(read_safetensors(hf_dir / shard, fix=_REFETCH))
-        return weights
+        return [hf_dir / shard for shard in sorted(set(weight_map.values()))]
     if (hf_dir / "pytorch_model.bin").is_file():
-        return _read_pytorch_bin(hf_dir / "pytorch_model.bin")
+        return [hf_dir / "pytorch_model.bin"]
     raise FileNotFoundError(f"{hf_dir} holds no weights (model.safetensors, a sharded index or pytorch_model.bin)")
+
+
+def read_hf_weights(hf_dir: str | Path, progress: Callable[[int], None] | None = None) -> dict[str, torch.Tensor]:
+    """Every weight of a transformers directory; `progress(bytes)` after each file read."""
+    weights: dict[str, torch.Tensor] = {}
+    for path in hf_weight_files(hf_dir):
+        weights.update(_read_pytorch_bin(path) if path.suffix == ".bin" else read_safetensors(path, fix=_REFETCH))
+        if progress is not None:
+            progress(path.stat().st_size)
+    return weights
 
 
 def _read_pytorch_bin(path: Path) -> dict[str, torch.Tensor]:
@@ -86,10 +95,11 @@ def _read_pytorch_bin(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_hf_checkpoint(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+def load_hf_checkpoint(hf_dir: str | Path, progress: Callable[[int], None] | None = None,
+                       ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """A transformers Llama/Mistral/Qwen2/Qwen3 directory -> (ModelConfig, megakv state dict)."""
     cfg = model_config_from_hf(read_hf_config(hf_dir), source=str(Path(hf_dir) / "config.json"))
-    hf_weights = read_hf_weights(hf_dir)
+    hf_weights = read_hf_weights(hf_dir, progress)
     if cfg.tie_embeddings is False and "lm_head.weight" not in hf_weights:
         raise UnsupportedCheckpoint(f"{hf_dir}: lm_head.weight is missing but tie_word_embeddings is false")
     return cfg, state_dict_from_hf(hf_weights, cfg)

@@ -135,6 +135,18 @@ def convert_to_universal(run_dir: str | Path, workers: int = 1) -> Path:
         raise
 
 
+def run_showing_progress(cmd: list[str], keep_chars: int = 6000) -> tuple[int, str]:
+    """Run `cmd` with its output (DeepSpeed's progress bars) passed on to stderr; (exit code, the output's
+    last `keep_chars` characters, for the error message)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    tail = ""
+    for chunk in iter(lambda: proc.stdout.read(256), ""):
+        sys.stderr.write(chunk)
+        tail = (tail + chunk)[-keep_chars:]
+    sys.stderr.flush()
+    return proc.wait(), tail
+
+
 def _convert(ckpt_dir: Path, tag: str, state: TrainState, tmp: Path, target: Path, workers: int) -> Path:
     if int(state.layout.get("tensor", 1)) > 1:  # megakv merges the shards itself (replicated K/V heads)
         from megakv.parallel.universal import tensor_to_universal
@@ -145,10 +157,9 @@ def _convert(ckpt_dir: Path, tag: str, state: TrainState, tmp: Path, target: Pat
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt_dir / tag),
            "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", str(workers),
            "--num_merge_workers", str(workers)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"ds_to_universal failed (exit {done.returncode}):\n{done.stdout[-3000:]}\n"
-                           f"{done.stderr[-3000:]}")
+    code, tail = run_showing_progress(cmd)
+    if code != 0:
+        raise RuntimeError(f"ds_to_universal failed (exit {code}):\n{tail}")
     if int(state.layout.get("pipeline", 1)) > 1:  # a layout-free checkpoint: MegaKVModel parameter names
         from megakv.parallel.universal import rename_to_model_names
 
