@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from data_fixtures import synthetic_documents, write_jsonl
+from tqdm import tqdm
 
 from megakv.cli import data as data_cli
 from megakv.cli import merge as merge_cli
@@ -87,7 +88,12 @@ def test_tokenizer_prep_merge_info(tmp_path, capsys):
                               "--output-prefix", str(tmp_path / "parts" / f"p{i}"), "--no-progress"]) == 0
     assert merge_cli.main(["--inputs", str(tmp_path / "parts" / "p*"),
                            "--output-prefix", str(tmp_path / "merged" / "train")]) == 0
-    assert "merged 4 pairs" in capsys.readouterr().out
+    merged_out = capsys.readouterr()
+    assert "merged 4 pairs" in merged_out.out
+    # A bar over the bytes read (each part scanned, then copied): a merge of 100s of GB took minutes silently.
+    copied = tqdm.format_sizeof(2 * sum(Path(f"{tmp_path / 'parts' / f'p{i}'}.bin").stat().st_size
+                                        for i in range(4)), divisor=1024)
+    assert "merging: 100%" in merged_out.err and f"{copied}/{copied}" in merged_out.err
     for suffix in (".bin", ".idx"):
         merged, once = tmp_path / "merged" / f"train{suffix}", tmp_path / "all" / f"train{suffix}"
         assert merged.read_bytes() == once.read_bytes()

@@ -13,6 +13,7 @@ import argparse
 
 from megakv.data.cli_support import run_cli
 from megakv.data.merge import merge
+from megakv.eval.progress import ProgressBar
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,10 +22,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--inputs", nargs="+", required=True, help="prefixes or globs of pairs to merge")
     p.add_argument("--output-prefix", required=True)
     p.add_argument("--overwrite", action="store_true", help="replace an existing pair at the output")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
 
     def run() -> None:
-        meta = merge(args.inputs, args.output_prefix, overwrite=args.overwrite)
+        with ProgressBar(None, "merging", "B", enabled=not args.no_progress, unit_scale=True) as bar:
+            meta = merge(args.inputs, args.output_prefix, overwrite=args.overwrite, progress=bar.show)
         masks = f", loss masks merged ({meta['sft']['seq_len']}-token QA samples)" if meta.get("sft") else ""
         print(f"{args.output_prefix}: merged {meta['merged_count']} pairs, {meta['documents']:,} documents, "
               f"{meta['tokens']:,} tokens ({meta['dtype']}){masks} in {meta['seconds']:.1f} s", flush=True)

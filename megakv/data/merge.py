@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 from megakv.data.errors import DataError
@@ -70,8 +71,10 @@ def expand_prefixes(patterns: list[str]) -> list[Path]:
     return prefixes
 
 
-def merge(inputs: list[str], output_prefix: str | Path, *, overwrite: bool = False) -> dict:
-    """Concatenate the pairs `inputs` (prefixes or globs, in order) into `output_prefix`; returns its metadata."""
+def merge(inputs: list[str], output_prefix: str | Path, *, overwrite: bool = False,
+          progress: Callable[[int, int], None] | None = None) -> dict:
+    """Concatenate the pairs `inputs` (prefixes or globs, in order) into `output_prefix`; returns its metadata.
+    `progress(done, total)`: bytes read so far of all the work (each .bin is scanned once, then copied)."""
     started = time.time()
     prefixes = expand_prefixes(inputs)
     output = Path(output_prefix)
@@ -109,7 +112,18 @@ def merge(inputs: list[str], output_prefix: str | Path, *, overwrite: bool = Fal
         skipped.update((m or {}).get("skipped", {}))
     # The real largest id of every input (a chunked scan, cheap next to the copy): a bound its metadata
     # under-states is refused rather than carried into the merged pair's metadata.
-    scanned = [s.max_token_id() for s in sources]
+    total, done = 2 * sum(s.bin_nbytes for s in sources), 0
+
+    def advance(nbytes: int) -> None:
+        nonlocal done
+        done += nbytes
+        if progress is not None:
+            progress(done, total)
+
+    scanned = []
+    for source in sources:
+        scanned.append(source.max_token_id())
+        advance(source.bin_nbytes)
     for prefix, meta_of, largest in zip(prefixes, metas, scanned):
         claimed = (meta_of or {}).get("max_token_id")
         if claimed is not None and largest > int(claimed):
@@ -132,6 +146,7 @@ def merge(inputs: list[str], output_prefix: str | Path, *, overwrite: bool = Fal
     with IndexedWriter(output, sources[0].dtype) as writer:
         for source in sources:
             writer.add_index(source)
+            advance(source.bin_nbytes)
         meta = {
             "documents": writer.num_documents, "tokens": writer.num_tokens, "dtype": str(sources[0].dtype),
             "vocab_size": tokenizer.vocab_size if tokenizer else None,

@@ -21,6 +21,11 @@ class ProgressBar:
     def advance(self, n: int = 1) -> None:
         self._bar.update(n)
 
+    def show(self, done: int, total: int) -> None:
+        """Set the position and the total (for work whose size is known only once it has started)."""
+        self._bar.total = total
+        self._bar.update(done - self._bar.n)
+
     def __enter__(self) -> ProgressBar:
         return self
 
