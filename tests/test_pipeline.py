@@ -28,6 +28,7 @@ from megakv.parallel.pipeline import (
     dense_name,
     max_slots,
     pack,
+    plan_of,
     plan_tensor,
     spec_parts,
     tied_head,
@@ -166,6 +167,9 @@ def test_each_rank_gets_its_global_slots_and_keeps_what_any_replica_reads():
     assert kept_kv(step, 1) == [frozenset()] and kept_kv(step[:1], 2) == [frozenset()]
     tensor = plan_tensor(step[1], frozenset({1, 3}))
     assert tensor.tolist() == [[0, 0, 0, 0], [0, 1, 0, 1]]
+    assert plan_of(tensor) == (step[1], frozenset({1, 3}))
+    assert plan_of(tensor) is plan_of(tensor)  # parsed once: each block of a stage reads the same tensor
+    assert plan_of(plan_tensor(step[3])) == (step[3], frozenset())
 
 
 def test_dense_activation_checkpointing_gives_the_same_gradients():

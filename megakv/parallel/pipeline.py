@@ -53,8 +53,14 @@ def plan_tensor(plan: RoutingPlan, keep_kv: frozenset[int] = frozenset()) -> tor
 
 
 def plan_of(tensor: torch.Tensor) -> tuple[RoutingPlan, frozenset[int]]:
-    sources, keep = tensor.tolist()
-    return RoutingPlan(tuple(int(s) for s in sources)), frozenset(i for i, k in enumerate(keep) if k)
+    """The plan a plan_tensor carries. Parsed once per tensor: the blocks of a stage pass the same tensor on,
+    and reading a GPU tensor's values waits for the GPU (one stall per block per micro-batch otherwise)."""
+    parsed = getattr(tensor, "_megakv_plan", None)
+    if parsed is None:
+        sources, keep = tensor.tolist()
+        parsed = RoutingPlan(tuple(int(s) for s in sources)), frozenset(i for i, k in enumerate(keep) if k)
+        tensor._megakv_plan = parsed
+    return parsed
 
 
 def max_slots(n_layers: int, boundary: int, max_distance: int | None) -> int:
