@@ -142,6 +142,26 @@ def test_a_filled_foreign_cache_is_refused(exported):
         hf(input_ids=torch.tensor([[7]]), past_key_values=returned_cache(first))
 
 
+def test_outputs_the_wrapper_cannot_give_are_refused_and_return_dict_false_gives_a_tuple(exported):
+    """output_hidden_states / output_attentions were swallowed (hidden_states None, no error) and return_dict=False
+    still returned an output object; transformers' Llama gives a tuple."""
+    _, out = exported
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        for option in ("output_hidden_states", "output_attentions"):
+            with pytest.raises(ValueError, match=f"{option}=True is not supported"):
+                hf(input_ids=ids, **{option: True})
+            with pytest.raises(ValueError, match=f"{option}=True is not supported"):
+                hf.generate(ids, max_new_tokens=2, do_sample=False, return_dict_in_generate=True,
+                            **{option: True})
+        as_object = hf(input_ids=ids, use_cache=False)
+        as_tuple = hf(input_ids=ids, use_cache=False, return_dict=False)
+        with_labels = hf(input_ids=ids, labels=ids, use_cache=False, return_dict=False)
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], as_object.logits)
+    assert len(with_labels) == 2 and with_labels[0].dim() == 0 and torch.equal(with_labels[1], as_object.logits)
+
+
 def test_hf_forward_skips_kv_projections_of_non_retained_layers(exported):
     _, out = exported
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, retain="0,3").eval()

@@ -235,6 +235,29 @@ def test_generation_stops_at_any_eos_id_like_transformers(eos_list_dirs, capsys)
     assert out.tokens == [expected] and out.finish_reasons == ["eos"]
 
 
+def test_stop_ids_listed_only_in_generation_config_stop_generation_too(tmp_path, capsys):
+    """Instruct models (Qwen2.5-Instruct) list their end-of-turn id in generation_config.json only: transformers'
+    generate() stops there, megakv read config.json alone and ran on (6 tokens vs 16 in the audit)."""
+    hf = tiny_hf_model("llama", 2, False, eos_token_id=2)
+    hf.generation_config.eos_token_id = [2, 88]
+    hf.save_pretrained(tmp_path / "src")
+    assert json.loads((tmp_path / "src" / "config.json").read_text())["eos_token_id"] == 2
+    prompt = [5, 6, 7]
+    with torch.no_grad():
+        expected = hf.generate(torch.tensor([prompt]), max_new_tokens=30, do_sample=False, pad_token_id=0)
+    expected = expected[0, len(prompt):].tolist()
+    assert expected[-1] == 88 and len(expected) < 30
+    for model in (tmp_path / "src", tmp_path / "mk"):  # the transformers directory itself, and its import
+        if model.name == "mk":
+            assert convert_main(["from-hf", str(tmp_path / "src"), str(model)]) == 0
+            capsys.readouterr()
+        assert generate_main(["--model", str(model), "--prompt-ids", "5 6 7", "--max-new-tokens", "30"]) == 0
+        assert capsys.readouterr().out.split() == [str(i) for i in expected], model.name
+    assert resolve_model(tmp_path / "mk")[0].cfg.eos_token_ids == (2, 88)
+    assert convert_main(["to-hf-rcla", str(tmp_path / "mk"), str(tmp_path / "rcla")]) == 0
+    assert json.loads((tmp_path / "rcla" / "generation_config.json").read_text())["eos_token_id"] == [2, 88]
+
+
 def test_an_eos_list_outside_the_vocabulary_is_refused():
     with pytest.raises(ConfigError, match=r"model.eos_token_id.*outside the vocabulary"):
         tiny_config(eos_token_id=[EOS_ID, 10_000]).validate()
@@ -318,3 +341,28 @@ def test_running_out_of_memory_is_a_clear_error_and_a_bug_keeps_its_traceback(ca
 
     with pytest.raises(RuntimeError, match="shape mismatch"):
         run_cli("megakv-generate", bug)
+
+
+@pytest.mark.parametrize("option", [["--top-k", "3"], ["--top-p", "0.5"], ["--seed", "1"]])
+def test_sampling_options_without_a_temperature_are_refused(model_dir, capsys, option):
+    """--top-k 3 --seed 1 and --top-k 3 --seed 2 both printed the greedy tokens: sampling needs a temperature."""
+    argv = ["--model", str(model_dir), "--prompt-ids", "5 6", "--max-new-tokens", "2", *option]
+    assert generate_main(argv) == 2
+    assert f"{option[0]} apply to sampling" in _error(capsys)
+    assert generate_main([*argv, "--temperature", "0.8"]) == 0
+
+
+def test_add_bos_applies_to_token_id_prompts_too(tmp_path, capsys):
+    """--add-bos did nothing with --prompt-ids (exit 0); --no-bos cannot apply to them and is refused."""
+    model_dir = write_model_dir(tmp_path, tiny_model(seed=6, bos_token_id=1))
+    argv = ["--model", str(model_dir), "--max-new-tokens", "4", "--no-eos-stop"]
+    assert generate_main([*argv, "--prompt-ids", "1 5 6 7"]) == 0
+    with_bos = capsys.readouterr().out
+    assert generate_main([*argv, "--prompt-ids", "5 6 7"]) == 0
+    assert capsys.readouterr().out != with_bos
+    assert generate_main([*argv, "--prompt-ids", "5 6 7", "--add-bos"]) == 0
+    assert capsys.readouterr().out == with_bos
+    assert generate_main([*argv, "--prompt-ids", "1 5 6 7", "--add-bos"]) == 0  # never doubled
+    assert capsys.readouterr().out == with_bos
+    assert generate_main([*argv, "--prompt-ids", "5 6 7", "--no-bos"]) == 2
+    assert "--no-bos applies to text prompts" in _error(capsys)

@@ -37,10 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = all)")
-    parser.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed for sampling (one generator serves the batch: a prompt's samples depend on the "
+                             "other prompts beside it, as in transformers)")
     parser.add_argument("--add-bos", action="store_true",
-                        help="start each prompt with the tokenizer's bos token (text prompts already start with it "
-                             "where the tokenizer adds one, as transformers' tokenizer(text) does: Llama's)")
+                        help="start each prompt with the bos token, the tokenizer's or the model's (text prompts "
+                             "already start with it where the tokenizer adds one, as transformers' tokenizer(text) "
+                             "does: Llama's)")
     parser.add_argument("--no-bos", action="store_true",
                         help="do not start text prompts with the bos token the tokenizer adds (for a model trained "
                              "on data prepared without it: megakv-prep adds none unless --prepend-bos)")
@@ -87,6 +90,16 @@ def _run(args: argparse.Namespace) -> int:
     from megakv.model_paths import default_retain, resolve_model
 
     apply_runtime_options(args)
+    if args.temperature == 0 and (args.top_k or args.top_p != 1.0 or args.seed is not None):
+        given = [f for f, on in (("--top-k", args.top_k), ("--top-p", args.top_p != 1.0),
+                                 ("--seed", args.seed is not None)) if on]
+        raise ValueError(f"{', '.join(given)} apply to sampling, and --temperature 0 (the default) is greedy "
+                         "decoding: add --temperature T > 0 (e.g. 0.8), or drop them")
+    if args.add_bos and args.no_bos:
+        raise ValueError("--add-bos and --no-bos contradict each other: pass one")
+    if args.no_bos and args.prompt_ids is not None:
+        raise ValueError("--no-bos applies to text prompts (--prompt-ids are used as given): drop it, or drop the "
+                         "bos id from the ids")
     shrink_at = parse_shrink_at(args.shrink_at)
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     model, tokenizer_dir = resolve_model(args.model, args.device, DTYPES[args.dtype])
@@ -99,16 +112,15 @@ def _run(args: argparse.Namespace) -> int:
 
         tokenizer = load_tokenizer(tokenizer_dir)
         prompts = [tokenizer.encode_prompt(text) for text in args.prompt]
-        if args.add_bos and args.no_bos:
-            raise ValueError("--add-bos and --no-bos contradict each other: pass one")
         if args.no_bos:
             prompts = [ids[1:] if ids[:1] == [tokenizer.bos_id] else ids for ids in prompts]
-        if args.add_bos:
-            if tokenizer.bos_id is None:
-                raise ValueError("--add-bos: the tokenizer has no bos token")
-            prompts = [ids if ids[:1] == [tokenizer.bos_id] else [tokenizer.bos_id, *ids] for ids in prompts]
     else:
         prompts = [_parse_ids(text) for text in args.prompt_ids]
+    if args.add_bos:
+        bos = tokenizer.bos_id if tokenizer is not None else model.cfg.bos_token_id
+        if bos is None:
+            raise ValueError("--add-bos: neither the tokenizer nor the model config names a bos token")
+        prompts = [ids if ids[:1] == [bos] else [bos, *ids] for ids in prompts]
     vocab = model.cfg.vocab_size
     if any(not 0 <= i < vocab for ids in prompts for i in ids):
         raise ValueError(f"a prompt token id lies outside the model's vocabulary [0, {vocab})")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -95,10 +96,31 @@ def _read_pytorch_bin(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def with_generation_stop_ids(cfg: ModelConfig, hf_dir: str | Path) -> ModelConfig:
+    """`cfg` with the end-of-sequence ids generation_config.json adds to config.json's: transformers' generate()
+    stops at those (e.g. an instruct model's end-of-turn token), so megakv's generation must stop there too."""
+    path = Path(hf_dir) / "generation_config.json"
+    if not path.is_file():
+        return cfg
+    generation = _read_json(path)
+    listed = generation.get("eos_token_id") if isinstance(generation, dict) else None
+    listed = listed if isinstance(listed, list) else [] if listed is None else [listed]
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in listed):
+        raise ValueError(f"{path}: eos_token_id must be an id or a list of ids, got {listed!r}. Fix: correct it, "
+                         "or remove generation_config.json")
+    extra = [i for i in listed if i not in cfg.eos_token_ids]
+    if not extra:
+        return cfg
+    merged = replace(cfg, eos_token_id=[*cfg.eos_token_ids, *extra])
+    merged.validate()
+    return merged
+
+
 def load_hf_checkpoint(hf_dir: str | Path, progress: Callable[[int], None] | None = None,
                        ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """A transformers Llama/Mistral/Qwen2/Qwen3 directory -> (ModelConfig, megakv state dict)."""
-    cfg = model_config_from_hf(read_hf_config(hf_dir), source=str(Path(hf_dir) / "config.json"))
+    cfg = with_generation_stop_ids(model_config_from_hf(read_hf_config(hf_dir), source=str(Path(hf_dir) /
+                                                                                          "config.json")), hf_dir)
     hf_weights = read_hf_weights(hf_dir, progress)
     if cfg.tie_embeddings is False and "lm_head.weight" not in hf_weights:
         raise UnsupportedCheckpoint(f"{hf_dir}: lm_head.weight is missing but tie_word_embeddings is false")

@@ -164,6 +164,12 @@ class MegaKVForCausalLM(MegaKVPreTrainedModel, GenerationMixin):
                 **kwargs) -> CausalLMOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        for unsupported, why in (("output_attentions", "attention runs through fused kernels that keep no weights"),
+                                 ("output_hidden_states", "layers run as one loop that keeps no intermediate "
+                                  "states")):
+            if kwargs.get(unsupported) or getattr(self.config, unsupported, False):
+                raise ValueError(f"{unsupported}=True is not supported by megakv's model ({why}); it would be "
+                                 "left empty. Fix: drop it, or load the to-hf export (a plain Llama/Qwen) for it")
         if cache is not None and past_key_values is not None and cache is not past_key_values:
             raise ValueError("pass the cache once, as `cache` or as `past_key_values`, not both")
         plan = self.config.plan
@@ -197,7 +203,9 @@ class MegaKVForCausalLM(MegaKVPreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
         # transformers renamed the output field past_key_values -> cache (5.24); generate() reads whichever
         # its version declares, and feeds that cache back into the next forward.
-        return CausalLMOutputWithPast(loss=loss, logits=logits, **{OUTPUT_CACHE_FIELD: shared_cache})
+        output = CausalLMOutputWithPast(loss=loss, logits=logits, **{OUTPUT_CACHE_FIELD: shared_cache})
+        return_dict = kwargs.get("return_dict")
+        return output if return_dict is None or return_dict else output.to_tuple()
 
 
 def resolve_cache(incoming: Cache | None, plan: RoutingPlan, use_cache: bool) -> SharedDepthCache | None:
