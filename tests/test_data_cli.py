@@ -145,3 +145,61 @@ def test_slurm_array_scripts_prepare_and_merge(tmp_path):
     unsized = subprocess.run(["bash", str(REPO / "data_prep" / "preprocess_array.sbatch")], capture_output=True,
                              text=True, env=unsized_env)
     assert unsized.returncode != 0 and "export NUM_SHARDS" in unsized.stderr
+
+
+def test_merge_sbatch_merges_the_current_array_run_only_and_megakv_merge_refuses_stale_parts(tmp_path):
+    """merge.sbatch globbed part_*: the parts left by an earlier array run with another NUM_SHARDS were merged
+    in (duplicated documents, exit 0)."""
+    from data_fixtures import train_tokenizer
+
+    from megakv.data.metadata import meta_path
+    from megakv.data.preprocess import preprocess
+
+    files = [str(f) for f in _corpus(tmp_path / "raw", files=5, per_file=6)]
+    tokenizer = train_tokenizer(tmp_path / "tok")
+    out = tmp_path / "out"
+    for count in (5, 3):  # an earlier run of 5 tasks, then the current one of 3 into the same OUTPUT_DIR
+        for i in range(count):
+            preprocess(files, tokenizer, out / f"part_{i:05d}", shard=(i, count), overwrite=True, progress=False)
+        if count == 5:
+            for i in range(5):
+                os.utime(meta_path(out / f"part_{i:05d}"), (1, 1))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "OUTPUT_DIR": str(out), "MERGE_ARGS": "--no-progress"}
+    unsized = subprocess.run(["bash", str(REPO / "data_prep" / "merge.sbatch")], capture_output=True, text=True,
+                             env=env)
+    assert unsized.returncode == 2, unsized.stdout + unsized.stderr
+    assert "different --num-shards [3, 5]" in unsized.stderr and f"{out / 'part_00004'}" in unsized.stderr
+    assert "Traceback" not in unsized.stderr and not (out / "train.idx").exists()
+    sized = subprocess.run(["bash", str(REPO / "data_prep" / "merge.sbatch")], capture_output=True, text=True,
+                           env={**env, "NUM_SHARDS": "3"})
+    assert sized.returncode == 0, sized.stderr
+    assert "merged 3 pairs, 30 documents" in sized.stdout
+
+
+def test_tokenizer_cli_non_utf8_text_and_long_lines(tmp_path, capsys):
+    """`megakv-tokenizer encode DIR $'caf\\xe9'` was a RuntimeError traceback; `train` dropped every line over
+    16 KiB without a word (a corpus of such lines failed blaming the vocabulary size)."""
+    import random
+
+    rng = random.Random(0)
+    words = "alpha gamma delta epsilon zeta theta kappa lambda café 日本".split()
+    long_lines = [" ".join(rng.choice(words) for _ in range(3000)) for _ in range(20)]  # ~17-19 KB each, one line
+    assert all(len(line.encode()) > 16384 for line in long_lines)
+    write_jsonl(tmp_path / "long" / "c.jsonl", long_lines)
+    assert tokenizer_cli.main(["train", "--input", str(tmp_path / "long"), "--vocab-size", "300",
+                               "--output", str(tmp_path / "tok")]) == 0
+    assert "20 lines over 16,384 bytes were split into pieces for training" in capsys.readouterr().out
+    # Mixed with short lines, the long ones still count: their words become pieces (they were left out).
+    write_jsonl(tmp_path / "mix" / "c.jsonl", [*synthetic_documents(40, seed=2), *long_lines])
+    assert tokenizer_cli.main(["train", "--input", str(tmp_path / "mix"), "--vocab-size", "400",
+                               "--output", str(tmp_path / "tok_mix")]) == 0
+    assert "20 lines over 16,384 bytes" in capsys.readouterr().out
+    sentence = " ".join(words)
+    assert len(load_tokenizer(tmp_path / "tok_mix").encode(sentence)) < len(sentence) / 3
+    # argv bytes that are not UTF-8 reach Python as lone surrogates (os.fsdecode)
+    assert tokenizer_cli.main(["encode", str(tmp_path / "tok"), os.fsdecode(b"caf\xe9")]) == 2
+    err = capsys.readouterr().err
+    assert "the text argument 'caf\\udce9' is not valid UTF-8 (character 3" in err and "Traceback" not in err
+    assert tokenizer_cli.main(["encode", str(tmp_path / "tok"), "café"]) == 0
+    assert json.loads(capsys.readouterr().out)["decoded"] == "café"

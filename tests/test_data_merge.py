@@ -167,3 +167,45 @@ def test_merging_pairs_without_documents_is_an_error(tmp_path):
     with pytest.raises(DataError, match="hold no documents"):
         merge([str(tmp_path / "empty")], tmp_path / "merged")
     assert not (tmp_path / "merged.idx").exists()
+
+
+def test_merge_refuses_parts_that_are_not_the_shares_of_one_array_run(tmp_path, tokenizer_dir):
+    """A glob `part_*` merged the stale parts of an earlier array run with another NUM_SHARDS (their metadata
+    records `shard: [i, n]`) into the current run's: documents duplicated or mixed, exit 0."""
+    import os
+
+    from megakv.data.metadata import meta_path
+
+    files = _files(tmp_path / "in")
+    out = tmp_path / "prepared"
+
+    def array_run(count: int) -> list:
+        return [preprocess(files, tokenizer_dir, out / f"part_{i:05d}", shard=(i, count), overwrite=True,
+                           progress=False) for i in range(count)]
+
+    array_run(5)  # an earlier run ...
+    for i in range(5):
+        os.utime(meta_path(out / f"part_{i:05d}"), (1, 1))  # ... long ago
+    current = array_run(3)  # the current run, into the same directory
+    assert current[0].already_done  # part_00000 holds the same file in both runs: its record is relabelled
+    assert read_meta(out / "part_00000")["shard"] == [0, 3]
+    with pytest.raises(DataError, match=r"different --num-shards \[3, 5\]: 2 part\(s\) .*newest run's 3 "
+                                        r"\(.*part_00003, .*part_00004\)\. Fix: delete the stale parts") as refused:
+        merge([str(out / "part_*")], tmp_path / "m" / "all")
+    assert "part_00000" not in str(refused.value) and not (tmp_path / "m" / "all.idx").exists()
+    shares = [str(out / f"part_{i:05d}") for i in range(3)]
+    assert merge(shares, tmp_path / "m" / "all")["merged_count"] == 3
+    preprocess(files, tokenizer_dir, tmp_path / "once" / "all", progress=False)
+    for suffix in (".bin", ".idx"):
+        assert (tmp_path / "m" / f"all{suffix}").read_bytes() == (tmp_path / "once" / f"all{suffix}").read_bytes()
+    with pytest.raises(DataError, match=r"record shares 0, 2 of an array run of 3: missing 1\. Fix: run the missing "
+                                        r"array tasks \(NUM_SHARDS=3 sbatch --array=1 "):
+        merge([shares[0], shares[2]], tmp_path / "m2" / "all")
+    for suffix in (".bin", ".idx", ".meta.json"):
+        shutil.copy(f"{shares[1]}{suffix}", f"{shares[1]}_copy{suffix}")
+    with pytest.raises(DataError, match=r"prepared more than once: .*part_00001 and .*part_00001_copy"):
+        merge([*shares, f"{shares[1]}_copy"], tmp_path / "m2" / "all")
+    # Complete runs in two directories are two runs, not one with shares twice.
+    shutil.copytree(out, tmp_path / "other")
+    assert merge([*shares, *(str(tmp_path / "other" / f"part_{i:05d}") for i in range(3))],
+                 tmp_path / "m3" / "all")["merged_count"] == 6

@@ -130,7 +130,6 @@ BAD_JSONL = [
     (b"this is not json", "not_json"),
     (b'["a", "list"]', "not_json"),
     (b'{"text": 42}', "not_text"),
-    (b"", "empty"),
     (b'{"text": "lone \\ud800 surrogate"}', "invalid_utf8"),
     (b'{"text": "good two"}', None),
 ]
@@ -151,7 +150,7 @@ def test_bad_records_are_skipped_and_counted_by_reason(tmp_path, tokenizer_dir):
     summary = preprocess([str(tmp_path / "in")], tokenizer_dir, tmp_path / "d", progress=False,
                          max_skip_fraction=1.0)  # counting is the point here, not refusing
     assert decoded(tmp_path / "d", tokenizer_dir) == ["good one", "good two", "parquet good"]
-    expected = {"invalid_utf8": 3, "empty": 5, "missing_field": 3, "not_json": 2, "not_text": 1}
+    expected = {"invalid_utf8": 3, "empty": 4, "missing_field": 3, "not_json": 2, "not_text": 1}
     assert dict(summary.skipped) == expected
     assert read_meta(tmp_path / "d")["skipped"] == expected
     report = summary.format()
@@ -306,3 +305,159 @@ def test_utf8_bom_and_crlf_are_not_part_of_the_text(tmp_path, tokenizer_dir):
     path.write_bytes(b'\xef\xbb\xbf{"text": "first"}\r\n{"text": "second"}\r\n')
     preprocess([str(path)], tokenizer_dir, tmp_path / "d", progress=False)
     assert decoded(tmp_path / "d", tokenizer_dir) == ["first", "second"]
+
+
+def test_parquet_reads_the_text_column_alone_and_empty_row_groups(tmp_path, tokenizer_dir):
+    """Parquet went through `datasets`: another column of a type it has no dtype for (map<string, string>) was a
+    traceback, and a 0-row file or one whose first row group is empty was refused as damaged."""
+    root = tmp_path / "in"
+    root.mkdir()
+    with_map = pa.table({"text": ["with a map", "second"],
+                         "meta": pa.array([[("k", "v")], []], pa.map_(pa.string(), pa.string()))})
+    pq.write_table(with_map, root / "a_map.parquet")
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), root / "b_empty.parquet")
+    with pq.ParquetWriter(root / "c_rowgroups.parquet", pa.schema([("text", pa.string())])) as writer:
+        writer.write_table(pa.table({"text": pa.array([], pa.string())}))  # an empty first row group
+        writer.write_table(pa.table({"text": ["after an empty row group"]}))
+    assert [pq.ParquetFile(root / "c_rowgroups.parquet").metadata.row_group(i).num_rows for i in (0, 1)] == [0, 1]
+    summary = preprocess([str(root)], tokenizer_dir, tmp_path / "d", progress=False)
+    assert decoded(tmp_path / "d", tokenizer_dir) == ["with a map", "second", "after an empty row group"]
+    assert (summary.files, summary.skipped) == (3, {})
+    with pytest.raises(DataError, match="hold no records"):  # a 0-row file alone is empty, not damaged
+        preprocess([str(root / "b_empty.parquet")], tokenizer_dir, tmp_path / "e", progress=False)
+    # The clear errors stay: a missing column, a column that is no text, two columns of that name.
+    with pytest.raises(DataError, match=r"missing_field=2 .*no 'body' value\. Fix: check --text-key"):
+        preprocess([str(root / "a_map.parquet")], tokenizer_dir, tmp_path / "f", options=PrepOptions(text_key="body"),
+                   progress=False)
+    with pytest.raises(DataError, match=r"not_text=2 .*'meta' holds a list"):
+        preprocess([str(root / "a_map.parquet")], tokenizer_dir, tmp_path / "g", options=PrepOptions(text_key="meta"),
+                   progress=False)
+    twice = pa.Table.from_arrays([pa.array(["x"]), pa.array(["y"])], names=["text", "text"])
+    pq.write_table(twice, tmp_path / "twice.parquet")
+    with pytest.raises(DataError, match="has 2 columns named 'text'"):
+        preprocess([str(tmp_path / "twice.parquet")], tokenizer_dir, tmp_path / "h", progress=False)
+
+
+def test_directories_skip_hidden_files_and_directories_as_globs_do(tmp_path):
+    """A directory walk read macOS `._x.txt` files and `.ipynb_checkpoints/` copies; `dir/**/*` skipped them."""
+    root = tmp_path / "d"
+    for name in ("a.jsonl", "._a.txt", ".h.jsonl", ".ipynb_checkpoints/a-checkpoint.jsonl", "sub/b.txt",
+                 "sub/.hidden/c.jsonl"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text('{"text": "x"}\n')
+    names = [str(f.path.relative_to(root)) for f in expand_inputs([str(root)])]
+    assert names == ["a.jsonl", "sub/b.txt"]
+    assert [str(f.path.relative_to(root)) for f in expand_inputs([str(root / "**" / "*")])] == names
+    ignored: dict = {}
+    expand_inputs([str(root)], ignored=ignored)
+    assert sorted(str(p.relative_to(root)) for p in ignored["hidden"]) == [
+        "._a.txt", ".h.jsonl", ".ipynb_checkpoints", "sub/.hidden"]
+    hidden_root = tmp_path / ".data"  # a hidden directory named as the input is read
+    (hidden_root / "x.txt").parent.mkdir()
+    (hidden_root / "x.txt").write_text("x")
+    assert [f.path.name for f in expand_inputs([str(hidden_root)])] == ["x.txt"]
+
+
+def test_suffixes_match_in_any_case_and_ignored_files_are_reported(tmp_path, tokenizer_dir):
+    """`C.JSONL`, `e.jsonl.GZ` and JSON lines named `b.json` in a directory were dropped without a word."""
+    root = tmp_path / "in"
+    root.mkdir()
+    (root / "C.JSONL").write_text('{"text": "upper case"}\n')
+    (root / "a.jsonl").write_text('{"text": "lower case"}\n')
+    (root / "e.jsonl.GZ").write_bytes(gzip.compress(b'{"text": "upper case gzip"}\n'))
+    (root / "b.json").write_text('{"text": "json lines named .json"}\n')
+    (root / "notes.csv").write_text("a,b\n")
+    (root / ".DS_Store").write_bytes(b"\0")
+    assert [(f.path.name, f.format, f.compression) for f in expand_inputs([str(root)])] == [
+        ("C.JSONL", "jsonl", None), ("a.jsonl", "jsonl", None), ("e.jsonl.GZ", "jsonl", ".gz")]
+    summary = preprocess([str(root)], tokenizer_dir, tmp_path / "d", progress=False)
+    assert decoded(tmp_path / "d", tokenizer_dir) == ["upper case", "lower case", "upper case gzip"]
+    report = summary.format()
+    assert "ignored 3 entries of the input directories" in report
+    assert "1 hidden" in report and ".DS_Store" in report
+    assert "1 .json" in report and "b.json" in report and "--format jsonl" in report
+    assert "1 of no known format" in report and "notes.csv" in report
+    with pytest.raises(DataError, match=r"cannot tell the format of .*b\.json.*rename the file, or pass --format"):
+        expand_inputs([str(root / "b.json")])
+    preprocess([str(root / "b.json")], tokenizer_dir, tmp_path / "j", options=PrepOptions(format="jsonl"),
+               progress=False)
+    assert decoded(tmp_path / "j", tokenizer_dir) == ["json lines named .json"]
+    with pytest.raises(DataError, match=r"no input files with a known format .*ignored 1 entries.*notes\.csv"):
+        only_csv = tmp_path / "csv"
+        only_csv.mkdir()
+        (only_csv / "notes.csv").write_text("a,b\n")
+        expand_inputs([str(only_csv)])
+
+
+def test_a_lone_cr_ends_a_line_as_in_universal_newlines(tmp_path, tokenizer_dir, monkeypatch):
+    """CR-only line ends (old Mac files) made a whole txt file one document under --txt-unit line/paragraph."""
+    import io
+    import random
+    import re
+
+    import megakv.data.sources as sources
+    from megakv.data.sources import RecordReader
+
+    root = tmp_path / "in"
+    root.mkdir()
+    (root / "cr.txt").write_bytes(b"para one line1\rpara one line2\r\rpara two\r")
+    (root / "cr.jsonl").write_bytes(b'{"text": "y1"}\r{"text": "y2"}\r\n{"text": "y3"}')
+    for unit, expected in (("line", ["para one line1", "para one line2", "para two"]),
+                           ("paragraph", ["para one line1\npara one line2", "para two"])):
+        preprocess([str(root / "cr.txt")], tokenizer_dir, tmp_path / unit, options=PrepOptions(txt_unit=unit),
+                   progress=False)
+        assert decoded(tmp_path / unit, tokenizer_dir) == expected
+    preprocess([str(root / "cr.jsonl")], tokenizer_dir, tmp_path / "j", progress=False)
+    assert decoded(tmp_path / "j", tokenizer_dir) == ["y1", "y2", "y3"]
+    # Lines as Python's universal newlines split them, wherever the reads cut the bytes (a \r\n in two, a line
+    # longer than a read).
+    rng = random.Random(0)
+    for chunk in (1, 2, 3, 7):
+        monkeypatch.setattr(sources, "READ_CHUNK", chunk)
+        for _ in range(200):
+            data = bytes(rng.choice(b"ab\r\n") for _ in range(rng.randint(0, 24)))
+            expected = re.split(rb"\r\n|\r|\n", data)
+            if not data or data.endswith((b"\r", b"\n")):
+                expected.pop()
+            assert [line for _, line in RecordReader._lines(io.BytesIO(data))] == expected, (chunk, data)
+
+
+def test_blank_lines_separate_records_and_are_not_counted(tmp_path, tokenizer_dir):
+    """Blank lines were counted as empty records: lines spaced by blank lines failed the skip-fraction check
+    (exit 2), and --strict failed on one trailing blank line."""
+    root = tmp_path / "in"
+    root.mkdir()
+    (root / "spaced.txt").write_text("".join(f"line {i}\n\n\n" for i in range(10)))
+    summary = preprocess([str(root / "spaced.txt")], tokenizer_dir, tmp_path / "t",
+                         options=PrepOptions(txt_unit="line"), progress=False)
+    assert (summary.documents, summary.skipped) == (10, {})
+    (root / "spaced.jsonl").write_bytes(b'{"text": "one"}\n\n  \n{"text": "two"}\r\n\r\n\t\n')
+    summary = preprocess([str(root / "spaced.jsonl")], tokenizer_dir, tmp_path / "j",
+                         options=PrepOptions(strict=True), progress=False)
+    assert decoded(tmp_path / "j", tokenizer_dir) == ["one", "two"] and summary.skipped == {}
+    (root / "bad.jsonl").write_bytes(b'{"text": "one"}\n\n{"text": ""}\n')  # line numbers still count blank lines
+    with pytest.raises(DataError, match=r"bad\.jsonl:3: .*\(empty\)"):
+        preprocess([str(root / "bad.jsonl")], tokenizer_dir, tmp_path / "b", options=PrepOptions(strict=True),
+                   progress=False)
+
+
+def test_an_output_inside_an_input_directory_is_refused(tmp_path, tokenizer_dir):
+    """`--input c --format txt --output-prefix c/train` read its own lock, metadata and tokenizer files as
+    documents (with --overwrite, the previous train.meta.json was tokenized), exit 0."""
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    for i in range(3):
+        (corpus / f"doc{i}").write_text(DOCS[i])
+    for output in (corpus / "train", corpus / "sub" / "train"):
+        with pytest.raises(DataError, match=f"lies inside the input directory {corpus}.*outside the input "
+                                            f"directories, e.g. --output-prefix {tmp_path / 'c_prepared' / 'train'}"):
+            preprocess([str(corpus)], tokenizer_dir, output, options=PrepOptions(format="txt"), progress=False)
+    assert sorted(p.name for p in corpus.iterdir()) == ["doc0", "doc1", "doc2"]  # nothing written, not even a lock
+    preprocess([str(corpus)], tokenizer_dir, tmp_path / "c_prepared" / "train", options=PrepOptions(format="txt"),
+               progress=False)
+    assert decoded(tmp_path / "c_prepared" / "train", tokenizer_dir) == DOCS[:3]
+    # A glob matching the output's own files is refused too.
+    (corpus / "train.meta.json").write_text("{}")
+    with pytest.raises(DataError, match=r"the inputs include files written for the output .*train\.meta\.json"):
+        preprocess([str(corpus / "*")], tokenizer_dir, corpus / "train", options=PrepOptions(format="txt"),
+                   progress=False)

@@ -226,3 +226,30 @@ def test_a_prompt_starts_with_bos_where_the_tokenizer_adds_one(tmp_path):
     import_hf_tokenizer(_hf_tokenizer(tmp_path / "hf"), tmp_path / "plain")
     plain = load_tokenizer(tmp_path / "plain")
     assert plain.encode_prompt("the quick brown fox") == plain.encode("the quick brown fox")  # adds nothing
+
+
+def test_u2581_is_the_documented_exception_to_the_lossless_round_trip(tokenizer_dir):
+    """The README promised decode(encode(s)) == s for every string; SentencePiece's own space sign U+2581 comes
+    back as a space, and is now named as the one exception (README and train_sentencepiece)."""
+    tok = load_tokenizer(tokenizer_dir)
+    assert tok.decode(tok.encode("a\u2581b \u2581")) == "a b  "
+    assert tok.decode(tok.encode("a\u2582b")) == "a\u2582b"  # its neighbours are ordinary characters
+    assert "U+2581" in train_sentencepiece.__doc__ and "decodes\n    as a space" in train_sentencepiece.__doc__
+    readme = (Path(__file__).resolve().parents[1] / "data_prep" / "README.md").read_text()
+    paragraph = readme[readme.index("Trained tokenizers are lossless"):][:400]
+    assert "exception: U+2581" in paragraph and "decodes as a space" in paragraph
+
+
+def test_long_lines_are_cut_for_training_at_whitespace_never_inside_a_character():
+    """SentencePiece drops a training line over its max_sentence_length: such lines were lost silently."""
+    from collections import Counter
+
+    from megakv.data.tokenizer import _sentences
+
+    lines = ["short line", "word " * 10, "日本語" * 10, "ab " + "é" * 20, " " * 40]
+    stats: Counter = Counter()
+    pieces = list(_sentences(["\n".join(lines)], 16, stats))
+    assert stats["split_lines"] == 3 and all(len(p.encode()) <= 16 for p in pieces)
+    assert "".join(pieces) == "".join(lines[:4])  # nothing lost (the blank line is no sentence)
+    assert pieces[:3] == ["short line", "word word word", " word word word"]  # before a space
+    assert pieces[5:11] == ["日本語日本", "語日本語日", "本語日本語", "日本語日本", "語日本語日", "本語日本語"]

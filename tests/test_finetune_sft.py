@@ -341,3 +341,27 @@ def test_masked_loss_is_the_mean_over_the_steps_answer_tokens_whatever_the_micro
     for name in runs:
         logged, = [r["valid/loss_every1"] for r in read_metrics(tmp_path / name) if "valid/loss_every1" in r]
         assert logged == pytest.approx(reference, rel=1e-5), name
+
+
+def test_qa_prep_strips_a_utf8_bom_and_names_a_lone_surrogate(tmp_path, tokenizer_dir, capsys):
+    """megakv-qa prep refused a UTF-8 BOM that megakv-prep strips, and a record holding a JSON "\\ud800" escape
+    (a lone surrogate) was a RuntimeError traceback from the tokenizer."""
+    records = qa_records(3)
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in records).encode())
+    assert [r.context for r in read_qa_records(bom)] == [r["context"] for r in records]
+    assert qa_main(["prep", "--input", str(bom), "--tokenizer", str(tokenizer_dir), "--output-prefix",
+                    str(tmp_path / "out" / "bom"), "--seq-len", str(SEQ)]) == 0
+    assert len(IndexedDataset(tmp_path / "out" / "bom")) == 3
+    surrogate = tmp_path / "surrogate.jsonl"
+    lines = [json.dumps(r) for r in records]
+    lines[1] = lines[1].replace('"answer": "', '"answer": "\\ud800 ')
+    surrogate.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"surrogate\.jsonl:2: field 'answer' holds an unpaired surrogate at "
+                                        r"character 0"):
+        read_qa_records(surrogate)
+    assert qa_main(["prep", "--input", str(surrogate), "--tokenizer", str(tokenizer_dir), "--output-prefix",
+                    str(tmp_path / "out" / "surrogate"), "--seq-len", str(SEQ)]) == 2
+    err = capsys.readouterr().err
+    assert "surrogate.jsonl:2: field 'answer'" in err and "Traceback" not in err
+    assert not (tmp_path / "out" / "surrogate.idx").exists()

@@ -14,10 +14,11 @@ from collections import Counter
 from dataclasses import asdict
 
 from megakv.data.cli_support import refuse_output_dir, run_cli
-from megakv.data.documents import iter_texts
+from megakv.data.documents import iter_texts, unpaired_surrogate
 from megakv.data.errors import DataError
-from megakv.data.sources import FORMATS, TXT_UNITS, expand_inputs
+from megakv.data.sources import FORMATS, TXT_UNITS, describe_ignored, expand_inputs
 from megakv.data.tokenizer import (
+    SPM_MAX_SENTENCE_BYTES,
     check_spm_settings,
     import_hf_tokenizer,
     load_tokenizer,
@@ -60,6 +61,15 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _utf8_argument(text: str) -> str:
+    """The text to encode; bytes that are not UTF-8 reach Python as lone surrogates, which no tokenizer takes."""
+    at = unpaired_surrogate(text)
+    if at is not None:
+        raise DataError(f"the text argument {text!r} is not valid UTF-8 (character {at} is an undecodable byte)",
+                        "pass the text in UTF-8 (check the terminal's encoding: LANG / LC_ALL)")
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
 
@@ -67,9 +77,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             check_spm_settings(args.vocab_size, args.model_type, args.max_sentences, args.character_coverage)
             skipped: Counter = Counter()
-            files = expand_inputs(args.input, args.format)
+            ignored: dict = {}
+            files = expand_inputs(args.input, args.format, ignored)
             refuse_output_dir(args.output, [*(f.path for f in files), *args.input], args.overwrite)
-            read = Counter()
+            read, stats = Counter(), Counter()
 
             def counted_texts():
                 for text in iter_texts(files, args.text_key, args.txt_unit, skipped):
@@ -79,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 info = train_sentencepiece(counted_texts(), args.output, args.vocab_size, model_type=args.model_type,
                                            max_sentences=args.max_sentences,
-                                           character_coverage=args.character_coverage)
+                                           character_coverage=args.character_coverage, stats=stats)
             except DataError:
                 if read["texts"] == 0:  # SentencePiece's own message would blame the vocabulary size
                     raise DataError(f"no text was read from the {len(files)} input file(s) (skipped records: "
@@ -88,6 +99,11 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             print(f"trained {info.kind} {args.model_type} tokenizer, vocab {info.vocab_size}, eos {info.eos_id} "
                   f"-> {args.output}" + (f" (skipped records: {dict(skipped)})" if skipped else ""))
+            if stats["split_lines"]:  # SentencePiece skips longer lines: they were cut up rather than lost
+                print(f"{stats['split_lines']:,} lines over {SPM_MAX_SENTENCE_BYTES:,} bytes were split into "
+                      "pieces for training")
+            if ignored:
+                print(describe_ignored(ignored))
         elif args.command == "import":
             refuse_output_dir(args.output, [args.source], args.overwrite)
             info = import_hf_tokenizer(args.source, args.output, args.eos_token)
@@ -95,8 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "info":
             print(json.dumps(asdict(verified_info(args.directory)), indent=2))
         else:
+            text = _utf8_argument(args.text)
             tok = load_tokenizer(args.directory)
-            ids = tok.encode(args.text)
+            ids = tok.encode(text)
             print(json.dumps({"ids": ids, "decoded": tok.decode(ids)}, ensure_ascii=False))
 
     return run_cli(run)

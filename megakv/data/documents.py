@@ -25,12 +25,22 @@ class Skip(Exception):
         super().__init__(f"{reason}: {detail}")
 
 
+def unpaired_surrogate(text: str) -> int | None:
+    """Where `text` holds a lone surrogate (a JSON "\\ud800" escape decodes to one), which no tokenizer can
+    encode; None when it is valid Unicode."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return e.start
+    return None
+
+
 def _checked(text: str) -> str:
-    if not text.isascii():
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:  # a lone surrogate, e.g. from a JSON "\ud800" escape
-            raise Skip(INVALID_UTF8, f"unpaired surrogate at character {e.start}") from None
+    at = unpaired_surrogate(text)
+    if at is not None:
+        raise Skip(INVALID_UTF8, f"unpaired surrogate at character {at}")
     if not text.strip():
         raise Skip(EMPTY, "empty or whitespace-only text")
     return text

@@ -25,7 +25,7 @@ from megakv.data.indexed import (
     pair_exists,
     remove_pair,
 )
-from megakv.data.metadata import read_meta, write_meta
+from megakv.data.metadata import meta_path, read_meta, write_meta
 from megakv.data.tokenizer import TokenizerInfo, save_beside_data
 
 
@@ -49,6 +49,49 @@ def merged_sft_meta(prefixes: list[Path], metas: list[dict | None]) -> dict | No
     return {"seq_len": lengths.pop(), "orders": dict(orders), "pad_id": sft[0].get("pad_id"),
             "answer_tokens": sum(int(s.get("answer_tokens", 0)) for s in sft),
             "source": [str(s.get("source")) for s in sft][:100]}
+
+
+def check_shards(prefixes: list[Path], metas: list[dict | None]) -> None:
+    """Parts of a SLURM array run (their metadata records `shard: [i, n]`) must be all n shares of one run,
+    once each. A glob `part_*` also matched the stale parts of an earlier run with another shard count
+    (or a share prepared twice), and the merge duplicated or mixed their documents. Checked per directory:
+    complete runs in different directories may be merged together."""
+    runs: dict[Path, list[tuple[Path, int, int]]] = {}
+    for prefix, meta in zip(prefixes, metas):
+        shard = (meta or {}).get("shard")
+        if shard:
+            runs.setdefault(prefix.parent.resolve(), []).append((prefix, int(shard[0]), int(shard[1])))
+    for parts in runs.values():
+        _check_one_run(parts)
+
+
+def _check_one_run(parts: list[tuple[Path, int, int]]) -> None:
+    counts = {n for _, _, n in parts}
+    if len(counts) > 1:  # the newest part tells the current run from the stale one
+        newest = max(parts, key=lambda part: meta_path(part[0]).stat().st_mtime)[2]
+        stray = [str(p) for p, _, n in parts if n != newest]
+        raise DataError(f"the parts come from array runs with different --num-shards {sorted(counts)}: "
+                        f"{len(stray)} part(s) record another shard count than the newest run's {newest} "
+                        f"({_names(stray)})", "delete the stale parts of the earlier run (or pass only the "
+                        f"current run's {newest} parts), then merge again")
+    (count,) = counts
+    seen: dict[int, list[str]] = {}
+    for prefix, index, _ in parts:
+        seen.setdefault(index, []).append(str(prefix))
+    twice = [" and ".join(names) for names in seen.values() if len(names) > 1]
+    if twice:
+        raise DataError(f"the same share of the array run was prepared more than once: {'; '.join(twice)}",
+                        "keep one part per shard index (delete the copies), then merge again")
+    missing = [str(index) for index in range(count) if index not in seen]
+    if missing:
+        raise DataError(f"the parts in {parts[0][0].parent} record shares {_names([str(i) for i in sorted(seen)])} "
+                        f"of an array run of {count}: missing {_names(missing)}",
+                        f"run the missing array tasks (NUM_SHARDS={count} sbatch --array={','.join(missing)} "
+                        "data_prep/preprocess_array.sbatch), then merge again")
+
+
+def _names(items: list[str], shown: int = 5) -> str:
+    return ", ".join(items[:shown]) + (f" and {len(items) - shown} more" if len(items) > shown else "")
 
 
 def expand_prefixes(patterns: list[str]) -> list[Path]:
@@ -89,6 +132,7 @@ def merge(inputs: list[str], output_prefix: str | Path, *, overwrite: bool = Fal
     if not sum(len(s) for s in sources):  # like megakv-prep: an output without documents is no dataset
         raise DataError(f"the {len(sources)} input pair(s) hold no documents", "merge pairs that hold data")
     metas = [read_meta(p) for p in prefixes]
+    check_shards(prefixes, metas)
     dtypes = {str(s.dtype) for s in sources}
     if len(dtypes) > 1:
         raise DataError(f"the inputs store different token dtypes {sorted(dtypes)}",

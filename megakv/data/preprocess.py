@@ -26,6 +26,7 @@ import numpy as np
 from megakv.data.documents import TOO_LARGE, Skip, record_text
 from megakv.data.errors import DataError
 from megakv.data.indexed import (
+    MASK_SUFFIX,
     IndexedDataset,
     IndexedWriter,
     idx_path,
@@ -36,7 +37,7 @@ from megakv.data.indexed import (
 )
 from megakv.data.metadata import read_meta, write_meta
 from megakv.data.progress import Progress
-from megakv.data.sources import InputFile, RecordReader, expand_inputs, select_shard
+from megakv.data.sources import InputFile, RecordReader, describe_ignored, expand_inputs, select_shard
 from megakv.data.tokenizer import TokenizerInfo, cached_tokenizer, save_beside_data
 
 BATCH_BYTES = 1 << 18  # 256 KiB: small enough to spread a few large documents over the workers
@@ -79,6 +80,7 @@ class PrepSummary:
     skipped: Counter = field(default_factory=Counter)
     skipped_examples: dict[str, list[str]] = field(default_factory=dict)
     skipped_first_detail: dict[str, str] = field(default_factory=dict)  # what was wrong with the first one
+    ignored: dict[str, list[Path]] = field(default_factory=dict)  # entries of input directories left out
     already_done: bool = False
 
     def format(self) -> str:
@@ -94,6 +96,8 @@ class PrepSummary:
                 for reason, n in sorted(self.skipped.items())))
         else:
             lines.append("skipped 0 records")
+        if self.ignored:
+            lines.append(describe_ignored(self.ignored))
         return "\n".join(lines)
 
     def top_skip(self) -> str:
@@ -205,7 +209,7 @@ def inputs_fingerprint(files: list[InputFile], options: PrepOptions, tokenizer: 
     return digest.hexdigest()[:24]
 
 
-def _check_output(prefix: Path, fingerprint: str, overwrite: bool) -> bool:
+def _check_output(prefix: Path, fingerprint: str, overwrite: bool, shard: tuple[int, int] | None = None) -> bool:
     """True if the output already holds exactly this job's result; raises if it holds something else."""
     if not pair_exists(prefix):
         return False
@@ -213,6 +217,9 @@ def _check_output(prefix: Path, fingerprint: str, overwrite: bool) -> bool:
     if meta is not None and meta.get("inputs_fingerprint") == fingerprint:
         try:
             IndexedDataset(prefix)  # and it must still be intact
+            recorded = list(shard) if shard else None
+            if meta.get("shard") != recorded:  # the same files as a share of another array run: megakv-merge
+                write_meta(prefix, {**meta, "shard": recorded})  # tells runs apart by this record
             return True
         except DataError:
             if not overwrite:
@@ -231,12 +238,43 @@ def preprocess(inputs: list[str], tokenizer: str | Path, output_prefix: str | Pa
     instead of racing the first (the last writer used to win). The kernel releases the lock however the
     process ends; a clean end also removes the file."""
     prefix = Path(output_prefix)
+    _refuse_output_in_input_dirs(inputs, prefix)  # before the lock file, which would be one of its files
     prefix.parent.mkdir(parents=True, exist_ok=True)
     lock_path = prefix.with_name(prefix.name + ".tmp-lock")  # temporary-looking, like every other leftover
     with _exclusive_lock(lock_path, prefix):
         return _preprocess(inputs, tokenizer, output_prefix, workers=workers, options=options, shard=shard,
                            overwrite=overwrite, eos_token=eos_token, progress=progress,
                            max_skip_fraction=max_skip_fraction)
+
+
+def _refuse_output_in_input_dirs(inputs: list[str], prefix: Path) -> None:
+    """An output inside an input directory would read its own files (lock, metadata, tokenizer/) as input:
+    with --overwrite, a second run tokenized the first one's PREFIX.meta.json as a document."""
+    out_dir = prefix.parent.resolve()
+    for given in inputs:
+        root = Path(given).resolve()
+        if Path(given).is_dir() and (out_dir == root or root in out_dir.parents):
+            raise DataError(f"the output prefix {prefix} lies inside the input directory {given}, so its own files "
+                            "(PREFIX.meta.json, the lock, tokenizer/) would be read as input",
+                            f"write the output outside the input directories, e.g. --output-prefix "
+                            f"{root.parent / (root.name + '_prepared') / prefix.name}")
+
+
+def _refuse_own_files(files: list[InputFile], prefix: Path) -> None:
+    """A glob may match the output's own files (`c/*` with --format txt): refuse rather than read them."""
+    own = [f.path for f in files if _written_for(f.path, prefix)]
+    if own:
+        raise DataError(f"the inputs include files written for the output {prefix}: "
+                        f"{', '.join(str(p) for p in own[:3])}", "write the output outside the inputs, or narrow "
+                        "the input globs (e.g. *.txt)")
+
+
+def _written_for(path: Path, prefix: Path) -> bool:
+    """Whether megakv-prep writes `path` for `prefix`: PREFIX.*, PREFIX_lossmask.* or tokenizer/ beside it."""
+    path, out_dir = path.resolve(), prefix.parent.resolve()
+    if out_dir / "tokenizer" in path.parents:
+        return True
+    return path.parent == out_dir and path.name.startswith((f"{prefix.name}.", f"{prefix.name}{MASK_SUFFIX}."))
 
 
 @contextlib.contextmanager
@@ -282,7 +320,9 @@ def _preprocess(inputs: list[str], tokenizer: str | Path, output_prefix: str | P
         raise DataError(f"--max-skip-fraction={max_skip_fraction} is outside [0, 1]", "e.g. 0.5; 1 allows any")
     started = time.time()
     prefix = Path(output_prefix)
-    files = expand_inputs(inputs, options.format)
+    ignored: dict[str, list[Path]] = {}
+    files = expand_inputs(inputs, options.format, ignored)
+    _refuse_own_files(files, prefix)
     if shard is not None:
         files = select_shard(files, *shard)
     tokenizer_dir, info = save_beside_data(tokenizer, prefix.parent, eos_token)
@@ -290,8 +330,8 @@ def _preprocess(inputs: list[str], tokenizer: str | Path, output_prefix: str | P
         raise DataError(f"--prepend-bos was given but the tokenizer in {tokenizer_dir} has no BOS token",
                         "drop --prepend-bos or use a tokenizer with a BOS token")
     fingerprint = inputs_fingerprint(files, options, info)
-    summary = PrepSummary(str(prefix), files=len(files), input_bytes=sum(f.size for f in files))
-    if _check_output(prefix, fingerprint, overwrite):
+    summary = PrepSummary(str(prefix), files=len(files), input_bytes=sum(f.size for f in files), ignored=ignored)
+    if _check_output(prefix, fingerprint, overwrite, shard):
         summary.already_done = True
         return summary
     dtype = optimal_dtype(info.vocab_size)

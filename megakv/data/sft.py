@@ -24,9 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megakv.data.documents import unpaired_surrogate
 from megakv.data.errors import DataError
 from megakv.data.indexed import IndexedDataset, IndexedWriter, mask_prefix, optimal_dtype, pair_exists
 from megakv.data.metadata import write_meta
+from megakv.data.sources import UTF8_BOM
 from megakv.data.tokenizer import Tokenizer, load_tokenizer, save_beside_data
 
 IGNORE = -100  # torch.nn.functional.cross_entropy's default ignore_index
@@ -55,6 +57,8 @@ def read_qa_records(path: str | Path) -> list[QARecord]:
     records = []
     with path.open("rb") as f:
         for line_no, raw_line in enumerate(f, 1):
+            if line_no == 1 and raw_line.startswith(UTF8_BOM):  # as megakv-prep: a BOM is no part of the text
+                raw_line = raw_line[len(UTF8_BOM):]
             try:
                 line = raw_line.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -71,6 +75,7 @@ def read_qa_records(path: str | Path) -> list[QARecord]:
             if missing:
                 raise DataError(f"{path}:{line_no}: missing or empty string field(s) {missing}",
                                 f"give every record non-empty string fields {list(FIELDS)}")
+            _refuse_surrogates(raw, path, line_no)
             evidence = raw.get("evidence", "")
             if not isinstance(evidence, str) or (evidence and evidence not in raw["context"]):
                 raise DataError(f"{path}:{line_no}: evidence {str(evidence)[:60]!r} is not a span of its context",
@@ -80,6 +85,17 @@ def read_qa_records(path: str | Path) -> list[QARecord]:
     if not records:
         raise DataError(f"{path} holds no records", "pass a jsonl file with at least one QA record")
     return records
+
+
+def _refuse_surrogates(raw: dict, path: Path, line_no: int) -> None:
+    """A lone surrogate (a JSON "\\ud800" escape) reached the tokenizer as a RuntimeError traceback."""
+    for key in (*FIELDS, "evidence", "id"):
+        value = raw.get(key)
+        at = unpaired_surrogate(value) if isinstance(value, str) else None
+        if at is not None:
+            raise DataError(f"{path}:{line_no}: field {key!r} holds an unpaired surrogate at character {at} (a "
+                            "JSON \\ud800-style escape without its pair), which is not valid Unicode",
+                            "fix or remove that record: escape whole characters only (e.g. \\ud83d\\ude00)")
 
 
 def choose_orders(count: int, seed: int, p_question_first: float = 0.5) -> list[str]:

@@ -19,6 +19,7 @@ import os
 import shutil
 import threading
 import uuid
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -37,6 +38,7 @@ SPM_SPECIAL_IDS = {"unk_id": 0, "bos_id": 1, "eos_id": 2, "pad_id": 3}
 # Any real tokenizer encodes this into ordinary tokens (not only unk or specials); one that cannot is broken.
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog. 0123456789"
 MIN_PROBE_TOKENS = 1
+SPM_MAX_SENTENCE_BYTES = 16384  # SentencePiece skips longer training lines: _sentences cuts them up
 
 
 @dataclass(frozen=True)
@@ -254,12 +256,39 @@ def _write_metadata(directory: Path, info: TokenizerInfo) -> None:
     tmp.replace(directory / METADATA_FILE)
 
 
-def _sentences(texts: Iterable[str], max_bytes: int) -> Iterator[str]:
-    # SentencePiece trains on lines; newlines themselves are a user-defined symbol (see below).
+def _sentences(texts: Iterable[str], max_bytes: int, stats: Counter | None = None) -> Iterator[str]:
+    # SentencePiece trains on lines; newlines themselves are a user-defined symbol (see below). It drops a
+    # line over max_sentence_length bytes, so a longer one goes in as pieces (they only feed its counts).
     for text in texts:
         for line in text.split("\n"):
-            if line.strip() and len(line.encode("utf-8", "surrogatepass")) <= max_bytes:
+            if not line.strip():
+                continue
+            data = line.encode("utf-8", "surrogatepass")
+            if len(data) <= max_bytes:
                 yield line
+                continue
+            if stats is not None:
+                stats["split_lines"] += 1
+            for piece in _pieces(data, max_bytes):
+                text_piece = piece.decode("utf-8", "surrogatepass")
+                if text_piece.strip():
+                    yield text_piece
+
+
+def _pieces(data: bytes, max_bytes: int) -> Iterator[bytes]:
+    """`data` (UTF-8) cut into pieces of at most max_bytes, before a whitespace where one lies in the second
+    half of the window, else at a character boundary (never inside a UTF-8 character)."""
+    start = 0
+    while len(data) - start > max_bytes:
+        window = data[start:start + max_bytes + 1]  # a cut before its last byte still leaves max_bytes
+        cut = max(window.rfind(space) for space in (b" ", b"\t", b"\r", b"\x0b", b"\x0c"))
+        if cut <= max_bytes // 2:
+            cut = max_bytes
+            while window[cut] & 0xC0 == 0x80:  # a continuation byte: back to the character's first byte
+                cut -= 1
+        yield data[start:start + cut]
+        start += cut
+    yield data[start:]
 
 
 def check_spm_settings(vocab_size: int, model_type: str = "bpe", max_sentences: int = 2_000_000,
@@ -279,22 +308,28 @@ def check_spm_settings(vocab_size: int, model_type: str = "bpe", max_sentences: 
 
 def train_sentencepiece(texts: Iterable[str], output_dir: str | Path, vocab_size: int, *,
                         model_type: str = "bpe", max_sentences: int = 2_000_000,
-                        character_coverage: float = 0.9999, seed: int = 0) -> TokenizerInfo:
+                        character_coverage: float = 0.9999, seed: int = 0,
+                        stats: Counter | None = None) -> TokenizerInfo:
     """Train a lossless SentencePiece tokenizer on `texts` and save it as a megakv tokenizer directory.
 
     Lossless: identity normalisation, whitespace kept, `\\n` a piece of its own, byte fallback for any
-    character outside the vocabulary, so decode(encode(s)) == s for every string.
+    character outside the vocabulary, so decode(encode(s)) == s for every string without U+2581. The one
+    exception: U+2581 (LOWER ONE EIGHTH BLOCK, "▁") is SentencePiece's own sign for a space, so it decodes
+    as a space (SentencePiece offers no escape for it).
+
+    Lines longer than SPM_MAX_SENTENCE_BYTES are cut into pieces for training; `stats["split_lines"]`
+    (if given) counts them.
     """
     import sentencepiece as spm
 
     check_spm_settings(vocab_size, model_type, max_sentences, character_coverage)
     output_dir = Path(output_dir)
     model = io.BytesIO()
-    max_bytes = 16384
+    max_bytes = SPM_MAX_SENTENCE_BYTES
     spm.set_random_generator_seed(seed)
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_sentences(texts, max_bytes), model_writer=model, vocab_size=vocab_size,
+            sentence_iterator=_sentences(texts, max_bytes, stats), model_writer=model, vocab_size=vocab_size,
             model_type=model_type, byte_fallback=True, normalization_rule_name="identity",
             remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True,
             user_defined_symbols=["\n"], character_coverage=character_coverage,
