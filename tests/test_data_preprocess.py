@@ -401,7 +401,8 @@ def test_a_lone_cr_ends_a_line_as_in_universal_newlines(tmp_path, tokenizer_dir,
     root = tmp_path / "in"
     root.mkdir()
     (root / "cr.txt").write_bytes(b"para one line1\rpara one line2\r\rpara two\r")
-    (root / "cr.jsonl").write_bytes(b'{"text": "y1"}\r{"text": "y2"}\r\n{"text": "y3"}')
+    # JSON Lines end at \n (\r\n too): a raw \r is JSON whitespace inside a record, not a line end.
+    (root / "cr.jsonl").write_bytes(b'{"text": "y1",\r"id": 1}\n{"text": "y2"}\r\n{"text": "y3"}')
     for unit, expected in (("line", ["para one line1", "para one line2", "para two"]),
                            ("paragraph", ["para one line1\npara one line2", "para two"])):
         preprocess([str(root / "cr.txt")], tokenizer_dir, tmp_path / unit, options=PrepOptions(txt_unit=unit),
@@ -461,3 +462,10 @@ def test_an_output_inside_an_input_directory_is_refused(tmp_path, tokenizer_dir)
     with pytest.raises(DataError, match=r"the inputs include files written for the output .*train\.meta\.json"):
         preprocess([str(corpus / "*")], tokenizer_dir, corpus / "train", options=PrepOptions(format="txt"),
                    progress=False)
+    # An input merely named like the output, beside it, is an input (`--input data/train.jsonl --output-prefix
+    # data/train` was refused by the first version of this check).
+    beside = tmp_path / "beside"
+    beside.mkdir()
+    (beside / "train.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS[:3]))
+    preprocess([str(beside / "train.jsonl")], tokenizer_dir, beside / "train", progress=False)
+    assert decoded(beside / "train", tokenizer_dir) == DOCS[:3]

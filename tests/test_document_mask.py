@@ -89,7 +89,7 @@ def test_resets_are_refused_on_data_whose_documents_do_not_end_with_eod(tmp_path
     resets = ["data.reset_attention_mask=true", "data.reset_position_ids=true"]
     check_document_ends(load_config(None, [f"data.datasets=[{prepared}]", *resets]))  # megakv-prep's: fine
     check_document_ends(load_config(None, [f"data.datasets=[{no_eod}]"]))  # no reset asked for: fine
-    with pytest.raises(ConfigError, match=r"data.datasets\[1\].*no sequence of it ends with the end-of-document "
+    with pytest.raises(ConfigError, match=r"data.datasets\[1\].*its sequences hold no end-of-document "
                                           r"token.*reset_attention_mask and data.reset_position_ids.*append-eod"):
         check_document_ends(load_config(None, [f"data.datasets=[{prepared},{no_eod}]", *resets]))
     with pytest.raises(ConfigError, match=r"data.valid_datasets\[0\].*reset_position_ids would find"):
@@ -104,3 +104,10 @@ def test_resets_are_refused_on_data_whose_documents_do_not_end_with_eod(tmp_path
             writer.add_documents(np.concatenate(sentences), np.array([len(s) for s in sentences]))
         writer.finalize()
     check_document_ends(load_config(None, [f"data.datasets=[{split}]", *resets]))
+    # QA samples padded with a pad id other than EOD: the EOD lies inside each sequence, not at its end.
+    padded = tmp_path / "tiny" / "data" / "qa_padded"
+    with IndexedWriter(padded, np.uint16) as writer:
+        for _ in range(50):
+            writer.add_document(np.concatenate([rng.integers(eod + 5, 300, size=9), [eod], [eod + 1] * 6]))
+        writer.finalize()
+    check_document_ends(load_config(None, [f"data.datasets=[{padded}]", *resets]))

@@ -86,6 +86,20 @@ def test_state_dict_round_trip_is_exact(family):
         assert torch.equal(back[key], tensor), key
 
 
+def test_a_missing_shard_is_named_with_the_fix(tmp_path, capsys):
+    """The progress bar's sizing turned a missing shard into a bare '[Errno 2] No such file' (review)."""
+    hf_model = tiny_hf_model("llama", 2, False)
+    hf_model.save_pretrained(tmp_path / "hf", max_shard_size="100KB")
+    shards = sorted((tmp_path / "hf").glob("model-*.safetensors"))
+    assert len(shards) > 1
+    assert convert_main(["from-hf", str(tmp_path / "hf"), str(tmp_path / "whole")]) == 0  # sharded: read whole
+    shards[0].unlink()
+    capsys.readouterr()
+    assert convert_main(["from-hf", str(tmp_path / "hf"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{shards[0]} does not exist (model.safetensors.index.json lists it)" in err and "Fix:" in err
+
+
 def test_convert_cli_round_trip_through_files(tmp_path, capsys):
     hf_model = tiny_hf_model("qwen3", 2, True)
     hf_model.save_pretrained(tmp_path / "hf")

@@ -265,8 +265,8 @@ def test_zero3_and_offload_match_zero1_and_resume_exactly_when_routing_leaves_pr
 
 def test_another_zero_stage_resumes_through_a_universal_checkpoint(dataset, tmp_path):
     """ZeRO-2 -> ZeRO-1 (e.g. onto a pipeline, which needs stage 1) goes through `megakv-convert to-universal`
-    like another layout and continues as the straight run does; stage 3 cannot move, and its conversion no
-    longer crashes (bare tensors in its files) nor leaves `latest_universal` naming a half-made directory."""
+    like another layout and continues as the straight run does; stage 3 cannot move, and its conversion is
+    refused before anything is written."""
     common = ["routing.q_cross=0.75", "train.steps=5", "train.debug.check_plans=false"]
     straight = tmp_path / "straight"
     assert_ok(launch_train(overrides(dataset, straight, 1, *common), nproc=1), "straight ZeRO-1 run")
@@ -284,6 +284,8 @@ def test_another_zero_stage_resumes_through_a_universal_checkpoint(dataset, tmp_
 
     zero3 = tmp_path / "zero3"
     assert_ok(launch_train(overrides(dataset, zero3, 3, *common, "train.debug.sigterm_at_step=2"), nproc=1), "z3")
-    assert convert_main(["to-universal", str(zero3)]) == 0
-    assert (zero3 / "checkpoints" / "latest_universal").read_text().strip() == "step_00000002_universal"
-    assert not list((zero3 / "checkpoints").glob(".tmp-*"))
+    # DeepSpeed 0.19 loads a ZeRO-3 optimizer state into another layout with a wrong Adam step count and weight
+    # decay, so no launch may resume from a ZeRO-3 conversion: converting one is refused, writing nothing.
+    assert convert_main(["to-universal", str(zero3)]) == 2
+    assert not (zero3 / "checkpoints" / "latest_universal").exists()
+    assert not list((zero3 / "checkpoints").glob("*universal*")) and not list((zero3 / "checkpoints").glob(".tmp-*"))

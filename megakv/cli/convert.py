@@ -41,13 +41,12 @@ def phase(what: str) -> Iterator[None]:
 def _from_hf(args: argparse.Namespace) -> Path:
     import tempfile
 
-    from megakv.eval.progress import ProgressBar
-    from megakv.hf.checkpoint import copy_tokenizer_files, hf_weight_files, load_hf_checkpoint
+    from megakv.cli.progress import ProgressBar
+    from megakv.hf.checkpoint import copy_tokenizer_files, load_hf_checkpoint
     from megakv.model_dir import save_model_dir
 
-    total = sum(path.stat().st_size for path in hf_weight_files(args.src))
-    with ProgressBar(total, "reading weights", "B", unit_scale=True) as bar:
-        cfg, state = load_hf_checkpoint(args.src, progress=bar.advance)
+    with ProgressBar(None, "reading weights", "B", unit_scale=True) as bar:
+        cfg, state = load_hf_checkpoint(args.src, progress=bar.show)
     with tempfile.TemporaryDirectory() as tok, phase(f"writing {args.out}"):
         has_tokenizer = bool(copy_tokenizer_files(args.src, tok))
         return save_model_dir(cfg, state, args.out, tokenizer_dir=tok if has_tokenizer else None,

@@ -131,8 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from megakv.cli.progress import ProgressBar
     from megakv.eval.loss import evaluate_plans
-    from megakv.eval.progress import ProgressBar
     from megakv.eval.report import format_comparison, format_table, plot_loss_vs_retention, write_json
     from megakv.inference.engine import resolve_plan
     from megakv.model_paths import resolve_model

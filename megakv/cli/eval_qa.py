@@ -30,9 +30,9 @@ def add_qa_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_qa(args: argparse.Namespace) -> int:
+    from megakv.cli.progress import ProgressBar
     from megakv.data.sft import context_fits, read_qa_records
     from megakv.data.tokenizer import load_tokenizer
-    from megakv.eval.progress import ProgressBar
     from megakv.eval.qa import evaluate_qa, evenly_spaced, format_qa_table
     from megakv.inference.engine import resolve_plan
     from megakv.model_paths import resolve_model

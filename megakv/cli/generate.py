@@ -119,7 +119,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.add_bos:
         bos = tokenizer.bos_id if tokenizer is not None else model.cfg.bos_token_id
         if bos is None:
-            raise ValueError("--add-bos: neither the tokenizer nor the model config names a bos token")
+            raise ValueError("--add-bos: " + ("the tokenizer has no bos token" if tokenizer is not None else
+                                              "the model config names no bos token (model.bos_token_id)"))
         prompts = [ids if ids[:1] == [bos] else [bos, *ids] for ids in prompts]
     vocab = model.cfg.vocab_size
     if any(not 0 <= i < vocab for ids in prompts for i in ids):

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import argparse
 
+from megakv.cli.progress import ProgressBar
 from megakv.data.cli_support import run_cli
 from megakv.data.merge import merge
-from megakv.eval.progress import ProgressBar
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from megakv.eval.progress import ProgressBar
+    from megakv.cli.progress import ProgressBar
     from megakv.inference.cache import kv_bytes_per_token
     from megakv.model_paths import resolve_model
     from megakv.planner import most_evaluations, parse_budget, plan_with_model, retain_spec

@@ -12,12 +12,9 @@ the model, its parameter names and its checkpoints stay exactly as they are.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
-
-from megakv.data.indexed import IndexedDataset
 
 
 def document_ids(input_ids: torch.Tensor, eod_id: int) -> torch.Tensor:
@@ -63,13 +60,3 @@ def mask_documents(model: nn.Module, eod_id: int, reset_attention_mask: bool,
 
     return model.register_forward_pre_hook(add_boundaries, with_kwargs=True)
 
-
-def ends_with_eod(dataset: IndexedDataset, eod_id: int, probes: int = 1000) -> bool:
-    """Whether any of up to `probes` evenly spread non-empty sequences ends with EOD. megakv-prep ends every
-    document with it; Megatron's preprocess_data.py only with --append-eod (with --split-sentences, only a
-    document's last sentence)."""
-    nonempty = np.flatnonzero(dataset.lengths > 0)
-    if not len(nonempty):
-        return False
-    picks = nonempty[np.linspace(0, len(nonempty) - 1, min(probes, len(nonempty))).astype(np.int64)]
-    return any(int(dataset.get(int(i), int(dataset.lengths[i]) - 1, 1)[0]) == eod_id for i in picks)

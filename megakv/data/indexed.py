@@ -181,6 +181,25 @@ class IndexedDataset:
         return best
 
 
+def contains_token(dataset: IndexedDataset, token_id: int, probes: int = 1000, max_tokens: int = 1 << 24) -> bool:
+    """Whether `token_id` occurs in any of up to `probes` evenly spread sequences (reading at most about
+    `max_tokens` tokens): e.g. the end-of-document token, which megakv-prep ends every document with and
+    Megatron's preprocess_data.py writes only with --append-eod."""
+    nonempty = np.flatnonzero(dataset.lengths > 0)
+    if not len(nonempty):
+        return False
+    picks = nonempty[np.linspace(0, len(nonempty) - 1, min(probes, len(nonempty))).astype(np.int64)]
+    read = 0
+    for i in picks:
+        tokens = dataset.get(int(i), 0, max(1, max_tokens - read))
+        if bool((tokens == token_id).any()):
+            return True
+        read += len(tokens)
+        if read >= max_tokens:
+            return False
+    return False
+
+
 class IndexedWriter:
     """Writes one pair. Use as a context manager: an exception removes the temporary files.
 

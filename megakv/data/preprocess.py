@@ -269,12 +269,24 @@ def _refuse_own_files(files: list[InputFile], prefix: Path) -> None:
                         "the input globs (e.g. *.txt)")
 
 
+# What megakv-prep writes for PREFIX (and PREFIX_lossmask): the pair, its metadata, the lock, temporary names.
+WRITTEN_SUFFIXES = (".bin", ".idx", ".meta.json", ".tmp-lock")
+WRITTEN_TEMPORARY = (".bin.tmp-", ".idx.tmp-", ".lengths.tmp-", ".docs.tmp-", ".meta.json.tmp-")
+
+
 def _written_for(path: Path, prefix: Path) -> bool:
-    """Whether megakv-prep writes `path` for `prefix`: PREFIX.*, PREFIX_lossmask.* or tokenizer/ beside it."""
+    """Whether megakv-prep writes `path` for `prefix` (an input named like it, `train.jsonl` beside the
+    output `train`, is not one of them)."""
     path, out_dir = path.resolve(), prefix.parent.resolve()
     if out_dir / "tokenizer" in path.parents:
         return True
-    return path.parent == out_dir and path.name.startswith((f"{prefix.name}.", f"{prefix.name}{MASK_SUFFIX}."))
+    if path.parent != out_dir:
+        return False
+    for stem in (f"{prefix.name}{MASK_SUFFIX}", prefix.name):
+        if path.name.startswith(stem):
+            rest = path.name[len(stem):]
+            return rest in WRITTEN_SUFFIXES or rest.startswith(WRITTEN_TEMPORARY)
+    return False
 
 
 @contextlib.contextmanager

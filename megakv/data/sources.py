@@ -3,12 +3,12 @@
 Formats: jsonl (one JSON object per line), txt (a whole file, a paragraph or a line is one document) and
 parquet; jsonl and txt may be compressed (.gz, .bz2, .xz). File name suffixes are matched in any case.
 
-jsonl and txt are read as raw bytes, line by line, here (a line ends at \r\n, \n or a lone \r, as in
-Python's universal newlines; blank lines separate records and are none themselves); parquet's text column
-is read alone with pyarrow. Why not `datasets`' loaders: they give no line numbers, one invalid UTF-8 byte
-or non-JSON line aborts the whole file, and its parquet loader decodes every column (a map column failed)
-and refused empty row groups, while bad records here must be skipped and counted, or reported by file and
-line. Decoding and validation happen in the worker processes (`documents.py`), not here.
+jsonl and txt are read as raw bytes, line by line, here (a text line ends at \r\n, \n or a lone \r, as
+in Python's universal newlines, a JSON line at \n; blank lines separate records and are none themselves);
+parquet's text column is read alone with pyarrow. Why not `datasets`' loaders: they give no line numbers,
+one invalid UTF-8 byte or non-JSON line aborts the whole file, and its parquet loader decodes every column
+(a map column failed) and refused empty row groups, while bad records here must be skipped and counted, or
+reported by file and line. Decoding and validation happen in the worker processes (`documents.py`), not here.
 
 Directories are searched recursively, leaving out hidden files and directories (names starting with '.',
 as globs do: macOS `._x.txt`, `.ipynb_checkpoints/`, `.git/`) and files of no known format; `ignored`
@@ -222,8 +222,10 @@ class RecordReader:
             stream = OPENERS[self.file.compression](raw, "rb") if self.file.compression else raw
             with stream:
                 if self.file.format == "jsonl" or self.txt_unit == "line":
-                    # Blank lines separate records (or end the file): they are not empty records.
-                    yield from ((number, line) for number, line in self._lines(stream) if line.strip())
+                    # Blank lines separate records (or end the file): they are not empty records. JSON Lines
+                    # end at \n alone (a raw \r is JSON whitespace inside a record); text at any line end.
+                    lines = self._lines(stream, universal=self.file.format == "txt")
+                    yield from ((number, line) for number, line in lines if line.strip())
                 elif self.txt_unit == "paragraph":
                     yield from self._paragraphs(stream)
                 else:
@@ -231,8 +233,9 @@ class RecordReader:
                     yield 1, data[len(UTF8_BOM):] if data.startswith(UTF8_BOM) else data
 
     @staticmethod
-    def _lines(stream) -> Iterator[tuple[int, bytes]]:
-        for number, line in enumerate(_universal_lines(stream), 1):
+    def _lines(stream, universal: bool = True) -> Iterator[tuple[int, bytes]]:
+        lines = _universal_lines(stream) if universal else (line.rstrip(b"\r\n") for line in stream)
+        for number, line in enumerate(lines, 1):
             if number == 1 and line.startswith(UTF8_BOM):
                 line = line[len(UTF8_BOM):]
             yield number, line

@@ -60,19 +60,27 @@ def hf_weight_files(hf_dir: str | Path) -> list[Path]:
         weight_map = index_json.get("weight_map") if isinstance(index_json, dict) else None
         if not isinstance(weight_map, dict):
             raise ValueError(f"{index} has no weight_map. Fix: {_REFETCH}")
-        return [hf_dir / shard for shard in sorted(set(weight_map.values()))]
+        shards = [hf_dir / shard for shard in sorted(set(weight_map.values()))]
+        for shard in shards:
+            if not shard.is_file():
+                raise FileNotFoundError(f"{shard} does not exist ({index.name} lists it). Fix: {_REFETCH}")
+        return shards
     if (hf_dir / "pytorch_model.bin").is_file():
         return [hf_dir / "pytorch_model.bin"]
     raise FileNotFoundError(f"{hf_dir} holds no weights (model.safetensors, a sharded index or pytorch_model.bin)")
 
 
-def read_hf_weights(hf_dir: str | Path, progress: Callable[[int], None] | None = None) -> dict[str, torch.Tensor]:
-    """Every weight of a transformers directory; `progress(bytes)` after each file read."""
+def read_hf_weights(hf_dir: str | Path, progress: Callable[[int, int], None] | None = None,
+                    ) -> dict[str, torch.Tensor]:
+    """Every weight of a transformers directory; `progress(bytes read, bytes in all)` after each file."""
+    files = hf_weight_files(hf_dir)
+    total, done = sum(path.stat().st_size for path in files), 0
     weights: dict[str, torch.Tensor] = {}
-    for path in hf_weight_files(hf_dir):
+    for path in files:
         weights.update(_read_pytorch_bin(path) if path.suffix == ".bin" else read_safetensors(path, fix=_REFETCH))
+        done += path.stat().st_size
         if progress is not None:
-            progress(path.stat().st_size)
+            progress(done, total)
     return weights
 
 
@@ -116,7 +124,7 @@ def with_generation_stop_ids(cfg: ModelConfig, hf_dir: str | Path) -> ModelConfi
     return merged
 
 
-def load_hf_checkpoint(hf_dir: str | Path, progress: Callable[[int], None] | None = None,
+def load_hf_checkpoint(hf_dir: str | Path, progress: Callable[[int, int], None] | None = None,
                        ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """A transformers Llama/Mistral/Qwen2/Qwen3 directory -> (ModelConfig, megakv state dict)."""
     cfg = with_generation_stop_ids(model_config_from_hf(read_hf_config(hf_dir), source=str(Path(hf_dir) /

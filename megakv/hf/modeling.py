@@ -167,7 +167,9 @@ class MegaKVForCausalLM(MegaKVPreTrainedModel, GenerationMixin):
         for unsupported, why in (("output_attentions", "attention runs through fused kernels that keep no weights"),
                                  ("output_hidden_states", "layers run as one loop that keeps no intermediate "
                                   "states")):
-            if kwargs.get(unsupported) or getattr(self.config, unsupported, False):
+            asked = kwargs[unsupported] if kwargs.get(unsupported) is not None else getattr(self.config, unsupported,
+                                                                                               False)
+            if asked:
                 raise ValueError(f"{unsupported}=True is not supported by megakv's model ({why}); it would be "
                                  "left empty. Fix: drop it, or load the to-hf export (a plain Llama/Qwen) for it")
         if cache is not None and past_key_values is not None and cache is not past_key_values:

@@ -32,8 +32,8 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor,
     tokens, so a micro-batch with few answer tokens does not weigh more, whatever the micro-batch size."""
     flat = labels.reshape(-1)
     total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), flat, reduction="sum")
-    if tokens_per_micro_batch is not None:
-        return total / tokens_per_micro_batch
+    if tokens_per_micro_batch is not None:  # a tensor divisor: the same division kernel as the count's below
+        return total / total.new_full((), tokens_per_micro_batch)
     return total / (flat != -100).sum().clamp(min=1)
 
 

@@ -55,7 +55,8 @@ def child_env(device: str) -> dict[str, str]:
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)  # a bare one-process launch
     if device != "cpu":
-        env.pop("DS_ACCELERATOR", None)  # train.device=cpu must pin DeepSpeed to the CPU by itself
+        env.pop("DS_ACCELERATOR", None)  # a pin to the CPU would be refused for a GPU run
+    # (the CPU runs keep the environment as it is: on a GPU node train.device=cpu must pin DeepSpeed itself)
     return env
 
 

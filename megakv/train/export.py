@@ -119,6 +119,11 @@ def convert_to_universal(run_dir: str | Path, workers: int = 1) -> Path:
     run_dir = Path(run_dir)
     ckpt_dir = checkpoints_dir(run_dir)
     tag, state = _require_latest(run_dir)
+    if int(state.layout.get("zero_stage", 0)) == 3:  # nothing could resume from it (see preflight.find_resume)
+        raise ValueError(f"{ckpt_dir / tag} was written at ZeRO stage 3: DeepSpeed cannot load a ZeRO-3 optimizer "
+                         "state into another layout intact, so a ZeRO-3 run resumes on its own layout only. Fix: "
+                         f"resume on the layout that wrote it, or export the weights (`megakv-convert "
+                         f"from-checkpoint {run_dir} DIR`) and start a new run with checkpoint.init_from=DIR")
     check_deepspeed_dir(ckpt_dir / tag)  # ds_to_universal unpickles with weights_only=False
     target = ckpt_dir / universal_tag(tag)
     tmp = ckpt_dir / (TMP_PREFIX + universal_tag(tag))

@@ -117,8 +117,7 @@ def check_tokenizer(cfg: MegaKVConfig) -> None:
 def check_document_ends(cfg: MegaKVConfig) -> None:
     """data.reset_attention_mask / reset_position_ids find documents by their EOD token: on data whose
     documents do not end with it (Megatron's preprocess_data.py without --append-eod) they would do nothing."""
-    from megakv.data.boundaries import ends_with_eod
-    from megakv.data.indexed import IndexedDataset
+    from megakv.data.indexed import IndexedDataset, contains_token
     from megakv.data.tokenizer import read_info
 
     resets = [f"data.{name}" for name in ("reset_attention_mask", "reset_position_ids") if getattr(cfg.data, name)]
@@ -127,9 +126,9 @@ def check_document_ends(cfg: MegaKVConfig) -> None:
     eod = read_info(tokenizer_dir(cfg)).eos_id
     for name in ("datasets", "valid_datasets"):
         for i, prefix in enumerate(getattr(cfg.data, name)):
-            if not ends_with_eod(IndexedDataset(prefix), eod):
+            if not contains_token(IndexedDataset(prefix), eod):
                 raise ConfigError(f"data.{name}[{i}]", prefix,
-                                  f"no sequence of it ends with the end-of-document token {eod}, so "
+                                  f"its sequences hold no end-of-document token ({eod}), so "
                                   f"{' and '.join(resets)} would find no document boundary (a Megatron pair "
                                   "prepared without --append-eod?)",
                                   "prepare it again with megakv-prep (or Megatron's --append-eod), or set "
@@ -309,6 +308,15 @@ def find_resume(cfg: MegaKVConfig, data_parallel: int) -> ResumePoint | None:
     same_layout = (f"launch {state.data_parallel * saved_pipeline * saved_tensor} processes with "
                    f"parallel.pipeline={saved_pipeline} parallel.tensor={saved_tensor} "
                    f"parallel.zero_stage={saved_stage} (the layout that wrote it)")
+    if saved_stage == 3:
+        # DeepSpeed 0.19's ZeRO-3 universal load gives every parameter group one shared Adam step counter (it
+        # advances once per group each step) and the first group's settings (weight decay on the norms).
+        raise ConfigError("checkpoint.resume", "auto",
+                          f"{problem}; DeepSpeed cannot load a ZeRO-3 optimizer state into another layout intact "
+                          "(its step count and per-group weight decay come out wrong), so the run would go on "
+                          "training another model",
+                          f"{same_layout}, or export the weights (`megakv-convert from-checkpoint {run_dir} DIR`) "
+                          "and start a new train.run_dir with checkpoint.init_from=DIR (the optimizer starts afresh)")
     if read_pointer(ckpt_dir, LATEST_UNIVERSAL) != converted or not (ckpt_dir / converted).is_dir():
         raise ConfigError("checkpoint.resume", "auto", problem,
                           f"run `megakv-convert to-universal {run_dir}` first, or {same_layout}")
@@ -321,15 +329,6 @@ def find_resume(cfg: MegaKVConfig, data_parallel: int) -> ResumePoint | None:
     if damage is not None:  # a missing or changed file: DeepSpeed would crash on it or train from it silently
         raise ConfigError("checkpoint.resume", "auto", f"{problem}; its conversion is damaged: {damage}",
                           f"run `megakv-convert to-universal {run_dir}` again, or {same_layout}")
-    if saved_stage == 3:
-        # DeepSpeed 0.19's ZeRO-3 universal load gives every parameter group one shared Adam step counter (it
-        # advances once per group each step) and the first group's settings (weight decay on the norms).
-        raise ConfigError("checkpoint.resume", "auto",
-                          f"{problem}; DeepSpeed cannot load a ZeRO-3 optimizer state into another layout intact "
-                          "(its step count and per-group weight decay come out wrong), so the run would go on "
-                          "training another model",
-                          f"{same_layout}, or export the weights (`megakv-convert from-checkpoint {run_dir} DIR`) "
-                          "and start a new train.run_dir with checkpoint.init_from=DIR (the optimizer starts afresh)")
     return ResumePoint(ckpt_dir, converted, state, universal=True, notices=tuple(notices), config_changes=changes)
 
 

@@ -1,4 +1,4 @@
-"""A progress bar (rate and ETA) for evaluations and plan searches that take minutes."""
+"""A progress bar (rate and ETA) for the command-line tools' long steps: evaluations, searches, conversions."""
 
 from __future__ import annotations
 
