@@ -15,7 +15,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10 (pyproject allows it): test_compat.sh installs tomli there
     import tomli as tomllib
 
-FAST_MOVING = ("transformers", "tokenizers", "datasets", "deepspeed")
+FAST_MOVING = ("transformers", "tokenizers", "deepspeed")
 
 
 def bound(requirement: str, operator: str) -> str | None:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Maintainer check: run the transformers-facing tests with the lowest and with the newest versions that
-# pyproject.toml allows for transformers, tokenizers, datasets and deepspeed, each in a throw-away venv.
+# pyproject.toml allows for transformers, tokenizers and deepspeed, each in a throw-away venv.
 #   bash scripts/test_compat.sh            # both
 #   bash scripts/test_compat.sh lowest     # or: newest
 # Everything else resolves freely (no lock), so this also shows what a library user of megakv gets.
@@ -21,7 +21,7 @@ for which in "${@:-lowest newest}"; do
     "$venv/bin/python" scripts/compat_pins.py "$mode" > "$venv/pins.txt"
     "$venv/bin/python" -m pip install --quiet -r "$venv/pins.txt" -e ".[dev]"
     echo "== $mode: $("$venv/bin/python" -m pip list --format=freeze 2>/dev/null \
-         | grep -iE '^(transformers|tokenizers|datasets|deepspeed|huggingface.hub|torch)==' | tr '\n' ' ')"
+         | grep -iE '^(transformers|tokenizers|deepspeed|huggingface.hub|torch)==' | tr '\n' ' ')"
     if "$venv/bin/python" -m pytest -q -p no:cacheprovider "${TESTS[@]}"; then
       echo "== $mode: passed"
     else
