@@ -366,3 +366,15 @@ def test_add_bos_applies_to_token_id_prompts_too(tmp_path, capsys):
     assert capsys.readouterr().out == with_bos
     assert generate_main([*argv, "--prompt-ids", "5 6 7", "--no-bos"]) == 2
     assert "--no-bos applies to text prompts" in _error(capsys)
+
+
+def test_decode_speed_counts_the_tokens_rows_still_generating_get(eos_list_dirs):
+    """A row that stopped at eos rides along in the batch; its steps were counted as generated tokens, so
+    decode tokens/s overstated what a batch with early stops delivered (2 x 29 counted for 2 + 29 given)."""
+    _, root = eos_list_dirs
+    model, _ = resolve_model(root / "mk")
+    out = InferenceEngine(model).generate([[5, 6, 7], [9, 10, 11, 12]], 30, eos_id=model.cfg.eos_token_ids)
+    lengths = [len(t) for t in out.tokens]
+    assert out.finish_reasons == ["eos", "length"] and lengths[0] < lengths[1] == out.stats.new_tokens == 30
+    assert out.stats.decode_tokens == sum(n - 1 for n in lengths) < 2 * (out.stats.new_tokens - 1)
+    assert out.stats.decode_tokens_per_s == pytest.approx(out.stats.decode_tokens / out.stats.decode_s)

@@ -163,7 +163,8 @@ def _run(args: argparse.Namespace) -> int:
         for change in s.retain_changes:
             print(f"# after {change.after_tokens} new tokens: retained {list(change.retained)}, KV cache "
                   f"{change.cache_bytes_before} -> {change.cache_bytes_after} bytes allocated")
-        print(f"# decode: {s.new_tokens - 1} steps, {s.decode_tokens_per_s:.1f} tokens/s over the batch")
+        print(f"# decode: {s.new_tokens - 1} steps, {s.decode_tokens_per_s:.1f} tokens/s over the batch (rows still "
+              "generating)")
     return 0
 
 

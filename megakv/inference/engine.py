@@ -84,12 +84,15 @@ class GenerationStats:
     decode_s: float  # the remaining new_tokens - 1 steps
     decode_step_s: list[float] = field(default_factory=list, repr=False)  # each decode step (for robust stats)
     retain_changes: list[RetainChange] = field(default_factory=list)  # elastic shrinks, in order
+    # Tokens the decode steps gave rows still generating (None: every row ran every step). A row that stopped
+    # at eos still rides along in the batch; its steps are not tokens anyone gets.
+    decode_tokens: int | None = None
 
     @property
     def decode_tokens_per_s(self) -> float:
-        """Generated tokens per second over the whole batch, after the first token."""
-        steps = self.new_tokens - 1
-        return self.batch * steps / self.decode_s if steps > 0 and self.decode_s > 0 else float("nan")
+        """Generated tokens per second over the whole batch, after each row's first token."""
+        tokens = self.batch * (self.new_tokens - 1) if self.decode_tokens is None else self.decode_tokens
+        return tokens / self.decode_s if tokens > 0 and self.decode_s > 0 else float("nan")
 
 
 @dataclass
@@ -264,5 +267,6 @@ class InferenceEngine:
         stats = GenerationStats(retained=initial_retained, batch=batch, prompt_tokens=width, new_tokens=steps,
                                 cache_bytes=first, cache_bytes_per_token=kv_bytes_per_token(
                                     self.model.cfg, len(initial_retained), self.dtype),
-                                ttft_s=ttft, decode_s=decode_s, decode_step_s=step_times, retain_changes=changes)
+                                ttft_s=ttft, decode_s=decode_s, decode_step_s=step_times, retain_changes=changes,
+                                decode_tokens=sum(max(0, len(seq) - 1) for seq in out))
         return GenerationOutput(out, reasons, stats, first_logits)
