@@ -293,7 +293,8 @@ def test_masked_loss_is_the_mean_over_the_steps_answer_tokens_whatever_the_micro
     """Averaging per-micro-batch means let a micro-batch with few answer tokens weigh more, so the loss and the
     gradient changed with train.micro_batch (step 1: 5.7801 at 2 vs 5.7687 at 8). Now each micro-batch's sum is
     divided by the step's counted tokens per micro-batch: one process at micro-batch 8 or 2 and two processes
-    at 2 train alike, and step 1 equals the mean over the step's answer tokens computed here."""
+    at 2 (data, pipeline or tensor parallel) train alike, and step 1 equals the mean over the step's answer
+    tokens computed here."""
     from train_helpers import TINY_RECIPE, launch_train, read_metrics, step_losses
 
     from megakv.parallel.wrap import build_model
@@ -302,16 +303,17 @@ def test_masked_loss_is_the_mean_over_the_steps_answer_tokens_whatever_the_micro
     common = [f"data.datasets=[{qa_dataset}]", f"data.seq_len={SEQ}", "model.max_seq_len=128",
               "routing.strategy=none", "train.steps=3", "train.global_batch=8", "data.valid_fraction=0.1",
               "validation.every=3", "validation.samples=12", "validation.plans=[every:1]", "checkpoint.every=3",
-              "logging.tensorboard=false", f"data.cache_dir={tmp_path / 'cache'}"]
+              "logging.tensorboard=false", f"data.cache_dir={tmp_path / 'cache'}", "parallel.zero_stage=1"]
     runs = {"mb8": (1, ["train.micro_batch=8"]), "mb2": (1, ["train.micro_batch=2"]),
-            "dp2": (2, ["train.micro_batch=2"])}
+            "dp2": (2, ["train.micro_batch=2"]), "pp2": (2, ["train.micro_batch=2", "parallel.pipeline=2"]),
+            "tp2": (2, ["train.micro_batch=2", "parallel.tensor=2"])}
     for name, (nproc, extra) in runs.items():
         run = launch_train([*common, *extra, f"train.run_dir={tmp_path / name}"], nproc=nproc)
         assert run.ok, run.output[-4000:]
     losses = {name: step_losses(tmp_path / name) for name in runs}
     norms = {name: {r["step"]: r["train/grad_norm"] for r in read_metrics(tmp_path / name) if "loss_exact" in r}
              for name in runs}
-    for name in ("mb2", "dp2"):
+    for name in ("mb2", "dp2", "pp2", "tp2"):
         for step in (1, 2, 3):
             assert losses[name][step] == pytest.approx(losses["mb8"][step], rel=1e-6), (name, step)
             assert norms[name][step] == pytest.approx(norms["mb8"][step], rel=1e-5), (name, step)

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
+from megakv.data.sft import IGNORE
 from megakv.parallel.context import ParallelContext
 from megakv.routing import RoutingPlan
 
@@ -34,12 +35,12 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor,
     total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), flat, reduction="sum")
     if tokens_per_micro_batch is not None:  # a tensor divisor: the same division kernel as the count's below
         return total / total.new_full((), tokens_per_micro_batch)
-    return total / (flat != -100).sum().clamp(min=1)
+    return total / (flat != IGNORE).sum().clamp(min=1)
 
 
 def counted_labels(labels: torch.Tensor) -> int:
-    """The labels that count in the loss (the others are IGNORE = -100)."""
-    return int((labels != -100).sum())
+    """The labels that count in the loss (the others are IGNORE)."""
+    return int((labels != IGNORE).sum())
 
 
 def weighted_token_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -50,7 +51,7 @@ def weighted_token_loss(logits: torch.Tensor, labels: torch.Tensor, weights: tor
 
 
 def weighted_label_count(labels: torch.Tensor, weights: torch.Tensor) -> float:
-    return float(((labels != -100).sum(dim=1).to(torch.float64) * weights).sum())
+    return float(((labels != IGNORE).sum(dim=1).to(torch.float64) * weights).sum())
 
 
 @dataclass
