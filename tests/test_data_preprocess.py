@@ -196,6 +196,37 @@ def test_output_holding_a_different_dataset_is_refused(tmp_path, tokenizer_dir):
     assert sorted(p.name for p in prefix.parent.iterdir()) == ["d.bin", "d.idx", "d.meta.json", "tokenizer"]
 
 
+def test_an_output_an_older_reader_made_is_reused_with_a_warning(tmp_path, tokenizer_dir, capsys):
+    """Reading rules change (lone CR, blank lines, hidden files): a rerun keeps the older output, valid
+    tokens, but says it may differ from what this version makes and how to re-prepare."""
+    from megakv.cli.prep import main
+    from megakv.data.metadata import write_meta
+    from megakv.data.preprocess import READER_VERSION
+
+    inputs, _ = write_inputs("jsonl", tmp_path / "in", DOCS[:5])
+    prefix = tmp_path / "out" / "d"
+    argv = ["--input", *inputs, "--text-key", "body", "--tokenizer", str(tokenizer_dir), "--output-prefix", str(prefix),
+            "--no-progress"]
+    assert main(argv) == 0
+    assert read_meta(prefix)["reader_version"] == READER_VERSION
+    assert main(argv) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert "older megakv-prep reader" not in capsys.readouterr().err  # the current reader made it: silent
+
+    meta = read_meta(prefix)
+    del meta["reader_version"]  # as written before reader versions were recorded
+    write_meta(prefix, meta)
+    bin_before = (tmp_path / "out" / "d.bin").read_bytes()
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert "nothing to do" in out
+    assert f"older megakv-prep reader (version 1, now {READER_VERSION}" in err and "--overwrite" in err
+    assert (tmp_path / "out" / "d.bin").read_bytes() == bin_before  # reused, not rewritten
+    assert main([*argv, "--overwrite"]) == 0
+    assert read_meta(prefix)["reader_version"] == READER_VERSION
+    assert decoded(prefix, tokenizer_dir) == DOCS[:5]
+
+
 def test_an_exception_mid_run_leaves_nothing(tmp_path, tokenizer_dir, monkeypatch):
     import megakv.data.preprocess as prep
 

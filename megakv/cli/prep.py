@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from megakv.data.cli_support import run_cli
@@ -40,7 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-record-mb", type=float, default=DEFAULT_MAX_RECORD_MB,
                    help="skip (or, with --strict, fail on) a record larger than this: tokenizing one record takes "
                         "about 60x its size in memory (default: %(default)s)")
-    p.add_argument("--overwrite", action="store_true", help="replace a different dataset at PREFIX")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a different dataset at PREFIX, or the same one an older megakv-prep reader made")
     p.add_argument("--shard-index", type=int, help="keep only this shard of the input files (0-based)")
     p.add_argument("--num-shards", type=int, help="number of shards the input files are split into")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -67,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
                              progress=not args.no_progress,
                              max_skip_fraction=args.max_skip_fraction)
         print(summary.format(), flush=True)
+        if warning := summary.stale_reader_warning():
+            print(warning, file=sys.stderr, flush=True)
 
     return run_cli(run)
 

@@ -68,6 +68,13 @@ class PrepOptions:
     max_record_mb: float = DEFAULT_MAX_RECORD_MB
 
 
+# Bump when reading the same files may give other records, and say what changed: an output prepared by an
+# older reader is still reused (its tokens are valid), with a warning. Outputs without one are version 1.
+READER_VERSION = 2
+READER_CHANGES = {2: "a lone CR ends a .txt line, blank .txt/.jsonl lines are not records, hidden files are "
+                     "skipped, input suffixes match in any case, parquet is read through pyarrow (2026-12-07)"}
+
+
 @dataclass
 class PrepSummary:
     output_prefix: str
@@ -82,6 +89,7 @@ class PrepSummary:
     skipped_first_detail: dict[str, str] = field(default_factory=dict)  # what was wrong with the first one
     ignored: dict[str, list[Path]] = field(default_factory=dict)  # entries of input directories left out
     already_done: bool = False
+    made_by_reader: int = READER_VERSION  # the reader version of a reused output
 
     def format(self) -> str:
         if self.already_done:
@@ -99,6 +107,15 @@ class PrepSummary:
         if self.ignored:
             lines.append(describe_ignored(self.ignored))
         return "\n".join(lines)
+
+    def stale_reader_warning(self) -> str | None:
+        """For a reused output an older reader made: what changed since, and the way to re-prepare."""
+        if not self.already_done or self.made_by_reader >= READER_VERSION:
+            return None
+        return (f"warning: {self.output_prefix} was prepared by an older megakv-prep reader (version "
+                f"{self.made_by_reader}, now {READER_VERSION}; since then {changes_since(self.made_by_reader)}); if "
+                "the inputs hold such records its tokens differ from what this version makes: pass --overwrite to "
+                "re-prepare")
 
     def top_skip(self) -> str:
         reason, n = self.skipped.most_common(1)[0]
@@ -198,6 +215,10 @@ def _batches(files: list[InputFile], options: PrepOptions, make_task, progress: 
         yield make_task(tuple(formats), tuple(items))
 
 
+def changes_since(version: int) -> str:
+    return "; ".join(READER_CHANGES[v] for v in range(version + 1, READER_VERSION + 1))
+
+
 def inputs_fingerprint(files: list[InputFile], options: PrepOptions, tokenizer: TokenizerInfo) -> str:
     """Identifies a preprocessing job: same files (path, size, mtime), options and tokenizer."""
     digest = hashlib.sha256()
@@ -209,10 +230,12 @@ def inputs_fingerprint(files: list[InputFile], options: PrepOptions, tokenizer: 
     return digest.hexdigest()[:24]
 
 
-def _check_output(prefix: Path, fingerprint: str, overwrite: bool, shard: tuple[int, int] | None = None) -> bool:
-    """True if the output already holds exactly this job's result; raises if it holds something else."""
+def _check_output(prefix: Path, fingerprint: str, overwrite: bool, shard: tuple[int, int] | None = None
+                  ) -> int | None:
+    """The reader version that made the output if it already holds exactly this job's result, else None
+    (to prepare it); raises if it holds something else. `overwrite` also replaces an older reader's output."""
     if not pair_exists(prefix):
-        return False
+        return None
     meta = read_meta(prefix)
     if meta is not None and meta.get("inputs_fingerprint") == fingerprint:
         try:
@@ -220,12 +243,13 @@ def _check_output(prefix: Path, fingerprint: str, overwrite: bool, shard: tuple[
             recorded = list(shard) if shard else None
             if meta.get("shard") != recorded:  # the same files as a share of another array run: megakv-merge
                 write_meta(prefix, {**meta, "shard": recorded})  # tells runs apart by this record
-            return True
+            made_by = int(meta.get("reader_version", 1))
+            return None if overwrite and made_by < READER_VERSION else made_by  # its tokens may differ
         except DataError:
             if not overwrite:
                 raise
     if overwrite:
-        return False
+        return None
     raise DataError(f"{idx_path(prefix)} already holds a different dataset (made from other inputs, options "
                     "or tokenizer)", "choose another --output-prefix, or pass --overwrite to replace it")
 
@@ -343,8 +367,9 @@ def _preprocess(inputs: list[str], tokenizer: str | Path, output_prefix: str | P
                         "drop --prepend-bos or use a tokenizer with a BOS token")
     fingerprint = inputs_fingerprint(files, options, info)
     summary = PrepSummary(str(prefix), files=len(files), input_bytes=sum(f.size for f in files), ignored=ignored)
-    if _check_output(prefix, fingerprint, overwrite, shard):
-        summary.already_done = True
+    made_by_reader = _check_output(prefix, fingerprint, overwrite, shard)
+    if made_by_reader is not None:
+        summary.already_done, summary.made_by_reader = True, made_by_reader
         return summary
     dtype = optimal_dtype(info.vocab_size)
     summary.dtype = dtype.name
@@ -386,7 +411,7 @@ def _preprocess(inputs: list[str], tokenizer: str | Path, output_prefix: str | P
             "documents": summary.documents, "tokens": summary.tokens, "dtype": dtype.name,
             "max_token_id": max_token_id, "vocab_size": info.vocab_size, "eos_id": info.eos_id,
             "tokenizer": {"dir": tokenizer_dir.name, "fingerprint": info.fingerprint},
-            "inputs_fingerprint": fingerprint,
+            "inputs_fingerprint": fingerprint, "reader_version": READER_VERSION,
             "inputs": {"files": len(files), "bytes": summary.input_bytes,
                        "first_files": [str(f.path) for f in files[:20]]},
             "options": asdict(options), "shard": list(shard) if shard else None,
