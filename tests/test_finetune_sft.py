@@ -367,3 +367,44 @@ def test_qa_prep_strips_a_utf8_bom_and_names_a_lone_surrogate(tmp_path, tokenize
     err = capsys.readouterr().err
     assert "surrogate.jsonl:2: field 'answer'" in err and "Traceback" not in err
     assert not (tmp_path / "out" / "surrogate.idx").exists()
+
+
+def test_resume_refuses_records_prepared_again_with_other_loss_masks(tmp_path, qa_dataset, tokenizer_dir):
+    """--loss-on answer and --loss-on record give byte-identical tokens: only the mask tells the runs apart,
+    so a checkpoint of one must not resume on the other (the sample order, and so `fingerprint`, is equal)."""
+    prefix = tmp_path / "out" / "qa"
+    prep = ["prep", "--input", str(qa_dataset.parent.parent / "qa.jsonl"), "--tokenizer", str(tokenizer_dir),
+            "--output-prefix", str(prefix), "--seq-len", str(SEQ)]
+    cfg = load_config(None, [f"data.datasets=[{prefix}]", f"data.seq_len={SEQ}", "model.vocab_size=320",
+                             "model.max_seq_len=128", f"data.cache_dir={tmp_path / 'c'}"])
+    assert qa_main(prep) == 0
+    answer_only = build_data(cfg.data, cfg.seq_len, is_builder=True)
+    saved = answer_only.resume_state(40)
+    assert qa_main([*prep, "--loss-on", "record", "--overwrite"]) == 0
+    whole_record = build_data(cfg.data, cfg.seq_len, is_builder=True)
+    assert whole_record.fingerprint == answer_only.fingerprint  # the same samples in the same order
+    assert whole_record.loss_mask_fingerprint not in ("", answer_only.loss_mask_fingerprint)
+    with pytest.raises(DataError, match="trained with other loss masks"):
+        whole_record.check_resume(saved)
+    assert whole_record.check_resume({**saved, "loss_mask_fingerprint": ""}) == 40  # written before masks counted
+    assert whole_record.check_resume(whole_record.resume_state(40)) == 40
+
+
+def test_megakv_train_refuses_to_resume_on_records_prepared_with_other_loss_masks(tmp_path, qa_dataset, tokenizer_dir):
+    """The same check at launch: the checkpoint records its masks, the resumed run sees others, exit 2."""
+    from train_helpers import launch_train, step_losses
+
+    prefix = tmp_path / "out" / "qa"
+    prep = ["prep", "--input", str(qa_dataset.parent.parent / "qa.jsonl"), "--tokenizer", str(tokenizer_dir),
+            "--output-prefix", str(prefix), "--seq-len", str(SEQ)]
+    assert qa_main(prep) == 0
+    run = [f"data.datasets=[{prefix}]", f"data.seq_len={SEQ}", "model.max_seq_len=128", "train.global_batch=4",
+           "train.micro_batch=4", "train.steps=3", "validation.every=0", "logging.tensorboard=false",
+           f"train.run_dir={tmp_path / 'run'}"]
+    first = launch_train([*run, "train.debug.sigterm_at_step=1"], nproc=1)  # checkpoints step 1, stops
+    assert first.ok, first.output[-4000:]
+    assert qa_main([*prep, "--loss-on", "record", "--overwrite"]) == 0
+    resumed = launch_train(run, nproc=1, resume=True)
+    assert resumed.returncodes == [2], resumed.output[-4000:]
+    assert "trained with other loss masks" in resumed.output and "--loss-on" in resumed.output
+    assert sorted(step_losses(tmp_path / "run")) == [1]  # nothing trained on the other masks

@@ -25,7 +25,7 @@ from megakv.data.blend import BlendedSamples
 from megakv.data.cache import IndexCache
 from megakv.data.errors import DataError
 from megakv.data.indexed import IndexedDataset
-from megakv.data.metadata import dataset_identity, read_meta, token_id_bound
+from megakv.data.metadata import dataset_identity, loss_mask_identity, read_meta, token_id_bound
 from megakv.data.orders import WHOLE, OrderPlan, Source, alignment_key
 from megakv.data.samples import GPTSamples
 from megakv.data.sft import attach_loss_mask, inputs_and_labels
@@ -46,6 +46,9 @@ class Data:
     cache_dir: Path
     built_cache_entries: int = 0  # how many cache entries this process built (0 unless is_builder)
     sources: list[str] = field(default_factory=list)
+    # The training sets' loss masks ("" without any). Apart from `fingerprint`, so that checkpoints of
+    # masked data written before it existed still resume; one re-prepared with other masks does not.
+    loss_mask_fingerprint: str = ""
 
     @property
     def vocab_size(self) -> int:
@@ -80,7 +83,8 @@ class Data:
 
     def resume_state(self, consumed_samples: int) -> dict:
         """The whole data position of a checkpoint."""
-        return {"consumed_samples": int(consumed_samples), "data_fingerprint": self.fingerprint}
+        return {"consumed_samples": int(consumed_samples), "data_fingerprint": self.fingerprint,
+                "loss_mask_fingerprint": self.loss_mask_fingerprint}
 
     def check_resume(self, state: dict) -> int:
         """Consumed samples to resume from; refuses a checkpoint made on other data or another order."""
@@ -88,7 +92,18 @@ class Data:
             raise DataError(f"the checkpoint's data fingerprint {state.get('data_fingerprint')} differs from this "
                             f"run's {self.fingerprint}: the datasets, weights, seed, seq_len or split changed",
                             "resume with the data config of that run, or start a new run")
+        if problem := self.loss_mask_change(state.get("loss_mask_fingerprint", "")):
+            raise DataError(problem, "prepare the records again as that run had them, or start a new run")
         return int(state["consumed_samples"])
+
+    def loss_mask_change(self, saved: str) -> str | None:
+        """What is wrong when a checkpoint's loss masks (`saved`; "" from before they were recorded) are
+        not this data's, else None."""
+        if not saved or saved == self.loss_mask_fingerprint:
+            return None
+        return (f"the checkpoint was trained with other loss masks (fingerprint {saved}, this data's "
+                f"{self.loss_mask_fingerprint or 'none'}): a dataset's QA records were prepared again with other "
+                "masks (megakv-qa prep --loss-on)")
 
 
 def _open_source(prefix: str, tokenizer: TokenizerInfo, tokenizer_dir: Path) -> Source:
@@ -192,6 +207,9 @@ def build_data(cfg: DataConfig, seq_len: int, *, is_builder: bool, barrier: Call
                    "train": [{"dataset": s.identity, "split": split.key, "count": c, **alignment_key(s)}
                              for s, split, c in zip(train_sources, splits, counts)]}
     fingerprint = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:20]
+    masks = [loss_mask_identity(s.prefix) for s in train_sources]
+    mask_fingerprint = (hashlib.sha256(json.dumps(masks).encode()).hexdigest()[:20]
+                        if any(m is not None for m in masks) else "")
     for part in [*train_parts, *valid_sets.values()]:
         part.vocab_size = tokenizer.vocab_size  # every sample read is checked against it
     nonempty_valid = [v for v in valid_sets.values() if len(v)]
@@ -200,7 +218,7 @@ def build_data(cfg: DataConfig, seq_len: int, *, is_builder: bool, barrier: Call
     return Data(train=BlendedSamples(train_parts, counts, repeat=True), valid=valid, valid_sets=valid_sets,
                 fingerprint=fingerprint, tokenizer_dir=tokenizer_dir, tokenizer=tokenizer, seq_len=seq_len,
                 cache_dir=cache.directory, built_cache_entries=cache.built,
-                sources=[str(s.prefix) for s in train_sources])
+                sources=[str(s.prefix) for s in train_sources], loss_mask_fingerprint=mask_fingerprint)
 
 
 def micro_batches(dataset, consumed_samples: int, global_batch: int, micro_batch: int, dp_rank: int,

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from megakv.data.errors import DataError
-from megakv.data.indexed import IndexedDataset, bin_path, idx_path
+from megakv.data.indexed import IndexedDataset, bin_path, idx_path, mask_prefix, pair_exists
 
 META_SUFFIX = ".meta.json"
 FORMAT = "megakv-indexed-v1"
@@ -88,3 +88,10 @@ def token_id_bound(dataset: IndexedDataset, meta: dict | None) -> int:
 def header_summary(dataset: IndexedDataset) -> dict:
     return {"sequences": len(dataset), "documents": dataset.num_documents, "tokens": dataset.num_tokens,
             "dtype": np.dtype(dataset.dtype).name}
+
+
+def loss_mask_identity(prefix: str | Path) -> str | None:
+    """The identity of the loss mask prepared beside a pair (QA records), None when it has none: the tokens
+    of `megakv-qa prep --loss-on answer` and `--loss-on record` are the same, only their masks differ."""
+    masks = mask_prefix(prefix)
+    return dataset_identity(masks) if pair_exists(masks) else None

@@ -92,6 +92,11 @@ class Trainer:
                               "resume with the same data (files, weights, split, seed); else keep its weights "
                               f"with `megakv-convert from-checkpoint {cfg.train.run_dir} MODEL_DIR` and train in a "
                               "new run_dir with checkpoint.init_from=MODEL_DIR")
+        if resume is not None and (problem := self.data.loss_mask_change(resume.state.loss_mask_fingerprint)):
+            raise ConfigError("data.datasets", cfg.data.datasets, f"{resume.path}: {problem}",
+                              "resume with the records prepared as that run had them; else keep its weights with "
+                              f"`megakv-convert from-checkpoint {cfg.train.run_dir} MODEL_DIR` and train in a new "
+                              "run_dir with checkpoint.init_from=MODEL_DIR")
         init_state = None
         if cfg.checkpoint.init_from and resume is None:
             init_state = _init_weights(cfg, cfg.checkpoint.init_from)
@@ -102,7 +107,8 @@ class Trainer:
                                dist.get_world_size(), ctx.device, cfg.logging.peak_flops_per_device)
         if ctx.is_global_zero:
             log.info(self.meter.startup_line())
-        self.state = TrainState(data_fingerprint=self.data.fingerprint, routing_seed=cfg.routing.seed,
+        self.state = TrainState(data_fingerprint=self.data.fingerprint,
+                                loss_mask_fingerprint=self.data.loss_mask_fingerprint, routing_seed=cfg.routing.seed,
                                 layout={**self.layout.describe(), "zero_stage": cfg.parallel.zero_stage},
                                 config_yaml=to_yaml(cfg))
         if resume is not None:

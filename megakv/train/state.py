@@ -31,6 +31,7 @@ class TrainState:
     skipped_steps: int = 0  # steps whose update was skipped because the loss/gradients were non-finite
     nonfinite_in_a_row: int = 0
     data_fingerprint: str = ""
+    loss_mask_fingerprint: str = ""  # Data.loss_mask_fingerprint ("" without masks, or written before 2026-12-08)
     routing_seed: int = 0
     layout: dict = field(default_factory=dict)  # world size, data/tensor/pipeline sizes, ZeRO stage
     config_yaml: str = ""  # the resolved config of the run that wrote the checkpoint
