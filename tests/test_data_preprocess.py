@@ -193,6 +193,17 @@ def test_output_holding_a_different_dataset_is_refused(tmp_path, tokenizer_dir):
         preprocess(a, tokenizer_dir, prefix, options=PrepOptions(text_key="body", prepend_bos=True), progress=False)
     preprocess(b, tokenizer_dir, prefix, options=opts, overwrite=True, progress=False)
     assert decoded(prefix, tokenizer_dir) == DOCS[5:9]
+    # An input edited in place with its size and modification time kept looks like the same job; --overwrite
+    # prepares it again (it was "nothing to do").
+    import os
+
+    edited = Path(b[0])
+    stat = edited.stat()
+    edited.write_text(edited.read_text().replace("e", "o"))
+    os.utime(edited, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert preprocess(b, tokenizer_dir, prefix, options=opts, progress=False).already_done
+    assert not preprocess(b, tokenizer_dir, prefix, options=opts, overwrite=True, progress=False).already_done
+    assert decoded(prefix, tokenizer_dir) == [d.replace("e", "o") for d in DOCS[5:9]]
     assert sorted(p.name for p in prefix.parent.iterdir()) == ["d.bin", "d.idx", "d.meta.json", "tokenizer"]
 
 
@@ -500,3 +511,23 @@ def test_an_output_inside_an_input_directory_is_refused(tmp_path, tokenizer_dir)
     (beside / "train.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS[:3]))
     preprocess([str(beside / "train.jsonl")], tokenizer_dir, beside / "train", progress=False)
     assert decoded(beside / "train", tokenizer_dir) == DOCS[:3]
+
+
+def test_a_data_directory_prepared_again_with_another_tokenizer_in_one_process_uses_the_new_one(tmp_path,
+                                                                                                tokenizer_dir):
+    """The per-process tokenizer cache was keyed by directory only: preparing data/ again after replacing it
+    (in a notebook, a test, a study) wrote the old tokenizer's ids under the new tokenizer's metadata."""
+    import shutil
+
+    from megakv.data.tokenizer import train_sentencepiece
+
+    other = tmp_path / "other_tokenizer"
+    train_sentencepiece(synthetic_documents(60, seed=3), other, vocab_size=360)
+    inputs, options = write_inputs("jsonl", tmp_path / "in", DOCS[:5])
+    prefix = tmp_path / "data" / "d"
+    preprocess(inputs, tokenizer_dir, prefix, options=options, progress=False)
+    shutil.rmtree(prefix.parent)
+    preprocess(inputs, other, prefix, options=options, progress=False)
+    assert decoded(prefix, other) == DOCS[:5]
+    new = load_tokenizer(other)
+    assert IndexedDataset(prefix)[0].tolist() == [*new.encode(DOCS[0]), new.eos_id]

@@ -254,3 +254,35 @@ def test_long_lines_are_cut_for_training_at_whitespace_never_inside_a_character(
     assert "".join(pieces) == "".join(lines[:4])  # nothing lost (the blank line is no sentence)
     assert pieces[:3] == ["short line", "word word word", " word word word"]  # before a space
     assert pieces[5:11] == ["日本語日本", "語日本語日", "本語日本語", "日本語日本", "語日本語日", "本語日本語"]
+
+
+def test_saving_beside_data_refuses_the_same_tokenizer_with_another_eos(tmp_path):
+    """--eos-token changes only the metadata, not the files the fingerprint covers: the directory kept the
+    first run's end token and a second megakv-prep said "nothing to do" (the documents ended otherwise)."""
+    source = _hf_tokenizer(tmp_path / "hf")
+    _, first = save_beside_data(source, tmp_path / "data")
+    assert first.eos_id == 1
+    assert save_beside_data(source, tmp_path / "data")[1] == first  # the same again: fine
+    with pytest.raises(DataError, match=r"other special tokens \(eos 1.*asked for: eos 0"):
+        save_beside_data(source, tmp_path / "data", eos_token="<unk>")
+    assert read_info(tmp_path / "data" / "tokenizer") == first
+
+
+def test_a_run_directorys_tokenizer_copy_follows_the_data(tmp_path, tokenizer_dir):
+    """A run started again in the directory of a run stopped before its first checkpoint, on data made with
+    another tokenizer, kept the first tokenizer: its export decoded the new model's ids with the wrong one."""
+    from megakv.data.tokenizer import refresh_copy
+
+    other = tmp_path / "other"
+    train_sentencepiece(synthetic_documents(60, seed=3), other, vocab_size=360)
+    target = tmp_path / "run" / "tokenizer"
+    target.parent.mkdir()
+    refresh_copy(tokenizer_dir, target)
+    assert read_info(target) == read_info(tokenizer_dir)
+    refresh_copy(other, target)
+    assert read_info(target) == read_info(other)
+    assert load_tokenizer(target).encode("speaks") == load_tokenizer(other).encode("speaks")
+    (target / METADATA_FILE).write_text("{")  # a damaged copy is replaced too
+    refresh_copy(tokenizer_dir, target)
+    assert read_info(target) == read_info(tokenizer_dir)
+    assert sorted(p.name for p in target.parent.iterdir()) == ["tokenizer"]  # no temporary left behind

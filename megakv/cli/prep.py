@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="skip (or, with --strict, fail on) a record larger than this: tokenizing one record takes "
                         "about 60x its size in memory (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace a different dataset at PREFIX, or the same one an older megakv-prep reader made")
+                   help="replace what PREFIX holds, also the output of this very job (prepared again)")
     p.add_argument("--shard-index", type=int, help="keep only this shard of the input files (0-based)")
     p.add_argument("--num-shards", type=int, help="number of shards the input files are split into")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -146,6 +146,7 @@ def check_useful(summary: PrepSummary, max_skip_fraction: float) -> None:
 @dataclass(frozen=True)
 class _Task:
     tokenizer_dir: str
+    tokenizer_fingerprint: str
     options: PrepOptions
     vocab_size: int
     eos_id: int
@@ -177,7 +178,7 @@ def encode_task(task: _Task) -> _Result:
             kept.append((file_index, line))
         except Skip as s:
             skips.append((file_index, line, s.reason, s.detail))
-    tokenizer = cached_tokenizer(task.tokenizer_dir)
+    tokenizer = cached_tokenizer(task.tokenizer_dir, task.tokenizer_fingerprint)
     ids = tokenizer.encode_batch(texts) if texts else []
     raw_lengths = np.fromiter((len(x) for x in ids), np.int64, len(ids))
     flat = np.fromiter(itertools.chain.from_iterable(ids), np.int64, int(raw_lengths.sum()))
@@ -233,25 +234,19 @@ def inputs_fingerprint(files: list[InputFile], options: PrepOptions, tokenizer: 
 def _check_output(prefix: Path, fingerprint: str, overwrite: bool, shard: tuple[int, int] | None = None
                   ) -> int | None:
     """The reader version that made the output if it already holds exactly this job's result, else None
-    (to prepare it); raises if it holds something else. `overwrite` also replaces an older reader's output."""
-    if not pair_exists(prefix):
+    (to prepare it; always with `overwrite`); raises if it holds something else."""
+    if overwrite or not pair_exists(prefix):
         return None
     meta = read_meta(prefix)
     if meta is not None and meta.get("inputs_fingerprint") == fingerprint:
-        try:
-            IndexedDataset(prefix)  # and it must still be intact
-            recorded = list(shard) if shard else None
-            if meta.get("shard") != recorded:  # the same files as a share of another array run: megakv-merge
-                write_meta(prefix, {**meta, "shard": recorded})  # tells runs apart by this record
-            made_by = int(meta.get("reader_version", 1))
-            return None if overwrite and made_by < READER_VERSION else made_by  # its tokens may differ
-        except DataError:
-            if not overwrite:
-                raise
-    if overwrite:
-        return None
+        IndexedDataset(prefix)  # and it must still be intact (a DataError names the damage)
+        recorded = list(shard) if shard else None
+        if meta.get("shard") != recorded:  # the same files as a share of another array run: megakv-merge
+            write_meta(prefix, {**meta, "shard": recorded})  # tells runs apart by this record
+        return int(meta.get("reader_version", 1))
     raise DataError(f"{idx_path(prefix)} already holds a different dataset (made from other inputs, options "
-                    "or tokenizer)", "choose another --output-prefix, or pass --overwrite to replace it")
+                    "or tokenizer; the inputs are compared by path, size and modification time)",
+                    "choose another --output-prefix, or pass --overwrite to replace it")
 
 
 def preprocess(inputs: list[str], tokenizer: str | Path, output_prefix: str | Path, *, workers: int = 1,
@@ -375,8 +370,8 @@ def _preprocess(inputs: list[str], tokenizer: str | Path, output_prefix: str | P
     summary.dtype = dtype.name
 
     def make_task(formats, items) -> _Task:
-        return _Task(str(tokenizer_dir), options, info.vocab_size, info.eos_id, info.bos_id, dtype.name,
-                     formats, items)
+        return _Task(str(tokenizer_dir), info.fingerprint, options, info.vocab_size, info.eos_id, info.bos_id,
+                     dtype.name, formats, items)
 
     max_token_id = -1
     bar = Progress(summary.input_bytes, desc=prefix.name, enabled=progress)

@@ -184,8 +184,9 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
 
 
 @lru_cache(maxsize=4)
-def cached_tokenizer(directory: str) -> Tokenizer:
-    """One loaded tokenizer per process and directory (worker processes call this for every batch)."""
+def cached_tokenizer(directory: str, fingerprint: str) -> Tokenizer:
+    """One loaded tokenizer per process, directory and `fingerprint` (worker processes call this for every
+    batch; keyed by the fingerprint too, so a directory replaced by another tokenizer is loaded again)."""
     return load_tokenizer(directory)
 
 
@@ -237,6 +238,31 @@ def encode_alike(first: str | Path, second: str | Path) -> bool | None:
 
 
 # ---------------------------------------------------------------------------------------------- saving
+
+
+def _special_ids(info: TokenizerInfo) -> str:
+    return f"eos {info.eos_id}, bos {info.bos_id}, pad {info.pad_id}, unk {info.unk_id}"
+
+
+def refresh_copy(source: Path, target: Path) -> None:
+    """Make `target` a copy of the tokenizer directory `source`, replacing a copy of another tokenizer (a
+    run directory reused for other data) atomically; an identical copy is left alone."""
+    wanted = TokenizerInfo.read(source)
+    if target.exists():
+        try:
+            if TokenizerInfo.read(target) == wanted:
+                return
+        except DataError:  # a damaged copy: replaced like another tokenizer's
+            pass
+    tmp = target.with_name(f"{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    shutil.copytree(source, tmp)
+    if target.exists():
+        old = target.with_name(f"{target.name}.old-{uuid.uuid4().hex[:8]}")
+        os.rename(target, old)
+        os.rename(tmp, target)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, target)
 
 
 def _fingerprint_dir(directory: Path) -> str:
@@ -428,6 +454,11 @@ def save_beside_data(source: str | Path, data_dir: str | Path,
                             f"{existing.fingerprint[:12]} vs {info.fingerprint[:12]} of {source})",
                             "datasets in one directory share one tokenizer: write to another directory, "
                             f"or delete {target} and every dataset made with it")
+        if existing != info:  # the same files with other special ids (--eos-token): the documents would end otherwise
+            raise DataError(f"{target} holds this tokenizer with other special tokens ({_special_ids(existing)}; "
+                            f"asked for: {_special_ids(info)})",
+                            "datasets in one directory share one tokenizer: write to another directory, or "
+                            f"delete {target} and every dataset made with it, or drop --eos-token")
         return target, existing
     finally:
         if tmp.exists():

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
 import signal
 import time
 from collections.abc import Mapping
@@ -22,6 +21,7 @@ import torch.distributed as dist
 from megakv.config import MegaKVConfig, to_yaml
 from megakv.config.errors import ConfigError
 from megakv.data.boundaries import mask_documents
+from megakv.data.tokenizer import refresh_copy
 from megakv.optim.schedule import resume_schedule_notice
 from megakv.parallel import ParallelContext
 from megakv.parallel.materialize import SafetensorsWeights
@@ -137,9 +137,8 @@ class Trainer:
             tb_dir = self.run_dir / TENSORBOARD if cfg.logging.tensorboard else None
             self.metrics = MetricsWriter(self.run_dir / METRICS, tb_dir, first_step=self.state.step + 1)
         if ctx.is_global_zero:
-            tokenizer_copy = self.run_dir / TOKENIZER
-            if self.data.tokenizer_dir is not None and not tokenizer_copy.exists():
-                shutil.copytree(self.data.tokenizer_dir, tokenizer_copy)
+            if self.data.tokenizer_dir is not None:  # what the export ships: this data's, not an earlier start's
+                refresh_copy(self.data.tokenizer_dir, self.run_dir / TOKENIZER)
             write_status(self.run_dir, "running", step=self.state.step)
         if cfg.train.debug.check_plans:
             self.plan_trace = open(self.run_dir / LOGS / f"plans_rank{self.layout.rank}.txt", "a", buffering=1)
