@@ -59,6 +59,28 @@ def test_resume_refuses_settings_that_change_what_the_run_computes(runs, tmp_pat
 
 
 
+def test_resume_accepts_the_same_data_settings_spelled_otherwise():
+    """The default tokenizer written out, or weights scaled alike, read the same samples in the same order
+    (the data fingerprint is equal): refusing them sent users to start over for nothing."""
+    from megakv.config import to_yaml
+    from megakv.train.preflight import check_same_data
+    from megakv.train.state import TrainState
+
+    saved = TrainState(step=2, config_yaml=to_yaml(load_config(TINY_RECIPE, ["data.datasets=[d/a,d/b]",
+                                                                             "data.weights=[1,1]"])))
+
+    def check(*now: str) -> None:
+        check_same_data(load_config(TINY_RECIPE, ["data.datasets=[d/a,d/b]", *now]), saved, Path("ckpt"))
+
+    check("data.weights=[1,1]")
+    check("data.weights=[2.5,2.5]", "data.tokenizer=d/tokenizer")
+    for others, field in [(["data.weights=[1,2]"], "data.weights"), (["data.weights=null"], "data.weights"),
+                          (["data.weights=[1,1]", "data.tokenizer=elsewhere/tokenizer"], "data.tokenizer")]:
+        with pytest.raises(ConfigError) as info:
+            check(*others)
+        assert info.value.field == field
+
+
 def test_another_micro_batch_changes_the_run_only_with_a_plan_per_micro_batch():
     """With routing.per_micro_batch a step draws global_batch / micro_batch plans: another micro-batch size drew
     other plans from the resumed step on (losses off by 9.7e-4 two steps later) with only a log line."""

@@ -181,7 +181,11 @@ def _data_identity(data: dict) -> dict:
 
     identity = {name: data.get(name) for name in DATA_IDENTITY_FIELDS}
     identity["datasets"] = [resolved(p) for p in identity["datasets"] or []]
-    identity["tokenizer"] = resolved(identity["tokenizer"])
+    # Spelled out or left to its default (the tokenizer/ beside the first dataset): the same tokenizer.
+    default_tokenizer = Path(identity["datasets"][0]).parent / "tokenizer" if identity["datasets"] else None
+    identity["tokenizer"] = resolved(identity["tokenizer"] or default_tokenizer)
+    weights = identity["weights"]  # only the proportions decide the blend: [1, 1] is [2, 2]
+    identity["weights"] = None if weights is None else [round(w / sum(weights), 12) for w in weights]
     return identity
 
 
