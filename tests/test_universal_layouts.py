@@ -76,6 +76,8 @@ def change_layout(dataset: Path, single: Path, tmp_path: Path, source: tuple[int
     assert refused.returncodes == [2] * target[0], refused.output[-3000:]
     assert f"megakv-convert to-universal {interrupted}" in refused.output, refused.output[-3000:]
     assert convert_main(["to-universal", str(interrupted)]) == 0
+    made_from = TrainState.read(interrupted / "checkpoints" / "step_00000002_universal").converted_from
+    assert made_from == TrainState.read(interrupted / "checkpoints" / "step_00000002").manifest_digest()
     source_weights = consolidated_state_dict(interrupted)[1]
     source_state = universal_state(interrupted)
     assert set(source_state) == set(source_weights)  # MegaKVModel names, whatever the source layout
@@ -169,6 +171,33 @@ def test_a_damaged_conversion_is_refused(dataset, tmp_path):
     with pytest.raises(ConfigError, match=r"its conversion is damaged: .*fp32.pt is missing") as missing:
         preflight(cfg, ParallelLayout(world_size=2, rank=0, local_rank=0))
     assert f"megakv-convert to-universal {run}` again" in missing.value.fix
+
+
+def test_a_conversion_of_a_step_saved_again_since_is_refused(dataset, tmp_path):
+    """Step 2 converted, then saved again (its checkpoint deleted and retrained, say at another lr): the
+    resume on another layout loaded the old conversion with no warning (step 3's loss 4.9956 instead of
+    5.2387). A conversion records the manifest of the checkpoint it was made from."""
+    run = tmp_path / "run"
+    fake_checkpoint(dataset, run, pipeline=2)
+    tag_dir = run / "checkpoints" / "step_00000002"
+    from megakv.train.checkpoint import manifest_of
+
+    source, weights = TrainState.read(tag_dir), "mp_rank_00_model_states.pt"
+    (tag_dir / weights).write_bytes(b"first save")
+    source.files = manifest_of(tag_dir, [weights])
+    source.write(tag_dir)
+    target = fake_universal(run)
+    converted = TrainState.read(target)
+    converted.converted_from = source.manifest_digest()
+    converted.write(target)
+    cfg = load_config(TINY_RECIPE, [*overrides(dataset, run, 1), "checkpoint.resume=auto"])
+    assert preflight(cfg, ParallelLayout(world_size=2, rank=0, local_rank=0)).resume.universal  # its source: used
+    (tag_dir / weights).write_bytes(b"saved again")  # the step saved again, intact
+    source.files = manifest_of(tag_dir, [weights])
+    source.write(tag_dir)
+    with pytest.raises(ConfigError, match="was made from an earlier checkpoint saved as step_00000002") as stale:
+        preflight(cfg, ParallelLayout(world_size=2, rank=0, local_rank=0))
+    assert f"megakv-convert to-universal {run}` again" in stale.value.fix
 
 
 def test_a_zero3_run_on_another_layout_is_refused(dataset, tmp_path):

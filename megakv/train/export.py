@@ -178,6 +178,7 @@ def _finish_universal(ckpt_dir: Path, tag: str, state: TrainState, tmp: Path, ta
     record_split_dims(tmp)  # so a launch with tensor parallelism cuts each tensor the way megakv splits it
     if (ckpt_dir / tag / RNG_DIR).is_dir():
         shutil.copytree(ckpt_dir / tag / RNG_DIR, tmp / RNG_DIR)
+    state.converted_from = state.manifest_digest()  # the source checkpoint's files, as saved
     state.files = manifest_of(tmp, checkpoint_files(tmp))  # the converted directory's own files
     state.write(tmp)
     if target.exists():

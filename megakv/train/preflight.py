@@ -333,6 +333,12 @@ def find_resume(cfg: MegaKVConfig, data_parallel: int) -> ResumePoint | None:
     if damage is not None:  # a missing or changed file: DeepSpeed would crash on it or train from it silently
         raise ConfigError("checkpoint.resume", "auto", f"{problem}; its conversion is damaged: {damage}",
                           f"run `megakv-convert to-universal {run_dir}` again, or {same_layout}")
+    made_from = TrainState.read(ckpt_dir / converted).converted_from
+    if made_from and made_from != state.manifest_digest():  # the step was saved again after the conversion
+        raise ConfigError("checkpoint.resume", "auto",
+                          f"{problem}; its conversion {ckpt_dir / converted} was made from an earlier checkpoint "
+                          f"saved as {tag}, not the one there now (it would resume another model)",
+                          f"run `megakv-convert to-universal {run_dir}` again, or {same_layout}")
     return ResumePoint(ckpt_dir, converted, state, universal=True, notices=tuple(notices), config_changes=changes)
 
 

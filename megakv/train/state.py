@@ -6,6 +6,7 @@ Everything here is JSON (the RNG streams too), so a checkpoint someone sent you 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import random
 from dataclasses import asdict, dataclass, field
@@ -41,6 +42,12 @@ class TrainState:
     # Every other file of the checkpoint directory (relative path -> [size in bytes, sha256 hex]).
     files: dict = field(default_factory=dict)
     format: int = FORMAT_VERSION
+    # A universal conversion: the `manifest_digest` of the checkpoint it was made from ("" otherwise, or
+    # made before 2026-12-08), so a step saved again after the conversion is not resumed from the old one.
+    converted_from: str = ""
+
+    def manifest_digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.files, sort_keys=True).encode()).hexdigest()[:24]
 
     @property
     def data_parallel(self) -> int:
