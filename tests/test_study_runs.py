@@ -99,3 +99,61 @@ def test_a_run_retrained_in_place_with_the_same_settings_has_another_fingerprint
     first = model_fingerprint(run)
     (tag / "megakv_state.json").write_text('{"run_id": "second", "files": {"a.pt": [8, "bbbb"]}}')
     assert model_fingerprint(run) != first
+
+
+def _reprepare(prefix, docs: list[str]) -> None:
+    """Prepare `docs` again under `prefix` (its tokenizer kept), as a user re-running megakv-prep would."""
+    import json
+
+    from megakv.data.preprocess import preprocess
+
+    corpus = prefix.parent.parent / "other.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    preprocess([str(corpus)], prefix.parent / "tokenizer", prefix, overwrite=True, progress=False)
+
+
+def test_a_cached_run_is_not_reused_on_data_prepared_again_under_the_same_name(tmp_path):
+    """The study compared settings only: data prepared again under the same prefix (or a rebuilt base model)
+    reused the models and scores of the old one, with every setting unchanged (audit: 'cached', the same
+    losses). Each run's inputs are recorded by content and checked on reuse."""
+    import pytest
+
+    from megakv.config import save_config
+    from megakv.study.runs import train_run
+    from megakv.testing.tiny_data import prepare_tiny_dataset, synthetic_text
+
+    prefix = prepare_tiny_dataset(tmp_path / "d")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("optim:\n  lr: 0.001\n")
+    asked = [f"data.datasets=[{prefix}]"]
+    run = tmp_path / "runs" / "q0"
+    run.mkdir(parents=True)
+    save_config(load_config(recipe, asked), run / "config.yaml")
+    (run / "status.json").write_text('{"state": "finished", "step": 4}')
+    logged = []
+    assert train_run(recipe, run, asked, log=logged.append) == 0.0  # cached: the record starts here
+    assert train_run(recipe, run, asked, log=logged.append) == 0.0  # the same data: cached again
+    assert logged == [f"cached: {run}"] * 2
+    _reprepare(prefix, synthetic_text()[::-1][:40])
+    with pytest.raises(ValueError, match=rf"trained on other inputs than these \(data {prefix} changed"):
+        train_run(recipe, run, asked, log=logged.append)
+
+
+def test_a_cached_retention_loss_is_not_reused_on_data_prepared_again(tmp_path):
+    import torch
+
+    from megakv.config import ModelConfig
+    from megakv.model import MegaKVModel
+    from megakv.model_dir import save_model_dir
+    from megakv.study.runs import retention_losses
+    from megakv.testing.tiny_data import prepare_tiny_dataset, synthetic_text
+
+    prefix = prepare_tiny_dataset(tmp_path / "d")
+    cfg = ModelConfig(vocab_size=320, d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, ffn_hidden=64, max_seq_len=32)
+    torch.manual_seed(0)
+    model = save_model_dir(cfg, MegaKVModel(cfg, init_seed=3).state_dict(), tmp_path / "model",
+                           tokenizer_dir=prefix.parent / "tokenizer")
+    first = retention_losses(model, prefix, ["every:1"], max_tokens=256, log=print)
+    assert retention_losses(model, prefix, ["every:1"], max_tokens=256, log=print) == first
+    _reprepare(prefix, synthetic_text()[::-1][:40])
+    assert retention_losses(model, prefix, ["every:1"], max_tokens=256, log=print) != first

@@ -20,6 +20,7 @@ import torch
 from omegaconf import OmegaConf
 
 from megakv.config import flat_settings, load_config
+from megakv.data.metadata import dataset_identity, loss_mask_identity
 from megakv.eval.data import load_eval_tokens, make_windows
 from megakv.eval.loss import evaluate_plans
 from megakv.model_paths import resolve_model
@@ -86,6 +87,37 @@ def _same_setting(asked, had) -> bool:
     return asked == had
 
 
+def input_identities(config: Path, overrides: Sequence[str]) -> dict[str, str]:
+    """What a run trains on, by content: each training set (with its loss mask) and the model it starts from.
+    A study whose settings are unchanged but whose data was prepared again under the same names (or whose
+    base model was rebuilt) must not reuse the models trained on the old ones."""
+    cfg = load_config(config, list(overrides))
+    identities = {}
+    for prefix in cfg.data.datasets:
+        mask = loss_mask_identity(prefix)
+        identities[f"data {prefix}"] = dataset_identity(prefix) + (f"+mask {mask}" if mask else "")
+    if cfg.checkpoint.init_from:
+        identities[f"init_from {cfg.checkpoint.init_from}"] = model_fingerprint(Path(cfg.checkpoint.init_from))
+    return identities
+
+
+def _check_inputs(config: Path, run_dir: Path, overrides: Sequence[str]) -> None:
+    """Record the run's inputs beside it (RUN_inputs.json) the first time, refuse other ones afterwards. A run
+    cached before the record existed is taken as trained on today's inputs (as it was before)."""
+    record = run_dir.parent / f"{run_dir.name}_inputs.json"
+    now = input_identities(config, overrides)
+    if record.is_file():
+        then = json.loads(record.read_text())
+        changed = sorted(name for name in {*then, *now} if then.get(name) != now.get(name))
+        if changed:
+            raise ValueError(f"{run_dir} holds a run trained on other inputs than these ({', '.join(changed)} "
+                             "changed since: prepared again, or rebuilt). Fix: move or delete that directory to "
+                             "train it again on them, or use another --out")
+        return
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomically(record, now)
+
+
 def train_run(config: Path, run_dir: Path, overrides: Sequence[str], *, log: Log, nproc: int = 1,
               threads: int = 1) -> float:
     """Train (or finish training) one model; returns the seconds spent here (0 when it was cached)."""
@@ -93,6 +125,7 @@ def train_run(config: Path, run_dir: Path, overrides: Sequence[str], *, log: Log
     if changes:
         raise ValueError(f"{run_dir} holds a run trained with other settings ({'; '.join(changes)}). Fix: move "
                          "or delete that directory to train it again with these settings, or use another --out")
+    _check_inputs(config, run_dir, overrides)
     if is_finished(run_dir):
         log(f"cached: {run_dir}")
         return 0.0
@@ -155,11 +188,11 @@ def retention_losses(run_dir: Path, data: Path, retains: Sequence[str], *, max_t
                      cache_name: str = "retention_losses.json", log: Log) -> dict[str, float]:
     """Held-out loss of the run's model at each retention on the first `max_tokens` tokens of `data`.
 
-    Cached in run_dir/cache_name, keyed by the data, token budget and window length; recomputed only for
-    retentions missing from it.
+    Cached in run_dir/cache_name, keyed by the data (path and content), token budget and window length;
+    recomputed only for retentions missing from it.
     """
     cache_path = run_dir / cache_name
-    key = f"{Path(data).resolve()}|{max_tokens}|{seq_len}"
+    key = f"{Path(data).resolve()}|{dataset_identity(data)}|{max_tokens}|{seq_len}"
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     losses = dict(cache.get(key, {}))
     missing = [r for r in retains if r not in losses]
