@@ -92,6 +92,30 @@ def load_model_config(model_dir: str | Path) -> ModelConfig:
     return load_section(model_dir / CONFIG_FILE, ModelConfig, "model")
 
 
+def check_fits_dtype(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None) -> None:
+    """Refuse a cast that would turn weights into inf (float16 tops out at 65504): no silent broken model."""
+    if dtype is None or not dtype.is_floating_point:
+        return
+    largest = torch.finfo(dtype).max
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and tensor.numel() and torch.finfo(tensor.dtype).max > largest:
+            peak = float(tensor.detach().abs().max())
+            if peak > largest:
+                raise ValueError(f"{name} holds {peak:.4g}, beyond {str(dtype).removeprefix('torch.')}'s largest "
+                                 f"value {largest:.6g}: it would become inf. Fix: use bfloat16 or float32")
+
+
+def stored_dtype(model_dir: str | Path) -> torch.dtype | None:
+    """The floating dtype of a model directory's weights as stored (None when they mix dtypes)."""
+    from safetensors import safe_open
+
+    names = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+    with safe_open(str(Path(model_dir) / WEIGHTS_FILE), "pt") as f:
+        found = {f.get_slice(key).get_dtype() for key in f.keys()}
+    floating = {names[d] for d in found if d in names}
+    return floating.pop() if len(floating) == 1 else None
+
+
 def model_from_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor], device: str | torch.device = "cpu",
                           dtype: torch.dtype | None = None, source: str = "checkpoint") -> MegaKVModel:
     """Build a MegaKVModel holding exactly `state`, without first initialising weights that get overwritten."""
@@ -110,6 +134,7 @@ def model_from_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor], devi
         raise ValueError(f"{source}: weights do not match the model config (missing {sorted(missing)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]})")
     if dtype is not None:
+        check_fits_dtype(state, dtype)
         model.to(dtype)
     return model.eval()
 

@@ -233,3 +233,50 @@ def test_generate_starts_a_prompt_with_the_bos_the_tokenizer_adds_unless_told_no
     assert continuation(text, "--no-bos") != with_bos
     assert generate_main(["--model", str(model_dir), "--prompt", text, "--add-bos", "--no-bos"]) == 2
     assert "contradict" in capsys.readouterr().err
+
+
+def test_float16_overflow_is_an_error_not_a_nan_loss_or_token_0(tmp_path, split, capsys):
+    """Activations beyond float16's 65504 printed 'loss nan', greedy generation printed token 0 (exit 0 both),
+    sampling a torch traceback; a weight beyond it became inf in a float16 export. Each is an error now."""
+    import torch
+
+    from megakv.cli.convert import main as convert_main
+
+    model = tiny_model(seed=6)
+    with torch.no_grad():
+        model.norm.weight.fill_(3e4)  # the final norm's output, and so the logits, beyond float16
+    loud = write_model_dir(tmp_path / "loud", model)
+    assert eval_main(["--model", str(loud), "--data", str(split), "--seq-len", "16"]) == 0  # float32: fine
+    capsys.readouterr()
+    assert eval_main(["--model", str(loud), "--data", str(split), "--seq-len", "16", "--dtype", "float16"]) == 2
+    assert "loss is not finite in float16" in capsys.readouterr().err
+    for sampling in ([], ["--temperature", "0.8", "--seed", "1"]):
+        assert generate_main(["--model", str(loud), "--prompt", "the", "--max-new-tokens", "3", "--dtype",
+                              "float16", *sampling]) == 2
+        err = capsys.readouterr().err
+        assert "logits are not finite (NaN or inf) in float16" in err and "--dtype bfloat16 or float32" in err
+
+    with torch.no_grad():
+        model.norm.weight.fill_(1e5)  # a weight float16 cannot hold
+    huge = write_model_dir(tmp_path / "huge", model)
+    for command in ("to-hf", "to-hf-rcla"):
+        assert convert_main([command, str(huge), str(tmp_path / command), "--dtype", "float16"]) == 2
+        assert "norm.weight holds 1e+05, beyond float16's largest value 65504" in capsys.readouterr().err
+        assert not (tmp_path / command).exists()
+
+
+def test_exports_record_and_keep_the_weights_dtype(tmp_path, capsys):
+    """to-hf-rcla without --dtype wrote a bf16 model as float32 (twice the size; its help says 'keep'), and
+    to-hf wrote "dtype": null into config.json."""
+    import torch
+    from safetensors import safe_open
+
+    from megakv.cli.convert import main as convert_main
+
+    bf16 = write_model_dir(tmp_path / "bf16", tiny_model(seed=6).to(torch.bfloat16))
+    for command in ("to-hf", "to-hf-rcla"):
+        assert convert_main([command, str(bf16), str(tmp_path / command)]) == 0
+        assert json.loads((tmp_path / command / "config.json").read_text())["dtype"] == "bfloat16"
+        with safe_open(str(next((tmp_path / command).glob("*.safetensors"))), "pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    capsys.readouterr()

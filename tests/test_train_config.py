@@ -65,6 +65,8 @@ def test_generated_ds_config_matches_the_config(dataset, tmp_path, stage, precis
     assert (params["lr"], params["betas"], params["weight_decay"]) == (1e-3, [0.9, 0.99], 0.05)
     assert ("offload_optimizer" in ds["zero_optimization"]) is (offload == "cpu")
     assert "scheduler" not in ds  # the schedule is megakv's own (optim.*), passed to the engine as an object
+    # bf16 sums micro-batch gradients in fp32 where DeepSpeed keeps its ZeRO optimizer (stage 2, 3)
+    assert ds.get("data_types") == ({"grad_accum_dtype": "fp32"} if precision == "bf16" and stage >= 2 else None)
 
 
 def test_cli_dry_run_writes_resolved_config_and_ds_json(dataset, tmp_path):
@@ -107,6 +109,16 @@ def test_fragment_contradicting_the_config_is_an_error(dataset, tmp_path):
     cfg = tiny(dataset, tmp_path, f"parallel.ds_fragment={bad}")
     expect_error("optim.grad_clip", build_ds_config, cfg, 1)
     expect_error("parallel.ds_fragment", build_ds_config, tiny(dataset, tmp_path, "parallel.ds_fragment=nope"), 1)
+    # bf16 at ZeRO-1 with fp32 accumulation: DeepSpeed switches to its BF16 optimizer, whose checkpoints export
+    # and megakv-eval could not read (the run trained, then 'is not a zero checkpoint')
+    accumulate = tmp_path / "accumulate.json"
+    accumulate.write_text(json.dumps({"data_types": {"grad_accum_dtype": "fp32"}}))
+    err = expect_error("train.precision", build_ds_config, tiny(dataset, tmp_path, "train.precision=bf16",
+                                                                "parallel.zero_stage=1",
+                                                                f"parallel.ds_fragment={accumulate}"), 1)
+    assert "data_types.grad_accum_dtype" in err.problem
+    assert build_ds_config(tiny(dataset, tmp_path, "train.precision=bf16", "parallel.zero_stage=2",
+                                f"parallel.ds_fragment={accumulate}"), 1)["data_types"] == {"grad_accum_dtype": "fp32"}
 
 
 

@@ -158,7 +158,7 @@ def _run(args: argparse.Namespace) -> int:
                                         progress=bar.advance) for m in models]
     results = scored_models[0]
     print(f"model {args.model} ({model.cfg.n_layers} layers), data {args.data}: {scored}")
-    print(format_table(results))
+    print(format_table(results, args.cache_dtype))
     extra = {}
     if baseline is not None:
         print("\nside by side: loss (and its ratio to the same model's first plan)")

@@ -57,6 +57,10 @@ def mean_loss(model: MegaKVModel, plan: RoutingPlan, windows: torch.Tensor, batc
         count += labels.numel()
         if progress is not None:
             progress(len(batch))
+    if not math.isfinite(total):  # a NaN would be printed as the model's loss, exit 0
+        raise ValueError(f"the loss is not finite in {str(model.embed.weight.dtype).removeprefix('torch.')}: the "
+                         "model's activations overflow this dtype (float16 holds at most 65504), or its weights hold "
+                         "NaN/inf. Fix: evaluate with --dtype bfloat16 or float32")
     return total / count, count
 
 

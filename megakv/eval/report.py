@@ -9,12 +9,15 @@ from pathlib import Path
 from megakv.eval.loss import PlanLoss
 
 
-def format_table(results: Sequence[PlanLoss]) -> str:
+def format_table(results: Sequence[PlanLoss], cache_dtype: str | None = None) -> str:
+    """`cache_dtype`: the dtype the KV bytes are counted in (the model may run in another)."""
     header = f"{'retain':<14}{'layers':>7}{'cache %':>9}{'KV B/token':>12}{'loss':>9}{'ppl':>11}{'tokens':>9}"
     rows = [header, "-" * len(header)]
     for r in results:
         rows.append(f"{r.retain:<14}{len(r.retained):>7}{100 * r.retained_fraction:>8.1f}%{r.kv_bytes_per_token:>12}"
                     f"{r.loss:>9.4f}{r.perplexity:>11.3f}{r.tokens:>9}")
+    if cache_dtype is not None:
+        rows.append(f"(KV B/token: the retained layers' K/V of one token stored as {cache_dtype}, --cache-dtype)")
     return "\n".join(rows)
 
 

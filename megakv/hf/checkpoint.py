@@ -20,7 +20,7 @@ from megakv.hf.mapping import (
     state_dict_to_hf,
 )
 from megakv.hf.tokenizer import HF_TOKENIZER_FILES
-from megakv.model_dir import read_safetensors, write_directory_atomically
+from megakv.model_dir import check_fits_dtype, read_safetensors, write_directory_atomically
 
 # Files that make up a transformers tokenizer; carried between formats when present.
 TOKENIZER_FILES = HF_TOKENIZER_FILES
@@ -195,9 +195,11 @@ def save_hf_checkpoint(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], ou
     tensors = state_dict_to_hf(state_dict, cfg)
     if cfg.tie_embeddings:
         tensors.pop("lm_head.weight", None)
+    check_fits_dtype(tensors, dtype)
     tensors = {k: (v.to(dtype) if dtype is not None else v).detach().contiguous().cpu() for k, v in tensors.items()}
-    if dtype is not None:
-        hf_cfg.dtype = str(dtype).removeprefix("torch.")
+    stored = {v.dtype for v in tensors.values() if v.is_floating_point()}
+    if dtype is not None or len(stored) == 1:  # what the weights hold (transformers reads it as the default dtype)
+        hf_cfg.dtype = str(dtype or stored.pop()).removeprefix("torch.")
 
     for name, value in special_token_ids(cfg, tokenizer_dir).items():
         setattr(hf_cfg, name, value)

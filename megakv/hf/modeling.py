@@ -263,6 +263,7 @@ def export_for_transformers(model_dir: str | Path, out_dir: str | Path, retain: 
         WEIGHTS_FILE,
         is_model_dir,
         load_model,
+        stored_dtype,
         tokenizer_path,
         write_directory_atomically,
     )
@@ -271,7 +272,8 @@ def export_for_transformers(model_dir: str | Path, out_dir: str | Path, retain: 
         raise ValueError(f"{model_dir} is not a megakv model directory ({CONFIG_FILE} + {WEIGHTS_FILE}): export a "
                          "training run with `megakv-convert from-checkpoint RUN_DIR OUT_DIR` first, or import a "
                          "transformers checkpoint with `megakv-convert from-hf`")
-    model, tokenizer_dir = load_model(model_dir, "cpu", dtype), tokenizer_path(model_dir)
+    # Without a dtype, the weights' own (a bf16 model stays bf16, as `to-hf` keeps it).
+    model, tokenizer_dir = load_model(model_dir, "cpu", dtype or stored_dtype(model_dir)), tokenizer_path(model_dir)
     retain = check_retain_fits(normalise_retain(retain), model.cfg.n_layers)  # before anything is written
     wrapper = hf_model_from_megakv(model, retain)
     token_ids = special_token_ids(model.cfg, tokenizer_dir)

@@ -47,9 +47,18 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
+def check_finite_logits(logits: torch.Tensor) -> None:
+    """NaN/inf logits would give token 0 greedily (or a torch traceback sampling): name the likely cause."""
+    if not bool(torch.isfinite(logits).all()):
+        raise ValueError(f"the model's logits are not finite (NaN or inf) in {str(logits.dtype).removeprefix('torch.')}"
+                         ": its activations overflow this dtype (float16 holds at most 65504), or its weights hold "
+                         "NaN/inf. Fix: run it with --dtype bfloat16 or float32")
+
+
 def sample_next_token(logits: torch.Tensor, config: SamplingConfig,
                       generator: torch.Generator | None = None) -> torch.Tensor:
     """logits (batch, vocab) -> token ids (batch,)."""
+    check_finite_logits(logits)
     if config.greedy or config.temperature < torch.finfo(torch.float32).tiny:  # greedy to any precision
         return logits.argmax(-1)
     # Shifted so the largest is 0 before dividing: a tiny temperature sends the others to -inf, never to NaN.
