@@ -51,9 +51,9 @@ def _init_weights(cfg: MegaKVConfig, model_dir: str) -> Mapping[str, torch.Tenso
             raise ConfigError("checkpoint.init_from", model_dir, "the model directory's config differs from model:",
                               "use the same model settings as the directory's config.yaml")
 
-    # ZeRO-3 and TP x DP build partitioned (megakv/parallel/materialize.py), reading one tensor at a time: no
-    # dense copy per rank. A pipeline stage loads its own layers from the dense dict.
-    if cfg.parallel.zero_stage == 3 or (cfg.parallel.tensor > 1 and cfg.parallel.pipeline == 1):
+    # ZeRO-3 and TP build partitioned (megakv/parallel/materialize.py) and a pipeline stage loads its own
+    # layers, each reading one tensor at a time: no dense copy per rank (a stage read the whole model).
+    if cfg.parallel.zero_stage == 3 or cfg.parallel.tensor > 1 or cfg.parallel.pipeline > 1:
         check_same_model(load_model_config(model_dir))
         return SafetensorsWeights(Path(model_dir) / WEIGHTS_FILE, cfg.model)
     source = load_model(model_dir)
