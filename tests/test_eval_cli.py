@@ -280,3 +280,26 @@ def test_exports_record_and_keep_the_weights_dtype(tmp_path, capsys):
         with safe_open(str(next((tmp_path / command).glob("*.safetensors"))), "pt") as f:
             assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
     capsys.readouterr()
+
+
+def test_eval_refuses_qa_records_whose_loss_mask_it_would_ignore(model_dir, split, tmp_path, capsys):
+    """On a megakv-qa prep output the loss counted prompts and padding (4.22 where training's masked
+    validation said 2.27, audit), with no word: refused, naming --task qa."""
+    import shutil
+
+    import numpy as np
+
+    from megakv.data.indexed import IndexedDataset, IndexedWriter, mask_prefix
+
+    records = tmp_path / "qa"
+    for suffix in (".bin", ".idx"):
+        shutil.copy(f"{split}{suffix}", f"{records}{suffix}")
+    with IndexedWriter(mask_prefix(records), np.uint8) as masks:
+        tokens = IndexedDataset(records)
+        for i in range(len(tokens)):
+            masks.add_document(np.ones(len(tokens.get(i)), np.uint8))
+        masks.finalize()
+    assert eval_main(["--model", str(model_dir), "--data", str(records), "--seq-len", "16"]) == 2
+    err = capsys.readouterr().err
+    assert "holds QA records with a loss mask" in err and "--task qa" in err
+    assert eval_main(["--model", str(model_dir), "--data", str(split), "--seq-len", "16"]) == 0  # plain: fine

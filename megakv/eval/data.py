@@ -111,8 +111,13 @@ def read_eval_tokens(data: str | Path, tokenizer_dir: str | Path | None = None, 
     with how much of the data they are."""
     prefix = _indexed_prefix(data)
     if prefix is not None:
-        from megakv.data.indexed import IndexedDataset
+        from megakv.data.indexed import IndexedDataset, mask_prefix, pair_exists
 
+        if pair_exists(mask_prefix(prefix)):  # its loss would count prompts and padding, unlike training's
+            raise ValueError(f"{prefix} holds QA records with a loss mask (megakv-qa prep): a loss over every token "
+                             "of its windows (prompts, padding) is not the one training reports. Fix: score the "
+                             "records with `megakv-eval --task qa --data RECORDS.jsonl` (answer loss, EM/F1), or "
+                             "evaluate on plain text")
         if tokenizer_dir is not None:
             check_prepared_with(prefix, tokenizer_dir)
 
