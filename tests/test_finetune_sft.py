@@ -408,3 +408,18 @@ def test_megakv_train_refuses_to_resume_on_records_prepared_with_other_loss_mask
     assert resumed.returncodes == [2], resumed.output[-4000:]
     assert "trained with other loss masks" in resumed.output and "--loss-on" in resumed.output
     assert sorted(step_losses(tmp_path / "run")) == [1]  # nothing trained on the other masks
+
+
+def test_dry_run_refuses_qa_records_prepared_for_other_windows(tmp_path, qa_dataset, capsys):
+    """--dry-run approved data.seq_len=64 on records prepared as 128-token samples; the launch then refused them
+    after starting the process group."""
+    from train_helpers import TINY_RECIPE
+
+    from megakv.cli.train import main as train_main
+
+    base = [str(TINY_RECIPE), f"data.datasets=[{qa_dataset}]", "model.max_seq_len=128",
+            f"train.run_dir={tmp_path / 'run'}", "--dry-run"]
+    assert train_main([*base, "data.seq_len=64"]) == 2
+    err = capsys.readouterr().err
+    assert "data.seq_len" in err and "prepared as 128-token samples" in err and "--seq-len 64" in err
+    assert train_main([*base, f"data.seq_len={SEQ}"]) == 0

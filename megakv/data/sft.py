@@ -272,17 +272,24 @@ class MaskedTokens:
         return self.get(i)
 
 
-def attach_loss_mask(source, seq_len: int, meta: dict | None) -> None:
-    """Give a loader Source its loss mask when one was prepared beside it (and check its window length)."""
-    prefix = mask_prefix(source.prefix)
-    if not pair_exists(prefix):
-        return
+def check_prepared_window(prefix: str | Path, seq_len: int, meta: dict | None) -> bool:
+    """Whether `prefix` holds QA records (a loss mask beside it); raises when they were prepared as samples of
+    another length than the run's windows."""
+    if not pair_exists(mask_prefix(prefix)):
+        return False
     prepared = ((meta or {}).get("sft") or {}).get("seq_len")
     if prepared != seq_len:
-        raise DataError(f"{source.prefix} holds QA records prepared as {prepared}-token samples, but the run "
+        raise DataError(f"{prefix} holds QA records prepared as {prepared}-token samples, but the run "
                         f"trains on {seq_len}-token windows", f"set data.seq_len={prepared}, or prepare the "
                         f"records again with megakv-qa prep --seq-len {seq_len}")
-    source.dataset = MaskedTokens(source.dataset, IndexedDataset(prefix))
+    return True
+
+
+def attach_loss_mask(source, seq_len: int, meta: dict | None) -> None:
+    """Give a loader Source its loss mask when one was prepared beside it (and check its window length)."""
+    if not check_prepared_window(source.prefix, seq_len, meta):
+        return
+    source.dataset = MaskedTokens(source.dataset, IndexedDataset(mask_prefix(source.prefix)))
     source.record_aligned = True  # every record one sample, none lost to the one-token overlap of windows
 
 

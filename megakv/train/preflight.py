@@ -64,6 +64,8 @@ def check_data_files(cfg: MegaKVConfig) -> None:
     data that the launch refused after the process group."""
     from megakv.data.errors import DataError
     from megakv.data.indexed import IndexedDataset, bin_path, idx_path, pair_exists
+    from megakv.data.metadata import read_meta
+    from megakv.data.sft import check_prepared_window
 
     for name in ("datasets", "valid_datasets"):
         for i, prefix in enumerate(getattr(cfg.data, name)):
@@ -79,6 +81,10 @@ def check_data_files(cfg: MegaKVConfig) -> None:
                 raise ConfigError(field, prefix, e.problem, fix) from None
             if tokens == 0:
                 raise ConfigError(field, prefix, "the dataset holds no tokens", "prepare it again from its text")
+            try:  # QA records prepared for other windows: the launch refused them only after the process group
+                check_prepared_window(prefix, cfg.seq_len, read_meta(prefix))
+            except DataError as e:
+                raise ConfigError("data.seq_len", cfg.seq_len, e.problem, e.fix) from None
 
 
 def check_data_vocab(cfg: MegaKVConfig) -> None:
