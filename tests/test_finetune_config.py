@@ -206,6 +206,7 @@ def test_a_pipeline_finetune_reads_only_its_layers_and_trains_as_one_process(tmp
                       SafetensorsWeights)
     one = launch_train([*common, f"train.run_dir={tmp_path / 'one'}"], nproc=1, config=config)
     assert one.ok, one.output[-4000:]
+    assert f"weights loaded from checkpoint.init_from={model_dir}" in one.output  # said, not only done
     pp2 = launch_train([*common, "parallel.pipeline=2", f"train.run_dir={tmp_path / 'pp2'}"], nproc=2,
                        config=config)
     assert pp2.ok, pp2.output[-4000:]

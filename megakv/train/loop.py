@@ -101,6 +101,8 @@ class Trainer:
         if cfg.checkpoint.init_from and resume is None:
             init_state = _init_weights(cfg, cfg.checkpoint.init_from)
         self.runner: StepRunner = build_runner(cfg, ctx, self.launch.ds_config, init_state)
+        if init_state is not None and ctx.is_global_zero:
+            log.info("weights loaded from checkpoint.init_from=%s", cfg.checkpoint.init_from)
         mask_documents(self.runner.engine.module, self.data.eos_id, cfg.data.reset_attention_mask,
                        cfg.data.reset_position_ids)
         self.meter = StepMeter(cfg.model, self.seq_len, cfg.train.global_batch * self.seq_len,
