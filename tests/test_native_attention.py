@@ -157,12 +157,25 @@ def test_no_compiler_falls_back_to_sdpa(tmp_path, monkeypatch, caplog):
     model = tiny_model(seed=5)
     expected = InferenceEngine(model, "every:2").generate([[5, 6, 7]], max_new_tokens=5)
     monkeypatch.setenv("MEGAKV_CACHE_DIR", str(tmp_path))
-    monkeypatch.setenv("CC", "false")  # a "compiler" that fails every build
+    failing = tmp_path / "failing-cc"  # a "compiler" that fails every build, logging each call
+    failing.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'calls.log'}\necho 'no such flag' >&2\nexit 1\n")
+    failing.chmod(0o755)
+    monkeypatch.setenv("CC", str(failing))
     with caplog.at_level(logging.WARNING, logger="megakv.inference.native_attention"):
         engine = InferenceEngine(model, "every:2")
     assert engine.attention_kernel is None
-    assert "could not build" in caplog.text and "using SDPA" in caplog.text
-    assert not list((tmp_path / "kernels").iterdir())  # failed builds leave nothing
+    assert "could not build" in caplog.text and "using SDPA" in caplog.text and "no such flag" in caplog.text
+    left = sorted(p.suffix for p in (tmp_path / "kernels").iterdir())
+    assert left == [".failed"] * 3  # no library, no partial build: a record of each flag set's failure
     assert engine.generate([[5, 6, 7]], max_new_tokens=5).tokens == expected.tokens
+
+    def builds() -> int:
+        return sum("-shared" in line for line in (tmp_path / "calls.log").read_text().splitlines())
+
+    assert builds() == 3
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="megakv.inference.native_attention"):
+        assert InferenceEngine(model, "every:2").attention_kernel is None
+    assert builds() == 3 and "no such flag" in caplog.text  # each process tried them all again (7 calls in 3)
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     assert DecodeAttentionKernel.load() is None

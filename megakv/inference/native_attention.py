@@ -92,6 +92,12 @@ def build_library(directory: Path | None = None) -> Path | None:
         target = directory / f"decode_attention-{_library_key(cc, version, flags)}.so"
         if target.exists():
             return target
+        # A flag set this compiler cannot build is recorded, so later processes skip it (the key changes with
+        # the compiler, its version and the source).
+        failed = target.with_suffix(".failed")
+        if failed.exists():
+            errors.append(f"{' '.join(flags)}: {failed.read_text(errors='replace').strip()} (recorded in {failed})")
+            continue
         directory.mkdir(parents=True, exist_ok=True)
         fd, partial = tempfile.mkstemp(prefix=".building-", suffix=".so", dir=directory)
         os.close(fd)
@@ -101,7 +107,9 @@ def build_library(directory: Path | None = None) -> Path | None:
             if result.returncode == 0:
                 os.replace(partial, target)
                 return target
-            errors.append(f"{' '.join(flags)}: {result.stderr.strip()[-300:]}")
+            message = result.stderr.strip()[-300:]
+            errors.append(f"{' '.join(flags)}: {message}")
+            failed.write_text(message + "\n")
         finally:
             if os.path.exists(partial):
                 os.unlink(partial)
