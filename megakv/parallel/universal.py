@@ -140,20 +140,29 @@ def _rank_optimizer_states(tag_dir: Path, tensor_rank: int) -> list[dict]:
 
 
 def _split_flat(parts: list[torch.Tensor], shapes: dict) -> dict[str, torch.Tensor]:
-    """One parameter group's flat partitions (data ranks in order) -> per-parameter tensors."""
-    flat, offset, out = torch.cat(parts), 0, {}
+    """One parameter group's flat partitions (data ranks in order) -> per-parameter views of one flat tensor
+    (no copy per parameter: the merge copies them once, into the dense tensors it writes)."""
+    flat, offset, out = parts[0] if len(parts) == 1 else torch.cat(parts), 0, {}
     for name, shape in shapes.items():  # back to back; only the group's end is padded
         count = shape.numel()
-        out[name] = flat[offset:offset + count].view(shape).clone()
+        out[name] = flat[offset:offset + count].view(shape)
         offset += count
     return out
 
 
+def _global_optimizer_state(optim: dict) -> dict:
+    """What DeepSpeed's universal loader reads besides the per-parameter files (no partitions)."""
+    state = {k: v for k, v in optim.items()
+             if k not in ("base_optimizer_state", "single_partition_of_fp32_groups", "param_slice_mappings")}
+    state["param_groups"] = optim["base_optimizer_state"]["param_groups"]
+    return state
+
+
 def _rank_state(tag_dir: Path, model_rank: int, n_layers: int | None
-                ) -> tuple[dict, dict[str, dict[str, torch.Tensor]], list]:
-    """(model states, {state key: {name: tensor}}, per-group step) of one model-parallel rank (a tensor rank,
-    or under TP x PP a (stage, tensor rank) pair), all data ranks merged; `n_layers` (pipeline runs only)
-    turns the pipe engine's names into MegaKVModel names."""
+                ) -> tuple[dict, dict[str, dict[str, torch.Tensor]], list, dict]:
+    """(model states, {state key: {name: tensor}}, per-group step, global optimizer state) of one model-parallel
+    rank (a tensor rank, or under TP x PP a (stage, tensor rank) pair), all data ranks merged; `n_layers`
+    (pipeline runs only) turns the pipe engine's names into MegaKVModel names."""
     states = _load(tag_dir / f"mp_rank_{model_rank:02d}_model_states.pt")
     optim = _rank_optimizer_states(tag_dir, model_rank)
     per_key: dict[str, dict[str, torch.Tensor]] = {key: {} for key in STATE_KEYS}
@@ -166,19 +175,19 @@ def _rank_state(tag_dir: Path, model_rank: int, n_layers: int | None
         for key in ("exp_avg", "exp_avg_sq"):
             per_key[key].update(_split_flat([a[key] for a in adam], shapes))
         steps.append(adam[0]["step"])
-    return states, per_key, steps
+    return states, per_key, steps, _global_optimizer_state(optim[0])
 
 
 def _tensor_rank_state(tag_dir: Path, tensor_rank: int, tensor: int, stages: int, n_layers: int
-                       ) -> tuple[dict, dict[str, dict[str, torch.Tensor]], list]:
+                       ) -> tuple[dict, dict[str, dict[str, torch.Tensor]], list, dict]:
     """One tensor rank's state over every pipeline stage: DeepSpeed's model-parallel rank of (stage s,
-    tensor rank t) is s * tensor + t. The model states returned are stage 0's."""
+    tensor rank t) is s * tensor + t. The model states and global optimizer state returned are stage 0's."""
     if stages == 1:
         return _rank_state(tag_dir, tensor_rank, None)
     per_stage = [_rank_state(tag_dir, stage * tensor + tensor_rank, n_layers) for stage in range(stages)]
-    per_key = {key: {name: value for _, state, _ in per_stage for name, value in state[key].items()}
+    per_key = {key: {name: value for _, state, _, _ in per_stage for name, value in state[key].items()}
                for key in STATE_KEYS}
-    return per_stage[0][0], per_key, [step for _, _, steps in per_stage for step in steps]
+    return per_stage[0][0], per_key, [step for _, _, steps, _ in per_stage for step in steps], per_stage[0][3]
 
 
 def tensor_to_universal(tag_dir: Path, out_dir: Path, cfg) -> None:
@@ -199,28 +208,35 @@ def tensor_to_universal(tag_dir: Path, out_dir: Path, cfg) -> None:
         raise ValueError(f"{tag_dir}: {model_ranks} mp_rank files do not split into pipeline stages of "
                          f"{tensor} tensor ranks")
     stages = model_ranks // tensor
-    ranks = [_tensor_rank_state(tag_dir, t, tensor, stages, cfg.n_layers) for t in range(tensor)]
-    split = tensor_split(cfg, tensor)
-    merged = {key: merge_state_dicts([r[1][key] for r in ranks], split) for key in STATE_KEYS}
-    steps = [float(step) for step in ranks[0][2]]
-    if any([float(step) for step in r[2]] != steps for r in ranks) or len(set(steps)) != 1:
+    # Memory: every tensor rank's masters and moments are held once, as views of the flat partitions read from
+    # disk; each state key is merged, written and let go in turn (this held ~12x the fp32 model at once).
+    states, shards, steps_of_rank, global_state = _tensor_rank_state(tag_dir, 0, tensor, stages, cfg.n_layers)
+    per_rank, all_steps = [shards], [steps_of_rank]
+    for t in range(1, tensor):
+        _, shards, steps_of_rank, _ = _tensor_rank_state(tag_dir, t, tensor, stages, cfg.n_layers)
+        per_rank.append(shards)
+        all_steps.append(steps_of_rank)
+    steps = [float(step) for step in all_steps[0]]
+    if any([float(step) for step in s] != steps for s in all_steps) or len(set(steps)) != 1:
         raise ValueError(f"{tag_dir}: the optimizer step counts differ between groups or tensor ranks")
-    zero = out_dir / ZERO_DIR
-    for name in merged["fp32"]:
-        folder = zero / name
-        folder.mkdir(parents=True)
-        for key in STATE_KEYS:
-            torch.save({"param": merged[key][name], "cat_dim": 0}, folder / f"{key}.pt")
-        torch.save(torch.tensor(steps[0]), folder / "step.pt")
-    first = _rank_optimizer_states(tag_dir, 0)[0]
-    global_state = {k: v for k, v in first.items()
-                    if k not in ("base_optimizer_state", "single_partition_of_fp32_groups", "param_slice_mappings")}
-    global_state["param_groups"] = first["base_optimizer_state"]["param_groups"]
-    torch.save(global_state, zero / "optimizer_state.pt")
-    states = ranks[0][0]
+    split = tensor_split(cfg, tensor)
     # the module weights in the training precision; a pipe engine's mp_rank files hold none (its layer files do)
     module = states["module"] if stages == 1 else layer_files_state(tag_dir, cfg.n_layers, split)
-    states["module"] = {name: merged["fp32"][name].to(module[name].dtype) for name in merged["fp32"]}
+    zero, dense_module = out_dir / ZERO_DIR, {}
+    for key in STATE_KEYS:
+        merged = merge_state_dicts([shards[key] for shards in per_rank], split)
+        for shards in per_rank:
+            shards[key] = {}  # this key's flat partitions are freed once merged
+        for name, value in merged.items():
+            folder = zero / name
+            folder.mkdir(parents=True, exist_ok=True)
+            torch.save({"param": value, "cat_dim": 0}, folder / f"{key}.pt")
+            if key == "fp32":
+                torch.save(torch.tensor(steps[0]), folder / "step.pt")
+                dense_module[name] = value.to(module[name].dtype)
+        del merged
+    torch.save(global_state, zero / "optimizer_state.pt")
+    states["module"] = dense_module
     states["param_shapes"] = None
     states["mp_world_size"] = 1
     torch.save(states, out_dir / MODEL_STATES)
