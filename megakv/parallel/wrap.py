@@ -20,6 +20,7 @@ from megakv.model import MegaKVModel
 from megakv.optim.param_groups import weight_decay_groups
 from megakv.optim.schedule import WarmupCosineSchedule
 from megakv.parallel.context import ParallelContext
+from megakv.parallel.masters import fp32_copies, restore_masters
 from megakv.parallel.materialize import build_zero3_model, materialize_block_shards
 from megakv.parallel.runners import DataParallelRunner, PipelineLoss, PipelineRunner, StepRunner
 from megakv.parallel.tensor import apply_tensor_parallel_to_blocks
@@ -41,12 +42,16 @@ def recompute_blocks(model: MegaKVModel) -> None:
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
-def _initialize(model, parameters, cfg: MegaKVConfig, ds_config: dict):
+def _initialize(model, parameters, cfg: MegaKVConfig, ds_config: dict, from_weights: bool = False):
+    """`from_weights`: the module holds given fp32 weights (checkpoint.init_from) that bf16 must not round."""
     import deepspeed
 
+    copies = fp32_copies(model) if from_weights and cfg.train.precision == "bf16" else None
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=parameters, config=ds_config,
         lr_scheduler=lambda optimizer: WarmupCosineSchedule(optimizer, cfg.optim, cfg.train.steps))
+    if copies is not None:
+        restore_masters(copies)
     return engine
 
 
@@ -68,7 +73,9 @@ def build_runner(cfg: MegaKVConfig, ctx: ParallelContext, ds_config: dict,
             model.load_state_dict(init_state)
     if cfg.train.activation_checkpointing:
         recompute_blocks(model)
-    engine = _initialize(model, weight_decay_groups(model, cfg.optim), cfg, ds_config)
+    zero3 = ds_config.get("zero_optimization", {}).get("stage") == 3  # partitioned at build: rounded there
+    engine = _initialize(model, weight_decay_groups(model, cfg.optim), cfg, ds_config,
+                         from_weights=init_state is not None and not zero3)
     return DataParallelRunner(engine, ctx)
 
 
@@ -89,5 +96,6 @@ def _pipeline_runner(cfg: MegaKVConfig, ctx: ParallelContext, ds_config: dict,
         split = apply_tensor_parallel_to_blocks(blocks.values(), cfg.model, ctx.tensor_group, ctx.layout.tensor_rank,
                                                 tensor)
         materialize_block_shards(blocks, cfg.model, split, ctx.layout.tensor_rank, cfg.train.seed, init_state)
-    engine = _initialize(module, weight_decay_groups(DenseNames(module, n_layers), cfg.optim), cfg, ds_config)
+    engine = _initialize(module, weight_decay_groups(DenseNames(module, n_layers), cfg.optim), cfg, ds_config,
+                         from_weights=init_state is not None)
     return PipelineRunner(engine, ctx, loss)
