@@ -264,3 +264,15 @@ def test_dry_run_reads_the_data_as_the_launch_does(dataset, tmp_path, capsys):
                            f"data.tokenizer={dataset.parent / 'tokenizer'}", "--dry-run"])
         assert code == 2, prefix.name
         assert words in capsys.readouterr().err, prefix.name
+
+
+def test_data_tokenizer_naming_a_hugging_face_directory_says_which_one_training_reads(dataset, tmp_path):
+    """data.tokenizer=<imported model>/tokenizer (what megakv-qa prep and init_from accept) was refused as 'not
+    a megakv tokenizer directory' with a fix to train or import one; the fix now names the copy beside the
+    data that training reads when data.tokenizer is left unset."""
+    hf = tmp_path / "model" / "tokenizer"
+    hf.mkdir(parents=True)
+    (hf / "tokenizer.json").write_text("{}")
+    err = expect_error("data.tokenizer", preflight, tiny(dataset, tmp_path, f"data.tokenizer={hf}"), layout(1))
+    assert "holds a Hugging Face tokenizer" in err.fix and "leave data.tokenizer unset" in err.fix
+    assert str(dataset.parent / "tokenizer") in err.fix

@@ -113,7 +113,13 @@ def check_tokenizer(cfg: MegaKVConfig) -> None:
     try:
         vocab = read_info(directory).vocab_size
     except DataError as e:
-        raise ConfigError("data.tokenizer", cfg.data.tokenizer, e.problem, e.fix or "") from None
+        fix = e.fix or ""
+        if cfg.data.tokenizer and (directory / "tokenizer.json").is_file():  # e.g. an imported model's tokenizer/
+            beside = Path(cfg.data.datasets[0]).parent / "tokenizer"
+            fix = (f"{directory} holds a Hugging Face tokenizer; training reads the megakv copy megakv-prep saved "
+                   f"beside the data: leave data.tokenizer unset (that is {beside}), or import this one with "
+                   "`megakv-tokenizer import`")
+        raise ConfigError("data.tokenizer", cfg.data.tokenizer, e.problem, fix) from None
     if vocab > cfg.model.vocab_size:
         raise ConfigError("model.vocab_size", cfg.model.vocab_size,
                           f"the tokenizer {directory} has {vocab} tokens, more than the model's embedding rows",
