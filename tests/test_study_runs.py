@@ -112,7 +112,7 @@ def _reprepare(prefix, docs: list[str]) -> None:
     preprocess([str(corpus)], prefix.parent / "tokenizer", prefix, overwrite=True, progress=False)
 
 
-def test_a_cached_run_is_not_reused_on_data_prepared_again_under_the_same_name(tmp_path):
+def test_a_cached_run_is_not_reused_on_data_prepared_again_under_the_same_name(tmp_path, monkeypatch):
     """The study compared settings only: data prepared again under the same prefix (or a rebuilt base model)
     reused the models and scores of the old one, with every setting unchanged (audit: 'cached', the same
     losses). Each run's inputs are recorded by content and checked on reuse."""
@@ -134,6 +134,10 @@ def test_a_cached_run_is_not_reused_on_data_prepared_again_under_the_same_name(t
     assert train_run(recipe, run, asked, log=logged.append) == 0.0  # cached: the record starts here
     assert train_run(recipe, run, asked, log=logged.append) == 0.0  # the same data: cached again
     assert logged == [f"cached: {run}"] * 2
+    monkeypatch.chdir(tmp_path)  # the same files named relative to the working directory (--out study vs $PWD/study)
+    relative = [f"data.datasets=[{prefix.relative_to(tmp_path)}]"]
+    save_config(load_config(recipe, relative), run / "config.yaml")
+    assert train_run(recipe, run, relative, log=logged.append) == 0.0
     _reprepare(prefix, synthetic_text()[::-1][:40])
     with pytest.raises(ValueError, match=rf"trained on other inputs than these \(data {prefix} changed"):
         train_run(recipe, run, asked, log=logged.append)
@@ -155,5 +159,16 @@ def test_a_cached_retention_loss_is_not_reused_on_data_prepared_again(tmp_path):
                            tokenizer_dir=prefix.parent / "tokenizer")
     first = retention_losses(model, prefix, ["every:1"], max_tokens=256, log=print)
     assert retention_losses(model, prefix, ["every:1"], max_tokens=256, log=print) == first
+    # A cache written before keys held the data's content is taken over, not scored again.
+    import json
+
+    cache = model / "retention_losses.json"
+    (key, losses), = json.loads(cache.read_text()).items()
+    old_key = f"{prefix.resolve()}|256|None"
+    cache.write_text(json.dumps({old_key: {"every:1": 1.25}}))
+    scored = []
+    assert retention_losses(model, prefix, ["every:1"], max_tokens=256, log=scored.append) == {"every:1": 1.25}
+    assert scored == [] and json.loads(cache.read_text()) == {key: {"every:1": 1.25}}
+    cache.write_text(json.dumps({key: losses}))
     _reprepare(prefix, synthetic_text()[::-1][:40])
     assert retention_losses(model, prefix, ["every:1"], max_tokens=256, log=print) != first

@@ -92,12 +92,13 @@ def input_identities(config: Path, overrides: Sequence[str]) -> dict[str, str]:
     A study whose settings are unchanged but whose data was prepared again under the same names (or whose
     base model was rebuilt) must not reuse the models trained on the old ones."""
     cfg = load_config(config, list(overrides))
-    identities = {}
+    identities = {}  # keyed by resolved paths: `--out study` and `--out $PWD/study` name the same files
     for prefix in cfg.data.datasets:
         mask = loss_mask_identity(prefix)
-        identities[f"data {prefix}"] = dataset_identity(prefix) + (f"+mask {mask}" if mask else "")
+        identities[f"data {Path(prefix).resolve()}"] = dataset_identity(prefix) + (f"+mask {mask}" if mask else "")
     if cfg.checkpoint.init_from:
-        identities[f"init_from {cfg.checkpoint.init_from}"] = model_fingerprint(Path(cfg.checkpoint.init_from))
+        base = Path(cfg.checkpoint.init_from)
+        identities[f"init_from {base.resolve()}"] = model_fingerprint(base)
     return identities
 
 
@@ -194,6 +195,10 @@ def retention_losses(run_dir: Path, data: Path, retains: Sequence[str], *, max_t
     cache_path = run_dir / cache_name
     key = f"{Path(data).resolve()}|{dataset_identity(data)}|{max_tokens}|{seq_len}"
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    before_content_keys = f"{Path(data).resolve()}|{max_tokens}|{seq_len}"  # written before 2026-12-08
+    migrated = key not in cache and before_content_keys in cache
+    if migrated:  # trusted, as the runs cached then are
+        cache[key] = cache.pop(before_content_keys)
     losses = dict(cache.get(key, {}))
     missing = [r for r in retains if r not in losses]
     if missing:
@@ -206,5 +211,6 @@ def retention_losses(run_dir: Path, data: Path, retains: Sequence[str], *, max_t
             for result in evaluate_plans(model, missing, windows):
                 losses[result.retain] = result.loss
         cache[key] = losses
+    if missing or migrated:
         write_json_atomically(cache_path, cache)
     return {r: losses[r] for r in retains}
