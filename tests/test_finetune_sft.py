@@ -404,6 +404,11 @@ def test_megakv_train_refuses_to_resume_on_records_prepared_with_other_loss_mask
     first = launch_train([*run, "train.debug.sigterm_at_step=1"], nproc=1)  # checkpoints step 1, stops
     assert first.ok, first.output[-4000:]
     assert qa_main([*prep, "--loss-on", "record", "--overwrite"]) == 0
+    from train_helpers import TINY_RECIPE
+
+    from megakv.cli.train import main as train_main
+
+    assert train_main([str(TINY_RECIPE), *run, "--resume", "auto", "--dry-run"]) == 2  # caught before launch too
     resumed = launch_train(run, nproc=1, resume=True)
     assert resumed.returncodes == [2], resumed.output[-4000:]
     assert "trained with other loss masks" in resumed.output and "--loss-on" in resumed.output

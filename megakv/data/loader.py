@@ -25,7 +25,13 @@ from megakv.data.blend import BlendedSamples
 from megakv.data.cache import IndexCache
 from megakv.data.errors import DataError
 from megakv.data.indexed import IndexedDataset
-from megakv.data.metadata import dataset_identity, loss_mask_identity, read_meta, token_id_bound
+from megakv.data.metadata import (
+    dataset_identity,
+    loss_mask_change,
+    loss_masks_fingerprint,
+    read_meta,
+    token_id_bound,
+)
 from megakv.data.orders import WHOLE, OrderPlan, Source, alignment_key
 from megakv.data.samples import GPTSamples
 from megakv.data.sft import attach_loss_mask, inputs_and_labels
@@ -97,13 +103,8 @@ class Data:
         return int(state["consumed_samples"])
 
     def loss_mask_change(self, saved: str) -> str | None:
-        """What is wrong when a checkpoint's loss masks (`saved`; "" from before they were recorded) are
-        not this data's, else None."""
-        if not saved or saved == self.loss_mask_fingerprint:
-            return None
-        return (f"the checkpoint was trained with other loss masks (fingerprint {saved}, this data's "
-                f"{self.loss_mask_fingerprint or 'none'}): a dataset's QA records were prepared again with other "
-                "masks (megakv-qa prep --loss-on)")
+        """What is wrong when a checkpoint's loss masks are not this data's (metadata.loss_mask_change)."""
+        return loss_mask_change(saved, self.loss_mask_fingerprint)
 
 
 def _open_source(prefix: str, tokenizer: TokenizerInfo, tokenizer_dir: Path) -> Source:
@@ -207,9 +208,7 @@ def build_data(cfg: DataConfig, seq_len: int, *, is_builder: bool, barrier: Call
                    "train": [{"dataset": s.identity, "split": split.key, "count": c, **alignment_key(s)}
                              for s, split, c in zip(train_sources, splits, counts)]}
     fingerprint = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:20]
-    masks = [loss_mask_identity(s.prefix) for s in train_sources]
-    mask_fingerprint = (hashlib.sha256(json.dumps(masks).encode()).hexdigest()[:20]
-                        if any(m is not None for m in masks) else "")
+    mask_fingerprint = loss_masks_fingerprint([s.prefix for s in train_sources])
     for part in [*train_parts, *valid_sets.values()]:
         part.vocab_size = tokenizer.vocab_size  # every sample read is checked against it
     nonempty_valid = [v for v in valid_sets.values() if len(v)]

@@ -95,3 +95,19 @@ def loss_mask_identity(prefix: str | Path) -> str | None:
     of `megakv-qa prep --loss-on answer` and `--loss-on record` are the same, only their masks differ."""
     masks = mask_prefix(prefix)
     return dataset_identity(masks) if pair_exists(masks) else None
+
+
+def loss_masks_fingerprint(prefixes: list[str | Path]) -> str:
+    """The training sets' loss masks in order ("" when none has one)."""
+    masks = [loss_mask_identity(prefix) for prefix in prefixes]
+    return hashlib.sha256(json.dumps(masks).encode()).hexdigest()[:20] if any(masks) else ""
+
+
+def loss_mask_change(saved: str, current: str) -> str | None:
+    """What is wrong when a checkpoint's loss masks (`saved`; "" from before they were recorded) are not the
+    data's (`current`), else None."""
+    if not saved or saved == current:
+        return None
+    return (f"the checkpoint was trained with other loss masks (fingerprint {saved}, this data's "
+            f"{current or 'none'}): a dataset's QA records were prepared again with other masks "
+            "(megakv-qa prep --loss-on)")

@@ -92,11 +92,13 @@ def build_library(directory: Path | None = None) -> Path | None:
         target = directory / f"decode_attention-{_library_key(cc, version, flags)}.so"
         if target.exists():
             return target
-        # A flag set this compiler cannot build is recorded, so later processes skip it (the key changes with
-        # the compiler, its version and the source).
-        failed = target.with_suffix(".failed")
-        if failed.exists():
-            errors.append(f"{' '.join(flags)}: {failed.read_text(errors='replace').strip()} (recorded in {failed})")
+        # A flag set this compiler rejects is recorded, so later processes skip it (the key changes with the
+        # compiler, its version and the source). Not the plain last set: its failure is the environment's (a
+        # full disk, a killed compiler), worth trying again.
+        failed = target.with_suffix(".failed") if flags != FLAG_SETS[-1] else None
+        if failed is not None and failed.exists():
+            errors.append(f"{' '.join(flags)}: {failed.read_text(errors='replace').strip()} (recorded in {failed}; "
+                          "delete it to try again)")
             continue
         directory.mkdir(parents=True, exist_ok=True)
         fd, partial = tempfile.mkstemp(prefix=".building-", suffix=".so", dir=directory)
@@ -109,7 +111,8 @@ def build_library(directory: Path | None = None) -> Path | None:
                 return target
             message = result.stderr.strip()[-300:]
             errors.append(f"{' '.join(flags)}: {message}")
-            failed.write_text(message + "\n")
+            if failed is not None:
+                failed.write_text(message + "\n")
         finally:
             if os.path.exists(partial):
                 os.unlink(partial)

@@ -212,6 +212,13 @@ def check_same_data(cfg: MegaKVConfig, state: TrainState, where: Path) -> None:
                               f"the checkpoint in {where} was trained with data.{name}={saved[name]!r}: resuming "
                               "on other data would not continue the same sample order",
                               "resume with that run's data settings, or choose a new train.run_dir")
+    # Records prepared again with other loss masks: the same samples, so only their masks tell (the launch
+    # would refuse them too, after the process group).
+    from megakv.data.metadata import loss_mask_change, loss_masks_fingerprint
+
+    if problem := loss_mask_change(state.loss_mask_fingerprint, loss_masks_fingerprint(cfg.data.datasets)):
+        raise ConfigError("data.datasets", cfg.data.datasets, f"{where}: {problem}",
+                          "resume with the records prepared as that run had them, or choose a new train.run_dir")
     # The sample length, as resolved (data.seq_len, else the model's context, which check_same_model fixed).
     saved_seq_len = saved_data.get("seq_len") or cfg.model.max_seq_len
     if saved_seq_len != cfg.seq_len:
