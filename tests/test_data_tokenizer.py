@@ -263,9 +263,11 @@ def test_saving_beside_data_refuses_the_same_tokenizer_with_another_eos(tmp_path
     _, first = save_beside_data(source, tmp_path / "data")
     assert first.eos_id == 1
     assert save_beside_data(source, tmp_path / "data")[1] == first  # the same again: fine
-    with pytest.raises(DataError, match=r"other special tokens \(eos 1.*asked for: eos 0"):
+    with pytest.raises(DataError, match=r"other special tokens \(eos 1.*\) than .* gives now \(eos 0") as refused:
         save_beside_data(source, tmp_path / "data", eos_token="<unk>")
+    assert f"--tokenizer {tmp_path / 'data' / 'tokenizer'}" in refused.value.fix
     assert read_info(tmp_path / "data" / "tokenizer") == first
+    assert save_beside_data(tmp_path / "data" / "tokenizer", tmp_path / "data")[1] == first  # the fix works
 
 
 def test_a_run_directorys_tokenizer_copy_follows_the_data(tmp_path, tokenizer_dir):

@@ -455,10 +455,10 @@ def save_beside_data(source: str | Path, data_dir: str | Path,
                             "datasets in one directory share one tokenizer: write to another directory, "
                             f"or delete {target} and every dataset made with it")
         if existing != info:  # the same files with other special ids (--eos-token): the documents would end otherwise
-            raise DataError(f"{target} holds this tokenizer with other special tokens ({_special_ids(existing)}; "
-                            f"asked for: {_special_ids(info)})",
-                            "datasets in one directory share one tokenizer: write to another directory, or "
-                            f"delete {target} and every dataset made with it, or drop --eos-token")
+            raise DataError(f"{target} holds this tokenizer with other special tokens ({_special_ids(existing)}) "
+                            f"than {source} gives now ({_special_ids(info)}; --eos-token sets the end token)",
+                            f"datasets in one directory share one tokenizer: pass --tokenizer {target} to use the "
+                            "directory's own (or the --eos-token it was prepared with), or write to another directory")
         return target, existing
     finally:
         if tmp.exists():
