@@ -292,6 +292,16 @@ def test_convert_to_hf_carries_the_tokenizer(tmp_path, spm_dir, family):
     assert convert_main(["from-hf", str(out), str(tmp_path / "back")]) == 0
     assert read_info(tmp_path / "back" / "tokenizer") == read_info(spm_dir)
     assert load_tokenizer(tmp_path / "back" / "tokenizer").encode(text) == ids
+    # The export and its import verify as that tokenizer: the transformers files (and the model) beside its
+    # tokenizer.model made `megakv-tokenizer info` and a second prep into one data directory say "damaged".
+    from megakv.data.tokenizer import save_beside_data, verified_info
+
+    assert verified_info(out) == verified_info(tmp_path / "back" / "tokenizer") == read_info(spm_dir)
+    for _ in range(2):
+        assert save_beside_data(tmp_path / "back" / "tokenizer", tmp_path / "data")[1] == read_info(spm_dir)
+    copied, _ = save_beside_data(out, tmp_path / "data2")  # from the model directory: its tokenizer only
+    assert sorted(p.name for p in copied.iterdir()) == [METADATA_FILE, SPM_MODEL_FILE]
+    assert save_beside_data(out, tmp_path / "data2")[1] == read_info(spm_dir)
 
 
 def test_convert_to_hf_rcla_carries_the_tokenizer(tmp_path, spm_dir):

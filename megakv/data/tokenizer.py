@@ -212,7 +212,7 @@ def verified_info(directory: str | Path) -> TokenizerInfo:
     metadata describes (their fingerprint is what tells copies of one tokenizer apart from other tokenizers)."""
     info = read_info(directory)
     load_tokenizer(directory)
-    files = _fingerprint_dir(Path(directory))
+    files = _fingerprint_dir(Path(directory), info.kind)
     if files != info.fingerprint:
         raise DataError(f"{directory}: its files do not match its {METADATA_FILE} (fingerprint {files[:12]}, the "
                         f"metadata says {info.fingerprint[:12]}): they were changed after the tokenizer was saved",
@@ -265,9 +265,29 @@ def refresh_copy(source: Path, target: Path) -> None:
         os.rename(tmp, target)
 
 
-def _fingerprint_dir(directory: Path) -> str:
+def _own_files(directory: Path, kind: str | None = None) -> list[Path]:
+    """The files a tokenizer consists of. A SentencePiece tokenizer is its model file: the transformers files
+    (and, in a transformers model directory, the model) an export puts beside it are not part of it. Any other
+    kind: every file but the metadata and a transformers model's own files."""
+    if kind == "sentencepiece":
+        return [directory / SPM_MODEL_FILE]
+    return sorted(p for p in directory.rglob("*")
+                  if p.is_file() and p.name != METADATA_FILE and not _is_model_file(p.relative_to(directory)))
+
+
+def _is_model_file(relative: Path) -> bool:
+    """A transformers model's own file, beside the tokenizer files in an exported model directory (a saved or
+    imported tokenizer directory holds none)."""
+    return len(relative.parts) == 1 and (relative.name in ("config.json", "generation_config.json")
+                                         or relative.suffix in (".safetensors", ".py", ".bin")
+                                         or relative.name.endswith(".safetensors.index.json"))
+
+
+def _fingerprint_dir(directory: Path, kind: str | None = None) -> str:
+    """sha256 over the tokenizer's own files (names and bytes); a saved SentencePiece directory holds only its
+    model file, so both readings agree there."""
     digest = hashlib.sha256()
-    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != METADATA_FILE):
+    for path in _own_files(directory, kind):
         digest.update(str(path.relative_to(directory)).encode() + b"\0")
         with open(path, "rb") as f:
             while chunk := f.read(1 << 20):
@@ -435,8 +455,12 @@ def save_beside_data(source: str | Path, data_dir: str | Path,
     try:
         if (source / METADATA_FILE).exists():
             check_encodes(load_tokenizer(source), source)  # before a copy can take the target's place
-            shutil.copytree(source, tmp)
-            info = TokenizerInfo.read(tmp)
+            info = TokenizerInfo.read(source)
+            tmp.mkdir(parents=True)
+            for path in [*_own_files(source, info.kind), source / METADATA_FILE]:  # not an export's model files
+                destination = tmp / path.relative_to(source)
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, destination)
         else:
             info = import_hf_tokenizer(source, tmp, eos_token)
         if not target.exists():
@@ -446,7 +470,7 @@ def save_beside_data(source: str | Path, data_dir: str | Path,
             except OSError:  # another process won the race; compare below
                 pass
         existing = TokenizerInfo.read(target)
-        if existing.fingerprint == info.fingerprint and _fingerprint_dir(target) != existing.fingerprint:
+        if existing.fingerprint == info.fingerprint and _fingerprint_dir(target, existing.kind) != existing.fingerprint:
             raise DataError(f"{target} is damaged: its files no longer match its {METADATA_FILE}",
                             f"delete {target}; the next run copies {source} again")
         if existing.fingerprint != info.fingerprint:

@@ -222,8 +222,7 @@ def _tiny_hf_model(hf_dir: Path, qa_dir: Path) -> None:
         torch.manual_seed(0)
         LlamaForCausalLM(config).save_pretrained(hf_dir)
         copy_tokenizer_files(Path(tmp) / "tok", hf_dir)
-    # Keep the transformers files only, as a downloaded HF model has. (With megakv's SentencePiece files
-    # beside them, a second `save_beside_data` into the same data dir reports the copy as damaged.)
+    # Keep the transformers files only, as a downloaded HF model has.
     for name in (METADATA_FILE, SPM_MODEL_FILE):
         (hf_dir / name).unlink(missing_ok=True)
 
