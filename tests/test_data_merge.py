@@ -187,7 +187,7 @@ def test_merge_refuses_parts_that_are_not_the_shares_of_one_array_run(tmp_path, 
     for i in range(5):
         os.utime(meta_path(out / f"part_{i:05d}"), (1, 1))  # ... long ago
     current = array_run(3)  # the current run, into the same directory
-    assert not current[0].already_done  # the same file as in the earlier run, prepared again (--overwrite)
+    assert current[0].already_done  # part_00000 holds the same file in both runs: its record is relabelled
     assert read_meta(out / "part_00000")["shard"] == [0, 3]
     with pytest.raises(DataError, match=r"different --num-shards \[3, 5\]: 2 part\(s\) .*newest run's 3 "
                                         r"\(.*part_00003, .*part_00004\)\. Fix: delete the stale parts") as refused:

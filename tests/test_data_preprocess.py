@@ -193,8 +193,8 @@ def test_output_holding_a_different_dataset_is_refused(tmp_path, tokenizer_dir):
         preprocess(a, tokenizer_dir, prefix, options=PrepOptions(text_key="body", prepend_bos=True), progress=False)
     preprocess(b, tokenizer_dir, prefix, options=opts, overwrite=True, progress=False)
     assert decoded(prefix, tokenizer_dir) == DOCS[5:9]
-    # An input edited in place with its size and modification time kept looks like the same job; --overwrite
-    # prepares it again (it was "nothing to do").
+    # An input edited in place with its size and modification time kept looks like the same job; megakv-prep
+    # --overwrite prepares it again (it was "nothing to do").
     import os
 
     edited = Path(b[0])
@@ -202,7 +202,11 @@ def test_output_holding_a_different_dataset_is_refused(tmp_path, tokenizer_dir):
     edited.write_text(edited.read_text().replace("e", "o"))
     os.utime(edited, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert preprocess(b, tokenizer_dir, prefix, options=opts, progress=False).already_done
-    assert not preprocess(b, tokenizer_dir, prefix, options=opts, overwrite=True, progress=False).already_done
+    # overwrite replaces another dataset but keeps this job's (a recipe owning its directory passes it on
+    # every run); redo (megakv-prep --overwrite) prepares it again
+    assert preprocess(b, tokenizer_dir, prefix, options=opts, overwrite=True, progress=False).already_done
+    assert not preprocess(b, tokenizer_dir, prefix, options=opts, overwrite=True, redo=True,
+                          progress=False).already_done
     assert decoded(prefix, tokenizer_dir) == [d.replace("e", "o") for d in DOCS[5:9]]
     assert sorted(p.name for p in prefix.parent.iterdir()) == ["d.bin", "d.idx", "d.meta.json", "tokenizer"]
 

@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> None:
         summary = preprocess(args.input, args.tokenizer, args.output_prefix, workers=args.workers,
-                             options=options, shard=shard, overwrite=args.overwrite, eos_token=args.eos_token,
+                             options=options, shard=shard, overwrite=args.overwrite, redo=args.overwrite,
+                             eos_token=args.eos_token,
                              progress=not args.no_progress,
                              max_skip_fraction=args.max_skip_fraction)
         print(summary.format(), flush=True)

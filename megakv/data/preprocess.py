@@ -231,19 +231,28 @@ def inputs_fingerprint(files: list[InputFile], options: PrepOptions, tokenizer: 
     return digest.hexdigest()[:24]
 
 
-def _check_output(prefix: Path, fingerprint: str, overwrite: bool, shard: tuple[int, int] | None = None
-                  ) -> int | None:
+def _check_output(prefix: Path, fingerprint: str, overwrite: bool, shard: tuple[int, int] | None = None,
+                  redo: bool = False) -> int | None:
     """The reader version that made the output if it already holds exactly this job's result, else None
-    (to prepare it; always with `overwrite`); raises if it holds something else."""
-    if overwrite or not pair_exists(prefix):
+    (to prepare it); raises if it holds something else and not `overwrite`. `overwrite` also prepares again an
+    output an older reader made, `redo` any output."""
+    if redo or not pair_exists(prefix):
         return None
     meta = read_meta(prefix)
     if meta is not None and meta.get("inputs_fingerprint") == fingerprint:
-        IndexedDataset(prefix)  # and it must still be intact (a DataError names the damage)
+        try:
+            IndexedDataset(prefix)  # and it must still be intact
+        except DataError:
+            if not overwrite:
+                raise
+            return None
         recorded = list(shard) if shard else None
         if meta.get("shard") != recorded:  # the same files as a share of another array run: megakv-merge
             write_meta(prefix, {**meta, "shard": recorded})  # tells runs apart by this record
-        return int(meta.get("reader_version", 1))
+        made_by = int(meta.get("reader_version", 1))
+        return None if overwrite and made_by < READER_VERSION else made_by  # its tokens may differ
+    if overwrite:
+        return None
     raise DataError(f"{idx_path(prefix)} already holds a different dataset (made from other inputs, options "
                     "or tokenizer; the inputs are compared by path, size and modification time)",
                     "choose another --output-prefix, or pass --overwrite to replace it")
@@ -252,7 +261,7 @@ def _check_output(prefix: Path, fingerprint: str, overwrite: bool, shard: tuple[
 def preprocess(inputs: list[str], tokenizer: str | Path, output_prefix: str | Path, *, workers: int = 1,
                options: PrepOptions = PrepOptions(), shard: tuple[int, int] | None = None,
                overwrite: bool = False, eos_token: str | None = None, progress: bool = True,
-               max_skip_fraction: float = DEFAULT_MAX_SKIP_FRACTION) -> PrepSummary:
+               max_skip_fraction: float = DEFAULT_MAX_SKIP_FRACTION, redo: bool = False) -> PrepSummary:
     """`_preprocess` while holding PREFIX.tmp-lock: a second megakv-prep on the same prefix is refused at once
     instead of racing the first (the last writer used to win). The kernel releases the lock however the
     process ends; a clean end also removes the file."""
@@ -263,7 +272,7 @@ def preprocess(inputs: list[str], tokenizer: str | Path, output_prefix: str | Pa
     with _exclusive_lock(lock_path, prefix):
         return _preprocess(inputs, tokenizer, output_prefix, workers=workers, options=options, shard=shard,
                            overwrite=overwrite, eos_token=eos_token, progress=progress,
-                           max_skip_fraction=max_skip_fraction)
+                           max_skip_fraction=max_skip_fraction, redo=redo)
 
 
 def _refuse_output_in_input_dirs(inputs: list[str], prefix: Path) -> None:
@@ -336,8 +345,12 @@ def _exclusive_lock(path: Path, prefix: Path):
 def _preprocess(inputs: list[str], tokenizer: str | Path, output_prefix: str | Path, *, workers: int = 1,
                 options: PrepOptions = PrepOptions(), shard: tuple[int, int] | None = None,
                 overwrite: bool = False, eos_token: str | None = None, progress: bool = True,
-                max_skip_fraction: float = DEFAULT_MAX_SKIP_FRACTION) -> PrepSummary:
+                max_skip_fraction: float = DEFAULT_MAX_SKIP_FRACTION, redo: bool = False) -> PrepSummary:
     """Tokenize `inputs` (files, globs, directories) into `output_prefix`.bin/.idx (+ .meta.json).
+
+    An output holding this very job's result (same files, sizes, mtimes, options, tokenizer) is kept unless
+    `redo`; one holding another dataset is refused unless `overwrite` (which skips an identical one, so a
+    recipe that owns its directory can pass it on every run).
 
     Nothing is written when no document is left, or when more than `max_skip_fraction` of the records
     were skipped (a DataError names the top reason).
@@ -362,7 +375,7 @@ def _preprocess(inputs: list[str], tokenizer: str | Path, output_prefix: str | P
                         "drop --prepend-bos or use a tokenizer with a BOS token")
     fingerprint = inputs_fingerprint(files, options, info)
     summary = PrepSummary(str(prefix), files=len(files), input_bytes=sum(f.size for f in files), ignored=ignored)
-    made_by_reader = _check_output(prefix, fingerprint, overwrite, shard)
+    made_by_reader = _check_output(prefix, fingerprint, overwrite, shard, redo)
     if made_by_reader is not None:
         summary.already_done, summary.made_by_reader = True, made_by_reader
         return summary
