@@ -66,3 +66,20 @@ def test_bad_files_and_override_syntax(tmp_path):
         load_config(None, ["model.n_layers"])
     with pytest.raises(ConfigError, match="model.nope"):
         load_config(write(tmp_path, "model:\n  nope: 1\n"))
+
+
+def test_more_yaml_files_merge_in_order_with_the_overrides(tmp_path):
+    """megakv-data writes data.yaml, 'the data: section to train on them', but megakv-train took one config and
+    called a second YAML a malformed override."""
+    from pathlib import Path
+
+    section = tmp_path / "data.yaml"
+    section.write_text("data:\n  datasets: [d/train]\n  seed: 5\n  valid_fraction: 0.0\n")
+    recipe = Path(__file__).resolve().parents[1] / "megakv" / "recipes" / "tiny.yaml"
+    cfg = load_config(recipe, ["data.seed=1", str(section), "train.steps=3"])
+    assert (cfg.data.datasets, cfg.data.seed, cfg.data.valid_fraction, cfg.train.steps) == (["d/train"], 5, 0.0, 3)
+    assert load_config(recipe, [str(section), "data.seed=9"]).data.seed == 9  # later wins
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(recipe, [str(tmp_path / "missing.yaml")])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(recipe, ["train.steps"])

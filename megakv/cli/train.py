@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megakv-train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="run config YAML (see megakv/recipes/)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=200 routing.q_cross=0.5")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=200 routing.q_cross=0.5, "
+                                                     "or more YAML files (e.g. megakv-data's data.yaml), in order")
     parser.add_argument("--resume", choices=["auto", "none"], default=None,
                         help="auto: continue from the newest intact checkpoint in train.run_dir, if any")
     parser.add_argument("--allow-config-change", action="store_true",

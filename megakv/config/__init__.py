@@ -162,11 +162,26 @@ def _read_yaml(path: str | Path) -> Any:
     return loaded
 
 
+def _override_sources(overrides: list[str] | None) -> list[Any]:
+    """Consecutive key=value items as one dotlist, each YAML file (no '=', a .yaml/.yml name) as its own."""
+    sources: list[Any] = []
+    pending: list[str] = []
+    for item in overrides or []:
+        if "=" not in item and item.endswith((".yaml", ".yml")):
+            if pending:
+                sources.append(_dotlist(pending))
+                pending = []
+            sources.append(_read_yaml(item))
+        else:
+            pending.append(item)
+    return [*sources, _dotlist(pending)]
+
+
 def _dotlist(overrides: list[str] | None) -> Any:
     overrides = list(overrides or [])
     for item in overrides:
         if "=" not in item:
-            raise ConfigError("<override>", item, "overrides must look like key=value",
+            raise ConfigError("<override>", item, "overrides must look like key=value (or name a .yaml file)",
                               "e.g. model.n_layers=8 routing.q_cross=0.5")
         try:
             OmegaConf.from_dotlist([item])
@@ -243,8 +258,9 @@ def _leaf_keys(node: DictConfig, prefix: str = "") -> list[str]:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 schema: type[T] = MegaKVConfig) -> T:
-    """Load, merge and validate a config; raises ConfigError naming the field on any mistake."""
-    sources = ([_read_yaml(path)] if path is not None else []) + [_dotlist(overrides)]
+    """Load, merge and validate a config; raises ConfigError naming the field on any mistake. `overrides` are
+    key=value items or further YAML files (e.g. the data.yaml megakv-data writes), merged in order."""
+    sources = ([_read_yaml(path)] if path is not None else []) + _override_sources(overrides)
     if schema is MegaKVConfig:
         from_dir = _model_of_init_dir(sources)
         sources = sources if from_dir is None else [from_dir, *sources]
