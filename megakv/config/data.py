@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from megakv.config.errors import ConfigError
@@ -46,6 +47,12 @@ class DataConfig:
             for p in getattr(self, name):
                 if not p or p.endswith((".bin", ".idx")):
                     fail(name, f"entry {p!r} is not a dataset prefix", "give the path without .bin / .idx")
+        for name in ("datasets", "valid_datasets"):
+            spelled = [os.path.normpath(os.path.abspath(p)) for p in getattr(self, name)]
+            twice = sorted({p for p in getattr(self, name) if spelled.count(os.path.normpath(os.path.abspath(p))) > 1})
+            if twice:  # both copies shuffle alike: every sample would come twice in a row
+                fail(name, f"lists {twice[0]} more than once", "list each dataset once; give it a larger share "
+                     "with data.weights instead")
         if self.weights is not None:
             if len(self.weights) != len(self.datasets):
                 fail("weights", f"{len(self.weights)} weights for {len(self.datasets)} datasets",

@@ -18,7 +18,10 @@ from megakv.data.errors import DataError
 RESOLUTION = 1 << 16  # block size for weights: each part's share is exact to 1 / 65536
 
 
-def counts_from_weights(weights: Sequence[float], resolution: int = RESOLUTION) -> list[int]:
+def counts_from_weights(weights: Sequence[float], resolution: int = RESOLUTION,
+                        names: Sequence[str] | None = None, from_sizes: bool = False) -> list[int]:
+    """Samples of each part per block. `names` name the parts in errors; `from_sizes`: the weights are the
+    parts' sample counts (data.weights null), not weights the user gave."""
     total = float(sum(weights))
     exact = [w / total * resolution for w in weights]
     counts = [int(x) for x in exact]
@@ -27,7 +30,12 @@ def counts_from_weights(weights: Sequence[float], resolution: int = RESOLUTION) 
         counts[i] += 1
     for i, c in enumerate(counts):
         if c == 0:
-            raise DataError(f"blend weight {weights[i]} (dataset {i}) is below 1/{resolution} of the total",
+            name = names[i] if names is not None else f"dataset {i}"
+            if from_sizes:
+                raise DataError(f"{name} holds {weights[i]:g} samples, below 1/{resolution} of all {total:g}: with "
+                                "data.weights null each dataset weighs its size, and this one gets no place in the "
+                                "blend", "give data.weights explicitly (it may weigh more than its size), or drop it")
+            raise DataError(f"blend weight {weights[i]} of {name} is below 1/{resolution} of the total",
                             "raise that weight or drop the dataset")
     return counts
 

@@ -190,7 +190,7 @@ def build_data(cfg: DataConfig, seq_len: int, *, is_builder: bool, barrier: Call
         splits.append(split)
 
     train_parts = [plan.train_part(s, split) for s, split in zip(train_sources, splits)]
-    counts = plan.blend_counts([len(p) for p in train_parts])
+    counts = plan.blend_counts([len(p) for p in train_parts], [str(s.prefix) for s in train_sources])
     valid_sets: dict[str, GPTSamples] = {}
     for source, split in zip(train_sources, splits):
         if len(split.valid):

@@ -93,12 +93,13 @@ class OrderPlan:
     def samples_per_epoch(self, source: Source, docs: np.ndarray) -> int:
         return samples_in(self.tokens_of(source, docs), self.seq_len, source.record_aligned)
 
-    def blend_counts(self, samples_per_epoch: list[int]) -> list[int]:
+    def blend_counts(self, samples_per_epoch: list[int], names: list[str] | None = None) -> list[int]:
         """Samples of each training dataset per blend block (see blend.py)."""
         if len(samples_per_epoch) == 1:
             return [1]
-        weights = self.cfg.weights if self.cfg.weights is not None else samples_per_epoch
-        return counts_from_weights(weights)
+        if self.cfg.weights is not None:
+            return counts_from_weights(self.cfg.weights, names=names)
+        return counts_from_weights(samples_per_epoch, names=names, from_sizes=True)
 
     def compute_epoch(self, source: Source, docs: np.ndarray, epoch: int) -> EpochOrder:
         return train_epoch_order(source.dataset.lengths, docs, self.seq_len, self.cfg.seed, source.salt, epoch,
