@@ -288,3 +288,17 @@ def test_a_run_directorys_tokenizer_copy_follows_the_data(tmp_path, tokenizer_di
     refresh_copy(tokenizer_dir, target)
     assert read_info(target) == read_info(tokenizer_dir)
     assert sorted(p.name for p in target.parent.iterdir()) == ["tokenizer"]  # no temporary left behind
+
+
+def test_info_on_a_hugging_face_directory_shows_how_megakv_reads_it(tmp_path, capsys):
+    """`megakv-tokenizer info` on an imported model's tokenizer/ (transformers files, no megakv metadata) said
+    'megakv_tokenizer.json not found' although prep, train and eval all read that directory."""
+    from megakv.cli.tokenizer import main
+
+    source = _hf_tokenizer(tmp_path / "hf")
+    assert main(["info", str(source)]) == 0
+    out, err = capsys.readouterr()
+    shown = json.loads(out)
+    assert (shown["kind"], shown["vocab_size"], shown["eos_id"]) == ("huggingface", 400, 1)
+    assert "is a Hugging Face tokenizer directory" in err and "megakv-tokenizer import" in err
+    assert main(["info", str(tmp_path / "nothing")]) == 2  # not a tokenizer at all: still an error

@@ -33,7 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("parts", nargs="*", default=["all"], metavar="PART",
                         help=f"any of {', '.join(PARTS)}, 'all', or 'report' (re-render only)")
     parser.add_argument("--out", type=Path, default=Path("runs/study"), help="models, caches and results")
-    parser.add_argument("--scale", choices=SCALES, default="cpu")
+    parser.add_argument("--scale", choices=SCALES, default="cpu",
+                        help="cpu: the committed report's budgets (hours on 2 cores); gpu: a real run's; tiny: "
+                             "the tests' (seconds)")
     parser.add_argument("--report-dir", type=Path, default=None,
                         help="write report.md and copies of the PNGs here instead of OUT")
     return parser

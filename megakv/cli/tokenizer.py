@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections import Counter
 from dataclasses import asdict
+from pathlib import Path
 
 from megakv.data.cli_support import refuse_output_dir, run_cli
 from megakv.data.documents import iter_texts, unpaired_surrogate
 from megakv.data.errors import DataError
 from megakv.data.sources import FORMATS, TXT_UNITS, describe_ignored, expand_inputs
 from megakv.data.tokenizer import (
+    METADATA_FILE,
     SPM_MAX_SENTENCE_BYTES,
     check_spm_settings,
     import_hf_tokenizer,
@@ -109,7 +112,15 @@ def main(argv: list[str] | None = None) -> int:
             info = import_hf_tokenizer(args.source, args.output, args.eos_token)
             print(f"imported {args.source}: vocab {info.vocab_size}, eos {info.eos_id} -> {args.output}")
         elif args.command == "info":
-            print(json.dumps(asdict(verified_info(args.directory)), indent=2))
+            directory = Path(args.directory)
+            if not (directory / METADATA_FILE).exists() and (directory / "tokenizer.json").is_file():
+                # A transformers tokenizer (an imported model's tokenizer/): what megakv reads it as, unsaved
+                print(json.dumps(asdict(load_tokenizer(directory).info), indent=2))
+                print(f"{directory} is a Hugging Face tokenizer directory (no {METADATA_FILE}): megakv reads it as "
+                      "above; megakv-prep saves an imported copy beside the data (`megakv-tokenizer import` "
+                      "makes one)", file=sys.stderr)
+            else:
+                print(json.dumps(asdict(verified_info(directory)), indent=2))
         else:
             text = _utf8_argument(args.text)
             tok = load_tokenizer(args.directory)
