@@ -156,7 +156,7 @@ def test_built_once_atomically(tmp_path, monkeypatch):
 def test_no_compiler_falls_back_to_sdpa(tmp_path, monkeypatch, caplog):
     model = tiny_model(seed=5)
     expected = InferenceEngine(model, "every:2").generate([[5, 6, 7]], max_new_tokens=5)
-    monkeypatch.setenv("MEGAKV_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("MEGAKV_CACHE", str(tmp_path))
     failing = tmp_path / "failing-cc"  # a "compiler" that fails every build, logging each call
     failing.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'calls.log'}\necho 'no such flag' >&2\nexit 1\n")
     failing.chmod(0o755)

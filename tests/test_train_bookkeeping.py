@@ -130,6 +130,9 @@ def test_logged_rates_perf_figures_and_an_extended_run(dataset, tmp_path):
     assert {"perf/mfu", "perf/step_time_s", "perf/peak_memory_gib", "train/lr"} <= set(events.Tags()["scalars"])
     assert events.Scalars("train/lr")[0].value == pytest.approx(1.5e-3)
 
+    # resuming the finished run as it was: nothing to train, and the log says so (it exited 0 in silence)
+    again = _run(dataset, first, "train.steps=8", f"logging.peak_flops_per_device={PEAK}", resume=True)
+    assert "the run already finished: its checkpoint is at step 8 of train.steps=8" in again.output
     # extending the finished run: without a decay horizon the cosine is reshaped, and the log says so
     kept = tmp_path / "kept"
     shutil.copytree(first, kept)

@@ -1,4 +1,4 @@
-"""megakv-eval: validation loss / perplexity of one model at several KV retention plans.
+r"""megakv-eval: validation loss / perplexity of one model at several KV retention plans.
 
   megakv-eval --model DIR --data data/val_text_document --retain every:1 every:2 every:3 every:4 \
       --json eval.json --plot eval.png

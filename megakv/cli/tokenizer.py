@@ -49,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
                             "bytes. Lower it (e.g. 0.995) when a small --vocab-size is refused (default: "
                             "%(default)s)")
     train.add_argument("--max-sentences", type=int, default=2_000_000,
-                       help="lines sampled for training (bounds memory and time)")
+                       help="lines sampled for training (bounds memory and time; default: %(default)s)")
     imp = sub.add_parser("import", help="save a Hugging Face tokenizer directory as a megakv one")
     imp.add_argument("--from", dest="source", required=True, help="directory AutoTokenizer loads offline")
     imp.add_argument("--output", required=True)

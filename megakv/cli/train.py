@@ -57,8 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", choices=["auto", "none"], default=None,
                         help="auto: continue from the newest intact checkpoint in train.run_dir, if any")
     parser.add_argument("--allow-config-change", action="store_true",
-                        help="resume although train.global_batch, routing.* or data.reset_attention_mask / "
-                             "reset_position_ids differ from the checkpoint's (each change is logged); model.*, "
+                        help="resume although train.global_batch, routing.*, data.reset_attention_mask / "
+                             "reset_position_ids, or train.micro_batch with routing.per_micro_batch differ from the "
+                             "checkpoint's (each change is logged); model.*, "
                              "the data's identity and ZeRO-3 <-> 1/2 are refused whatever this says")
     parser.add_argument("--dry-run", action="store_true",
                         help="check the config and launch, write config.yaml and ds_config.json (dry-run.* beside an "

@@ -46,8 +46,10 @@ MAX_HEAD_DIM, MAX_GROUP, MAX_GROUP_WIDTH = 256, 64, 2048
 
 
 def cache_dir() -> Path:
-    if os.environ.get("MEGAKV_CACHE_DIR"):
-        return Path(os.environ["MEGAKV_CACHE_DIR"])
+    """$MEGAKV_CACHE, the root the data downloads use too ($MEGAKV_CACHE_DIR, its older name, still counts)."""
+    for name in ("MEGAKV_CACHE", "MEGAKV_CACHE_DIR"):
+        if os.environ.get(name):
+            return Path(os.environ[name])
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "megakv"
 

@@ -198,6 +198,9 @@ class Trainer:
         eta_clock = EtaClock()
         validated_at = None
         ran, applied_updates = 0, 0  # steps of this launch, and those that updated the weights
+        if state.step >= total and self.ctx.is_global_zero:  # a resumed run that had finished: say so
+            log.info("the run already finished: its checkpoint is at step %d of train.steps=%d, nothing to train "
+                     "(raise train.steps to train on)", state.step, total)
         while state.step < total:
             lr = self.runner.learning_rate()  # the rate this step trains with; the scheduler moves on after it
             started = time.perf_counter()
