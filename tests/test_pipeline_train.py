@@ -161,3 +161,17 @@ def test_sigkill_while_saving_keeps_the_previous_checkpoint(dataset, single, tmp
     ours, theirs = step_losses(run_dir), step_losses(single)
     for step in (3, 4):
         assert ours[step] == pytest.approx(theirs[step], rel=1e-6), (step, ours[step], theirs[step])
+
+
+def test_a_launch_note_about_the_config_is_printed_once_not_per_rank(dataset, tmp_path):
+    """Every rank printed the same config notes (the pipeline bubble warning, resume's changed settings): the
+    console showed each once per rank. Rank 0 says them; the other ranks' log files keep the resume notes."""
+    base = [*overrides(dataset, tmp_path / "run", "parallel.pipeline=2", "train.global_batch=2",
+                       "train.micro_batch=2", "validation.every=0", "train.steps=2")]
+    first = launch_train([*base, "train.debug.sigterm_at_step=1"], nproc=2)
+    assert first.ok, first.output[-4000:]
+    assert first.output.count("pipeline bubble") == 1, first.output[-4000:]
+    again = launch_train([*base, "optim.lr=0.002"], nproc=2, resume=True)
+    assert again.ok, again.output[-4000:]
+    assert again.output.count("resuming with a changed setting: optim.lr") == 1
+    assert "resuming with a changed setting: optim.lr" in (tmp_path / "run" / "logs" / "rank1.log").read_text()

@@ -84,7 +84,10 @@ def _prepare(args: argparse.Namespace):
     cfg = load_config(args.config, overrides)
     pin_deepspeed_to(cfg.train.device)  # before DeepSpeed is imported: it picks its accelerator once
     layout = ParallelLayout.from_env(cfg.parallel)
-    launch = preflight(cfg, layout)
+    with warnings.catch_warnings():
+        if layout.rank != 0:  # the launch checks' notes are about the config, the same on every rank: say them once
+            warnings.simplefilter("ignore")
+        launch = preflight(cfg, layout)
     config_file, ds_config_file = run_files(launch.run_dir, args.dry_run)
     if layout.rank == 0:
         launch.run_dir.mkdir(parents=True, exist_ok=True)
@@ -149,11 +152,12 @@ def _train(cfg, layout, launch, guard) -> int:
     from megakv.train.run_dir import LOGS
 
     log = setup_logging(layout.rank, launch.run_dir / LOGS, cfg.logging)
-    if launch.resume is not None:
+    if launch.resume is not None:  # every rank's log file has them; the console once, from rank 0
+        level = logging.WARNING if layout.rank == 0 else logging.INFO
         for notice in launch.resume.notices:
-            log.warning("%s", notice)
+            log.log(level, "%s", notice)
         for change in launch.resume.config_changes:
-            log.warning("resuming with a changed setting: %s", change)
+            log.log(level, "resuming with a changed setting: %s", change)
     if guard is not None:
         guard.init_process_group(_backend(cfg, layout))
         guard.watch(lambda failure: exit_for_peer(
