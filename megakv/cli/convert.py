@@ -82,10 +82,10 @@ def _from_checkpoint(args: argparse.Namespace) -> Path:
 def _from_gguf(args: argparse.Namespace) -> Path:
     from megakv.hf.gguf import gguf_to_hf, packaged_gguf, require_gguf_reader
 
-    require_gguf_reader()
     source = Path(args.gguf) if args.gguf else packaged_gguf()
     if not source.is_file():
         raise FileNotFoundError(f"GGUF file {source} not found")
+    require_gguf_reader()
     with phase(f"dequantizing {source.name} into {args.out} (about a minute for SmolLM2-135M)"):
         return gguf_to_hf(source, args.out, overwrite=args.overwrite)
 
