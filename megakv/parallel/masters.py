@@ -2,10 +2,14 @@
 
 DeepSpeed casts the module to bf16 and builds the optimizer's fp32 masters from that copy, so a model
 directory's fp32 weights would lose their low bits at the start of fine-tuning (up to 3.9e-3 relative per
-weight). The values are copied aside before the engine is built and written into its masters afterwards.
+weight). The values are copied aside before the engine is built and written into its masters afterwards;
+under ZeRO-3, whose build partitions the weights in bf16, each rank writes its own partition of each weight
+from the model directory.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -22,3 +26,18 @@ def restore_masters(copies: list[tuple[nn.Parameter, torch.Tensor]]) -> None:
 
     for param, value in copies:
         safe_set_full_fp32_param(param, value.to(param.device))
+
+
+def restore_partitioned_masters(module: nn.Module, values: Mapping[str, torch.Tensor]) -> None:
+    """ZeRO-3: each rank writes its partition of every parameter's fp32 value (`values`: MegaKVModel names,
+    read one tensor at a time) into the optimizer's masters; the last partition's padding stays zero."""
+    import torch.distributed as dist
+    from deepspeed.utils import safe_set_local_fp32_param
+
+    for name, param in module.named_parameters():
+        size = param.ds_tensor.ds_numel  # every rank's partition has this many elements, padding included
+        start = dist.get_rank(group=param.ds_process_group) * size
+        piece = values[name].detach().to(torch.float32).flatten()[start:start + size]
+        local = torch.zeros(size, dtype=torch.float32)
+        local[:piece.numel()] = piece
+        safe_set_local_fp32_param(param, local.to(param.ds_tensor.device))

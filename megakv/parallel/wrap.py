@@ -20,7 +20,7 @@ from megakv.model import MegaKVModel
 from megakv.optim.param_groups import weight_decay_groups
 from megakv.optim.schedule import WarmupCosineSchedule
 from megakv.parallel.context import ParallelContext
-from megakv.parallel.masters import fp32_copies, restore_masters
+from megakv.parallel.masters import fp32_copies, restore_masters, restore_partitioned_masters
 from megakv.parallel.materialize import build_zero3_model, materialize_block_shards
 from megakv.parallel.runners import DataParallelRunner, PipelineLoss, PipelineRunner, StepRunner
 from megakv.parallel.tensor import apply_tensor_parallel_to_blocks
@@ -73,9 +73,11 @@ def build_runner(cfg: MegaKVConfig, ctx: ParallelContext, ds_config: dict,
             model.load_state_dict(init_state)
     if cfg.train.activation_checkpointing:
         recompute_blocks(model)
-    zero3 = ds_config.get("zero_optimization", {}).get("stage") == 3  # partitioned at build: rounded there
+    zero3 = ds_config.get("zero_optimization", {}).get("stage") == 3  # partitioned at build, in bf16
     engine = _initialize(model, weight_decay_groups(model, cfg.optim), cfg, ds_config,
                          from_weights=init_state is not None and not zero3)
+    if zero3 and init_state is not None and cfg.train.precision == "bf16":
+        restore_partitioned_masters(engine.module, init_state)
     return DataParallelRunner(engine, ctx)
 
 
