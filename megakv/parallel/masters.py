@@ -9,7 +9,8 @@ from the model directory.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -26,6 +27,15 @@ def restore_masters(copies: list[tuple[nn.Parameter, torch.Tensor]]) -> None:
 
     for param, value in copies:
         safe_set_full_fp32_param(param, value.to(param.device))
+
+
+@contextmanager
+def fp32_masters_kept(module: nn.Module, keep: bool) -> Iterator[None]:
+    """Around an engine's build: when `keep`, the module's fp32 values become the built optimizer's masters."""
+    copies = fp32_copies(module) if keep else None
+    yield
+    if copies is not None:
+        restore_masters(copies)
 
 
 def restore_partitioned_masters(module: nn.Module, values: Mapping[str, torch.Tensor]) -> None:

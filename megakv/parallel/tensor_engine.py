@@ -23,7 +23,7 @@ from megakv.model import MegaKVModel
 from megakv.optim.param_groups import weight_decay_groups
 from megakv.optim.schedule import WarmupCosineSchedule
 from megakv.parallel.context import ParallelContext
-from megakv.parallel.masters import fp32_copies, restore_masters
+from megakv.parallel.masters import fp32_masters_kept
 from megakv.parallel.materialize import materialize_tensor_shards, skeleton_model
 from megakv.parallel.runners import DataParallelRunner
 from megakv.parallel.tensor import apply_tensor_parallel
@@ -81,10 +81,9 @@ def tensor_data_runner(cfg: MegaKVConfig, ctx: ParallelContext, ds_config: dict,
     model, _ = build_tensor_parallel_model(cfg.model, cfg.train.seed, grid, init_state)
     if prepare is not None:
         prepare(model)
-    copies = fp32_copies(model) if init_state is not None and cfg.train.precision == "bf16" else None
-    engine = initialize_tensor_parallel(
-        model, weight_decay_groups(model, cfg.optim), ds_config, grid,
-        lr_scheduler=lambda optimizer: WarmupCosineSchedule(optimizer, cfg.optim, cfg.train.steps))
-    if copies is not None:  # the shards' fp32 values, not their bf16 rounding (megakv/parallel/masters.py)
-        restore_masters(copies)
+    # the shards' fp32 values become the masters, not their bf16 rounding (megakv/parallel/masters.py)
+    with fp32_masters_kept(model, keep=init_state is not None and cfg.train.precision == "bf16"):
+        engine = initialize_tensor_parallel(
+            model, weight_decay_groups(model, cfg.optim), ds_config, grid,
+            lr_scheduler=lambda optimizer: WarmupCosineSchedule(optimizer, cfg.optim, cfg.train.steps))
     return DataParallelRunner(engine, ctx)

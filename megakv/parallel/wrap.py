@@ -20,7 +20,7 @@ from megakv.model import MegaKVModel
 from megakv.optim.param_groups import weight_decay_groups
 from megakv.optim.schedule import WarmupCosineSchedule
 from megakv.parallel.context import ParallelContext
-from megakv.parallel.masters import fp32_copies, restore_masters, restore_partitioned_masters
+from megakv.parallel.masters import fp32_masters_kept, restore_partitioned_masters
 from megakv.parallel.materialize import build_zero3_model, materialize_block_shards
 from megakv.parallel.runners import DataParallelRunner, PipelineLoss, PipelineRunner, StepRunner
 from megakv.parallel.tensor import apply_tensor_parallel_to_blocks
@@ -46,12 +46,10 @@ def _initialize(model, parameters, cfg: MegaKVConfig, ds_config: dict, from_weig
     """`from_weights`: the module holds given fp32 weights (checkpoint.init_from) that bf16 must not round."""
     import deepspeed
 
-    copies = fp32_copies(model) if from_weights and cfg.train.precision == "bf16" else None
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=parameters, config=ds_config,
-        lr_scheduler=lambda optimizer: WarmupCosineSchedule(optimizer, cfg.optim, cfg.train.steps))
-    if copies is not None:
-        restore_masters(copies)
+    with fp32_masters_kept(model, keep=from_weights and cfg.train.precision == "bf16"):
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=parameters, config=ds_config,
+            lr_scheduler=lambda optimizer: WarmupCosineSchedule(optimizer, cfg.optim, cfg.train.steps))
     return engine
 
 
