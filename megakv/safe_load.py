@@ -74,22 +74,51 @@ def load_weights_only(path: str | Path, allowed: list | tuple = (), mmap: bool =
         raise UnsafeFileError(path, f"the weights-only unpickler refused it ({first_line[:300]})") from None
 
 
-def check_torch_file(path: str | Path, allowed: list | tuple) -> None:
-    """Parse a whole `.pt` file safely (tensor data memory-mapped, not read) and discard the result."""
+def check_torch_file(path: str | Path, allowed: list | tuple):
+    """Parse a whole `.pt` file safely (tensor data memory-mapped, not read) and return what it holds."""
     path = Path(path)
     try:
-        load_weights_only(path, allowed, mmap=True)
+        return load_weights_only(path, allowed, mmap=True)
     except RuntimeError as e:
         if "mmap" not in str(e):  # a truncated or foreign file: name it
             raise UnsafeFileError(path, f"it is not a readable torch file ({str(e).splitlines()[0][:300]})") from None
-        load_weights_only(path, allowed)  # the legacy (non-zip) format cannot be memory-mapped
+        return load_weights_only(path, allowed)  # the legacy (non-zip) format cannot be memory-mapped
+
+
+# A parameter name is a dotted path of identifiers. DeepSpeed's universal conversion (and megakv's tensor-parallel
+# one) turn names into folder names, so a name holding '/' or '..' would read and write outside the checkpoint.
+_PARAMETER_NAME = re.compile(r"[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*")
+_NAME_FIELDS = frozenset({"param_shapes", "frozen_param_shapes", "param_slice_mappings", "frozen_param_fragments",
+                          "shared_params", "buffer_names", "module"})
+
+
+def _parameter_names(held, depth: int = 0):
+    """The parameter names a DeepSpeed checkpoint file holds (model, optimizer and pipeline-layer files)."""
+    if isinstance(held, dict) and depth < 3:
+        for key, value in held.items():
+            if key in _NAME_FIELDS:
+                for group in (value if isinstance(value, list) else [value]):
+                    if group is None:  # a pipeline's model file keeps its modules in the layer files
+                        continue
+                    if isinstance(group, dict):
+                        yield from group.keys()
+                        if key == "shared_params":
+                            yield from group.values()
+                    else:
+                        yield group
+            else:
+                yield from _parameter_names(value, depth + 1)
+        if depth == 0 and all(isinstance(v, torch.Tensor) for v in held.values()):  # a pipeline layer's state
+            yield from held.keys()
 
 
 def check_deepspeed_dir(directory: str | Path) -> int:
-    """Check every `.pt` file under a DeepSpeed checkpoint directory; returns how many were checked.
+    """Check every file under a DeepSpeed checkpoint directory but megakv's JSON ones with the weights-only
+    unpickler, and every parameter name in them; returns how many torch files were checked.
 
-    A link inside it is refused: megakv never writes one, the walk here does not follow it, and DeepSpeed's
-    loaders would (a linked folder could hand them files this check never saw).
+    Every file, not only `*.pt`: DeepSpeed's universal conversion also opens files by prefix (`mp_rank_*`) or by
+    a path built from a parameter name. A link inside it is refused: megakv never writes one, the walk here
+    does not follow it, and DeepSpeed's loaders would (a linked folder could hand them files never checked).
     """
     allowed = deepspeed_globals() + numpy_globals()
     files = []
@@ -98,9 +127,12 @@ def check_deepspeed_dir(directory: str | Path) -> int:
             if (Path(root) / name).is_symlink():
                 raise UnsafeFileError(Path(root) / name, "a checkpoint holds no links (megakv never writes one), "
                                       "and a link can lead a loader to files this check did not see")
-        files += [Path(root) / name for name in names if name.endswith(".pt")]
+        files += [Path(root) / name for name in names if not name.endswith(".json")]
     for path in sorted(files):
-        check_torch_file(path, allowed)
+        for name in _parameter_names(check_torch_file(path, allowed)):
+            if not isinstance(name, str) or not _PARAMETER_NAME.fullmatch(name):
+                raise UnsafeFileError(path, f"it names a parameter {name!r}, which is not a dotted parameter name "
+                                      "(conversions turn names into paths)")
     return len(files)
 
 

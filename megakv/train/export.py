@@ -26,11 +26,14 @@ from megakv.train.checkpoint import (
     universal_tag,
     write_pointer,
 )
-from megakv.train.run_dir import CHECKPOINTS, TOKENIZER, checkpoints_dir
+from megakv.train.run_dir import CHECKPOINTS, LINK_FIX, LINK_PROBLEM, TOKENIZER, checkpoints_dir, first_link
 from megakv.train.state import RNG_DIR, TrainState
 
 
 def _require_latest(run_dir: Path) -> tuple[str, TrainState]:
+    link = first_link(run_dir)
+    if link is not None:  # conversions write into the run directory, exports copy its tokenizer
+        raise ValueError(f"refusing {run_dir}: {link} is a link: {LINK_PROBLEM}. Fix: {LINK_FIX}")
     found = latest_checkpoint(checkpoints_dir(run_dir))
     if found is None:
         raise FileNotFoundError(f"{run_dir} has no checkpoint ({run_dir / CHECKPOINTS} holds no step_* directory): "
@@ -159,7 +162,7 @@ def _convert(ckpt_dir: Path, tag: str, state: TrainState, tmp: Path, target: Pat
         tmp.mkdir()
         tensor_to_universal(ckpt_dir / tag, tmp, model_config_of(state))
         return _finish_universal(ckpt_dir, tag, state, tmp, target)
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt_dir / tag),
+    cmd = [sys.executable, "-m", "megakv.train.safe_ds_to_universal", "--input_folder", str(ckpt_dir / tag),
            "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", str(workers),
            "--num_merge_workers", str(workers)]
     code, tail = run_showing_progress(cmd)

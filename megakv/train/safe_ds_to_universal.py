@@ -1,0 +1,28 @@
+"""DeepSpeed's ds_to_universal with every `torch.load` forced through the weights-only unpickler.
+
+ds_to_universal loads with weights_only=False, and besides a checkpoint's `.pt` files it opens files by name
+prefix and by paths built from parameter names. `check_deepspeed_dir` vets those beforehand; this second
+guard (torch's TORCH_FORCE_WEIGHTS_ONLY_LOAD, with DeepSpeed's and numpy's globals allowed) makes any file it
+missed fail to load instead of running code. Run as `python -m megakv.train.safe_ds_to_universal ARGS`.
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+import sys
+
+
+def main(argv: list[str]) -> None:
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"  # read at each load, and inherited by the worker processes
+    import torch
+
+    from megakv.safe_load import deepspeed_globals, numpy_globals
+
+    torch.serialization.add_safe_globals(deepspeed_globals() + numpy_globals())
+    sys.argv = ["ds_to_universal", *argv]
+    runpy.run_module("deepspeed.checkpoint.ds_to_universal", run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
