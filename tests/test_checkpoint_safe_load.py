@@ -138,3 +138,94 @@ def test_loads_from_several_threads_keep_their_allow_list(tmp_path):
         thread.join()
     assert failures == []
     assert loaded == [[0, 1, 2, 3, 4]] * 900
+
+
+def _rerecord(tag_dir: Path) -> None:
+    """Re-record the manifest after planting files, as a sender could."""
+    state_file = tag_dir / "megakv_state.json"
+    state = json.loads(state_file.read_text())
+    state["files"] = {str(p.relative_to(tag_dir)): [p.stat().st_size, file_digest(p)]
+                      for p in sorted(tag_dir.rglob("*")) if p.is_file() and p.name != state_file.name}
+    state_file.write_text(json.dumps(state))
+
+
+def test_to_universal_refuses_a_payload_in_a_file_not_named_pt(runs, tmp_path, capsys):
+    """ds_to_universal opens every file whose name starts with mp_rank_, whatever it ends in: the check covers
+    every file but megakv's JSON, and the conversion itself runs with loads forced weights-only."""
+    run_dir = runs.copy_stopped(tmp_path / "run")
+    marker = tmp_path / "payload-ran"
+    tag_dir = run_dir / "checkpoints" / tag(STOP_AT)
+    torch.save(Payload(marker), tag_dir / "mp_rank_00_extra")
+    _rerecord(tag_dir)
+    assert convert_main(["to-universal", str(run_dir)]) == 2
+    assert str(tag_dir / "mp_rank_00_extra") in capsys.readouterr().err
+    assert not marker.exists()
+    # the second guard alone: DeepSpeed's converter run through megakv's wrapper, without the check first
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "megakv.train.safe_ds_to_universal", "--input_folder",
+                           str(tag_dir), "--output_folder", str(tmp_path / "out"), "--inject_missing_state"],
+                          capture_output=True, text=True)
+    assert done.returncode != 0 and "posix.system" in done.stderr + done.stdout
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("name", ["../../escaped", "/abs/escaped", "layers..0"])
+def test_a_parameter_name_that_is_a_path_is_refused(runs, tmp_path, capsys, name):
+    """Conversions make a folder per parameter name: a received checkpoint naming a parameter '../../x' or '/x'
+    had them read and write outside the checkpoint. Such a name is refused before anything reads it."""
+    run_dir = runs.copy_stopped(tmp_path / "run")
+    tag_dir = run_dir / "checkpoints" / tag(STOP_AT)
+    model_file = tag_dir / "mp_rank_00_model_states.pt"
+    contents = torch.load(model_file, weights_only=False)  # our own file, about to be altered
+    contents["param_shapes"] = [type(group)((name if key == "lm_head.weight" else key, shape)
+                                            for key, shape in group.items()) for group in contents["param_shapes"]]
+    torch.save(contents, model_file)
+    _rerecord(tag_dir)
+    with pytest.raises(UnsafeFileError, match="not a dotted parameter name"):
+        check_deepspeed_dir(tag_dir)
+    assert convert_main(["to-universal", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert str(model_file) in err and repr(name) in err
+    assert not (tmp_path / "escaped").exists() and not list(run_dir.rglob("*escaped*"))
+
+
+def test_a_link_inside_a_run_directory_is_refused_before_anything_is_written(runs, tmp_path, capsys):
+    """A received run directory whose log file or checkpoint pointer is a link had a resume append its log to,
+    and a conversion write its pointer through, any file the user can write. Links inside a run directory are
+    refused (exit 2, nothing written); the run directory itself may be a link."""
+    run_dir = runs.copy_stopped(tmp_path / "run")
+    victim = tmp_path / "precious.txt"
+    victim.write_text("precious\n")
+    log_file = run_dir / "logs" / "rank0.log"
+    log_file.unlink(missing_ok=True)
+    log_file.symlink_to(victim)
+    resumed = launch_train(runs.overrides(run_dir), nproc=1, resume=True)
+    assert resumed.returncodes == [2], resumed.output[-4000:]
+    assert f"{log_file} is a link" in resumed.output and "put the whole train.run_dir there" in resumed.output
+    log_file.unlink()
+    (run_dir / "checkpoints" / ".tmp-latest_universal").symlink_to(victim)
+    assert convert_main(["to-universal", str(run_dir)]) == 2
+    assert convert_main(["from-checkpoint", str(run_dir), str(tmp_path / "exported")]) == 2
+    assert capsys.readouterr().err.count(".tmp-latest_universal is a link") == 2
+    assert victim.read_text() == "precious\n" and not (tmp_path / "exported").exists()
+    (run_dir / "checkpoints" / ".tmp-latest_universal").unlink()
+    linked = tmp_path / "linked-run"
+    linked.symlink_to(run_dir, target_is_directory=True)
+    assert convert_main(["from-checkpoint", str(linked), str(tmp_path / "exported")]) == 0
+
+
+def test_a_manifest_naming_files_outside_the_checkpoint_is_damage(runs, tmp_path):
+    """Names in megakv_state.json are checked before any is opened; shown with repr (a newline in a name was
+    written into the log as a line of its own)."""
+    from megakv.train.checkpoint import verify
+
+    run_dir = runs.copy_stopped(tmp_path / "run")
+    tag_dir = run_dir / "checkpoints" / tag(STOP_AT)
+    state_file = tag_dir / "megakv_state.json"
+    original = json.loads(state_file.read_text())
+    for name in ("../../../etc/hostname", "/etc/hostname", "x\ntouch /tmp/owned\n"):
+        state = dict(original, files={**original["files"], name: [1, "0" * 64]})
+        state_file.write_text(json.dumps(state))
+        assert verify(tag_dir) == f"{state_file} lists {name!r}, which is not a file name inside the checkpoint"

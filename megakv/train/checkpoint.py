@@ -127,6 +127,8 @@ def verify(tag_dir: Path, checksums: bool = True) -> str | None:
     except StateFileError as e:
         return str(e)
     for name, (size, digest) in state.files.items():
+        if Path(name).is_absolute() or ".." in Path(name).parts or not name.isprintable():
+            return f"{tag_dir / STATE_FILE} lists {name!r}, which is not a file name inside the checkpoint"
         path = tag_dir / name
         if not path.is_file():
             return f"{path} is missing"

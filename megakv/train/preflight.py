@@ -38,7 +38,7 @@ from megakv.train.checkpoint import (
 )
 from megakv.train.ds_config import build_ds_config, gradient_accumulation_steps
 from megakv.train.memory import check_activation_memory
-from megakv.train.run_dir import checkpoints_dir
+from megakv.train.run_dir import LINK_FIX, LINK_PROBLEM, checkpoints_dir, first_link
 from megakv.train.state import TrainState
 
 
@@ -419,6 +419,9 @@ def check_run_dir(cfg: MegaKVConfig) -> None:
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError("train.run_dir", str(run_dir), f"cannot create or write it ({existing} is not a "
                           "writable directory)", "choose a train.run_dir you can write")
+    link = first_link(run_dir) if run_dir.is_dir() else None
+    if link is not None:
+        raise ConfigError("train.run_dir", str(run_dir), f"{link} is a link: {LINK_PROBLEM}", LINK_FIX)
 
 
 def check_device_pairing(cfg: MegaKVConfig, local_rank: int) -> None:

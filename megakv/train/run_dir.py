@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 CONFIG = "config.yaml"
@@ -17,6 +18,21 @@ STATUS = "status.json"
 
 def checkpoints_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / CHECKPOINTS
+
+
+LINK_PROBLEM = ("a run directory holds no links (megakv writes none), and one in a run directory you received "
+                "could make a launch or a conversion write through it to any file you can write")
+LINK_FIX = ("remove the link; to keep checkpoints on another filesystem, put the whole train.run_dir there (the run "
+            "directory itself may be a link)")
+
+
+def first_link(run_dir: str | Path) -> Path | None:
+    """The first link found inside a run directory (not following any), or None."""
+    for root, dirs, names in os.walk(run_dir, followlinks=False):
+        for name in sorted(dirs + names):
+            if os.path.islink(os.path.join(root, name)):
+                return Path(root) / name
+    return None
 
 
 def write_json_atomically(path: Path, payload: dict) -> None:
