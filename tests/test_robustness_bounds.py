@@ -271,3 +271,28 @@ def test_a_second_signal_aborts_even_inside_a_long_c_call(tmp_path):
             proc.kill()
             proc.wait()
     assert proc.returncode == -signal.SIGTERM, proc.stdout.read()
+
+
+def test_a_second_launch_on_a_run_directory_in_use_is_refused(runs, tmp_path):
+    """Two launches on one run directory (a job resubmitted while it still runs) wrote into each other's save
+    directories, pruned each other's checkpoints, interleaved metrics.jsonl, and both exited 0. The second is
+    refused on every rank, naming the first, before writing anything; a killed holder's lock goes with it."""
+    import socket
+
+    from megakv.config import load_config
+
+    run_dir = tmp_path / "run"
+    proc, lines, training, _ = _start_slow_run(runs, run_dir, min_step_s=1)
+    try:
+        assert training.wait(120), "".join(lines)[-3000:]
+        second = launch_train(runs.overrides(run_dir, "train.steps=4"), nproc=2, resume=True)
+        assert second.returncodes == [2, 2], second.output[-3000:]
+        assert (f"another launch is using it (megakv-train pid {proc.pid} on {socket.gethostname()}, since "
+                in second.output), second.output[-3000:]
+        assert proc.poll() is None  # the first runs on, with its own config
+        assert load_config(run_dir / "config.yaml", []).train.steps == 100000
+    finally:
+        proc.kill()  # SIGKILL: no clean-up runs, and the lock still goes with the process
+        proc.wait()
+    again = launch_train(runs.overrides(run_dir, "train.steps=2"), nproc=1, resume=True)
+    assert again.ok and "another launch is using it" not in again.output, again.output[-3000:]

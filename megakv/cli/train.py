@@ -75,6 +75,7 @@ def _prepare(args: argparse.Namespace):
     from megakv.parallel.layout import ParallelLayout
     from megakv.train.preflight import preflight
     from megakv.train.run_dir import write_json_atomically
+    from megakv.train.run_lock import RunDirLock
 
     overrides = list(args.overrides)
     if args.resume is not None:
@@ -84,6 +85,10 @@ def _prepare(args: argparse.Namespace):
     cfg = load_config(args.config, overrides)
     pin_deepspeed_to(cfg.train.device)  # before DeepSpeed is imported: it picks its accelerator once
     layout = ParallelLayout.from_env(cfg.parallel)
+    locks = layout.rank == 0 and not args.dry_run  # rank 0 holds the run directory for the whole launch
+    run_dir = Path(cfg.train.run_dir)
+    # Before the checks when it exists: they read checkpoints that another launch may be writing.
+    lock = RunDirLock.take(run_dir) if locks and run_dir.is_dir() else None
     with warnings.catch_warnings():
         if layout.rank != 0:  # the launch checks' notes are about the config, the same on every rank: say them once
             warnings.simplefilter("ignore")
@@ -91,9 +96,11 @@ def _prepare(args: argparse.Namespace):
     config_file, ds_config_file = run_files(launch.run_dir, args.dry_run)
     if layout.rank == 0:
         launch.run_dir.mkdir(parents=True, exist_ok=True)
+        if locks and lock is None:
+            lock = RunDirLock.take(launch.run_dir)
         save_config(cfg, config_file)
         write_json_atomically(ds_config_file, launch.ds_config)
-    return cfg, layout, launch, (config_file, ds_config_file)
+    return cfg, layout, launch, (config_file, ds_config_file), lock
 
 
 def run_files(run_dir: Path, dry_run: bool) -> tuple[Path, Path]:
@@ -198,8 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     rank, _world = env_rank_world()
     cfg = error = None
-    try:
-        cfg, layout, launch, written = _prepare(args)
+    try:  # `_lock` is held until the process exits
+        cfg, layout, launch, written, _lock = _prepare(args)
     except (ConfigError, OSError, ValueError, RuntimeError) as e:  # OSError: e.g. a full or read-only disk
         error = e
     if args.dry_run and error is None:
