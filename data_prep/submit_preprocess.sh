@@ -10,5 +10,7 @@ shift || true
 : "${INPUT:?export INPUT}" "${TOKENIZER:?export TOKENIZER}" "${OUTPUT_DIR:?export OUTPUT_DIR}"
 export NUM_SHARDS=$tasks  # every task, and any task resubmitted later, is one share of this many
 array=$(sbatch --parsable --array=0-$((tasks - 1)) "$@" "$here/preprocess_array.sbatch")
-merge=$(sbatch --parsable --dependency=afterok:"${array%%;*}" "$@" "$here/merge.sbatch")
+# --kill-on-invalid-dep: if a task fails, the merge is cancelled instead of pending forever (resubmit the task, then
+# the merge: see data_prep/README.md).
+merge=$(sbatch --parsable --dependency=afterok:"${array%%;*}" --kill-on-invalid-dep=yes "$@" "$here/merge.sbatch")
 echo "array job ${array%%;*} ($tasks tasks), then merge job ${merge%%;*} -> $OUTPUT_DIR/${MERGED_NAME:-train}"

@@ -296,3 +296,53 @@ def test_a_second_launch_on_a_run_directory_in_use_is_refused(runs, tmp_path):
         proc.wait()
     again = launch_train(runs.overrides(run_dir, "train.steps=2"), nproc=1, resume=True)
     assert again.ok and "another launch is using it" not in again.output, again.output[-3000:]
+
+
+def test_a_sigusr1_during_the_launch_is_kept_for_the_first_step(runs, tmp_path):
+    """SLURM's pre-timeout SIGUSR1 can arrive while the ranks still run their checks or wait at the rendezvous
+    (minutes on a large job). It was lost there (the node launcher starts the ranks with it ignored; here, with
+    its default action, it killed the rank) while the batch script requeued the job. It is now caught from the
+    start and acted on at the first step: checkpoint, exit 0, status preempted."""
+    from train_helpers import free_port
+
+    run_dir = tmp_path / "run"
+    args = [str(TINY_RECIPE), *runs.overrides(run_dir, "train.steps=6")]
+    port = str(free_port())
+
+    def rank(number: int) -> subprocess.Popen:
+        env = _child_env({"RANK": str(number), "LOCAL_RANK": str(number), "WORLD_SIZE": "2", "LOCAL_SIZE": "2",
+                          "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
+        return subprocess.Popen([sys.executable, "-m", "megakv.cli.train", *args], cwd=REPO, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    first = rank(0)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "config.yaml").exists():  # rank 0 is past its checks, waiting for rank 1
+            assert time.monotonic() < deadline and first.poll() is None
+            time.sleep(0.2)
+        first.send_signal(signal.SIGUSR1)
+        time.sleep(1)
+        second = rank(1)
+        outputs = [proc.communicate(timeout=240)[0] for proc in (first, second)]
+    finally:
+        for proc in (first,):
+            if proc.poll() is None:
+                proc.kill()
+    assert [first.returncode, second.returncode] == [0, 0], outputs[0][-3000:]
+    assert "stop requested (SIGUSR1): saving a checkpoint at step 1" in outputs[0]
+    assert read_status(run_dir)["state"] == "preempted"
+    assert (run_dir / "checkpoints" / "step_00000001").is_dir()
+
+
+def test_bare_srun_of_several_tasks_is_refused(runs, tmp_path):
+    """`srun --ntasks=2 megakv-train ...` (one task per GPU, as other frameworks launch) ran two separate
+    one-process trainings into one run directory (SLURM audit, on the local cluster). The variables are what
+    srun sets in each task; the refusal comes before anything is written."""
+    env = _child_env({"SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "1"})
+    done = subprocess.run([sys.executable, "-m", "megakv.cli.train", str(TINY_RECIPE),
+                           *runs.overrides(tmp_path / "run")], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "one of 2 SLURM tasks but no launcher set WORLD_SIZE/RANK" in done.stderr
+    assert "slurm/pretrain.sbatch" in done.stderr and not (tmp_path / "run").exists()

@@ -67,11 +67,14 @@ def assert_completed(cluster: LocalSlurmCluster, job_id: int, records: list[dict
     )
 
 
-def test_two_node_launch_allreduce(cluster, tmp_path):
+@pytest.mark.parametrize("task_options", [[], ["--ntasks-per-node=2", "--cpus-per-task=1"]])
+def test_two_node_launch_allreduce(cluster, tmp_path, task_options):
     """pretrain.sbatch's launch path on its own: one torchrun per node, node ranks from SLURM, rendezvous on the
-    first node at the job-id port; the smoke-test script all-reduces across both nodes."""
+    first node at the job-id port; the smoke-test script all-reduces across both nodes. Submitted with several
+    tasks per node (as for frameworks that run one task per GPU) it still starts one torchrun per node: srun
+    inherited the job's task count and started two per node, which fought over the port (SLURM audit)."""
     env = {**job_env(), "MEGAKV_TRAIN": str(ALLREDUCE_CHECK)}
-    job = cluster.sbatch(PRETRAIN, "unused.yaml", options=["--nodes=2"], env=env, cwd=tmp_path)
+    job = cluster.sbatch(PRETRAIN, "unused.yaml", options=["--nodes=2", *task_options], env=env, cwd=tmp_path)
     records = cluster.wait(job, timeout=90)
     out = job_output(tmp_path, job)
     assert_completed(cluster, job, records, out)

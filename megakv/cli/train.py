@@ -150,7 +150,7 @@ def _record_failure(launch, layout, message: str, rank: int) -> None:
     write_status(launch.run_dir, "failed", step=previous.get("step"), failed_rank=rank, error=message[-2000:])
 
 
-def _train(cfg, layout, launch, guard) -> int:
+def _train(cfg, layout, launch, guard, stop) -> int:
     from megakv.parallel import init_parallel, shutdown_parallel
     from megakv.parallel.layout import tensor_group_spread_warning
     from megakv.train.launch_guard import exit_for_peer
@@ -173,7 +173,7 @@ def _train(cfg, layout, launch, guard) -> int:
     log.info("layout %s, device %s, backend %s", json.dumps(layout.describe()), ctx.device, ctx.backend)
     if (spread := tensor_group_spread_warning(layout)) and layout.rank == 0:
         log.warning("%s", spread)
-    trainer = Trainer(cfg, launch, ctx)
+    trainer = Trainer(cfg, launch, ctx, stop)
     try:
         trainer.setup()
         code = trainer.run()
@@ -198,8 +198,10 @@ def _exit(code: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     from megakv.config.parallel import ParallelConfig
     from megakv.train.launch_guard import LaunchGuard, env_rank_world
+    from megakv.train.signals import StopRequest
 
     args = build_parser().parse_intermixed_args(argv)
+    stop = StopRequest() if args.dry_run else StopRequest().catch_early()  # a SIGUSR1 during the launch is kept
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # more threads per rank thrash a CPU box (see docs)
     # DeepSpeed's ZeRO calls collectives torch has renamed; one warning per call would flood the console.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
@@ -246,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     from megakv.train.checkpoint import CheckpointError
 
     try:
-        code = _train(cfg, layout, launch, guard)
+        code = _train(cfg, layout, launch, guard, stop)
     except (ConfigError, DataError, CheckpointError, UnsafeFileError) as e:  # found once the run is going
         message = str(e)
         print(f"[rank {layout.rank}] megakv-train: error: {message}", file=sys.stderr)

@@ -53,6 +53,12 @@ class ParallelLayout:
     def from_env(cls, cfg: ParallelConfig, env: Mapping[str, str] | None = None) -> ParallelLayout:
         """torchrun and the deepspeed launcher set WORLD_SIZE/RANK/LOCAL_RANK; a bare process is rank 0 of 1."""
         env = os.environ if env is None else env
+        tasks = int(env.get("SLURM_STEP_NUM_TASKS", "1") or "1")
+        if "WORLD_SIZE" not in env and tasks > 1:  # `srun megakv-train`: N separate one-process runs otherwise
+            raise ValueError(f"this process is one of {tasks} SLURM tasks but no launcher set WORLD_SIZE/RANK, so "
+                             f"each task would train alone, all into one run directory. Fix: submit "
+                             "slurm/pretrain.sbatch (one torchrun per node starts the ranks), or run one task per "
+                             "node that starts torchrun")
         world = int(env.get("WORLD_SIZE", "1"))
         rank = int(env.get("RANK", "0"))
         local_rank = int(env.get("LOCAL_RANK", "0"))

@@ -62,12 +62,13 @@ def _init_weights(cfg: MegaKVConfig, model_dir: str) -> Mapping[str, torch.Tenso
 
 
 class Trainer:
-    def __init__(self, cfg: MegaKVConfig, launch: Launch, ctx: ParallelContext):
+    def __init__(self, cfg: MegaKVConfig, launch: Launch, ctx: ParallelContext, stop: StopRequest | None = None):
+        """`stop`: a request caught since the process started (StopRequest.catch_early), kept."""
         self.cfg, self.launch, self.ctx = cfg, launch, ctx
         self.layout = ctx.layout
         self.run_dir = launch.run_dir
         self.seq_len = cfg.seq_len  # data.seq_len, else the model's context
-        self.stop = StopRequest().install()
+        self.stop = (stop or StopRequest()).install()
         self.metrics: MetricsWriter | None = None
         self.plan_trace = None
 

@@ -48,6 +48,14 @@ class StopRequest:
             signal.signal(sig, self._handle)
         return self
 
+    def catch_early(self) -> StopRequest:
+        """SIGUSR1 only, from the start of the process: a SLURM pre-timeout signal that arrives during the
+        launch checks and the rendezvous (minutes on a large job) is kept for the first step boundary instead
+        of being lost (the node launcher starts the ranks with it ignored). SIGTERM keeps its default until
+        `install`: stopping a launch that has not trained yet loses nothing."""
+        signal.signal(signal.SIGUSR1, self._handle)
+        return self
+
 
 def _default_action_after_window() -> None:
     """... until the window ends; then the default action (terminate), set at the C level from this thread."""
