@@ -139,6 +139,21 @@ def test_fragment_may_not_change_what_megakv_generates_or_use_an_alias(dataset, 
                            1)["zero_optimization"]["overlap_comm"] is True  # agreeing keys and tuning keys: fine
 
 
+@pytest.mark.parametrize("fragment", [{"flops_profiler": {"enabled": True, "output_file": "/home/me/.bashrc"}},
+                                      {"tensorboard": {"enabled": True, "output_path": "/elsewhere"}},
+                                      {"wandb": {"enabled": True, "project": "theirs"}}])
+def test_fragment_may_not_make_deepspeed_write_where_it_says(dataset, tmp_path, fragment):
+    """A fragment someone sent you set flops_profiler.output_file and DeepSpeed overwrote that file with its
+    report (security audit, reproduced); monitors write to paths or services the fragment names."""
+    path = tmp_path / "fragment.json"
+    path.write_text(json.dumps(fragment))
+    err = expect_error("parallel.ds_fragment", build_ds_config, tiny(dataset, tmp_path, f"parallel.ds_fragment={path}"),
+                       1)
+    assert "write to a path or service the fragment names" in err.problem
+    path.write_text(json.dumps({"flops_profiler": {"enabled": True, "profile_step": 2}}))  # to the log: fine
+    assert build_ds_config(tiny(dataset, tmp_path, f"parallel.ds_fragment={path}"), 1)["flops_profiler"]["enabled"]
+
+
 # ----------------------------------------------------------------------------- bad input, before any process group
 
 

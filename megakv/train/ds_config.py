@@ -43,6 +43,17 @@ ALIAS_KEYS = {
     "zero_optimization.cpu_offload": "parallel.offload_optimizer",
     "zero_optimization.cpu_offload_params": "parallel.offload_optimizer",
 }
+# DeepSpeed features that write to a path or send data to a service the fragment names: a fragment someone sent
+# you could overwrite any file you can write (flops_profiler.output_file did, reproduced) or send your metrics away.
+OUTPUT_KEYS = {
+    "tensorboard": "megakv writes TensorBoard into the run directory (logging.tensorboard)",
+    "csv_monitor": "megakv writes metrics.jsonl and TensorBoard into the run directory",
+    "wandb": "megakv writes metrics.jsonl and TensorBoard into the run directory",
+    "comet": "megakv writes metrics.jsonl and TensorBoard into the run directory",
+    "flops_profiler.output_file": "without it the profile goes to the log",
+    "autotuning": "megakv does not run DeepSpeed's autotuner",
+    "nebula": "megakv writes its checkpoints into the run directory",
+}
 GENERATED = "megakv's generated DeepSpeed config"  # the owner of a generated key the table does not name
 
 
@@ -165,6 +176,10 @@ def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 def check_fragment(generated: dict[str, Any], fragment: dict[str, Any], name: str) -> None:
     """Refuse a fragment that sets a value the typed config owns, or megakv generates, to something else."""
     for path, value in _leaves(fragment):
+        output = _owner(path, OUTPUT_KEYS)
+        if output is not None:
+            raise ConfigError("parallel.ds_fragment", name, f"it sets {path}, which makes DeepSpeed write to a path or "
+                              f"service the fragment names ({output})", f"remove {path} from the fragment")
         alias = _owner(path, ALIAS_KEYS)
         if alias is not None:
             raise ConfigError(alias, "(from the config)",
