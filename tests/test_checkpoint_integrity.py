@@ -128,7 +128,8 @@ def test_a_full_disk_during_a_save_is_reported_as_such(runs, tmp_path):
     try:
         full = launch_train(runs.overrides(run_dir, "train.steps=2"), nproc=1)
         assert full.returncodes == [2], full.output[-4000:]
-        assert "no space left on the device" in full.output and str(ckpts) in full.output
+        assert "no space left (or a quota or file-size limit reached) on the device" in full.output
+        assert str(ckpts) in full.output
         assert "free disk space" in full.output
         status = read_status(run_dir)
         assert status["state"] == "failed" and "no space left" in status["error"]
@@ -141,3 +142,40 @@ def test_a_full_disk_during_a_save_is_reported_as_such(runs, tmp_path):
         assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
     finally:
         subprocess.run(["umount", str(ckpts)], capture_output=True)
+
+
+def test_a_full_disk_under_the_whole_run_directory_is_reported_not_a_traceback(runs, tmp_path):
+    """The whole run directory on a small filesystem (the test above mounts checkpoints/ only): recording the
+    failure in status.json hit the full disk too and turned the clear message into a traceback, exit 1."""
+    run_dir = tmp_path / "run"
+    if not _mount_tmpfs(run_dir, "600k"):
+        pytest.skip("needs permission to mount a small tmpfs (root) to fill a disk for real")
+    try:
+        full = launch_train(runs.overrides(run_dir, "train.steps=2"), nproc=1)
+        assert full.returncodes == [2], full.output[-4000:]
+        assert "quota or file-size limit reached) on the device" in full.output
+        assert "Traceback" not in full.output, full.output[-4000:]
+    finally:
+        subprocess.run(["umount", str(run_dir)], capture_output=True)
+
+
+def test_metrics_on_a_full_disk_name_the_file_and_the_fix(tmp_path):
+    """Filled between saves, the disk failed the metrics write with a bare OSError and a chain of tracebacks.
+    A real write failure: the file-size limit (RLIMIT_FSIZE) of a child process, EFBIG at the limit."""
+    import sys
+
+    script = f"""
+import resource
+from pathlib import Path
+from megakv.train.metrics import MetricsWriter
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+writer = MetricsWriter(Path({str(tmp_path / "metrics.jsonl")!r}), None)
+try:
+    for step in range(1000):
+        writer.write(step, {{"train/loss": 1.0}}, note="x" * 100)
+except OSError as e:
+    print(type(e).__name__, e)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.stdout.startswith("RunDirWriteError"), done.stdout + done.stderr
+    assert f"cannot write {tmp_path / 'metrics.jsonl'}" in done.stdout and "--resume auto" in done.stdout

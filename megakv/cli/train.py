@@ -144,10 +144,13 @@ def _record_failure(launch, layout, message: str, rank: int) -> None:
 
     if layout.rank != 0:
         return
-    previous = read_status(launch.run_dir) or {}
-    if previous.get("state") not in (None, "running"):
-        return
-    write_status(launch.run_dir, "failed", step=previous.get("step"), failed_rank=rank, error=message[-2000:])
+    try:
+        previous = read_status(launch.run_dir) or {}
+        if previous.get("state") not in (None, "running"):
+            return
+        write_status(launch.run_dir, "failed", step=previous.get("step"), failed_rank=rank, error=message[-2000:])
+    except (OSError, ValueError) as e:  # a full disk, often the very failure being recorded: the error still stands
+        print(f"megakv-train: could not record the failure in {launch.run_dir}/status.json ({e})", file=sys.stderr)
 
 
 def _train(cfg, layout, launch, guard, stop) -> int:
@@ -246,10 +249,11 @@ def main(argv: list[str] | None = None) -> int:
     from megakv.data.errors import DataError
     from megakv.safe_load import UnsafeFileError
     from megakv.train.checkpoint import CheckpointError
+    from megakv.train.run_dir import RunDirWriteError
 
     try:
         code = _train(cfg, layout, launch, guard, stop)
-    except (ConfigError, DataError, CheckpointError, UnsafeFileError) as e:  # found once the run is going
+    except (ConfigError, DataError, CheckpointError, UnsafeFileError, RunDirWriteError) as e:  # found while running
         message = str(e)
         print(f"[rank {layout.rank}] megakv-train: error: {message}", file=sys.stderr)
         code = EXIT_CONFIG

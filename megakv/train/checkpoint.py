@@ -226,7 +226,7 @@ def remove_partial_saves(ckpt_dir: Path) -> list[Path]:
 def _disk_full(error: BaseException, directory: Path) -> bool:
     chain = error
     while chain is not None:
-        if isinstance(chain, OSError) and chain.errno in (errno.ENOSPC, errno.EDQUOT):
+        if isinstance(chain, OSError) and chain.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             return True
         chain = chain.__cause__ or chain.__context__
     try:
@@ -256,7 +256,8 @@ class CheckpointManager:
         except Exception as e:
             if _disk_full(e, self.ckpt_dir):
                 raise CheckpointError(
-                    f"no space left on the device holding {self.ckpt_dir} while saving {tag} "
+                    f"no space left (or a quota or file-size limit reached) on the device holding {self.ckpt_dir} "
+                    f"while saving {tag} "
                     f"({type(e).__name__}: {e}); the last complete checkpoint is untouched and the partial "
                     f"{tmp_dir} is removed at the next start. Fix: free disk space (or lower checkpoint.keep_last, "
                     "or put train.run_dir on a larger disk), then --resume auto") from e

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from megakv.routing import RoutingPlan
+from megakv.train.run_dir import RunDirWriteError
 
 
 def routing_scalars(plans: list[RoutingPlan]) -> dict[str, float]:
@@ -68,7 +69,10 @@ class MetricsWriter:
 
     def write(self, step: int, scalars: dict[str, float], **extra) -> None:
         record = {"step": step, "time": time.time(), **scalars, **extra}
-        self.file.write(json.dumps(record) + "\n")
+        try:
+            self.file.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise RunDirWriteError(Path(self.file.name), e) from e
         if self.tb is not None:
             for name, value in scalars.items():
                 if value is not None:

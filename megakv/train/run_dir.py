@@ -35,6 +35,15 @@ def first_link(run_dir: str | Path) -> Path | None:
     return None
 
 
+class RunDirWriteError(OSError):
+    """A run-directory file (metrics, status) could not be written: said plainly, not as a traceback."""
+
+    def __init__(self, path: Path, error: OSError):
+        super().__init__(error.errno, f"cannot write {path} ({error.strerror or error}): the disk holding the run "
+                         "directory may be full or over quota; the last complete checkpoint is untouched. Fix: "
+                         "free space, then resume with --resume auto")
+
+
 def write_json_atomically(path: Path, payload: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
