@@ -3,13 +3,16 @@
 An entry is a few `.npy` arrays named `{key}-{array}.npy` plus `{key}.json` (its human-readable
 description, written last: the entry is complete once the json exists). The key is a hash of the
 description, so a change of data, seed, seq_len or split can never pick up a stale entry. Every file is
-written under a temporary name and renamed, so readers never see a partial file.
+written under a temporary name, flushed to disk and renamed, so readers never see a partial file; the
+marker records each array's sha256, checked at every load, since a crash can still leave a renamed file
+zero-filled on some filesystems (training on such an order read the wrong samples without an error).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 import uuid
 from collections.abc import Callable
@@ -27,6 +30,11 @@ def cache_key(description: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
+def _digest(array: np.ndarray) -> str:
+    """sha256 of an array's values (its dtype and shape are in the .npy header numpy checks)."""
+    return hashlib.sha256(memoryview(np.ascontiguousarray(array)).cast("B")).hexdigest()
+
+
 class IndexCache:
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
@@ -39,21 +47,41 @@ class IndexCache:
         return self._marker(key).exists()
 
     def load(self, key: str) -> dict[str, np.ndarray]:
-        names = json.loads(self._marker(key).read_text())["arrays"]
-        return {name: np.load(self.directory / f"{key}-{name}.npy", mmap_mode="r") for name in names}
+        marker = self._marker(key)
+        try:
+            entry = json.loads(marker.read_text())
+            arrays = {name: np.load(self.directory / f"{key}-{name}.npy", mmap_mode="r") for name in entry["arrays"]}
+        except (OSError, ValueError, KeyError) as e:  # unreadable (permissions), truncated, not an entry
+            raise DataError(f"cannot read the index cache entry {marker} ({type(e).__name__}: {e})",
+                            self._rebuild_fix(key)) from None
+        for name, digest in entry.get("sha256", {}).items():  # entries written before digests load as they are
+            if _digest(arrays[name]) != digest:
+                raise DataError(f"the index cache file {self.directory / f'{key}-{name}.npy'} does not match the "
+                                "checksum recorded when it was built (damaged, e.g. by a crash)",
+                                self._rebuild_fix(key))
+        return arrays
+
+    def _rebuild_fix(self, key: str) -> str:
+        return f"delete {self.directory}/{key}* (the next launch builds the entry again), or set data.cache_dir"
 
     def save(self, key: str, description: dict, arrays: dict[str, np.ndarray]) -> None:
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
+            digests = {}
             for name, array in arrays.items():
                 final = self.directory / f"{key}-{name}.npy"
                 tmp = final.with_name(f"{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+                array = np.ascontiguousarray(array)
                 with open(tmp, "wb") as f:
-                    np.save(f, np.ascontiguousarray(array))
+                    np.save(f, array)
+                    f.flush()
+                    os.fsync(f.fileno())
                 tmp.replace(final)
+                digests[name] = _digest(array)
             marker = self._marker(key)
             tmp = marker.with_name(f"{marker.name}.tmp-{uuid.uuid4().hex[:8]}")
-            tmp.write_text(json.dumps({**description, "arrays": list(arrays)}, indent=2, sort_keys=True))
+            tmp.write_text(json.dumps({**description, "arrays": list(arrays), "sha256": digests}, indent=2,
+                                      sort_keys=True))
             tmp.replace(marker)
         except OSError as e:
             raise DataError(f"cannot write the index cache in {self.directory}: {e}",
