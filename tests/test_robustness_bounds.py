@@ -346,3 +346,18 @@ def test_bare_srun_of_several_tasks_is_refused(runs, tmp_path):
     assert done.returncode == 2, done.stderr[-3000:]
     assert "one of 2 SLURM tasks but no launcher set WORLD_SIZE/RANK" in done.stderr
     assert "slurm/pretrain.sbatch" in done.stderr and not (tmp_path / "run").exists()
+
+
+def test_a_fresh_launch_does_not_write_over_a_finished_run_that_saved_nothing(runs, tmp_path):
+    """checkpoint.save_final=false: the guard against starting fresh over a run looked at checkpoints only, so a
+    second launch replaced the finished run's config.yaml and cut its metrics.jsonl without a word."""
+    run_dir = tmp_path / "run"
+    first = launch_train(runs.overrides(run_dir, "train.steps=3", "checkpoint.every=0", "checkpoint.save_final=false"),
+                         nproc=1)
+    assert first.ok and read_status(run_dir)["state"] == "finished", first.output[-3000:]
+    config, metrics = (run_dir / "config.yaml").read_text(), (run_dir / "metrics.jsonl").read_text()
+    again = launch_train(runs.overrides(run_dir, "train.steps=2", "optim.lr=1e-3", "checkpoint.every=0"), nproc=1)
+    assert again.returncodes == [2] and "holds a run that finished (status.json) without a checkpoint" in again.output
+    assert (run_dir / "config.yaml").read_text() == config and (run_dir / "metrics.jsonl").read_text() == metrics
+    restarted = launch_train(runs.overrides(run_dir, "train.steps=2", "checkpoint.every=0"), nproc=1, resume=True)
+    assert restarted.ok, restarted.output[-3000:]  # asked for: the run starts again from scratch

@@ -38,7 +38,7 @@ from megakv.train.checkpoint import (
 )
 from megakv.train.ds_config import build_ds_config, gradient_accumulation_steps
 from megakv.train.memory import check_activation_memory
-from megakv.train.run_dir import LINK_FIX, LINK_PROBLEM, checkpoints_dir, first_link
+from megakv.train.run_dir import LINK_FIX, LINK_PROBLEM, checkpoints_dir, first_link, read_status
 from megakv.train.state import TrainState
 
 
@@ -293,6 +293,14 @@ def find_resume(cfg: MegaKVConfig, data_parallel: int) -> ResumePoint | None:
     run_dir = Path(cfg.train.run_dir)
     ckpt_dir = checkpoints_dir(run_dir)
     if not holds_checkpoints(ckpt_dir):
+        status = read_status(run_dir) if cfg.checkpoint.resume == "none" else None
+        if status is not None and status.get("state") in ("finished", "preempted", "diverged"):
+            # a run that saved nothing (checkpoint.save_final=false): its config.yaml and metrics.jsonl would be
+            # replaced; `--resume auto` restarts it from scratch on purpose (a requeue before the first save)
+            raise ConfigError("checkpoint.resume", "none", f"{run_dir} holds a run that {status['state']} "
+                              "(status.json) without a checkpoint; starting fresh would write over its config.yaml "
+                              "and metrics",
+                              "choose a new train.run_dir, or pass --resume auto to start that run again from scratch")
         return None
     if cfg.checkpoint.resume == "none":
         tags = step_tags(ckpt_dir)
