@@ -74,11 +74,44 @@ def test_resume_accepts_the_same_data_settings_spelled_otherwise():
 
     check("data.weights=[1,1]")
     check("data.weights=[2.5,2.5]", "data.tokenizer=d/tokenizer")
-    for others, field in [(["data.weights=[1,2]"], "data.weights"), (["data.weights=null"], "data.weights"),
-                          (["data.weights=[1,1]", "data.tokenizer=elsewhere/tokenizer"], "data.tokenizer")]:
+    for others, field in [(["data.weights=[1,2]"], "data.weights"), (["data.weights=null"], "data.weights")]:
         with pytest.raises(ConfigError) as info:
             check(*others)
         assert info.value.field == field
+    # paths: the same files may have moved; the data fingerprint (content) decides when the data is opened
+    with pytest.warns(UserWarning, match="data.tokenizer is at another path"):
+        check("data.weights=[1,1]", "data.tokenizer=elsewhere/tokenizer")
+    with pytest.raises(ConfigError) as info:  # another number of datasets is another blend whatever the content
+        check_same_data(load_config(TINY_RECIPE, ["data.datasets=[d/a]"]), saved, Path("ckpt"))
+    assert info.value.field == "data.datasets"
+
+
+def test_resume_after_the_data_moved_continues_and_other_data_is_still_refused(runs, tmp_path):
+    """The data copied to another filesystem (and the old copy gone): resume was refused however equal the
+    content (filesystem audit). It now continues exactly; other data at the new path is still refused, by the
+    data's content fingerprint."""
+    import shutil
+
+    from checkpoint_helpers import STOP_AT
+    from train_helpers import step_losses
+
+    run_dir = runs.copy_stopped(tmp_path / "run")
+    moved = tmp_path / "moved"
+    shutil.copytree(runs.dataset.parent, moved)
+    resumed = launch_train([*runs.overrides(run_dir), f"data.datasets=[{moved / runs.dataset.name}]"], nproc=1,
+                           resume=True)
+    assert resumed.ok and "data.datasets is at another path" in resumed.output, resumed.output[-3000:]
+    losses, reference = step_losses(run_dir), step_losses(runs.reference)
+    assert all(losses[s] == reference[s] for s in range(STOP_AT + 1, max(reference) + 1))
+    from megakv.data.preprocess import preprocess
+
+    lines = (runs.dataset.parent.parent / "corpus.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "reordered.jsonl").write_text("".join(reversed(lines)))  # the same tokenizer, another order
+    preprocess([str(tmp_path / "reordered.jsonl")], runs.dataset.parent / "tokenizer", tmp_path / "other" / "train",
+               progress=False)
+    refused = launch_train([*runs.overrides(runs.copy_stopped(tmp_path / "run2")),
+                            f"data.datasets=[{tmp_path / 'other' / 'train'}]"], nproc=1, resume=True)
+    assert refused.returncodes == [2] and "data fingerprint" in refused.output, refused.output[-3000:]
 
 
 def test_another_micro_batch_changes_the_run_only_with_a_plan_per_micro_batch():

@@ -185,6 +185,7 @@ def check_same_model(cfg: MegaKVConfig, state: TrainState, where: Path) -> None:
 
 # The data settings that decide which samples a run reads; cache_dir and the validation sets do not.
 DATA_IDENTITY_FIELDS = ("datasets", "weights", "tokenizer", "valid_fraction", "split_seed", "seed")
+MOVABLE_FIELDS = ("datasets", "tokenizer")  # paths: the same content elsewhere resumes
 
 
 def _data_identity(data: dict) -> dict:
@@ -201,12 +202,26 @@ def _data_identity(data: dict) -> dict:
     return identity
 
 
+def _moved(saved: list | str | None, ours: list | str | None) -> bool:
+    """Other paths for as many datasets (or another tokenizer path): possibly the same files moved."""
+    if isinstance(saved, list) and isinstance(ours, list):
+        return len(saved) == len(ours) and saved != ours
+    return saved is not None and ours is not None and saved != ours
+
+
 def check_same_data(cfg: MegaKVConfig, state: TrainState, where: Path) -> None:
     """Refuse, before any process group, to resume on other data settings. (Changed file contents under the
     same settings are caught once the data is opened, by the data fingerprint.)"""
     saved_data = _saved_section(state, "data", DataConfig)
     saved, ours = _data_identity(saved_data), _data_identity(asdict(cfg.data))
     for name in DATA_IDENTITY_FIELDS:
+        if name in MOVABLE_FIELDS and _moved(saved[name], ours[name]):
+            # The same files moved (a new filesystem, a renamed directory): the paths differ, the content may
+            # not. The data's fingerprint, a hash of the content, decides once the data is opened.
+            warnings.warn(f"data.{name} is at another path than in the checkpoint ({saved[name]!r} -> "
+                          f"{ours[name]!r}); resuming if the content is the same (the data fingerprint is checked "
+                          "when the data is opened)", stacklevel=2)
+            continue
         if saved[name] != ours[name]:
             raise ConfigError(f"data.{name}", getattr(cfg.data, name),
                               f"the checkpoint in {where} was trained with data.{name}={saved[name]!r}: resuming "
