@@ -233,6 +233,7 @@ class Trainer:
                     log.info("step %d/%d | loss %.4f | lr %.2e | grad norm %s | %s tok/s | %s | ETA %s", state.step,
                              total, loss, lr, gnorm, f"{tokens_per_step * window_steps / window_time:,.0f}",
                              self.meter.log_fields(window_time / window_steps), format_duration(eta))
+                self._status("running")  # the step a failure is recorded at (a lost peer leaves no other trace)
                 window_time, window_steps = 0.0, 0
             if state.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
                 log.error("stopping: %d non-finite steps in a row (train.max_nonfinite_steps); the last good "
