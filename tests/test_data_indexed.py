@@ -167,3 +167,57 @@ def test_megatron_sequence_modes_are_tolerated(tmp_path):
     idx = Path(f"{prefix}.idx")
     idx.write_bytes(idx.read_bytes() + bytes(2))  # int8 modes of 2 sequences (multimodal Megatron data)
     assert [IndexedDataset(prefix)[i].tolist() for i in range(2)] == [[1, 2, 3], [4]]
+
+
+HEADER_SIZE = struct.calcsize("<9sQBQQ")
+
+
+def _crafted(tmp_path, damage):
+    """A pair whose first and last entries are intact (what the checks used to read) but whose middle is not."""
+    prefix = _pair(tmp_path, "c", [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10]])
+    index = np.memmap(f"{prefix}.idx", np.uint8, mode="r+")
+    lengths = np.frombuffer(index, np.int32, 4, HEADER_SIZE)
+    pointers = np.frombuffer(index, np.int64, 4, HEADER_SIZE + 16)
+    documents = np.frombuffer(index, np.int64, 5, HEADER_SIZE + 48)
+    if damage == "huge_lengths":  # training tried to allocate 98.7 GiB for such an index
+        lengths[:-1] = 2**31 - 1
+    elif damage == "far_pointer":  # a traceback mid-training
+        pointers[2] = 2**40
+    elif damage == "negative_length":
+        lengths[1], lengths[2] = -2, 8  # the total still matches the .bin
+    elif damage == "documents_backwards":
+        documents[1:4] = [3, 1, 2]
+    index.flush()
+    return prefix
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("huge_lengths", "sequence 1 starts at byte 6, but the sequences before it end at byte 4294967294"),
+    ("far_pointer", "sequence 2 starts at byte 1099511627776, but the sequences before it end at byte 10"),
+    ("negative_length", "sequence 1 has length -2"),
+    ("documents_backwards", r"document 2 starts at sequence 1, before document 1 \(3\)"),
+])
+def test_a_crafted_index_with_intact_ends_is_refused_as_damaged(tmp_path, damage, message):
+    """Only the first and last entries were checked: a crafted .idx made training allocate 98.7 GiB or fail
+    mid-run. Every entry is checked on open now, naming the file."""
+    prefix = _crafted(tmp_path, damage)
+    with pytest.raises(DataError, match=f"{prefix}.idx is damaged: {message}") as info:
+        IndexedDataset(prefix)
+    assert "Fix: re-run megakv-prep" in str(info.value)
+
+
+def test_the_full_index_check_runs_chunk_by_chunk(tmp_path, monkeypatch):
+    """A fault in the second chunk and at a chunk's border is found (chunks small here, 2**20 in use)."""
+    import megakv.data.indexed as indexed
+
+    monkeypatch.setattr(indexed, "INDEX_CHUNK", 3)
+    docs = [[i] * (1 + i % 3) for i in range(10)]
+    prefix = _pair(tmp_path, "k", docs)
+    assert [IndexedDataset(prefix)[i].tolist() for i in range(10)] == docs
+    index = np.memmap(f"{prefix}.idx", np.uint8, mode="r+")
+    pointers = np.frombuffer(index, np.int64, 10, HEADER_SIZE + 40)
+    pointers[6] += 2  # first entry of the third chunk
+    index.flush()
+    with pytest.raises(DataError, match="sequence 6 starts at byte"):
+        IndexedDataset(prefix)
+

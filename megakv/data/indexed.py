@@ -87,6 +87,11 @@ def optimal_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.int64)
 
 
+def damaged(ipath: Path, what: str) -> DataError:
+    return DataError(f"{ipath} is damaged: {what}",
+                     "re-run megakv-prep / megakv-merge for this prefix, or copy the pair again from its source")
+
+
 def pair_exists(prefix: str | Path) -> bool:
     """A pair counts as present once its `.idx` exists: the writer renames the `.idx` last."""
     return idx_path(prefix).exists()
@@ -139,7 +144,46 @@ class IndexedDataset:
         if n_doc < 1 or int(self.document_indices[0]) != 0 or int(self.document_indices[-1]) != n_seq:
             raise DataError(f"{ipath}: document indices must start at 0 and end at {n_seq}",
                             "re-create the pair")
+        self._check_sequences(ipath, bin_size)
+        self._check_documents(ipath)
         self._bin = np.memmap(bpath, dtype=np.uint8, mode="r") if bin_size else np.empty(0, np.uint8)
+
+    def _check_sequences(self, ipath: Path, bin_size: int) -> None:
+        """Every length >= 0 and every sequence starting where the one before it ends, inside the `.bin`.
+
+        The checks above see only the first and last entries: a crafted index with consistent ends but
+        lengths of 2**31 - 1 made training allocate 98.7 GiB, and middle pointers of 2**40 a traceback
+        mid-run. Chunked, so a 10**8-sequence index is checked in bounded memory (~40 MB at a time)."""
+        itemsize = self.dtype.itemsize
+        end = 0  # byte where the next sequence must start
+        for first in range(0, len(self.lengths), INDEX_CHUNK):
+            lengths = self.lengths[first:first + INDEX_CHUNK]
+            if int(lengths.min()) < 0:
+                i = first + int(np.argmax(lengths < 0))
+                raise damaged(ipath, f"sequence {i} has length {int(self.lengths[i])}")
+            nbytes = lengths.astype(np.int64) * itemsize
+            ends = np.cumsum(nbytes) + end  # at most 2**20 * 2**31 * 8 bytes per chunk: no overflow
+            wrong = np.flatnonzero(self.pointers[first:first + INDEX_CHUNK] != ends - nbytes)
+            if len(wrong):
+                i, at = first + int(wrong[0]), int(ends[wrong[0]] - nbytes[wrong[0]])
+                raise damaged(ipath, f"sequence {i} starts at byte {int(self.pointers[i])}, but the sequences "
+                                     f"before it end at byte {at}")
+            end = int(ends[-1])
+            if end > bin_size:  # also keeps the running sum far from int64 overflow
+                raise damaged(ipath, f"its first {first + len(lengths):,} sequences need {end:,} bytes, but "
+                                     f"{bin_path(self.prefix)} has {bin_size:,}")
+
+    def _check_documents(self, ipath: Path) -> None:
+        """Document starts in order (with the first 0 and the last the sequence count, checked before: all
+        within range)."""
+        starts = self.document_indices
+        for first in range(0, len(starts) - 1, INDEX_CHUNK):
+            chunk = starts[first:first + INDEX_CHUNK + 1]  # one past: the next chunk's first
+            backwards = np.flatnonzero(chunk[1:] < chunk[:-1])  # compared, not subtracted: no overflow
+            if len(backwards):
+                d = first + int(backwards[0]) + 1
+                raise damaged(ipath, f"document {d} starts at sequence {int(starts[d])}, before document {d - 1} "
+                                     f"({int(starts[d - 1])})")
 
     def __len__(self) -> int:
         return len(self.lengths)
