@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 WORDS = ("the king queen lord lady fool night day sword crown letter storm sea ghost castle wind fire "
@@ -59,3 +61,24 @@ def prepare(root: Path, docs: list[str], name: str = "train", tokenizer: Path | 
 def module_tokenizer(tmp_path_factory) -> Path:
     """Body of a module-scoped `tokenizer_dir` fixture: `tokenizer_dir = pytest.fixture(scope="module")(...)`."""
     return train_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer")
+
+
+# Runs a script with a file size limit (RLIMIT_FSIZE): past it a write fails with EFBIG, as one fails with
+# ENOSPC on a full disk, without root or a tmpfs mount.
+_LIMITED = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the process instead of failing the write
+limit = int(sys.argv.pop(1))
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+"""
+
+
+def run_with_file_size_limit(limit: int, code: str, *args: str) -> subprocess.CompletedProcess:
+    """`python -c code *args` with files limited to `limit` bytes; sys.argv[1:] are `args`."""
+    return subprocess.run([sys.executable, "-c", _LIMITED + code, str(limit), *args], capture_output=True,
+                          text=True, timeout=300)
+
+
+def run_cli_with_file_size_limit(limit: int, module: str, *args: str) -> subprocess.CompletedProcess:
+    """A command-line tool's real `main` (e.g. megakv.cli.prep) with files limited to `limit` bytes."""
+    return run_with_file_size_limit(limit, f"from {module} import main\nsys.exit(main(sys.argv[1:]))", *args)

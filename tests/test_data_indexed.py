@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from data_fixtures import run_with_file_size_limit
 
 from megakv.data.errors import DataError
 from megakv.data.indexed import IndexedDataset, IndexedWriter, optimal_dtype, pair_exists
@@ -221,3 +222,22 @@ def test_the_full_index_check_runs_chunk_by_chunk(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="sequence 6 starts at byte"):
         IndexedDataset(prefix)
 
+
+def test_a_full_disk_removes_every_temporary_and_names_the_output(tmp_path):
+    """abort() closed the files first; the close flushed, failed again on the full disk, and the temporaries
+    (20 MB in the audit) were never removed, keeping the disk full; the error was a bare "[Errno 28]"."""
+    done = run_with_file_size_limit(64 << 10, """
+import numpy as np
+from megakv.data.errors import DataError
+from megakv.data.indexed import IndexedWriter
+try:
+    with IndexedWriter(sys.argv[1], np.uint16) as w:
+        for _ in range(2000):
+            w.add_document(np.arange(100))  # small writes: the failing bytes stay in the write buffer
+except DataError as e:
+    print(e)
+""", str(tmp_path / "out" / "d"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"writing the output {tmp_path / 'out' / 'd'} (.bin/.idx) failed: File too large" in done.stdout
+    assert "Fix: the file size limit was reached: raise it (ulimit -f)" in done.stdout
+    assert list((tmp_path / "out").iterdir()) == []

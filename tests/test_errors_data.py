@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from data_fixtures import module_tokenizer, synthetic_documents, write_jsonl
+from data_fixtures import module_tokenizer, run_cli_with_file_size_limit, synthetic_documents, write_jsonl
 
 from megakv.cli import prep as prep_cli
 from megakv.cli import tokenizer as tokenizer_cli
@@ -173,6 +173,20 @@ def test_an_output_path_under_a_file_is_exit_2_not_a_traceback(tmp_path, tokeniz
     assert _prep([corpus], tokenizer_dir, corpus / "sub") == 2  # NotADirectoryError was a traceback
     err = capsys.readouterr().err
     assert err.startswith("error:") and "Traceback" not in err
+
+
+def test_a_full_disk_names_the_output_and_leaves_no_temporaries(tmp_path, tokenizer_dir):
+    """The error was a bare "[Errno 28] No space left on device". A file size limit stands in for the full disk
+    (EFBIG instead of ENOSPC, the same path through the writer) through the real megakv-prep."""
+    corpus = write_jsonl(tmp_path / "c.jsonl", synthetic_documents(600, seed=5))
+    out = tmp_path / "out"
+    done = run_cli_with_file_size_limit(48 << 10, "megakv.cli.prep", "--input", str(corpus), "--tokenizer",
+                                        str(tokenizer_dir), "--output-prefix", str(out / "d"), "--no-progress")
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith(f"error: writing the output {out / 'd'} (.bin/.idx) failed: File too large; its "
+                                  "partial temporary files were removed. Fix: the file size limit was reached")
+    assert sorted(p.name for p in out.iterdir()) == ["tokenizer"]
 
 
 @pytest.mark.parametrize("name, content", [("g.jsonl.gz", b"not gzip at all"), ("g.parquet", b"not parquet"),

@@ -22,6 +22,8 @@ when complete, so an interrupted run never leaves a pair that looks complete.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import struct
 import uuid
@@ -244,6 +246,23 @@ def contains_token(dataset: IndexedDataset, token_id: int, probes: int = 1000, m
     return False
 
 
+# What to do when the disk refused a write, by errno.
+_WRITE_FIXES = {
+    errno.ENOSPC: "free space on that filesystem (df -h {dir}), or choose an --output-prefix on another one",
+    errno.EDQUOT: "free space within your disk quota (quota -s), or choose an --output-prefix on another filesystem",
+    errno.EFBIG: "the file size limit was reached: raise it (ulimit -f) or choose an --output-prefix on a "
+                 "filesystem that allows larger files",
+}
+
+
+def write_error(prefix: Path, error: OSError) -> DataError:
+    """A failed write of the pair `prefix`, naming it, the reason and the fix (not a bare "[Errno 28]")."""
+    directory = prefix.parent
+    fix = _WRITE_FIXES.get(error.errno, "check that {dir} is writable and its disk healthy, then run again")
+    return DataError(f"writing the output {prefix} (.bin/.idx) failed: {error.strerror or error}; its partial "
+                     "temporary files were removed", fix.format(dir=directory))
+
+
 class IndexedWriter:
     """Writes one pair. Use as a context manager: an exception removes the temporary files.
 
@@ -262,13 +281,15 @@ class IndexedWriter:
         self._tmp_idx = Path(f"{idx_path(prefix)}{tag}")
         self._tmp_lengths = Path(f"{self.prefix}.lengths{tag}")
         self._tmp_docs = Path(f"{self.prefix}.docs{tag}")
-        self._bin = open(self._tmp_bin, "wb")
-        self._lengths = open(self._tmp_lengths, "wb")
-        self._docs = open(self._tmp_docs, "wb")
+        self._files: list = []  # open temporaries: bin, lengths, docs
         self.num_sequences = 0
         self.num_documents = 0
         self.num_tokens = 0
         self._done = False
+        with self._writing():
+            for path in (self._tmp_bin, self._tmp_lengths, self._tmp_docs):
+                self._files.append(open(path, "wb"))
+        self._bin, self._lengths, self._docs = self._files
 
     def __enter__(self) -> IndexedWriter:
         return self
@@ -285,10 +306,11 @@ class IndexedWriter:
         if len(lengths) and int(lengths.max()) > np.iinfo(np.int32).max:
             raise DataError("a document has more than 2**31 tokens, which the index format cannot hold",
                             "split the document before preprocessing")
-        self._bin.write(np.ascontiguousarray(tokens, dtype=self.dtype).tobytes())
-        self._lengths.write(lengths.astype(np.int32).tobytes())
         first = self.num_sequences + 1
-        self._docs.write(np.arange(first, first + len(lengths), dtype=np.int64).tobytes())
+        with self._writing():
+            self._bin.write(np.ascontiguousarray(tokens, dtype=self.dtype).tobytes())
+            self._lengths.write(lengths.astype(np.int32).tobytes())
+            self._docs.write(np.arange(first, first + len(lengths), dtype=np.int64).tobytes())
         self.num_sequences += len(lengths)
         self.num_documents += len(lengths)
         self.num_tokens += len(tokens)
@@ -301,15 +323,16 @@ class IndexedWriter:
         if source.dtype != self.dtype:
             raise DataError(f"{source.prefix} stores {source.dtype} tokens, the output stores {self.dtype}",
                             "merge only pairs made with the same tokenizer (same token dtype)")
-        for chunk in source.bin_chunks():
-            self._bin.write(chunk.tobytes())
         n = len(source)
-        for start in range(0, n, INDEX_CHUNK):
-            self._lengths.write(source.lengths[start:start + INDEX_CHUNK].tobytes())
-        doc_indices = source.document_indices
-        for start in range(1, len(doc_indices), INDEX_CHUNK):
-            chunk = doc_indices[start:start + INDEX_CHUNK] + self.num_sequences
-            self._docs.write(chunk.astype(np.int64).tobytes())
+        with self._writing():
+            for chunk in source.bin_chunks():
+                self._bin.write(chunk.tobytes())
+            for start in range(0, n, INDEX_CHUNK):
+                self._lengths.write(source.lengths[start:start + INDEX_CHUNK].tobytes())
+            doc_indices = source.document_indices
+            for start in range(1, len(doc_indices), INDEX_CHUNK):
+                chunk = doc_indices[start:start + INDEX_CHUNK] + self.num_sequences
+                self._docs.write(chunk.astype(np.int64).tobytes())
         self.num_sequences += n
         self.num_documents += source.num_documents
         self.num_tokens += source.num_tokens
@@ -320,9 +343,13 @@ class IndexedWriter:
         An older pair under the same prefix loses its `.idx` first, so no moment shows a complete pair
         made of old and new files. `before_commit` runs just before the `.idx` lands (to write metadata).
         """
+        with self._writing():
+            self._finalize(before_commit)
+
+    def _finalize(self, before_commit: Callable[[], None] | None) -> None:
         self._bin.flush()
         os.fsync(self._bin.fileno())  # the .bin must be on disk before the .idx that marks it complete
-        for f in (self._bin, self._lengths, self._docs):
+        for f in self._files:
             f.close()
         n, d = self.num_sequences, self.num_documents + 1
         with open(self._tmp_idx, "wb") as out:
@@ -353,8 +380,23 @@ class IndexedWriter:
         self._done = True
 
     def abort(self) -> None:
-        for f in (self._bin, self._lengths, self._docs):
-            f.close()
-        for path in (self._tmp_bin, self._tmp_idx, self._tmp_lengths, self._tmp_docs):
-            path.unlink(missing_ok=True)
+        """Close and remove every temporary file. Closing flushes, which fails again on a full disk: that
+        error is dropped (the data is being thrown away) so the removal, which frees the space, always runs."""
         self._done = True
+        try:
+            for f in self._files:
+                with contextlib.suppress(OSError):
+                    f.close()
+        finally:
+            for path in (self._tmp_bin, self._tmp_idx, self._tmp_lengths, self._tmp_docs):
+                path.unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """An OSError while writing the output (a full disk, a quota, a file size limit) becomes a DataError
+        naming the output and the fix, once the partial temporaries are removed."""
+        try:
+            yield
+        except OSError as e:
+            self.abort()
+            raise write_error(self.prefix, e) from e

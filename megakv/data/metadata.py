@@ -29,8 +29,11 @@ def meta_path(prefix: str | Path) -> Path:
 def write_meta(prefix: str | Path, meta: dict) -> None:
     path = meta_path(prefix)
     tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps({"format": FORMAT, **meta}, indent=2, sort_keys=False) + "\n")
-    tmp.replace(path)
+    try:
+        tmp.write_text(json.dumps({"format": FORMAT, **meta}, indent=2, sort_keys=False) + "\n")
+        tmp.replace(path)
+    finally:  # a failed write (full disk) leaves no temporary behind
+        tmp.unlink(missing_ok=True)
 
 
 def read_meta(prefix: str | Path) -> dict | None:
