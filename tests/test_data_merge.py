@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -209,3 +211,32 @@ def test_merge_refuses_parts_that_are_not_the_shares_of_one_array_run(tmp_path, 
     shutil.copytree(out, tmp_path / "other")
     assert merge([*shares, *(str(tmp_path / "other" / f"part_{i:05d}") for i in range(3))],
                  tmp_path / "m3" / "all")["merged_count"] == 6
+
+
+@pytest.mark.parametrize("holder", ["megakv-merge", "megakv-qa prep"])
+def test_a_second_writer_of_an_output_is_refused_naming_the_holder(tmp_path, tokenizer_dir, capsys, holder):
+    """Two `megakv-merge --output-prefix pm/all` with different inputs both exited 0, and one's "merged 400
+    documents" was false (pm/all held the other's); megakv-qa prep had no lock either. Both now take the
+    lock megakv-prep takes, and refuse while another job holds it (exit 2, naming the holder)."""
+    from megakv.cli.merge import main as merge_main
+    from megakv.cli.qa import main as qa_main
+    from megakv.data.indexed import pair_exists
+    from megakv.data.output_lock import output_lock
+
+    _, parts = _qa_parts(tmp_path, tokenizer_dir)
+    out = tmp_path / "out" / "all"
+    merge_argv = ["--inputs", *map(str, parts), "--output-prefix", str(out), "--no-progress"]
+    qa_argv = ["prep", "--input", str(tmp_path / "qa0.jsonl"), "--tokenizer", str(tokenizer_dir), "--output-prefix",
+               str(out), "--seq-len", "96"]
+    held = (f"another {holder} is writing {out} (pid {os.getpid()} on {socket.gethostname()}, which holds "
+            f"{out}.tmp-lock)")
+    with output_lock(out, holder):
+        assert merge_main(merge_argv) == 2
+        fix = "Fix: wait for it to finish, or choose another --output-prefix"
+        assert capsys.readouterr().err == f"error: {held}. {fix}\n"
+        assert qa_main(qa_argv) == 2
+        assert held in capsys.readouterr().err
+        assert not pair_exists(out)
+    assert merge_main(merge_argv) == 0  # once the holder is done
+    assert qa_main([*qa_argv, "--overwrite"]) == 0
+    assert sorted(p.name for p in out.parent.iterdir() if "tmp" in p.name) == []

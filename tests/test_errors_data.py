@@ -168,11 +168,15 @@ def test_metadata_that_is_not_an_object_is_named(tmp_path, capsys):
     assert "holds a JSON list, not megakv's metadata object" in err and "Traceback" not in err
 
 
-def test_an_output_path_under_a_file_is_exit_2_not_a_traceback(tmp_path, tokenizer_dir, capsys):
+@pytest.mark.parametrize("under", ["sub", "dir/sub"])
+def test_an_output_path_under_a_file_is_exit_2_naming_the_file(tmp_path, tokenizer_dir, capsys, under):
+    """NotADirectoryError was a traceback, then a bare "[Errno 17] File exists: 'afile'"."""
     corpus = write_jsonl(tmp_path / "c.jsonl", DOCS)
-    assert _prep([corpus], tokenizer_dir, corpus / "sub") == 2  # NotADirectoryError was a traceback
-    err = capsys.readouterr().err
-    assert err.startswith("error:") and "Traceback" not in err
+    assert _prep([corpus], tokenizer_dir, corpus / under) == 2
+    err = _one_error_line(capsys)
+    assert err.startswith(f"error: the output prefix {corpus / under} lies under {corpus}, which is a file, not a "
+                          "directory") and "Errno" not in err
+    assert "Fix: choose an --output-prefix inside a directory, or move the file" in err
 
 
 def test_a_full_disk_names_the_output_and_leaves_no_temporaries(tmp_path, tokenizer_dir):

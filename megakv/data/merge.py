@@ -26,6 +26,7 @@ from megakv.data.indexed import (
     remove_pair,
 )
 from megakv.data.metadata import meta_path, read_meta, write_meta
+from megakv.data.output_lock import output_lock
 from megakv.data.tokenizer import TokenizerInfo, save_beside_data
 
 
@@ -117,14 +118,23 @@ def expand_prefixes(patterns: list[str]) -> list[Path]:
 def merge(inputs: list[str], output_prefix: str | Path, *, overwrite: bool = False,
           progress: Callable[[int, int], None] | None = None) -> dict:
     """Concatenate the pairs `inputs` (prefixes or globs, in order) into `output_prefix`; returns its metadata.
-    `progress(done, total)`: bytes read so far of all the work (each .bin is scanned once, then copied)."""
-    started = time.time()
+    `progress(done, total)`: bytes read so far of all the work (each .bin is scanned once, then copied).
+
+    Holds the output's lock (output_lock.py): two merges into one prefix both reported success while the
+    output held only the last one's documents; the second is refused instead."""
     prefixes = expand_prefixes(inputs)
     output = Path(output_prefix)
     if not prefixes:
         raise DataError("nothing to merge", "pass --inputs PREFIX...")
     if output in prefixes:
         raise DataError(f"the output {output} is also an input", "choose another --output-prefix")
+    with output_lock(output, "megakv-merge"):
+        return _merge(prefixes, output, overwrite, progress)
+
+
+def _merge(prefixes: list[Path], output: Path, overwrite: bool, progress: Callable[[int, int], None] | None
+           ) -> dict:
+    started = time.time()
     if pair_exists(output) and not overwrite:
         raise DataError(f"{idx_path(output)} already exists", "choose another --output-prefix or pass --overwrite")
 

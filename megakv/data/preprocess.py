@@ -8,12 +8,10 @@ whatever the input size. `workers=1` runs everything in this process.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import itertools
 import json
 import multiprocessing
-import os
 import time
 from collections import Counter, deque
 from collections.abc import Iterator
@@ -36,6 +34,7 @@ from megakv.data.indexed import (
     remove_pair,
 )
 from megakv.data.metadata import read_meta, write_meta
+from megakv.data.output_lock import output_lock
 from megakv.data.progress import Progress
 from megakv.data.sources import InputFile, RecordReader, describe_ignored, expand_inputs, select_shard
 from megakv.data.tokenizer import TokenizerInfo, cached_tokenizer, save_beside_data
@@ -262,14 +261,11 @@ def preprocess(inputs: list[str], tokenizer: str | Path, output_prefix: str | Pa
                options: PrepOptions = PrepOptions(), shard: tuple[int, int] | None = None,
                overwrite: bool = False, eos_token: str | None = None, progress: bool = True,
                max_skip_fraction: float = DEFAULT_MAX_SKIP_FRACTION, redo: bool = False) -> PrepSummary:
-    """`_preprocess` while holding PREFIX.tmp-lock: a second megakv-prep on the same prefix is refused at once
-    instead of racing the first (the last writer used to win). The kernel releases the lock however the
-    process ends; a clean end also removes the file."""
+    """`_preprocess` while holding the output's lock (output_lock.py): a second writer of the same prefix is
+    refused at once instead of racing the first (the last writer used to win)."""
     prefix = Path(output_prefix)
     _refuse_output_in_input_dirs(inputs, prefix)  # before the lock file, which would be one of its files
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = prefix.with_name(prefix.name + ".tmp-lock")  # temporary-looking, like every other leftover
-    with _exclusive_lock(lock_path, prefix):
+    with output_lock(prefix, "megakv-prep"):
         return _preprocess(inputs, tokenizer, output_prefix, workers=workers, options=options, shard=shard,
                            overwrite=overwrite, eos_token=eos_token, progress=progress,
                            max_skip_fraction=max_skip_fraction, redo=redo)
@@ -315,31 +311,6 @@ def _written_for(path: Path, prefix: Path) -> bool:
             rest = path.name[len(stem):]
             return rest in WRITTEN_SUFFIXES or rest.startswith(WRITTEN_TEMPORARY)
     return False
-
-
-@contextlib.contextmanager
-def _exclusive_lock(path: Path, prefix: Path):
-    import fcntl
-
-    while True:
-        lock = open(path, "a")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.close()
-            raise DataError(f"another megakv-prep is writing {prefix} (it holds {path})",
-                            "wait for it to finish, or choose another --output-prefix") from None
-        try:  # the holder before us may have removed the file after we opened it: lock the current one
-            if os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino:
-                break
-        except FileNotFoundError:
-            pass
-        lock.close()
-    try:
-        yield
-    finally:
-        path.unlink(missing_ok=True)  # while still holding it, so nobody locks a file about to vanish
-        lock.close()
 
 
 def _preprocess(inputs: list[str], tokenizer: str | Path, output_prefix: str | Path, *, workers: int = 1,

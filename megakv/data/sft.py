@@ -28,6 +28,7 @@ from megakv.data.documents import unpaired_surrogate
 from megakv.data.errors import DataError
 from megakv.data.indexed import IndexedDataset, IndexedWriter, mask_prefix, optimal_dtype, pair_exists
 from megakv.data.metadata import write_meta
+from megakv.data.output_lock import output_lock
 from megakv.data.sources import UTF8_BOM
 from megakv.data.tokenizer import Tokenizer, load_tokenizer, save_beside_data
 
@@ -210,7 +211,13 @@ def prepare_sft(records_path: str | Path, tokenizer_dir: str | Path, output_pref
         raise DataError(f"--seq-len {seq_len} is too short for a prompt and an answer", "e.g. 256")
     if not 0.0 <= p_question_first <= 1.0:
         raise DataError(f"--p-question-first {p_question_first} is outside [0, 1]", "the paper uses 0.5")
-    prefix = Path(output_prefix)
+    with output_lock(output_prefix, "megakv-qa prep"):  # a second writer of the prefix is refused, not raced
+        return _prepare_sft(records_path, tokenizer_dir, Path(output_prefix), seq_len, seed, p_question_first,
+                            overwrite, loss_on, started)
+
+
+def _prepare_sft(records_path: str | Path, tokenizer_dir: str | Path, prefix: Path, seq_len: int, seed: int,
+                 p_question_first: float, overwrite: bool, loss_on: str, started: float) -> SFTSummary:
     if pair_exists(prefix) and not overwrite:
         raise DataError(f"{prefix}.idx already exists", "choose another --output-prefix, or pass --overwrite")
     records = read_qa_records(records_path)

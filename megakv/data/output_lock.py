@@ -1,0 +1,84 @@
+"""One writer per output prefix: megakv-prep, megakv-merge and megakv-qa prep hold `PREFIX.tmp-lock` while
+they write PREFIX (and PREFIX_lossmask).
+
+Without it two jobs on one prefix raced: both exited 0, the last writer won, and the other's summary
+("merged 400 documents") described data that was not there. A second writer is refused at once, naming
+the holder. The kernel releases the lock however the holder ends (kill -9 included), so a stale lock file
+never blocks; a clean end also removes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import socket
+from pathlib import Path
+
+from megakv.data.errors import DataError
+
+LOCK_SUFFIX = ".tmp-lock"  # temporary-looking, like every other leftover
+
+
+def lock_path(prefix: str | Path) -> Path:
+    prefix = Path(prefix)
+    return prefix.with_name(prefix.name + LOCK_SUFFIX)
+
+
+def make_output_dir(prefix: str | Path) -> None:
+    """Create the directory of `prefix`; a file in the way is named (mkdir said only "[Errno 17] File exists")."""
+    prefix = Path(prefix)
+    for parent in reversed(prefix.parents):
+        if parent.exists() and not parent.is_dir():
+            raise DataError(f"the output prefix {prefix} lies under {parent}, which is a file, not a directory",
+                            f"choose an --output-prefix inside a directory, or move the file {parent} away")
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+
+
+@contextlib.contextmanager
+def output_lock(prefix: str | Path, tool: str):
+    """Hold the lock of `prefix` for `tool` (e.g. "megakv-merge"); raises DataError while another holds it."""
+    prefix = Path(prefix)
+    make_output_dir(prefix)
+    path = lock_path(prefix)
+    lock = _acquire(path, prefix)
+    try:
+        # Who holds it, for a refused second writer. Unbuffered, and a failure ignored: a full disk may refuse
+        # even these bytes.
+        with contextlib.suppress(OSError):
+            os.ftruncate(lock.fileno(), 0)
+            os.write(lock.fileno(), f"{tool}\npid {os.getpid()} on {socket.gethostname()}\n".encode())
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # while still holding it, so nobody locks a file about to vanish
+        lock.close()
+
+
+def _acquire(path: Path, prefix: Path):
+    while True:
+        lock = open(path, "a")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            tool, where = _holder(path)
+            raise DataError(f"another {tool} is writing {prefix} ({where}holds {path})",
+                            "wait for it to finish, or choose another --output-prefix") from None
+        try:  # the holder before us may have removed the file after we opened it: lock the current one
+            if os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino:
+                return lock
+        except FileNotFoundError:
+            pass
+        lock.close()
+
+
+def _holder(path: Path) -> tuple[str, str]:
+    """(the holder's tool, "pid N on HOST, " or ""), from what it wrote into the lock file."""
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        lines = []
+    if len(lines) < 2:  # it may not have written its name yet
+        return "megakv job", "it "
+    return lines[0], f"{lines[1]}, which "
+
