@@ -535,3 +535,32 @@ def test_a_data_directory_prepared_again_with_another_tokenizer_in_one_process_u
     assert decoded(prefix, other) == DOCS[:5]
     new = load_tokenizer(other)
     assert IndexedDataset(prefix)[0].tolist() == [*new.encode(DOCS[0]), new.eos_id]
+
+
+def test_the_next_run_removes_the_temporaries_a_killed_run_left(tmp_path, tokenizer_dir):
+    """kill -9 leaves PREFIX.bin.tmp-* and the rest (the size of the output so far); they stayed forever. The next
+    writer of the prefix, once it holds the lock, removes them: only megakv's own temporary names of that prefix
+    (and of its loss-mask pair, written under the same lock)."""
+    from megakv.cli.prep import main
+
+    inputs, _ = write_inputs("jsonl", tmp_path / "in", synthetic_documents(400, seed=1))
+    out = tmp_path / "out"
+    argv = ["--input", *inputs, "--tokenizer", str(tokenizer_dir), "--output-prefix", str(out / "d"), "--text-key",
+            "body", "--no-progress"]
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_PREP, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while not any(p.name.startswith("d.bin.tmp") and p.stat().st_size > 0 for p in out.glob("d.*")):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait(timeout=60)
+    left = {p.name for p in out.glob("d.*.tmp-*")}
+    assert {name.split(".tmp-")[0] for name in left} == {"d.bin", "d.lengths", "d.docs"}, left
+    (out / "d_lossmask.idx.tmp-99999-0123abcd").write_bytes(b"x")  # a killed megakv-qa prep's
+    (out / "d.meta.json.tmp-0123abcd").write_bytes(b"x")  # an older version's metadata temporary
+    others = ["d.bin.tmp-notours", "d.bin.tmp-1-0123abc", "dx.bin.tmp-1-0123abcd", "d.notes.tmp-1-0123abcd",
+              "d.bin.tmp-1-0123abcd.keep"]
+    for name in others:
+        (out / name).write_bytes(b"keep")
+    assert main(argv) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(["d.bin", "d.idx", "d.meta.json", "tokenizer", *others])

@@ -10,7 +10,7 @@ Modules, one concern each:
   preprocess   input files -> one `.bin/.idx` pair, with a worker pool
   progress     the progress bar of long data jobs
   merge        many pairs -> one pair, streaming
-  output_lock  one writer per output prefix (prep, merge, qa prep)
+  output_lock  one writer per output prefix (prep, merge, qa prep), and the leftovers of killed ones
   samples      train/valid split by documents, fixed-length GPT samples, per-epoch shuffled order
   blend        mixing several sample sets by weights
   cache        the hash-named on-disk cache of sample orders (built by one rank, read by all)

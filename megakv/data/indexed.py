@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import struct
 import uuid
 from collections.abc import Callable
@@ -68,6 +69,21 @@ MASK_SUFFIX = "_lossmask"
 
 def mask_prefix(prefix: str | Path) -> Path:
     return Path(f"{prefix}{MASK_SUFFIX}")
+
+
+# Temporary names of what is written for PREFIX: `PREFIX.bin.tmp-<pid>-<8 hex>` (also .idx, .lengths, .docs,
+# .meta.json; older metadata temporaries lack the pid). Only names of exactly this shape count as leftovers
+# of a killed writer (output_lock.py removes them), so nothing else beside the output is ever deleted.
+_TEMPORARY = r"\.(?:bin|idx|lengths|docs|meta\.json)\.tmp-(?:\d+-)?[0-9a-f]{8}"
+
+
+def temporary_tag() -> str:
+    return f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def is_temporary_of(name: str, prefix_name: str) -> bool:
+    """Whether the file name `name` is one of the temporary names megakv writes for the prefix `prefix_name`."""
+    return re.fullmatch(re.escape(prefix_name) + _TEMPORARY, name) is not None
 
 
 def remove_pair(prefix: str | Path) -> None:
@@ -276,7 +292,7 @@ class IndexedWriter:
         if self.dtype not in CODE_OF_DTYPE:
             raise ValueError(f"dtype {self.dtype} has no MMIDIDX code")
         self.prefix.parent.mkdir(parents=True, exist_ok=True)
-        tag = f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tag = temporary_tag()
         self._tmp_bin = Path(f"{bin_path(prefix)}{tag}")
         self._tmp_idx = Path(f"{idx_path(prefix)}{tag}")
         self._tmp_lengths = Path(f"{self.prefix}.lengths{tag}")

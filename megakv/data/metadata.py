@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import uuid
 from pathlib import Path
 
 import numpy as np
 
 from megakv.data.errors import DataError
-from megakv.data.indexed import IndexedDataset, bin_path, idx_path, mask_prefix, pair_exists
+from megakv.data.indexed import IndexedDataset, bin_path, idx_path, mask_prefix, pair_exists, temporary_tag
 
 META_SUFFIX = ".meta.json"
 FORMAT = "megakv-indexed-v1"
@@ -28,7 +27,7 @@ def meta_path(prefix: str | Path) -> Path:
 
 def write_meta(prefix: str | Path, meta: dict) -> None:
     path = meta_path(prefix)
-    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp = path.with_name(path.name + temporary_tag())
     try:
         tmp.write_text(json.dumps({"format": FORMAT, **meta}, indent=2, sort_keys=False) + "\n")
         tmp.replace(path)

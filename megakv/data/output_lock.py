@@ -4,18 +4,21 @@ they write PREFIX (and PREFIX_lossmask).
 Without it two jobs on one prefix raced: both exited 0, the last writer won, and the other's summary
 ("merged 400 documents") described data that was not there. A second writer is refused at once, naming
 the holder. The kernel releases the lock however the holder ends (kill -9 included), so a stale lock file
-never blocks; a clean end also removes it.
+never blocks; a clean end also removes it. The new holder removes the temporaries a killed writer left
+behind (they can hold gigabytes), and only names of exactly megakv's temporary shape for this prefix.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import os
 import socket
 from pathlib import Path
 
 from megakv.data.errors import DataError
+from megakv.data.indexed import is_temporary_of, mask_prefix
 
 LOCK_SUFFIX = ".tmp-lock"  # temporary-looking, like every other leftover
 
@@ -44,10 +47,11 @@ def output_lock(prefix: str | Path, tool: str):
     lock = _acquire(path, prefix)
     try:
         # Who holds it, for a refused second writer. Unbuffered, and a failure ignored: a full disk may refuse
-        # even these bytes.
+        # even these bytes, and must not stop the cleanup below that frees it.
         with contextlib.suppress(OSError):
             os.ftruncate(lock.fileno(), 0)
             os.write(lock.fileno(), f"{tool}\npid {os.getpid()} on {socket.gethostname()}\n".encode())
+        remove_stale_temporaries(prefix)
         yield
     finally:
         path.unlink(missing_ok=True)  # while still holding it, so nobody locks a file about to vanish
@@ -82,3 +86,15 @@ def _holder(path: Path) -> tuple[str, str]:
         return "megakv job", "it "
     return lines[0], f"{lines[1]}, which "
 
+
+def remove_stale_temporaries(prefix: str | Path) -> list[Path]:
+    """Remove what a killed writer of `prefix` left (PREFIX.bin.tmp-<pid>-<hex>, ...; also of PREFIX_lossmask,
+    which is written under the same lock); call only while holding the lock. Returns what was removed."""
+    prefix = Path(prefix)
+    removed = []
+    for stem in (prefix.name, mask_prefix(prefix).name):
+        for name in glob.glob(glob.escape(stem) + ".*.tmp-*", root_dir=prefix.parent):
+            if is_temporary_of(name, stem):
+                (prefix.parent / name).unlink(missing_ok=True)
+                removed.append(prefix.parent / name)
+    return removed
