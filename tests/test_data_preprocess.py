@@ -129,6 +129,7 @@ BAD_JSONL = [
     (b'{"text": null}', "missing_field"),
     (b"this is not json", "not_json"),
     (b'["a", "list"]', "not_json"),
+    (b"[" * 200_000, "not_json"),  # too deep for Python's parser: a RecursionError traceback (security audit)
     (b'{"text": 42}', "not_text"),
     (b'{"text": "lone \\ud800 surrogate"}', "invalid_utf8"),
     (b'{"text": "good two"}', None),
@@ -150,11 +151,11 @@ def test_bad_records_are_skipped_and_counted_by_reason(tmp_path, tokenizer_dir):
     summary = preprocess([str(tmp_path / "in")], tokenizer_dir, tmp_path / "d", progress=False,
                          max_skip_fraction=1.0)  # counting is the point here, not refusing
     assert decoded(tmp_path / "d", tokenizer_dir) == ["good one", "good two", "parquet good"]
-    expected = {"invalid_utf8": 3, "empty": 4, "missing_field": 3, "not_json": 2, "not_text": 1}
+    expected = {"invalid_utf8": 3, "empty": 4, "missing_field": 3, "not_json": 3, "not_text": 1}
     assert dict(summary.skipped) == expected
     assert read_meta(tmp_path / "d")["skipped"] == expected
     report = summary.format()
-    assert f"{jsonl}:2" in report and f"{jsonl}:7" in report and "not_json=2" in report
+    assert f"{jsonl}:2" in report and f"{jsonl}:7" in report and "not_json=3" in report
 
 
 @pytest.mark.parametrize("line", [i for i, (_, reason) in enumerate(BAD_JSONL) if reason])

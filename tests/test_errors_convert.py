@@ -58,3 +58,15 @@ def test_to_universal_passes_deepspeeds_progress_on_and_keeps_its_end_for_errors
                                        "sys.exit(3)"], keep_chars=16)
     assert code == 3 and tail == "shard 1\nshard 2\n"
     assert capsys.readouterr().err == "shard 0\nshard 1\nshard 2\n"
+
+
+def test_a_config_json_nested_too_deeply_is_named_not_a_traceback(tmp_path, capsys):
+    """200,000 '[' in config.json: a RecursionError traceback from json (security audit)."""
+    source = tmp_path / "hf"
+    source.mkdir()
+    (source / "config.json").write_text("[" * 200_000)
+    assert convert_main(["from-hf", str(source), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {source / 'config.json'} holds JSON nested too deeply to read" in err and "Fix:" in err
+    assert "Traceback" not in err
+

@@ -287,6 +287,17 @@ def test_bad_records_are_refused_naming_the_line(tmp_path, tokenizer_dir):
                     str(tmp_path / "o" / "qa")]) == 2
 
 
+def test_a_record_nested_too_deeply_is_refused_naming_the_line(tmp_path, tokenizer_dir, capsys):
+    """200,000 '[' in a record: a RecursionError traceback from json (security audit)."""
+    path = tmp_path / "deep.jsonl"
+    path.write_text(json.dumps(qa_records(1)[0]) + "\n" + '{"context": ' + "[" * 200_000 + "\n")
+    assert qa_main(["prep", "--input", str(path), "--tokenizer", str(tokenizer_dir), "--output-prefix",
+                    str(tmp_path / "o" / "qa")]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {path}:2: JSON nested too deeply to read (not a QA record). Fix:" in err and "Traceback" not in err
+    assert not (tmp_path / "o" / "qa.idx").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_masked_loss_is_the_mean_over_the_steps_answer_tokens_whatever_the_micro_batch(tmp_path, qa_dataset):

@@ -65,6 +65,8 @@ def record_text(fmt: str, payload: object, text_key: str) -> str:
             obj = json.loads(line)
         except ValueError as e:
             raise Skip(NOT_JSON, f"not JSON ({e.args[0] if e.args else e})") from None
+        except RecursionError:  # e.g. 200,000 '[': too deep for Python's parser, and no document either
+            raise Skip(NOT_JSON, "JSON nested too deeply to read") from None
         if not isinstance(obj, dict):
             raise Skip(NOT_JSON, f"a JSON {type(obj).__name__}, not an object")
         payload = obj.get(text_key)

@@ -71,6 +71,9 @@ def read_qa_records(path: str | Path) -> list[QARecord]:
                 raw = json.loads(line)
             except ValueError as e:
                 raise DataError(f"{path}:{line_no}: not valid JSON ({e})", "one JSON object per line") from None
+            except RecursionError:  # e.g. 200,000 '[': Python's parser gives up; it is no QA record either
+                raise DataError(f"{path}:{line_no}: JSON nested too deeply to read (not a QA record)",
+                                "one flat JSON object per line with context, question and answer") from None
             missing = [k for k in FIELDS if not isinstance(raw.get(k) if isinstance(raw, dict) else None, str)
                        or not raw[k].strip()]
             if missing:

@@ -43,6 +43,9 @@ def _read_json(path: Path):
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}). Fix: copy the checkpoint directory again") from None
+    except RecursionError:  # e.g. 200,000 '[': a damaged or crafted file, not a config
+        raise ValueError(f"{path} holds JSON nested too deeply to read (damaged or not a transformers file). "
+                         "Fix: copy the checkpoint directory again") from None
 
 
 # A damaged weights file of a transformers directory: what to do about it.
