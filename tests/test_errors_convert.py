@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 import pytest
 
 from megakv.cli.convert import main as convert_main
@@ -70,3 +72,19 @@ def test_a_config_json_nested_too_deeply_is_named_not_a_traceback(tmp_path, caps
     assert f"error: {source / 'config.json'} holds JSON nested too deeply to read" in err and "Fix:" in err
     assert "Traceback" not in err
 
+
+# A GGUF header whose one metadata value claims an array of 2**40 uint8 (the audit's crafted file, 68 bytes).
+CRAFTED_GGUF = (b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 20) + b"general.architecture"
+                + struct.pack("<IIQ", 9, 10, 2**40))
+
+
+def test_a_crafted_gguf_is_named_not_a_traceback(tmp_path, capsys):
+    """transformers' GGUF reader raised struct.error (a traceback) on an array count of 2**40."""
+    pytest.importorskip("gguf")  # the plain install stops earlier, naming what to install
+    pytest.importorskip("accelerate")
+    crafted = tmp_path / "a.gguf"
+    crafted.write_bytes(CRAFTED_GGUF)
+    assert convert_main(["from-gguf", str(tmp_path / "out"), "--gguf", str(crafted)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {crafted} is damaged or not a GGUF file: its metadata cannot be read" in err
+    assert "Fix: download or copy the file again" in err and "Traceback" not in err

