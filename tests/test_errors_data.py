@@ -166,6 +166,10 @@ def test_metadata_that_is_not_an_object_is_named(tmp_path, capsys):
     assert data_main(["info", str(prefix)]) == 2
     err = capsys.readouterr().err
     assert "holds a JSON list, not megakv's metadata object" in err and "Traceback" not in err
+    (tmp_path / "d.meta.json").write_text("[" * 200_000)  # was a RecursionError traceback, as in the records
+    assert data_main(["info", str(prefix)]) == 2
+    err = capsys.readouterr().err
+    assert "d.meta.json holds JSON nested too deeply to read" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("under", ["sub", "dir/sub"])

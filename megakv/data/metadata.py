@@ -43,6 +43,9 @@ def read_meta(prefix: str | Path) -> dict | None:
         meta = json.loads(path.read_text())
     except ValueError as e:
         raise DataError(f"{path} is not valid JSON ({e})", "re-create the dataset or delete the file") from None
+    except RecursionError:  # e.g. 200,000 '[' in a received dataset's metadata
+        raise DataError(f"{path} holds JSON nested too deeply to read", "re-create the dataset or delete the file"
+                        ) from None
     if not isinstance(meta, dict):
         raise DataError(f"{path} holds a JSON {type(meta).__name__}, not megakv's metadata object",
                         "re-create the dataset or delete the file")
