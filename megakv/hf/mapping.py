@@ -85,21 +85,31 @@ def state_dict_from_hf(hf_state_dict: dict[str, torch.Tensor], cfg: ModelConfig)
     return out
 
 
+def _hf_rope_parameters(hf: dict[str, Any]) -> dict[str, Any]:
+    """The rope settings transformers uses for a config.json (5.24, PreTrainedConfig.convert_rope_params_to_dict):
+    a non-empty `rope_scaling` (4.x, or added by hand for context extension) replaces `rope_parameters` whole,
+    even when that holds a rope_theta; a missing rope_theta is the top-level one, else 10000."""
+    params = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+    params.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
+    params.setdefault("rope_type", params.get("type", "default"))
+    if params["rope_type"] in ("llama3", "yarn", "longrope"):
+        params.setdefault("original_max_position_embeddings", hf.get("max_position_embeddings", 2048))
+    return params
+
+
 def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, RopeScalingConfig]:
-    # transformers 5 stores rope settings in `rope_parameters`; 4.x in `rope_theta` + `rope_scaling`.
-    params = dict(hf.get("rope_parameters") or {})
-    legacy = hf.get("rope_scaling") or {}
-    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
-    kind = params.get("rope_type") or legacy.get("rope_type") or legacy.get("type") or "default"
-    source = params if params.get("rope_type") not in (None, "default") else legacy
+    params = _hf_rope_parameters(hf)
+    theta, kind = float(params["rope_theta"]), params["rope_type"]
     if kind == "default":
         return theta, RopeScalingConfig()
     if kind == "llama3":
         return theta, RopeScalingConfig(
-            type="llama3", factor=float(source["factor"]), low_freq_factor=float(source["low_freq_factor"]),
-            high_freq_factor=float(source["high_freq_factor"]),
-            original_max_position_embeddings=int(source["original_max_position_embeddings"]))
-    raise UnsupportedCheckpoint(f"rope type {kind!r} is not supported (megakv implements default and llama3)")
+            type="llama3", factor=float(params["factor"]), low_freq_factor=float(params["low_freq_factor"]),
+            high_freq_factor=float(params["high_freq_factor"]),
+            original_max_position_embeddings=int(params["original_max_position_embeddings"]))
+    where = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+    raise UnsupportedCheckpoint(f"rope type {kind!r} ({where}, which transformers applies) is not supported "
+                                "(megakv implements default and llama3)")
 
 
 # The shape keys every supported config.json holds (transformers writes them all).

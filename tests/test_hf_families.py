@@ -1,0 +1,113 @@
+"""Importing transformers checkpoints as transformers itself reads them: rope settings, tied heads and sliding
+windows as transformers 5 resolves them, generation defaults kept through a round trip, tokenizers without an
+eos token or with a chosen one, tokenizer copies that never follow a link out, and a config that does not fit
+its weights refused before a model is built. Real tiny transformers models saved with save_pretrained, real
+megakv CLI mains."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+
+from megakv.cli.convert import main as convert_main
+from megakv.hf.checkpoint import load_hf_checkpoint
+from megakv.hf.mapping import HF_CLASSES
+from megakv.model_dir import model_from_state_dict
+
+VOCAB = 300
+TEXT = "The quick brown fox jumps over the lazy dog. 0123456789 hello world, and again. "
+SAMPLING = {"do_sample": True, "temperature": 0.7, "top_k": 20, "top_p": 0.8, "repetition_penalty": 1.05}
+
+
+def hf_model(family: str, **extra) -> torch.nn.Module:
+    config_class, model_class = (getattr(transformers, name) for name in HF_CLASSES[family])
+    kwargs = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                  tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    kwargs.update(extra)
+    torch.manual_seed(0)
+    model = model_class(config_class(**kwargs)).float().eval()
+    with torch.no_grad():  # every weight random, so a mis-mapped or dropped tensor shows in the logits
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else 0.05 * torch.randn_like(p))
+    return model
+
+
+def hf_tokenizer(directory, eos: bool = True):
+    """A byte-level BPE transformers tokenizer of VOCAB ids: <|endoftext|> (its eos, unless eos=False), then the
+    chat tokens <|im_start|> <|im_end|>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([TEXT * 20], trainer)
+    specials = {"eos_token": "<|endoftext|>"} if eos else {}
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, **specials).save_pretrained(str(directory))
+    return directory
+
+
+def logits_diff(megakv_model, hf_dir) -> float:
+    reference = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    ids = torch.randint(3, VOCAB, (1, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return (megakv_model.eval()(ids) - reference(input_ids=ids).logits).abs().max().item()
+
+
+def edit_json(path, **changes) -> dict:
+    data = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is ...:
+            data.pop(key, None)
+        else:
+            data[key] = value
+    path.write_text(json.dumps(data))
+    return data
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    """A tiny Llama transformers directory with its tokenizer and an instruct model's sampling defaults."""
+    directory = tmp_path_factory.mktemp("hf") / "llama"
+    hf_model("llama").save_pretrained(directory)
+    hf_tokenizer(directory)
+    edit_json(directory / "generation_config.json", **SAMPLING)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def imported(llama_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("mk") / "llama"
+    assert convert_main(["from-hf", str(llama_dir), str(out)]) == 0
+    return out
+
+
+# ------------------------------------------------------------------------------------------ config.json reading
+
+
+def test_rope_scaling_beside_rope_parameters_is_what_transformers_applies(tmp_path, capsys):
+    """A config.json with transformers 5's rope_parameters and a rope_scaling entry (added for context
+    extension): transformers applies rope_scaling, whole (rope_parameters' theta goes too); megakv read
+    rope_parameters and silently ignored it (a linear factor 4 went unnoticed)."""
+    hf_dir = tmp_path / "hf"
+    hf_model("llama").save_pretrained(hf_dir)
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 16}
+    edit_json(hf_dir / "config.json", rope_parameters={"rope_type": "default", "rope_theta": 1e6}, rope_scaling=llama3)
+    applied = transformers.AutoConfig.from_pretrained(hf_dir).rope_parameters
+    assert applied["rope_type"] == "llama3" and applied["rope_theta"] == 10000.0  # transformers' precedence
+
+    cfg, state = load_hf_checkpoint(hf_dir)
+    assert (cfg.rope_scaling.type, cfg.rope_theta) == ("llama3", 10000.0)
+    assert logits_diff(model_from_state_dict(cfg, state), hf_dir) <= 1e-5
+
+    # A kind megakv cannot compute is refused when it comes through rope_scaling too.
+    edit_json(hf_dir / "config.json", rope_scaling={"rope_type": "linear", "factor": 4.0})
+    assert convert_main(["from-hf", str(hf_dir), str(tmp_path / "mk")]) == 2
+    assert "rope type 'linear' (rope_scaling" in capsys.readouterr().err
+    assert not (tmp_path / "mk").exists()
