@@ -7,15 +7,17 @@ megakv CLI mains."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file, save_file
 
 from megakv.cli.convert import main as convert_main
 from megakv.hf.checkpoint import load_hf_checkpoint
 from megakv.hf.mapping import HF_CLASSES
-from megakv.model_dir import model_from_state_dict
+from megakv.model_dir import load_model, model_from_state_dict
 
 VOCAB = 300
 TEXT = "The quick brown fox jumps over the lazy dog. 0123456789 hello world, and again. "
@@ -111,3 +113,25 @@ def test_rope_scaling_beside_rope_parameters_is_what_transformers_applies(tmp_pa
     assert convert_main(["from-hf", str(hf_dir), str(tmp_path / "mk")]) == 2
     assert "rope type 'linear' (rope_scaling" in capsys.readouterr().err
     assert not (tmp_path / "mk").exists()
+
+
+def test_an_lm_head_of_its_own_is_used_although_tie_word_embeddings_is_true(tmp_path):
+    """transformers ties only when the checkpoint's lm_head equals the embedding; megakv dropped a different one
+    and tied, so its logits were not the checkpoint's."""
+    hf_dir = tmp_path / "hf"
+    hf_model("qwen2", tie_word_embeddings=True).save_pretrained(hf_dir)
+    weights = load_file(hf_dir / "model.safetensors")
+    weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()
+    save_file(weights, hf_dir / "model.safetensors", metadata={"format": "pt"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an lm_head equal to the embedding stays tied, without a word
+        assert convert_main(["from-hf", str(hf_dir), str(tmp_path / "equal")]) == 0
+    assert load_model(tmp_path / "equal").cfg.tie_embeddings
+
+    weights["lm_head.weight"] = 0.05 * torch.randn_like(weights["lm_head.weight"])
+    save_file(weights, hf_dir / "model.safetensors", metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match="tie_word_embeddings=true, but the weights hold their own lm_head"):
+        assert convert_main(["from-hf", str(hf_dir), str(tmp_path / "own")]) == 0
+    ours = load_model(tmp_path / "own")
+    assert not ours.cfg.tie_embeddings
+    assert logits_diff(ours, hf_dir) <= 1e-5

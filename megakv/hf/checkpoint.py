@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -127,12 +128,29 @@ def with_generation_stop_ids(cfg: ModelConfig, hf_dir: str | Path) -> ModelConfi
     return merged
 
 
+def untied_if_distinct(cfg: ModelConfig, hf_weights: dict[str, torch.Tensor], hf_dir: str | Path) -> ModelConfig:
+    """`cfg` untied when tie_word_embeddings is true but the weights hold their own lm_head.weight, different from
+    the embedding: transformers (5.24, PreTrainedModel.tie_weights) then does not tie and uses that lm_head, so
+    megakv must too. An lm_head equal to the embedding (a .bin file saves both) stays tied."""
+    head, embed = hf_weights.get("lm_head.weight"), hf_weights.get("model.embed_tokens.weight")
+    if not cfg.tie_embeddings or head is None or embed is None:
+        return cfg
+    if head.shape == embed.shape and torch.equal(head, embed.to(head.dtype)):
+        return cfg
+    warnings.warn(f"{hf_dir}: config.json says tie_word_embeddings=true, but the weights hold their own "
+                  "lm_head.weight, different from model.embed_tokens.weight: imported untied with that lm_head, as "
+                  "transformers loads it (set tie_word_embeddings to false in config.json to silence this)",
+                  stacklevel=3)
+    return replace(cfg, tie_embeddings=False)
+
+
 def load_hf_checkpoint(hf_dir: str | Path, progress: Callable[[int, int], None] | None = None,
                        ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """A transformers Llama/Mistral/Qwen2/Qwen3 directory -> (ModelConfig, megakv state dict)."""
     cfg = with_generation_stop_ids(model_config_from_hf(read_hf_config(hf_dir), source=str(Path(hf_dir) /
                                                                                           "config.json")), hf_dir)
     hf_weights = read_hf_weights(hf_dir, progress)
+    cfg = untied_if_distinct(cfg, hf_weights, hf_dir)
     if cfg.tie_embeddings is False and "lm_head.weight" not in hf_weights:
         raise UnsupportedCheckpoint(f"{hf_dir}: lm_head.weight is missing but tie_word_embeddings is false")
     return cfg, state_dict_from_hf(hf_weights, cfg)
@@ -146,8 +164,6 @@ def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
     source has its transformers tokenizer files copied. megakv's tokenizer metadata comes along when present,
     so megakv's tools read `dst` back as the same tokenizer.
     """
-    import warnings
-
     from megakv.data.errors import DataError
     from megakv.data.tokenizer import METADATA_FILE, SPM_MODEL_FILE
     from megakv.hf.tokenizer import is_sentencepiece_dir, write_hf_tokenizer
