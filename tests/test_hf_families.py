@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from megakv.cli.convert import main as convert_main
 from megakv.hf.checkpoint import load_hf_checkpoint
-from megakv.hf.mapping import HF_CLASSES
+from megakv.hf.mapping import HF_CLASSES, model_config_from_hf
 from megakv.model_dir import load_model, model_from_state_dict
 
 VOCAB = 300
@@ -135,3 +135,17 @@ def test_an_lm_head_of_its_own_is_used_although_tie_word_embeddings_is_true(tmp_
     ours = load_model(tmp_path / "own")
     assert not ours.cfg.tie_embeddings
     assert logits_diff(ours, hf_dir) <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3"])
+def test_a_config_json_without_sliding_window_has_transformers_default_window(family):
+    """MistralConfig (and Qwen2/Qwen3 with use_sliding_window) default sliding_window to 4096; megakv read a
+    missing key as "no window" and its logits left transformers' past position 4096."""
+    extra = {"use_sliding_window": True} if family != "mistral" else {}
+    hf = hf_model(family, max_position_embeddings=8192, **extra).config.to_dict()
+    hf.pop("sliding_window")
+    config_class = getattr(transformers, HF_CLASSES[family][0])
+    assert config_class.from_dict(hf).sliding_window == 4096  # what transformers reads
+    with pytest.warns(UserWarning, match="sliding_window 4096 < max_position_embeddings 8192"):
+        assert model_config_from_hf(hf).max_seq_len == 4096
+    assert model_config_from_hf({**hf, "sliding_window": None}).max_seq_len == 8192  # null: no window

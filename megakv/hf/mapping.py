@@ -25,6 +25,9 @@ HF_CLASSES = {
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
 }
 
+# transformers' default `sliding_window` of the families that have one (MistralConfig, Qwen2Config, Qwen3Config).
+SLIDING_WINDOW_DEFAULTS = {"mistral": 4096, "qwen2": 4096, "qwen3": 4096}
+
 # (megakv prefix, transformers prefix); "{i}" is the layer index. The only place names are mapped.
 _PREFIXES = [
     ("embed.", "model.embed_tokens."),
@@ -132,7 +135,9 @@ def model_config_from_hf(hf: dict[str, Any], source: str = "config.json") -> Mod
     if hf.get("mlp_bias"):
         raise UnsupportedCheckpoint("mlp_bias=true is not supported (megakv's MLP has no bias)")
     max_len = int(hf.get("max_position_embeddings", 2048))
-    window = hf.get("sliding_window")
+    # A config.json without the key gets the config class's default (4096 in transformers 5.24 for all three
+    # families; Qwen2/Qwen3 use it only with use_sliding_window): null is what says "no window".
+    window = hf.get("sliding_window", SLIDING_WINDOW_DEFAULTS.get(family))
     uses_window = window is not None and (family == "mistral" or hf.get("use_sliding_window", False))
     if uses_window and window < max_len:
         # megakv has no sliding-window attention; within the window both are the same function.
