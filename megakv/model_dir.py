@@ -6,6 +6,7 @@ half-written directory that looks complete.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -116,9 +117,49 @@ def stored_dtype(model_dir: str | Path) -> torch.dtype | None:
     return floating.pop() if len(floating) == 1 else None
 
 
+_LAYER_NAME = re.compile(r"layers\.(\d+)\.")
+_FIX_CONFIG = "Fix: use the config.yaml the weights were saved with"
+
+
+def check_weights_fit(cfg: ModelConfig, shapes: dict[str, tuple[int, ...]], source: str) -> None:
+    """Refuse a config that does not describe the weights (names -> shapes), before any real memory is taken: a
+    config.yaml saying n_layers: 100000000 had megakv-generate build modules for minutes and GBs first."""
+    layers = {int(m.group(1)) for name in shapes if (m := _LAYER_NAME.match(name))}
+    if len(layers) != cfg.n_layers or max(layers, default=-1) != cfg.n_layers - 1:  # not range(n_layers)
+        raise ValueError(f"{source}: the model config says n_layers={cfg.n_layers}, but the weights hold "
+                         f"{len(layers)} layers. {_FIX_CONFIG}")
+    with torch.device("meta"):  # shapes only: no memory, and as many modules as the weights have layers
+        expected = {name: tuple(t.shape) for name, t in MegaKVModel(cfg).state_dict().items()}
+    given = {name: tuple(shape) for name, shape in shapes.items() if not name.startswith("rope.")}
+    wrong = sorted(name for name in expected.keys() & given.keys() if expected[name] != given[name])
+    missing, unexpected = sorted(expected.keys() - given.keys()), sorted(given.keys() - expected.keys())
+    if wrong or missing or unexpected:
+        detail = (f"size mismatch: {wrong[0]} is {given[wrong[0]]}, the config implies {expected[wrong[0]]}" if wrong
+                  else f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(f"{source}: weights do not match the model config ({detail}). {_FIX_CONFIG}")
+
+
+_REEXPORT = "copy the model directory again, or re-export it with megakv-convert"
+
+
+def safetensors_shapes(path: str | Path, fix: str = _REEXPORT) -> dict[str, tuple[int, ...]]:
+    """Names and shapes in a safetensors file's header, without reading the tensors."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except SafetensorError as e:
+        raise ValueError(f"{path}: truncated or corrupt safetensors file ({e}). Fix: {fix}") from None
+    except OSError as e:  # permissions, I/O errors: not a damaged file
+        raise ValueError(f"{path} cannot be read ({e.strerror or e}). Fix: check its permissions and the file "
+                         "system it is on") from None
+
+
 def model_from_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor], device: str | torch.device = "cpu",
                           dtype: torch.dtype | None = None, source: str = "checkpoint") -> MegaKVModel:
     """Build a MegaKVModel holding exactly `state`, without first initialising weights that get overwritten."""
+    check_weights_fit(cfg, {name: tuple(t.shape) for name, t in state.items()}, source)
     with torch.device("meta"):
         model = MegaKVModel(cfg)
     model.to_empty(device=device)
@@ -140,7 +181,7 @@ def model_from_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor], devi
 
 
 def read_safetensors(path: str | Path, device: str | torch.device = "cpu",
-                     fix: str = "copy the model directory again, or re-export it with megakv-convert",
+                     fix: str = _REEXPORT,
                      ) -> dict[str, torch.Tensor]:
     """All tensors of a safetensors file; a damaged or unreadable file is a ValueError naming it and `fix`."""
     path = Path(path)
@@ -158,7 +199,10 @@ def read_safetensors(path: str | Path, device: str | torch.device = "cpu",
 def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None) -> MegaKVModel:
     cfg = load_model_config(model_dir)
-    state = read_safetensors(Path(model_dir) / WEIGHTS_FILE, device)
+    path = Path(model_dir) / WEIGHTS_FILE
+    if path.is_file():  # before reading GBs of weights a wrong config could not use
+        check_weights_fit(cfg, safetensors_shapes(path), str(path))
+    state = read_safetensors(path, device)
     return model_from_state_dict(cfg, state, device, dtype, source=f"{model_dir}/{WEIGHTS_FILE}")
 
 

@@ -7,6 +7,8 @@ megakv CLI mains."""
 from __future__ import annotations
 
 import json
+import shutil
+import time
 import warnings
 
 import pytest
@@ -15,6 +17,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from megakv.cli.convert import main as convert_main
+from megakv.cli.generate import main as generate_main
 from megakv.hf.checkpoint import load_hf_checkpoint
 from megakv.hf.mapping import HF_CLASSES, model_config_from_hf
 from megakv.model_dir import load_model, model_from_state_dict
@@ -149,3 +152,26 @@ def test_a_config_json_without_sliding_window_has_transformers_default_window(fa
     with pytest.warns(UserWarning, match="sliding_window 4096 < max_position_embeddings 8192"):
         assert model_config_from_hf(hf).max_seq_len == 4096
     assert model_config_from_hf({**hf, "sliding_window": None}).max_seq_len == 8192  # null: no window
+
+
+# ------------------------------------------------------------------------------------------ config vs weights
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("n_layers", "100000000", "the model config says n_layers=100000000, but the weights hold 2 layers"),
+    ("vocab_size", "1000000000", "size mismatch: embed.weight is (300, 32), the config implies (1000000000, 32)"),
+])
+def test_a_config_that_does_not_fit_the_weights_is_refused_before_a_model_is_built(imported, tmp_path, capsys,
+                                                                                    key, value, message):
+    """config.yaml saying n_layers: 100000000 had megakv-generate build modules for minutes and GBs before
+    comparing shapes; the safetensors header is now compared first (a 1e9-row embedding is never allocated)."""
+    model = tmp_path / "model"
+    shutil.copytree(imported, model)
+    config = model / "config.yaml"
+    config.write_text("".join(f"{key}: {value}\n" if line.startswith(f"{key}:") else line
+                              for line in config.read_text().splitlines(keepends=True)))
+    started = time.perf_counter()
+    assert generate_main(["--model", str(model), "--prompt-ids", "5 6", "--max-new-tokens", "2"]) == 2
+    assert time.perf_counter() - started < 10
+    err = capsys.readouterr().err
+    assert message in err and "Fix: use the config.yaml the weights were saved with" in err, err
