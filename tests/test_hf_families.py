@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from megakv.cli.convert import main as convert_main
 from megakv.cli.generate import main as generate_main
+from megakv.cli.prep import main as prep_main
 from megakv.hf.checkpoint import load_hf_checkpoint
 from megakv.hf.mapping import HF_CLASSES, model_config_from_hf
 from megakv.model_dir import load_model, model_from_state_dict
@@ -152,6 +153,46 @@ def test_a_config_json_without_sliding_window_has_transformers_default_window(fa
     with pytest.warns(UserWarning, match="sliding_window 4096 < max_position_embeddings 8192"):
         assert model_config_from_hf(hf).max_seq_len == 4096
     assert model_config_from_hf({**hf, "sliding_window": None}).max_seq_len == 8192  # null: no window
+
+
+# ------------------------------------------------------------------------------------------------- tokenizers
+
+
+def test_finetuning_on_data_prepared_with_another_eos_token_of_the_models_tokenizer_is_accepted(
+        imported, llama_dir, tmp_path):
+    """`megakv-prep --eos-token '<|im_end|>'` with the imported model's own tokenizer: the data's token ids are
+    the model's, yet the launch was refused as "another tokenizer" (the eos ids were compared)."""
+    from megakv.config import ConfigError, load_config
+    from megakv.train.preflight import check_init_tokenizer
+
+    corpus = tmp_path / "in.jsonl"
+    corpus.write_text("".join(json.dumps({"text": TEXT * (i + 1)}) + "\n" for i in range(8)))
+
+    def data_with(tokenizer, name, *extra):
+        assert prep_main(["--input", str(corpus), "--tokenizer", str(tokenizer), "--output-prefix",
+                          str(tmp_path / name / "train"), "--no-progress", *extra]) == 0
+        config = tmp_path / "finetune.yaml"
+        config.write_text("routing:\n  strategy: none\n")
+        return load_config(config, [f"checkpoint.init_from={imported}", f"data.datasets=[{tmp_path / name / 'train'}]",
+                                    f"train.run_dir={tmp_path / 'run'}"])
+
+    check_init_tokenizer(data_with(llama_dir, "chat", "--eos-token", "<|im_end|>"))
+    with pytest.raises(ConfigError, match="trained with the tokenizer"):  # a different vocabulary still is refused
+        check_init_tokenizer(data_with(_other_tokenizer(tmp_path / "other"), "other"))
+
+
+def _other_tokenizer(directory):
+    """A tokenizer of VOCAB ids trained on other text: other ids for the same words."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["zebra quartz vexing jumpy whisky " * 50], trainer)
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(
+        str(directory))
+    return directory
 
 
 # ------------------------------------------------------------------------------------------ config vs weights
