@@ -17,6 +17,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from megakv.cli.convert import main as convert_main
+from megakv.cli.eval import main as eval_main
 from megakv.cli.generate import main as generate_main
 from megakv.cli.prep import main as prep_main
 from megakv.hf.checkpoint import load_hf_checkpoint
@@ -193,6 +194,25 @@ def _other_tokenizer(directory):
     transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(
         str(directory))
     return directory
+
+
+def test_a_tokenizer_without_eos_token_serves_generation_and_evaluation(tmp_path, capsys):
+    """A transformers tokenizer naming no eos_token (config.json has eos_token_id): megakv-generate and
+    megakv-eval refused it with "pass --eos-token", a flag they do not have; they now use the model's eos.
+    Only megakv-prep needs a document end of the tokenizer, and says so."""
+    hf_dir = tmp_path / "hf"
+    hf_model("llama").save_pretrained(hf_dir)
+    hf_tokenizer(hf_dir, eos=False)
+    assert convert_main(["from-hf", str(hf_dir), str(tmp_path / "mk")]) == 0
+    text = tmp_path / "text.txt"
+    text.write_text(f"{TEXT}\n\n{TEXT}\n")
+    for model in (tmp_path / "mk", hf_dir):
+        assert generate_main(["--model", str(model), "--prompt", "hello", "--max-new-tokens", "4"]) == 0
+        assert eval_main(["--model", str(model), "--data", str(text), "--retain", "all", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert prep_main(["--input", str(text), "--tokenizer", str(hf_dir), "--output-prefix", str(tmp_path / "d" / "t"),
+                      "--no-progress"]) == 2
+    assert "--eos-token" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------ config vs weights

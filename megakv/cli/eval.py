@@ -64,7 +64,8 @@ def load_windows(args: argparse.Namespace, model, tokenizer_dir):
         if encode_alike(args.tokenizer, tokenizer_dir) is False:  # the loss of other ids would mean nothing
             raise ValueError(f"--tokenizer {args.tokenizer} gives other token ids than the model's tokenizer "
                              f"({tokenizer_dir}): drop --tokenizer, the model's is used")
-    loaded = read_eval_tokens(args.data, args.tokenizer or tokenizer_dir, args.max_tokens or None, args.text_key)
+    loaded = read_eval_tokens(args.data, args.tokenizer or tokenizer_dir, args.max_tokens or None, args.text_key,
+                              model.cfg.eos_token_ids)
     windows = make_windows(loaded.tokens, seq_len, model.cfg.vocab_size)
     scored = len(windows) * (windows.shape[1] - 1)
     hint = f"; --max-tokens {args.max_tokens} (0 scores all)" if loaded.truncated else ""

@@ -47,7 +47,7 @@ def run_qa(args: argparse.Namespace) -> int:
     tokenizer_dir = args.tokenizer or tokenizer_dir
     if tokenizer_dir is None:
         raise ValueError(f"{args.model} has no tokenizer/: pass --tokenizer DIR")
-    tokenizer = load_tokenizer(tokenizer_dir)
+    tokenizer = load_tokenizer(tokenizer_dir, model.cfg.eos_token_ids)
     seq_len = min(args.seq_len or 512, model.cfg.max_seq_len)
     if args.seq_len and args.seq_len > seq_len:
         print(f"warning: --seq-len {args.seq_len} exceeds the model's context; QA prompts use {seq_len} tokens",

@@ -110,7 +110,7 @@ def _run(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.model} has no tokenizer, so text prompts cannot be encoded: pass --prompt-ids")
         from megakv.data.tokenizer import load_tokenizer
 
-        tokenizer = load_tokenizer(tokenizer_dir)
+        tokenizer = load_tokenizer(tokenizer_dir, model.cfg.eos_token_ids)
         prompts = [tokenizer.encode_prompt(text) for text in args.prompt]
         if args.no_bos:
             prompts = [ids[1:] if ids[:1] == [tokenizer.bos_id] else ids for ids in prompts]

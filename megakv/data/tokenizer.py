@@ -20,7 +20,7 @@ import shutil
 import threading
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -167,8 +167,10 @@ def _load_hf(directory: Path):
                             "(tokenizer.json / tokenizer_config.json ...)") from None
 
 
-def load_tokenizer(directory: str | Path) -> Tokenizer:
-    """Load a megakv tokenizer directory (or, failing that, a plain Hugging Face one)."""
+def load_tokenizer(directory: str | Path, model_eos_ids: Sequence[int] = ()) -> Tokenizer:
+    """Load a megakv tokenizer directory (or, failing that, a plain Hugging Face one). The first of
+    `model_eos_ids` (the model config's, for generation and evaluation) stands in for the eos token a plain
+    Hugging Face tokenizer may not name: transformers' generate() takes it from the model config too."""
     directory = Path(directory)
     if not directory.is_dir():
         raise DataError(f"tokenizer directory {directory} not found",
@@ -180,7 +182,12 @@ def load_tokenizer(directory: str | Path) -> Tokenizer:
         return HuggingFaceTokenizer(_load_hf(directory), info)
     # A plain Hugging Face directory may also hold model weights: do not hash it just to load it.
     tok = _load_hf(directory)
-    return HuggingFaceTokenizer(tok, _hf_info(tok, fingerprint="unsaved", eos_token=None))
+    try:
+        return HuggingFaceTokenizer(tok, _hf_info(tok, "unsaved", None, eos_id=next(iter(model_eos_ids), None)))
+    except DataError:  # worded for megakv-prep's --eos-token, which the tools loading a model's tokenizer lack
+        raise DataError(f"the tokenizer in {directory} names no end-of-sequence token (eos_token), and the model "
+                        "config names none either (eos_token_id)", f"set eos_token in {directory}/"
+                        "tokenizer_config.json, or eos_token_id in the model's config") from None
 
 
 @lru_cache(maxsize=4)
@@ -404,11 +411,15 @@ def train_sentencepiece(texts: Iterable[str], output_dir: str | Path, vocab_size
     return info
 
 
-def _hf_info(tok, fingerprint: str, eos_token: str | None) -> TokenizerInfo:
+def _hf_info(tok, fingerprint: str, eos_token: str | None, eos_id: int | None = None) -> TokenizerInfo:
+    """`eos_id`: the end id when `tok` names no eos token and `eos_token` is not given (the model config's)."""
     vocab_size = max(len(tok), max(tok.get_vocab().values(), default=-1) + 1)
     # Membership, not "not the unk id": SmolLM2's <|endoftext|> is both its unk token and its document end.
     known = eos_token is None or eos_token in tok.get_vocab() or eos_token in tok.all_special_tokens
-    eos_id = tok.convert_tokens_to_ids(eos_token) if eos_token is not None else tok.eos_token_id
+    if eos_token is not None:
+        eos_id = tok.convert_tokens_to_ids(eos_token)
+    elif tok.eos_token_id is not None:
+        eos_id = tok.eos_token_id
     if eos_id is None or not known:
         raise DataError(f"the tokenizer has no end-of-document token (eos_token={eos_token or tok.eos_token!r})",
                         "pass --eos-token with a token of its vocabulary, e.g. '</s>' or '<|endoftext|>'")

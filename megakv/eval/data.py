@@ -54,8 +54,9 @@ def read_indexed_tokens(prefix: str | Path, max_tokens: int | None) -> np.ndarra
 
 
 def read_raw_tokens(path: str | Path, tokenizer_dir: str | Path | None, max_tokens: int | None,
-                    text_key: str = "text") -> tuple[np.ndarray, bool]:
-    """(tokens, truncated) of raw files: each jsonl/parquet record or txt paragraph is a document + eos."""
+                    text_key: str = "text", model_eos_ids: tuple[int, ...] = ()) -> tuple[np.ndarray, bool]:
+    """(tokens, truncated) of raw files: each jsonl/parquet record or txt paragraph is a document + eos (the
+    model's first, `model_eos_ids`, where the tokenizer names none)."""
     if tokenizer_dir is None:
         raise ValueError(f"{path} is raw text, but the model has no tokenizer: pass --tokenizer DIR, or "
                          f"evaluate on a prepared .bin/.idx prefix")
@@ -65,7 +66,7 @@ def read_raw_tokens(path: str | Path, tokenizer_dir: str | Path | None, max_toke
     from megakv.data.sources import expand_inputs
     from megakv.data.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(tokenizer_dir)
+    tokenizer = load_tokenizer(tokenizer_dir, model_eos_ids)
     skipped: Counter = Counter()
     ids: list[int] = []
     truncated = False
@@ -105,7 +106,7 @@ def check_prepared_with(prefix: Path, tokenizer_dir: str | Path) -> None:
 
 
 def read_eval_tokens(data: str | Path, tokenizer_dir: str | Path | None = None, max_tokens: int | None = None,
-                     text_key: str = "text") -> EvalTokens:
+                     text_key: str = "text", model_eos_ids: tuple[int, ...] = ()) -> EvalTokens:
     """Token ids of `data`: a `.bin/.idx` prefix (also accepted with either suffix; refused when made with a
     tokenizer other than `tokenizer_dir`), or a raw jsonl / parquet / text file (encoded with `tokenizer_dir`),
     with how much of the data they are."""
@@ -128,7 +129,7 @@ def read_eval_tokens(data: str | Path, tokenizer_dir: str | Path | None = None, 
     if path.is_file():
         if path.suffix in (".bin", ".idx"):
             raise ValueError(f"{path}: the other half of the .bin/.idx pair is missing")
-        tokens, truncated = read_raw_tokens(path, tokenizer_dir, max_tokens, text_key)
+        tokens, truncated = read_raw_tokens(path, tokenizer_dir, max_tokens, text_key, model_eos_ids)
         return EvalTokens(tokens, None if truncated else len(tokens), truncated)
     raise FileNotFoundError(f"evaluation data {data} not found: pass a .bin/.idx prefix (PREFIX.bin and "
                             f"PREFIX.idx exist) or a jsonl / parquet / text file")

@@ -197,7 +197,7 @@ def special_token_ids(cfg: ModelConfig, tokenizer_dir: str | Path | None) -> dic
         return ids
     from megakv.data.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(tokenizer_dir)
+    tokenizer = load_tokenizer(tokenizer_dir, cfg.eos_token_ids)
     from_tokenizer = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
                       "pad_token_id": tokenizer.pad_id}
     return {name: value if value is not None else from_tokenizer[name] for name, value in ids.items()}

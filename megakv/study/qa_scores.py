@@ -112,8 +112,8 @@ def evaluate_model(name: str, model_path: Path, test_records: Path, eval_dir: Pa
     model.eval()
     chosen = evenly_spaced(read_qa_records(test_records), records)
     log(f"evaluating {name}: {len(chosen)} held-out QA records at {' '.join(RETAINS)}")
-    scores = score_plans(model, load_tokenizer(tokenizer_dir), chosen, RETAINS, seq_len=seq_len,
-                         max_new_tokens=max_new_tokens)
+    tokenizer = load_tokenizer(tokenizer_dir, model.cfg.eos_token_ids)
+    scores = score_plans(model, tokenizer, chosen, RETAINS, seq_len=seq_len, max_new_tokens=max_new_tokens)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomically(path, {"key": key, "scores": scores, "seconds": time.perf_counter() - started})
     log(f"evaluated {name} in {time.perf_counter() - started:.0f} s")
