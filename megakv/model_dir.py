@@ -1,10 +1,11 @@
 """A megakv model directory: `config.yaml` (ModelConfig), `model.safetensors` and, when known, `tokenizer/`
-(a copy of the tokenizer the model was trained with). Written atomically: a crash leaves no
-half-written directory that looks complete.
+(a copy of the tokenizer the model was trained with) and `generation_config.json` (an imported model's, for its
+exports). Written atomically: a crash leaves no half-written directory that looks complete.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -22,6 +23,8 @@ from megakv.model import MegaKVModel, rope_inverse_frequencies
 CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
+# An imported model's generation_config.json (sampling defaults), kept for its exports: megakv itself reads none.
+GENERATION_FILE = "generation_config.json"
 
 
 def current_umask() -> int:
@@ -64,7 +67,8 @@ def write_directory_atomically(out_dir: str | Path, fill: Callable[[Path], None]
 
 
 def save_model_dir(model_cfg: ModelConfig, state_dict: dict[str, torch.Tensor], out_dir: str | Path,
-                   tokenizer_dir: str | Path | None = None, overwrite: bool = False) -> Path:
+                   tokenizer_dir: str | Path | None = None, overwrite: bool = False,
+                   generation: dict | None = None) -> Path:
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items() if not k.startswith("rope.")}
     if model_cfg.tie_embeddings:
         tensors.pop("lm_head.weight", None)
@@ -72,6 +76,8 @@ def save_model_dir(model_cfg: ModelConfig, state_dict: dict[str, torch.Tensor], 
     def fill(tmp: Path) -> None:
         save_config(model_cfg, tmp / CONFIG_FILE)
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "producer": "megakv"})
+        if generation:
+            (tmp / GENERATION_FILE).write_text(json.dumps(generation, indent=2, sort_keys=True) + "\n")
         if tokenizer_dir is not None:
             shutil.copytree(tokenizer_dir, tmp / TOKENIZER_DIR)
 

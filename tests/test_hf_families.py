@@ -156,6 +156,30 @@ def test_a_config_json_without_sliding_window_has_transformers_default_window(fa
     assert model_config_from_hf({**hf, "sliding_window": None}).max_seq_len == 8192  # null: no window
 
 
+# ------------------------------------------------------------------------------------------------ round trips
+
+
+def test_generation_defaults_survive_from_hf_then_to_hf(imported, tmp_path):
+    """An instruct model's sampling defaults (generation_config.json) were dropped by from-hf, so generate() on
+    the export decoded greedily; both export kinds now carry them, with megakv's token ids."""
+    import megakv.hf.modeling  # noqa: F401  (registers model_type "megakv" for the to-hf-rcla export)
+
+    assert convert_main(["to-hf", str(imported), str(tmp_path / "hf")]) == 0
+    assert convert_main(["to-hf-rcla", str(imported), str(tmp_path / "rcla")]) == 0
+    for export in ("hf", "rcla"):
+        generation = transformers.GenerationConfig.from_pretrained(tmp_path / export)
+        assert {key: getattr(generation, key) for key in SAMPLING} == SAMPLING, export
+        assert (generation.bos_token_id, generation.eos_token_id, generation.pad_token_id) == (1, 2, 0)
+
+    # Settings transformers loads with a warning but GenerationConfig.save_pretrained refuses (a temperature
+    # without do_sample, as on many Hub models) are kept as they are, not a failed export.
+    hub_like = tmp_path / "hub_like"
+    shutil.copytree(imported, hub_like)
+    edit_json(hub_like / "generation_config.json", do_sample=...)
+    assert convert_main(["to-hf", str(hub_like), str(tmp_path / "hub_like_hf")]) == 0
+    assert transformers.GenerationConfig.from_pretrained(tmp_path / "hub_like_hf").temperature == 0.7
+
+
 # ------------------------------------------------------------------------------------------------- tokenizers
 
 

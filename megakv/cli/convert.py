@@ -42,7 +42,7 @@ def _from_hf(args: argparse.Namespace) -> Path:
     import tempfile
 
     from megakv.cli.progress import ProgressBar
-    from megakv.hf.checkpoint import copy_tokenizer_files, load_hf_checkpoint
+    from megakv.hf.checkpoint import copy_tokenizer_files, load_hf_checkpoint, read_generation_config
     from megakv.model_dir import save_model_dir
 
     with ProgressBar(None, "reading weights", "B", unit_scale=True) as bar:
@@ -50,11 +50,11 @@ def _from_hf(args: argparse.Namespace) -> Path:
     with tempfile.TemporaryDirectory() as tok, phase(f"writing {args.out}"):
         has_tokenizer = bool(copy_tokenizer_files(args.src, tok))
         return save_model_dir(cfg, state, args.out, tokenizer_dir=tok if has_tokenizer else None,
-                              overwrite=args.overwrite)
+                              overwrite=args.overwrite, generation=read_generation_config(args.src))
 
 
 def _to_hf(args: argparse.Namespace) -> Path:
-    from megakv.hf.checkpoint import save_hf_checkpoint
+    from megakv.hf.checkpoint import read_generation_config, save_hf_checkpoint
     from megakv.model_dir import WEIGHTS_FILE, load_model_config, read_safetensors, tokenizer_path
 
     cfg = load_model_config(args.src)
@@ -62,7 +62,8 @@ def _to_hf(args: argparse.Namespace) -> Path:
         state = read_safetensors(Path(args.src) / WEIGHTS_FILE)
     with phase(f"writing {args.out}"):
         return save_hf_checkpoint(cfg, state, args.out, tokenizer_dir=tokenizer_path(args.src),
-                                  overwrite=args.overwrite, dtype=DTYPES[args.dtype] if args.dtype else None)
+                                  overwrite=args.overwrite, dtype=DTYPES[args.dtype] if args.dtype else None,
+                                  generation=read_generation_config(args.src))
 
 
 def _to_hf_rcla(args: argparse.Namespace) -> Path:

@@ -108,14 +108,47 @@ def _read_pytorch_bin(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def read_generation_config(directory: str | Path) -> dict | None:
+    """A directory's generation_config.json (a transformers checkpoint's, or the copy a megakv model directory
+    keeps of it), or None."""
+    path = Path(directory) / "generation_config.json"
+    if not path.is_file():
+        return None
+    generation = _read_json(path)
+    if not isinstance(generation, dict):
+        raise ValueError(f"{path} holds a JSON {type(generation).__name__}, not an object of settings. Fix: "
+                         "correct it, or remove generation_config.json")
+    return generation
+
+
+# Decided by megakv (the token ids) or written by transformers itself: never carried from a source.
+_NOT_CARRIED = ("bos_token_id", "eos_token_id", "pad_token_id", "transformers_version")
+
+
+def write_generation_config(directory: Path, token_ids: dict, source: dict | None, hf_cfg=None) -> None:
+    """The generation_config.json of an export: the imported model's settings (do_sample, temperature, top_k,
+    top_p, repetition_penalty...) when it had them, so transformers' generate() on the export samples as on the
+    original, with megakv's bos/eos/pad ids. Written as JSON, not through GenerationConfig.save_pretrained: that
+    refuses settings transformers loads with a warning (a temperature without do_sample, common on the Hub)."""
+    from transformers import GenerationConfig
+
+    if source:
+        kept = {k: v for k, v in source.items() if k not in _NOT_CARRIED}
+        ids = {k: v for k, v in token_ids.items() if v is not None}
+        (directory / "generation_config.json").write_text(json.dumps({**kept, **ids}, indent=2, sort_keys=True) + "\n")
+        return
+    generation = GenerationConfig.from_model_config(hf_cfg) if hf_cfg is not None else GenerationConfig(**token_ids)
+    generation.save_pretrained(directory)
+
+
 def with_generation_stop_ids(cfg: ModelConfig, hf_dir: str | Path) -> ModelConfig:
     """`cfg` with the end-of-sequence ids generation_config.json adds to config.json's: transformers' generate()
     stops at those (e.g. an instruct model's end-of-turn token), so megakv's generation must stop there too."""
     path = Path(hf_dir) / "generation_config.json"
-    if not path.is_file():
+    generation = read_generation_config(hf_dir)
+    if generation is None:
         return cfg
-    generation = _read_json(path)
-    listed = generation.get("eos_token_id") if isinstance(generation, dict) else None
+    listed = generation.get("eos_token_id")
     listed = listed if isinstance(listed, list) else [] if listed is None else [listed]
     if not all(isinstance(i, int) and not isinstance(i, bool) for i in listed):
         raise ValueError(f"{path}: eos_token_id must be an id or a list of ids, got {listed!r}. Fix: correct it, "
@@ -205,10 +238,10 @@ def special_token_ids(cfg: ModelConfig, tokenizer_dir: str | Path | None) -> dic
 
 def save_hf_checkpoint(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], out_dir: str | Path,
                        tokenizer_dir: str | Path | None = None, overwrite: bool = False,
-                       dtype: torch.dtype | None = None) -> Path:
-    """Write `cfg` + weights as a transformers directory that `AutoModelForCausalLM.from_pretrained` loads."""
+                       dtype: torch.dtype | None = None, generation: dict | None = None) -> Path:
+    """Write `cfg` + weights as a transformers directory that `AutoModelForCausalLM.from_pretrained` loads;
+    `generation`: the imported model's generation_config.json settings (see write_generation_config)."""
     from huggingface_hub import save_torch_state_dict
-    from transformers import GenerationConfig
 
     hf_cfg = hf_config_from_model_config(cfg)
     tensors = state_dict_to_hf(state_dict, cfg)
@@ -220,12 +253,13 @@ def save_hf_checkpoint(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], ou
     if dtype is not None or len(stored) == 1:  # what the weights hold (transformers reads it as the default dtype)
         hf_cfg.dtype = str(dtype or stored.pop()).removeprefix("torch.")
 
-    for name, value in special_token_ids(cfg, tokenizer_dir).items():
+    token_ids = special_token_ids(cfg, tokenizer_dir)
+    for name, value in token_ids.items():
         setattr(hf_cfg, name, value)
 
     def fill(tmp: Path) -> None:
         hf_cfg.save_pretrained(tmp)
-        GenerationConfig.from_model_config(hf_cfg).save_pretrained(tmp)
+        write_generation_config(tmp, token_ids, generation, hf_cfg)
         save_torch_state_dict(tensors, tmp)
         if tokenizer_dir is not None:
             copy_tokenizer_files(tokenizer_dir, tmp)
@@ -233,5 +267,6 @@ def save_hf_checkpoint(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], ou
     return write_directory_atomically(out_dir, fill, overwrite)
 
 
-__all__ = ["HF_CLASSES", "TOKENIZER_FILES", "copy_tokenizer_files", "load_hf_checkpoint", "read_hf_config",
-           "read_hf_weights", "save_hf_checkpoint", "special_token_ids"]
+__all__ = ["HF_CLASSES", "TOKENIZER_FILES", "copy_tokenizer_files", "load_hf_checkpoint",
+           "read_generation_config", "read_hf_config", "read_hf_weights", "save_hf_checkpoint", "special_token_ids",
+           "write_generation_config"]

@@ -29,7 +29,6 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     DynamicCache,
-    GenerationConfig,
     GenerationMixin,
     PreTrainedConfig,
     PreTrainedModel,
@@ -257,7 +256,12 @@ def export_for_transformers(model_dir: str | Path, out_dir: str | Path, retain: 
     model.safetensors, the tokenizer files when the model has a tokenizer, and the loader shim.
     (A training run becomes a model directory first: `megakv-convert from-checkpoint RUN_DIR OUT`.)
     """
-    from megakv.hf.checkpoint import copy_tokenizer_files, special_token_ids
+    from megakv.hf.checkpoint import (
+        copy_tokenizer_files,
+        read_generation_config,
+        special_token_ids,
+        write_generation_config,
+    )
     from megakv.model_dir import (
         CONFIG_FILE,
         WEIGHTS_FILE,
@@ -287,7 +291,7 @@ def export_for_transformers(model_dir: str | Path, out_dir: str | Path, retain: 
 
     def fill(tmp: Path) -> None:
         wrapper.save_pretrained(tmp)
-        GenerationConfig(**token_ids).save_pretrained(tmp)
+        write_generation_config(tmp, token_ids, read_generation_config(model_dir))
         (tmp / f"{SHIM_MODULE}.py").write_text(SHIM_SOURCE)
         if tokenizer_dir is not None:
             copy_tokenizer_files(tokenizer_dir, tmp)
