@@ -79,7 +79,9 @@ def save_model_dir(model_cfg: ModelConfig, state_dict: dict[str, torch.Tensor], 
         if generation:
             (tmp / GENERATION_FILE).write_text(json.dumps(generation, indent=2, sort_keys=True) + "\n")
         if tokenizer_dir is not None:
-            shutil.copytree(tokenizer_dir, tmp / TOKENIZER_DIR)
+            from megakv.data.tokenizer import copy_tokenizer_dir
+
+            copy_tokenizer_dir(Path(tokenizer_dir), tmp / TOKENIZER_DIR)  # never through a link out of it
 
     return write_directory_atomically(out_dir, fill, overwrite)
 

@@ -6,7 +6,9 @@ megakv CLI mains."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 import time
 import warnings
@@ -20,6 +22,7 @@ from megakv.cli.convert import main as convert_main
 from megakv.cli.eval import main as eval_main
 from megakv.cli.generate import main as generate_main
 from megakv.cli.prep import main as prep_main
+from megakv.data.errors import DataError
 from megakv.hf.checkpoint import load_hf_checkpoint
 from megakv.hf.mapping import HF_CLASSES, model_config_from_hf
 from megakv.model_dir import load_model, model_from_state_dict
@@ -237,6 +240,81 @@ def test_a_tokenizer_without_eos_token_serves_generation_and_evaluation(tmp_path
     assert prep_main(["--input", str(text), "--tokenizer", str(hf_dir), "--output-prefix", str(tmp_path / "d" / "t"),
                       "--no-progress"]) == 2
     assert "--eos-token" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------- links
+
+
+@pytest.fixture
+def secret(tmp_path):
+    key = tmp_path / "home" / ".ssh" / "id_ed25519"
+    key.parent.mkdir(parents=True)
+    key.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n")
+    key.chmod(0o600)
+    return key
+
+
+def _holds_secret(directory) -> bool:
+    return any(p.is_file() and "PRIVATE KEY" in p.read_text(errors="replace") for p in directory.rglob("*"))
+
+
+def test_no_tokenizer_copy_follows_a_link_out_of_its_directory(imported, llama_dir, secret, tmp_path, capsys):
+    """A received model directory whose tokenizer/README.txt linked to ~/.ssh/id_ed25519 gave exports a
+    world-readable copy of the key. Every tokenizer copy (exports, model directories, the copy beside data and
+    a run's) now refuses such a link, naming it."""
+    from megakv.data.tokenizer import import_hf_tokenizer, refresh_copy, save_beside_data
+    from megakv.model_dir import save_model_dir
+
+    received = tmp_path / "received"
+    shutil.copytree(imported, received)
+    (received / "tokenizer" / "README.txt").symlink_to(secret)
+    model = load_model(imported)  # from-checkpoint's path: a model directory gets every file of the tokenizer
+    with pytest.raises(DataError, match="README.txt is a link"):
+        save_model_dir(model.cfg, model.state_dict(), tmp_path / "copy", tokenizer_dir=received / "tokenizer")
+    link = received / "tokenizer" / "tokenizer.json"  # exports copy the transformers tokenizer files only
+    link.unlink()
+    link.symlink_to(secret)
+    for command in ("to-hf", "to-hf-rcla"):
+        assert convert_main([command, str(received), str(tmp_path / command)]) == 2
+        err = capsys.readouterr().err
+        assert f"{link} is a link to {secret}, outside the tokenizer directory" in err, err
+        assert not (tmp_path / command).exists()
+
+    megakv_tokenizer = tmp_path / "tok"
+    import_hf_tokenizer(llama_dir, megakv_tokenizer)
+    (megakv_tokenizer / "README.txt").symlink_to(secret)
+    with pytest.raises(DataError, match="README.txt is a link"):
+        save_beside_data(megakv_tokenizer, tmp_path / "data")
+    with pytest.raises(DataError, match="README.txt is a link"):
+        refresh_copy(megakv_tokenizer, tmp_path / "run" / "tokenizer")
+
+    hf_dir = tmp_path / "hf_received"  # a transformers directory: its tokenizer files are what gets copied
+    shutil.copytree(llama_dir, hf_dir)
+    (hf_dir / "tokenizer.json").unlink()
+    (hf_dir / "tokenizer.json").symlink_to(secret)
+    assert convert_main(["from-hf", str(hf_dir), str(tmp_path / "mk")]) == 2
+    assert "tokenizer.json is a link" in capsys.readouterr().err
+    for place in (tmp_path / "data", tmp_path / "run", tmp_path / "mk", tmp_path / "copy"):
+        assert not place.exists() or not _holds_secret(place), place
+
+
+def test_a_hugging_face_cache_snapshot_of_links_into_blobs_imports(llama_dir, tmp_path):
+    """The Hugging Face cache keeps a snapshot's files as links into the repository's blobs/ folder: importing
+    from a snapshot works, and the model directory gets plain files."""
+    repo = tmp_path / "hub" / "models--org--tiny"
+    snapshot = repo / "snapshots" / "0123abc"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for path in llama_dir.iterdir():
+        blob = repo / "blobs" / hashlib.sha256(path.read_bytes()).hexdigest()
+        shutil.copy(path, blob)
+        (snapshot / path.name).symlink_to(os.path.relpath(blob, snapshot))
+    assert convert_main(["from-hf", str(snapshot), str(tmp_path / "mk")]) == 0
+    copied = sorted((tmp_path / "mk" / "tokenizer").iterdir())
+    assert copied and not any(p.is_symlink() for p in copied)
+    tokenizer_json = (tmp_path / "mk" / "tokenizer" / "tokenizer.json").read_bytes()
+    assert tokenizer_json == (llama_dir / "tokenizer.json").read_bytes()
+    assert convert_main(["to-hf", str(tmp_path / "mk"), str(tmp_path / "back")]) == 0
 
 
 # ------------------------------------------------------------------------------------------ config vs weights

@@ -253,6 +253,42 @@ def _special_ids(info: TokenizerInfo) -> str:
     return f"eos {info.eos_id}, bos {info.bos_id}, pad {info.pad_id}, unk {info.unk_id}"
 
 
+class LinkRefused(DataError):
+    """A tokenizer file a copy must not follow (see checked_source)."""
+
+
+def _in_hf_cache(target: Path) -> bool:
+    """A file of Hugging Face's cache, where a snapshot's files are links into the repository's blobs folder
+    (models--ORG--NAME/snapshots/REV/tokenizer.json -> ../../blobs/SHA; `--local-dir` downloads linked there too)."""
+    return target.parent.name == "blobs" and target.parent.parent.name.startswith("models--")
+
+
+def checked_source(path: Path, root: Path) -> Path:
+    """`path`, a file of the tokenizer directory `root`, once it is safe to copy: a regular file in `root`, or a
+    link to one in `root` or in Hugging Face's cache. A copy never follows a link elsewhere: a received directory
+    whose tokenizer/README.txt linked to ~/.ssh/id_ed25519 put the key into an export, readable by everyone."""
+    target = path.resolve()
+    if not (target.is_relative_to(root.resolve()) or _in_hf_cache(target)):
+        raise LinkRefused(f"{path} is a link to {target}, outside the tokenizer directory {root}: a copy would "
+                          "carry that file's contents along (a tokenizer directory megakv writes holds no links)",
+                          "delete the link, or put the file itself in its place if it is part of the tokenizer")
+    if not target.is_file():
+        raise LinkRefused(f"{path} is not a regular file (a link to a directory, a pipe or a device?): a "
+                          "tokenizer directory holds only files", "delete it")
+    return path
+
+
+def copy_tokenizer_dir(source: Path, target: Path) -> None:
+    """Copy the tokenizer directory `source` to the new directory `target`, as plain files (see checked_source)."""
+    target.mkdir(parents=True)
+    for path in sorted(source.rglob("*")):
+        if path.is_dir() and not path.is_symlink():
+            continue  # created with the files in it
+        destination = target / path.relative_to(source)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(checked_source(path, source), destination)
+
+
 def refresh_copy(source: Path, target: Path) -> None:
     """Make `target` a copy of the tokenizer directory `source`, replacing a copy of another tokenizer (a
     run directory reused for other data) atomically; an identical copy is left alone."""
@@ -264,7 +300,11 @@ def refresh_copy(source: Path, target: Path) -> None:
         except DataError:  # a damaged copy: replaced like another tokenizer's
             pass
     tmp = target.with_name(f"{target.name}.tmp-{uuid.uuid4().hex[:8]}")
-    shutil.copytree(source, tmp)
+    try:
+        copy_tokenizer_dir(source, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if target.exists():
         old = target.with_name(f"{target.name}.old-{uuid.uuid4().hex[:8]}")
         os.rename(target, old)
@@ -473,7 +513,7 @@ def save_beside_data(source: str | Path, data_dir: str | Path,
             for path in [*_own_files(source, info.kind), source / METADATA_FILE]:  # not an export's model files
                 destination = tmp / path.relative_to(source)
                 destination.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(path, destination)
+                shutil.copy2(checked_source(path, source), destination)
         else:
             info = import_hf_tokenizer(source, tmp, eos_token)
         if not target.exists():

@@ -198,7 +198,7 @@ def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
     so megakv's tools read `dst` back as the same tokenizer.
     """
     from megakv.data.errors import DataError
-    from megakv.data.tokenizer import METADATA_FILE, SPM_MODEL_FILE
+    from megakv.data.tokenizer import METADATA_FILE, SPM_MODEL_FILE, LinkRefused, checked_source
     from megakv.hf.tokenizer import is_sentencepiece_dir, write_hf_tokenizer
 
     src, dst = Path(src), Path(dst)
@@ -206,6 +206,8 @@ def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
         return []
     try:
         copied = write_hf_tokenizer(src, dst)
+    except LinkRefused:
+        raise
     except DataError as e:  # a SentencePiece model no exact transformers tokenizer exists for: megakv's files only
         warnings.warn(f"{dst} gets no transformers tokenizer files: {e}", stacklevel=2)
         copied = []
@@ -214,7 +216,7 @@ def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
         if name not in copied and (src / name).is_file():
             dst.mkdir(parents=True, exist_ok=True)
             if (src / name).resolve() != (dst / name).resolve():
-                shutil.copy2(src / name, dst / name)
+                shutil.copy2(checked_source(src / name, src), dst / name)
             copied.append(name)
     return copied
 

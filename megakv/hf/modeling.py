@@ -39,6 +39,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from megakv.config.model import ModelConfig, RopeScalingConfig
 from megakv.data.tokenizer import METADATA_FILE as TOKENIZER_METADATA_FILE
+from megakv.data.tokenizer import checked_source
 from megakv.hf.cache import SharedDepthCache
 from megakv.inference.engine import forward_layers, resolve_plan
 from megakv.inference.padding import attention_mask as boolean_attention_mask
@@ -297,7 +298,8 @@ def export_for_transformers(model_dir: str | Path, out_dir: str | Path, retain: 
             copy_tokenizer_files(tokenizer_dir, tmp)
             # megakv's tokenizer metadata too, so megakv's own tools load the export's tokenizer as before.
             if (Path(tokenizer_dir) / TOKENIZER_METADATA_FILE).is_file():
-                shutil.copy2(Path(tokenizer_dir) / TOKENIZER_METADATA_FILE, tmp / TOKENIZER_METADATA_FILE)
+                shutil.copy2(checked_source(Path(tokenizer_dir) / TOKENIZER_METADATA_FILE, Path(tokenizer_dir)),
+                             tmp / TOKENIZER_METADATA_FILE)
         # save_pretrained may drop auto_map for locally registered classes; make sure it is there.
         config_path = tmp / "config.json"
         config = json.loads(config_path.read_text())

@@ -43,7 +43,7 @@ import warnings
 from pathlib import Path
 
 from megakv.data.errors import DataError
-from megakv.data.tokenizer import METADATA_FILE, SPM_MODEL_FILE, TokenizerInfo
+from megakv.data.tokenizer import METADATA_FILE, SPM_MODEL_FILE, TokenizerInfo, checked_source
 
 # Files that make up a transformers tokenizer (copied when the source already is one).
 HF_TOKENIZER_FILES = (
@@ -95,7 +95,7 @@ def write_hf_tokenizer(megakv_tokenizer_dir: str | Path, out_dir: str | Path) ->
             out.mkdir(parents=True, exist_ok=True)
         for name in names:
             if (src / name).resolve() != (out / name).resolve():
-                shutil.copy2(src / name, out / name)
+                shutil.copy2(checked_source(src / name, src), out / name)
         return names
     info = TokenizerInfo.read(src)
     tokenizer, specials = build_fast_tokenizer(src / SPM_MODEL_FILE)
