@@ -66,6 +66,30 @@ def test_damaged_latest_falls_back_to_the_newest_intact_checkpoint(runs, tmp_pat
     assert any("DAMAGED CHECKPOINT" in n and name in n for n in launch.resume.notices), launch.resume.notices
 
 
+def test_only_rank_0_reads_checksums_and_a_damage_only_they_show_stops_a_multi_rank_launch(runs, tmp_path):
+    """Every rank hashed the whole checkpoint before training: world-size times its size read from a shared
+    filesystem (filesystem audit). Rank 0 checks checksums, the others sizes; a same-size damage, which only the
+    checksums show, would make the ranks pick different checkpoints, so it stops the launch naming the fix."""
+    from megakv.cli.convert import main as convert_main
+    from megakv.parallel.layout import ParallelLayout
+
+    run_dir = runs.copy_stopped(tmp_path / "run")
+    ckpts = run_dir / "checkpoints"
+    assert convert_main(["to-universal", str(run_dir)]) == 0  # two ranks resume the one-rank run through it
+    damage(ckpts / tag(STOP_AT), "flip_rng_byte")
+    cfg = tiny_config(runs, run_dir, "checkpoint.resume=auto")
+    other_rank = preflight(cfg, ParallelLayout(world_size=2, rank=1, local_rank=1))
+    assert other_rank.resume.tag == f"{tag(STOP_AT)}_universal"  # sizes only: it cannot tell
+    with pytest.raises(CheckpointError) as info:
+        preflight(cfg, ParallelLayout(world_size=2, rank=0, local_rank=0))
+    assert f"mv {ckpts / tag(STOP_AT)} {ckpts / tag(STOP_AT)}.damaged" in str(info.value)
+    assert RNG_FILE.split("/")[-1] in str(info.value)
+    damage(ckpts / tag(STOP_AT), "truncate_model")  # a damage the sizes show: every rank passes it over alike
+    for rank in (0, 1):  # to the previous step, which has no conversion: both ranks say so about that step
+        with pytest.raises(ConfigError, match=f"{tag(STOP_AT - 2)} was written by 1 data-parallel"):
+            preflight(cfg, ParallelLayout(world_size=2, rank=rank, local_rank=rank))
+
+
 def test_no_intact_checkpoint_is_refused_naming_each_damaged_file(runs, tmp_path):
     run_dir = runs.copy_stopped(tmp_path / "run")
     ckpts = run_dir / "checkpoints"

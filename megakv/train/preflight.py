@@ -303,8 +303,13 @@ def saved_zero_stage(cfg: MegaKVConfig, state: TrainState, where: Path) -> int:
     return saved
 
 
-def find_resume(cfg: MegaKVConfig, data_parallel: int) -> ResumePoint | None:
-    """Where this launch starts: None (fresh: nothing in checkpoints/) or the newest intact checkpoint."""
+def find_resume(cfg: MegaKVConfig, data_parallel: int, rank: int = 0, world_size: int = 1) -> ResumePoint | None:
+    """Where this launch starts: None (fresh: nothing in checkpoints/) or the newest intact checkpoint.
+
+    Rank 0 checks every file's checksum, the other ranks only their sizes: each rank reading the whole checkpoint
+    read it world-size times from a shared filesystem before training. A damage only the checksums show, which
+    would make the ranks choose different checkpoints, stops the launch instead (rank 0 names it)."""
+    checksums = rank == 0
     run_dir = Path(cfg.train.run_dir)
     ckpt_dir = checkpoints_dir(run_dir)
     if not holds_checkpoints(ckpt_dir):
@@ -323,7 +328,14 @@ def find_resume(cfg: MegaKVConfig, data_parallel: int) -> ResumePoint | None:
         raise ConfigError("checkpoint.resume", "none", f"{run_dir} already holds {shown}; starting fresh would "
                           "write over them",
                           "pass --resume auto to continue that run, or choose a new train.run_dir")
-    found = discover(ckpt_dir)
+    found = discover(ckpt_dir, checksums)
+    if checksums and world_size > 1 and found.found != (sized := discover(ckpt_dir, checksums=False)).found:
+        damaged = sized.found[0] if sized.found else "?"
+        problem = next((p for p in found.damaged if p.startswith(f"{damaged}:")), "; ".join(found.damaged))
+        raise CheckpointError(f"{ckpt_dir / damaged} is damaged ({problem}) although its files have the sizes "
+                              "recorded, so only rank 0, which checks checksums, can tell. Fix: move it aside "
+                              f"(mv {ckpt_dir / damaged} {ckpt_dir / damaged}.damaged) and launch again: the run "
+                              "resumes from the newest intact checkpoint")
     notices = [f"DAMAGED CHECKPOINT passed over: {problem}. Resuming from an older one; the damaged directory "
                "is kept (moved aside when this run saves that step again)" for problem in found.damaged]
     notices.extend(found.notes)
@@ -371,7 +383,7 @@ def find_resume(cfg: MegaKVConfig, data_parallel: int) -> ResumePoint | None:
                           f"{problem}; its conversion {ckpt_dir / converted} does not hold the parameters under "
                           "MegaKVModel names (an older or partial conversion)",
                           f"run `megakv-convert to-universal {run_dir}` again, or {same_layout}")
-    damage = verify(ckpt_dir / converted)
+    damage = verify(ckpt_dir / converted, checksums=rank == 0)  # an error, not a choice: ranks cannot diverge
     if damage is not None:  # a missing or changed file: DeepSpeed would crash on it or train from it silently
         raise ConfigError("checkpoint.resume", "auto", f"{problem}; its conversion is damaged: {damage}",
                           f"run `megakv-convert to-universal {run_dir}` again, or {same_layout}")
@@ -488,7 +500,7 @@ def preflight(cfg: MegaKVConfig, layout: ParallelLayout) -> Launch:
     if memory_note and layout.rank == 0:
         warnings.warn(memory_note, stacklevel=2)
     check_run_dir(cfg)
-    resume = find_resume(cfg, data_parallel)
+    resume = find_resume(cfg, data_parallel, layout.rank, layout.world_size)
     check_same_tensor(cfg, resume)
     ds_config = build_ds_config(cfg, data_parallel, load_universal=bool(resume and resume.universal))
     return Launch(run_dir=Path(cfg.train.run_dir), data_parallel=data_parallel, accumulation_steps=accumulation,
