@@ -157,7 +157,7 @@ def test_a_damaged_model_directory_is_one_clear_error(good_model, split, tmp_pat
 def test_a_layout_that_does_not_fit_says_how_many_processes_to_launch():
     result = _train_cli(str(REPO / "megakv" / "recipes" / "tiny.yaml"), "parallel.tensor=2")
     assert result.returncode == 2
-    assert "launch 2 processes or a multiple of 2 (e.g. torchrun --nproc_per_node 2" in _one_clean_line(
+    assert "launch 2 processes or a multiple of 2 (nodes x GPUS_PER_NODE with slurm/pretrain.sbatch" in _one_clean_line(
         result.stderr)
 
 

@@ -69,8 +69,8 @@ class ParallelConfig:
             raise ConfigError(f"{prefix}.pipeline" if self.tensor == 1 else f"{prefix}.tensor",
                               self.pipeline if self.tensor == 1 else self.tensor,
                               f"world size {world_size} is not a multiple of tensor x pipeline = {model_parallel}",
-                              f"launch {model_parallel} processes or a multiple of {model_parallel} (e.g. torchrun "
-                              f"--nproc_per_node {model_parallel} -m megakv.cli.train ...), or lower "
+                              f"launch {model_parallel} processes or a multiple of {model_parallel} (nodes x "
+                              "GPUS_PER_NODE with slurm/pretrain.sbatch, or torchrun --nproc_per_node), or lower "
                               "parallel.tensor / parallel.pipeline")
         if self.pipeline > 1 and self.zero_stage > 1:
             raise ConfigError(f"{prefix}.zero_stage", self.zero_stage,

@@ -478,7 +478,7 @@ def check_device_pairing(cfg: MegaKVConfig, local_rank: int) -> None:
     if gpus > 1 and local_rank >= gpus:
         raise ConfigError("train.device", cfg.train.device, f"this process is local rank {local_rank} but sees "
                           f"{gpus} GPUs: two ranks would share one", "start at most one process per GPU on a node "
-                          "(torchrun --nproc_per_node, srun --ntasks-per-node)")
+                          "(GPUS_PER_NODE with slurm/pretrain.sbatch, torchrun --nproc_per_node)")
 
 
 def preflight(cfg: MegaKVConfig, layout: ParallelLayout) -> Launch:
