@@ -565,3 +565,20 @@ def test_the_next_run_removes_the_temporaries_a_killed_run_left(tmp_path, tokeni
         (out / name).write_bytes(b"keep")
     assert main(argv) == 0
     assert sorted(p.name for p in out.iterdir()) == sorted(["d.bin", "d.idx", "d.meta.json", "tokenizer", *others])
+
+
+def test_progress_in_a_log_file_is_one_line_per_update(capsys):
+    """Under SLURM the bar goes to a .out file: carriage returns made every update one endless line that less
+    and grep could not read (SLURM audit). Not on a terminal (capsys is not one), each update is a line."""
+    from megakv.cli.progress import ProgressBar
+    from megakv.data.progress import Progress
+
+    with Progress(1000, "prep") as progress:
+        progress.read_to(500)
+        progress.wrote(3, 300)
+    with ProgressBar(4, "eval", "batch") as bar:
+        bar.advance(4)
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = err.splitlines()
+    assert len(lines) >= 4 and lines[0].startswith("prep") and "100%" in lines[-1] and "eval" in lines[-1]

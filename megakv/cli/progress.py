@@ -6,6 +6,8 @@ import sys
 
 from tqdm import tqdm
 
+from megakv.data.progress import bar_stream
+
 
 class ProgressBar:
     """tqdm on stderr; `advance(n)` after each piece of work. Redraws every 0.5 s on a terminal, every
@@ -15,7 +17,8 @@ class ProgressBar:
         """unit_scale: show counts as k/M/G (for bytes)."""
         interactive = sys.stderr.isatty()
         self._bar = tqdm(total=total, desc=desc, unit=unit if unit_scale else f" {unit}", disable=not enabled,
-                         file=sys.stderr, mininterval=0.5 if interactive else 30.0, dynamic_ncols=True,
+                         file=bar_stream(interactive), mininterval=0.5 if interactive else 30.0,
+                         dynamic_ncols=interactive,
                          unit_scale=unit_scale, unit_divisor=1024 if unit_scale else 1000)
 
     def advance(self, n: int = 1) -> None:
