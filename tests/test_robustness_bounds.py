@@ -394,3 +394,27 @@ def test_a_fresh_launch_does_not_write_over_a_finished_run_that_saved_nothing(ru
     assert (run_dir / "config.yaml").read_text() == config and (run_dir / "metrics.jsonl").read_text() == metrics
     restarted = launch_train(runs.overrides(run_dir, "train.steps=2", "checkpoint.every=0"), nproc=1, resume=True)
     assert restarted.ok, restarted.output[-3000:]  # asked for: the run starts again from scratch
+
+
+def test_a_read_only_data_directory_without_a_cache_is_named_before_launch(runs, tmp_path):
+    """Data shared read-only (another user's, a read-only mount) and no index cache built yet: the launch
+    failed after the process group; --dry-run and the launch checks now say so, naming data.cache_dir. A real
+    read-only bind mount (root here; elsewhere the test cannot make one)."""
+    import shutil
+
+    shared = tmp_path / "shared"
+    shutil.copytree(runs.dataset.parent, shared, ignore=shutil.ignore_patterns("index-cache"))
+    done = subprocess.run(["mount", "--bind", "-o", "ro", str(shared), str(shared)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip("needs permission to bind-mount a directory read-only (root)")
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(shared)], capture_output=True)
+        prefix = shared / runs.dataset.name
+        with pytest.raises(ConfigError) as info:
+            preflight(tiny_config(runs, tmp_path / "run", f"data.datasets=[{prefix}]"), one_process())
+        assert info.value.field == "data.cache_dir" and str(shared / "index-cache") in info.value.problem
+        launch = preflight(tiny_config(runs, tmp_path / "run", f"data.datasets=[{prefix}]",
+                                       f"data.cache_dir={tmp_path / 'cache'}"), one_process())
+        assert launch.resume is None  # with a cache directory of one's own the same data is fine
+    finally:
+        subprocess.run(["umount", str(shared)], capture_output=True)

@@ -59,6 +59,17 @@ class Launch:
         return self.resume.state.run_id if self.resume is not None else self.fresh_run_id
 
 
+def check_cache_dir(cfg: MegaKVConfig) -> None:
+    """The index cache (data.cache_dir, else index-cache/ beside the first dataset) can be created when it does
+    not exist yet: a shared, read-only data directory failed only after the process group had started."""
+    directory = Path(cfg.data.cache_dir or Path(cfg.data.datasets[0]).parent / "index-cache")
+    existing = next(p for p in (directory, *directory.parents) if p.exists())
+    if existing != directory and not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError("data.cache_dir", cfg.data.cache_dir, f"the index cache {directory} does not exist yet "
+                          f"and cannot be created ({existing} is not writable: a shared or read-only data directory?)",
+                          "set data.cache_dir to a directory you can write (on a filesystem every rank sees)")
+
+
 def check_data_files(cfg: MegaKVConfig) -> None:
     """Every pair exists, reads as an index (header, sizes) and holds tokens: --dry-run passed damaged or empty
     data that the launch refused after the process group."""
@@ -492,6 +503,7 @@ def preflight(cfg: MegaKVConfig, layout: ParallelLayout) -> Launch:
     check_plans_layout(cfg, data_parallel)
     cfg.data.validate("data")  # training needs data (a config that only describes a model may omit it)
     check_data_files(cfg)
+    check_cache_dir(cfg)
     check_tokenizer(cfg)
     check_data_vocab(cfg)
     check_document_ends(cfg)
