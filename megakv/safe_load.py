@@ -112,8 +112,17 @@ def _parameter_names(held, depth: int = 0):
             yield from held.keys()
 
 
+_MEGAKV_JSON = re.compile(r"megakv_state\.json|megakv_split_dims\.json|rank\d{5}\.json")
+
+
+def _megakv_json(path: Path) -> bool:
+    """megakv's own JSON files, which only json.loads reads. Any other name is parsed like a torch file, a
+    `.json` suffix too: DeepSpeed's converter opens every `mp_rank_*` file whatever its suffix."""
+    return _MEGAKV_JSON.fullmatch(path.name) is not None
+
+
 def check_deepspeed_dir(directory: str | Path) -> int:
-    """Check every file under a DeepSpeed checkpoint directory but megakv's JSON ones with the weights-only
+    """Check every file under a DeepSpeed checkpoint directory but megakv's own JSON with the weights-only
     unpickler, and every parameter name in them; returns how many torch files were checked.
 
     Every file, not only `*.pt`: DeepSpeed's universal conversion also opens files by prefix (`mp_rank_*`) or by
@@ -127,7 +136,7 @@ def check_deepspeed_dir(directory: str | Path) -> int:
             if (Path(root) / name).is_symlink():
                 raise UnsafeFileError(Path(root) / name, "a checkpoint holds no links (megakv never writes one), "
                                       "and a link can lead a loader to files this check did not see")
-        files += [Path(root) / name for name in names if not name.endswith(".json")]
+        files += [Path(root) / name for name in names if not _megakv_json(Path(root) / name)]
     for path in sorted(files):
         for name in _parameter_names(check_torch_file(path, allowed)):
             if not isinstance(name, str) or not _PARAMETER_NAME.fullmatch(name):

@@ -152,6 +152,8 @@ def test_fragment_may_not_make_deepspeed_write_where_it_says(dataset, tmp_path, 
     assert "write to a path or service the fragment names" in err.problem
     path.write_text(json.dumps({"flops_profiler": {"enabled": True, "profile_step": 2}}))  # to the log: fine
     assert build_ds_config(tiny(dataset, tmp_path, f"parallel.ds_fragment={path}"), 1)["flops_profiler"]["enabled"]
+    path.write_text(json.dumps({"tensorboard": {"enabled": False}, "flops_profiler": {"output_file": None}}))
+    build_ds_config(tiny(dataset, tmp_path, f"parallel.ds_fragment={path}"), 1)  # switched off: harmless
 
 
 # ----------------------------------------------------------------------------- bad input, before any process group

@@ -69,13 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _prepare(args: argparse.Namespace):
+def _prepare(args: argparse.Namespace, held: list):
+    """The launch checks and the run directory's config files; `held` gets the run-directory lock (rank 0)."""
     from megakv.config import load_config, save_config
     from megakv.parallel.context import pin_deepspeed_to
     from megakv.parallel.layout import ParallelLayout
     from megakv.train.preflight import preflight
     from megakv.train.run_dir import write_json_atomically
-    from megakv.train.run_lock import RunDirLock
+    from megakv.train.run_lock import take_run_dir
 
     overrides = list(args.overrides)
     if args.resume is not None:
@@ -88,7 +89,8 @@ def _prepare(args: argparse.Namespace):
     locks = layout.rank == 0 and not args.dry_run  # rank 0 holds the run directory for the whole launch
     run_dir = Path(cfg.train.run_dir)
     # Before the checks when it exists: they read checkpoints that another launch may be writing.
-    lock = RunDirLock.take(run_dir) if locks and run_dir.is_dir() else None
+    if locks and run_dir.is_dir():
+        held.append(take_run_dir(run_dir))
     with warnings.catch_warnings():
         if layout.rank != 0:  # the launch checks' notes are about the config, the same on every rank: say them once
             warnings.simplefilter("ignore")
@@ -96,11 +98,11 @@ def _prepare(args: argparse.Namespace):
     config_file, ds_config_file = run_files(launch.run_dir, args.dry_run)
     if layout.rank == 0:
         launch.run_dir.mkdir(parents=True, exist_ok=True)
-        if locks and lock is None:
-            lock = RunDirLock.take(launch.run_dir)
+        if locks and not held:
+            held.append(take_run_dir(launch.run_dir))
         save_config(cfg, config_file)
         write_json_atomically(ds_config_file, launch.ds_config)
-    return cfg, layout, launch, (config_file, ds_config_file), lock
+    return cfg, layout, launch, (config_file, ds_config_file)
 
 
 def run_files(run_dir: Path, dry_run: bool) -> tuple[Path, Path]:
@@ -199,19 +201,30 @@ def _exit(code: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megakv.config.parallel import ParallelConfig
-    from megakv.train.launch_guard import LaunchGuard, env_rank_world
     from megakv.train.signals import StopRequest
 
     args = build_parser().parse_intermixed_args(argv)
     stop = StopRequest() if args.dry_run else StopRequest().catch_early()  # a SIGUSR1 during the launch is kept
+    held: list = []  # the run-directory lock
+    try:
+        return _launch(args, stop, held)
+    finally:  # reached by the returns of a launch that did not train (one that trains ends in _exit)
+        for lock in held:
+            lock.release()
+        stop.release_early()
+
+
+def _launch(args: argparse.Namespace, stop, held: list) -> int:
+    from megakv.config.parallel import ParallelConfig
+    from megakv.train.launch_guard import LaunchGuard, env_rank_world
+
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # more threads per rank thrash a CPU box (see docs)
     # DeepSpeed's ZeRO calls collectives torch has renamed; one warning per call would flood the console.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     rank, _world = env_rank_world()
     cfg = error = None
-    try:  # `_lock` is held until the process exits
-        cfg, layout, launch, written, _lock = _prepare(args)
+    try:
+        cfg, layout, launch, written = _prepare(args, held)
     except (ConfigError, OSError, ValueError, RuntimeError) as e:  # OSError: e.g. a full or read-only disk
         error = e
     if args.dry_run and error is None:

@@ -11,14 +11,12 @@ behind (they can hold gigabytes), and only names of exactly megakv's temporary s
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import glob
-import os
-import socket
 from pathlib import Path
 
 from megakv.data.errors import DataError
 from megakv.data.indexed import is_temporary_of, mask_prefix
+from megakv.locking import LockHeldError, LockLinkError, printable, take_lock
 
 LOCK_SUFFIX = ".tmp-lock"  # temporary-looking, like every other leftover
 
@@ -44,47 +42,21 @@ def output_lock(prefix: str | Path, tool: str):
     prefix = Path(prefix)
     make_output_dir(prefix)
     path = lock_path(prefix)
-    lock = _acquire(path, prefix)
     try:
-        # Who holds it, for a refused second writer. Unbuffered, and a failure ignored: a full disk may refuse
-        # even these bytes, and must not stop the cleanup below that frees it.
-        with contextlib.suppress(OSError):
-            os.ftruncate(lock.fileno(), 0)
-            os.write(lock.fileno(), f"{tool}\npid {os.getpid()} on {socket.gethostname()}\n".encode())
+        lock = take_lock(path, tool)
+    except LockLinkError as e:
+        raise DataError(str(e).split(". Fix: ")[0], "remove the link") from None
+    except LockHeldError as e:
+        holder = e.holder
+        where = (f"pid {printable(holder['pid'])} on {printable(holder['host'])}, which holds {path}"
+                 if {"pid", "host"} <= holder.keys() else f"it holds {path}")
+        raise DataError(f"another {printable(holder.get('what', 'megakv job'))} is writing {prefix} ({where})",
+                        "wait for it to finish, or choose another --output-prefix") from None
+    try:
         remove_stale_temporaries(prefix)
         yield
     finally:
-        path.unlink(missing_ok=True)  # while still holding it, so nobody locks a file about to vanish
-        lock.close()
-
-
-def _acquire(path: Path, prefix: Path):
-    while True:
-        lock = open(path, "a")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.close()
-            tool, where = _holder(path)
-            raise DataError(f"another {tool} is writing {prefix} ({where}holds {path})",
-                            "wait for it to finish, or choose another --output-prefix") from None
-        try:  # the holder before us may have removed the file after we opened it: lock the current one
-            if os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino:
-                return lock
-        except FileNotFoundError:
-            pass
-        lock.close()
-
-
-def _holder(path: Path) -> tuple[str, str]:
-    """(the holder's tool, "pid N on HOST, " or ""), from what it wrote into the lock file."""
-    try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError):
-        lines = []
-    if len(lines) < 2:  # it may not have written its name yet
-        return "megakv job", "it "
-    return lines[0], f"{lines[1]}, which "
+        lock.release(remove=True)
 
 
 def remove_stale_temporaries(prefix: str | Path) -> list[Path]:

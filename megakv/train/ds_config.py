@@ -177,7 +177,8 @@ def check_fragment(generated: dict[str, Any], fragment: dict[str, Any], name: st
     """Refuse a fragment that sets a value the typed config owns, or megakv generates, to something else."""
     for path, value in _leaves(fragment):
         output = _owner(path, OUTPUT_KEYS)
-        if output is not None:
+        switched_off = value is None or (path.endswith(".enabled") and value is False)
+        if output is not None and not switched_off:
             raise ConfigError("parallel.ds_fragment", name, f"it sets {path}, which makes DeepSpeed write to a path or "
                               f"service the fragment names ({output})", f"remove {path} from the fragment")
         alias = _owner(path, ALIAS_KEYS)

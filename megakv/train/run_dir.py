@@ -46,8 +46,12 @@ class RunDirWriteError(OSError):
 
 def write_json_atomically(path: Path, payload: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    tmp.replace(path)
+    try:
+        tmp.write_text(json.dumps(payload, indent=2) + "\n")
+        tmp.replace(path)
+    except OSError as e:  # a full disk: said plainly, and no half-written .tmp left behind
+        tmp.unlink(missing_ok=True)
+        raise RunDirWriteError(path, e) from e
 
 
 def write_status(run_dir: str | Path, state: str, **details) -> None:
@@ -56,5 +60,10 @@ def write_status(run_dir: str | Path, state: str, **details) -> None:
 
 
 def read_status(run_dir: str | Path) -> dict | None:
+    """None when there is none, or none readable (a crash can leave it empty or zero-filled)."""
     path = Path(run_dir) / STATUS
-    return json.loads(path.read_text()) if path.is_file() else None
+    try:
+        status = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+    return status if isinstance(status, dict) else None

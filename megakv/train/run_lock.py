@@ -2,64 +2,41 @@
 
 Two launches on one run directory (a job resubmitted while it still runs, two array tasks with one config)
 wrote into each other's temporary save directories, moved or pruned each other's checkpoints and interleaved
-metrics.jsonl, and both exited 0. Rank 0 of a launch holds an exclusive lock on RUN_DIR/.megakv-run.lock for
-as long as it runs; the operating system releases it when the process ends, however it ends (a kill -9 too,
-so a stale lock needs no clean-up). On a shared filesystem the lock is as good as the filesystem's locking:
-NFSv4 and Lustre (mounted with -o flock) lock across nodes. The file also says who holds it, for the error.
+metrics.jsonl, and both exited 0. Rank 0 of a launch holds RUN_DIR/.megakv-run.lock (megakv/locking.py) for
+as long as it runs. On a shared filesystem the lock is as good as the filesystem's locking: NFSv4 and Lustre
+(mounted with -o flock) lock across nodes, and keep a crashed node's lock until its lease ends, so a requeued
+job that finds its own job id on the lock waits for that instead of failing.
 """
 
 from __future__ import annotations
 
-import fcntl
-import json
 import os
-import socket
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from megakv.config.errors import ConfigError
+from megakv.locking import HeldLock, LockHeldError, LockLinkError, describe_holder, take_lock
 
 LOCK_FILE = ".megakv-run.lock"
+OWN_JOB_WAIT_S = 180.0  # longer than NFSv4's default lease (90 s) after which a dead node's locks go
+POLL_S = 0.5
 
 
-@dataclass
-class RunDirLock:
-    run_dir: Path
-    fd: int
-
-    @classmethod
-    def take(cls, run_dir: str | Path, what: str = "megakv-train") -> RunDirLock:
-        """Lock `run_dir` (an existing directory) or raise ConfigError naming the launch that holds it."""
-        run_dir = Path(run_dir)
-        path = run_dir / LOCK_FILE
-        try:  # O_NOFOLLOW: a link planted in a received run directory must not be written through
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-        except OSError as e:
-            raise ConfigError("train.run_dir", str(run_dir), f"cannot open its lock file {path} ({e.strerror})",
-                              "remove it if it is a link, or choose another train.run_dir") from None
+def take_run_dir(run_dir: str | Path, own_job_wait_s: float = OWN_JOB_WAIT_S) -> HeldLock:
+    """Lock `run_dir` (an existing directory) or raise ConfigError naming the launch that holds it."""
+    run_dir = Path(run_dir)
+    deadline = time.monotonic() + own_job_wait_s
+    while True:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _describe_holder(fd)
-            os.close(fd)
-            raise ConfigError("train.run_dir", str(run_dir), f"another launch is using it ({holder}); two launches on "
-                              "one run directory would overwrite each other's checkpoints and metrics",
+            return take_lock(run_dir / LOCK_FILE, "megakv-train")
+        except LockLinkError as e:
+            raise ConfigError("train.run_dir", str(run_dir), str(e), "remove the link") from None
+        except LockHeldError as e:
+            own_job = os.environ.get("SLURM_JOB_ID")
+            if own_job and e.holder.get("slurm_job") == own_job and time.monotonic() < deadline:
+                time.sleep(POLL_S)  # this job's earlier run (requeued): its lock goes with its node's lease
+                continue
+            raise ConfigError("train.run_dir", str(run_dir), f"another launch is using it "
+                              f"({describe_holder(e.holder)}); two launches on one run directory would overwrite "
+                              "each other's checkpoints and metrics",
                               "wait for it to finish or cancel it, or choose another train.run_dir") from None
-        holder = {"what": what, "host": socket.gethostname(), "pid": os.getpid(),
-                  "slurm_job": os.environ.get("SLURM_JOB_ID"), "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
-        return cls(run_dir, fd)
-
-    def release(self) -> None:
-        os.close(self.fd)  # the file stays: removing it would let a third launch lock a file about to vanish
-
-
-def _describe_holder(fd: int) -> str:
-    try:
-        holder = json.loads(os.pread(fd, 4096, 0).decode())
-        job = f", SLURM job {holder['slurm_job']}" if holder.get("slurm_job") else ""
-        return f"{holder['what']} pid {holder['pid']} on {holder['host']}{job}, since {holder['since']}"
-    except (ValueError, KeyError, TypeError, OSError):  # being written this instant, or from another version
-        return "held by a process whose details could not be read"

@@ -27,6 +27,7 @@ DUPLICATE_WINDOW_S = 1.0  # repeats of one cancellation arrive within it; a pers
 @dataclass
 class StopRequest:
     signal_name: str | None = None
+    _before_early: object = None  # SIGUSR1's handler before catch_early, for release_early
 
     @property
     def requested(self) -> bool:
@@ -53,8 +54,14 @@ class StopRequest:
         launch checks and the rendezvous (minutes on a large job) is kept for the first step boundary instead
         of being lost (the node launcher starts the ranks with it ignored). SIGTERM keeps its default until
         `install`: stopping a launch that has not trained yet loses nothing."""
-        signal.signal(signal.SIGUSR1, self._handle)
+        self._before_early = signal.signal(signal.SIGUSR1, self._handle)
         return self
+
+    def release_early(self) -> None:
+        """Give SIGUSR1 back to its earlier handler (an in-process caller whose launch did not train)."""
+        if self._before_early is not None:
+            signal.signal(signal.SIGUSR1, self._before_early)
+            self._before_early = None
 
 
 def _default_action_after_window() -> None:
