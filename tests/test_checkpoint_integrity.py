@@ -183,6 +183,30 @@ def test_a_full_disk_under_the_whole_run_directory_is_reported_not_a_traceback(r
         subprocess.run(["umount", str(run_dir)], capture_output=True)
 
 
+def test_status_json_on_a_full_disk_or_damaged(tmp_path):
+    """status.json is written at every log line: on a full disk that write came first and was a bare OSError
+    traceback leaving status.json.tmp; a zero-filled status.json (a crash) failed a fresh launch's check with
+    'Expecting value'. A real write failure: RLIMIT_FSIZE in a child process."""
+    import sys
+
+    from megakv.train.run_dir import read_status
+
+    script = f"""
+import resource
+from megakv.train.run_dir import write_status
+resource.setrlimit(resource.RLIMIT_FSIZE, (64, 64))
+try:
+    write_status({str(tmp_path)!r}, "running", step=3, note="x" * 200)
+except OSError as e:
+    print(type(e).__name__, e)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.stdout.startswith("RunDirWriteError") and "status.json" in done.stdout, done.stdout + done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no status.json.tmp left
+    (tmp_path / "status.json").write_bytes(b"\0\0\0\0")
+    assert read_status(tmp_path) is None
+
+
 def test_metrics_on_a_full_disk_name_the_file_and_the_fix(tmp_path):
     """Filled between saves, the disk failed the metrics write with a bare OSError and a chain of tracebacks.
     A real write failure: the file-size limit (RLIMIT_FSIZE) of a child process, EFBIG at the limit."""

@@ -229,3 +229,15 @@ def test_a_manifest_naming_files_outside_the_checkpoint_is_damage(runs, tmp_path
         state = dict(original, files={**original["files"], name: [1, "0" * 64]})
         state_file.write_text(json.dumps(state))
         assert verify(tag_dir) == f"{state_file} lists {name!r}, which is not a file name inside the checkpoint"
+
+
+def test_a_payload_named_like_json_is_checked_too(runs, tmp_path):
+    """The check skipped every *.json, but DeepSpeed's converter opens every mp_rank_* file whatever its suffix;
+    only megakv's own JSON names (the train state, RNG states, split dimensions) are exempt."""
+    run_dir = runs.copy_stopped(tmp_path / "run")
+    marker = tmp_path / "payload-ran"
+    tag_dir = run_dir / "checkpoints" / tag(STOP_AT)
+    torch.save(Payload(marker), tag_dir / "mp_rank_01.json")
+    with pytest.raises(UnsafeFileError) as info:
+        check_deepspeed_dir(tag_dir)
+    assert info.value.path.name == "mp_rank_01.json" and not marker.exists()
