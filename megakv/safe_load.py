@@ -121,6 +121,15 @@ def _megakv_json(path: Path) -> bool:
     return _MEGAKV_JSON.fullmatch(path.name) is not None
 
 
+def first_link(directory: str | Path) -> Path | None:
+    """The first link found inside `directory` (not following any), or None."""
+    for root, dirs, names in os.walk(directory, followlinks=False):
+        for name in sorted(dirs + names):
+            if os.path.islink(os.path.join(root, name)):
+                return Path(root) / name
+    return None
+
+
 def check_deepspeed_dir(directory: str | Path) -> int:
     """Check every file under a DeepSpeed checkpoint directory but megakv's own JSON with the weights-only
     unpickler, and every parameter name in them; returns how many torch files were checked.
@@ -130,13 +139,12 @@ def check_deepspeed_dir(directory: str | Path) -> int:
     does not follow it, and DeepSpeed's loaders would (a linked folder could hand them files never checked).
     """
     allowed = deepspeed_globals() + numpy_globals()
-    files = []
-    for root, dirs, names in os.walk(directory, followlinks=False):
-        for name in dirs + names:
-            if (Path(root) / name).is_symlink():
-                raise UnsafeFileError(Path(root) / name, "a checkpoint holds no links (megakv never writes one), "
-                                      "and a link can lead a loader to files this check did not see")
-        files += [Path(root) / name for name in names if not _megakv_json(Path(root) / name)]
+    link = first_link(directory)
+    if link is not None:
+        raise UnsafeFileError(link, "a checkpoint holds no links (megakv never writes one), and a link can lead a "
+                              "loader to files this check did not see")
+    files = [Path(root) / name for root, _, names in os.walk(directory) for name in names
+             if not _megakv_json(Path(root) / name)]
     for path in sorted(files):
         for name in _parameter_names(check_torch_file(path, allowed)):
             if not isinstance(name, str) or not _PARAMETER_NAME.fullmatch(name):
@@ -145,5 +153,5 @@ def check_deepspeed_dir(directory: str | Path) -> int:
     return len(files)
 
 
-__all__ = ["UnsafeFileError", "check_deepspeed_dir", "check_torch_file", "deepspeed_globals", "load_weights_only",
-           "numpy_globals"]
+__all__ = ["UnsafeFileError", "check_deepspeed_dir", "check_torch_file", "deepspeed_globals", "first_link",
+           "load_weights_only", "numpy_globals"]

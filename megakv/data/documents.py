@@ -6,9 +6,10 @@ strict mode, reported with its file and line.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Iterator
+
+from megakv.json_input import TOO_DEEP, parse_json
 
 INVALID_UTF8 = "invalid_utf8"
 EMPTY = "empty"  # empty or whitespace-only text
@@ -62,11 +63,10 @@ def record_text(fmt: str, payload: object, text_key: str) -> str:
         if not line.strip():
             raise Skip(EMPTY, "blank line")
         try:
-            obj = json.loads(line)
+            obj = parse_json(line)
         except ValueError as e:
-            raise Skip(NOT_JSON, f"not JSON ({e.args[0] if e.args else e})") from None
-        except RecursionError:  # e.g. 200,000 '[': too deep for Python's parser, and no document either
-            raise Skip(NOT_JSON, "JSON nested too deeply to read") from None
+            raise Skip(NOT_JSON, TOO_DEEP if str(e) == TOO_DEEP else f"not JSON ({e.args[0] if e.args else e})"
+                       ) from None
         if not isinstance(obj, dict):
             raise Skip(NOT_JSON, f"a JSON {type(obj).__name__}, not an object")
         payload = obj.get(text_key)

@@ -16,6 +16,7 @@ import numpy as np
 
 from megakv.data.errors import DataError
 from megakv.data.indexed import IndexedDataset, bin_path, idx_path, mask_prefix, pair_exists, temporary_tag
+from megakv.json_input import TOO_DEEP, parse_json
 
 META_SUFFIX = ".meta.json"
 FORMAT = "megakv-indexed-v1"
@@ -40,12 +41,10 @@ def read_meta(prefix: str | Path) -> dict | None:
     if not path.exists():
         return None
     try:
-        meta = json.loads(path.read_text())
+        meta = parse_json(path.read_text())
     except ValueError as e:
-        raise DataError(f"{path} is not valid JSON ({e})", "re-create the dataset or delete the file") from None
-    except RecursionError:  # e.g. 200,000 '[' in a received dataset's metadata
-        raise DataError(f"{path} holds JSON nested too deeply to read", "re-create the dataset or delete the file"
-                        ) from None
+        problem = f"holds {TOO_DEEP}" if str(e) == TOO_DEEP else f"is not valid JSON ({e})"
+        raise DataError(f"{path} {problem}", "re-create the dataset or delete the file") from None
     if not isinstance(meta, dict):
         raise DataError(f"{path} holds a JSON {type(meta).__name__}, not megakv's metadata object",
                         "re-create the dataset or delete the file")

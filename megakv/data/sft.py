@@ -16,7 +16,6 @@ Data without a mask pair is unchanged (no negative ids), so the same function se
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from megakv.data.metadata import write_meta
 from megakv.data.output_lock import output_lock
 from megakv.data.sources import UTF8_BOM
 from megakv.data.tokenizer import Tokenizer, load_tokenizer, save_beside_data
+from megakv.json_input import TOO_DEEP, parse_json
 
 IGNORE = -100  # torch.nn.functional.cross_entropy's default ignore_index
 ORDERS = ("qca", "cqa")  # question -> context -> answer, or context -> question -> answer
@@ -68,12 +68,12 @@ def read_qa_records(path: str | Path) -> list[QARecord]:
             if not line.strip():
                 continue
             try:
-                raw = json.loads(line)
+                raw = parse_json(line)
             except ValueError as e:
+                if str(e) == TOO_DEEP:
+                    raise DataError(f"{path}:{line_no}: {TOO_DEEP} (not a QA record)",
+                                    "one flat JSON object per line with context, question and answer") from None
                 raise DataError(f"{path}:{line_no}: not valid JSON ({e})", "one JSON object per line") from None
-            except RecursionError:  # e.g. 200,000 '[': Python's parser gives up; it is no QA record either
-                raise DataError(f"{path}:{line_no}: JSON nested too deeply to read (not a QA record)",
-                                "one flat JSON object per line with context, question and answer") from None
             missing = [k for k in FIELDS if not isinstance(raw.get(k) if isinstance(raw, dict) else None, str)
                        or not raw[k].strip()]
             if missing:

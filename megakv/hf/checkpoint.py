@@ -21,6 +21,7 @@ from megakv.hf.mapping import (
     state_dict_to_hf,
 )
 from megakv.hf.tokenizer import HF_TOKENIZER_FILES
+from megakv.json_input import TOO_DEEP, parse_json
 from megakv.model_dir import check_fits_dtype, read_safetensors, write_directory_atomically
 
 # Files that make up a transformers tokenizer; carried between formats when present.
@@ -41,12 +42,12 @@ def read_hf_config(hf_dir: str | Path) -> dict:
 
 def _read_json(path: Path):
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return parse_json(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        if str(e) == TOO_DEEP:  # e.g. 200,000 '[': a damaged or crafted file, not a config
+            raise ValueError(f"{path} holds {TOO_DEEP} (damaged or not a transformers file). Fix: copy the "
+                             "checkpoint directory again") from None
         raise ValueError(f"{path} is not valid JSON ({e}). Fix: copy the checkpoint directory again") from None
-    except RecursionError:  # e.g. 200,000 '[': a damaged or crafted file, not a config
-        raise ValueError(f"{path} holds JSON nested too deeply to read (damaged or not a transformers file). "
-                         "Fix: copy the checkpoint directory again") from None
 
 
 # A damaged weights file of a transformers directory: what to do about it.

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from megakv.config import ModelConfig
 from megakv.config.errors import ConfigError
-from megakv.safe_load import check_deepspeed_dir
+from megakv.safe_load import check_deepspeed_dir, first_link
 from megakv.train.checkpoint import (
     LATEST_UNIVERSAL,
     TMP_PREFIX,
@@ -26,7 +26,7 @@ from megakv.train.checkpoint import (
     universal_tag,
     write_pointer,
 )
-from megakv.train.run_dir import CHECKPOINTS, LINK_FIX, LINK_PROBLEM, TOKENIZER, checkpoints_dir, first_link
+from megakv.train.run_dir import CHECKPOINTS, LINK_FIX, LINK_PROBLEM, TOKENIZER, checkpoints_dir
 from megakv.train.state import RNG_DIR, TrainState
 
 

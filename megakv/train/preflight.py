@@ -25,6 +25,7 @@ from megakv.config.parallel import ParallelConfig
 from megakv.parallel.layout import ParallelLayout
 from megakv.parallel.tensor_split import tensor_split
 from megakv.parallel.universal import is_layout_free, tensor_ready
+from megakv.safe_load import first_link
 from megakv.train.checkpoint import (
     LATEST_UNIVERSAL,
     CheckpointError,
@@ -38,7 +39,7 @@ from megakv.train.checkpoint import (
 )
 from megakv.train.ds_config import build_ds_config, gradient_accumulation_steps
 from megakv.train.memory import check_activation_memory
-from megakv.train.run_dir import LINK_FIX, LINK_PROBLEM, checkpoints_dir, first_link, read_status
+from megakv.train.run_dir import LINK_FIX, LINK_PROBLEM, checkpoints_dir, read_status
 from megakv.train.state import TrainState
 
 

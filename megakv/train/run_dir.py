@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 CONFIG = "config.yaml"
@@ -24,15 +23,6 @@ LINK_PROBLEM = ("a run directory holds no links (megakv writes none), and one in
                 "could make a launch or a conversion write through it to any file you can write")
 LINK_FIX = ("remove the link; to keep checkpoints on another filesystem, put the whole train.run_dir there (the run "
             "directory itself may be a link)")
-
-
-def first_link(run_dir: str | Path) -> Path | None:
-    """The first link found inside a run directory (not following any), or None."""
-    for root, dirs, names in os.walk(run_dir, followlinks=False):
-        for name in sorted(dirs + names):
-            if os.path.islink(os.path.join(root, name)):
-                return Path(root) / name
-    return None
 
 
 class RunDirWriteError(OSError):
