@@ -243,3 +243,25 @@ def test_a_bf16_finetune_keeps_the_model_directorys_fp32_weights_as_its_masters(
         _, masters, _ = consolidated_state_dict(tmp_path / name)
         differing = sorted(k for k in source if not torch.equal(masters[k], source[k]))
         assert differing == [], (name, differing[:5])
+
+
+def test_a_finetune_export_keeps_the_base_models_sampling_defaults(tmp_path, model_dir, dataset):
+    """from-hf keeps an imported model's generation_config.json in its model directory, but a fine-tune's export
+    (from-checkpoint) dropped it: transformers' generate() on the fine-tuned model decoded greedily where the
+    base sampled. The export now carries the init_from directory's settings, with megakv's token ids."""
+    import json
+    import shutil
+
+    from megakv.cli.convert import main as convert_main
+
+    base = tmp_path / "base"
+    shutil.copytree(model_dir, base)
+    (base / "generation_config.json").write_text(json.dumps({"do_sample": True, "temperature": 0.7, "top_p": 0.8}))
+    run_dir = tmp_path / "run"
+    run = launch_train([f"checkpoint.init_from={base}", f"data.datasets=[{dataset}]", f"train.run_dir={run_dir}",
+                        "train.steps=1"], nproc=1, config=finetune_yaml(tmp_path))
+    assert run.ok, run.output[-4000:]
+    for name, extra in (("mk", []), ("hf", ["--hf"])):
+        assert convert_main(["from-checkpoint", str(run_dir), str(tmp_path / name), *extra]) == 0
+        settings = json.loads((tmp_path / name / "generation_config.json").read_text())
+        assert (settings["do_sample"], settings["temperature"], settings["top_p"]) == (True, 0.7, 0.8), settings

@@ -26,7 +26,7 @@ from megakv.train.checkpoint import (
     universal_tag,
     write_pointer,
 )
-from megakv.train.run_dir import CHECKPOINTS, LINK_FIX, LINK_PROBLEM, TOKENIZER, checkpoints_dir
+from megakv.train.run_dir import CHECKPOINTS, CONFIG, LINK_FIX, LINK_PROBLEM, TOKENIZER, checkpoints_dir
 from megakv.train.state import RNG_DIR, TrainState
 
 
@@ -108,9 +108,22 @@ def export_model_dir(run_dir: str | Path, out_dir: str | Path, hf: bool = False,
     cfg, weights, _ = consolidated_state_dict(run_dir)
     tokenizer = run_dir / TOKENIZER
     tokenizer_dir = tokenizer if tokenizer.is_dir() else None
+    generation = _base_generation_config(run_dir)
     if hf:
-        return save_hf_checkpoint(cfg, weights, out_dir, tokenizer_dir=tokenizer_dir, overwrite=overwrite)
-    return save_model_dir(cfg, weights, out_dir, tokenizer_dir=tokenizer_dir, overwrite=overwrite)
+        return save_hf_checkpoint(cfg, weights, out_dir, tokenizer_dir=tokenizer_dir, overwrite=overwrite,
+                                  generation=generation)
+    return save_model_dir(cfg, weights, out_dir, tokenizer_dir=tokenizer_dir, overwrite=overwrite,
+                          generation=generation)
+
+
+def _base_generation_config(run_dir: Path) -> dict | None:
+    """A fine-tune's sampling defaults: those of the model directory it started from (checkpoint.init_from, an
+    imported model's generation_config.json), when that directory is still there."""
+    from megakv.hf.checkpoint import read_generation_config
+
+    config = run_dir / CONFIG
+    init_from = OmegaConf.load(config).get("checkpoint", {}).get("init_from") if config.is_file() else None
+    return read_generation_config(init_from) if init_from and Path(init_from).is_dir() else None
 
 
 def convert_to_universal(run_dir: str | Path, workers: int = 1) -> Path:
