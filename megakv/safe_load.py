@@ -1,9 +1,11 @@
-"""Open `.pt` files someone may have sent you without running code from them.
+"""Open checkpoint files someone may have sent you without running code from them.
 
-A pickle can name any Python callable, and `torch.load(weights_only=False)` calls it. Every `.pt` file of a
-checkpoint is first parsed by torch's weights-only unpickler, which only builds tensors, containers and
+A pickle can name any Python callable, and `torch.load(weights_only=False)` calls it. Every file of a checkpoint
+but megakv's own JSON is first parsed by torch's weights-only unpickler, which only builds tensors, containers and
 the globals on an explicit allow-list; a file that needs anything else is refused, naming the file and the
-global. Only then may a trusted loader (DeepSpeed's, which uses weights_only=False) read it.
+global. Only then may a trusted loader (DeepSpeed's, which uses weights_only=False) read it. Parameter names
+are checked too (conversions make paths of them), and DeepSpeed's universal converter runs with every load
+forced weights-only besides (megakv/train/safe_ds_to_universal.py).
 
 The allow-list holds exactly what DeepSpeed 0.19 stores in ZeRO-1/2/3, bf16, offload and universal
 checkpoints (found by saving real ones and listing their globals), plus numpy's array pickling for the

@@ -4,6 +4,7 @@ removed at the next start; a full disk during a save says so."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 from pathlib import Path
@@ -136,10 +137,17 @@ def test_resume_past_a_truncated_checkpoint_is_bit_exact_and_cleans_up(runs, tmp
     assert read_status(run_dir)["state"] == "finished"
 
 
-def _mount_tmpfs(path: Path, size: str) -> bool:
+@contextlib.contextmanager
+def small_filesystem(path: Path, size: str):
+    """A real tmpfs of `size` mounted at `path` (root only; skipped elsewhere), to fill a disk for real."""
     path.mkdir(parents=True)
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
-    return done.returncode == 0
+    if done.returncode != 0:
+        pytest.skip("needs permission to mount a small tmpfs (root) to fill a disk for real")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], capture_output=True)
 
 
 def test_a_full_disk_during_a_save_is_reported_as_such(runs, tmp_path):
@@ -147,9 +155,7 @@ def test_a_full_disk_during_a_save_is_reported_as_such(runs, tmp_path):
     the directory and the fix, status.json says failed; the next start removes the partial save."""
     run_dir = tmp_path / "run"
     ckpts = run_dir / "checkpoints"
-    if not _mount_tmpfs(ckpts, "1m"):
-        pytest.skip("needs permission to mount a small tmpfs (root) to fill a disk for real")
-    try:
+    with small_filesystem(ckpts, "1m"):
         full = launch_train(runs.overrides(run_dir, "train.steps=2"), nproc=1)
         assert full.returncodes == [2], full.output[-4000:]
         assert "no space left (or a quota or file-size limit reached) on the device" in full.output
@@ -164,23 +170,17 @@ def test_a_full_disk_during_a_save_is_reported_as_such(runs, tmp_path):
         assert again.ok, again.output[-4000:]
         assert not [p for p in ckpts.iterdir() if p.name.startswith(".tmp-")]
         assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
-    finally:
-        subprocess.run(["umount", str(ckpts)], capture_output=True)
 
 
 def test_a_full_disk_under_the_whole_run_directory_is_reported_not_a_traceback(runs, tmp_path):
     """The whole run directory on a small filesystem (the test above mounts checkpoints/ only): recording the
     failure in status.json hit the full disk too and turned the clear message into a traceback, exit 1."""
     run_dir = tmp_path / "run"
-    if not _mount_tmpfs(run_dir, "600k"):
-        pytest.skip("needs permission to mount a small tmpfs (root) to fill a disk for real")
-    try:
+    with small_filesystem(run_dir, "600k"):
         full = launch_train(runs.overrides(run_dir, "train.steps=2"), nproc=1)
         assert full.returncodes == [2], full.output[-4000:]
         assert "quota or file-size limit reached) on the device" in full.output
         assert "Traceback" not in full.output, full.output[-4000:]
-    finally:
-        subprocess.run(["umount", str(run_dir)], capture_output=True)
 
 
 def test_status_json_on_a_full_disk_or_damaged(tmp_path):

@@ -36,6 +36,11 @@ class DataConfig:
     # (--max-position-embeddings). Fine-tune an 8K-context model on 256-token windows: its exports keep 8K.
     seq_len: int | None = None
 
+    @property
+    def index_cache_dir(self) -> str:
+        """cache_dir, else `index-cache/` beside the first dataset."""
+        return self.cache_dir or os.path.join(os.path.dirname(self.datasets[0]), "index-cache")
+
     def validate(self, prefix: str = "data") -> None:
         def fail(name: str, problem: str, fix: str) -> None:
             raise ConfigError(f"{prefix}.{name}", getattr(self, name), problem, fix)

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from megakv.data.errors import DataError
+from megakv.json_input import parse_json
 
 CACHE_VERSION = 1
 
@@ -53,7 +54,7 @@ class IndexCache:
     def load(self, key: str) -> dict[str, np.ndarray]:
         marker = self._marker(key)
         try:
-            entry = json.loads(marker.read_text())
+            entry = parse_json(marker.read_text())
             arrays = {name: np.load(self.directory / f"{key}-{name}.npy", mmap_mode="r") for name in entry["arrays"]}
         except (OSError, ValueError, KeyError) as e:  # unreadable (permissions), truncated, not an entry
             raise DataError(f"cannot read the index cache entry {marker} ({type(e).__name__}: {e})",

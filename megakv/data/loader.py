@@ -159,7 +159,7 @@ def build_data(cfg: DataConfig, seq_len: int, *, is_builder: bool, barrier: Call
     valid_sources = [_open_source(p, tokenizer, tokenizer_dir) for p in cfg.valid_datasets]
     for source in train_sources + valid_sources:  # QA records: only answer tokens count (megakv/data/sft.py)
         attach_loss_mask(source, seq_len, read_meta(source.prefix))
-    cache = IndexCache(cfg.cache_dir or Path(cfg.datasets[0]).parent / "index-cache", verify=is_builder)
+    cache = IndexCache(cfg.index_cache_dir, verify=is_builder)
     plan = OrderPlan(cfg, seq_len, cache)
 
     error: Exception | None = None

@@ -22,7 +22,7 @@ from megakv.hf.mapping import (
 )
 from megakv.hf.tokenizer import HF_TOKENIZER_FILES
 from megakv.json_input import TOO_DEEP, parse_json
-from megakv.model_dir import check_fits_dtype, read_safetensors, write_directory_atomically
+from megakv.model_dir import GENERATION_FILE, check_fits_dtype, read_safetensors, write_directory_atomically
 
 # Files that make up a transformers tokenizer; carried between formats when present.
 TOKENIZER_FILES = HF_TOKENIZER_FILES
@@ -112,7 +112,7 @@ def _read_pytorch_bin(path: Path) -> dict[str, torch.Tensor]:
 def read_generation_config(directory: str | Path) -> dict | None:
     """A directory's generation_config.json (a transformers checkpoint's, or the copy a megakv model directory
     keeps of it), or None."""
-    path = Path(directory) / "generation_config.json"
+    path = Path(directory) / GENERATION_FILE
     if not path.is_file():
         return None
     generation = _read_json(path)
@@ -136,7 +136,7 @@ def write_generation_config(directory: Path, token_ids: dict, source: dict | Non
     if source:
         kept = {k: v for k, v in source.items() if k not in _NOT_CARRIED}
         ids = {k: v for k, v in token_ids.items() if v is not None}
-        (directory / "generation_config.json").write_text(json.dumps({**kept, **ids}, indent=2, sort_keys=True) + "\n")
+        (directory / GENERATION_FILE).write_text(json.dumps({**kept, **ids}, indent=2, sort_keys=True) + "\n")
         return
     generation = GenerationConfig.from_model_config(hf_cfg) if hf_cfg is not None else GenerationConfig(**token_ids)
     generation.save_pretrained(directory)
@@ -145,7 +145,7 @@ def write_generation_config(directory: Path, token_ids: dict, source: dict | Non
 def with_generation_stop_ids(cfg: ModelConfig, hf_dir: str | Path) -> ModelConfig:
     """`cfg` with the end-of-sequence ids generation_config.json adds to config.json's: transformers' generate()
     stops at those (e.g. an instruct model's end-of-turn token), so megakv's generation must stop there too."""
-    path = Path(hf_dir) / "generation_config.json"
+    path = Path(hf_dir) / GENERATION_FILE
     generation = read_generation_config(hf_dir)
     if generation is None:
         return cfg

@@ -63,7 +63,7 @@ class Launch:
 def check_cache_dir(cfg: MegaKVConfig) -> None:
     """The index cache (data.cache_dir, else index-cache/ beside the first dataset) can be created when it does
     not exist yet: a shared, read-only data directory failed only after the process group had started."""
-    directory = Path(cfg.data.cache_dir or Path(cfg.data.datasets[0]).parent / "index-cache")
+    directory = Path(cfg.data.index_cache_dir)
     existing = next(p for p in (directory, *directory.parents) if p.exists())
     if existing != directory and not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError("data.cache_dir", cfg.data.cache_dir, f"the index cache {directory} does not exist yet "

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from megakv.json_input import parse_json
+
 CONFIG = "config.yaml"
 DS_CONFIG = "ds_config.json"
 CHECKPOINTS = "checkpoints"
@@ -53,7 +55,7 @@ def read_status(run_dir: str | Path) -> dict | None:
     """None when there is none, or none readable (a crash can leave it empty or zero-filled)."""
     path = Path(run_dir) / STATUS
     try:
-        status = json.loads(path.read_text()) if path.is_file() else None
+        status = parse_json(path.read_text()) if path.is_file() else None
     except (OSError, ValueError):
         return None
     return status if isinstance(status, dict) else None
