@@ -14,6 +14,7 @@ RNG files megakv wrote before it switched them to JSON.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import re
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 _GLOBAL_IN_ERROR = re.compile(r"(?:GLOBAL|global)\s+([\w.]+)")
 # torch's allow-list (torch.serialization.safe_globals) is one set per process: a thread leaving the context
 # removes the globals another thread's load still needs. Loads through this module take turns.
@@ -74,6 +76,23 @@ def load_weights_only(path: str | Path, allowed: list | tuple = (), mmap: bool =
                                   found.group(1)) from None
         first_line = text.strip().splitlines()[0] if text.strip() else type(e).__name__
         raise UnsafeFileError(path, f"the weights-only unpickler refused it ({first_line[:300]})") from None
+
+
+@contextlib.contextmanager
+def forced_weights_only():
+    """Every torch.load inside, a trusted loader's `weights_only=False` included, goes through the weights-only
+    unpickler with DeepSpeed's and numpy's globals allowed (torch reads TORCH_FORCE_WEIGHTS_ONLY_LOAD at each
+    load): a second guard around DeepSpeed's loaders, after `check_deepspeed_dir`, for any file it missed."""
+    before = os.environ.get(FORCE_WEIGHTS_ONLY)
+    with _ALLOW_LIST_LOCK, torch.serialization.safe_globals(deepspeed_globals() + numpy_globals()):
+        os.environ[FORCE_WEIGHTS_ONLY] = "1"
+        try:
+            yield
+        finally:
+            if before is None:
+                os.environ.pop(FORCE_WEIGHTS_ONLY, None)
+            else:
+                os.environ[FORCE_WEIGHTS_ONLY] = before
 
 
 def check_torch_file(path: str | Path, allowed: list | tuple):
@@ -156,4 +175,4 @@ def check_deepspeed_dir(directory: str | Path) -> int:
 
 
 __all__ = ["UnsafeFileError", "check_deepspeed_dir", "check_torch_file", "deepspeed_globals", "first_link",
-           "load_weights_only", "numpy_globals"]
+           "forced_weights_only", "load_weights_only", "numpy_globals"]

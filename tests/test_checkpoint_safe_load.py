@@ -241,3 +241,21 @@ def test_a_payload_named_like_json_is_checked_too(runs, tmp_path):
     with pytest.raises(UnsafeFileError) as info:
         check_deepspeed_dir(tag_dir)
     assert info.value.path.name == "mp_rank_01.json" and not marker.exists()
+
+
+def test_deepspeeds_own_loads_run_forced_weights_only(tmp_path):
+    """The second guard around DeepSpeed's loaders (export's zero_to_fp32 and pipeline masters, the universal
+    converter): a file the check missed, loaded with weights_only=False inside, is refused and runs nothing."""
+    import pickle
+
+    from megakv.safe_load import FORCE_WEIGHTS_ONLY, forced_weights_only
+
+    marker = tmp_path / "payload-ran"
+    torch.save({"x": Payload(marker)}, tmp_path / "planted.pt")
+    torch.save({"scale": torch.ones(2)}, tmp_path / "plain.pt")
+    before = os.environ.get(FORCE_WEIGHTS_ONLY)
+    with forced_weights_only():
+        with pytest.raises(pickle.UnpicklingError, match="system"):
+            torch.load(tmp_path / "planted.pt", weights_only=False)
+        assert torch.equal(torch.load(tmp_path / "plain.pt", weights_only=False)["scale"], torch.ones(2))
+    assert not marker.exists() and os.environ.get(FORCE_WEIGHTS_ONLY) == before

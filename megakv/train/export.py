@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from megakv.config import ModelConfig
 from megakv.config.errors import ConfigError
-from megakv.safe_load import check_deepspeed_dir, first_link
+from megakv.safe_load import check_deepspeed_dir, first_link, forced_weights_only
 from megakv.train.checkpoint import (
     LATEST_UNIVERSAL,
     TMP_PREFIX,
@@ -64,7 +64,8 @@ def consolidated_state_dict(run_dir: str | Path) -> tuple[ModelConfig, dict[str,
     if int(state.layout.get("tensor", 1)) > 1:
         return _tensor_state_dict(run_dir, tag, state)
     check_deepspeed_dir(checkpoints_dir(run_dir) / tag)  # zero_to_fp32 unpickles with weights_only=False
-    weights = get_fp32_state_dict_from_zero_checkpoint(str(checkpoints_dir(run_dir)), tag=tag)
+    with forced_weights_only():
+        weights = get_fp32_state_dict_from_zero_checkpoint(str(checkpoints_dir(run_dir)), tag=tag)
     # Own storage per tensor: zero_to_fp32 returns views into one flat buffer, which safetensors refuses.
     weights = {name: tensor.float().clone() for name, tensor in weights.items()}
     return model_config_of(state), weights, tag
@@ -83,7 +84,8 @@ def _pipeline_state_dict(run_dir: Path, tag: str, state: TrainState) -> tuple[Mo
         weights = layer_files_state(tag_dir, cfg.n_layers, split)
     else:
         check_deepspeed_dir(tag_dir)  # the optimizer shards unpickle with weights_only=False
-        weights = master_weights_state(tag_dir, cfg.n_layers, split)
+        with forced_weights_only():
+            weights = master_weights_state(tag_dir, cfg.n_layers, split)
     return cfg, {name: tensor.float().clone() for name, tensor in weights.items()}, tag
 
 

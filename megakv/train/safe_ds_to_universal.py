@@ -8,20 +8,16 @@ missed fail to load instead of running code. Run as `python -m megakv.train.safe
 
 from __future__ import annotations
 
-import os
 import runpy
 import sys
 
 
 def main(argv: list[str]) -> None:
-    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"  # read at each load, and inherited by the worker processes
-    import torch
+    from megakv.safe_load import forced_weights_only
 
-    from megakv.safe_load import deepspeed_globals, numpy_globals
-
-    torch.serialization.add_safe_globals(deepspeed_globals() + numpy_globals())
     sys.argv = ["ds_to_universal", *argv]
-    runpy.run_module("deepspeed.checkpoint.ds_to_universal", run_name="__main__", alter_sys=True)
+    with forced_weights_only():  # the variable and the allow-list reach the worker processes it forks too
+        runpy.run_module("deepspeed.checkpoint.ds_to_universal", run_name="__main__", alter_sys=True)
 
 
 if __name__ == "__main__":
