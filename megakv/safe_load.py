@@ -27,7 +27,7 @@ FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 _GLOBAL_IN_ERROR = re.compile(r"(?:GLOBAL|global)\s+([\w.]+)")
 # torch's allow-list (torch.serialization.safe_globals) is one set per process: a thread leaving the context
 # removes the globals another thread's load still needs. Loads through this module take turns.
-_ALLOW_LIST_LOCK = threading.Lock()
+_ALLOW_LIST_LOCK = threading.RLock()  # re-entered: forced_weights_only around loaders that use load_weights_only
 
 
 class UnsafeFileError(ValueError):
