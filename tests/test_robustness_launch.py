@@ -104,3 +104,33 @@ def test_a_frozen_rank_ends_its_peer_after_parallel_timeout(runs, tmp_path, froz
         assert status["state"] == "failed" and status["step"] >= 2, status  # it said step 0 (the launch's start)
     else:
         assert "lost contact with the rendezvous store" in out, out[-3000:]
+
+
+def test_a_run_directory_not_shared_by_every_node_is_refused_before_training(runs, tmp_path):
+    """Two nodes, faked with a private mount namespace for rank 1 (one machine here): train.run_dir on node-local
+    storage is a different directory for rank 1. Both ranks stop with exit 2 naming it before any step; before,
+    training ran and every checkpoint was split across the nodes' disks, none resumable."""
+    node_local = tmp_path / "scratch"  # rank 1 gets its own empty tmpfs here, as another node's /tmp
+    node_local.mkdir()
+    run_dir = node_local / "run"
+    overrides = runs.overrides(run_dir, "parallel.timeout=120")
+    port = free_port()
+    procs = []
+    for rank in range(2):
+        env = _child_env({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_SIZE": "2",
+                          "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+        cmd = [sys.executable, "-m", "megakv.cli.train", str(TINY_RECIPE), *overrides]
+        if rank == 1:
+            cmd = ["unshare", "--mount", "sh", "-c", 'mount -t tmpfs -o size=64m tmpfs "$0" && exec "$@"',
+                   str(node_local), *cmd]
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    done = _collect(procs, timeout=200)
+    if "mount" in done.output and "permission denied" in done.output.lower():
+        pytest.skip("needs permission to mount a private tmpfs (root) to give one rank another filesystem")
+    assert done.returncodes == [2, 2], done.output[-4000:]
+    assert f"'train.run_dir' = '{run_dir}': it is not the same directory on every node: rank(s) 1" in done.output
+    assert "Traceback" not in done.output
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.jsonl").exists()
+    assert not (run_dir / ".megakv-shared-check").exists()  # every 2-rank test passes the check: none leaves it
+

@@ -162,6 +162,7 @@ def _train(cfg, layout, launch, guard, stop) -> int:
     from megakv.train.logs import close_logging, setup_logging
     from megakv.train.loop import Trainer
     from megakv.train.run_dir import LOGS
+    from megakv.train.shared_dir import check_run_dir_shared
 
     log = setup_logging(layout.rank, launch.run_dir / LOGS, cfg.logging)
     if launch.resume is not None:  # every rank's log file has them; the console once, from rank 0
@@ -175,6 +176,7 @@ def _train(cfg, layout, launch, guard, stop) -> int:
         guard.watch(lambda failure: exit_for_peer(
             failure, layout.rank, lambda f: _record_failure(launch, layout, f.message, f.rank)))
     ctx = init_parallel(layout, cfg.parallel, cfg.train.device)
+    check_run_dir_shared(launch.run_dir, layout.rank)
     log.info("layout %s, device %s, backend %s", json.dumps(layout.describe()), ctx.device, ctx.backend)
     if (spread := tensor_group_spread_warning(layout)) and layout.rank == 0:
         log.warning("%s", spread)
