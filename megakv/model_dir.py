@@ -154,6 +154,8 @@ def safetensors_shapes(path: str | Path, fix: str = _REEXPORT) -> dict[str, tupl
     """Names and shapes in a safetensors file's header, without reading the tensors."""
     from safetensors import safe_open
 
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{path} does not exist. Fix: {fix}")
     try:
         with safe_open(str(path), "pt") as f:
             return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}

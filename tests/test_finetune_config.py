@@ -95,6 +95,32 @@ def test_dry_run_catches_the_mismatch_and_a_missing_model_dir(tmp_path, model_di
     assert fine.returncode == 0, fine.stderr
 
 
+def test_dry_run_catches_weights_that_are_not_the_directorys_model(tmp_path, model_dir, dataset):
+    """A model directory whose config.yaml does not describe its weights (edited, or a received one saying
+    n_layers: 40000), or without its weights: the launch checks say so from the safetensors header. Before, the
+    dry run passed and the launch failed after the process group started, a ValueError traceback, exit 1."""
+    import shutil
+
+    def dry(init_from):
+        return subprocess.run([sys.executable, "-m", "megakv.cli.train", str(finetune_yaml(tmp_path)),
+                               f"data.datasets=[{dataset}]", f"train.run_dir={tmp_path / 'run'}",
+                               f"checkpoint.init_from={init_from}", "--dry-run"], cwd=REPO,
+                              env={**CHILD_ENV, "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=120)
+
+    edited = shutil.copytree(model_dir, tmp_path / "edited")
+    config = edited / "config.yaml"
+    config.write_text(config.read_text().replace("n_layers: 4", "n_layers: 40000"))
+    bad = dry(edited)
+    assert bad.returncode == 2, bad.stderr
+    assert "checkpoint.init_from" in bad.stderr and "n_layers=40000, but the weights hold 4 layers" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    bare = shutil.copytree(model_dir, tmp_path / "bare")
+    (bare / "model.safetensors").unlink()
+    no_weights = dry(bare)
+    assert no_weights.returncode == 2 and f"{bare / 'model.safetensors'} does not exist" in no_weights.stderr
+    assert "Traceback" not in no_weights.stderr
+
+
 def test_seq_len_longer_than_the_context_is_refused(tmp_path, model_dir):
     with pytest.raises(ConfigError, match="data.seq_len.*model.max_seq_len=64"):
         load_config(finetune_yaml(tmp_path), [f"checkpoint.init_from={model_dir}", "data.datasets=[x]",

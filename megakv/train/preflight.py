@@ -180,6 +180,22 @@ def check_init_tokenizer(cfg: MegaKVConfig) -> None:
                           f"--tokenizer {model_tokenizer}), or start from a model trained with {data_tokenizer}")
 
 
+def check_init_weights(cfg: MegaKVConfig) -> None:
+    """checkpoint.init_from's weights must be the model its config.yaml describes (names and shapes from the
+    safetensors header, no weights read): found here, not as a traceback after the process group started."""
+    from megakv.model_dir import WEIGHTS_FILE, check_weights_fit, safetensors_shapes
+
+    if cfg.checkpoint.init_from is None:
+        return
+    weights = Path(cfg.checkpoint.init_from) / WEIGHTS_FILE
+    try:
+        check_weights_fit(cfg.model, safetensors_shapes(weights), str(weights))
+    except (OSError, ValueError) as e:
+        problem, _, fix = str(e).partition(" Fix: ")
+        raise ConfigError("checkpoint.init_from", cfg.checkpoint.init_from, problem,
+                          fix or "point checkpoint.init_from at a directory megakv-convert wrote") from None
+
+
 def _saved_section(state: TrainState, name: str, schema: type) -> dict:
     """One section of the config a checkpoint was written with, completed with today's defaults."""
     raw = OmegaConf.create(state.config_yaml).get(name, {})
@@ -509,6 +525,7 @@ def preflight(cfg: MegaKVConfig, layout: ParallelLayout) -> Launch:
     check_data_vocab(cfg)
     check_document_ends(cfg)
     check_init_tokenizer(cfg)
+    check_init_weights(cfg)
     memory_note = check_activation_memory(cfg, layout.local_rank)
     if memory_note and layout.rank == 0:
         warnings.warn(memory_note, stacklevel=2)
