@@ -69,25 +69,33 @@ def load_weights_only(path: str | Path, allowed: list | tuple = (), mmap: bool =
         with _ALLOW_LIST_LOCK, torch.serialization.safe_globals(list(allowed)):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        text = str(e)
-        found = _GLOBAL_IN_ERROR.search(text)
-        if found:
-            raise UnsafeFileError(path, f"it needs the global {found.group(1)!r}, which is not on the allow-list",
-                                  found.group(1)) from None
-        first_line = text.strip().splitlines()[0] if text.strip() else type(e).__name__
-        raise UnsafeFileError(path, f"the weights-only unpickler refused it ({first_line[:300]})") from None
+        raise _refusal(path, e) from None
+
+
+def _refusal(path: Path, error: pickle.UnpicklingError) -> UnsafeFileError:
+    """The weights-only unpickler's refusal as an UnsafeFileError naming the file and, where it says, the global."""
+    text = str(error)
+    found = _GLOBAL_IN_ERROR.search(text)
+    if found:
+        return UnsafeFileError(path, f"it needs the global {found.group(1)!r}, which is not on the allow-list",
+                               found.group(1))
+    first_line = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    return UnsafeFileError(path, f"the weights-only unpickler refused it ({first_line[:300]})")
 
 
 @contextlib.contextmanager
-def forced_weights_only():
+def forced_weights_only(source: str | Path):
     """Every torch.load inside, a trusted loader's `weights_only=False` included, goes through the weights-only
     unpickler with DeepSpeed's and numpy's globals allowed (torch reads TORCH_FORCE_WEIGHTS_ONLY_LOAD at each
-    load): a second guard around DeepSpeed's loaders, after `check_deepspeed_dir`, for any file it missed."""
+    load): a second guard around DeepSpeed's loaders, after `check_deepspeed_dir`, for any file it missed. A
+    refusal is an UnsafeFileError naming `source` (the loader does not say which file it was reading)."""
     before = os.environ.get(FORCE_WEIGHTS_ONLY)
     with _ALLOW_LIST_LOCK, torch.serialization.safe_globals(deepspeed_globals() + numpy_globals()):
         os.environ[FORCE_WEIGHTS_ONLY] = "1"
         try:
             yield
+        except pickle.UnpicklingError as e:
+            raise _refusal(Path(source), e) from None
         finally:
             if before is None:
                 os.environ.pop(FORCE_WEIGHTS_ONLY, None)

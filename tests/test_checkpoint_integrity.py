@@ -91,6 +91,22 @@ def test_only_rank_0_reads_checksums_and_a_damage_only_they_show_stops_a_multi_r
             preflight(cfg, ParallelLayout(world_size=2, rank=rank, local_rank=rank))
 
 
+def test_a_shard_missing_from_disk_and_manifest_is_named_not_a_traceback(runs, tmp_path):
+    """A checkpoint whose manifest does not list a file DeepSpeed's load needs (an incomplete copy, re-recorded):
+    it passes the manifest check, and the load's FileNotFoundError was a traceback, exit 1."""
+    run_dir = runs.copy_stopped(tmp_path / "run")
+    tag_dir = run_dir / "checkpoints" / tag(STOP_AT)
+    (tag_dir / OPTIM_FILE).unlink()
+    state = json.loads((tag_dir / "megakv_state.json").read_text())
+    del state["files"][OPTIM_FILE]
+    (tag_dir / "megakv_state.json").write_text(json.dumps(state))
+    assert verify(tag_dir) is None
+    resumed = launch_train(runs.overrides(run_dir), nproc=1, resume=True)
+    assert resumed.returncodes == [2], resumed.output[-4000:]
+    assert f"checkpoint {tag_dir} lacks {tag_dir / OPTIM_FILE}" in resumed.output
+    assert "Traceback" not in resumed.output and "move it aside" in resumed.output
+
+
 def test_no_intact_checkpoint_is_refused_naming_each_damaged_file(runs, tmp_path):
     run_dir = runs.copy_stopped(tmp_path / "run")
     ckpts = run_dir / "checkpoints"

@@ -244,18 +244,46 @@ def test_a_payload_named_like_json_is_checked_too(runs, tmp_path):
 
 
 def test_deepspeeds_own_loads_run_forced_weights_only(tmp_path):
-    """The second guard around DeepSpeed's loaders (export's zero_to_fp32 and pipeline masters, the universal
-    converter): a file the check missed, loaded with weights_only=False inside, is refused and runs nothing."""
-    import pickle
-
+    """The second guard around DeepSpeed's loaders (resume, export's zero_to_fp32 and pipeline masters, the
+    universal converter): a file the check missed, loaded with weights_only=False inside, is refused as an
+    UnsafeFileError naming the checkpoint and the global, and runs nothing."""
     from megakv.safe_load import FORCE_WEIGHTS_ONLY, forced_weights_only
 
     marker = tmp_path / "payload-ran"
     torch.save({"x": Payload(marker)}, tmp_path / "planted.pt")
     torch.save({"scale": torch.ones(2)}, tmp_path / "plain.pt")
     before = os.environ.get(FORCE_WEIGHTS_ONLY)
-    with forced_weights_only():
-        with pytest.raises(pickle.UnpicklingError, match="system"):
+    with pytest.raises(UnsafeFileError, match="no code from it ran") as info:
+        with forced_weights_only(tmp_path):
             torch.load(tmp_path / "planted.pt", weights_only=False)
+    assert info.value.path == tmp_path and info.value.global_name in ("posix.system", "os.system")
+    with forced_weights_only(tmp_path):
         assert torch.equal(torch.load(tmp_path / "plain.pt", weights_only=False)["scale"], torch.ones(2))
     assert not marker.exists() and os.environ.get(FORCE_WEIGHTS_ONLY) == before
+
+
+# megakv-train with the first guard switched off: what a file check_deepspeed_dir missed would meet
+_WITHOUT_THE_CHECK = ("import sys, megakv.safe_load as s; s.check_deepspeed_dir = lambda directory: 0; "
+                      "from megakv.cli.train import main; sys.exit(main(sys.argv[1:]))")
+
+
+def test_resume_loads_forced_weights_only_behind_the_check(runs, tmp_path):
+    """Resume's DeepSpeed load is the second guard's too: with the file check switched off in the process (as if
+    it had missed the file), a planted payload is still refused, exit 2 naming the checkpoint, and never runs."""
+    import subprocess
+    import sys
+
+    from train_helpers import REPO, TINY_RECIPE, _child_env, train_args
+
+    run_dir = runs.copy_stopped(tmp_path / "run")
+    marker = tmp_path / "payload-ran"
+    name = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    plant(run_dir / "checkpoints" / tag(STOP_AT), name, marker)
+    proc = subprocess.run([sys.executable, "-c", _WITHOUT_THE_CHECK, *train_args(
+        TINY_RECIPE, runs.overrides(run_dir), resume=True)], cwd=REPO, env=_child_env(),
+        capture_output=True, text=True, timeout=300)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output[-4000:]
+    assert str(run_dir / "checkpoints" / tag(STOP_AT)) in output and "no code from it ran" in output
+    assert "system" in output and "Traceback" not in output
+    assert not marker.exists()

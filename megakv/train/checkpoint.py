@@ -311,16 +311,23 @@ class CheckpointManager:
 def load_checkpoint(engine, point: ResumePoint, rank: int) -> None:
     """DeepSpeed state (weights, optimizer, LR schedule) and this rank's RNG streams. Every .pt file is first
     parsed by the weights-only unpickler (megakv.safe_load): DeepSpeed's own loader would run code in it."""
-    from megakv.safe_load import check_deepspeed_dir
+    from megakv.safe_load import check_deepspeed_dir, forced_weights_only
 
     check_deepspeed_dir(point.path)
-    if point.universal:  # MegaKVModel-named: the dense and the pipe engine each map their own names
-        from megakv.parallel.universal import load_universal
+    try:
+        with forced_weights_only(point.path):  # DeepSpeed's loader unpickles with weights_only=False: a second guard
+            if point.universal:  # MegaKVModel-named: the dense and the pipe engine each map their own names
+                from megakv.parallel.universal import load_universal
 
-        load_path, _ = load_universal(engine, point.ckpt_dir, point.tag, point.state.config_yaml)
-    else:
-        load_path, _ = engine.load_checkpoint(str(point.ckpt_dir), tag=point.tag, load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
+                load_path, _ = load_universal(engine, point.ckpt_dir, point.tag, point.state.config_yaml)
+            else:
+                load_path, _ = engine.load_checkpoint(str(point.ckpt_dir), tag=point.tag,
+                                                      load_optimizer_states=True, load_lr_scheduler_states=True)
+    except FileNotFoundError as e:  # a shard its manifest does not list (the manifest's own files were checked)
+        raise CheckpointError(f"checkpoint {point.path} lacks {e.filename}, a file this layout's DeepSpeed load "
+                              "needs, although its manifest does not list it (an incomplete copy?). Fix: copy the "
+                              "checkpoint again from where it was written, or move it aside to resume from the one "
+                              "before") from None
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load checkpoint {point.path}. Fix: resume from another "
                               "checkpoint (move this one aside) or choose a new train.run_dir")

@@ -64,7 +64,7 @@ def consolidated_state_dict(run_dir: str | Path) -> tuple[ModelConfig, dict[str,
     if int(state.layout.get("tensor", 1)) > 1:
         return _tensor_state_dict(run_dir, tag, state)
     check_deepspeed_dir(checkpoints_dir(run_dir) / tag)  # zero_to_fp32 unpickles with weights_only=False
-    with forced_weights_only():
+    with forced_weights_only(checkpoints_dir(run_dir) / tag):
         weights = get_fp32_state_dict_from_zero_checkpoint(str(checkpoints_dir(run_dir)), tag=tag)
     # Own storage per tensor: zero_to_fp32 returns views into one flat buffer, which safetensors refuses.
     weights = {name: tensor.float().clone() for name, tensor in weights.items()}
@@ -84,7 +84,7 @@ def _pipeline_state_dict(run_dir: Path, tag: str, state: TrainState) -> tuple[Mo
         weights = layer_files_state(tag_dir, cfg.n_layers, split)
     else:
         check_deepspeed_dir(tag_dir)  # the optimizer shards unpickle with weights_only=False
-        with forced_weights_only():
+        with forced_weights_only(tag_dir):
             weights = master_weights_state(tag_dir, cfg.n_layers, split)
     return cfg, {name: tensor.float().clone() for name, tensor in weights.items()}, tag
 

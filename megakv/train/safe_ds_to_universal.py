@@ -16,7 +16,8 @@ def main(argv: list[str]) -> None:
     from megakv.safe_load import forced_weights_only
 
     sys.argv = ["ds_to_universal", *argv]
-    with forced_weights_only():  # the variable and the allow-list reach the worker processes it forks too
+    source = argv[argv.index("--input_folder") + 1] if "--input_folder" in argv else "the checkpoint"
+    with forced_weights_only(source):  # the variable and the allow-list reach the worker processes it forks too
         runpy.run_module("deepspeed.checkpoint.ds_to_universal", run_name="__main__", alter_sys=True)
 
 
