@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from checkpoint_helpers import STOP_AT, one_process, shared_runs, tag, tiny_config
 from train_helpers import TINY_RECIPE, launch_train, read_metrics, step_losses
 
@@ -89,3 +90,42 @@ def test_resume_without_latest_continues_bit_exactly_and_keeps_another_runs_chec
     # the run record holds every step once
     steps = [r["step"] for r in read_metrics(run_dir) if "loss_exact" in r]
     assert steps == list(range(1, 11))
+
+
+def test_exporting_a_live_run_whose_checkpoint_is_pruned_meanwhile_reads_the_newest(runs, tmp_path, monkeypatch,
+                                                                                     capsys):
+    """A live run removes its oldest checkpoint right after saving a newer one (checkpoint.keep_last), so the one an
+    export chose can vanish while it is read; the export failed, calling it damaged. The run's prune is played
+    here, deterministically, at the moment the export starts reading (a concurrent run would hit it by chance)."""
+    import shutil
+
+    import megakv.train.export as export
+    from megakv.train.export import consolidated_state_dict
+
+    run_dir = runs.copy_stopped(tmp_path / "run")
+    ckpts = run_dir / "checkpoints"
+    (ckpts / "latest").write_text(tag(STOP_AT - 2))  # the run's newest: the one the export first chooses
+    newer = ckpts / tag(STOP_AT)
+    hidden = shutil.move(str(newer), str(tmp_path / "not-yet-saved"))
+    real_check = export.check_deepspeed_dir
+    pruned = []
+
+    def the_run_saves_and_prunes(directory):
+        if not pruned:  # the run saves step STOP_AT and removes the one being read
+            pruned.append(Path(directory).name)
+            shutil.move(hidden, str(newer))
+            (ckpts / "latest").write_text(tag(STOP_AT))
+            shutil.rmtree(directory)
+        return real_check(directory)
+
+    monkeypatch.setattr(export, "check_deepspeed_dir", the_run_saves_and_prunes)
+    _cfg, weights, chosen = consolidated_state_dict(run_dir)
+    assert pruned == [tag(STOP_AT - 2)] and chosen == tag(STOP_AT)
+    assert f"{tag(STOP_AT - 2)} of {run_dir} was removed while it was read" in capsys.readouterr().err
+    monkeypatch.setattr(export, "check_deepspeed_dir", real_check)
+    _cfg, again, _ = consolidated_state_dict(run_dir)
+    assert weights.keys() == again.keys() and all(torch.equal(weights[k], again[k]) for k in weights)
+    # a checkpoint that is still there and fails to read is an error, not a reason to read another one
+    monkeypatch.setattr(export, "check_deepspeed_dir", lambda directory: (_ for _ in ()).throw(OSError("disk")))
+    with pytest.raises(OSError, match="disk"):
+        consolidated_state_dict(run_dir)

@@ -53,12 +53,31 @@ def model_config_of(state: TrainState) -> ModelConfig:
     return cfg
 
 
+# A live run removes its oldest checkpoint (checkpoint.keep_last) right after saving a new one: the checkpoint an
+# export chose can vanish while it is read. Then the newest is chosen again, a few times at most.
+_READ_ATTEMPTS = 3
+
+
 def consolidated_state_dict(run_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], str]:
-    """fp32 weights of the latest complete checkpoint, whatever the ZeRO stage and number of ranks."""
+    """fp32 weights of the latest complete checkpoint, whatever the ZeRO stage and number of ranks; of a run
+    still training too."""
+    run_dir = Path(run_dir)
+    for _ in range(_READ_ATTEMPTS - 1):
+        tag, state = _require_latest(run_dir)
+        try:
+            return _consolidate(run_dir, tag, state)
+        except Exception:
+            if (checkpoints_dir(run_dir) / tag).is_dir():
+                raise  # still there: the error is the checkpoint's, not the live run's
+            print(f"megakv: {tag} of {run_dir} was removed while it was read (the run is still training and "
+                  "keeps checkpoint.keep_last); reading its newest checkpoint instead", file=sys.stderr)
+    tag, state = _require_latest(run_dir)
+    return _consolidate(run_dir, tag, state)
+
+
+def _consolidate(run_dir: Path, tag: str, state: TrainState) -> tuple[ModelConfig, dict[str, torch.Tensor], str]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    run_dir = Path(run_dir)
-    tag, state = _require_latest(run_dir)
     if int(state.layout.get("pipeline", 1)) > 1:
         return _pipeline_state_dict(run_dir, tag, state)
     if int(state.layout.get("tensor", 1)) > 1:
