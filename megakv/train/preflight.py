@@ -525,12 +525,13 @@ def preflight(cfg: MegaKVConfig, layout: ParallelLayout) -> Launch:
     check_data_vocab(cfg)
     check_document_ends(cfg)
     check_init_tokenizer(cfg)
-    check_init_weights(cfg)
     memory_note = check_activation_memory(cfg, layout.local_rank)
     if memory_note and layout.rank == 0:
         warnings.warn(memory_note, stacklevel=2)
     check_run_dir(cfg)
     resume = find_resume(cfg, data_parallel, layout.rank, layout.world_size)
+    if resume is None:  # a resume takes the weights from its checkpoint (init_from may be gone by then)
+        check_init_weights(cfg)
     check_same_tensor(cfg, resume)
     ds_config = build_ds_config(cfg, data_parallel, load_universal=bool(resume and resume.universal))
     return Launch(run_dir=Path(cfg.train.run_dir), data_parallel=data_parallel, accumulation_steps=accumulation,
