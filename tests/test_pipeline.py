@@ -165,6 +165,7 @@ def test_each_rank_gets_its_global_slots_and_keeps_what_any_replica_reads():
     # local micro-batch 0: replicas run slots 0 and 2 -> K/V read: {0,1,2,3} | {0,2}
     assert kept_kv(step, 2) == [frozenset({0, 1, 2, 3}), frozenset({0, 1, 3})]
     assert kept_kv(step, 1) == [frozenset()] and kept_kv(step[:1], 2) == [frozenset()]
+    assert kept_kv(step, 2, every_layer=True) == kept_kv(step[:1], 1, every_layer=True) == [frozenset(range(4))]
     tensor = plan_tensor(step[1], frozenset({1, 3}))
     assert tensor.tolist() == [[0, 0, 0, 0], [0, 1, 0, 1]]
     assert plan_of(tensor) == (step[1], frozenset({1, 3}))

@@ -91,13 +91,16 @@ def rank_plans(step_plans: Sequence[RoutingPlan], data_rank: int, data_parallel:
     return list(step_plans[data_rank * per_rank:(data_rank + 1) * per_rank])
 
 
-def kept_kv(step_plans: Sequence[RoutingPlan], data_parallel: int) -> list[frozenset[int]]:
+def kept_kv(step_plans: Sequence[RoutingPlan], data_parallel: int, every_layer: bool = False) -> list[frozenset[int]]:
     """Per local micro-batch index: layers whose K/V some data-parallel replica reads at that index.
 
     Replicas running different plans must still call the same modules and produce gradients for the
     same parameters in each micro-batch (ZeRO reduces gradient buckets and, at stage 3, gathers each
     module's weights collectively), so every replica projects these K/V, unread ones with weight zero.
+    `every_layer` (optimizer offload): every layer's K/V in every micro-batch, see `offloads_optimizer`.
     """
+    if every_layer:
+        return [frozenset(range(len(step_plans[0].kv_needed)))]
     if len(step_plans) == 1 or data_parallel == 1:
         return [frozenset()]
     per_rank = len(step_plans) // data_parallel
@@ -107,6 +110,16 @@ def kept_kv(step_plans: Sequence[RoutingPlan], data_parallel: int) -> list[froze
 
 def _weights_of(weights: Sequence[float], index: int, size: int) -> torch.Tensor:
     return torch.tensor(weights[index * size:(index + 1) * size], dtype=torch.float64)
+
+
+def offloads_optimizer(engine: Any) -> bool:
+    """ZeRO with offload_optimizer, where DeepSpeed 0.19 keeps CPU gradient copies that R-CLA's unread K/V
+    projections corrupt in two ways beyond `clear_stale_gradients`' reach: a parameter whose gradient hook does not
+    fire in the accumulation boundary's micro-batch loses what earlier micro-batches accumulated (ZeRO-2/3, a plan
+    per micro-batch), and a pipeline engine applies an unread parameter's previous gradient again. Projecting
+    every layer's K/V in every micro-batch (unread ones with weight zero: an exact zero gradient) avoids both."""
+    optimizer = getattr(engine, "optimizer", None)
+    return bool(getattr(optimizer, "cpu_offload", False) or getattr(optimizer, "offload_optimizer", False))
 
 
 def clear_stale_gradients(engine: Any) -> None:
@@ -146,7 +159,7 @@ class DataParallelRunner:
         loss_sum = 0.0
         layout = self.ctx.layout
         mine = rank_plans(plans, layout.data_rank, layout.data_parallel)
-        keep = kept_kv(plans, layout.data_parallel)
+        keep = kept_kv(plans, layout.data_parallel, every_layer=offloads_optimizer(engine))
         for index, batch in enumerate(micro_batches):
             inputs, labels = self._to_device(batch)
             loss = causal_lm_loss(engine(inputs, plan=mine[index % len(mine)], keep_kv=keep[index % len(keep)]),
@@ -209,7 +222,7 @@ class PipelineRunner:
         engine = self.engine
         layout = self.ctx.layout
         mine = rank_plans(plans, layout.data_rank, layout.data_parallel)
-        keep = kept_kv(plans, layout.data_parallel)
+        keep = kept_kv(plans, layout.data_parallel, every_layer=offloads_optimizer(engine))
         self.loss.poison, self.loss.tokens_per_micro_batch = poison, tokens_per_micro_batch
         try:
             engine.train_batch(data_iter=self._feed(micro_batches, mine, keep, lambda _, labels: labels))
