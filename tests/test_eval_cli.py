@@ -87,6 +87,28 @@ def test_plan_cli(model_dir, split, tmp_path, capsys):
     assert data["best"]["loss"] <= min(c["loss"] for c in data["every_k"]) + 1e-12
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_byte_budget_is_counted_in_the_dtype_the_engine_stores_the_cache_in(model_dir, split, tmp_path, dtype):
+    """--cache-dtype defaulted to bfloat16 while the model ran in float32 (--dtype's default), so the plan chosen
+    for a byte budget allocated twice the budget (audit: 384 B/token planned, 768 allocated). By default the
+    bytes are now those of the cache megakv's engine allocates at --dtype, in megakv-plan as in megakv-eval."""
+    from megakv.inference.cli_support import DTYPES
+    from megakv.inference.engine import InferenceEngine
+    from megakv.model_paths import resolve_model
+
+    model, _ = resolve_model(str(model_dir), "cpu", DTYPES[dtype])
+    full = InferenceEngine(model, retain="all").new_cache(1, 8).bytes_per_token
+    budget = full // 2  # half the full cache, as the engine counts it
+    assert plan_main(["--model", str(model_dir), "--data", str(split), "--budget", f"{budget}B", "--dtype", dtype,
+                      "--seq-len", "16", "--max-evaluations", "10", "--json", str(tmp_path / "p.json")]) == 0
+    best = json.loads((tmp_path / "p.json").read_text())["best"]
+    allocated = InferenceEngine(model, retain=best["retain"]).new_cache(1, 8).bytes_per_token
+    assert best["kv_bytes_per_token"] == allocated <= budget
+    assert eval_main(["--model", str(model_dir), "--data", str(split), "--retain", best["retain"], "--dtype", dtype,
+                      "--seq-len", "16", "--json", str(tmp_path / "e.json")]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["results"][0]["kv_bytes_per_token"] == allocated
+
+
 @pytest.mark.parametrize("budget,message", [("0.1", "below one layer"), ("10B", "below one layer's cache"),
                                             ("much", "bad budget")])
 def test_plan_cli_bad_budget(model_dir, split, capsys, budget, message):

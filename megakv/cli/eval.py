@@ -40,9 +40,15 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
                         help="window length (default: the model's max_seq_len); --task qa: the longest prompt "
                              "(default 512, at most the model's max_seq_len)")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: %(default)s)")
-    parser.add_argument("--cache-dtype", choices=sorted(DTYPES), default="bfloat16",
-                        help="dtype in which KV bytes per token are reported (default: %(default)s)")
+    parser.add_argument("--cache-dtype", choices=sorted(DTYPES), default=None,
+                        help="dtype in which KV bytes per token are counted (default: --dtype, the dtype megakv's "
+                             "engine stores the cache in; name another to plan for a server that stores it so)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def cache_dtype_name(args: argparse.Namespace) -> str:
+    """The dtype KV bytes are counted in: --cache-dtype, else the model's --dtype (what the engine allocates)."""
+    return args.cache_dtype or args.dtype
 
 
 def load_windows(args: argparse.Namespace, model, tokenizer_dir):
@@ -155,11 +161,11 @@ def _run(args: argparse.Namespace) -> int:
     models = [model] if baseline is None else [model, baseline]
     with ProgressBar(len(models) * len(args.retain) * len(windows), "evaluating", "windows",
                      not args.no_progress) as bar:
-        scored_models = [evaluate_plans(m, args.retain, windows, args.batch_size, DTYPES[args.cache_dtype],
+        scored_models = [evaluate_plans(m, args.retain, windows, args.batch_size, DTYPES[cache_dtype_name(args)],
                                         progress=bar.advance) for m in models]
     results = scored_models[0]
     print(f"model {args.model} ({model.cfg.n_layers} layers), data {args.data}: {scored}")
-    print(format_table(results, args.cache_dtype))
+    print(format_table(results, cache_dtype_name(args)))
     extra = {}
     if baseline is not None:
         print("\nside by side: loss (and its ratio to the same model's first plan)")

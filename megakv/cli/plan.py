@@ -4,9 +4,10 @@
   megakv-plan --model DIR --data held_out.txt --budget 4096B --cache-dtype bfloat16 --json plan.json
 
 The budget is a fraction of a full cache (0.5 or 50%) or bytes per token (4096B, counted at
---cache-dtype). Every-k patterns are scored first, then a greedy / local search over explicit sets;
-the answer is never worse than the best every-k pattern on this data. Pass the printed `--retain`
-value to megakv-generate, megakv-eval or `from_pretrained(..., retain=...)`.
+--cache-dtype, by default the model's --dtype, the dtype the engine stores the cache in). Every-k patterns are
+scored first, then a greedy / local search over explicit sets; the answer is never worse than the best every-k
+pattern on this data. Pass the printed `--retain` value to megakv-generate, megakv-eval or
+`from_pretrained(..., retain=...)`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from megakv.cli.eval import add_data_arguments, load_windows
+from megakv.cli.eval import add_data_arguments, cache_dtype_name, load_windows
 from megakv.inference.cli_support import DTYPES, add_model_arguments, apply_runtime_options, check_output_file, run_cli
 
 
@@ -42,7 +43,7 @@ def _run(args: argparse.Namespace) -> int:
     apply_runtime_options(args)
     check_output_file(args.json, "--json")
     model, tokenizer_dir = resolve_model(args.model, args.device, DTYPES[args.dtype])
-    cache_dtype = DTYPES[args.cache_dtype]
+    cache_dtype = DTYPES[cache_dtype_name(args)]
     budget = parse_budget(args.budget, model.cfg, cache_dtype)  # fail fast, before reading data
     windows, scored = load_windows(args, model, tokenizer_dir)
     # The search may stop before scoring this many sets, so the bar's ETA is an upper bound.
@@ -63,7 +64,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"  {c.found_by:<10} layers {retain_spec(c.retained):<24} loss {c.loss:.4f}")
     best = describe(result.best)
     print(f"best: --retain {best['retain']}  ({best['layers']}/{n_layers} layers, {best['kv_bytes_per_token']} "
-          f"B/token at {args.cache_dtype}) loss {result.best.loss:.4f} found by {result.best.found_by}; "
+          f"B/token at {cache_dtype_name(args)}) loss {result.best.loss:.4f} found by {result.best.found_by}; "
           f"best every-k {result.best_every_k.found_by} loss {result.best_every_k.loss:.4f} "
           f"(improvement {result.improvement:.4f})")
     if args.json:
@@ -71,7 +72,7 @@ def _run(args: argparse.Namespace) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({
             "model": str(args.model), "data": str(args.data), "budget": budget.description,
-            "max_layers": budget.max_layers, "cache_dtype": args.cache_dtype, "evaluations": result.evaluations,
+            "max_layers": budget.max_layers, "cache_dtype": cache_dtype_name(args), "evaluations": result.evaluations,
             "best": best, "best_every_k": describe(result.best_every_k),
             "every_k": [describe(c) for c in result.every_k], "history": [describe(c) for c in result.history],
         }, indent=2) + "\n")
