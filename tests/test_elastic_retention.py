@@ -138,7 +138,7 @@ def test_generate_with_shrinks_equals_brute_force_greedy(model, start, schedule)
     changes = out.stats.retain_changes
     assert [(c.after_tokens, c.retained) for c in changes] == [
         (n, deployment_plan(r, 6).retained) for n, r in schedule]
-    per_layer_bytes = 2 * model.cfg.n_kv_heads * model.cfg.resolved_head_dim * 4 * (len(prompt) + new)
+    per_layer_bytes = 2 * model.cfg.n_kv_heads * model.cfg.resolved_head_dim * 4 * (len(prompt) + new - 1)
     for change in changes:
         assert change.cache_bytes_after == per_layer_bytes * len(change.retained) < change.cache_bytes_before
     assert out.stats.cache_bytes == per_layer_bytes * len(deployment_plan(start, 6).retained)
@@ -189,7 +189,7 @@ def test_cli_shrink_at(tmp_path, capsys, model):
     out = capsys.readouterr().out
     expected = InferenceEngine(model, "all").generate([[5, 9, 14]], 8, shrink_at=[(2, "every:2"), (5, "every:4")])
     assert out.splitlines()[0] == " ".join(map(str, expected.tokens[0]))
-    per_layer = 2 * model.cfg.n_kv_heads * model.cfg.resolved_head_dim * 4 * (3 + 8)
+    per_layer = 2 * model.cfg.n_kv_heads * model.cfg.resolved_head_dim * 4 * (3 + 8 - 1)  # the last token: never run
     assert f"after 2 new tokens: retained [0, 2, 4], KV cache {6 * per_layer} -> {3 * per_layer} bytes" in out
     assert f"after 5 new tokens: retained [0, 4], KV cache {3 * per_layer} -> {2 * per_layer} bytes" in out
     for bad, message in ((["--retain", "every:2", "--shrink-at", "2:every:3"], "hold no cache"),

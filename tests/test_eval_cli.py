@@ -33,6 +33,18 @@ def test_generate_text_with_stats(model_dir, capsys):
     assert "time to first token" in out and "tokens/s" in out
 
 
+def test_generate_warns_past_the_context_by_the_positions_it_runs(model_dir, capsys):
+    """A prompt of 3 and 62 new tokens runs positions 0..63 (the last token is returned, never run), which fit the
+    model's 64; one more token does not. The cache holds exactly those positions (it held one more)."""
+    base = ["--model", str(model_dir), "--prompt-ids", "5 9 14", "--no-eos-stop", "--stats"]
+    assert generate_main([*base, "--max-new-tokens", "62"]) == 0
+    fits = capsys.readouterr()
+    assert "trained context" not in fits.err and "x 64 positions" in fits.out
+    assert generate_main([*base, "--max-new-tokens", "63"]) == 0
+    past = capsys.readouterr()
+    assert "65 positions exceed the model's trained context (64)" in past.err and "x 65 positions" in past.out
+
+
 def test_generate_sampling_is_reproducible(model_dir, capsys):
     argv = ["--model", str(model_dir), "--prompt", "a fox", "--retain", "0,3", "--temperature", "0.9",
             "--top-k", "8", "--top-p", "0.95", "--seed", "3", "--max-new-tokens", "6"]

@@ -134,7 +134,7 @@ def _run(args: argparse.Namespace) -> int:
     eos += [i for i in model.cfg.eos_token_ids if i not in eos]
     pad_candidates = (getattr(tokenizer, "pad_id", None), *eos[:1], model.cfg.pad_token_id)
     pad = next((i for i in pad_candidates if i is not None), 0)
-    longest = max(len(ids) for ids in prompts) + args.max_new_tokens
+    longest = max(len(ids) for ids in prompts) + args.max_new_tokens - 1  # positions run: not the last token's
     if longest > model.cfg.max_seq_len:
         print(f"megakv-generate: warning: {longest} positions exceed the model's trained context "
               f"({model.cfg.max_seq_len}); quality past it is not guaranteed", file=sys.stderr)
@@ -158,7 +158,7 @@ def _run(args: argparse.Namespace) -> int:
         full = len(model.layers)
         print(f"# retained layers: {list(s.retained)} ({len(s.retained)}/{full} = {len(s.retained) / full:.1%})")
         print(f"# KV cache: {s.cache_bytes_per_token} bytes/token/sequence, {s.cache_bytes} bytes allocated "
-              f"(batch {s.batch} x {s.prompt_tokens + args.max_new_tokens} positions, {args.dtype})")
+              f"(batch {s.batch} x {s.prompt_tokens + args.max_new_tokens - 1} positions, {args.dtype})")
         print(f"# time to first token: {1000 * s.ttft_s:.1f} ms (prompt {s.prompt_tokens} tokens x batch {s.batch})")
         for change in s.retain_changes:
             print(f"# after {change.after_tokens} new tokens: retained {list(change.retained)}, KV cache "

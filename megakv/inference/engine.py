@@ -219,12 +219,13 @@ class InferenceEngine:
         generator = sampling.generator(self.device)
         ids, valid = left_pad(prompts, pad_id, self.device)
         batch, width = ids.shape
-        cache = self.new_cache(batch, width + max_new_tokens)
+        span = width + max_new_tokens - 1  # the last new token is returned, never run through the model
+        cache = self.new_cache(batch, span)
         initial_retained, changes = self.retained, []
         # Validity of every key column the generation will have, so a step only slices it (no allocation).
         all_valid = None
         if not bool(valid.all()):
-            all_valid = torch.ones(batch, width + max_new_tokens, dtype=torch.bool, device=self.device)
+            all_valid = torch.ones(batch, span, dtype=torch.bool, device=self.device)
             all_valid[:, :width] = valid
         key_valid = None if all_valid is None else all_valid[:, :width]
         positions = positions_from_valid(valid)
