@@ -52,6 +52,10 @@ def test_generate_sampling_is_reproducible(model_dir, capsys):
     first = capsys.readouterr().out
     assert generate_main(argv) == 0
     assert capsys.readouterr().out == first
+    # --stats times a warm engine (an untimed first generation pays the one-time set-up): the same sample
+    assert generate_main([*argv, "--stats"]) == 0
+    stats = capsys.readouterr().out
+    assert stats.startswith(first) and "warm engine" in stats
 
 
 @pytest.mark.parametrize("argv,message", [
