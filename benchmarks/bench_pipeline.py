@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train import DEMO, ENV, run_training, step_rates, synthetic_dataset  # noqa: E402
+from bench_train import DEMO, ENV, demo_data_overrides, run_training, step_rates  # noqa: E402
 
 
 def boundary_table(model_cfg, cuts: list[int], tokens: int, element_size: int, plans: int, q_cross: float,
@@ -85,15 +85,11 @@ def bytes_section(plans: int) -> None:
 
 def training_section(steps: int, warmup: int, timeout: float) -> None:
     from megakv.config import load_config
-    from megakv.data.indexed import pair_exists
 
     tmp_root = Path(tempfile.mkdtemp(prefix="bench_pipeline_"))
     cfg = load_config(DEMO, [])
-    extra: list[str] = []
-    if not all(pair_exists(p) for p in cfg.data.datasets):
-        prefix = synthetic_dataset(tmp_root / "synthetic")
-        print(f"\ndemo data {cfg.data.datasets} not prepared: using a synthetic corpus ({prefix})")
-        extra = [f"data.datasets=[{prefix}]", "data.valid_datasets=[]", "data.tokenizer=null"]
+    print()
+    extra = demo_data_overrides(cfg, tmp_root)
     short = [f"train.steps={steps}", "validation.every=0", "checkpoint.every=0", "checkpoint.save_final=false",
              "logging.tensorboard=false", f"logging.log_every={steps}", "optim.warmup_steps=1",
              "parallel.zero_stage=1", "parallel.ds_fragment=null", *extra]

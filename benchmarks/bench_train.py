@@ -12,7 +12,10 @@ Other processes on the machine distort everything: the load average is printed w
 Each configuration is a real `megakv-train` launch (the demo recipe with short-run overrides); tokens/s is
 the median over the steps after the first `--warmup` ones, read from the run's metrics.jsonl.
 
-  .venv/bin/python benchmarks/bench_train.py [--steps 10] [--nproc 2] [--data PREFIX --tokenizer DIR]
+  .venv/bin/python benchmarks/bench_train.py [--steps 10] [--nproc 2] [--stages 1,2,3] [KEY=VALUE ...]
+
+Without the demo data (`megakv-data demo --output data/shakespeare`), a seeded synthetic corpus stands in
+(throughput does not depend on the text).
 """
 
 from __future__ import annotations
@@ -123,6 +126,27 @@ def synthetic_dataset(root: Path, documents: int = 3000) -> Path:
     return prefix
 
 
+def demo_data_overrides(cfg, root: Path) -> list[str]:
+    """Overrides that point a demo-recipe run at a synthetic corpus when the recipe's data is not prepared (a
+    fresh clone): its training shards, and no held-out set, tokenizer or validation; [] when it is prepared.
+    Relative data paths are the recipe's, read from the repository root (where the runs start)."""
+    from megakv.data.indexed import pair_exists
+
+    def prepared(prefix) -> bool:
+        path = Path(prefix)
+        return pair_exists(path if path.is_absolute() else REPO / path)
+
+    if not all(prepared(p) for p in cfg.data.datasets):
+        prefix = synthetic_dataset(root / "synthetic")
+        print(f"demo data {cfg.data.datasets} not prepared: using a synthetic corpus ({prefix}), no held-out set",
+              flush=True)
+        return [f"data.datasets=[{prefix}]", "data.valid_datasets=[]", "data.tokenizer=null", "validation.every=0"]
+    if not all(prepared(p) for p in cfg.data.valid_datasets):
+        print(f"held-out data {cfg.data.valid_datasets} not prepared: training without it", flush=True)
+        return ["data.valid_datasets=[]", "validation.every=0"]
+    return []
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=10)
@@ -138,14 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.update(ENV)
 
     from megakv.config import load_config
-    from megakv.data.indexed import pair_exists
 
     tmp_root = Path(tempfile.mkdtemp(prefix="bench_train_"))
     cfg = load_config(DEMO, args.overrides)
-    if not all(pair_exists(p) for p in cfg.data.datasets):
-        prefix = synthetic_dataset(tmp_root / "synthetic")
-        print(f"demo data {cfg.data.datasets} not prepared: using a synthetic corpus ({prefix})")
-        args.overrides = [*args.overrides, f"data.datasets=[{prefix}]"]
+    args.overrides = [*args.overrides, *demo_data_overrides(cfg, tmp_root)]
     flops_token = model_flops_per_token(cfg.model)
     short = [f"train.steps={args.steps}", "validation.every=0", "checkpoint.every=0", "checkpoint.save_final=false",
              "logging.tensorboard=false", f"logging.log_every={args.steps}", "optim.warmup_steps=1",
