@@ -500,14 +500,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --limit: also the 24-layer d1024 shape at 2048x8, decode only (slow)")
     parser.add_argument("--json", default=None, help="also write the measurements here")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)  # before --limit, which checks that it runs on one thread
     if args.limit:
         return limit_run(args)
     if args.quick:
         args.shapes, args.prompt_lens, args.batches, args.new_tokens, args.repeats = ["demo"], [512], [1, 8], 32, 5
     if 1 not in args.groups:
         args.groups = [1, *args.groups]  # ratios are against g=1
-    if args.threads:
-        torch.set_num_threads(args.threads)
     clock = "thread CPU time" if torch.get_num_threads() == 1 else "process CPU time"
     print(f"engine {args.engine}, torch {torch.__version__}, {torch.get_num_threads()} threads ({clock}), "
           f"{os.cpu_count()} cores, dtype {args.dtype}, {args.new_tokens} new tokens, {args.repeats} repeats, "
