@@ -6,10 +6,14 @@ through real DeepSpeed ZeRO-1 engines on the same 8 sequences per step with R-CL
   tp2  each rank holds half of every layer's heads and MLP (megakv/parallel/tensor_engine.py), both ranks
        see the same 2 micro-batches of 4 (gradient accumulation 2).
 Prints tokens/s (timed steps after warm-up) and the payload each rank hands to collectives per step,
-split by collective (tp2: almost all of it is the activation all-reduces). A ring
+split by collective (tp2: almost all of it is the activation all-reduces), then tp2 / dp2 for both. A ring
 all-reduce puts about 2 (n-1)/n times its payload on the wire.
 
-  .venv/bin/python benchmarks/bench_parallel.py [--steps 6] [--warmup 2]
+The same two processes run the layouts in blocks, `--repeats` blocks each in mirrored order (dp2, tp2,
+tp2, dp2, ...), each block with a fresh model and engine, so a change in the machine's load during the run
+affects both alike; a layout's tokens/s is its timed tokens over its timed seconds, pooled over its blocks.
+
+  .venv/bin/python benchmarks/bench_parallel.py [--steps 3] [--warmup 1] [--repeats 2]
 
 PP2 has its own benchmark (benchmarks/bench_pipeline.py, real megakv-train runs).
 """
@@ -62,7 +66,9 @@ def _count_collectives(counts: dict[str, int], active: list[bool]) -> None:
         setattr(dist, name, wrap(name, getattr(dist, name)))
 
 
-def _worker(rank: int, world: int, port: int, layout: str, steps: int, warmup: int, queue) -> None:
+def _worker(rank: int, world: int, port: int, order: list[str], steps: int, warmup: int, queue) -> None:
+    """One pair of processes runs every block of `order`: a fresh model and engine per block (its grid set as
+    DeepSpeed's mpu), `warmup` untimed steps, then `steps` timed ones."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_SIZE=str(world))
     torch.set_num_threads(1)
@@ -70,6 +76,18 @@ def _worker(rank: int, world: int, port: int, layout: str, steps: int, warmup: i
     active = [False]
     _count_collectives(counts, active)
     import deepspeed
+    import torch.distributed as dist
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
+    results = [_block(layout, world, steps, warmup, counts, active) for layout in order]
+    queue.put((rank, results))
+    dist.destroy_process_group()
+
+
+def _block(layout: str, world: int, steps: int, warmup: int, counts: dict[str, int], active: list[bool]) -> dict:
+    import gc
+
     import torch.distributed as dist
     import torch.nn.functional as F
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
@@ -83,8 +101,6 @@ def _worker(rank: int, world: int, port: int, layout: str, steps: int, warmup: i
     )
     from megakv.routing import sample_plan
 
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
     tensor = 2 if layout == "tp2" else 1
     data_parallel = world // tensor
     grid = tensor_parallel_grid(PipeModelDataParallelTopology(num_pp=1, num_mp=tensor, num_dp=data_parallel))
@@ -116,17 +132,19 @@ def _worker(rank: int, world: int, port: int, layout: str, steps: int, warmup: i
     active[0] = False
     dist.barrier()
     elapsed = time.perf_counter() - started
-    queue.put((rank, {"tokens_per_s": steps * GLOBAL * SEQ / elapsed,
-                      "bytes_per_step": {k: v / steps for k, v in counts.items()}}))
-    dist.destroy_process_group()
+    result = {"layout": layout, "seconds": elapsed, "tokens_per_s": steps * GLOBAL * SEQ / elapsed,
+              "bytes_per_step": {k: v / steps for k, v in counts.items()}}
+    del engine, model
+    gc.collect()
+    return result
 
 
-def run(layout: str, steps: int, warmup: int) -> dict[int, dict]:
+def run(order: list[str], steps: int, warmup: int) -> dict[int, list[dict]]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = mp.start_processes(_worker, args=(2, _free_port(), layout, steps, warmup, queue), nprocs=2, join=False,
+    procs = mp.start_processes(_worker, args=(2, _free_port(), order, steps, warmup, queue), nprocs=2, join=False,
                                start_method="spawn")
-    results: dict[int, dict] = {}
+    results: dict[int, list[dict]] = {}
     while len(results) < 2:
         try:
             rank, result = queue.get(timeout=5)
@@ -139,22 +157,36 @@ def run(layout: str, steps: int, warmup: int) -> dict[int, dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per block")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps at the start of each block")
+    parser.add_argument("--repeats", type=int, default=2, help="blocks of each layout, in mirrored order")
     args = parser.parse_args()
-    if args.steps < 1 or args.warmup < 0:
-        parser.error("--steps must be >= 1 and --warmup >= 0 (nothing would be measured)")  # exits 2
+    if args.steps < 1 or args.warmup < 0 or args.repeats < 1:
+        parser.error("--steps and --repeats must be >= 1 and --warmup >= 0 (nothing would be measured)")  # exits 2
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     print(f"demo shape, {GLOBAL} x {SEQ} tokens per step, 2 gloo processes, ZeRO-1, fp32, "
-          f"{args.steps} timed steps after {args.warmup}")
-    for layout in ("dp2", "tp2"):
-        result = run(layout, args.steps, args.warmup)[0]
-        per_kind = sorted(result["bytes_per_step"].items())
-        traffic = ", ".join(f"{name} {value / 2**20:.2f} MiB" for name, value in per_kind)
-        total = sum(result["bytes_per_step"].values()) / 2**20
-        print(f"{layout}: {result['tokens_per_s']:8.0f} tokens/s; collective payload per rank per step "
-              f"{total:.2f} MiB ({traffic})")
+          f"{args.repeats} blocks per layout of {args.steps} timed steps after {args.warmup}")
+    layouts = ("dp2", "tp2")
+    order = [layout for r in range(args.repeats) for layout in (layouts if r % 2 == 0 else layouts[::-1])]
+    blocks = run(order, args.steps, args.warmup)[0]
+    seconds: dict[str, float] = defaultdict(float)
+    payload: dict[str, dict[str, float]] = {layout: defaultdict(float) for layout in layouts}
+    for index, block in enumerate(blocks):
+        layout = block["layout"]
+        seconds[layout] += block["seconds"]
+        for name, value in block["bytes_per_step"].items():
+            payload[layout][name] += value / args.repeats
+        print(f"  block {index + 1}/{len(blocks)} {layout}: {block['tokens_per_s']:8.0f} tokens/s")
+    print(f"(load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
+    rate = {layout: args.repeats * args.steps * GLOBAL * SEQ / seconds[layout] for layout in layouts}
+    total = {layout: sum(payload[layout].values()) for layout in layouts}
+    for layout in layouts:
+        traffic = ", ".join(f"{name} {value / 2**20:.2f} MiB" for name, value in sorted(payload[layout].items()))
+        print(f"{layout}: {rate[layout]:8.0f} tokens/s; collective payload per rank per step "
+              f"{total[layout] / 2**20:.2f} MiB ({traffic})")
+    print(f"tp2 / dp2: tokens/s {rate['tp2'] / rate['dp2']:.2f}, collective payload per step "
+          f"{total['tp2'] / total['dp2']:.2f}")
 
 
 if __name__ == "__main__":
