@@ -5,8 +5,12 @@
 
 Every measurement runs in a fresh process, which reports its own peak RSS (resource.getrusage) and that
 of its worker processes, and the CPU seconds of both (CPU time, unlike wall time, does not depend on what
-else the machine runs: compare it across worker counts to see the pool's overhead). Corpora are fetched
-into $MEGAKV_CACHE (default ~/.cache/megakv) and prepared in --scratch (default: a temporary directory).
+else the machine runs: compare it across worker counts to see the pool's overhead). The worker counts run
+`--repeats` times each in mirrored order (1, 2, 2, 1, ...), so a change in the machine's load affects all
+alike, and each corpus ends with the ratios to the first worker count: tokens/s (fastest run of each) and
+CPU seconds (least of each). A worker RSS of "-" means no worker process (1 worker encodes in the main
+process). Corpora are fetched into $MEGAKV_CACHE (default ~/.cache/megakv) and prepared in --scratch
+(default: a temporary directory).
 """
 
 from __future__ import annotations
@@ -76,10 +80,15 @@ def main() -> None:
     p.add_argument("--scratch", help="directory for corpora and outputs (default: temporary)")
     p.add_argument("--mix", help="directory of the larger mix (prepared by `megakv-data mix`, or fetched here)")
     p.add_argument("--worker-counts", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--repeats", type=int, default=2, help="runs of each worker count, in mirrored order")
     args = p.parse_args()
     if args.child:
         child(args)
         return
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
+    counts = list(dict.fromkeys(args.worker_counts))
+    order = [w for r in range(args.repeats) for w in (counts if r % 2 == 0 else counts[::-1])]
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(args.scratch or tmp)
         corpora = [("shakespeare", *corpus_inputs("shakespeare", scratch / "shakespeare", 8000))]
@@ -89,13 +98,23 @@ def main() -> None:
               f"{'tokens/s':>10} {'MiB/s':>6} {'CPU s':>6} {'peak RSS main / worker MiB':>27}")
         for label, inputs, tokenizer in corpora:
             vocab = read_info(tokenizer).vocab_size
-            for workers in args.worker_counts:
+            runs: dict[int, list[dict]] = {w: [] for w in counts}
+            for workers in order:
                 r = measure(inputs, tokenizer, scratch / "bench_out" / label / f"w{workers}" / "out", workers)
+                runs[workers].append(r)
                 mib = r["bytes"] / 2**20
+                worker_rss = f"{r['peak_rss_worker_mib']:.0f}" if r["peak_rss_worker_mib"] > 0 else "-"
                 print(f"{label:12} {vocab:>6,} {workers:>7} {r['documents']:>7,} {r['tokens']:>11,} {mib:>6.1f} "
                       f"{r['seconds']:>7.2f} {r['tokens'] / r['seconds']:>10,.0f} {mib / r['seconds']:>6.2f} "
                       f"{r['cpu_seconds']:>6.1f} "
-                      f"{r['peak_rss_main_mib']:>14.0f} / {r['peak_rss_worker_mib']:<8.0f}", flush=True)
+                      f"{r['peak_rss_main_mib']:>14.0f} / {worker_rss:<8}", flush=True)
+            base = counts[0]
+            fastest = {w: min(x["seconds"] for x in rs) for w, rs in runs.items()}
+            cpu = {w: min(x["cpu_seconds"] for x in rs) for w, rs in runs.items()}
+            for workers in counts[1:]:
+                print(f"{label}: {workers} / {base} workers: tokens/s {fastest[base] / fastest[workers]:.2f} "
+                      f"(fastest of {args.repeats} runs each), CPU seconds {cpu[workers] / cpu[base]:.2f}; "
+                      f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
 
 
 if __name__ == "__main__":
