@@ -12,8 +12,14 @@ Prints:
      micro-batches half as large (more micro-batches per step, smaller bubble). Goal: PP2 >= 0.8 x DP2.
   3. the 1F1B bubble fraction (P - 1) / (M + P - 1) of each pipeline run, and the measured pipeline
      efficiency: tokens/s of PP=2 / (2 x tokens/s of one process).
+With `--repeats N` the five trainings run N times each in mirrored order (1-5, 5-1, ...), so a change in
+the machine's load affects all alike; a configuration's tokens/s is the median of its post-warm-up steps,
+pooled over its runs. The default is one run each, one after another, as before: every run is a fresh
+launch with its own start-up, so mirrored repeats add about half the time again even with fewer steps per
+run; on a machine shared with other jobs, pass e.g. --repeats 2 --steps 5.
 
-  .venv/bin/python benchmarks/bench_pipeline.py [--steps 8] [--warmup 2] [--plans 2000] [--skip-training]
+  .venv/bin/python benchmarks/bench_pipeline.py [--steps 8] [--warmup 2] [--repeats 1] [--plans 2000]
+      [--skip-training]
 """
 
 from __future__ import annotations
@@ -83,7 +89,7 @@ def bytes_section(plans: int) -> None:
     print_table("the same with routing.max_distance=4", boundary_table(qwen, [7, 14, 21], 4096, 2, plans, 0.5, 4))
 
 
-def training_section(steps: int, warmup: int, timeout: float) -> None:
+def training_section(steps: int, warmup: int, repeats: int, timeout: float) -> None:
     from megakv.config import load_config
 
     tmp_root = Path(tempfile.mkdtemp(prefix="bench_pipeline_"))
@@ -98,11 +104,16 @@ def training_section(steps: int, warmup: int, timeout: float) -> None:
             ("PP=2 fixed", 2, ["parallel.pipeline=2", "parallel.pipeline_transport=fixed"]),
             ("PP=2 dynamic", 2, ["parallel.pipeline=2", "parallel.pipeline_transport=dynamic"]),
             (f"PP=2 fixed, micro-batch {half}", 2, ["parallel.pipeline=2", f"train.micro_batch={half}"])]
-    rates = {}
-    for index, (name, nproc, overrides) in enumerate(runs):
+    order = [run for r in range(repeats) for run in (runs if r % 2 == 0 else runs[::-1])]
+    pooled: dict[str, list[float]] = {name: [] for name, _, _ in runs}
+    for index, (name, nproc, overrides) in enumerate(order):
         records = run_training(tmp_root / f"run{index}", [*short, *overrides], nproc, timeout)
-        rates[name] = statistics.median(step_rates(records, warmup))
-        print(f"  {name:28s} {rates[name]:8,.0f} tokens/s", flush=True)
+        run_rates = step_rates(records, warmup)
+        pooled[name].extend(run_rates)
+        print(f"  run {index + 1}/{len(order)} {name:28s} {statistics.median(run_rates):8,.0f} tokens/s", flush=True)
+    rates = {name: statistics.median(values) for name, values in pooled.items()}
+    for name, rate in rates.items():
+        print(f"  {name:28s} {rate:8,.0f} tokens/s (median of {len(pooled[name])} steps)")
     print(f"(load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
     print(f"\ndemo, global batch {cfg.train.global_batch}, micro-batch {cfg.train.micro_batch}, fp32, ZeRO-1:")
     dp2 = rates["DP=2"]
@@ -119,16 +130,19 @@ def training_section(steps: int, warmup: int, timeout: float) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--warmup", type=int, default=2, help="steps left out of the median")
+    parser.add_argument("--steps", type=int, default=8, help="steps per training run")
+    parser.add_argument("--warmup", type=int, default=2, help="steps of each run left out of the median")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each configuration, in mirrored order")
     parser.add_argument("--plans", type=int, default=2000, help="sampled plans per boundary for the byte counts")
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--skip-training", action="store_true", help="byte counts only")
     args = parser.parse_args(argv)
+    if args.warmup < 0 or args.steps <= args.warmup or args.repeats < 1:
+        parser.error("--steps must exceed --warmup (>= 0) and --repeats be >= 1: no step would be measured")
     os.environ.update(ENV)
     bytes_section(args.plans)
     if not args.skip_training:
-        training_section(args.steps, args.warmup, args.timeout)
+        training_section(args.steps, args.warmup, args.repeats, args.timeout)
     return 0
 
 
