@@ -31,10 +31,13 @@ def losses(*values: float) -> dict[str, float]:
 
 def test_full_cache_cost_held_below_two_percent_and_not_above():
     held = pretrain.full_cache_cost_claim({0.0: losses(2.424, 3, 3, 3), 0.75: losses(2.461, 3, 3, 3)})
-    assert held.held is True and "+1.5%" in held.measured and "q 0.75" in held.measured
+    assert held.held is True and "+1.53%" in held.measured and "q 0.75" in held.measured
     missed = pretrain.full_cache_cost_claim({0.0: losses(2.0, 3, 3, 3), 0.25: losses(2.01, 3, 3, 3),
                                              0.5: losses(2.05, 3, 3, 3)})
-    assert missed.held is False and "q 0.5" in missed.measured and "+2.5%" in missed.measured  # largest q
+    assert missed.held is False and "q 0.5" in missed.measured and "+2.50%" in missed.measured  # largest q
+    # shown with two decimals: 1.96% read "+2.0%" beside a verdict of "< 2%"
+    close = pretrain.full_cache_cost_claim({0.0: losses(2.0, 3, 3, 3), 0.75: losses(2.0392, 3, 3, 3)})
+    assert close.held is True and "+1.96%" in close.measured
 
 
 def test_depth_claims_compare_the_best_rcla_model_at_the_shallow_models_cache():
@@ -56,7 +59,7 @@ def test_sharing_claim_needs_every_shared_retention():
 def test_sweep_and_cache_tables():
     deep = {0.0: losses(4.0, 4.5, 4.6, 4.9), 0.5: losses(4.1, 4.15, 4.2, 4.4)}
     sweep = pretrain.sweep_table(deep, {4: 4.3, 2: 4.6}, 8)
-    assert sweep.rows[1] == ["q_cross 0.5 (R-CLA)", 8, 4.1, 4.15, 4.2, 4.4, "+2.5%"]
+    assert sweep.rows[1] == ["q_cross 0.5 (R-CLA)", 8, 4.1, 4.15, 4.2, 4.4, "+2.50%"]
     assert sweep.rows[2][:3] == ["shallow, full cache", 4, 4.3] and sweep.rows[2][3:6] == [None] * 3
     cache = pretrain.cache_table(deep, {4: 4.3, 2: 4.6}, 8)
     assert [row[0] for row in cache.rows] == [8, 4, 3, 2]  # every:3 keeps 0, 3, 6
@@ -95,6 +98,21 @@ def test_ablation_claims_not_held_when_a_fixed_group_wins():
     assert ablation.competitive_claim(variants, "rcla").held is True
     variants["rdcla2"] = losses(4.05, 4.1, 4.3, 4.4)  # now RD-CLA's worst gap (2.5%) beats R-CLA's
     assert ablation.competitive_claim(variants, "rcla").held is False
+
+
+def test_a_loss_that_is_not_finite_gives_no_verdict():
+    """Comparisons with NaN are all false: R-CLA's NaN at every:2 read as 'best at every retention', held
+    (study audit). A part with a NaN or inf loss now gives no verdict on any claim."""
+    from megakv.study.results import no_verdict_unless_finite
+
+    variants = {"rcla": losses(4.1, float("nan"), 4.3, 4.4), "cla2": losses(5.0, 4.0, 4.8, 4.9)}
+    assert ablation.competitive_claim(variants, "rcla").held is True  # the rule alone is fooled
+    claims = no_verdict_unless_finite([ablation.competitive_claim(variants, "rcla")],
+                                      [v for row in variants.values() for v in row.values()])
+    assert claims[0].held is None and "not finite" in claims[0].measured
+    finite = {"rcla": losses(4.1, 4.2, 4.3, 4.4), "cla2": losses(5.0, 4.0, 4.8, 4.9)}
+    kept = [ablation.competitive_claim(finite, "rcla")]
+    assert no_verdict_unless_finite(kept, [v for row in finite.values() for v in row.values()]) == kept
 
 
 def test_trained_retention():

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from megakv.study.pretrain import reference_by_seed, reference_repeats, reference_run
-from megakv.study.results import Claim, PartResult, Table
+from megakv.study.results import Claim, PartResult, Table, no_verdict_unless_finite
 from megakv.study.scratch import (
     RETAINS,
     ScratchRun,
@@ -66,7 +66,7 @@ def worst_gaps(variants: Mapping[str, Mapping[str, float]]) -> dict[str, tuple[f
 
 
 def _gap_text(gap: float, spec: str) -> str:
-    return f"{100 * gap:+.1f}% ({spec})" if gap > 0 else "+0.0% (best at every retention)"
+    return f"{100 * gap:+.2f}% ({spec})" if gap > 0 else "+0.00% (best at every retention)"
 
 
 def competitive_claim(variants: Mapping[str, Mapping[str, float]], rcla: str) -> Claim:
@@ -147,8 +147,9 @@ def run(part_dir: Path, scale: str, *, log: Callable[[str], None]) -> PartResult
     labels = {rcla: f"R-CLA q_cross {settings.reference_q:g} (pretrain's {reference.name})",
               **{r.name: r.strategy.upper().replace("RDCLA", "RD-CLA") + (
                   f" (q_cross {r.q_cross:g})" if r.strategy.startswith("rdcla") else "") for r in runs}}
-    claims = [competitive_claim(variants, rcla), shared_retention_claim(variants, rcla),
-              off_retention_claim(variants, rcla, strategies)]
+    claims = no_verdict_unless_finite([competitive_claim(variants, rcla), shared_retention_claim(variants, rcla),
+                                       off_retention_claim(variants, rcla, strategies)],
+                                      [v for losses in variants.values() for v in losses.values()])
     cached = [retained_layers(r, n_layers) for r in RETAINS]
     plot = plot_lines(part_dir / "ablation_retention.png", "Training strategy vs retention (Table 3 analogue)",
                       "cached layers (KV cache per token)", "held-out loss",

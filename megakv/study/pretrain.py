@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from megakv.study.results import Claim, PartResult, Table
+from megakv.study.results import Claim, PartResult, Table, no_verdict_unless_finite
 from megakv.study.scratch import (
     BASE_SEED,
     RETAINS,
@@ -73,7 +73,7 @@ def reference_by_seed(study_dir: Path, settings: ScratchScale,
 
 
 def _pct(value: float) -> str:
-    return f"{100 * value:+.1f}%"
+    return f"{100 * value:+.2f}%"  # two decimals: +1.96% read "+2.0%" next to a verdict of "< 2%"
 
 
 def full_cache_cost_claim(deep: Mapping[float, Mapping[str, float]], noise: float | None = None) -> Claim:
@@ -192,8 +192,10 @@ def run(part_dir: Path, scale: str, *, log: Callable[[str], None]) -> PartResult
 
     by_seed = reference_by_seed(study_dir, settings, losses)
     noise = seed_spread(by_seed)["every:1"] if len(by_seed) > 1 else None
-    claims = [full_cache_cost_claim(deep, noise), *depth_claims(deep, shallow_loss, n_layers),
-              sharing_claim(deep, settings.reference_q)]
+    claims = no_verdict_unless_finite([full_cache_cost_claim(deep, noise), *depth_claims(deep, shallow_loss, n_layers),
+                                       sharing_claim(deep, settings.reference_q)],
+                                      [*(v for losses in deep.values() for v in losses.values()),
+                                       *shallow_loss.values()])
     notes = ["q_cross 0 is trained with routing `none` (the same plans as rcla at q 0: every layer its own K/V).",
              f"Every model sees the same tokens in the same order (data.seed {BASE_SEED}); every model but the "
              f"seed repeats also shares the initialisation and routing seed {BASE_SEED}. The shallow models have "

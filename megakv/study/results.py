@@ -8,8 +8,10 @@ directory when a part is rerun alone.
 from __future__ import annotations
 
 import json
+import math
 import os
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 RESULTS_FILE = "results.json"
@@ -30,6 +32,15 @@ class Claim:
     paper: str
     measured: str
     held: bool | None  # None: not measurable at this scale (the report says why in `measured`)
+
+
+def no_verdict_unless_finite(claims: list[Claim], losses: Iterable[float]) -> list[Claim]:
+    """A part whose measurements hold a NaN or inf gives no verdict: comparisons with NaN are all false, which
+    a rule can read as held (a NaN loss was "never worse than the best")."""
+    if all(math.isfinite(v) for v in losses):
+        return claims
+    return [replace(c, held=None, measured=f"{c.measured}; a loss is not finite (NaN or inf): no verdict")
+            for c in claims]
 
 
 @dataclass
