@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from megakv.cli.study import main, selected_parts
@@ -36,7 +38,7 @@ def test_results_round_trip_and_report_marks_each_claim(tmp_path):
     for part in ("finetune", "ablation"):  # PNGs copied beside the report, linked relative to it
         assert f"![loss.png]({part}/loss.png)" in text
         assert (tmp_path / "committed" / part / "loss.png").read_bytes() == b"\x89PNG fake image bytes"
-    assert "kept from this report's directory" not in text
+    assert "kept from an earlier invocation" not in text
 
 
 def test_a_part_rerun_alone_refreshes_its_section_and_keeps_the_others(tmp_path):
@@ -55,12 +57,55 @@ def test_a_part_rerun_alone_refreshes_its_section_and_keeps_the_others(tmp_path)
     (second / "ablation" / "loss.png").write_bytes(b"ablation new plot")
     text = write_report(second, ["finetune", "pretrain", "ablation"], committed).read_text()
     finetune, ablation = text.split("## finetune title")[1].split("## ablation title")
-    assert "Results built 2026-01-01 10:00 UTC and kept from this report's directory" in finetune
+    assert "Results built 2026-01-01 10:00 UTC: kept from an earlier invocation" in finetune
     assert "**held**" in finetune and "**not held**" in ablation and "1 of 2 claims held" in text
     assert "Results built 2026-02-02 12:00 UTC." in ablation and "kept from" not in ablation
     assert (committed / "finetune" / "loss.png").read_bytes() == b"finetune old plot"
     assert (committed / "ablation" / "loss.png").read_bytes() == b"ablation new plot"
     assert PartResult.load(committed / "ablation") == rerun
+
+
+def test_a_part_not_run_now_comes_from_the_report_and_mixed_scales_are_said(tmp_path, monkeypatch):
+    """`megakv-study pretrain --out A --report-dir R` replaced R's cpu ablation with an older tiny one lying in A,
+    unmarked, and counted claims across scales (study audit). Parts not run now come from the report's copy and
+    are marked kept; claims are counted per scale when the scales differ."""
+    out, committed = tmp_path / "A", tmp_path / "R"
+    for part, scale in (("finetune", "cpu"), ("ablation", "cpu")):
+        result = _result(part, True)
+        result.scale = scale
+        result.save(committed / part)
+        (committed / part / "loss.png").write_bytes(b"cpu plot")
+    old = _result("ablation", False)  # an older tiny run lying in OUT
+    old.save(out / "ablation")
+    (out / "ablation" / "loss.png").write_bytes(b"tiny plot")
+    _result("pretrain", False).save(out / "pretrain")  # this invocation's part, at scale tiny
+    (out / "pretrain" / "loss.png").write_bytes(b"pretrain plot")
+    text = write_report(out, ["finetune", "pretrain", "ablation"], committed, ran=["pretrain"]).read_text()
+    assert PartResult.load(committed / "ablation").scale == "cpu"
+    assert (committed / "ablation" / "loss.png").read_bytes() == b"cpu plot"
+    sections = text.split("## ")
+    assert "kept from an earlier invocation" in sections[1] and "kept from" not in sections[2]  # finetune, pretrain
+    assert "kept from an earlier invocation" in sections[3]
+    assert "**The parts come from different scales** (finetune cpu, pretrain tiny, ablation cpu)" in text
+    assert "scale cpu: 2 of 2 claims held; scale tiny: 0 of 1 claims held" in text
+    # the same directory spelled two ways is not a copy onto itself (shutil.SameFileError)
+    monkeypatch.chdir(tmp_path)
+    relative = write_report(Path("R"), ["finetune", "pretrain", "ablation"], committed)
+    assert relative.read_text().count("kept from") == 0
+
+
+def test_a_report_file_that_is_not_the_studys_is_left_alone(tmp_path):
+    out = tmp_path / "study"
+    _result("finetune", True).save(out / "finetune")
+    (out / "finetune" / "loss.png").write_bytes(b"plot")
+    (out / "report.md").write_text("# my own notes\n")
+    with pytest.raises(FileExistsError, match="not a megakv-study report"):
+        write_report(out, ["finetune"])
+    assert (out / "report.md").read_text() == "# my own notes\n"
+    (out / "report.md").unlink()
+    first = write_report(out, ["finetune"]).read_text()
+    assert write_report(out, ["finetune"]).read_text() == first  # its own report is rewritten, whole
+    assert sorted(p.name for p in out.iterdir()) == ["finetune", "report.md"]  # no temporary left
 
 
 def test_parts_run_in_the_papers_order_and_bad_names_are_refused():

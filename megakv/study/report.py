@@ -14,6 +14,7 @@ from pathlib import Path
 from megakv.study.results import RESULTS_FILE, Claim, PartResult, Table
 
 REPORT_FILE = "report.md"
+TITLE = "# megakv-study: Stochastic KV Routing (R-CLA) in miniature"
 HELD_MARK = {True: "**held**", False: "**not held**", None: "not measurable here"}
 
 
@@ -44,7 +45,7 @@ def _minutes(seconds: float) -> str:
 
 def format_part(result: PartResult, image_dir: str, kept: bool = False) -> list[str]:
     built = f" Results built {result.finished}" if result.finished else " Results built at an unrecorded time"
-    built += (" and kept from this report's directory: this part was not rerun for this report." if kept else ".")
+    built += (": kept from an earlier invocation, this part was not rerun for this report." if kept else ".")
     lines = [f"## {result.title}", "",
              f"Scale `{result.scale}`. The last invocation took {_minutes(result.seconds)}: cached models and "
              "scores are not redone, so the time each training and evaluation took when it ran is in the notes."
@@ -62,43 +63,73 @@ def format_part(result: PartResult, image_dir: str, kept: bool = False) -> list[
     return [*lines, ""] if result.notes else lines
 
 
-def completed_parts(out: Path, parts: Sequence[str], report_dir: Path | None = None) -> list[tuple[PartResult, Path]]:
-    """(results, the directory they and their plots are in) per finished part: OUT first, then REPORT_DIR."""
+def _same_dir(a: Path, b: Path) -> bool:
+    return a.resolve() == b.resolve()
+
+
+def completed_parts(out: Path, parts: Sequence[str], report_dir: Path | None = None,
+                    ran: Sequence[str] | None = None) -> list[tuple[PartResult, Path]]:
+    """(results, the directory they and their plots are in) per finished part. A part this invocation ran comes
+    from OUT; another one from the report's own copy first (what the report showed: OUT may hold an older run of
+    it at another scale), then OUT. `ran` None (`megakv-study report`): OUT first, then REPORT_DIR."""
     found = []
     for part in parts:
         sources = [out / part] + ([report_dir / part] if report_dir else [])
+        if ran is not None and part not in ran:
+            sources.reverse()
         source = next((d for d in sources if (d / RESULTS_FILE).is_file()), None)
         if source is not None:
             found.append((PartResult.load(source), source))
     return found
 
 
-def write_report(out: Path, parts: Sequence[str], report_dir: Path | None = None, command: str = "") -> Path:
-    """OUT/report.md (or REPORT_DIR/report.md with results.json and the PNGs copied beside it)."""
+def _claims_held(results: Sequence[PartResult]) -> str:
+    """'N of M claims held', per scale when the parts come from several (their claims do not add up)."""
+    scales = sorted({r.scale for r in results})
+
+    def count(of: Sequence[PartResult]) -> str:
+        claims = [c for r in of for c in r.claims]
+        return f"{sum(c.held is True for c in claims)} of {len(claims)} claims held"
+
+    if len(scales) == 1:
+        return count(results)
+    per_scale = "; ".join(f"scale {s}: {count([r for r in results if r.scale == s])}" for s in scales)
+    return (f"**The parts come from different scales** ({', '.join(f'{r.part} {r.scale}' for r in results)}): "
+            f"{per_scale}. Rerun the older parts at one scale to compare them")
+
+
+def write_report(out: Path, parts: Sequence[str], report_dir: Path | None = None, command: str = "",
+                 ran: Sequence[str] | None = None) -> Path:
+    """OUT/report.md (or REPORT_DIR/report.md with results.json and the PNGs copied beside it). `ran`: the parts
+    this invocation ran (the others are marked as kept from earlier); None for `megakv-study report`."""
     report_dir = report_dir or out
-    found = completed_parts(out, parts, report_dir)
+    path = report_dir / REPORT_FILE
+    if path.is_file() and not path.read_text(errors="replace").startswith(TITLE):
+        raise FileExistsError(f"{path} exists and is not a megakv-study report; it was left as it is. Fix: choose "
+                              "another --report-dir (or --out), or move that file away")
+    found = completed_parts(out, parts, report_dir, ran)
     if not found:
         raise FileNotFoundError(f"no part of the study has results in {out} (looked for "
                                 f"{', '.join(f'{p}/{RESULTS_FILE}' for p in parts)}): run `megakv-study` first")
     report_dir.mkdir(parents=True, exist_ok=True)
     results = [result for result, _ in found]
-    claims = [c for r in results for c in r.claims]
-    held = sum(c.held is True for c in claims)
-    lines = ["# megakv-study: Stochastic KV Routing (R-CLA) in miniature", "",
+    lines = [TITLE, "",
              "Regenerate with `bash scripts/study.sh` (set-up, then `megakv-study`; models and scores are cached "
              "under its --out and reused). Each claim is stated next to the paper's number and marked held or "
              "not held by this run's measurements." + (f" Written by `{command}`." if command else ""), "",
-             f"{held} of {len(claims)} claims held; parts: " + ", ".join(r.part for r in results) + ".", ""]
+             f"{_claims_held(results)}; parts: " + ", ".join(r.part for r in results) + ".", ""]
     for result, source in found:
-        kept = source == report_dir / result.part
-        if not kept:
-            (report_dir / result.part).mkdir(exist_ok=True)
+        target = report_dir / result.part
+        if not _same_dir(source, target):
+            target.mkdir(exist_ok=True)
             for name in (*result.plots, RESULTS_FILE):
-                shutil.copyfile(source / name, report_dir / result.part / name)
-        lines += format_part(result, result.part, kept=kept and report_dir != out)
+                shutil.copyfile(source / name, target / name)
+        kept = result.part not in ran if ran is not None else not _same_dir(source, out / result.part)
+        lines += format_part(result, result.part, kept=kept)
     missing = [p for p in parts if p not in {r.part for r in results}]
     if missing:
         lines += [f"Not run yet: {', '.join(missing)}.", ""]
-    path = report_dir / REPORT_FILE
-    path.write_text("\n".join(lines).rstrip() + "\n")
+    tmp = path.with_name(f".{REPORT_FILE}.tmp")
+    tmp.write_text("\n".join(lines).rstrip() + "\n")
+    tmp.replace(path)  # whole or not at all: a kill while writing keeps the previous report
     return path
