@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from megakv.config import load_config
 from megakv.study.runs import model_fingerprint, settings_changes
 
@@ -172,3 +174,147 @@ def test_a_cached_retention_loss_is_not_reused_on_data_prepared_again(tmp_path):
     cache.write_text(json.dumps({key: losses}))
     _reprepare(prefix, synthetic_text()[::-1][:40])
     assert retention_losses(model, prefix, ["every:1"], max_tokens=256, log=print) != first
+
+
+# ------------------------------------------------------------------ stopping the study (real processes, signals)
+
+SLOW_STUDY = '''"""megakv-study pretrain --scale tiny, its trainings slowed (more steps, a floor per step)."""
+import sys
+from dataclasses import replace
+
+from megakv.cli.study import main
+from megakv.study import scratch
+
+steps, min_step_s = int(sys.argv[2]), float(sys.argv[3])
+scratch.SCALES["tiny"] = replace(scratch.SCALES["tiny"], steps=steps, seed_repeats=0)
+overrides = scratch.ScratchRun.overrides
+scratch.ScratchRun.overrides = lambda self, *a: [*overrides(self, *a), f"train.debug.min_step_s={min_step_s}"]
+sys.exit(main(["pretrain", "--scale", "tiny", "--out", sys.argv[1]]))
+'''
+
+
+def _slow_study(tmp_path, out, steps=40, min_step_s=0.25, **popen):
+    """The study command (pretrain, tiny) in a process of its own, its trainings slowed so a signal lands
+    mid-training; the worktree's megakv, for it and for the trainings it starts."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import megakv
+
+    driver = tmp_path / "slow_study.py"
+    driver.write_text(SLOW_STUDY)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(megakv.__file__).parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    return subprocess.Popen([sys.executable, str(driver), str(out), str(steps), str(min_step_s)], cwd=tmp_path,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def _state(run_dir):
+    import json
+
+    path = run_dir / "status.json"
+    try:
+        return json.loads(path.read_text())["state"] if path.is_file() else None
+    except ValueError:  # being replaced this instant
+        return None
+
+
+def _wait_until(condition, timeout_s: float, what: str):
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def _training_mid_run(run_dir, steps_seen: int = 2):
+    """The run is training (its signal handler installed) and has logged past `steps_seen` steps this time."""
+    metrics = run_dir / "metrics.jsonl"
+    start = len(metrics.read_text().splitlines()) if metrics.is_file() else 0
+    return lambda: (_state(run_dir) == "running" and metrics.is_file()
+                    and len(metrics.read_text().splitlines()) >= start + steps_seen)
+
+
+def _children(pid: int) -> list[int]:
+    from pathlib import Path
+
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    from pathlib import Path
+
+    try:  # a zombie has ended (it only waits to be reaped)
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_a_stopped_study_stops_its_trainings_with_a_checkpoint_and_a_rerun_resumes(tmp_path):
+    """Audit: SIGTERM or SIGKILL to megakv-study left its megakv-train children training on as orphans (to the
+    end, holding the run's lock, and dying without a checkpoint on a later SIGTERM: their stdout pipe was gone),
+    and the rerun failed on the lock. Now SIGTERM is passed on (the trainings save, the study exits 143 saying a
+    rerun resumes), a SIGKILLed study's trainings get SIGTERM from the kernel (PR_SET_PDEATHSIG) and save, and
+    Ctrl-C to the whole process group still stops everything with checkpoints, without a traceback."""
+    import json
+    import signal
+    import sys
+
+    import pytest
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("PR_SET_PDEATHSIG and /proc are Linux's")
+    out = tmp_path / "out"
+    runs = out / "pretrain" / "runs"
+    first = ("q0", "q0.5")  # the deep models train first, two at once
+
+    # Ctrl-C in the terminal: SIGINT to the study and its trainings at once
+    study = _slow_study(tmp_path, out, start_new_session=True)
+    _wait_until(_training_mid_run(runs / "q0"), 180, "q0 to train")
+    os.killpg(study.pid, signal.SIGINT)
+    _, stderr = study.communicate(timeout=120)
+    assert study.returncode == 130, stderr
+    assert "Rerun the same command to resume" in stderr and "Traceback" not in stderr
+    assert [_state(runs / name) for name in first] == ["preempted", "preempted"]
+
+    # SIGTERM to the study alone (kill PID): passed on to its trainings, which save a checkpoint and exit
+    study = _slow_study(tmp_path, out)
+    _wait_until(_training_mid_run(runs / "q0"), 180, "q0 to resume")
+    trainings = _children(study.pid)
+    assert len(trainings) == 2
+    study.send_signal(signal.SIGTERM)
+    _, stderr = study.communicate(timeout=120)
+    assert study.returncode == 143, stderr
+    assert "stopped by SIGTERM" in stderr and "Rerun the same command to resume" in stderr
+    assert not any(_alive(pid) for pid in trainings)
+    assert [_state(runs / name) for name in first] == ["preempted", "preempted"]
+    assert "SIGTERM received: saving a checkpoint" in (runs / "q0_train.log").read_text()
+
+    # SIGKILL to the study: the kernel sends its trainings SIGTERM; they save and exit instead of training on
+    study = _slow_study(tmp_path, out)
+    _wait_until(_training_mid_run(runs / "q0"), 180, "q0 to resume again")
+    trainings = _children(study.pid)
+    step_before = json.loads((runs / "q0" / "status.json").read_text())["step"]
+    study.kill()
+    study.communicate(timeout=60)
+    _wait_until(lambda: not any(_alive(pid) for pid in trainings), 60, "the orphaned trainings to stop")
+    assert [_state(runs / name) for name in first] == ["preempted", "preempted"]
+    assert json.loads((runs / "q0" / "status.json").read_text())["step"] > step_before  # saved anew
+
+    # the same command again: resumes both and finishes the part
+    study = _slow_study(tmp_path, out)
+    stdout, stderr = study.communicate(timeout=300)
+    assert study.returncode == 0, stderr
+    assert any(line.startswith("[q0] ") and "resumed from" in line for line in stdout.splitlines())
+    assert all(_state(runs / name) == "finished" for name in ("q0", "q0.5", "shallow-L2", "shallow-L1"))

@@ -8,19 +8,25 @@ pretrain (Table 1 / Fig. 5: a q_cross sweep from scratch and shallower full-cach
 (Table 3: CLA:2, CLA:4, RD-CLA:2 against R-CLA). Each part caches its models and measurements under
 OUT/<part>/ and resumes after an interruption; rerunning a finished part only rebuilds its results.
 Scales: cpu (the default, a 2-core machine), gpu (the settings for a real run), tiny (seconds; tests).
-Exit codes: 0 done, 1 a training run failed (rerun to resume it), 2 bad input.
+Exit codes: 0 done, 1 a training run failed (rerun to resume it), 2 bad input, 128 + the signal's number
+(143 SIGTERM, 130 SIGINT) stopped by a signal: the running trainings were passed it and saved a checkpoint, and
+a rerun resumes them.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 from megakv.inference.cli_support import run_cli
+from megakv.study import runs
 from megakv.study.report import write_report
 
 PARTS = ("finetune", "pretrain", "ablation")
@@ -58,12 +64,46 @@ def log_line(message: str) -> None:
     sys.stdout.flush()
 
 
+def _on_stop_signal(signum: int, _frame) -> None:
+    """SIGTERM or SIGINT: pass it on to the running trainings (they save a checkpoint and exit; the study then
+    stops at the end of train_run), or stop at once when none runs. Ctrl-C reaches the trainings from the
+    terminal too: megakv-train takes the copies as one (megakv/train/signals.py)."""
+    if not runs.stop_trainings(signum):
+        raise runs.StudyStopped(signum)
+
+
+@contextlib.contextmanager
+def _stop_signals_passed_on():
+    if threading.current_thread() is not threading.main_thread():  # signal.signal works in the main thread only
+        yield
+        return
+    runs.clear_stop()
+    before = {sig: signal.signal(sig, _on_stop_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
 def _run(args: argparse.Namespace, command: str) -> int:
     if args.parts == ["report"]:
         print(write_report(args.out, PARTS, args.report_dir, command))
         return 0
     parts = selected_parts(args.parts)
+    try:
+        with _stop_signals_passed_on():
+            return _run_parts(args, command, parts)
+    except runs.StudyStopped as e:
+        print(f"megakv-study: {e}: the trainings that were running saved a checkpoint. Rerun the same command to "
+              "resume.", file=sys.stderr)
+        return 128 + e.signum
+
+
+def _run_parts(args: argparse.Namespace, command: str, parts: list[str]) -> int:
     for index, part in enumerate(parts, 1):
+        if runs.stop_requested():
+            raise runs.StudyStopped(runs.stop_requested())
         log_line(f"part {index}/{len(parts)}: {part} (scale {args.scale}, cached under {args.out / part})")
         runner = importlib.import_module(f"megakv.study.{part}")
         start = time.perf_counter()

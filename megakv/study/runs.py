@@ -7,9 +7,11 @@ trained again. Held-out losses per retention are cached in a small json next to 
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -23,8 +25,10 @@ from megakv.config import flat_settings, load_config
 from megakv.data.metadata import dataset_identity, loss_mask_identity
 from megakv.eval.data import load_eval_tokens, make_windows
 from megakv.eval.loss import evaluate_plans
+from megakv.locking import LockHeldError, describe_holder, take_lock
 from megakv.model_paths import resolve_model
 from megakv.train.run_dir import read_status, write_json_atomically
+from megakv.train.run_lock import LOCK_FILE
 
 Log = Callable[[str], None]
 
@@ -119,9 +123,100 @@ def _check_inputs(config: Path, run_dir: Path, overrides: Sequence[str]) -> None
     write_json_atomically(record, now)
 
 
+class StudyStopped(Exception):
+    """The study was asked to stop (SIGTERM, SIGINT): its trainings were passed the signal and saved."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+
+
+# The trainings running now (every thread's), and the stop signal the study received, if any. The study's
+# signal handler (megakv/cli/study.py) passes its signal on to each: megakv-train then finishes its step,
+# saves a checkpoint ("preempted") and exits, so a rerun resumes it.
+_LIVE: set[subprocess.Popen] = set()
+_STOP: list[int] = []
+
+
+def stop_trainings(signum: int) -> int:
+    """Ask every running training to save and stop (`signum`, as megakv-train handles it); start no new one.
+    Returns how many were asked. Safe in a signal handler: no lock (a set copied whole under the GIL)."""
+    _STOP.append(signum)
+    asked = 0
+    for process in list(_LIVE):
+        if process.poll() is None:
+            _signal(process, signum)
+            asked += 1
+    return asked
+
+
+def clear_stop() -> None:
+    _STOP.clear()
+
+
+def stop_requested() -> int | None:
+    return _STOP[0] if _STOP else None
+
+
+def _signal(process: subprocess.Popen, signum: int) -> None:
+    try:
+        process.send_signal(signum)
+    except ProcessLookupError:
+        pass
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _stop_with_parent_thread(parent: int):
+    """A preexec_fn: the kernel sends the child SIGTERM when the thread that started it ends, the study's
+    SIGKILL or OOM kill included (megakv-train then saves and exits instead of training on as an orphan that
+    holds the run's lock). PR_SET_PDEATHSIG rather than a child watching its parent from its own process
+    group: megakv-train would have to poll for it (its code, not the study's), a watcher process in between
+    can itself be killed, and a process group of its own would no longer get the terminal's Ctrl-C. The
+    thread that starts a training waits for it to end, so the signal comes only when the study is gone."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: nothing is imported after the fork
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:  # the study died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+    return preexec
+
+
+LOCK_WAIT_S = 300.0  # a training left by a killed study saves at its next step boundary, then exits
+
+
+def _wait_for_leftover(run_dir: Path, log: Log, wait_s: float = LOCK_WAIT_S) -> None:
+    """Wait while another process (a training of a study that was killed, saving its checkpoint) holds the
+    run's lock, instead of failing at once; after `wait_s` megakv-train's own error names the holder."""
+    lock_path = run_dir / LOCK_FILE
+    deadline, said = time.monotonic() + wait_s, False
+    while lock_path.is_file() and time.monotonic() < deadline:
+        try:
+            take_lock(lock_path, "megakv-study (checking)").release()
+            return
+        except LockHeldError as e:
+            if not said:
+                log(f"{run_dir.name}: waiting for {describe_holder(e.holder)} to save and exit (a training left "
+                    f"by an earlier study?), up to {wait_s:.0f} s")
+                said = True
+            time.sleep(0.5)
+        except OSError:
+            return  # megakv-train says what is wrong with the directory
+
+
 def train_run(config: Path, run_dir: Path, overrides: Sequence[str], *, log: Log, nproc: int = 1,
               threads: int = 1) -> float:
-    """Train (or finish training) one model; returns the seconds spent here (0 when it was cached)."""
+    """Train (or finish training) one model; returns the seconds spent here (0 when it was cached).
+
+    megakv-train writes into RUN_train.log beside the run (appended), which is copied to stdout line by line
+    with the run's name: its output survives the study (a pipe would break when the study dies, and the
+    training's next write, or its signal note, would kill it before it saved).
+    Raises StudyStopped once the study was asked to stop.
+    """
     changes = settings_changes(run_dir, overrides, config)
     if changes:
         raise ValueError(f"{run_dir} holds a run trained with other settings ({'; '.join(changes)}). Fix: move "
@@ -130,22 +225,62 @@ def train_run(config: Path, run_dir: Path, overrides: Sequence[str], *, log: Log
     if is_finished(run_dir):
         log(f"cached: {run_dir}")
         return 0.0
+    if stop_requested():
+        raise StudyStopped(stop_requested())
+    _wait_for_leftover(run_dir, log)
     log(f"training {run_dir.name}: {' '.join(overrides)}")
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
-    start = time.perf_counter()
     command = train_command(config, run_dir, overrides, nproc)
-    # Two runs train at once into one terminal: each line says which run wrote it (one write per line).
-    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          bufsize=1) as process:
-        for line in process.stdout:
-            sys.stdout.write(f"[{run_dir.name}] {line}")
-            sys.stdout.flush()
+    log_path = run_dir.parent / f"{run_dir.name}_train.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with open(log_path, "ab") as sink:
+        offset = sink.tell()
+        process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT,
+                                   preexec_fn=_stop_with_parent_thread(os.getpid()))
+    _LIVE.add(process)
+    try:
+        if stop_requested():  # the signal came between the check above and _LIVE.add: not passed on yet
+            _signal(process, stop_requested())
+        _copy_output(process, log_path, offset, run_dir)
+    except BaseException:
+        _signal(process, signal.SIGTERM)  # the study is failing: the training saves and stops too
+        process.wait()
+        raise
+    finally:
+        _LIVE.discard(process)
+    if stop_requested() and not is_finished(run_dir):
+        raise StudyStopped(stop_requested())
     if process.returncode:
         raise subprocess.CalledProcessError(process.returncode, command)
     if not is_finished(run_dir):
         raise RuntimeError(f"{run_dir}: megakv-train returned without finishing (status.json: "
                            f"{read_status(run_dir)}); rerun the study to resume it")
     return time.perf_counter() - start
+
+
+def _copy_output(process: subprocess.Popen, log_path: Path, offset: int, run_dir: Path) -> None:
+    """Copy the training's new log lines to stdout, each prefixed with the run's name (two runs train at once
+    into one terminal; one write per line), until it exits."""
+    pending = b""
+    with open(log_path, "rb") as source:
+        source.seek(offset)
+        while True:
+            ended = process.poll() is not None
+            chunk = source.read()
+            if chunk:
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    sys.stdout.write(f"[{run_dir.name}] {line.decode(errors='replace')}\n")
+                sys.stdout.flush()
+            elif ended:
+                break
+            else:
+                time.sleep(0.1)
+    if pending:
+        sys.stdout.write(f"[{run_dir.name}] {pending.decode(errors='replace')}\n")
+        sys.stdout.flush()
 
 
 def timed_train_run(config: Path, run_dir: Path, overrides: Sequence[str], *, log: Log, nproc: int = 1,
