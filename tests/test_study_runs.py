@@ -318,3 +318,20 @@ def test_a_stopped_study_stops_its_trainings_with_a_checkpoint_and_a_rerun_resum
     assert study.returncode == 0, stderr
     assert any(line.startswith("[q0] ") and "resumed from" in line for line in stdout.splitlines())
     assert all(_state(runs / name) == "finished" for name in ("q0", "q0.5", "shallow-L2", "shallow-L1"))
+
+
+def test_a_report_dir_that_cannot_be_a_directory_is_refused_before_anything_trains(tmp_path, capsys):
+    """Audit: `--report-dir FILE` failed only after all the training, with "[Errno 17] File exists" and no word of
+    --report-dir. The study command now checks it first: exit 2 naming --report-dir and the fix, nothing made."""
+    from megakv.cli.study import main as study_main
+
+    taken = tmp_path / "report.md"
+    taken.write_text("not a directory")
+    out = tmp_path / "out"
+    for report_dir, problem in ((taken, "exists and is not a directory"),
+                                (taken / "sub", "cannot be created: ")):
+        assert study_main(["pretrain", "--scale", "tiny", "--out", str(out), "--report-dir", str(report_dir)]) == 2
+        error = capsys.readouterr().err
+        assert f"--report-dir {report_dir} {problem}" in error and "Fix: " in error
+        assert not out.exists()  # nothing prepared or trained
+    assert study_main(["report", "--out", str(out), "--report-dir", str(taken)]) == 2

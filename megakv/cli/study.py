@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import os
 import signal
 import subprocess
 import sys
@@ -58,6 +59,20 @@ def selected_parts(names: list[str]) -> list[str]:
     return [p for p in PARTS if p in names]  # the paper's order, whatever the command line's
 
 
+def check_report_dir(report_dir: Path | None) -> None:
+    """Before anything is trained: --report-dir can be a directory (else the mistake surfaced as "[Errno 17]
+    File exists" after hours of training, without naming the option)."""
+    if report_dir is None:
+        return
+    if report_dir.exists() and not report_dir.is_dir():
+        raise ValueError(f"--report-dir {report_dir} exists and is not a directory. Fix: give a directory (new or "
+                         "existing) for report.md and its plots, or leave --report-dir out to write them under --out")
+    existing = next(p for p in (report_dir.absolute(), *report_dir.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--report-dir {report_dir} cannot be created: {existing} is not a writable directory. "
+                         "Fix: give a --report-dir under a directory you can write, or leave it out")
+
+
 def log_line(message: str) -> None:
     # One write per line: the part's threads log at once, and print() writes the newline separately.
     sys.stdout.write(f"[megakv-study {time.strftime('%H:%M:%S')}] {message}\n")
@@ -87,6 +102,7 @@ def _stop_signals_passed_on():
 
 
 def _run(args: argparse.Namespace, command: str) -> int:
+    check_report_dir(args.report_dir)
     if args.parts == ["report"]:
         print(write_report(args.out, PARTS, args.report_dir, command))
         return 0
