@@ -319,6 +319,17 @@ def test_a_stopped_study_stops_its_trainings_with_a_checkpoint_and_a_rerun_resum
     assert any(line.startswith("[q0] ") and "resumed from" in line for line in stdout.splitlines())
     assert all(_state(runs / name) == "finished" for name in ("q0", "q0.5", "shallow-L2", "shallow-L1"))
 
+    # q0 trained in 4 invocations: its time adds them up (it was each invocation's own seconds, and nothing
+    # for one whose study was killed); 40 steps of at least 0.25 s each, startups on top
+    from megakv.study.results import PartResult
+    from megakv.study.runs import trained_seconds
+
+    record = trained_seconds(runs / "q0")
+    assert record["invocations"] == 4 and record["seconds"] >= 40 * 0.25
+    note = PartResult.load(out / "pretrain").notes[-1]
+    assert f"q0 {record['seconds']:.0f} (4 invocations)" in note and "shallow-L1 " in note
+    assert "counts the seconds of each" in note
+
 
 def test_a_report_dir_that_cannot_be_a_directory_is_refused_before_anything_trains(tmp_path, capsys):
     """Audit: `--report-dir FILE` failed only after all the training, with "[Errno 17] File exists" and no word of

@@ -42,7 +42,7 @@ from megakv.routing import deployment_plan
 from megakv.study.probes import RoutingProbe, probe_table, run_probes
 from megakv.study.qa_scores import RETAINS, chance_scores, evaluate_model
 from megakv.study.results import Claim, PartResult, Table
-from megakv.study.runs import timed_train_run
+from megakv.study.runs import timed_train_run, training_time
 
 Log = Callable[[str], None]
 PAPER_DEPTH = 32  # Llama-3.1-8B's layers: every:2 and every:4 keep exactly a half and a quarter of them
@@ -499,7 +499,9 @@ def run(part_dir: Path, scale: str, *, log: Log, qa_source: Path | None = None) 
     chance = chance_scores(data.test_records, settings.eval_records, settings.qa_kind)
     notes = [f"time: fine-tuning R-CLA {seconds['rcla'] / 60:.1f} min and normal {seconds['normal'] / 60:.1f} min "
              f"(at once), evaluation {' + '.join(f'{eval_seconds[m] / 60:.1f}' for m in models)} min "
-             f"({', '.join(models)}; {settings.concurrent_runs} at once), as measured when each was computed",
+             f"({', '.join(models)}; {settings.concurrent_runs} at once), as measured when each was computed"
+             + "".join(f"; {m}'s fine-tuning adds up {n} invocations of the study (stopped, then resumed)"
+                       for m in ("rcla", "normal") if (n := training_time(part_dir / "runs" / m)[1]) > 1),
              *_probe_notes(settings, probe_seconds),
              _loss_note(data.train, settings),
              f"'collapse': F1 above chance below {COLLAPSE_RATIO:.0%} of the model's own at full cache; 'close': "

@@ -208,6 +208,25 @@ def _wait_for_leftover(run_dir: Path, log: Log, wait_s: float = LOCK_WAIT_S) -> 
             return  # megakv-train says what is wrong with the directory
 
 
+SECONDS_FILE = "study_train_seconds.json"  # in the run directory: seconds trained, over every invocation
+SECONDS_EVERY_S = 5.0  # the record is brought up to date this often while a training runs: a SIGKILL loses less
+
+
+def trained_seconds(run_dir: Path) -> dict | None:
+    """{"seconds": spent training the run so far, "invocations": how many study invocations trained it}: kept
+    in the run directory, added to by each invocation (an interrupted run resumed later counts both)."""
+    path = Path(run_dir) / SECONDS_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _record_seconds(run_dir: Path, before: dict | None, seconds: float) -> None:
+    if not run_dir.is_dir():  # megakv-train stopped before it made the directory: nothing trained
+        return
+    done = before or {"seconds": 0.0, "invocations": 0}
+    write_json_atomically(run_dir / SECONDS_FILE, {"seconds": round(done["seconds"] + seconds, 1),
+                                                   "invocations": done["invocations"] + 1})
+
+
 def train_run(config: Path, run_dir: Path, overrides: Sequence[str], *, log: Log, nproc: int = 1,
               threads: int = 1) -> float:
     """Train (or finish training) one model; returns the seconds spent here (0 when it was cached).
@@ -233,6 +252,7 @@ def train_run(config: Path, run_dir: Path, overrides: Sequence[str], *, log: Log
     command = train_command(config, run_dir, overrides, nproc)
     log_path = run_dir.parent / f"{run_dir.name}_train.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    before = trained_seconds(run_dir)
     start = time.perf_counter()
     with open(log_path, "ab") as sink:
         offset = sink.tell()
@@ -242,13 +262,15 @@ def train_run(config: Path, run_dir: Path, overrides: Sequence[str], *, log: Log
     try:
         if stop_requested():  # the signal came between the check above and _LIVE.add: not passed on yet
             _signal(process, stop_requested())
-        _copy_output(process, log_path, offset, run_dir)
+        _copy_output(process, log_path, offset, run_dir,
+                     lambda: _record_seconds(run_dir, before, time.perf_counter() - start))
     except BaseException:
         _signal(process, signal.SIGTERM)  # the study is failing: the training saves and stops too
         process.wait()
         raise
     finally:
         _LIVE.discard(process)
+        _record_seconds(run_dir, before, time.perf_counter() - start)
     if stop_requested() and not is_finished(run_dir):
         raise StudyStopped(stop_requested())
     if process.returncode:
@@ -259,10 +281,11 @@ def train_run(config: Path, run_dir: Path, overrides: Sequence[str], *, log: Log
     return time.perf_counter() - start
 
 
-def _copy_output(process: subprocess.Popen, log_path: Path, offset: int, run_dir: Path) -> None:
+def _copy_output(process: subprocess.Popen, log_path: Path, offset: int, run_dir: Path,
+                 record: Callable[[], None]) -> None:
     """Copy the training's new log lines to stdout, each prefixed with the run's name (two runs train at once
-    into one terminal; one write per line), until it exits."""
-    pending = b""
+    into one terminal; one write per line), until it exits; `record` the seconds every SECONDS_EVERY_S."""
+    pending, recorded = b"", -SECONDS_EVERY_S  # the first time as soon as megakv-train made the run directory
     with open(log_path, "rb") as source:
         source.seek(offset)
         while True:
@@ -278,6 +301,9 @@ def _copy_output(process: subprocess.Popen, log_path: Path, offset: int, run_dir
                 break
             else:
                 time.sleep(0.1)
+            if time.perf_counter() - recorded > SECONDS_EVERY_S and run_dir.is_dir():
+                recorded = time.perf_counter()
+                record()
     if pending:
         sys.stdout.write(f"[{run_dir.name}] {pending.decode(errors='replace')}\n")
         sys.stdout.flush()
@@ -285,21 +311,27 @@ def _copy_output(process: subprocess.Popen, log_path: Path, offset: int, run_dir
 
 def timed_train_run(config: Path, run_dir: Path, overrides: Sequence[str], *, log: Log, nproc: int = 1,
                     threads: int = 1) -> float:
-    """`train_run`, returning the seconds the training took when it ran, also for a cached run: recorded
-    beside the run (RUN_train_seconds.json; one file per run, since runs train at once), else the span of
-    its metrics (a run finished by a study process that was stopped before it could record the time)."""
-    record = run_dir.parent / f"{run_dir.name}_train_seconds.json"
-    cached = is_finished(run_dir)
-    spent = train_run(config, run_dir, overrides, log=log, nproc=nproc, threads=threads)
-    if not cached:
-        write_json_atomically(record, {"seconds": spent})
-        return spent
-    if record.is_file():
-        return float(json.loads(record.read_text())["seconds"])
+    """`train_run`, returning the seconds the run's training took over every invocation that trained it, also
+    for a cached run (`training_time`)."""
+    train_run(config, run_dir, overrides, log=log, nproc=nproc, threads=threads)
+    return training_time(run_dir)[0]
+
+
+def training_time(run_dir: Path, legacy: float | None = None) -> tuple[float, int]:
+    """(seconds, invocations) the run's training took: RUN/study_train_seconds.json; for a run trained before
+    that record existed, `legacy` (a time the study recorded then) or RUN_train_seconds.json beside the run,
+    else the span of its metrics (0 invocations: not recorded by the study)."""
+    if (record := trained_seconds(run_dir)) is not None:
+        return float(record["seconds"]), int(record["invocations"])
+    old = run_dir.parent / f"{run_dir.name}_train_seconds.json"
+    if legacy is None and old.is_file():
+        legacy = float(json.loads(old.read_text())["seconds"])
+    if legacy is not None:
+        return legacy, 1
     metrics = run_dir / "metrics.jsonl"
     rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
     steps = [r for r in rows if "train/loss" in r and "time" in r]
-    return rows[-1]["time"] - steps[0]["time"] + steps[0].get("perf/step_time_s", 0.0) if steps else 0.0
+    return (rows[-1]["time"] - steps[0]["time"] + steps[0].get("perf/step_time_s", 0.0) if steps else 0.0), 0
 
 
 def model_fingerprint(path: Path) -> str:

@@ -31,7 +31,7 @@ from megakv.data.recipes import prepare_corpus, read_sources
 from megakv.data.tokenizer import train_sentencepiece
 from megakv.model_paths import resolve_model
 from megakv.routing import deployment_plan
-from megakv.study.runs import is_finished, retention_losses, train_run
+from megakv.study.runs import is_finished, retention_losses, train_run, training_time
 from megakv.train.run_dir import write_json_atomically
 
 Log = Callable[[str], None]
@@ -240,7 +240,8 @@ def held_out_loss(run_dir: Path, data: StudyData, settings: ScratchScale, retain
 
 
 def _record_seconds(path: Path, name: str, seconds: float) -> None:
-    if seconds <= 0:  # cached: keep the time it took when it was trained
+    """The run's training seconds (over every invocation) in the part's train_seconds.json, beside the runs."""
+    if seconds <= 0:  # not known
         return
     known = json.loads(path.read_text()) if path.is_file() else {}
     known[name] = round(seconds, 1)
@@ -251,8 +252,8 @@ def train_and_score(runs: Sequence[ScratchRun], settings: ScratchScale, data: St
                     retains_of: Callable[[ScratchRun], Sequence[str]], log: Log) -> dict[str, dict[str, float]]:
     """Train every run (cached, resumable; `concurrent_runs` at once, longest first), then score it.
 
-    Returns {run name: {retain: held-out loss}}. Training seconds are recorded in each run's parent
-    directory (train_seconds.json), so a rerun from the cache still knows what the part cost.
+    Returns {run name: {retain: held-out loss}}. Training seconds, added up over the invocations that trained
+    a run (runs.training_time), are also recorded in each run's parent directory (train_seconds.json).
     """
     config = recipes.path("demo")  # every field that matters is overridden by ScratchRun.overrides
     previous_threads = torch.get_num_threads()
@@ -262,9 +263,9 @@ def train_and_score(runs: Sequence[ScratchRun], settings: ScratchScale, data: St
 
     def one(run: ScratchRun) -> dict[str, float]:
         start = time.perf_counter()
-        seconds = train_run(config, run.run_dir, run.overrides(settings, data), log=log,
-                            threads=settings.threads_per_run)
+        train_run(config, run.run_dir, run.overrides(settings, data), log=log, threads=settings.threads_per_run)
         with record_lock:
+            seconds, _ = training_time(run.run_dir, training_seconds(run.run_dir.parent).get(run.name))
             _record_seconds(run.run_dir.parent / TRAIN_SECONDS_FILE, run.name, seconds)
         losses = held_out_loss(run.run_dir, data, settings, retains_of(run), log)
         log(f"{run.name}: done in {time.perf_counter() - start:.0f} s; " +
@@ -333,13 +334,20 @@ def timing_note(part_dir: Path, runs: Sequence[ScratchRun], wall: float, trained
     if trained:
         write_json_atomically(path, {"seconds": round(wall, 1), "trained": list(trained)})
     record = json.loads(path.read_text()) if path.is_file() else None
-    per_model = {}
-    for run in runs:
-        per_model.update({k: v for k, v in training_seconds(run.run_dir.parent).items() if k == run.name})
+    per_model, spans = [], False
+    for run in runs:  # seconds over every invocation that trained the model (an interrupted one resumed later)
+        seconds, invocations = training_time(run.run_dir, training_seconds(run.run_dir.parent).get(run.name))
+        spans |= invocations > 1
+        per_model.append(f"{run.name} {seconds:.0f}" + (f" ({invocations} invocations)" if invocations > 1 else
+                                                        " (span of its metrics)" if invocations == 0 else ""))
     text = "Training and scoring took "
     text += (f"{record['seconds'] / 60:.1f} min of wall time (models trained then: {', '.join(record['trained'])})"
              if record else "an unrecorded time (every model came from the cache)")
-    return text + "; per model (s, one thread each): " + ", ".join(f"{k} {v:.0f}" for k, v in per_model.items())
+    text += "; per model (s, one thread each): " + ", ".join(per_model)
+    if spans:
+        text += ("; a model trained over several invocations of the study (stopped, then resumed) counts the "
+                 "seconds of each, so the wall time above covers only the last")
+    return text
 
 
 def retained_layers(spec: str, n_layers: int) -> int:
