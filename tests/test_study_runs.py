@@ -346,3 +346,43 @@ def test_a_report_dir_that_cannot_be_a_directory_is_refused_before_anything_trai
         assert f"--report-dir {report_dir} {problem}" in error and "Fix: " in error
         assert not out.exists()  # nothing prepared or trained
     assert study_main(["report", "--out", str(out), "--report-dir", str(taken)]) == 2
+
+
+@pytest.mark.slow
+def test_a_moved_or_copied_study_reuses_its_models_and_resumes_its_interrupted_trainings(tmp_path):
+    """Audit: `cp -a OUT OUT2; megakv-study PART --out OUT2` exited 2, "holds a run trained with other settings
+    (data.datasets: ['.../A/...'] -> ['.../Amoved/...'])": every cached model was thrown away, since paths
+    inside --out were compared as they were spelled, and the inputs record and the held-out loss cache were
+    keyed by resolved paths. Now a copy reuses every model and score, and resumes an interrupted training
+    (megakv-train accepts the moved data by its content)."""
+    import signal
+    import subprocess
+
+    from megakv.study.results import PartResult
+
+    first = tmp_path / "A"
+    study = _slow_study(tmp_path, first, steps=20, min_step_s=0.25)
+    _wait_until(_training_mid_run(first / "pretrain" / "runs" / "q0"), 180, "q0 to train")
+    study.send_signal(signal.SIGTERM)
+    assert study.wait(timeout=120) == 143
+    assert _state(first / "pretrain" / "runs" / "q0") == "preempted"
+
+    moved = tmp_path / "Amoved"
+    subprocess.run(["cp", "-a", str(first), str(moved)], check=True)
+    study = _slow_study(tmp_path, moved, steps=20, min_step_s=0.25)
+    stdout, stderr = study.communicate(timeout=300)
+    assert study.returncode == 0, stderr
+    assert "trained with other settings" not in stderr
+    q0 = [line for line in stdout.splitlines() if line.startswith("[q0] ")]
+    assert any("resumed from" in line for line in q0), stdout
+    assert any("at another path than in the checkpoint" in line for line in q0)  # megakv-train: same content
+
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-a", str(moved), str(copy)], check=True)
+    study = _slow_study(tmp_path, copy, steps=20, min_step_s=0.25)
+    stdout, stderr = study.communicate(timeout=300)
+    assert study.returncode == 0, stderr
+    messages = [line.split("] ", 1)[1] for line in stdout.splitlines() if line.startswith("[megakv-study ")]
+    assert sum(m.startswith("cached: ") for m in messages) == 4
+    assert not any(m.startswith(("training ", "scoring ")) for m in messages), messages
+    assert PartResult.load(copy / "pretrain").tables == PartResult.load(moved / "pretrain").tables

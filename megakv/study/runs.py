@@ -62,6 +62,7 @@ def settings_changes(run_dir: Path, overrides: Sequence[str], config: Path | Non
     if not saved_path.is_file():
         return []
     saved = OmegaConf.load(saved_path)
+    moved = _moved_root(OmegaConf.select(saved, "train.run_dir", default=None), run_dir)
     # megakv-train applies overrides in order, so a key given twice ends with its last value.
     last_override_per_key = {override.split("=", 1)[0]: override for override in overrides}
     changes = []
@@ -69,7 +70,7 @@ def settings_changes(run_dir: Path, overrides: Sequence[str], config: Path | Non
         asked = OmegaConf.select(OmegaConf.from_dotlist([override]), key)
         had = OmegaConf.select(saved, key, default=None)
         asked, had = (OmegaConf.to_object(v) if OmegaConf.is_config(v) else v for v in (asked, had))
-        if not _same_setting(asked, had):
+        if not _same_setting(asked, had, moved):
             changes.append(f"{key}: {had} -> {asked}")
     if config is not None:
         resolved = flat_settings(OmegaConf.to_container(OmegaConf.structured(load_config(config, list(overrides)))))
@@ -77,33 +78,74 @@ def settings_changes(run_dir: Path, overrides: Sequence[str], config: Path | Non
         for key, asked in resolved.items():
             if key in last_override_per_key or key.startswith(NOT_COMPARED) or key not in saved_flat:
                 continue
-            if not _same_setting(asked, saved_flat[key]):
+            if not _same_setting(asked, saved_flat[key], moved):
                 changes.append(f"{key}: {saved_flat[key]} -> {asked}")
     return changes
 
 
-def _same_setting(asked, had) -> bool:
-    """Equal values; paths count as equal when they name the same file (relative or absolute spelling)."""
+def _moved_root(saved_run_dir: str | None, run_dir: Path) -> tuple[Path, Path] | None:
+    """(old, new) when the run directory was moved or copied (the study's --out, or a directory above it): the
+    saved train.run_dir and this one with their common tail taken off. A path the run was trained with under
+    `old` counts as the same setting as that path under `new` (the data prepared inside --out moved with it;
+    its content is checked by `_check_inputs`, and megakv-train's resume checks it by fingerprint too)."""
+    if not saved_run_dir:
+        return None
+    old, new = Path(saved_run_dir).resolve(), Path(run_dir).resolve()
+    while old.name and old.name == new.name:
+        old, new = old.parent, new.parent
+    return None if old == new else (old, new)
+
+
+def _same_setting(asked, had, moved: tuple[Path, Path] | None = None) -> bool:
+    """Equal values; paths count as equal when they name the same file (relative or absolute spelling), or the
+    same file relative to a moved run directory's root (`moved`: `_moved_root`)."""
     if isinstance(asked, list) and isinstance(had, list):
-        return len(asked) == len(had) and all(_same_setting(a, h) for a, h in zip(asked, had))
+        return len(asked) == len(had) and all(_same_setting(a, h, moved) for a, h in zip(asked, had))
     if isinstance(asked, str) and isinstance(had, str) and asked != had:
-        return Path(asked).resolve() == Path(had).resolve()
+        asked_path, had_path = Path(asked).resolve(), Path(had).resolve()
+        if asked_path == had_path:
+            return True
+        return moved is not None and had_path.is_relative_to(moved[0]) and (
+            moved[1] / had_path.relative_to(moved[0]) == asked_path)
     return asked == had
 
 
 def input_identities(config: Path, overrides: Sequence[str]) -> dict[str, str]:
     """What a run trains on, by content: each training set (with its loss mask) and the model it starts from.
     A study whose settings are unchanged but whose data was prepared again under the same names (or whose
-    base model was rebuilt) must not reuse the models trained on the old ones."""
+    base model was rebuilt) must not reuse the models trained on the old ones. Keyed by the setting and
+    position, not the path: a moved or copied --out (its data and base model with it) is the same input when
+    its content is (the settings check decides whether the paths are the same)."""
     cfg = load_config(config, list(overrides))
-    identities = {}  # keyed by resolved paths: `--out study` and `--out $PWD/study` name the same files
-    for prefix in cfg.data.datasets:
+    identities = {}
+    for index, prefix in enumerate(cfg.data.datasets):
         mask = loss_mask_identity(prefix)
-        identities[f"data {Path(prefix).resolve()}"] = dataset_identity(prefix) + (f"+mask {mask}" if mask else "")
+        identities[f"data.datasets[{index}]"] = dataset_identity(prefix) + (f"+mask {mask}" if mask else "")
     if cfg.checkpoint.init_from:
-        base = Path(cfg.checkpoint.init_from)
-        identities[f"init_from {base.resolve()}"] = model_fingerprint(base)
+        identities["checkpoint.init_from"] = model_fingerprint(Path(cfg.checkpoint.init_from))
     return identities
+
+
+def _input_names(config: Path, overrides: Sequence[str]) -> dict[str, str]:
+    """How an input is named in messages: its kind and resolved path."""
+    cfg = load_config(config, list(overrides))
+    names = {f"data.datasets[{i}]": f"data {Path(p).resolve()}" for i, p in enumerate(cfg.data.datasets)}
+    if cfg.checkpoint.init_from:
+        names["checkpoint.init_from"] = f"init_from {Path(cfg.checkpoint.init_from).resolve()}"
+    return names
+
+
+def _by_setting(record: dict[str, str]) -> dict[str, str]:
+    """A record written before inputs were keyed by setting ('data /abs/path', 'init_from /abs/path', in the
+    settings' order), keyed as now."""
+    if not any(key.startswith(("data ", "init_from ")) for key in record):
+        return record
+    data = [value for key, value in record.items() if key.startswith("data ")]
+    keyed = {f"data.datasets[{i}]": value for i, value in enumerate(data)}
+    for key, value in record.items():
+        if key.startswith("init_from "):
+            keyed["checkpoint.init_from"] = value
+    return keyed
 
 
 def _check_inputs(config: Path, run_dir: Path, overrides: Sequence[str]) -> None:
@@ -112,12 +154,14 @@ def _check_inputs(config: Path, run_dir: Path, overrides: Sequence[str]) -> None
     record = run_dir.parent / f"{run_dir.name}_inputs.json"
     now = input_identities(config, overrides)
     if record.is_file():
-        then = json.loads(record.read_text())
+        then = _by_setting(json.loads(record.read_text()))
         changed = sorted(name for name in {*then, *now} if then.get(name) != now.get(name))
         if changed:
-            raise ValueError(f"{run_dir} holds a run trained on other inputs than these ({', '.join(changed)} "
-                             "changed since: prepared again, or rebuilt). Fix: move or delete that directory to "
-                             "train it again on them, or use another --out")
+            names = _input_names(config, overrides)
+            raise ValueError(f"{run_dir} holds a run trained on other inputs than these "
+                             f"({', '.join(names.get(c, c) for c in changed)} changed since: prepared again, or "
+                             "rebuilt). Fix: move or delete that directory to train it again on them, or use "
+                             "another --out")
         return
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomically(record, now)
@@ -356,16 +400,18 @@ def retention_losses(run_dir: Path, data: Path, retains: Sequence[str], *, max_t
                      cache_name: str = "retention_losses.json", log: Log) -> dict[str, float]:
     """Held-out loss of the run's model at each retention on the first `max_tokens` tokens of `data`.
 
-    Cached in run_dir/cache_name, keyed by the data (path and content), token budget and window length;
+    Cached in run_dir/cache_name, keyed by the data's content, token budget and window length;
     recomputed only for retentions missing from it.
     """
     cache_path = run_dir / cache_name
-    key = f"{Path(data).resolve()}|{dataset_identity(data)}|{max_tokens}|{seq_len}"
+    # By content, not path: the same held-out tokens in a moved or copied --out are the same measurement.
+    key = f"{dataset_identity(data)}|{max_tokens}|{seq_len}"
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     before_content_keys = f"{Path(data).resolve()}|{max_tokens}|{seq_len}"  # written before 2026-12-08
-    migrated = key not in cache and before_content_keys in cache
+    with_path = [k for k in cache if k.count("|") == 3 and k.split("|", 1)[1] == key]  # path|content: before moves
+    migrated = key not in cache and (before_content_keys in cache or bool(with_path))
     if migrated:  # trusted, as the runs cached then are
-        cache[key] = cache.pop(before_content_keys)
+        cache[key] = cache.pop(before_content_keys) if before_content_keys in cache else cache.pop(with_path[0])
     losses = dict(cache.get(key, {}))
     missing = [r for r in retains if r not in losses]
     if missing:
