@@ -386,3 +386,25 @@ def test_a_moved_or_copied_study_reuses_its_models_and_resumes_its_interrupted_t
     assert sum(m.startswith("cached: ") for m in messages) == 4
     assert not any(m.startswith(("training ", "scoring ")) for m in messages), messages
     assert PartResult.load(copy / "pretrain").tables == PartResult.load(moved / "pretrain").tables
+
+
+def test_the_cpu_scale_checkpoints_every_50_steps_and_still_reuses_runs_saved_less_often(tmp_path):
+    """Audit: from-scratch models checkpointed every steps // 2 (400 of the cpu scale's 800 steps, ~5 min), so a
+    crash redid up to half a model; a save of that model takes ~0.2 s, so the cpu scale now saves every 50 steps.
+    A run cached by a study that saved every 400 must still be reused: checkpoint.* does not change the model,
+    and an override of it was compared (so were train.debug.* overrides) unlike the same key from the recipe."""
+    from megakv import recipes
+    from megakv.config import save_config
+    from megakv.study.scratch import ScratchRun, StudyData, scale_settings
+
+    settings = scale_settings("cpu")
+    data = StudyData(("d/train",), {"d": "d/valid"}, "d/tokenizer")
+    now = ScratchRun("q0", tmp_path / "q0", "none", 0.0, 8).overrides(settings, data)
+    assert "checkpoint.every=50" in now
+    then = [o.replace("checkpoint.every=50", "checkpoint.every=400") for o in now]
+    run = tmp_path / "q0"
+    run.mkdir()
+    save_config(load_config(recipes.path("demo"), then), run / "config.yaml")  # what megakv-train saved then
+    assert settings_changes(run, now, recipes.path("demo")) == []
+    assert settings_changes(run, [*now, "train.debug.min_step_s=0.5"], recipes.path("demo")) == []
+    assert settings_changes(run, [*now, "optim.lr=1"], recipes.path("demo")) == ["optim.lr: 0.002 -> 1"]

@@ -67,6 +67,8 @@ def settings_changes(run_dir: Path, overrides: Sequence[str], config: Path | Non
     last_override_per_key = {override.split("=", 1)[0]: override for override in overrides}
     changes = []
     for key, override in last_override_per_key.items():
+        if key.startswith(NOT_COMPARED):  # e.g. checkpoint.every, asked more often now than the run was saved
+            continue
         asked = OmegaConf.select(OmegaConf.from_dotlist([override]), key)
         had = OmegaConf.select(saved, key, default=None)
         asked, had = (OmegaConf.to_object(v) if OmegaConf.is_config(v) else v for v in (asked, had))
