@@ -279,7 +279,8 @@ def train_run(config: Path, run_dir: Path, overrides: Sequence[str], *, log: Log
 
     megakv-train writes into RUN_train.log beside the run (appended), which is copied to stdout line by line
     with the run's name: its output survives the study (a pipe would break when the study dies, and the
-    training's next write, or its signal note, would kill it before it saved).
+    training's next write, or its signal note, would kill it before it saved). The seconds it trains are added
+    to RUN/study_train_seconds.json (also every SECONDS_EVERY_S while it runs): training_time reads them.
     Raises StudyStopped once the study was asked to stop.
     """
     changes = settings_changes(run_dir, overrides, config)
