@@ -79,21 +79,20 @@ def log_line(message: str) -> None:
     sys.stdout.flush()
 
 
-def _on_stop_signal(signum: int, _frame) -> None:
-    """SIGTERM or SIGINT: pass it on to the running trainings (they save a checkpoint and exit; the study then
-    stops at the end of train_run), or stop at once when none runs. Ctrl-C reaches the trainings from the
-    terminal too: megakv-train takes the copies as one (megakv/train/signals.py)."""
-    if not runs.stop_trainings(signum):
-        raise runs.StudyStopped(signum)
-
-
 @contextlib.contextmanager
-def _stop_signals_passed_on():
+def _stop_signals_passed_on(trainings: runs.Trainings):
+    """SIGTERM or SIGINT: passed on to the running trainings (they save a checkpoint and exit; the study then
+    stops at the end of train_run), or the study stops at once when none runs. Ctrl-C reaches the trainings from
+    the terminal too: megakv-train takes the copies as one (megakv/train/signals.py)."""
     if threading.current_thread() is not threading.main_thread():  # signal.signal works in the main thread only
         yield
         return
-    runs.clear_stop()
-    before = {sig: signal.signal(sig, _on_stop_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def on_stop_signal(signum: int, _frame) -> None:
+        if not trainings.stop(signum):
+            raise runs.StudyStopped(signum)
+
+    before = {sig: signal.signal(sig, on_stop_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
@@ -107,24 +106,24 @@ def _run(args: argparse.Namespace, command: str) -> int:
         print(write_report(args.out, PARTS, args.report_dir, command))
         return 0
     parts = selected_parts(args.parts)
+    trainings = runs.Trainings()
     try:
-        with _stop_signals_passed_on():
-            return _run_parts(args, command, parts)
+        with _stop_signals_passed_on(trainings):
+            return _run_parts(args, command, parts, trainings)
     except runs.StudyStopped as e:
         print(f"megakv-study: {e}: the trainings that were running saved a checkpoint. Rerun the same command to "
               "resume.", file=sys.stderr)
         return 128 + e.signum
 
 
-def _run_parts(args: argparse.Namespace, command: str, parts: list[str]) -> int:
+def _run_parts(args: argparse.Namespace, command: str, parts: list[str], trainings: runs.Trainings) -> int:
     for index, part in enumerate(parts, 1):
-        if runs.stop_requested():
-            raise runs.StudyStopped(runs.stop_requested())
+        trainings.check()
         log_line(f"part {index}/{len(parts)}: {part} (scale {args.scale}, cached under {args.out / part})")
         runner = importlib.import_module(f"megakv.study.{part}")
         start = time.perf_counter()
         try:
-            result = runner.run(args.out / part, args.scale, log=log_line)
+            result = runner.run(args.out / part, args.scale, log=log_line, trainings=trainings)
         except subprocess.CalledProcessError as e:
             print(f"megakv-study: error: part {part}: {' '.join(map(str, e.cmd[:6]))} ... failed with exit code "
                   f"{e.returncode}; its log is above. Rerun the same command to resume.", file=sys.stderr)
@@ -132,7 +131,7 @@ def _run_parts(args: argparse.Namespace, command: str, parts: list[str]) -> int:
         result.finished = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         result.save(args.out / part)
         log_line(f"part {part} done in {time.perf_counter() - start:.0f} s")
-    print(write_report(args.out, PARTS, args.report_dir, command))
+    print(write_report(args.out, PARTS, args.report_dir, command, ran=parts))
     return 0
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from megakv.study.pretrain import reference_by_seed, reference_repeats, reference_run
 from megakv.study.results import Claim, PartResult, Table, no_verdict_unless_finite
+from megakv.study.runs import Trainings
 from megakv.study.scratch import (
     RETAINS,
     ScratchRun,
@@ -127,7 +128,7 @@ def ablation_table(variants: Mapping[str, Mapping[str, float]], labels: Mapping[
                  columns=["training", *RETAINS, "worst gap to best"], rows=rows)
 
 
-def run(part_dir: Path, scale: str, *, log: Callable[[str], None]) -> PartResult:
+def run(part_dir: Path, scale: str, *, log: Callable[[str], None], trainings: Trainings | None = None) -> PartResult:
     start = time.perf_counter()
     settings = scale_settings(scale)
     study_dir = part_dir.parent
@@ -138,7 +139,7 @@ def run(part_dir: Path, scale: str, *, log: Callable[[str], None]) -> PartResult
     repeats = reference_repeats(study_dir, settings)  # likewise: the noise floor of the comparisons
     every_run = [reference, *runs, *repeats]
     trained, started = unfinished(every_run), time.perf_counter()
-    losses = train_and_score(every_run, settings, data, retains_of=lambda _: RETAINS, log=log)
+    losses = train_and_score(every_run, settings, data, retains_of=lambda _: RETAINS, log=log, trainings=trainings)
     timing = timing_note(part_dir, every_run, time.perf_counter() - started, trained)
 
     rcla = f"rcla q{settings.reference_q:g}"

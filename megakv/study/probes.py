@@ -18,7 +18,7 @@ from pathlib import Path
 from megakv import recipes
 from megakv.study.qa_scores import RETAINS, evaluate_model
 from megakv.study.results import Table
-from megakv.study.runs import timed_train_run
+from megakv.study.runs import Trainings, timed_train_run
 
 Log = Callable[[str], None]
 Scores = Mapping[str, Mapping[str, float]]
@@ -48,13 +48,13 @@ def probe_settings(settings, probe: RoutingProbe):
 
 
 def run_probes(part_dir: Path, settings, data_overrides: Sequence[str], test_records: Path,
-               log: Log) -> tuple[dict[str, Scores], dict[str, float]]:
+               log: Log, trainings: Trainings | None = None) -> tuple[dict[str, Scores], dict[str, float]]:
     """Train (or reuse) and score every probe of `settings`; returns ({name: scores}, {name: seconds})."""
     def train(probe: RoutingProbe) -> float:
         chosen = probe_settings(settings, probe)
         return timed_train_run(recipes.path("finetune"), part_dir / "probes" / probe.name,
                                [*data_overrides, *chosen.overrides(), *chosen.routing("rcla")], log=log,
-                               nproc=settings.nproc, threads=settings.threads)
+                               nproc=settings.nproc, threads=settings.threads, trainings=trainings)
 
     def score(probe: RoutingProbe) -> Scores:
         return evaluate_model(f"probe-{probe.name}", part_dir / "probes" / probe.name, test_records,

@@ -177,31 +177,42 @@ class StudyStopped(Exception):
         super().__init__(f"stopped by {signal.Signals(signum).name}")
 
 
-# The trainings running now (every thread's), and the stop signal the study received, if any. The study's
-# signal handler (megakv/cli/study.py) passes its signal on to each: megakv-train then finishes its step,
-# saves a checkpoint ("preempted") and exits, so a rerun resumes it.
-_LIVE: set[subprocess.Popen] = set()
-_STOP: list[int] = []
+class Trainings:
+    """The trainings a study runs now (every thread's) and the stop signal it received, if any. The study's
+    signal handler (megakv/cli/study.py) passes its signal on to each: megakv-train then finishes its step,
+    saves a checkpoint ("preempted") and exits, so a rerun resumes it; no new training starts."""
 
+    def __init__(self) -> None:
+        self._live: set[subprocess.Popen] = set()
+        self._stop: int | None = None
 
-def stop_trainings(signum: int) -> int:
-    """Ask every running training to save and stop (`signum`, as megakv-train handles it); start no new one.
-    Returns how many were asked. Safe in a signal handler: no lock (a set copied whole under the GIL)."""
-    _STOP.append(signum)
-    asked = 0
-    for process in list(_LIVE):
-        if process.poll() is None:
-            _signal(process, signum)
-            asked += 1
-    return asked
+    @property
+    def stop_signal(self) -> int | None:
+        return self._stop
 
+    def stop(self, signum: int) -> int:
+        """Ask every running training to save and stop (`signum`, as megakv-train handles it). Returns how
+        many were asked. Safe in a signal handler: no lock (the set is copied whole under the GIL)."""
+        self._stop = self._stop or signum
+        asked = 0
+        for process in list(self._live):
+            if process.poll() is None:
+                _signal(process, signum)
+                asked += 1
+        return asked
 
-def clear_stop() -> None:
-    _STOP.clear()
+    def add(self, process: subprocess.Popen) -> None:
+        self._live.add(process)
+        if self._stop:  # the signal came before the process was known here: not passed on yet
+            _signal(process, self._stop)
 
+    def discard(self, process: subprocess.Popen) -> None:
+        self._live.discard(process)
 
-def stop_requested() -> int | None:
-    return _STOP[0] if _STOP else None
+    def check(self) -> None:
+        """Raise StudyStopped once the study was asked to stop."""
+        if self._stop:
+            raise StudyStopped(self._stop)
 
 
 def _signal(process: subprocess.Popen, signum: int) -> None:
@@ -274,15 +285,16 @@ def _record_seconds(run_dir: Path, before: dict | None, seconds: float) -> None:
 
 
 def train_run(config: Path, run_dir: Path, overrides: Sequence[str], *, log: Log, nproc: int = 1,
-              threads: int = 1) -> float:
+              threads: int = 1, trainings: Trainings | None = None) -> float:
     """Train (or finish training) one model; returns the seconds spent here (0 when it was cached).
 
     megakv-train writes into RUN_train.log beside the run (appended), which is copied to stdout line by line
     with the run's name: its output survives the study (a pipe would break when the study dies, and the
     training's next write, or its signal note, would kill it before it saved). The seconds it trains are added
     to RUN/study_train_seconds.json (also every SECONDS_EVERY_S while it runs): training_time reads them.
-    Raises StudyStopped once the study was asked to stop.
+    Raises StudyStopped once the study was asked to stop (`trainings`: the study's, for its signal handler).
     """
+    trainings = trainings or Trainings()
     changes = settings_changes(run_dir, overrides, config)
     if changes:
         raise ValueError(f"{run_dir} holds a run trained with other settings ({'; '.join(changes)}). Fix: move "
@@ -291,8 +303,7 @@ def train_run(config: Path, run_dir: Path, overrides: Sequence[str], *, log: Log
     if is_finished(run_dir):
         log(f"cached: {run_dir}")
         return 0.0
-    if stop_requested():
-        raise StudyStopped(stop_requested())
+    trainings.check()
     _wait_for_leftover(run_dir, log)
     log(f"training {run_dir.name}: {' '.join(overrides)}")
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
@@ -305,10 +316,8 @@ def train_run(config: Path, run_dir: Path, overrides: Sequence[str], *, log: Log
         offset = sink.tell()
         process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT,
                                    preexec_fn=_stop_with_parent_thread(os.getpid()))
-    _LIVE.add(process)
+    trainings.add(process)
     try:
-        if stop_requested():  # the signal came between the check above and _LIVE.add: not passed on yet
-            _signal(process, stop_requested())
         _copy_output(process, log_path, offset, run_dir,
                      lambda: _record_seconds(run_dir, before, time.perf_counter() - start))
     except BaseException:
@@ -316,10 +325,10 @@ def train_run(config: Path, run_dir: Path, overrides: Sequence[str], *, log: Log
         process.wait()
         raise
     finally:
-        _LIVE.discard(process)
+        trainings.discard(process)
         _record_seconds(run_dir, before, time.perf_counter() - start)
-    if stop_requested() and not is_finished(run_dir):
-        raise StudyStopped(stop_requested())
+    if not is_finished(run_dir):
+        trainings.check()
     if process.returncode:
         raise subprocess.CalledProcessError(process.returncode, command)
     if not is_finished(run_dir):
@@ -357,10 +366,10 @@ def _copy_output(process: subprocess.Popen, log_path: Path, offset: int, run_dir
 
 
 def timed_train_run(config: Path, run_dir: Path, overrides: Sequence[str], *, log: Log, nproc: int = 1,
-                    threads: int = 1) -> float:
+                    threads: int = 1, trainings: Trainings | None = None) -> float:
     """`train_run`, returning the seconds the run's training took over every invocation that trained it, also
     for a cached run (`training_time`)."""
-    train_run(config, run_dir, overrides, log=log, nproc=nproc, threads=threads)
+    train_run(config, run_dir, overrides, log=log, nproc=nproc, threads=threads, trainings=trainings)
     return training_time(run_dir)[0]
 
 

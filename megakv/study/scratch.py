@@ -31,7 +31,7 @@ from megakv.data.recipes import prepare_corpus, read_sources
 from megakv.data.tokenizer import train_sentencepiece
 from megakv.model_paths import resolve_model
 from megakv.routing import deployment_plan
-from megakv.study.runs import is_finished, retention_losses, train_run, training_time
+from megakv.study.runs import Trainings, is_finished, retention_losses, train_run, training_time
 from megakv.train.run_dir import write_json_atomically
 
 Log = Callable[[str], None]
@@ -253,7 +253,8 @@ def _record_seconds(path: Path, name: str, seconds: float) -> None:
 
 
 def train_and_score(runs: Sequence[ScratchRun], settings: ScratchScale, data: StudyData, *,
-                    retains_of: Callable[[ScratchRun], Sequence[str]], log: Log) -> dict[str, dict[str, float]]:
+                    retains_of: Callable[[ScratchRun], Sequence[str]], log: Log,
+                    trainings: Trainings | None = None) -> dict[str, dict[str, float]]:
     """Train every run (cached, resumable; `concurrent_runs` at once, longest first), then score it.
 
     Returns {run name: {retain: held-out loss}}. Training seconds, added up over the invocations that trained
@@ -267,7 +268,8 @@ def train_and_score(runs: Sequence[ScratchRun], settings: ScratchScale, data: St
 
     def one(run: ScratchRun) -> dict[str, float]:
         start = time.perf_counter()
-        train_run(config, run.run_dir, run.overrides(settings, data), log=log, threads=settings.threads_per_run)
+        train_run(config, run.run_dir, run.overrides(settings, data), log=log, threads=settings.threads_per_run,
+                  trainings=trainings)
         with record_lock:
             seconds, _ = training_time(run.run_dir, training_seconds(run.run_dir.parent).get(run.name))
             _record_seconds(run.run_dir.parent / TRAIN_SECONDS_FILE, run.name, seconds)
