@@ -193,6 +193,37 @@ def test_fresh_process_loads_export_through_auto_map(exported):
     assert "megakv.hf.modeling every:3" in result.stdout
 
 
+@pytest.mark.slow  # a new interpreter importing torch + transformers
+def test_a_saved_copy_of_a_loaded_model_loads_like_the_export(exported, tmp_path):
+    """save_pretrained of a loaded model wrote config.json with auto_map but no loader shim, so a fresh process
+    could not load it with trust_remote_code; after a trust_remote_code load it copied megakv's whole modeling
+    module into the directory instead (HF audit). Both now write the shim, and the retain chosen at load is kept."""
+    _, out = exported
+    saved = tmp_path / "saved"
+    transformers.AutoModelForCausalLM.from_pretrained(out, retain="every:3").save_pretrained(saved)
+    code = ("import json, pathlib, sys, transformers; d = pathlib.Path(sys.argv[1]); "
+            "m = transformers.AutoModelForCausalLM.from_pretrained(d, trust_remote_code=True); "
+            "print(type(m).__module__, m.config.retain); m.save_pretrained(d / 'again'); "
+            "print(sorted(p.name for p in (d / 'again').glob('*.py')), "
+            "json.loads((d / 'again' / 'config.json').read_text())['auto_map']['AutoModelForCausalLM']); "
+            "again = transformers.AutoModelForCausalLM.from_pretrained(d / 'again', trust_remote_code=True); "
+            "print(again.config.retain)")
+    result = subprocess.run([sys.executable, "-c", code, str(saved)], capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines() == ["megakv.hf.modeling every:3",
+                                          "['modeling_megakv.py'] modeling_megakv.MegaKVForCausalLM", "every:3"]
+
+
+def test_save_pretrained_refuses_a_retain_beyond_the_models_depth(exported, tmp_path):
+    """every:7 on 6 layers loads (an evaluation may sweep every:K) but was saved as the stored default, which
+    to-hf-rcla refuses: it silently means layer 0 alone."""
+    _, out = exported
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, retain="every:7")
+    with pytest.raises(ValueError, match="K must be at most the model's 6 layers"):
+        model.save_pretrained(tmp_path / "saved")
+    assert not (tmp_path / "saved").exists()
+
+
 def test_convert_cli_to_hf_rcla(tmp_path):
     model = tiny_model(seed=3, tie_embeddings=True)
     model_dir = write_model_dir(tmp_path, model)

@@ -148,6 +148,23 @@ class MegaKVForCausalLM(MegaKVPreTrainedModel, GenerationMixin):
         self.model = MegaKVModel(config.to_model_config())
         self.post_init()
 
+    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
+        """transformers' save, plus what makes the directory load anywhere: the loader shim and `auto_map`
+        pointing at it (transformers dropped the shim, and after a `trust_remote_code` load copied megakv's whole
+        modeling module instead, a frozen copy of the code). The stored `retain` must fit the model."""
+        check_retain_fits(self.config.retain, self.model.cfg.n_layers)
+        self._auto_class = self.config._auto_class = None  # no copy of the defining module
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if not kwargs.get("is_main_process", True):
+            return
+        directory = Path(save_directory)
+        (directory / f"{SHIM_MODULE}.py").write_text(SHIM_SOURCE)
+        config_path = directory / "config.json"
+        config = json.loads(config_path.read_text())
+        config["auto_map"] = {"AutoConfig": f"{SHIM_MODULE}.MegaKVConfig",
+                              "AutoModelForCausalLM": f"{SHIM_MODULE}.MegaKVForCausalLM"}
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
     def get_input_embeddings(self) -> torch.nn.Module:
         return self.model.embed
 
@@ -285,26 +302,18 @@ def export_for_transformers(model_dir: str | Path, out_dir: str | Path, retain: 
     for name, value in token_ids.items():
         setattr(wrapper.config, name, value)
     wrapper.config.architectures = [MegaKVForCausalLM.__name__]
-    wrapper.config.auto_map = {"AutoConfig": f"{SHIM_MODULE}.MegaKVConfig",
-                               "AutoModelForCausalLM": f"{SHIM_MODULE}.MegaKVForCausalLM"}
     if dtype is not None:
         wrapper.config.dtype = dtype
 
     def fill(tmp: Path) -> None:
-        wrapper.save_pretrained(tmp)
+        wrapper.save_pretrained(tmp)  # with the loader shim and auto_map
         write_generation_config(tmp, token_ids, read_generation_config(model_dir))
-        (tmp / f"{SHIM_MODULE}.py").write_text(SHIM_SOURCE)
         if tokenizer_dir is not None:
             copy_tokenizer_files(tokenizer_dir, tmp)
             # megakv's tokenizer metadata too, so megakv's own tools load the export's tokenizer as before.
             if (Path(tokenizer_dir) / TOKENIZER_METADATA_FILE).is_file():
                 shutil.copy2(checked_source(Path(tokenizer_dir) / TOKENIZER_METADATA_FILE, Path(tokenizer_dir)),
                              tmp / TOKENIZER_METADATA_FILE)
-        # save_pretrained may drop auto_map for locally registered classes; make sure it is there.
-        config_path = tmp / "config.json"
-        config = json.loads(config_path.read_text())
-        config["auto_map"] = wrapper.config.auto_map
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
     return write_directory_atomically(out_dir, fill, overwrite)
 
