@@ -143,8 +143,8 @@ def _run(args: argparse.Namespace) -> int:
             engine.shrink_schedule(shrink_at, args.max_new_tokens)
         except ValueError as e:
             raise ValueError(f"--shrink-at: {e}") from None
-    if args.stats:  # time a warm engine, as a server would be: the process's first step pays one-time set-up
-        engine.generate([prompts[0][:1]], 2)
+    if args.stats:  # time a warm engine, as a server would be: the first prefill of its size pays one-time set-up
+        engine.generate(prompts[:1], 2)
     result = engine.generate(prompts, args.max_new_tokens, sampling, None if args.no_eos_stop else eos, pad,
                              shrink_at=shrink_at)
 
