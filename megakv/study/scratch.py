@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import sysconfig
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -243,36 +242,22 @@ def held_out_loss(run_dir: Path, data: StudyData, settings: ScratchScale, retain
     return {r: sum(s[r] for s in per_source) / len(per_source) for r in retains}
 
 
-def _record_seconds(path: Path, name: str, seconds: float) -> None:
-    """The run's training seconds (over every invocation) in the part's train_seconds.json, beside the runs."""
-    if seconds <= 0:  # not known
-        return
-    known = json.loads(path.read_text()) if path.is_file() else {}
-    known[name] = round(seconds, 1)
-    write_json_atomically(path, known)
-
-
 def train_and_score(runs: Sequence[ScratchRun], settings: ScratchScale, data: StudyData, *,
                     retains_of: Callable[[ScratchRun], Sequence[str]], log: Log,
                     trainings: Trainings | None = None) -> dict[str, dict[str, float]]:
     """Train every run (cached, resumable; `concurrent_runs` at once, longest first), then score it.
 
-    Returns {run name: {retain: held-out loss}}. Training seconds, added up over the invocations that trained
-    a run (runs.training_time), are also recorded in each run's parent directory (train_seconds.json).
+    Returns {run name: {retain: held-out loss}}. Each run keeps its training seconds over every invocation
+    that trained it (runs.training_time).
     """
     config = recipes.path("demo")  # every field that matters is overridden by ScratchRun.overrides
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(settings.threads_per_run)  # scoring runs beside the other training
 
-    record_lock = threading.Lock()  # runs finish at once and share one seconds file (read, update, write)
-
     def one(run: ScratchRun) -> dict[str, float]:
         start = time.perf_counter()
         train_run(config, run.run_dir, run.overrides(settings, data), log=log, threads=settings.threads_per_run,
                   trainings=trainings)
-        with record_lock:
-            seconds, _ = training_time(run.run_dir, training_seconds(run.run_dir.parent).get(run.name))
-            _record_seconds(run.run_dir.parent / TRAIN_SECONDS_FILE, run.name, seconds)
         losses = held_out_loss(run.run_dir, data, settings, retains_of(run), log)
         log(f"{run.name}: done in {time.perf_counter() - start:.0f} s; " +
             ", ".join(f"{r} {v:.4f}" for r, v in losses.items()))
@@ -293,6 +278,7 @@ def train_and_score(runs: Sequence[ScratchRun], settings: ScratchScale, data: St
 
 
 def training_seconds(directory: Path) -> dict[str, float]:
+    """Per-model seconds a study recorded in the part's train_seconds.json before each run kept its own."""
     path = directory / TRAIN_SECONDS_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
 
