@@ -207,3 +207,10 @@ def test_two_stages_with_optimizer_offload_train_the_single_process_model(datase
     norms, reference_norms = grad_norms(tmp_path / "pp2-offload"), grad_norms(tmp_path / "single")
     for step, norm in reference_norms.items():
         assert norms[step] == pytest.approx(norm, rel=1e-5), (step, norms, reference_norms)
+    # stopped after step 3 and resumed: the straight PP2 offload run's losses, bit for bit
+    layout = [*steps, "parallel.pipeline=2", "parallel.offload_optimizer=cpu", "checkpoint.every=2"]
+    stopped = launch_train(overrides(dataset, tmp_path / "stopped", *layout, "train.debug.sigterm_at_step=3"), nproc=2)
+    assert stopped.ok, stopped.output[-6000:]
+    resumed = launch_train(overrides(dataset, tmp_path / "stopped", *layout), nproc=2, resume=True)
+    assert resumed.ok, resumed.output[-6000:]
+    assert step_losses(tmp_path / "stopped") == ours
