@@ -149,7 +149,7 @@ def test_an_lm_head_of_its_own_is_used_although_tie_word_embeddings_is_true(tmp_
 def test_a_config_json_without_sliding_window_has_transformers_default_window(family):
     """MistralConfig (and Qwen2/Qwen3 with use_sliding_window) default sliding_window to 4096; megakv read a
     missing key as "no window" and its logits left transformers' past position 4096."""
-    extra = {"use_sliding_window": True} if family != "mistral" else {}
+    extra = {"use_sliding_window": True, "max_window_layers": 1} if family != "mistral" else {}  # layer 1 slides
     hf = hf_model(family, max_position_embeddings=8192, **extra).config.to_dict()
     hf.pop("sliding_window")
     config_class = getattr(transformers, HF_CLASSES[family][0])
@@ -157,6 +157,43 @@ def test_a_config_json_without_sliding_window_has_transformers_default_window(fa
     with pytest.warns(UserWarning, match="sliding_window 4096 < max_position_embeddings 8192"):
         assert model_config_from_hf(hf).max_seq_len == 4096
     assert model_config_from_hf({**hf, "sliding_window": None}).max_seq_len == 8192  # null: no window
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_use_sliding_window_with_no_sliding_layer_keeps_the_full_context(family, tmp_path):
+    """Qwen2/Qwen3 slide only the layers at index >= max_window_layers (or those layer_types names
+    "sliding_attention"); with use_sliding_window=true and no such layer transformers attends over the whole
+    context, yet megakv cut it to sliding_window (and warned). Windows of 16 tokens, logits over 48."""
+    hf_dir = tmp_path / "hf"
+    hf_model(family, use_sliding_window=True, sliding_window=16, max_window_layers=2).save_pretrained(hf_dir)
+    hf = json.loads((hf_dir / "config.json").read_text())
+    assert hf["layer_types"] == ["full_attention"] * 2  # save_pretrained writes them; they decide when present
+    bare = {key: value for key, value in hf.items() if key != "layer_types"}  # max_window_layers decides
+    for config in (hf, bare, {**bare, "max_window_layers": 5}, {**hf, "max_window_layers": 0}):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # nothing is cut, so nothing to warn about
+            assert model_config_from_hf(config).max_seq_len == 64
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cfg, state = load_hf_checkpoint(hf_dir)
+    assert logits_diff(model_from_state_dict(cfg, state), hf_dir) <= 1e-5  # 48 tokens, beyond the window
+
+    # One sliding layer (by max_window_layers, or named in layer_types): the context is the window, and past it
+    # transformers' logits are not megakv's full attention.
+    for config in ({**bare, "max_window_layers": 1}, {**hf, "layer_types": ["full_attention", "sliding_attention"]}):
+        with pytest.warns(UserWarning, match="sliding_window 16 < max_position_embeddings 64"):
+            assert model_config_from_hf(config).max_seq_len == 16
+    edit_json(hf_dir / "config.json", max_window_layers=1, layer_types=...)
+    assert transformers.AutoConfig.from_pretrained(hf_dir).layer_types == ["full_attention", "sliding_attention"]
+    with pytest.warns(UserWarning, match="sliding_window 16"):
+        cfg, state = load_hf_checkpoint(hf_dir)
+    cfg.max_seq_len = 64
+    assert logits_diff(model_from_state_dict(cfg, state), hf_dir) > 1e-3
+    # use_sliding_window=false: layer_types' "sliding_attention" gets no window in transformers.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert model_config_from_hf({**hf, "use_sliding_window": False, "layer_types":
+                                     ["sliding_attention"] * 2}).max_seq_len == 64
 
 
 # ------------------------------------------------------------------------------------------------ round trips

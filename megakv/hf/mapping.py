@@ -115,6 +115,23 @@ def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, RopeScalingConfig]:
                                 "(megakv implements default and llama3)")
 
 
+def _some_layer_slides(hf: dict[str, Any], family: str) -> bool:
+    """Whether transformers (5.24) gives any layer sliding-window attention, the window given. Mistral: every
+    layer (MistralConfig ignores layer_types). Qwen2/Qwen3 (Qwen2Config/Qwen3Config.__post_init__ and the
+    attention's `sliding_window if layer_type == "sliding_attention"`): only with use_sliding_window, and then the
+    layers config.json's layer_types names "sliding_attention", or without layer_types those with index
+    >= max_window_layers (default 28)."""
+    if family == "mistral":
+        return True
+    if not hf.get("use_sliding_window", False):
+        return False
+    layer_types = hf.get("layer_types")
+    if layer_types is None:
+        first = int(hf.get("max_window_layers", 28))
+        return int(hf["num_hidden_layers"]) > first
+    return "sliding_attention" in layer_types
+
+
 # The shape keys every supported config.json holds (transformers writes them all).
 _REQUIRED_HF_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
 
@@ -138,7 +155,7 @@ def model_config_from_hf(hf: dict[str, Any], source: str = "config.json") -> Mod
     # A config.json without the key gets the config class's default (4096 in transformers 5.24 for all three
     # families; Qwen2/Qwen3 use it only with use_sliding_window): null is what says "no window".
     window = hf.get("sliding_window", SLIDING_WINDOW_DEFAULTS.get(family))
-    uses_window = window is not None and (family == "mistral" or hf.get("use_sliding_window", False))
+    uses_window = window is not None and _some_layer_slides(hf, family)
     if uses_window and window < max_len:
         # megakv has no sliding-window attention; within the window both are the same function.
         warnings.warn(f"sliding_window {window} < max_position_embeddings {max_len}: megakv has no sliding-window "
