@@ -220,6 +220,46 @@ def test_generation_defaults_survive_from_hf_then_to_hf(imported, tmp_path):
     assert transformers.GenerationConfig.from_pretrained(tmp_path / "hub_like_hf").temperature == 0.7
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_to_hf_rcla_export_imports_back_into_its_model_directory(imported, tmp_path, capsys, tied):
+    """A to-hf-rcla export (model_type "megakv") given to from-hf was "not supported: megakv imports llama,
+    ...", and as checkpoint.init_from the error said to run that same from-hf. It holds megakv's own model, so
+    from-hf now gives back the model directory it was exported from (config, weights, tokenizer and sampling
+    defaults equal); the stored plan is a deployment choice, said and not kept. init_from names that command."""
+    from megakv.config import ConfigError, load_config
+    from megakv.model_dir import load_model_config, read_safetensors
+
+    source = imported
+    if tied:  # a tied Qwen2 model (q/k/v bias) without a generation_config.json
+        hf_model("qwen2", tie_word_embeddings=True).save_pretrained(tmp_path / "qwen2")
+        (tmp_path / "qwen2" / "generation_config.json").unlink()
+        assert convert_main(["from-hf", str(tmp_path / "qwen2"), str(tmp_path / "source")]) == 0
+        source = tmp_path / "source"
+    rcla = tmp_path / "rcla"
+    assert convert_main(["to-hf-rcla", str(source), str(rcla), "--retain", "every:2"]) == 0
+    config = tmp_path / "finetune.yaml"
+    config.write_text("routing:\n  strategy: none\n")
+    with pytest.raises(ConfigError, match=f"Fix: import it first: megakv-convert from-hf {rcla} MODEL_DIR"):
+        load_config(config, [f"checkpoint.init_from={rcla}", f"train.run_dir={tmp_path / 'run'}"])
+    capsys.readouterr()
+
+    back = tmp_path / "back"
+    assert convert_main(["from-hf", str(rcla), str(back)]) == 0
+    err = capsys.readouterr().err
+    assert "stores the deployment plan retain=every:2" in err and "the plan is not kept" in err, err
+    assert load_model_config(back) == load_model_config(source)
+    ours, theirs = read_safetensors(back / "model.safetensors"), read_safetensors(source / "model.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert sorted(p.name for p in back.iterdir()) == sorted(p.name for p in source.iterdir())
+    for name in [p.name for p in (source / "tokenizer").iterdir()] if not tied else []:
+        assert (back / "tokenizer" / name).read_bytes() == (source / "tokenizer" / name).read_bytes(), name
+    if not tied:
+        kept = json.loads((back / "generation_config.json").read_text())
+        assert {key: kept[key] for key in SAMPLING} == SAMPLING
+    assert load_config(config, [f"checkpoint.init_from={back}", f"train.run_dir={tmp_path / 'run'}"]).model == \
+        load_model_config(source)
+
+
 # ------------------------------------------------------------------------------------------------- tokenizers
 
 

@@ -1,6 +1,8 @@
 """megakv-convert: move weights between megakv model directories and transformers checkpoints.
 
   megakv-convert from-hf HF_DIR OUT_DIR        transformers Llama/Mistral/Qwen2/Qwen3 -> megakv model dir
+                                               (a to-hf-rcla export too: back to the model dir it came from,
+                                               without its deployment plan --retain)
   megakv-convert to-hf MEGAKV_DIR OUT_DIR      megakv model dir -> transformers directory (save_pretrained layout)
   megakv-convert from-checkpoint RUN_DIR OUT_DIR [--hf]
                                                latest complete training checkpoint (any ZeRO stage) -> megakv
@@ -45,12 +47,44 @@ def _from_hf(args: argparse.Namespace) -> Path:
     from megakv.hf.checkpoint import copy_tokenizer_files, load_hf_checkpoint, read_generation_config
     from megakv.model_dir import save_model_dir
 
-    with ProgressBar(None, "reading weights", "B", unit_scale=True) as bar:
-        cfg, state = load_hf_checkpoint(args.src, progress=bar.show)
+    generation = read_generation_config(args.src)
+    if _is_rcla_export(args.src):
+        cfg, state, generation = _read_rcla_export(args.src, generation)
+    else:
+        with ProgressBar(None, "reading weights", "B", unit_scale=True) as bar:
+            cfg, state = load_hf_checkpoint(args.src, progress=bar.show)
     with tempfile.TemporaryDirectory() as tok, phase(f"writing {args.out}"):
         has_tokenizer = bool(copy_tokenizer_files(args.src, tok))
         return save_model_dir(cfg, state, args.out, tokenizer_dir=tok if has_tokenizer else None,
-                              overwrite=args.overwrite, generation=read_generation_config(args.src))
+                              overwrite=args.overwrite, generation=generation)
+
+
+def _is_rcla_export(src: str) -> bool:
+    """A `to-hf-rcla` export (config.json with model_type "megakv"), read without importing transformers."""
+    from megakv.hf.checkpoint import read_hf_config
+
+    return (Path(src) / "config.json").is_file() and read_hf_config(src).get("model_type") == "megakv"
+
+
+def _read_rcla_export(src: str, generation: dict | None):
+    """(ModelConfig, megakv state dict, generation settings to keep) of a `to-hf-rcla` export: it holds megakv's
+    own model (weights under `model.` + megakv's names, the ModelConfig fields in config.json), so the model
+    directory it came from comes back exactly. Its `retain` is a deployment plan, which a model directory does not
+    hold: said on stderr, not kept. The token ids the export wrote into generation_config.json are the model's (no
+    source's), so only the other settings (sampling defaults) are kept, as the model directory had them."""
+    from megakv.hf.checkpoint import NOT_CARRIED_GENERATION_KEYS
+    from megakv.hf.modeling import load_megakv_hf_dir
+
+    with phase(f"reading {src} (a to-hf-rcla export: megakv's own model)"):
+        model, retain = load_megakv_hf_dir(src)
+    if retain != "all":
+        print(f"megakv-convert: {src} stores the deployment plan retain={retain}; a megakv model directory holds "
+              f"the model only, so the plan is not kept: pass it where the model is used (megakv-eval/megakv-"
+              f"generate --retain {retain}, or to-hf-rcla --retain {retain} for the next export)",
+              file=sys.stderr, flush=True)
+    if generation is not None:
+        generation = {k: v for k, v in generation.items() if k not in NOT_CARRIED_GENERATION_KEYS} or None
+    return model.cfg, model.state_dict(), generation
 
 
 def _to_hf(args: argparse.Namespace) -> Path:

@@ -222,6 +222,12 @@ def _model_of_init_dir(sources: list[Any]) -> Any:
         # whose model section its config.yaml holds (a fresh start there is refused: the directory has checkpoints).
         path = run_dir / MODEL_DIR_CONFIG
         model = _merge(ModelConfig, [_read_yaml(path).get("model", {})])
+    elif (path.parent / "config.json").is_file():  # a transformers directory, a to-hf-rcla export among them
+        raise ConfigError("checkpoint.init_from", str(init_from), f"not a megakv model directory ({path} not found; "
+                          "it holds a transformers config.json)",
+                          f"import it first: megakv-convert from-hf {init_from} MODEL_DIR (a to-hf-rcla export "
+                          "comes back as the model directory it was exported from), then checkpoint.init_from="
+                          "MODEL_DIR")
     else:
         raise ConfigError("checkpoint.init_from", str(init_from), f"not a megakv model directory ({path} not found)",
                           "convert it first: megakv-convert from-hf HF_DIR OUT_DIR, or from-checkpoint RUN_DIR OUT_DIR")

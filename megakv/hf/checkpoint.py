@@ -123,7 +123,7 @@ def read_generation_config(directory: str | Path) -> dict | None:
 
 
 # Decided by megakv (the token ids) or written by transformers itself: never carried from a source.
-_NOT_CARRIED = ("bos_token_id", "eos_token_id", "pad_token_id", "transformers_version")
+NOT_CARRIED_GENERATION_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "transformers_version")
 
 
 def write_generation_config(directory: Path, token_ids: dict, source: dict | None, hf_cfg=None) -> None:
@@ -134,7 +134,7 @@ def write_generation_config(directory: Path, token_ids: dict, source: dict | Non
     from transformers import GenerationConfig
 
     if source:
-        kept = {k: v for k, v in source.items() if k not in _NOT_CARRIED}
+        kept = {k: v for k, v in source.items() if k not in NOT_CARRIED_GENERATION_KEYS}
         ids = {k: v for k, v in token_ids.items() if v is not None}
         (directory / GENERATION_FILE).write_text(json.dumps({**kept, **ids}, indent=2, sort_keys=True) + "\n")
         return
