@@ -271,10 +271,11 @@ def test_a_bf16_finetune_keeps_the_model_directorys_fp32_weights_as_its_masters(
         assert differing == [], (name, differing[:5])
 
 
-def test_a_finetune_export_keeps_the_base_models_sampling_defaults(tmp_path, model_dir, dataset):
+def test_a_finetune_export_keeps_the_base_models_sampling_defaults(tmp_path, model_dir, dataset, capsys):
     """from-hf keeps an imported model's generation_config.json in its model directory, but a fine-tune's export
     (from-checkpoint) dropped it: transformers' generate() on the fine-tuned model decoded greedily where the
-    base sampled. The export now carries the init_from directory's settings, with megakv's token ids."""
+    base sampled. The export now carries the init_from directory's settings, with megakv's token ids. With the
+    base directory removed since, the export silently had none; it now says so and how to restore them."""
     import json
     import shutil
 
@@ -291,3 +292,14 @@ def test_a_finetune_export_keeps_the_base_models_sampling_defaults(tmp_path, mod
         assert convert_main(["from-checkpoint", str(run_dir), str(tmp_path / name), *extra]) == 0
         settings = json.loads((tmp_path / name / "generation_config.json").read_text())
         assert (settings["do_sample"], settings["temperature"], settings["top_p"]) == (True, 0.7, 0.8), settings
+    assert "warning" not in capsys.readouterr().err
+
+    shutil.rmtree(base)
+    for name, extra in (("mk_later", []), ("hf_later", ["--hf"])):
+        out = tmp_path / name
+        assert convert_main(["from-checkpoint", str(run_dir), str(out), *extra]) == 0
+        err = capsys.readouterr().err
+        assert f"warning: checkpoint.init_from {base} (the model this run fine-tuned) no longer exists" in err, err
+        assert "Fix: copy generation_config.json from the base model" in err and f"into {out}" in err, err
+        settings = (out / "generation_config.json")
+        assert not settings.exists() or "do_sample" not in json.loads(settings.read_text())

@@ -129,7 +129,7 @@ def export_model_dir(run_dir: str | Path, out_dir: str | Path, hf: bool = False,
     cfg, weights, _ = consolidated_state_dict(run_dir)
     tokenizer = run_dir / TOKENIZER
     tokenizer_dir = tokenizer if tokenizer.is_dir() else None
-    generation = _base_generation_config(run_dir)
+    generation = _base_generation_config(run_dir, out_dir)
     if hf:
         return save_hf_checkpoint(cfg, weights, out_dir, tokenizer_dir=tokenizer_dir, overwrite=overwrite,
                                   generation=generation)
@@ -137,14 +137,25 @@ def export_model_dir(run_dir: str | Path, out_dir: str | Path, hf: bool = False,
                           generation=generation)
 
 
-def _base_generation_config(run_dir: Path) -> dict | None:
+def _base_generation_config(run_dir: Path, out_dir: str | Path) -> dict | None:
     """A fine-tune's sampling defaults: those of the model directory it started from (checkpoint.init_from, an
-    imported model's generation_config.json), when that directory is still there."""
+    imported model's generation_config.json), when that directory is still there; when it has gone, a warning
+    says what the export lacks and how to restore it."""
     from megakv.hf.checkpoint import read_generation_config
+    from megakv.model_dir import GENERATION_FILE
 
     config = run_dir / CONFIG
     init_from = OmegaConf.load(config).get("checkpoint", {}).get("init_from") if config.is_file() else None
-    return read_generation_config(init_from) if init_from and Path(init_from).is_dir() else None
+    if not init_from:
+        return None
+    if not Path(init_from).is_dir():
+        print(f"megakv-convert: warning: checkpoint.init_from {init_from} (the model this run fine-tuned) no longer "
+              f"exists, so {out_dir} gets no {GENERATION_FILE} from it: the base model's sampling defaults (do_sample, "
+              f"temperature, top_p...), if it had any, are lost and transformers' generate() on the export decodes "
+              f"greedily. Fix: copy {GENERATION_FILE} from the base model (its transformers directory or megakv "
+              f"model directory) into {out_dir}", file=sys.stderr, flush=True)
+        return None
+    return read_generation_config(init_from)
 
 
 def convert_to_universal(run_dir: str | Path, workers: int = 1) -> Path:
