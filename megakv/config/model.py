@@ -57,11 +57,6 @@ class ModelConfig:
             return ()
         return tuple(self.eos_token_id) if isinstance(self.eos_token_id, (list, tuple)) else (self.eos_token_id,)
 
-    @property
-    def kv_bytes_per_token_per_layer(self) -> int:
-        """K and V of one layer for one token, in elements (multiply by the element size)."""
-        return 2 * self.n_kv_heads * self.resolved_head_dim
-
     def validate(self, prefix: str = "model") -> None:
         def need(ok: bool, name: str, problem: str, fix: str) -> None:
             if not ok:

@@ -17,7 +17,6 @@ MISSING_FIELD = "missing_field"  # the text field is absent or null
 NOT_JSON = "not_json"  # a jsonl line that is not a JSON object
 NOT_TEXT = "not_text"  # the text field holds a number, list, ...
 TOO_LARGE = "too_large"  # one record above the size bound (tokenizing it would take ~60x its size in memory)
-SKIP_REASONS = (INVALID_UTF8, EMPTY, MISSING_FIELD, NOT_JSON, NOT_TEXT, TOO_LARGE)
 
 
 class Skip(Exception):

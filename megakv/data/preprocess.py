@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megakv.data.documents import TOO_LARGE, Skip, record_text
+from megakv.data.documents import EMPTY, INVALID_UTF8, MISSING_FIELD, NOT_JSON, NOT_TEXT, TOO_LARGE, Skip, record_text
 from megakv.data.errors import DataError
 from megakv.data.indexed import (
     MASK_SUFFIX,
@@ -44,13 +44,13 @@ BATCH_RECORDS = 4096
 EXAMPLES_PER_REASON = 3  # skipped records listed by file:line in the summary
 # More skipped records than this is almost always a wrong --text-key / --format or a broken input, not dirt.
 DEFAULT_MAX_SKIP_FRACTION = 0.5
-SKIP_FIXES = {
-    "missing_field": "check --text-key: it must name the field that holds the text",
-    "not_text": "check --text-key: it must name a field holding a string",
-    "not_json": "check the input format (--format), or that the file is JSON lines",
-    "invalid_utf8": "re-encode the input as UTF-8",
-    "empty": "check --text-key and --txt-unit, or remove the empty records",
-    "too_large": "split such documents before preparing them, or raise --max-record-mb",
+SKIP_FIXES = {  # one per skip reason of megakv/data/documents.py
+    MISSING_FIELD: "check --text-key: it must name the field that holds the text",
+    NOT_TEXT: "check --text-key: it must name a field holding a string",
+    NOT_JSON: "check the input format (--format), or that the file is JSON lines",
+    INVALID_UTF8: "re-encode the input as UTF-8",
+    EMPTY: "check --text-key and --txt-unit, or remove the empty records",
+    TOO_LARGE: "split such documents before preparing them, or raise --max-record-mb",
 }
 DEFAULT_MAX_RECORD_MB = 16.0
 

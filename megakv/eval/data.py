@@ -13,8 +13,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
-
 
 def _indexed_prefix(data: str | Path) -> Path | None:
     text = str(data)
@@ -84,10 +82,6 @@ def read_raw_tokens(path: str | Path, tokenizer_dir: str | Path | None, max_toke
     if max_tokens is not None and len(ids) > max_tokens:
         ids, truncated = ids[:max_tokens], True
     return np.asarray(ids, dtype=np.int64), truncated
-
-
-def read_text_tokens(path: str | Path, tokenizer_dir: str | Path | None, max_tokens: int | None) -> np.ndarray:
-    return read_raw_tokens(path, tokenizer_dir, max_tokens)[0]
 
 
 def check_prepared_with(prefix: Path, tokenizer_dir: str | Path) -> None:

@@ -20,12 +20,8 @@ from megakv.hf.mapping import (
     state_dict_from_hf,
     state_dict_to_hf,
 )
-from megakv.hf.tokenizer import HF_TOKENIZER_FILES
 from megakv.json_input import TOO_DEEP, parse_json
 from megakv.model_dir import GENERATION_FILE, check_fits_dtype, read_safetensors, write_directory_atomically
-
-# Files that make up a transformers tokenizer; carried between formats when present.
-TOKENIZER_FILES = HF_TOKENIZER_FILES
 
 
 def read_hf_config(hf_dir: str | Path) -> dict:
@@ -270,6 +266,6 @@ def save_hf_checkpoint(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], ou
     return write_directory_atomically(out_dir, fill, overwrite)
 
 
-__all__ = ["HF_CLASSES", "TOKENIZER_FILES", "copy_tokenizer_files", "load_hf_checkpoint",
+__all__ = ["HF_CLASSES", "copy_tokenizer_files", "load_hf_checkpoint",
            "read_generation_config", "read_hf_config", "read_hf_weights", "save_hf_checkpoint", "special_token_ids",
            "write_generation_config"]

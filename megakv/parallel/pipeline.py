@@ -42,7 +42,6 @@ from megakv.model import Block, LiveKV, RMSNorm, RotaryEmbedding, init_weights, 
 from megakv.parallel.tensor_split import tensor_split
 from megakv.routing import RoutingPlan, crossing
 
-TRANSPORTS = ("fixed", "dynamic")
 BLOCK_TYPE = "BlockPipe"
 
 

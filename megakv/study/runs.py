@@ -186,10 +186,6 @@ class Trainings:
         self._live: set[subprocess.Popen] = set()
         self._stop: int | None = None
 
-    @property
-    def stop_signal(self) -> int | None:
-        return self._stop
-
     def stop(self, signum: int) -> int:
         """Ask every running training to save and stop (`signum`, as megakv-train handles it). Returns how
         many were asked. Safe in a signal handler: no lock (the set is copied whole under the GIL)."""

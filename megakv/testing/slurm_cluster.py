@@ -405,9 +405,9 @@ class LocalSlurmCluster:
         does at the time limit, without waiting for slurmctld's 30 s timer)."""
         self.run(["scancel", f"--signal={sig}", *(["--batch"] if batch else []), str(job_id)])
 
-    def release_begin_time(self, job_id: int) -> None:
+    def release_begin_time(self, job_id: int | str, *, check: bool = True) -> None:
         """A requeued job waits 120 s (Reason=BeginTime) before it may start again; tests cannot afford that."""
-        self.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
+        self.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=check)
 
     def wait(self, job_id: int, timeout: float, *, release_requeued: bool = True, poll: float = 0.3):
         """Wait until the job (every array task) reaches a terminal state; return its records. Requeued jobs are let
@@ -425,7 +425,7 @@ class LocalSlurmCluster:
                         # same second as the requeue is refused ("Job credential revoked"). Wait a little first.
                         first_seen = held_since.setdefault(r["JobId"], time.monotonic())
                         if time.monotonic() - first_seen >= REQUEUE_SETTLE_S:
-                            self.run(["scontrol", "update", f"JobId={r['JobId']}", "StartTime=now"], check=False)
+                            self.release_begin_time(r["JobId"], check=False)
             if time.monotonic() > deadline:
                 states = ", ".join(f"{r.get('JobId')}:{r.get('JobState')}({r.get('Reason')})" for r in records)
                 raise TimeoutError(f"job {job_id} not finished after {timeout:.0f} s: {states}\n{self.diagnostics()}")
