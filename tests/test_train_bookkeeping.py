@@ -16,7 +16,7 @@ from train_data import prepare_tiny_dataset
 from train_helpers import TINY_RECIPE, launch_train, read_metrics, step_losses
 
 from megakv.config import ConfigError, ModelConfig, OptimConfig, load_config
-from megakv.train.schedule import lr_at, schedule_change
+from megakv.optim.schedule import lr_at, schedule_change
 from megakv.train.throughput import count_parameters, flops_per_token
 
 PEAK = 1e12

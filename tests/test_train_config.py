@@ -13,11 +13,11 @@ from train_helpers import TINY_RECIPE
 
 from megakv.cli.train import main as train_main
 from megakv.config import ConfigError, load_config, to_yaml
+from megakv.optim.schedule import lr_at
 from megakv.parallel.layout import ParallelLayout
 from megakv.train.checkpoint import CheckpointError, write_pointer
 from megakv.train.ds_config import build_ds_config
 from megakv.train.preflight import preflight
-from megakv.train.schedule import lr_at
 from megakv.train.state import TrainState
 
 
@@ -239,7 +239,7 @@ def test_warmup_then_cosine_schedule(dataset, tmp_path):
 
 def test_weight_decay_groups(dataset, tmp_path):
     from megakv.model import MegaKVModel
-    from megakv.train.param_groups import weight_decay_groups
+    from megakv.optim.param_groups import weight_decay_groups
 
     cfg = tiny(dataset, tmp_path, "optim.decay_embeddings=false")
     model = MegaKVModel(cfg.model)
