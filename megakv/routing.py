@@ -87,14 +87,6 @@ class RoutingPlan:
     def own(cls, n_layers: int) -> RoutingPlan:
         return cls(tuple(range(n_layers)))
 
-    @classmethod
-    def parse(cls, text: str) -> RoutingPlan:
-        """Inverse of str(): '0 0 2 1 4 4'."""
-        try:
-            return cls(tuple(int(t) for t in text.replace(",", " ").split()))
-        except ValueError as e:
-            raise ValueError(f"cannot parse routing plan {text!r}: {e}") from None
-
 
 def crossing(plan: RoutingPlan, boundary: int) -> tuple[int, ...]:
     """Layers j < boundary whose K/V a layer at or after `boundary` reads, ascending.

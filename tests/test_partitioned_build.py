@@ -55,6 +55,7 @@ def _param_bytes(model) -> int:
 def _checks(rank: int, work_dir: str) -> dict:
     from deepspeed import zero
     from safetensors.torch import load_file
+    from tensor_helpers import shard_state_dict
 
     from megakv.config import load_config
     from megakv.model import Block
@@ -71,7 +72,7 @@ def _checks(rank: int, work_dir: str) -> dict:
     from megakv.parallel.runners import causal_lm_loss
     from megakv.parallel.tensor import apply_tensor_parallel_to_blocks
     from megakv.parallel.tensor_engine import build_tensor_parallel_model, tensor_parallel_grid
-    from megakv.parallel.tensor_split import shard_state_dict, split_of
+    from megakv.parallel.tensor_split import split_of
     from megakv.parallel.wrap import build_model, build_runner
     from megakv.routing import sample_plan
     from megakv.train.ds_config import generated_ds_config

@@ -23,7 +23,6 @@ from megakv.eval.qa import (
     evaluate_qa,
     evenly_spaced,
     exact_match,
-    greedy_answer,
     greedy_answers,
     normalize_answer,
     token_f1,
@@ -69,6 +68,22 @@ def qa_setup(tmp_path_factory):
     torch.manual_seed(0)
     save_model_dir(cfg, MegaKVModel(cfg, init_seed=3).state_dict(), root / "base", tokenizer_dir=tok_dir)
     return root, tok_dir
+
+
+@torch.no_grad()
+def greedy_answer(model, prompt: list[int], plan, max_new_tokens: int, stop_ids: set[int],
+                  vocab_size: int | None = None) -> list[int]:
+    """The reference for greedy_answers: greedy continuation of `prompt` under `plan`, one full forward per
+    token, no cache; a stop id, or an id at or above `vocab_size`, ends the answer."""
+    ids = torch.tensor([prompt])
+    out: list[int] = []
+    for _ in range(max_new_tokens):
+        next_id = int(model(ids, plan=plan)[0, -1].argmax())
+        if next_id in stop_ids or (vocab_size is not None and next_id >= vocab_size):
+            break
+        out.append(next_id)
+        ids = torch.cat([ids, torch.tensor([[next_id]])], dim=1)
+    return out
 
 
 def test_greedy_answer_follows_the_models_argmax(qa_setup):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from train_data import prepare_tiny_dataset
-from train_helpers import launch_train, plan_traces, read_status
+from train_helpers import launch_train, parse_plan, plan_traces, read_status
 
 from megakv.config import ConfigError, RoutingConfig, load_config
 from megakv.routing import RoutingPlan
@@ -56,5 +56,5 @@ def test_training_uses_the_ramped_plans_on_every_rank(tmp_path):
                 for step in range(6)]
     assert traces[0] == expected
     assert traces[0][0] == "1 " + str(RoutingPlan.own(n_layers))  # step 1: q 0, every layer its own K/V
-    last = RoutingPlan.parse(traces[0][-1].split(" ", 1)[1])
+    last = parse_plan(traces[0][-1].split(" ", 1)[1])
     assert all(s != layer for layer, s in enumerate(last.sources) if layer > 0)  # q 1.0 after the ramp

@@ -13,12 +13,13 @@ import os
 import pytest
 import torch
 import torch.multiprocessing as mp
-from train_helpers import free_port
+from tensor_helpers import gather_dense_state_dict, shard_state_dict
+from train_helpers import free_port, parse_plan
 
 from megakv.config import ConfigError, ModelConfig
 from megakv.model import MegaKVModel
-from megakv.parallel.tensor_split import merge_state_dicts, shard_state_dict, tensor_split, valid_tensor_degrees
-from megakv.routing import RoutingPlan, sample_plan
+from megakv.parallel.tensor_split import merge_state_dicts, tensor_split, valid_tensor_degrees
+from megakv.routing import sample_plan
 
 TP = 2
 # GQA with split K/V heads (one per rank) and q/k norms; MQA with its K/V head replicated on both ranks,
@@ -128,7 +129,7 @@ def _model_checks(cfg: ModelConfig, rank: int, group) -> dict:
     import torch.distributed as dist
     import torch.nn.functional as F
 
-    from megakv.parallel.tensor import apply_tensor_parallel, gather_dense_state_dict
+    from megakv.parallel.tensor import apply_tensor_parallel
     from megakv.parallel.tensor_split import shard_tensor, split_of
 
     dense = _perturbed_model(cfg)
@@ -138,7 +139,7 @@ def _model_checks(cfg: ModelConfig, rank: int, group) -> dict:
     out: dict = {"logits": 0.0, "loss_rel": 0.0}
     # Gradients accumulate over all plans, as over the micro-batches of one step.
     for plan_text in PLANS:
-        plan = RoutingPlan.parse(plan_text)
+        plan = parse_plan(plan_text)
         ids = torch.randint(0, cfg.vocab_size, (2, 9), generator=generator)
         labels = torch.randint(0, cfg.vocab_size, (2, 9), generator=generator)
         logits_par, logits_ref = parallel(ids, plan=plan), dense(ids, plan=plan)
@@ -177,9 +178,9 @@ def _model_checks(cfg: ModelConfig, rank: int, group) -> dict:
     out["merge_exact"] = merged.keys() == dense_state.keys() and all(
         torch.equal(merged[name], value) for name, value in dense_state.items())
     ids = torch.randint(0, cfg.vocab_size, (2, 9), generator=generator)
-    out["all_reduces"] = {text: _count_all_reduces(parallel, ids, RoutingPlan.parse(text))
+    out["all_reduces"] = {text: _count_all_reduces(parallel, ids, parse_plan(text))
                           for text in ("0 1 2 3 4 5", "0 0 1 0 2 0")}
-    out["backward_all_reduces"] = {text: _count_all_reduces(parallel, ids, RoutingPlan.parse(text), backward=True)
+    out["backward_all_reduces"] = {text: _count_all_reduces(parallel, ids, parse_plan(text), backward=True)
                                    for text in ("0 1 2 3 4 5", "0 0 1 0 2 0")}
     out["marked"] = sorted(name for name, p in parallel.named_parameters()
                            if getattr(p, "tensor_model_parallel", False))

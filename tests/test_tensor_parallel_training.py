@@ -48,10 +48,10 @@ def _train_worker(rank: int, world: int, port: int, model_name: str, tensor: int
     import torch.distributed as dist
     import torch.nn.functional as F
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+    from tensor_helpers import gather_dense_state_dict
 
     from megakv.model import MegaKVModel
     from megakv.parallel.runners import kept_kv
-    from megakv.parallel.tensor import gather_dense_state_dict
     from megakv.parallel.tensor_engine import (
         build_tensor_parallel_model,
         initialize_tensor_parallel,

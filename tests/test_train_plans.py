@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch.multiprocessing as mp
-from train_helpers import free_port
+from train_helpers import free_port, parse_plan
 
 from megakv.config import RoutingConfig
 from megakv.train.plans import sample_step_plans
@@ -30,10 +30,10 @@ def _worker(rank: int, world: int, port: int, queue) -> None:
     # A rank with another seed would sample other plans; the broadcast makes it use rank 0's.
     cfg = RoutingConfig(strategy="rcla", q_cross=0.5, seed=7 if rank == 0 else 99)
     plans = [str(p) for step in range(5) for p in broadcast_step_plans(cfg, 6, step, 2, rank, torch.device("cpu"))]
-    check_plans_agree([RoutingPlan.parse(p) for p in plans[:2]], 1, torch.device("cpu"))  # agree: no error
+    check_plans_agree([parse_plan(p) for p in plans[:2]], 1, torch.device("cpu"))  # agree: no error
     diverged = None
     try:
-        check_plans_agree([RoutingPlan.own(6) if rank else RoutingPlan.parse("0 0 1 2 3 4")], 2, torch.device("cpu"))
+        check_plans_agree([RoutingPlan.own(6) if rank else parse_plan("0 0 1 2 3 4")], 2, torch.device("cpu"))
     except PlanDivergence as e:
         diverged = str(e)
     queue.put((rank, plans, diverged))

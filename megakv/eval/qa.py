@@ -58,24 +58,6 @@ def token_f1(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-@torch.no_grad()
-def greedy_answer(model, prompt: list[int], plan: RoutingPlan, max_new_tokens: int, stop_ids: set[int],
-                  vocab_size: int | None = None) -> list[int]:
-    """Greedy continuation of `prompt` under `plan`, one full forward per token (the reference for
-    `greedy_answers`); a stop id, or an id outside the tokenizer's `vocab_size` (a model's embedding table
-    is often padded beyond it), ends the answer."""
-    device = model.embed.weight.device
-    ids = torch.tensor([prompt], device=device)
-    out: list[int] = []
-    for _ in range(max_new_tokens):
-        next_id = int(model(ids, plan=plan)[0, -1].argmax())
-        if next_id in stop_ids or (vocab_size is not None and next_id >= vocab_size):
-            break
-        out.append(next_id)
-        ids = torch.cat([ids, torch.tensor([[next_id]], device=device)], dim=1)
-    return out
-
-
 def answer_before_stop(tokens: Sequence[int], stop_ids: set[int], vocab_size: int | None) -> list[int]:
     out = []
     for token in tokens:
@@ -89,8 +71,9 @@ def answer_before_stop(tokens: Sequence[int], stop_ids: set[int], vocab_size: in
 def greedy_answers(model, prompts: Sequence[list[int]], plan: RoutingPlan, max_new_tokens: int, stop_ids: set[int],
                    vocab_size: int | None = None, batch_size: int = 8, eos_id: int | None = None,
                    pad_id: int = 0) -> list[list[int]]:
-    """`greedy_answer` for many prompts at once: the inference engine (a cache for the retained layers
-    only, prompts left-padded into batches)."""
+    """Greedy continuations of `prompts` under `plan` through the inference engine (a cache for the retained
+    layers only, prompts left-padded into batches); a stop id, or an id outside the tokenizer's `vocab_size`
+    (a model's embedding table is often padded beyond it), ends an answer."""
     from megakv.inference.engine import InferenceEngine
 
     engine = InferenceEngine(model, plan)

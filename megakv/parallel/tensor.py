@@ -33,7 +33,7 @@ from torch import nn
 
 from megakv.config.model import ModelConfig
 from megakv.model import Block, MegaKVModel
-from megakv.parallel.tensor_split import TensorSplit, merge_state_dicts, shard_tensor, split_of, tensor_split
+from megakv.parallel.tensor_split import TensorSplit, shard_tensor, split_of, tensor_split
 
 COLUMN_PARALLEL = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
 ROW_PARALLEL = ("attn.o_proj", "mlp.down_proj")
@@ -200,17 +200,3 @@ def apply_tensor_parallel_to_blocks(blocks: Iterable[Block], cfg: ModelConfig, t
             if norm is not None:  # one weight shared by all heads, of which this rank sees its own only
                 norm.weight.register_hook(functools.partial(_sum_grad_over_group, group=tp_group))
     return split
-
-
-def gather_dense_state_dict(model: MegaKVModel, tp_group: dist.ProcessGroup,
-                            split: TensorSplit) -> dict[str, torch.Tensor]:
-    """The dense state dict of a tensor-parallel model, on every rank of its tensor group (for export)."""
-    local = model.state_dict()
-    shards: list[dict[str, torch.Tensor]] = [{} for _ in range(split.tensor)]
-    for name, value in local.items():
-        value = value.detach().contiguous()
-        gathered = [torch.empty_like(value) for _ in range(split.tensor)]
-        dist.all_gather(gathered, value, group=tp_group)
-        for rank, piece in enumerate(gathered):
-            shards[rank][name] = piece
-    return merge_state_dicts(shards, split)

@@ -7,8 +7,9 @@ row-parallel biases) is replicated. Attention heads are split whole: rank r hold
 T % n_kv_heads == 0) each K/V head is replicated on the T/n_kv_heads consecutive ranks whose queries read it.
 
 `tensor_split` validates a model against a tensor degree (a ConfigError naming the field and the degrees
-that would work) and runs at launch before any process group exists. `shard_state_dict` and
-`merge_state_dicts` convert between a dense MegaKVModel state dict and per-rank shards, exactly.
+that would work) and runs at launch before any process group exists. `shard_tensor` slices one dense
+parameter to a rank's shard and `merge_state_dicts` joins every rank's shards back into the dense MegaKVModel
+state dict, exactly.
 """
 
 from __future__ import annotations
@@ -113,13 +114,6 @@ def shard_tensor(name: str, value: torch.Tensor, split: TensorSplit, rank: int) 
     part, dim = where
     rows = split.rows(part, rank)
     return value.narrow(dim, rows.start, rows.stop - rows.start).clone()
-
-
-def shard_state_dict(dense: Mapping[str, torch.Tensor], split: TensorSplit, rank: int) -> dict[str, torch.Tensor]:
-    """The state dict tensor rank `rank` loads, sliced from a dense MegaKVModel state dict."""
-    if not 0 <= rank < split.tensor:
-        raise ValueError(f"tensor rank {rank} is outside 0..{split.tensor - 1}")
-    return {name: shard_tensor(name, value, split, rank) for name, value in dense.items()}
 
 
 def merge_state_dicts(shards: Sequence[Mapping[str, torch.Tensor]], split: TensorSplit) -> dict[str, torch.Tensor]:
