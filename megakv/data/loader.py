@@ -82,6 +82,7 @@ class Data:
                             "raise data.valid_fraction, list data.valid_datasets, or set validation.every=0")
 
     def check_model_vocab(self, model_vocab_size: int) -> None:
+        """Refuse a model with fewer embedding rows than the data's tokenizer has tokens."""
         if model_vocab_size < self.vocab_size:
             raise DataError(f"the model's vocabulary ({model_vocab_size}) is smaller than the data's tokenizer "
                             f"({self.vocab_size}, {self.tokenizer_dir})",
@@ -92,14 +93,24 @@ class Data:
         return {"consumed_samples": int(consumed_samples), "data_fingerprint": self.fingerprint,
                 "loss_mask_fingerprint": self.loss_mask_fingerprint}
 
-    def check_resume(self, state: dict) -> int:
-        """Consumed samples to resume from; refuses a checkpoint made on other data or another order."""
+    def check_resume(self, state: dict, checkpoint: str | Path | None = None,
+                     run_dir: str | Path | None = None) -> int:
+        """Consumed samples to resume from (`state` as resume_state wrote it); refuses a checkpoint made on other
+        data or another order, or with other loss masks. `checkpoint` names it in the message; with `run_dir`
+        (the run it belongs to) the fix says how to keep its weights in a new run."""
+        which = "the checkpoint" if checkpoint is None else f"the checkpoint {checkpoint}"
+        otherwise = ("start a new run" if run_dir is None else
+                     f"keep its weights with `megakv-convert from-checkpoint {run_dir} MODEL_DIR` and train in a new "
+                     "run_dir with checkpoint.init_from=MODEL_DIR")
         if state.get("data_fingerprint") != self.fingerprint:
-            raise DataError(f"the checkpoint's data fingerprint {state.get('data_fingerprint')} differs from this "
-                            f"run's {self.fingerprint}: the datasets, weights, seed, seq_len or split changed",
-                            "resume with the data config of that run, or start a new run")
+            raise DataError(f"the data fingerprint {state.get('data_fingerprint')} of {which} differs from this "
+                            f"run's {self.fingerprint}: the datasets, weights, seed, seq_len or split changed, or the "
+                            "megakv that wrote it cut them into samples otherwise (before 2026-12-07, QA records "
+                            "lost one sample per file)",
+                            f"resume with the data config of that run; else {otherwise}")
         if problem := self.loss_mask_change(state.get("loss_mask_fingerprint", "")):
-            raise DataError(problem, "prepare the records again as that run had them, or start a new run")
+            raise DataError(problem if checkpoint is None else f"{checkpoint}: {problem}",
+                            f"prepare the records again as that run had them; else {otherwise}")
         return int(state["consumed_samples"])
 
     def loss_mask_change(self, saved: str) -> str | None:

@@ -80,24 +80,14 @@ class Trainer:
         self.data = build_data(cfg.data, self.seq_len, is_builder=ctx.is_global_zero, barrier=ctx.barrier,
                                train_samples=cfg.train.steps * cfg.train.global_batch)
         self.data.check_validation(cfg.validation.every)
-        if self.data.vocab_size > cfg.model.vocab_size:
-            raise ConfigError("model.vocab_size", cfg.model.vocab_size,
-                              f"the tokenizer has {self.data.vocab_size} tokens", "raise model.vocab_size")
+        self.data.check_model_vocab(cfg.model.vocab_size)
         resume = self.launch.resume
-        if resume is not None and resume.state.data_fingerprint != self.data.fingerprint:
-            raise ConfigError("data.datasets", cfg.data.datasets,
-                              f"the checkpoint {resume.path} was trained on data with fingerprint "
-                              f"{resume.state.data_fingerprint}, this data has {self.data.fingerprint}: the files, "
-                              "weights, split or seed differ, or the megakv that wrote it cut them into samples "
-                              "otherwise (before 2026-12-07, QA records lost one sample per file)",
-                              "resume with the same data (files, weights, split, seed); else keep its weights "
-                              f"with `megakv-convert from-checkpoint {cfg.train.run_dir} MODEL_DIR` and train in a "
-                              "new run_dir with checkpoint.init_from=MODEL_DIR")
-        if resume is not None and (problem := self.data.loss_mask_change(resume.state.loss_mask_fingerprint)):
-            raise ConfigError("data.datasets", cfg.data.datasets, f"{resume.path}: {problem}",
-                              "resume with the records prepared as that run had them; else keep its weights with "
-                              f"`megakv-convert from-checkpoint {cfg.train.run_dir} MODEL_DIR` and train in a new "
-                              "run_dir with checkpoint.init_from=MODEL_DIR")
+        if resume is not None:
+            saved = resume.state
+            self.data.check_resume({"consumed_samples": saved.consumed_samples,
+                                    "data_fingerprint": saved.data_fingerprint,
+                                    "loss_mask_fingerprint": saved.loss_mask_fingerprint},
+                                   resume.path, cfg.train.run_dir)
         init_state = None
         if cfg.checkpoint.init_from and resume is None:
             init_state = _init_weights(cfg, cfg.checkpoint.init_from)
@@ -110,8 +100,7 @@ class Trainer:
                                dist.get_world_size(), ctx.device, cfg.logging.peak_flops_per_device)
         if ctx.is_global_zero:
             log.info(self.meter.startup_line())
-        self.state = TrainState(data_fingerprint=self.data.fingerprint,
-                                loss_mask_fingerprint=self.data.loss_mask_fingerprint, routing_seed=cfg.routing.seed,
+        self.state = TrainState(**self.data.resume_state(0), routing_seed=cfg.routing.seed,
                                 layout={**self.layout.describe(), "zero_stage": cfg.parallel.zero_stage},
                                 config_yaml=to_yaml(cfg))
         if resume is not None:
