@@ -262,6 +262,21 @@ def test_deepspeeds_own_loads_run_forced_weights_only(tmp_path):
     assert not marker.exists() and os.environ.get(FORCE_WEIGHTS_ONLY) == before
 
 
+def test_a_pipeline_layer_file_is_read_weights_only(tmp_path):
+    """megakv's own reading of a pipeline checkpoint (export, universal conversion) opens the layer files
+    through the weights-only loader too: a planted payload is an UnsafeFileError naming the file and the
+    global (not a bare UnpicklingError), and runs nothing."""
+    from megakv.parallel.pipeline_files import layer_files_state
+
+    marker = tmp_path / "payload-ran"
+    name = "layer_01-model_00-model_states.pt"
+    torch.save({"block.attn.q_proj.weight": torch.ones(2, 2), "extra": Payload(marker)}, tmp_path / name)
+    with pytest.raises(UnsafeFileError, match="no code from it ran") as info:
+        layer_files_state(tmp_path, n_layers=2)
+    assert info.value.path == tmp_path / name and info.value.global_name in ("posix.system", "os.system")
+    assert not marker.exists()
+
+
 # megakv-train with the first guard switched off: what a file check_deepspeed_dir missed would meet
 _WITHOUT_THE_CHECK = ("import sys, megakv.safe_load as s; s.check_deepspeed_dir = lambda directory: 0; "
                       "from megakv.cli.train import main; sys.exit(main(sys.argv[1:]))")

@@ -11,22 +11,18 @@ With tensor parallelism inside the stages (TP x PP) each layer has one file per 
 optimizer files of stage s and tensor rank t are `mp_rank_{s * T + t}` (DeepSpeed's model-parallel rank
 counts over the stages and tensor ranks of a replica); every tensor rank's shard is merged
 (tensor_split.merge_state_dicts), so the result is the dense model's state dict whatever the layout.
+Every file is read with the weights-only loader (deepspeed_files.load_deepspeed_file), never unpickled.
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
 
+from megakv.parallel.deepspeed_files import LAYER_FILE, OPTIM_FILE, STAGE_FILE, load_deepspeed_file
 from megakv.parallel.pipeline import dense_name
 from megakv.parallel.tensor_split import TensorSplit, merge_state_dicts
-from megakv.safe_load import deepspeed_globals, load_weights_only, numpy_globals
-
-LAYER_FILE = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
-STAGE_FILE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
-OPTIM_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 
 
 def _merged(shards: list[dict[str, torch.Tensor]], split: TensorSplit | None) -> dict[str, torch.Tensor]:
@@ -47,7 +43,7 @@ def layer_files_state(tag_dir: Path, n_layers: int, split: TensorSplit | None = 
         if tensor_rank >= tensor:
             raise ValueError(f"{path}: a file of tensor rank {tensor_rank}, but the run's parallel.tensor is {tensor}")
         per_layer.setdefault(index, set()).add(tensor_rank)
-        for key, value in torch.load(path, map_location="cpu", weights_only=True).items():
+        for key, value in load_deepspeed_file(path).items():
             shards[tensor_rank][dense_name(f"{index}.{key}", n_layers)] = value
     for index, ranks in per_layer.items():
         if ranks != set(range(tensor)):
@@ -56,15 +52,8 @@ def layer_files_state(tag_dir: Path, n_layers: int, split: TensorSplit | None = 
     return _merged(shards, split)
 
 
-def _load(path: Path):
-    return load_weights_only(path, deepspeed_globals() + numpy_globals())
-
-
 def master_weights_state(tag_dir: Path, n_layers: int, split: TensorSplit | None = None) -> dict[str, torch.Tensor]:
-    """fp32 master weights from the optimizer partitions of every stage, tensor and data rank.
-
-    DeepSpeed's pickles are read by the weights-only unpickler (the globals DeepSpeed stores, nothing else).
-    """
+    """fp32 master weights from the optimizer partitions of every stage, tensor and data rank."""
     tag_dir = Path(tag_dir)
     tensor = 1 if split is None else split.tensor
     partitions: dict[int, dict[int, Path]] = {}
@@ -76,8 +65,8 @@ def master_weights_state(tag_dir: Path, n_layers: int, split: TensorSplit | None
     shards: list[dict[str, torch.Tensor]] = [{} for _ in range(tensor)]
     for stage_file in sorted(p for p in tag_dir.iterdir() if STAGE_FILE.match(p.name)):
         model_rank = int(STAGE_FILE.match(stage_file.name).group(1))
-        shapes = _load(stage_file)["param_shapes"]
-        parts = [_load(partitions[model_rank][r])["optimizer_state_dict"]
+        shapes = load_deepspeed_file(stage_file)["param_shapes"]
+        parts = [load_deepspeed_file(partitions[model_rank][r])["optimizer_state_dict"]
                  ["single_partition_of_fp32_groups"] for r in sorted(partitions[model_rank])]
         shard = shards[model_rank % tensor]
         for group, names in enumerate(shapes):

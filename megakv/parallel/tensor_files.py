@@ -11,20 +11,13 @@ Every file is read with the weights-only loader (DeepSpeed's and numpy's globals
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
 
 from megakv.config.model import ModelConfig
+from megakv.parallel.deepspeed_files import OPTIM_FILE, load_deepspeed_file
 from megakv.parallel.tensor_split import merge_state_dicts, tensor_split
-from megakv.safe_load import deepspeed_globals, load_weights_only, numpy_globals
-
-OPTIM_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
-
-
-def _load(path: Path) -> dict:
-    return load_weights_only(path, deepspeed_globals() + numpy_globals())
 
 
 def _model_states(tag_dir: Path, tensor_rank: int) -> dict:
@@ -33,7 +26,7 @@ def _model_states(tag_dir: Path, tensor_rank: int) -> dict:
         raise FileNotFoundError(f"{path} is missing: a checkpoint of a run with parallel.tensor > {tensor_rank} "
                                 "has one mp_rank_XX_model_states.pt per tensor rank; restore the file or export "
                                 "an earlier complete checkpoint")
-    return _load(path)
+    return load_deepspeed_file(path)
 
 
 def _parameter_names(states: dict) -> list[str]:
@@ -54,7 +47,8 @@ def _masters(tag_dir: Path, tensor_rank: int, states: dict) -> dict[str, torch.T
     if sorted(paths) != list(range(len(paths))) or not paths:
         raise FileNotFoundError(f"{tag_dir}: the optimizer partitions of tensor rank {tensor_rank} are incomplete "
                                 f"(data ranks found: {sorted(paths)})")
-    parts = [_load(paths[d])["optimizer_state_dict"]["single_partition_of_fp32_groups"] for d in sorted(paths)]
+    parts = [load_deepspeed_file(paths[d])["optimizer_state_dict"]["single_partition_of_fp32_groups"]
+             for d in sorted(paths)]
     weights = {}
     for group, shapes in enumerate(states["param_shapes"]):
         flat = torch.cat([part[group] for part in parts])

@@ -15,18 +15,17 @@ the dense names do not depend on anything, so:
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
+from megakv.parallel.deepspeed_files import LAYER_FILE, OPTIM_FILE, STAGE_FILE, load_deepspeed_file
 from megakv.parallel.pipeline import dense_name
 from megakv.parallel.pipeline_files import layer_files_state
 
 ZERO_DIR = "zero"
 MODEL_STATES = "mp_rank_00_model_states.pt"
-_STAGE_FILE = re.compile(r"^mp_rank_\d+_model_states\.pt$")
 # A folder every converted checkpoint holds under MegaKVModel names (the embedding is never tied away).
 NAMED_MARKER = "embed.weight"
 
@@ -60,7 +59,7 @@ def record_split_dims(universal_dir: Path) -> None:
         dims[folder.name] = where[1]
         for key in STATE_KEYS:
             path = folder / f"{key}.pt"
-            saved = torch.load(path, map_location="cpu", weights_only=True)
+            saved = load_deepspeed_file(path)
             if not isinstance(saved, dict):  # a ZeRO-3 conversion stores bare tensors: no tensor-parallel cut
                 return  # (tensor parallelism cannot train ZeRO-3), so the directory is not marked tensor-ready
             if saved.get("cat_dim", 0) != where[1]:
@@ -80,13 +79,13 @@ def rename_to_model_names(universal_dir: Path, source_dir: Path, n_layers: int) 
         if target.exists():
             raise FileExistsError(f"{folder} and {target} name the same MegaKVModel parameter")
         folder.rename(target)
-    stage_zero = _load(universal_dir / MODEL_STATES)
+    stage_zero = load_deepspeed_file(universal_dir / MODEL_STATES)
     stage_zero["module"] = layer_files_state(source_dir, n_layers)  # the module weights, MegaKVModel keys
     stage_zero["param_shapes"] = None  # per-stage shapes; a universal load takes the loading engine's own
     stage_zero["mp_world_size"] = 1
     torch.save(stage_zero, universal_dir / MODEL_STATES)
     for path in universal_dir.iterdir():
-        if _STAGE_FILE.match(path.name) and path.name != MODEL_STATES:
+        if STAGE_FILE.match(path.name) and path.name != MODEL_STATES:
             path.unlink()
 
 
@@ -117,26 +116,19 @@ def load_universal(engine, ckpt_dir: Path, tag: str, config_yaml: str):
 
 # ----------------------------------------------------------------------------- tensor-parallel sources
 
-_OPTIM_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 STATE_KEYS = ("fp32", "exp_avg", "exp_avg_sq")
-
-
-def _load(path: Path) -> dict:
-    from megakv.safe_load import deepspeed_globals, load_weights_only, numpy_globals
-
-    return load_weights_only(path, deepspeed_globals() + numpy_globals())
 
 
 def _rank_optimizer_states(tag_dir: Path, tensor_rank: int) -> list[dict]:
     paths = {}
     for path in tag_dir.iterdir():
-        match = _OPTIM_FILE.match(path.name)
+        match = OPTIM_FILE.match(path.name)
         if match and int(match.group(2)) == tensor_rank:
             paths[int(match.group(1))] = path
     if not paths or sorted(paths) != list(range(len(paths))):
         raise FileNotFoundError(f"{tag_dir}: the optimizer partitions of tensor rank {tensor_rank} are incomplete "
                                 f"(data ranks found: {sorted(paths)})")
-    return [_load(paths[d])["optimizer_state_dict"] for d in sorted(paths)]
+    return [load_deepspeed_file(paths[d])["optimizer_state_dict"] for d in sorted(paths)]
 
 
 def _split_flat(parts: list[torch.Tensor], shapes: dict) -> dict[str, torch.Tensor]:
@@ -163,7 +155,7 @@ def _rank_state(tag_dir: Path, model_rank: int, n_layers: int | None
     """(model states, {state key: {name: tensor}}, per-group step, global optimizer state) of one model-parallel
     rank (a tensor rank, or under TP x PP a (stage, tensor rank) pair), all data ranks merged; `n_layers`
     (pipeline runs only) turns the pipe engine's names into MegaKVModel names."""
-    states = _load(tag_dir / f"mp_rank_{model_rank:02d}_model_states.pt")
+    states = load_deepspeed_file(tag_dir / f"mp_rank_{model_rank:02d}_model_states.pt")
     optim = _rank_optimizer_states(tag_dir, model_rank)
     per_key: dict[str, dict[str, torch.Tensor]] = {key: {} for key in STATE_KEYS}
     steps = []
@@ -197,11 +189,10 @@ def tensor_to_universal(tag_dir: Path, out_dir: Path, cfg) -> None:
     per-parameter format. `cfg`: the run's ModelConfig; the layout is read from the files: the tensor degree
     is the number of tensor ranks of the layer files (a pipeline run) or of the mp_rank files (no pipeline).
     """
-    from megakv.parallel.pipeline_files import LAYER_FILE
     from megakv.parallel.tensor_split import merge_state_dicts, tensor_split
 
     tag_dir, out_dir = Path(tag_dir), Path(out_dir)
-    model_ranks = len([p for p in tag_dir.iterdir() if _STAGE_FILE.match(p.name)])
+    model_ranks = len([p for p in tag_dir.iterdir() if STAGE_FILE.match(p.name)])
     layer_ranks = {int(m.group(2)) for m in (LAYER_FILE.match(p.name) for p in tag_dir.iterdir()) if m}
     tensor = len(layer_ranks) if layer_ranks else model_ranks
     if model_ranks % tensor:
