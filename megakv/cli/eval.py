@@ -16,6 +16,9 @@ import argparse
 import sys
 
 from megakv.cli.eval_qa import add_qa_arguments, run_qa
+from megakv.config.validation import ValidationConfig
+from megakv.data.preprocess import PrepOptions
+from megakv.eval.loss import BATCH_SIZE
 from megakv.inference.cli_support import (
     DTYPES,
     add_model_arguments,
@@ -32,14 +35,15 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
                         help=".bin/.idx prefix, or a jsonl / parquet / text file (optionally .gz) of held-out data")
     parser.add_argument("--tokenizer", default=None,
                         help="tokenizer directory for raw data (default: the model's)")
-    parser.add_argument("--text-key", default="text",
+    parser.add_argument("--text-key", default=PrepOptions().text_key,
                         help="jsonl / parquet field holding the text (default: %(default)s)")
     parser.add_argument("--max-tokens", type=int, default=65536,
                         help="score only the first this many tokens of the data; 0 scores all (default: %(default)s)")
     parser.add_argument("--seq-len", type=int, default=None,
                         help="window length (default: the model's max_seq_len); --task qa: the longest prompt "
                              "(default 512, at most the model's max_seq_len)")
-    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE,
+                        help="windows per forward pass (default: %(default)s)")
     parser.add_argument("--cache-dtype", choices=sorted(DTYPES), default=None,
                         help="dtype in which KV bytes per token are counted (default: --dtype, the dtype megakv's "
                              "engine stores the cache in; name another to plan for a server that stores it so)")
@@ -124,8 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
     add_data_arguments(parser)
-    parser.add_argument("--retain", nargs="+", default=["every:1", "every:2", "every:3", "every:4"],
-                        help="retention plans: all, every:K, or layer lists like 0,3,5 (default: every:1..4)")
+    plans = ValidationConfig().plans
+    parser.add_argument("--retain", nargs="+", default=plans,
+                        help=f"retention plans: all, every:K, or layer lists like 0,3,5 (default: {' '.join(plans)})")
     parser.add_argument("--baseline", default=None,
                         help="a second model (e.g. trained normally) scored on the same windows and plans, "
                              "printed beside --model with each one's loss relative to its own full cache")

@@ -14,13 +14,16 @@ import json
 import sys
 from pathlib import Path
 
+from megakv.data.sft import ORDERS
+from megakv.eval.qa import MAX_NEW_TOKENS, ORDER
 from megakv.inference.cli_support import DTYPES
 
 
 def add_qa_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("--task qa")
-    group.add_argument("--max-new-tokens", type=int, default=32, help="longest greedy answer (default: %(default)s)")
-    group.add_argument("--order", choices=("cqa", "qca"), default="cqa",
+    group.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS,
+                       help="longest greedy answer (default: %(default)s)")
+    group.add_argument("--order", choices=sorted(ORDERS), default=ORDER,
                        help="prompt order: context first (cqa) or question first (default: %(default)s)")
     group.add_argument("--limit", type=int, default=200, help="score the first N records; 0: all "
                        "(default: %(default)s)")

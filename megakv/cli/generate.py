@@ -17,6 +17,9 @@ import sys
 from collections.abc import Sequence
 
 from megakv.inference.cli_support import DTYPES, add_model_arguments, apply_runtime_options, run_cli
+from megakv.inference.sampling import SamplingConfig
+
+MAX_NEW_TOKENS = 64
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,10 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shrink-at", action="append", default=[], metavar="N:RETAIN[,N:RETAIN...]",
                         help="after N new tokens, keep only the layers of RETAIN (a subset of the current set), "
                              "e.g. 256:every:2,512:every:4 or 128:0,4 (repeatable)")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = all)")
+    sampling = SamplingConfig()
+    parser.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help="(default: %(default)s)")
+    parser.add_argument("--temperature", type=float, default=sampling.temperature,
+                        help="0 = greedy (default: %(default)s)")
+    parser.add_argument("--top-k", type=int, default=sampling.top_k,
+                        help="sample among the k most likely tokens, 0 = all (default: %(default)s)")
+    parser.add_argument("--top-p", type=float, default=sampling.top_p,
+                        help="nucleus sampling mass, 1 = all (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=None,
                         help="seed for sampling (one generator serves the batch: a prompt's samples depend on the "
                              "other prompts beside it, as in transformers)")
@@ -86,7 +93,6 @@ def continuation_text(tokenizer, prompt: list[int], new: list[int], eos: Sequenc
 
 def _run(args: argparse.Namespace) -> int:
     from megakv.inference.engine import InferenceEngine
-    from megakv.inference.sampling import SamplingConfig
     from megakv.model_paths import default_retain, resolve_model
 
     apply_runtime_options(args)

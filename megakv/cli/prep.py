@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from megakv.data.cli_support import run_cli
-from megakv.data.preprocess import DEFAULT_MAX_RECORD_MB, DEFAULT_MAX_SKIP_FRACTION, PrepOptions, preprocess
+from megakv.data.preprocess import DEFAULT_MAX_SKIP_FRACTION, PrepOptions, preprocess
 from megakv.data.sources import FORMATS, TXT_UNITS
 
 
@@ -28,9 +28,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", required=True, help="megakv tokenizer directory, or a Hugging Face one")
     p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin / PREFIX.idx")
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
-    p.add_argument("--text-key", default="text", help="jsonl / parquet field holding the text")
+    defaults = PrepOptions()
+    p.add_argument("--text-key", default=defaults.text_key,
+                   help="jsonl / parquet field holding the text (default: %(default)s)")
     p.add_argument("--format", choices=FORMATS, help="input format (default: from file names)")
-    p.add_argument("--txt-unit", choices=TXT_UNITS, default="document",
+    p.add_argument("--txt-unit", choices=TXT_UNITS, default=defaults.txt_unit,
                    help="what one document of a .txt file is (default: the whole file)")
     p.add_argument("--prepend-bos", action="store_true", help="also start every document with BOS")
     p.add_argument("--eos-token", help="end-of-document token for a Hugging Face tokenizer that has none")
@@ -38,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-skip-fraction", type=float, default=DEFAULT_MAX_SKIP_FRACTION,
                    help="fail (writing no .bin/.idx) when more than this fraction of the records is skipped; an "
                         "output without documents always fails (default: %(default)s)")
-    p.add_argument("--max-record-mb", type=float, default=DEFAULT_MAX_RECORD_MB,
+    p.add_argument("--max-record-mb", type=float, default=defaults.max_record_mb,
                    help="skip (or, with --strict, fail on) a record larger than this: tokenizing one record takes "
                         "about 60x its size in memory (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true",

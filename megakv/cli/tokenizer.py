@@ -18,10 +18,14 @@ from pathlib import Path
 from megakv.data.cli_support import refuse_output_dir, run_cli
 from megakv.data.documents import iter_texts, unpaired_surrogate
 from megakv.data.errors import DataError
+from megakv.data.preprocess import PrepOptions
 from megakv.data.sources import FORMATS, TXT_UNITS, describe_ignored, expand_inputs
 from megakv.data.tokenizer import (
     METADATA_FILE,
+    SPM_CHARACTER_COVERAGE,
     SPM_MAX_SENTENCE_BYTES,
+    SPM_MAX_SENTENCES,
+    SPM_MODEL_TYPES,
     check_spm_settings,
     import_hf_tokenizer,
     load_tokenizer,
@@ -39,16 +43,19 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--vocab-size", type=int, required=True)
     train.add_argument("--output", required=True, help="tokenizer directory to write")
     train.add_argument("--overwrite", action="store_true", help="replace a non-empty --output directory")
-    train.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
-    train.add_argument("--text-key", default="text", help="jsonl / parquet field holding the text")
+    train.add_argument("--model-type", choices=SPM_MODEL_TYPES, default=SPM_MODEL_TYPES[0],
+                       help="(default: %(default)s)")
+    text = PrepOptions()
+    train.add_argument("--text-key", default=text.text_key,
+                       help="jsonl / parquet field holding the text (default: %(default)s)")
     train.add_argument("--format", choices=FORMATS, help="input format (default: from file names)")
-    train.add_argument("--txt-unit", choices=TXT_UNITS, default="document",
-                       help="what one document of a .txt file is")
-    train.add_argument("--character-coverage", type=float, default=0.9999,
+    train.add_argument("--txt-unit", choices=TXT_UNITS, default=text.txt_unit,
+                       help="what one document of a .txt file is (default: %(default)s)")
+    train.add_argument("--character-coverage", type=float, default=SPM_CHARACTER_COVERAGE,
                        help="fraction of characters covered by pieces of their own; rarer ones fall back to "
                             "bytes. Lower it (e.g. 0.995) when a small --vocab-size is refused (default: "
                             "%(default)s)")
-    train.add_argument("--max-sentences", type=int, default=2_000_000,
+    train.add_argument("--max-sentences", type=int, default=SPM_MAX_SENTENCES,
                        help="lines sampled for training (bounds memory and time; default: %(default)s)")
     imp = sub.add_parser("import", help="save a Hugging Face tokenizer directory as a megakv one")
     imp.add_argument("--from", dest="source", required=True, help="directory AutoTokenizer loads offline")

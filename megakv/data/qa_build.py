@@ -37,8 +37,10 @@ from megakv.data.errors import DataError
 SPEAKER = re.compile(r"^[A-Z][A-Z .,'\-]{1,40}$")
 TEST_PLAYS = 4  # plays held out whole for test, and as many again for validation
 MAX_CONTEXT_CHARS = 1200  # about 300 tokens: a whole passage fits a 384-token sample, never trimmed
-KINDS = ("next-line", "speaker")
+KINDS = ("next-line", "speaker")  # the first is the default
 BUILD_FILE = "build.json"  # the kind and seed the records were built with
+SEED = 1234
+MAX_RECORDS = 6000
 
 
 def speeches(text: str) -> list[tuple[str, list[str]]]:
@@ -133,8 +135,8 @@ def written_files() -> list[str]:
     return [f"{split}.jsonl" for split in ("train", "valid", "test")] + [BUILD_FILE, "README.md"]
 
 
-def build_qa_set(output_dir: str | Path, source: str | Path | None = None, seed: int = 1234,
-                 max_records: int = 6000, kind: str = "next-line") -> str:
+def build_qa_set(output_dir: str | Path, source: str | Path | None = None, seed: int = SEED,
+                 max_records: int = MAX_RECORDS, kind: str = KINDS[0]) -> str:
     """Write output_dir/{train,valid,test}.jsonl, build.json and README.md; returns a one-paragraph summary."""
     if kind not in KINDS:
         raise DataError(f"unknown question kind {kind!r}", f"choose one of {', '.join(KINDS)}")

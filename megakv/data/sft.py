@@ -35,7 +35,9 @@ from megakv.json_input import TOO_DEEP, parse_json
 IGNORE = -100  # torch.nn.functional.cross_entropy's default ignore_index
 ORDERS = ("qca", "cqa")  # question -> context -> answer, or context -> question -> answer
 FIELDS = ("context", "question", "answer")
-LOSS_ON = ("answer", "record")  # what the loss mask counts (prepare_sft)
+LOSS_ON = ("answer", "record")  # what the loss mask counts (prepare_sft); the first is the default
+SEED = 1234  # of the order augmentation
+P_QUESTION_FIRST = 0.5  # the paper's: half the records Q->C->A, half C->Q->A
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,7 @@ def _refuse_surrogates(raw: dict, path: Path, line_no: int) -> None:
                             "fix or remove that record: escape whole characters only (e.g. \\ud83d\\ude00)")
 
 
-def choose_orders(count: int, seed: int, p_question_first: float = 0.5) -> list[str]:
+def choose_orders(count: int, seed: int, p_question_first: float = P_QUESTION_FIRST) -> list[str]:
     """The paper's augmentation: each record is Q->C->A with probability p, else C->Q->A (seeded)."""
     draws = np.random.RandomState(seed).random_sample(count)
     return [ORDERS[0] if u < p_question_first else ORDERS[1] for u in draws]
@@ -198,8 +200,8 @@ class SFTSummary:
 
 
 def prepare_sft(records_path: str | Path, tokenizer_dir: str | Path, output_prefix: str | Path, seq_len: int, *,
-                seed: int = 1234, p_question_first: float = 0.5, overwrite: bool = False,
-                loss_on: str = "answer") -> SFTSummary:
+                seed: int = SEED, p_question_first: float = P_QUESTION_FIRST, overwrite: bool = False,
+                loss_on: str = LOSS_ON[0]) -> SFTSummary:
     """Write `output_prefix`.bin/.idx (+ .meta.json) and its `_lossmask` pair from a QA jsonl file.
 
     loss_on "answer" (the paper): only the answer and its end token count; "record": every token of the

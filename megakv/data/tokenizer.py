@@ -386,10 +386,15 @@ def _pieces(data: bytes, max_bytes: int) -> Iterator[bytes]:
     yield data[start:]
 
 
-def check_spm_settings(vocab_size: int, model_type: str = "bpe", max_sentences: int = 2_000_000,
-                       character_coverage: float = 0.9999) -> None:
+SPM_MODEL_TYPES = ("bpe", "unigram")  # the first is the default
+SPM_MAX_SENTENCES = 2_000_000  # lines sampled for training (bounds memory and time)
+SPM_CHARACTER_COVERAGE = 0.9999  # characters covered by pieces of their own; rarer ones fall back to bytes
+
+
+def check_spm_settings(vocab_size: int, model_type: str = SPM_MODEL_TYPES[0], max_sentences: int = SPM_MAX_SENTENCES,
+                       character_coverage: float = SPM_CHARACTER_COVERAGE) -> None:
     """Refuse settings SentencePiece cannot train with, before any text is read."""
-    if model_type not in ("bpe", "unigram"):
+    if model_type not in SPM_MODEL_TYPES:
         raise DataError(f"unknown SentencePiece model type {model_type!r}", "use bpe or unigram")
     min_vocab = 256 + len(SPM_SPECIAL_IDS) + 1 + 1  # byte pieces + specials + "\n" + at least one piece
     if vocab_size < min_vocab:
@@ -402,8 +407,8 @@ def check_spm_settings(vocab_size: int, model_type: str = "bpe", max_sentences: 
 
 
 def train_sentencepiece(texts: Iterable[str], output_dir: str | Path, vocab_size: int, *,
-                        model_type: str = "bpe", max_sentences: int = 2_000_000,
-                        character_coverage: float = 0.9999, seed: int = 0,
+                        model_type: str = SPM_MODEL_TYPES[0], max_sentences: int = SPM_MAX_SENTENCES,
+                        character_coverage: float = SPM_CHARACTER_COVERAGE, seed: int = 0,
                         stats: Counter | None = None) -> TokenizerInfo:
     """Train a lossless SentencePiece tokenizer on `texts` and save it as a megakv tokenizer directory.
 

@@ -32,10 +32,11 @@ class PlanLoss:
 
 LOGIT_CHUNK_ELEMENTS = 1 << 25  # fp32 logits scored at once (128 MiB): a long window x a large vocabulary
 # (8K x 49K for SmolLM2, 64K x 128K for Llama 3) would otherwise need gigabytes of logits per window.
+BATCH_SIZE = 8  # windows per forward pass
 
 
 @torch.no_grad()
-def mean_loss(model: MegaKVModel, plan: RoutingPlan, windows: torch.Tensor, batch_size: int = 8,
+def mean_loss(model: MegaKVModel, plan: RoutingPlan, windows: torch.Tensor, batch_size: int = BATCH_SIZE,
               progress: Callable[[int], None] | None = None) -> tuple[float, int]:
     """(mean cross-entropy over all predicted tokens, their count) for windows (n, seq + 1).
 
@@ -64,7 +65,7 @@ def mean_loss(model: MegaKVModel, plan: RoutingPlan, windows: torch.Tensor, batc
     return total / count, count
 
 
-def evaluate_plans(model: MegaKVModel, specs: Sequence[str], windows: torch.Tensor, batch_size: int = 8,
+def evaluate_plans(model: MegaKVModel, specs: Sequence[str], windows: torch.Tensor, batch_size: int = BATCH_SIZE,
                    cache_dtype: torch.dtype = torch.bfloat16,
                    progress: Callable[[int], None] | None = None) -> list[PlanLoss]:
     """One PlanLoss per retention spec, all on the same windows."""

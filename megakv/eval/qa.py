@@ -24,6 +24,9 @@ from megakv.routing import RoutingPlan
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = set(string.punctuation)
 
+MAX_NEW_TOKENS = 32  # the longest greedy answer
+ORDER = "cqa"  # prompts put the context first (data/sft.py ORDERS)
+
 
 def evenly_spaced(items: Sequence, count: int) -> list:
     """`count` items spread evenly over `items` (all of them when there are fewer).
@@ -114,7 +117,7 @@ def require_answer_budget(masks: Sequence, max_new_tokens: int) -> None:
 
 @torch.no_grad()
 def evaluate_qa(model, tokenizer: Tokenizer, records: Sequence[QARecord], plans: dict[str, RoutingPlan], *,
-                seq_len: int, max_new_tokens: int = 32, order: str = "cqa", keep_examples: int = 3,
+                seq_len: int, max_new_tokens: int = MAX_NEW_TOKENS, order: str = ORDER, keep_examples: int = 3,
                 batch_size: int = 8, progress=None) -> list[QAResult]:
     """EM, F1 and answer loss of every plan on the same records and prompts."""
     info = tokenizer.info

@@ -188,7 +188,7 @@ class InferenceEngine:
         return self._output_weight.linear(self.model.norm(hidden))
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32,
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                  sampling: SamplingConfig | None = None, eos_id: int | Sequence[int] | None = None,
                  pad_id: int = 0,
                  shrink_at: Sequence[tuple[int, str | Sequence[int] | RoutingPlan]] = ()) -> GenerationOutput:
