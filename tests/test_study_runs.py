@@ -408,3 +408,28 @@ def test_the_cpu_scale_checkpoints_every_50_steps_and_still_reuses_runs_saved_le
     assert settings_changes(run, now, recipes.path("demo")) == []
     assert settings_changes(run, [*now, "train.debug.min_step_s=0.5"], recipes.path("demo")) == []
     assert settings_changes(run, [*now, "optim.lr=1"], recipes.path("demo")) == ["optim.lr: 0.002 -> 1"]
+
+
+def test_torch_threads_is_restored_after_the_work_and_after_an_error():
+    """study/finetune.py set torch's thread count for its evaluations and never put it back (scratch.py did)."""
+    import torch
+
+    from megakv.study.runs import torch_threads
+
+    before = torch.get_num_threads()
+    other = 2 if before == 1 else 1
+    with torch_threads(other):
+        assert torch.get_num_threads() == other
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError, match="boom"), torch_threads(other):
+        raise RuntimeError("boom")
+    assert torch.get_num_threads() == before
+
+
+def test_both_study_parts_name_their_scales_the_same_way():
+    from megakv.study import finetune, scratch
+
+    for part in (finetune, scratch):
+        assert part.scale_settings("cpu") is part.SCALES["cpu"]
+        with pytest.raises(ValueError, match=f"unknown study scale 'huge': choose one of {', '.join(part.SCALES)}"):
+            part.scale_settings("huge")

@@ -42,7 +42,7 @@ from megakv.routing import deployment_plan
 from megakv.study.probes import RoutingProbe, probe_table, run_probes
 from megakv.study.qa_scores import RETAINS, chance_scores, evaluate_model
 from megakv.study.results import Claim, PartResult, Table
-from megakv.study.runs import Trainings, timed_train_run, training_time
+from megakv.study.runs import Trainings, scale_settings_of, timed_train_run, torch_threads, training_time
 
 Log = Callable[[str], None]
 PAPER_DEPTH = 32  # Llama-3.1-8B's layers: every:2 and every:4 keep exactly a half and a quarter of them
@@ -189,9 +189,7 @@ SCALES = {
 
 
 def scale_settings(scale: str) -> FinetuneScale:
-    if scale not in SCALES:
-        raise ValueError(f"unknown study scale {scale!r}: choose one of {', '.join(SCALES)}")
-    return SCALES[scale]
+    return scale_settings_of(SCALES, scale)
 
 
 # ------------------------------------------------------------------------------------------ base model
@@ -485,14 +483,16 @@ def run(part_dir: Path, scale: str, *, log: Log, qa_source: Path | None = None,
     with ThreadPoolExecutor(max_workers=settings.concurrent_runs) as pool:
         seconds = dict(zip(("rcla", "normal"), pool.map(train, ("rcla", "normal"))))
     models = {"untouched": base, "normal": part_dir / "runs" / "normal", "rcla": part_dir / "runs" / "rcla"}
-    torch.set_num_threads(settings.threads)  # per evaluation thread: they run `concurrent_runs` at once
-    with ThreadPoolExecutor(max_workers=settings.concurrent_runs) as pool:
-        scored = pool.map(lambda item: evaluate_model(
-            *item, data.test_records, part_dir / "eval", log, records=settings.eval_records,
-            seq_len=settings.seq_len, max_new_tokens=settings.max_new_tokens, device=settings.device), models.items())
-        scores = dict(zip(models, scored))
-    # The main table first: an interrupted study has it before the probes' hour.
-    probe_scores, probe_seconds = run_probes(part_dir, settings, data_overrides, data.test_records, log, trainings)
+    with torch_threads(settings.threads):  # per evaluation thread: they run `concurrent_runs` at once
+        with ThreadPoolExecutor(max_workers=settings.concurrent_runs) as pool:
+            scored = pool.map(lambda item: evaluate_model(
+                *item, data.test_records, part_dir / "eval", log, records=settings.eval_records,
+                seq_len=settings.seq_len, max_new_tokens=settings.max_new_tokens, device=settings.device),
+                models.items())
+            scores = dict(zip(models, scored))
+        # The main table first: an interrupted study has it before the probes' hour (scored the same way).
+        probe_scores, probe_seconds = run_probes(part_dir, settings, data_overrides, data.test_records, log,
+                                                 trainings)
     curves = {m: validation_curve(part_dir / "runs" / m) for m in ("rcla", "normal")}
     n_layers = load_model_config(base).n_layers
     plot = _plot(part_dir / "finetune_retention.png", scores, curves, n_layers)

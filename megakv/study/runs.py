@@ -7,6 +7,7 @@ trained again. Held-out losses per retention are cached in a small json next to 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import json
@@ -15,8 +16,9 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from omegaconf import OmegaConf
@@ -31,6 +33,27 @@ from megakv.train.run_dir import read_status, write_json_atomically
 from megakv.train.run_lock import LOCK_FILE
 
 Log = Callable[[str], None]
+
+
+Settings = TypeVar("Settings")
+
+
+def scale_settings_of(scales: Mapping[str, Settings], scale: str) -> Settings:
+    """A study part's settings for `scale` (its SCALES: cpu, tiny, ...); a ValueError naming the choices else."""
+    if scale not in scales:
+        raise ValueError(f"unknown study scale {scale!r}: choose one of {', '.join(scales)}")
+    return scales[scale]
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """torch's intra-op thread count set to `count` inside (work run beside other work), restored after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def is_finished(run_dir: Path) -> bool:

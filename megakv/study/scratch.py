@@ -21,7 +21,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import torch
 from omegaconf import OmegaConf
 
 from megakv import recipes
@@ -30,7 +29,15 @@ from megakv.data.recipes import prepare_corpus, read_sources
 from megakv.data.tokenizer import train_sentencepiece
 from megakv.model_paths import resolve_model
 from megakv.routing import deployment_plan
-from megakv.study.runs import Trainings, is_finished, retention_losses, train_run, training_time
+from megakv.study.runs import (
+    Trainings,
+    is_finished,
+    retention_losses,
+    scale_settings_of,
+    torch_threads,
+    train_run,
+    training_time,
+)
 from megakv.train.run_dir import write_json_atomically
 
 Log = Callable[[str], None]
@@ -125,9 +132,7 @@ SCALES = {
 
 
 def scale_settings(scale: str) -> ScratchScale:
-    if scale not in SCALES:
-        raise ValueError(f"unknown study scale {scale!r}: choose one of {', '.join(SCALES)}")
-    return SCALES[scale]
+    return scale_settings_of(SCALES, scale)
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -251,8 +256,6 @@ def train_and_score(runs: Sequence[ScratchRun], settings: ScratchScale, data: St
     that trained it (runs.training_time).
     """
     config = recipes.path("demo")  # every field that matters is overridden by ScratchRun.overrides
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(settings.threads_per_run)  # scoring runs beside the other training
 
     def one(run: ScratchRun) -> dict[str, float]:
         start = time.perf_counter()
@@ -264,16 +267,16 @@ def train_and_score(runs: Sequence[ScratchRun], settings: ScratchScale, data: St
         return losses
 
     ordered = sorted(runs, key=lambda r: -r.n_layers)  # the deep ones first: the shallow ones fill the gaps
-    pool = ThreadPoolExecutor(max_workers=settings.concurrent_runs)
-    try:
-        futures = {run.name: pool.submit(one, run) for run in ordered}
-        results = {name: future.result() for name, future in futures.items()}
-    except BaseException:
-        pool.shutdown(wait=True, cancel_futures=True)
-        raise
-    finally:
-        pool.shutdown(wait=True)
-        torch.set_num_threads(previous_threads)
+    with torch_threads(settings.threads_per_run):  # scoring runs beside the other training
+        pool = ThreadPoolExecutor(max_workers=settings.concurrent_runs)
+        try:
+            futures = {run.name: pool.submit(one, run) for run in ordered}
+            results = {name: future.result() for name, future in futures.items()}
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        finally:
+            pool.shutdown(wait=True)
     return {run.name: results[run.name] for run in runs}
 
 
