@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from megakv.config import ModelConfig, load_section, save_config
+from megakv.directories import replace_directory
 from megakv.model import MegaKVModel, rope_inverse_frequencies
 
 CONFIG_FILE = "config.yaml"
@@ -57,9 +58,7 @@ def write_directory_atomically(out_dir: str | Path, fill: Callable[[Path], None]
     try:
         fill(tmp)
         apply_umask(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
+        replace_directory(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Protocol
 
 from megakv.data.errors import DataError
+from megakv.directories import replace_directory
 
 _HF_LOAD_LOCK = threading.Lock()  # see _load_hf
 
@@ -305,13 +306,7 @@ def refresh_copy(source: Path, target: Path) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if target.exists():
-        old = target.with_name(f"{target.name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(target, old)
-        os.rename(tmp, target)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, target)
+    replace_directory(tmp, target)
 
 
 def _own_files(directory: Path, kind: str | None = None) -> list[Path]:
@@ -452,7 +447,7 @@ def train_sentencepiece(texts: Iterable[str], output_dir: str | Path, vocab_size
                          bos_id=sp.bos_id(), pad_id=sp.pad_id(), unk_id=sp.unk_id(),
                          fingerprint=_fingerprint_dir(tmp))
     _write_metadata(tmp, info)
-    _replace_dir(tmp, output_dir)
+    replace_directory(tmp, output_dir)
     return info
 
 
@@ -483,17 +478,11 @@ def import_hf_tokenizer(source: str | Path, output_dir: str | Path, eos_token: s
         tok.save_pretrained(str(tmp))  # only the tokenizer's files, even if `source` also holds weights
         info = _hf_info(tok, _fingerprint_dir(tmp), eos_token)
         _write_metadata(tmp, info)
-        _replace_dir(tmp, output_dir)
+        replace_directory(tmp, output_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
     return info
-
-
-def _replace_dir(tmp: Path, target: Path) -> None:
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
 
 
 def save_beside_data(source: str | Path, data_dir: str | Path,

@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 
 from megakv.config import ModelConfig
 from megakv.config.errors import ConfigError
+from megakv.directories import replace_directory
 from megakv.safe_load import check_deepspeed_dir, first_link, forced_weights_only
 from megakv.train.checkpoint import (
     LATEST_UNIVERSAL,
@@ -229,8 +230,6 @@ def _finish_universal(ckpt_dir: Path, tag: str, state: TrainState, tmp: Path, ta
     state.converted_from = state.manifest_digest()  # the source checkpoint's files, as saved
     state.files = manifest_of(tmp, checkpoint_files(tmp))  # the converted directory's own files
     state.write(tmp)
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.rename(target)
+    replace_directory(tmp, target)
     write_pointer(ckpt_dir, target.name, LATEST_UNIVERSAL)
     return target
