@@ -181,3 +181,19 @@ def test_no_compiler_falls_back_to_sdpa(tmp_path, monkeypatch, caplog):
     assert builds() == 4 and "no such flag" in caplog.text and "delete it to try again" in caplog.text
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     assert DecodeAttentionKernel.load() is None
+
+
+def test_the_python_limits_match_the_kernel_source():
+    """native_attention.py refuses shapes the C kernel's fixed arrays cannot hold: its limits must be the ones
+    kernels/decode_attention.c #defines (16-float chunks of head_dim, rows per K/V head, and the accumulator
+    array acc[MAX_CHUNKS * MAX_ROWS / 8] that bounds group * head_dim)."""
+    import re
+
+    from megakv.inference import native_attention
+
+    source = native_attention.SOURCE.read_text()
+    defines = {name: int(value) for name, value in re.findall(r"^#define (\w+) (\d+)\b", source, re.MULTILINE)}
+    assert "acc[MAX_CHUNKS * MAX_ROWS / 8]" in source and "G * (D / 16) > MAX_CHUNKS * MAX_ROWS / 8" in source
+    assert native_attention.MAX_HEAD_DIM == 16 * defines["MAX_CHUNKS"]
+    assert native_attention.MAX_GROUP == defines["MAX_ROWS"]
+    assert native_attention.MAX_GROUP_WIDTH == 16 * defines["MAX_CHUNKS"] * defines["MAX_ROWS"] // 8
