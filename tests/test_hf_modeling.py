@@ -306,3 +306,17 @@ def test_retain_can_change_after_loading(exported):
         with torch.no_grad():
             got = hf(input_ids=ids).logits
         assert (got - model(ids, plan=deployment_plan(retain, 6))).abs().max().item() <= 1e-5
+
+
+def test_the_transformers_config_defaults_are_model_configs():
+    """MegaKVConfig repeats ModelConfig's defaults by hand (transformers reads them from its class body): a
+    default changed on one side only would make a config.json without that key mean another model."""
+    import dataclasses
+
+    from megakv.config import ModelConfig
+
+    converted, expected = MegaKVConfig().to_model_config(), ModelConfig()
+    for field in dataclasses.fields(ModelConfig):
+        assert getattr(converted, field.name) == getattr(expected, field.name), field.name
+    assert converted == expected
+    assert MegaKVConfig.from_model_config(expected).to_model_config() == expected
