@@ -16,6 +16,9 @@ Modules, one concern each:
   cache        the hash-named on-disk cache of sample orders (built by one rank, read by all)
   orders       which orders a data config needs, and how each is built, cached and loaded
   loader       build_data / micro_batches / valid_batches: what the training loop calls
+  boundaries   document boundaries inside packed samples (reset_attention_mask / reset_position_ids)
+  sft          (context, question, answer) records -> fixed-length samples with a loss mask (megakv-qa prep)
+  qa_build     the offline extractive QA set built from Shakespeare's plays (megakv-qa build)
   fetch        downloading pinned packages (pip / npm / apt) into the cache outside the repo
   corpora      the Shakespeare demo corpus and the larger real mix (extraction and cleaning)
   recipes      one-command corpora: fetch -> split -> tokenizer -> pairs -> data.yaml
