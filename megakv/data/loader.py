@@ -35,7 +35,7 @@ from megakv.data.metadata import (
 from megakv.data.orders import WHOLE, OrderPlan, Source, alignment_key
 from megakv.data.samples import GPTSamples
 from megakv.data.sft import attach_loss_mask, inputs_and_labels
-from megakv.data.tokenizer import TokenizerInfo, read_info
+from megakv.data.tokenizer import TokenizerInfo, check_model_vocab, read_info
 
 FINGERPRINT_VERSION = 1
 
@@ -83,10 +83,7 @@ class Data:
 
     def check_model_vocab(self, model_vocab_size: int) -> None:
         """Refuse a model with fewer embedding rows than the data's tokenizer has tokens."""
-        if model_vocab_size < self.vocab_size:
-            raise DataError(f"the model's vocabulary ({model_vocab_size}) is smaller than the data's tokenizer "
-                            f"({self.vocab_size}, {self.tokenizer_dir})",
-                            f"set model.vocab_size >= {self.vocab_size} (a multiple of 64 is faster)")
+        check_model_vocab(model_vocab_size, self.vocab_size, self.tokenizer_dir)
 
     def resume_state(self, consumed_samples: int) -> dict:
         """The whole data position of a checkpoint."""

@@ -215,6 +215,14 @@ def read_info(directory: str | Path) -> TokenizerInfo:
     return TokenizerInfo.read(directory)
 
 
+def check_model_vocab(model_vocab_size: int, tokenizer_vocab_size: int, tokenizer_dir: str | Path) -> None:
+    """Refuse a model with fewer embedding rows than the tokenizer in `tokenizer_dir` has tokens."""
+    if model_vocab_size < tokenizer_vocab_size:
+        raise DataError(f"the model's vocabulary ({model_vocab_size}) is smaller than the tokenizer {tokenizer_dir} "
+                        f"({tokenizer_vocab_size} tokens)",
+                        f"set model.vocab_size >= {tokenizer_vocab_size} (a multiple of 64 is faster)")
+
+
 def verified_info(directory: str | Path) -> TokenizerInfo:
     """A megakv tokenizer directory's metadata, after checking that its files load and are the files the
     metadata describes (their fingerprint is what tells copies of one tokenizer apart from other tokenizers)."""

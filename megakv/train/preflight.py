@@ -119,7 +119,7 @@ def tokenizer_dir(cfg: MegaKVConfig) -> Path:
 
 def check_tokenizer(cfg: MegaKVConfig) -> None:
     from megakv.data.errors import DataError
-    from megakv.data.tokenizer import read_info
+    from megakv.data.tokenizer import check_model_vocab, read_info
 
     directory = tokenizer_dir(cfg)
     try:
@@ -132,10 +132,10 @@ def check_tokenizer(cfg: MegaKVConfig) -> None:
                    f"beside the data: leave data.tokenizer unset (that is {beside}), or import this one with "
                    "`megakv-tokenizer import`")
         raise ConfigError("data.tokenizer", cfg.data.tokenizer, e.problem, fix) from None
-    if vocab > cfg.model.vocab_size:
-        raise ConfigError("model.vocab_size", cfg.model.vocab_size,
-                          f"the tokenizer {directory} has {vocab} tokens, more than the model's embedding rows",
-                          f"set model.vocab_size >= {vocab} (a multiple of 64 is faster)")
+    try:
+        check_model_vocab(cfg.model.vocab_size, vocab, directory)
+    except DataError as e:
+        raise ConfigError("model.vocab_size", cfg.model.vocab_size, e.problem, e.fix) from None
 
 
 def check_document_ends(cfg: MegaKVConfig) -> None:
