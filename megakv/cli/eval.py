@@ -30,7 +30,7 @@ from megakv.inference.cli_support import (
 )
 
 
-def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+def add_data_arguments(parser: argparse.ArgumentParser, qa: bool = False) -> None:
     parser.add_argument("--data", required=True,
                         help=".bin/.idx prefix, or a jsonl / parquet / text file (optionally .gz) of held-out data")
     parser.add_argument("--tokenizer", default=None,
@@ -39,9 +39,9 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
                         help="jsonl / parquet field holding the text (default: %(default)s)")
     parser.add_argument("--max-tokens", type=int, default=65536,
                         help="score only the first this many tokens of the data; 0 scores all (default: %(default)s)")
+    qa_help = "; --task qa: the longest prompt (default 512, at most the model's max_seq_len)" if qa else ""
     parser.add_argument("--seq-len", type=int, default=None,
-                        help="window length (default: the model's max_seq_len); --task qa: the longest prompt "
-                             "(default 512, at most the model's max_seq_len)")
+                        help=f"window length (default: the model's max_seq_len){qa_help}")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE,
                         help="windows per forward pass (default: %(default)s)")
     parser.add_argument("--cache-dtype", choices=sorted(DTYPES), default=None,
@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megakv-eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
-    add_data_arguments(parser)
+    add_data_arguments(parser, qa=True)
     plans = ValidationConfig().plans
     parser.add_argument("--retain", nargs="+", default=plans,
                         help=f"retention plans: all, every:K, or layer lists like 0,3,5 (default: {' '.join(plans)})")

@@ -24,7 +24,7 @@ def add_qa_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS,
                        help="longest greedy answer (default: %(default)s)")
     group.add_argument("--order", choices=sorted(ORDERS), default=ORDER,
-                       help="prompt order: context first (cqa) or question first (default: %(default)s)")
+                       help="prompt order: context first (cqa) or question first (qca) (default: %(default)s)")
     group.add_argument("--limit", type=int, default=200, help="score the first N records; 0: all "
                        "(default: %(default)s)")
     group.add_argument("--spread", action="store_true",

