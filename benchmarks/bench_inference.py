@@ -386,7 +386,7 @@ def measure_compute_rates(model: MegaKVModel, batch: int) -> ComputeRates:
         flops = 2 * batch * weight.numel()
         plain = functools.partial(torch.nn.functional.linear, x, weight)
         wide = shape[0] >= MIN_PACKED_OUT and prepacking_available(weight)
-        matmul[("megakv", *shape)] = best_rate(flops, functools.partial(PackedWeight(weight).linear, x) if wide
+        matmul[("megakv", *shape)] = best_rate(flops, functools.partial(PackedWeight().linear, x, weight) if wide
                                                else plain)
         matmul[("megakv-mkl", *shape)] = best_rate(flops, plain)
     groups, hd = cfg.n_heads // cfg.n_kv_heads, cfg.resolved_head_dim

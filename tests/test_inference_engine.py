@@ -190,6 +190,31 @@ def test_padded_decode_logits_equal_each_prompt_alone(model, retain):
             assert (got[row] - expected).abs().max().item() <= 1e-5
 
 
+def test_an_engine_follows_parameters_replaced_after_it_was_built():
+    """load_state_dict(..., assign=True) puts new Parameter objects into the served model: an engine built before
+    decodes with them, prepacked or not (the packed copies once kept the old weights: other tokens, silently)."""
+    from megakv.inference.prepacked import MIN_PACKED_OUT, prepacking_available
+
+    ids = torch.randint(0, MIN_PACKED_OUT, (4, 10), generator=torch.Generator().manual_seed(7))
+    replacement = tiny_model(seed=8, ffn_hidden=MIN_PACKED_OUT, vocab_size=MIN_PACKED_OUT).state_dict()
+    for prepack in (True, False):
+        model = tiny_model(seed=4, ffn_hidden=MIN_PACKED_OUT, vocab_size=MIN_PACKED_OUT)
+        if prepack and not prepacking_available(model.embed.weight):
+            pytest.skip("this torch build has no oneDNN (prepacking is a CPU fp32 optimisation)")
+        engine = InferenceEngine(model, "every:2", prepack=prepack)
+        positions = model.default_positions(ids)
+        warm = engine.new_cache(4, 10)  # packs the weights it has now
+        engine.step(ids[:, :5], warm, positions[:, :5])
+        engine.step(ids[:, 5:6], warm, positions[:, 5:6])
+        model.load_state_dict(replacement, assign=True)
+        cache = engine.new_cache(4, 10)
+        engine.step(ids[:, :5], cache, positions[:, :5])
+        got = torch.cat([engine.step(ids[:, t:t + 1], cache, positions[:, t:t + 1]) for t in range(5, 10)], 1)
+        with torch.no_grad():
+            expected = model(ids, plan=deployment_plan("every:2", model.cfg.n_layers))[:, 5:]
+        assert (got - expected).abs().max().item() <= 1e-5, prepack
+
+
 def test_prepacked_decode_matmuls_equal_f_linear_and_follow_weight_writes():
     """Decode-sized matmuls (2-64 rows) of wide weights run on oneDNN-prepacked weights: the same numbers as
     F.linear, the original's parameters and hooks shared, a weight written in place repacked before its next

@@ -343,12 +343,39 @@ def test_running_out_of_memory_is_a_clear_error_and_a_bug_keeps_its_traceback(ca
         run_cli("megakv-generate", bug)
 
 
+def test_a_tokenizer_pad_id_outside_the_vocabulary_pads_with_another_id(tmp_path, capsys):
+    """A tokenizer with an added [PAD] beyond the model's embedding rows: a batch of prompts of different
+    lengths was an IndexError traceback (exit 1); padded positions are masked, so any id inside will do. The
+    engine itself names a pad_id outside the vocabulary."""
+    from test_inference_support import write_tokenizer
+    from tokenizers import Tokenizer
+
+    tokenizer_dir = write_tokenizer(tmp_path / "tok-src")
+    tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    tokenizer.add_special_tokens(["[PAD]"])
+    tokenizer.save(str(tokenizer_dir / "tokenizer.json"))
+    settings = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+    (tokenizer_dir / "tokenizer_config.json").write_text(json.dumps({**settings, "pad_token": "[PAD]"}))
+    model = tiny_model(seed=1, pad_token_id=None)
+    assert tokenizer.token_to_id("[PAD]") == model.cfg.vocab_size  # one past the embedding rows
+    model_dir = save_model_dir(model.cfg, model.state_dict(), tmp_path / "model", tokenizer_dir=tokenizer_dir)
+    argv = ["--model", str(model_dir), "--prompt", "the cat sat", "--prompt", "dog", "--max-new-tokens", "3"]
+    assert generate_main(argv) == 0, _error(capsys)
+    with pytest.raises(ValueError, match="pad_id .* outside the model's vocabulary"):
+        InferenceEngine(model).generate([[5, 6], [7]], 2, pad_id=model.cfg.vocab_size)
+
+
+def test_max_new_tokens_below_one_is_named_by_its_flag(model_dir, capsys):
+    assert generate_main(["--model", str(model_dir), "--prompt-ids", "5 6", "--max-new-tokens", "0"]) == 2
+    assert "--max-new-tokens must be >= 1" in _error(capsys)
+
+
 @pytest.mark.parametrize("option", [["--top-k", "3"], ["--top-p", "0.5"], ["--seed", "1"]])
 def test_sampling_options_without_a_temperature_are_refused(model_dir, capsys, option):
     """--top-k 3 --seed 1 and --top-k 3 --seed 2 both printed the greedy tokens: sampling needs a temperature."""
     argv = ["--model", str(model_dir), "--prompt-ids", "5 6", "--max-new-tokens", "2", *option]
     assert generate_main(argv) == 2
-    assert f"{option[0]} apply to sampling" in _error(capsys)
+    assert f"{option[0]} applies to sampling" in _error(capsys)
     assert generate_main([*argv, "--temperature", "0.8"]) == 0
 
 

@@ -99,13 +99,16 @@ def _run(args: argparse.Namespace) -> int:
     if args.temperature == 0 and (args.top_k or args.top_p != 1.0 or args.seed is not None):
         given = [f for f, on in (("--top-k", args.top_k), ("--top-p", args.top_p != 1.0),
                                  ("--seed", args.seed is not None)) if on]
-        raise ValueError(f"{', '.join(given)} apply to sampling, and --temperature 0 (the default) is greedy "
+        verb = "applies" if len(given) == 1 else "apply"
+        raise ValueError(f"{', '.join(given)} {verb} to sampling, and --temperature 0 (the default) is greedy "
                          "decoding: add --temperature T > 0 (e.g. 0.8), or drop them")
     if args.add_bos and args.no_bos:
         raise ValueError("--add-bos and --no-bos contradict each other: pass one")
     if args.no_bos and args.prompt_ids is not None:
         raise ValueError("--no-bos applies to text prompts (--prompt-ids are used as given): drop it, or drop the "
                          "bos id from the ids")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     shrink_at = parse_shrink_at(args.shrink_at)
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     model, tokenizer_dir = resolve_model(args.model, args.device, DTYPES[args.dtype])
@@ -138,8 +141,9 @@ def _run(args: argparse.Namespace) -> int:
     # Llama-3-Instruct lists several, and transformers stops at any of them).
     eos = [tokenizer.eos_id] if tokenizer is not None else []
     eos += [i for i in model.cfg.eos_token_ids if i not in eos]
+    # Padded positions are masked out, so any id the embedding has will do (a tokenizer's added [PAD] may not).
     pad_candidates = (getattr(tokenizer, "pad_id", None), *eos[:1], model.cfg.pad_token_id)
-    pad = next((i for i in pad_candidates if i is not None), 0)
+    pad = next((i for i in pad_candidates if i is not None and 0 <= i < vocab), 0)
     longest = max(len(ids) for ids in prompts) + args.max_new_tokens - 1  # positions run: not the last token's
     if longest > model.cfg.max_seq_len:
         print(f"megakv-generate: warning: {longest} positions exceed the model's trained context "

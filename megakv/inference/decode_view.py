@@ -27,7 +27,7 @@ def _shallow_tree(module: nn.Module, prepack: bool, kernel: DecodeAttentionKerne
                       for name, child in module._modules.items()}
     if prepack and type(module) is nn.Linear and module.out_features >= MIN_PACKED_OUT:
         clone.__class__ = PackedLinear
-        clone.packed_weight = PackedWeight(module.weight)
+        clone.packed_weight = PackedWeight()
     elif kernel is not None and type(module) is Attention:
         clone.__class__ = NativeDecodeAttention
         clone.decode_kernel = kernel

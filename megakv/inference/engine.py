@@ -104,7 +104,11 @@ class GenerationOutput:
 
 
 class InferenceEngine:
-    """Generation from a MegaKVModel under one deployment plan."""
+    """Generation from a MegaKVModel under one deployment plan.
+
+    The engine serves the model's module tree as it was when the engine was built: its parameters may change
+    later (trained in place, or replaced by load_state_dict(..., assign=True)), but a submodule replaced
+    afterwards (an adapter wrapped around a layer, say) needs a new engine."""
 
     def __init__(self, model: MegaKVModel, retain: str | Sequence[int] | RoutingPlan = "all", prepack: bool = True,
                  native_attention: bool = True):
@@ -120,7 +124,7 @@ class InferenceEngine:
         self._runner = decode_view(self.model, prepack, self.attention_kernel)
         output = self.model.output_weight()
         packs_output = prepack and prepacking_available(output) and output.shape[0] >= MIN_PACKED_OUT
-        self._output_weight = PackedWeight(self.model.output_weight()) if packs_output else None
+        self._output_weight = PackedWeight() if packs_output else None
 
     @property
     def retained(self) -> tuple[int, ...]:
@@ -185,7 +189,7 @@ class InferenceEngine:
         """model.head, with the output matmul on the prepacked weight where there is one."""
         if self._output_weight is None:
             return self.model.head(hidden)
-        return self._output_weight.linear(self.model.norm(hidden))
+        return self._output_weight.linear(self.model.norm(hidden), self.model.output_weight())
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
@@ -200,6 +204,9 @@ class InferenceEngine:
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if not 0 <= pad_id < self.model.cfg.vocab_size:  # padded positions are masked, but still embedded
+            raise ValueError(f"pad_id {pad_id} lies outside the model's vocabulary [0, {self.model.cfg.vocab_size}): "
+                             "pass any id inside it (padded positions are never attended to)")
         schedule = self.shrink_schedule(shrink_at, max_new_tokens)
         initial_plan = self.plan
         try:

@@ -10,8 +10,8 @@ attention), so only weights with at least MIN_PACKED_OUT outputs are packed. At 
 prefill sizes MKL is as fast or faster, so those keep F.linear.
 
 megakv/inference/decode_view.py swaps PackedLinear in for every wide enough nn.Linear of a shallow copy
-of the model (the model itself is untouched). A packed weight is rebuilt when its source parameter has been
-written in place since it was packed (the tensor's version counter), so it never serves stale weights.
+of the model (the model itself is untouched). A packed weight is rebuilt when the module's parameter is another
+one, or was written in place (the tensor's version counter) since it was packed, so it never serves stale weights.
 Cost: one more copy of the linear weights in memory while the engine lives, built at the first
 decode-sized call (a prefill-only or batch-1 user never pays it; InferenceEngine(prepack=False) opts out).
 """
@@ -34,26 +34,27 @@ def prepacking_available(weight: torch.Tensor) -> bool:
 
 
 class PackedWeight:
-    """A weight (out, in) and its oneDNN-packed copy, repacked whenever the weight changes (written in place,
-    or its storage swapped as `param.data = ...` does)."""
+    """The oneDNN-packed copy of the weight (out, in) it is called with, repacked whenever that weight changes:
+    another Parameter (`load_state_dict(..., assign=True)` replaces them), written in place, or its storage
+    swapped as `param.data = ...` does. Callers pass the module's current weight at every call."""
 
-    def __init__(self, weight: torch.Tensor):
-        self.weight = weight
+    def __init__(self):
         self._packed, self._packed_from = None, None
 
-    def packed(self) -> torch.Tensor:
-        source = (self.weight.data_ptr(), self.weight._version)
-        if self._packed_from != source:
+    def packed(self, weight: torch.Tensor) -> torch.Tensor:
+        # The weight object itself is held (not its id), so a new tensor can never pass for the packed one.
+        storage = (weight.data_ptr(), weight._version)
+        if self._packed_from is None or self._packed_from[0] is not weight or self._packed_from[1] != storage:
             with torch.no_grad():
-                self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), PACK_ROWS_HINT)
-            self._packed_from = source
+                self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS_HINT)
+            self._packed_from = (weight, storage)
         return self._packed
 
-    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
         if not MIN_PACKED_ROWS <= rows <= MAX_PACKED_ROWS or torch.is_grad_enabled() or x.dtype != torch.float32:
-            return F.linear(x, self.weight, bias)
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed(), bias, "none", [], "")
+            return F.linear(x, weight, bias)
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed(weight), bias, "none", [], "")
 
 
 class PackedLinear(nn.Linear):
@@ -62,4 +63,4 @@ class PackedLinear(nn.Linear):
     packed_weight: PackedWeight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.packed_weight.linear(x, self.bias)
+        return self.packed_weight.linear(x, self.weight, self.bias)
