@@ -118,6 +118,26 @@ def test_a_trimmed_context_is_centred_on_the_evidence_whatever_the_answer(tmp_pa
     assert read_qa_records(path)[0].evidence == asked.evidence
 
 
+def test_the_window_holds_the_evidence_span_itself_or_the_record_is_refused(tokenizer_dir):
+    """The window was centred on the first match ignoring case (an upper-case headline earlier in the context,
+    or text whose lower case is longer, as 'İ', moved it off the evidence: neither evidence nor answer in the
+    prompt, silently), and evidence longer than the room was cut silently."""
+    tok = load_tokenizer(tokenizer_dir)
+    eos, pad = tok.info.eos_id, 0
+    evidence = "the king loves old Rome."
+    filler = "The fool fights the storm. " * 40
+    for opening in ("THE KING LOVES OLD ROME. ", "İ" * 400 + " "):
+        record = QARecord(opening + filler + evidence + " " + filler, "What does the king love?", "old Rome",
+                          evidence=evidence)
+        tokens, mask = encode_record(tok, record, "cqa", SEQ, eos, pad)
+        prompt = tok.decode(tokens[:np.flatnonzero(mask)[0]].tolist())
+        assert evidence in prompt, opening[:10]
+    too_long = QARecord(filler + "the king loves " + "old Rome and " * 60 + "the sea." + filler,
+                        "What does the king love?", "the sea", evidence="the king loves " + "old Rome and " * 60)
+    with pytest.raises(DataError, match="does not fit in the .* tokens left for the context"):
+        encode_record(tok, too_long, "cqa", SEQ, eos, pad)
+
+
 def test_prepared_samples_count_only_answer_tokens(tmp_path, qa_dataset, tokenizer_dir):
     tok = load_tokenizer(tokenizer_dir)
     cfg = load_config(None, [f"data.datasets=[{qa_dataset}]", f"data.seq_len={SEQ}", "model.vocab_size=320",

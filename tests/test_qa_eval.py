@@ -25,6 +25,8 @@ from megakv.eval.qa import (
     exact_match,
     greedy_answers,
     normalize_answer,
+    predicted_answer,
+    stop_ids_of,
     token_f1,
 )
 from megakv.model import MegaKVModel
@@ -54,6 +56,27 @@ def test_exact_match_and_f1_hand_cases(prediction, reference, em, f1):
 def test_normalisation_is_squads():
     assert normalize_answer("  The   Battle of the Bulge, 1944! ") == "battle of bulge 1944"
     assert normalize_answer("anthem") == "anthem"  # only whole-word articles go
+
+
+def test_a_multi_line_reference_keeps_as_many_predicted_lines():
+    """Only the prediction's first line was scored: a reference answer of two lines could never score EM 1,
+    even when the model wrote exactly it. The cut follows the reference's line count, never its text."""
+    generated = " first line\nsecond line\nthe model runs on\n"
+    assert predicted_answer(generated, "first line\nsecond line") == "first line\nsecond line"
+    assert exact_match(predicted_answer(generated, "first line\nsecond line"), "first line\nsecond line") == 1.0
+    assert predicted_answer(generated, "first line") == "first line"
+    assert predicted_answer(generated, "other words\nentirely") == "first line\nsecond line"
+
+
+def test_every_end_id_of_the_model_config_stops_an_answer(qa_setup):
+    """An instruct model ends its turn with a config end id (<|im_end|>, <|eot_id|>) other than the tokenizer's
+    end token: transformers' generate stops there, and so does the QA evaluation."""
+    _, tok_dir = qa_setup
+    tokenizer = load_tokenizer(tok_dir)
+    cfg = ModelConfig(vocab_size=320, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_hidden=64,
+                      max_seq_len=64, eos_token_id=[tokenizer.info.eos_id, 7])
+    stops = stop_ids_of(tokenizer, MegaKVModel(cfg), pad_id=0)
+    assert {tokenizer.info.eos_id, 7, 0} <= stops
 
 
 @pytest.fixture(scope="module")

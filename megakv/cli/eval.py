@@ -18,6 +18,7 @@ import sys
 from megakv.cli.eval_qa import add_qa_arguments, run_qa
 from megakv.config.validation import ValidationConfig
 from megakv.data.preprocess import PrepOptions
+from megakv.data.sft import QA_SEQ_LEN
 from megakv.eval.loss import BATCH_SIZE
 from megakv.inference.cli_support import (
     DTYPES,
@@ -39,7 +40,8 @@ def add_data_arguments(parser: argparse.ArgumentParser, qa: bool = False) -> Non
                         help="jsonl / parquet field holding the text (default: %(default)s)")
     parser.add_argument("--max-tokens", type=int, default=65536,
                         help="score only the first this many tokens of the data; 0 scores all (default: %(default)s)")
-    qa_help = "; --task qa: the longest prompt (default 512, at most the model's max_seq_len)" if qa else ""
+    qa_help = (f"; --task qa: the sample length the prompts are cut for (default {QA_SEQ_LEN}, megakv-qa prep's; "
+               "pass the --seq-len the records were prepared with; at most the model's max_seq_len)") if qa else ""
     parser.add_argument("--seq-len", type=int, default=None,
                         help=f"window length (default: the model's max_seq_len){qa_help}")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE,

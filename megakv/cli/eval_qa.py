@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from megakv.data.sft import ORDERS
+from megakv.data.sft import ORDERS, QA_SEQ_LEN
 from megakv.eval.qa import MAX_NEW_TOKENS, ORDER
 from megakv.inference.cli_support import DTYPES
 
@@ -51,7 +51,7 @@ def run_qa(args: argparse.Namespace) -> int:
     if tokenizer_dir is None:
         raise ValueError(f"{args.model} has no tokenizer/: pass --tokenizer DIR")
     tokenizer = load_tokenizer(tokenizer_dir, model.cfg.eos_token_ids)
-    seq_len = min(args.seq_len or 512, model.cfg.max_seq_len)
+    seq_len = min(args.seq_len or QA_SEQ_LEN, model.cfg.max_seq_len)
     if args.seq_len and args.seq_len > seq_len:
         print(f"warning: --seq-len {args.seq_len} exceeds the model's context; QA prompts use {seq_len} tokens",
               file=sys.stderr)

@@ -37,7 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     prep.add_argument("--tokenizer", required=True, help="megakv or Hugging Face tokenizer directory "
                       "(a model directory's tokenizer/ when fine-tuning it)")
     prep.add_argument("--output-prefix", required=True, help="writes PREFIX.bin/.idx and PREFIX_lossmask.bin/.idx")
-    prep.add_argument("--seq-len", type=int, default=256, help="tokens per sample: train with data.seq_len=this")
+    prep.add_argument("--seq-len", type=int, default=sft.QA_SEQ_LEN,
+                      help="tokens per sample: train with data.seq_len=this (default: %(default)s)")
     prep.add_argument("--seed", type=int, default=sft.SEED, help="seed of the order augmentation")
     prep.add_argument("--p-question-first", type=float, default=sft.P_QUESTION_FIRST,
                       help="probability of Q->C->A (else C->Q->A)")

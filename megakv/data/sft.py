@@ -38,6 +38,9 @@ FIELDS = ("context", "question", "answer")
 LOSS_ON = ("answer", "record")  # what the loss mask counts (prepare_sft); the first is the default
 SEED = 1234  # of the order augmentation
 P_QUESTION_FIRST = 0.5  # the paper's: half the records Q->C->A, half C->Q->A
+# Tokens per sample (megakv-qa prep) and per evaluation prompt (megakv-eval --task qa) unless --seq-len says
+# otherwise: evaluate at the length the records were prepared at, and the prompts are the training ones.
+QA_SEQ_LEN = 256
 
 
 @dataclass(frozen=True)
@@ -119,21 +122,38 @@ def prompt_pieces(record: QARecord, order: str) -> tuple[str, str, str]:
     raise ValueError(f"unknown order {order!r}, expected one of {ORDERS}")
 
 
-def _fit_context(tokenizer: Tokenizer, context: str, room: int, focus: str) -> list[int]:
-    """At most `room` tokens of the context; when it is longer, a character window around the first
-    occurrence of `focus` (the evidence, else the answer; else the context's start), shrunk until it fits."""
+def _focus_span(context: str, focus: str) -> tuple[int, int] | None:
+    """Where `focus` lies in the context: its first exact occurrence (as read_qa_records checks evidence), else
+    the first ignoring case (an answer may differ in case from the text); None when it is not there."""
+    focus = focus.strip()
+    if not focus:
+        return None
+    at = context.find(focus)
+    if at < 0 and len(context.lower()) == len(context):  # lower() keeps character positions (not so for 'İ')
+        at = context.lower().find(focus.lower())
+    return (at, at + len(focus)) if at >= 0 else None
+
+
+def _fit_context(tokenizer: Tokenizer, context: str, room: int, focus: str, record_id: str = "") -> list[int]:
+    """At most `room` tokens of the context; when it is longer, a character window around `focus` (the
+    evidence, else the answer; else the context's start), shrunk until it fits. A focus that cannot fit whole
+    is refused: the window would hold neither it nor, usually, the answer."""
     ids = tokenizer.encode(context)
     if len(ids) <= room:
         return ids
-    at = context.lower().find(focus.strip().lower()) if focus.strip() else -1
-    centre = at + len(focus.strip()) // 2 if at >= 0 else 0
+    span = _focus_span(context, focus)
+    centre = (span[0] + span[1]) // 2 if span is not None else 0
     width = max(1, int(room * len(context) / len(ids)))
     while True:
         first = max(0, min(centre - width // 2, len(context) - width))
         ids = tokenizer.encode(context[first:first + width])
         if len(ids) <= room or width == 1:
-            return ids[:room]
+            break
         width = max(1, int(width * 0.9))
+    if span is not None and (first > span[0] or first + width < span[1] or len(ids) > room):
+        raise DataError(f"record {record_id!r}: its evidence (or answer) {focus.strip()[:60]!r} does not fit in "
+                        f"the {room} tokens left for the context", "raise --seq-len, or shorten the evidence")
+    return ids[:room]
 
 
 def _framed(tokenizer: Tokenizer, record: QARecord, order: str, budget: int,
@@ -154,7 +174,7 @@ def encode_prompt(tokenizer: Tokenizer, record: QARecord, order: str, budget: in
     """Prompt ids of at most `budget` tokens (the context trimmed to fit around `focus`); the same for
     training and eval."""
     head, context, tail, room = _framed(tokenizer, record, order, budget, bos_id)
-    return head + _fit_context(tokenizer, context, room, focus) + tail
+    return head + _fit_context(tokenizer, context, room, focus, record.id) + tail
 
 
 def _prompt_budget(tokenizer: Tokenizer, record: QARecord, seq_len: int) -> int:

@@ -88,8 +88,18 @@ def greedy_answers(model, prompts: Sequence[list[int]], plan: RoutingPlan, max_n
     return out
 
 
-def _first_line(text: str) -> str:
-    return text.strip().split("\n")[0].strip()
+def predicted_answer(generated: str, reference: str) -> str:
+    """The answer in a greedy continuation: as many lines as the reference answer has (one for the usual
+    one-line answer). A model that has not learnt to end its answer with the end token runs on past it, and
+    only the line count of the reference, never its text, says where to cut."""
+    lines = generated.strip().split("\n")
+    return "\n".join(lines[:reference.strip().count("\n") + 1]).strip()
+
+
+def stop_ids_of(tokenizer: Tokenizer, model, pad_id: int | None) -> set[int]:
+    """Ids that end a greedy answer: the tokenizer's end token, the padding id, and every end id of the model's
+    config (an instruct model's end-of-turn token, which transformers' generate stops at too)."""
+    return {tokenizer.info.eos_id, *model.cfg.eos_token_ids} | ({pad_id} if pad_id is not None else set())
 
 
 @dataclass
@@ -122,7 +132,7 @@ def evaluate_qa(model, tokenizer: Tokenizer, records: Sequence[QARecord], plans:
     """EM, F1 and answer loss of every plan on the same records and prompts."""
     info = tokenizer.info
     pad_id = info.pad_id if info.pad_id is not None else info.eos_id
-    stop = {info.eos_id} | ({pad_id} if pad_id is not None else set())
+    stop = stop_ids_of(tokenizer, model, pad_id)
     device = model.embed.weight.device
     prompts, teacher = [], []
     for record in records:
@@ -140,7 +150,7 @@ def evaluate_qa(model, tokenizer: Tokenizer, records: Sequence[QARecord], plans:
         answers = greedy_answers(model, prompts, plan, max_new_tokens, stop, info.vocab_size, batch_size,
                                  info.eos_id, pad_id)
         for record, answer, (tokens, mask) in zip(records, answers, teacher):
-            predicted = _first_line(tokenizer.decode(answer))
+            predicted = predicted_answer(tokenizer.decode(answer), record.answer)
             em += exact_match(predicted, record.answer)
             f1 += token_f1(predicted, record.answer)
             logits = model(tokens[None, :-1], plan=plan)[0].float()

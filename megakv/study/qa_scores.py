@@ -33,12 +33,19 @@ def score_plans(model, tokenizer, records: Sequence, retains: Sequence[str], *, 
     and answer: the held-out loss), with one batched teacher-forced pass per plan for both losses.
     """
     from megakv.data.sft import encode_record
-    from megakv.eval.qa import exact_match, greedy_answers, require_answer_budget, token_f1
+    from megakv.eval.qa import (
+        exact_match,
+        greedy_answers,
+        predicted_answer,
+        require_answer_budget,
+        stop_ids_of,
+        token_f1,
+    )
     from megakv.routing import deployment_plan
 
     info = tokenizer.info
     pad_id = info.pad_id if info.pad_id is not None else info.eos_id
-    stop = {info.eos_id, pad_id}
+    stop = stop_ids_of(tokenizer, model, pad_id)
     encoded = [encode_record(tokenizer, r, "cqa", seq_len, info.eos_id, pad_id, info.bos_id) for r in records]
     device = model.embed.weight.device
     tokens = torch.as_tensor(np.stack([t for t, _ in encoded]), device=device)
@@ -67,7 +74,7 @@ def score_plans(model, tokenizer, records: Sequence, retains: Sequence[str], *, 
             continue
         answers = greedy_answers(model, prompts, plan, max_new_tokens, stop, info.vocab_size, batch, info.eos_id,
                                  pad_id)
-        predicted = [tokenizer.decode(a).strip().split("\n")[0].strip() for a in answers]
+        predicted = [predicted_answer(tokenizer.decode(a), r.answer) for a, r in zip(answers, records)]
         n = max(1, len(records))
         scores[spec] = {"exact_match": sum(exact_match(p, r.answer) for p, r in zip(predicted, records)) / n,
                         "f1": sum(token_f1(p, r.answer) for p, r in zip(predicted, records)) / n,
