@@ -16,6 +16,8 @@ def replace_directory(new: str | Path, target: str | Path) -> None:
     fails the old directory is put back.
     """
     new, target = Path(new), Path(target)
+    if target.is_symlink() or (target.exists() and not target.is_dir()):  # never swap a user's link or file
+        raise NotADirectoryError(f"{target} is a link or a file, not a directory megakv wrote: nothing was changed")
     if not target.exists():
         os.replace(new, target)
         return

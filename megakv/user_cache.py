@@ -8,9 +8,7 @@ from pathlib import Path
 
 
 def cache_root() -> Path:
-    """$MEGAKV_CACHE; else $MEGAKV_CACHE_DIR (its older name); else $XDG_CACHE_HOME/megakv; else ~/.cache/megakv.
-    An empty variable counts as unset."""
-    for name in ("MEGAKV_CACHE", "MEGAKV_CACHE_DIR"):
-        if os.environ.get(name):
-            return Path(os.environ[name])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "megakv"
+    """$MEGAKV_CACHE, else ~/.cache/megakv (an empty variable counts as unset). The downloads' rule since
+    they were added: a cache directory that moved with other variables would leave existing downloads behind
+    (compute nodes without network could no longer build the corpora)."""
+    return Path(os.environ.get("MEGAKV_CACHE") or Path.home() / ".cache" / "megakv")

@@ -51,3 +51,18 @@ def test_a_failed_rename_puts_the_old_directory_back(tmp_path, monkeypatch):
         replace_directory(new, target)
     assert (target / "file").read_text() == "old" and (new / "file").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out.tmp"]
+
+
+def test_a_link_or_file_target_is_refused_before_anything_moves(tmp_path):
+    """A symlinked target was swapped for a real directory, a stray .old-* link left, and the call still failed."""
+    from megakv.directories import replace_directory
+
+    real = tmp_path / "real"
+    real.mkdir()
+    link = tmp_path / "out"
+    link.symlink_to(real)
+    new = tmp_path / "new"
+    new.mkdir()
+    with pytest.raises(NotADirectoryError, match="nothing was changed"):
+        replace_directory(new, link)
+    assert link.is_symlink() and new.is_dir() and sorted(p.name for p in tmp_path.iterdir()) == ["new", "out", "real"]

@@ -134,7 +134,7 @@ def test_the_window_holds_the_evidence_span_itself_or_the_record_is_refused(toke
         assert evidence in prompt, opening[:10]
     too_long = QARecord(filler + "the king loves " + "old Rome and " * 60 + "the sea." + filler,
                         "What does the king love?", "the sea", evidence="the king loves " + "old Rome and " * 60)
-    with pytest.raises(DataError, match="does not fit in the .* tokens left for the context"):
+    with pytest.raises(DataError, match="alone takes .* tokens, more than the .* left for the context"):
         encode_record(tok, too_long, "cqa", SEQ, eos, pad)
 
 

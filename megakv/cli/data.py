@@ -8,7 +8,7 @@
     megakv-data info PREFIX...          documents, tokens, dtype and metadata of prepared pairs; scans the .bin
                                         for ids above the bound its metadata claims (exit 2 naming the sequence)
 
-Downloads are verified and cached in $MEGAKV_CACHE (default $XDG_CACHE_HOME/megakv, else ~/.cache/megakv), never
+Downloads are verified and cached in $MEGAKV_CACHE (default ~/.cache/megakv), never
 in the repository.
 """
 

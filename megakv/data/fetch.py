@@ -1,6 +1,6 @@
 """Downloading pinned packages with the registries' own clients, into a cache outside the repository.
 
-Cache: megakv/user_cache.py's cache_root() (`$MEGAKV_CACHE`, else `$XDG_CACHE_HOME/megakv`, else
+Cache: megakv/user_cache.py's cache_root() (`$MEGAKV_CACHE`, else
 `~/.cache/megakv`). PyPI and npm files are pinned by sha256 and verified;
 Debian packages are verified by apt itself (signed archive indexes) and pinned by version: the archive drops
 old versions, so a pin it no longer holds falls back to its current version, loudly (the text then differs).

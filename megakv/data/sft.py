@@ -134,25 +134,27 @@ def _focus_span(context: str, focus: str) -> tuple[int, int] | None:
     return (at, at + len(focus)) if at >= 0 else None
 
 
-def _fit_context(tokenizer: Tokenizer, context: str, room: int, focus: str, record_id: str = "") -> list[int]:
+def _fit_context(tokenizer: Tokenizer, context: str, room: int, focus: str, record_id: str = "",
+                 required: bool = False) -> list[int]:
     """At most `room` tokens of the context; when it is longer, a character window around `focus` (the
-    evidence, else the answer; else the context's start), shrunk until it fits. A focus that cannot fit whole
-    is refused: the window would hold neither it nor, usually, the answer."""
+    evidence, else the answer; else the context's start), shrunk until it fits but never below the focus
+    itself. A `required` focus (the evidence) that cannot fit whole is refused; another is cut to the room."""
     ids = tokenizer.encode(context)
     if len(ids) <= room:
         return ids
     span = _focus_span(context, focus)
     centre = (span[0] + span[1]) // 2 if span is not None else 0
-    width = max(1, int(room * len(context) / len(ids)))
+    narrowest = span[1] - span[0] if span is not None else 1
+    width = max(narrowest, int(room * len(context) / len(ids)))
     while True:
         first = max(0, min(centre - width // 2, len(context) - width))
         ids = tokenizer.encode(context[first:first + width])
-        if len(ids) <= room or width == 1:
+        if len(ids) <= room or width == narrowest:
             break
-        width = max(1, int(width * 0.9))
-    if span is not None and (first > span[0] or first + width < span[1] or len(ids) > room):
-        raise DataError(f"record {record_id!r}: its evidence (or answer) {focus.strip()[:60]!r} does not fit in "
-                        f"the {room} tokens left for the context", "raise --seq-len, or shorten the evidence")
+        width = max(narrowest, int(width * 0.9))
+    if len(ids) > room and required and span is not None:
+        raise DataError(f"record {record_id!r}: its evidence {focus.strip()[:60]!r} alone takes {len(ids)} tokens, "
+                        f"more than the {room} left for the context", "raise --seq-len, or shorten the evidence")
     return ids[:room]
 
 
@@ -174,7 +176,8 @@ def encode_prompt(tokenizer: Tokenizer, record: QARecord, order: str, budget: in
     """Prompt ids of at most `budget` tokens (the context trimmed to fit around `focus`); the same for
     training and eval."""
     head, context, tail, room = _framed(tokenizer, record, order, budget, bos_id)
-    return head + _fit_context(tokenizer, context, room, focus, record.id) + tail
+    return head + _fit_context(tokenizer, context, room, focus, record.id,
+                               required=bool(record.evidence) and focus == record.evidence) + tail
 
 
 def _prompt_budget(tokenizer: Tokenizer, record: QARecord, seq_len: int) -> int:

@@ -9,7 +9,7 @@ run). Numbers agree with SDPA to ~1e-6, and with a float64 reference at least as
 
 The kernel is plain C with vector extensions. `DecodeAttentionKernel.load()` compiles it once per source,
 compiler and CPU into kernels/ of the user's megakv cache (megakv/user_cache.py: $MEGAKV_CACHE, else
-$XDG_CACHE_HOME/megakv, else ~/.cache/megakv; the data downloads' root too) and loads it with ctypes; it
+~/.cache/megakv; the data downloads' root too) and loads it with ctypes; it
 returns None when there is no working compiler, and the engine then keeps SDPA (same numbers, slower). The
 build is atomic (compiled to a private name, then renamed), so concurrent processes never load a half-written
 library.

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from megakv.config import MegaKVConfig, to_yaml
 from megakv.config.errors import ConfigError
 from megakv.data.boundaries import mask_documents
+from megakv.data.errors import DataError
 from megakv.data.tokenizer import refresh_copy
 from megakv.optim.schedule import resume_schedule_notice
 from megakv.parallel import ParallelContext
@@ -80,14 +81,20 @@ class Trainer:
         self.data = build_data(cfg.data, self.seq_len, is_builder=ctx.is_global_zero, barrier=ctx.barrier,
                                train_samples=cfg.train.steps * cfg.train.global_batch)
         self.data.check_validation(cfg.validation.every)
-        self.data.check_model_vocab(cfg.model.vocab_size)
         resume = self.launch.resume
+        try:  # the checks are the data layer's; the error names the config field to change
+            self.data.check_model_vocab(cfg.model.vocab_size)
+        except DataError as e:
+            raise ConfigError("model.vocab_size", cfg.model.vocab_size, e.problem, e.fix) from None
         if resume is not None:
             saved = resume.state
-            self.data.check_resume({"consumed_samples": saved.consumed_samples,
-                                    "data_fingerprint": saved.data_fingerprint,
-                                    "loss_mask_fingerprint": saved.loss_mask_fingerprint},
-                                   resume.path, cfg.train.run_dir)
+            try:
+                self.data.check_resume({"consumed_samples": saved.consumed_samples,
+                                        "data_fingerprint": saved.data_fingerprint,
+                                        "loss_mask_fingerprint": saved.loss_mask_fingerprint},
+                                       resume.path, cfg.train.run_dir)
+            except DataError as e:
+                raise ConfigError("data.datasets", cfg.data.datasets, e.problem, e.fix) from None
         init_state = None
         if cfg.checkpoint.init_from and resume is None:
             init_state = _init_weights(cfg, cfg.checkpoint.init_from)
