@@ -299,7 +299,7 @@ def test_a_finetune_export_keeps_the_base_models_sampling_defaults(tmp_path, mod
         out = tmp_path / name
         assert convert_main(["from-checkpoint", str(run_dir), str(out), *extra]) == 0
         err = capsys.readouterr().err
-        assert f"warning: checkpoint.init_from {base} (the model this run fine-tuned) no longer exists" in err, err
-        assert "Fix: copy generation_config.json from the base model" in err and f"into {out}" in err, err
+        assert f"warning: checkpoint.init_from {base} (the model this run fine-tuned) is not found" in err, err
+        assert "copy generation_config.json from the base model into" in err and f"into {out}" in err, err
         settings = (out / "generation_config.json")
         assert not settings.exists() or "do_sample" not in json.loads(settings.read_text())

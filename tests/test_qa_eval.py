@@ -25,6 +25,7 @@ from megakv.eval.qa import (
     exact_match,
     greedy_answers,
     normalize_answer,
+    padding_id,
     predicted_answer,
     stop_ids_of,
     token_f1,
@@ -77,6 +78,18 @@ def test_every_end_id_of_the_model_config_stops_an_answer(qa_setup):
                       max_seq_len=64, eos_token_id=[tokenizer.info.eos_id, 7])
     stops = stop_ids_of(tokenizer, MegaKVModel(cfg), pad_id=0)
     assert {tokenizer.info.eos_id, 7, 0} <= stops
+
+
+def test_qa_batches_pad_with_an_id_the_model_embeds(qa_setup):
+    """A tokenizer pad id beyond the model's embedding rows was an IndexError (megakv-eval --task qa, study)."""
+    _, tok_dir = qa_setup
+    info = load_tokenizer(tok_dir).info
+    small = MegaKVModel(ModelConfig(vocab_size=max(info.pad_id, info.eos_id) + 1, d_model=32, n_layers=2,
+                                    n_heads=2, n_kv_heads=1, ffn_hidden=64, max_seq_len=64))
+    assert padding_id(load_tokenizer(tok_dir), small) == info.pad_id
+    tiny = MegaKVModel(ModelConfig(vocab_size=min(info.pad_id, info.eos_id), d_model=32, n_layers=2, n_heads=2,
+                                   n_kv_heads=1, ffn_hidden=64, max_seq_len=64))
+    assert padding_id(load_tokenizer(tok_dir), tiny) == 0
 
 
 @pytest.fixture(scope="module")

@@ -19,9 +19,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from megakv.data.documents import unpaired_surrogate
 from megakv.data.errors import DataError
@@ -31,6 +31,9 @@ from megakv.data.output_lock import output_lock
 from megakv.data.sources import UTF8_BOM
 from megakv.data.tokenizer import Tokenizer, load_tokenizer, save_beside_data
 from megakv.json_input import TOO_DEEP, parse_json
+
+if TYPE_CHECKING:
+    import torch
 
 IGNORE = -100  # torch.nn.functional.cross_entropy's default ignore_index
 ORDERS = ("qca", "cqa")  # question -> context -> answer, or context -> question -> answer
@@ -330,6 +333,8 @@ def attach_loss_mask(source, seq_len: int, meta: dict | None) -> None:
 
 def inputs_and_labels(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs, labels) of samples (batch, seq_len + 1); labels are IGNORE where they do not count."""
+    import torch  # here, not at the top: megakv-qa and its --help need no torch (1.4 s to import)
+
     ids = torch.where(block < 0, -block - 1, block)
     labels = torch.where(block < 0, torch.full_like(block, IGNORE), block)
     return ids[:, :-1].contiguous(), labels[:, 1:].contiguous()

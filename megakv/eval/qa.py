@@ -96,6 +96,14 @@ def predicted_answer(generated: str, reference: str) -> str:
     return "\n".join(lines[:reference.strip().count("\n") + 1]).strip()
 
 
+def padding_id(tokenizer: Tokenizer, model) -> int:
+    """The id QA batches are padded with: the tokenizer's pad (else its end token) when the model's embedding
+    has it, else 0. Padded positions are masked, so any id the embedding has will do (an added [PAD] may not)."""
+    info = tokenizer.info
+    candidates = (info.pad_id, info.eos_id)
+    return next((i for i in candidates if i is not None and 0 <= i < model.cfg.vocab_size), 0)
+
+
 def stop_ids_of(tokenizer: Tokenizer, model, pad_id: int | None) -> set[int]:
     """Ids that end a greedy answer: the tokenizer's end token, the padding id, and every end id of the model's
     config (an instruct model's end-of-turn token, which transformers' generate stops at too)."""
@@ -131,7 +139,7 @@ def evaluate_qa(model, tokenizer: Tokenizer, records: Sequence[QARecord], plans:
                 batch_size: int = 8, progress=None) -> list[QAResult]:
     """EM, F1 and answer loss of every plan on the same records and prompts."""
     info = tokenizer.info
-    pad_id = info.pad_id if info.pad_id is not None else info.eos_id
+    pad_id = padding_id(tokenizer, model)
     stop = stop_ids_of(tokenizer, model, pad_id)
     device = model.embed.weight.device
     prompts, teacher = [], []

@@ -18,6 +18,10 @@ from megakv.eval.qa import evenly_spaced
 from megakv.study.runs import model_fingerprint
 from megakv.train.run_dir import write_json_atomically
 
+# Bumped when answers are scored differently, so cached scores are not mixed with new ones (2: a prediction
+# keeps the reference's line count, every config end id stops an answer, the window sits on the evidence).
+SCORING_VERSION = 2
+
 Log = Callable[[str], None]
 RETAINS = ("every:1", "every:2", "every:3", "every:4")
 
@@ -36,6 +40,7 @@ def score_plans(model, tokenizer, records: Sequence, retains: Sequence[str], *, 
     from megakv.eval.qa import (
         exact_match,
         greedy_answers,
+        padding_id,
         predicted_answer,
         require_answer_budget,
         stop_ids_of,
@@ -44,7 +49,7 @@ def score_plans(model, tokenizer, records: Sequence, retains: Sequence[str], *, 
     from megakv.routing import deployment_plan
 
     info = tokenizer.info
-    pad_id = info.pad_id if info.pad_id is not None else info.eos_id
+    pad_id = padding_id(tokenizer, model)
     stop = stop_ids_of(tokenizer, model, pad_id)
     encoded = [encode_record(tokenizer, r, "cqa", seq_len, info.eos_id, pad_id, info.bos_id) for r in records]
     device = model.embed.weight.device
@@ -109,7 +114,8 @@ def evaluate_model(name: str, model_path: Path, test_records: Path, eval_dir: Pa
     path = eval_dir / f"{name}.json"
     key = {"model": str(model_path.resolve()), "fingerprint": model_fingerprint(model_path),
            "test_records": hashlib.sha256(Path(test_records).read_bytes()).hexdigest()[:16],
-           "records": records, "chosen": "evenly spaced", "seq_len": seq_len, "max_new_tokens": max_new_tokens}
+           "records": records, "chosen": "evenly spaced", "seq_len": seq_len, "max_new_tokens": max_new_tokens,
+           "scoring": SCORING_VERSION}
     if path.is_file():
         cached = json.loads(path.read_text())
         if cached.get("key") == key:

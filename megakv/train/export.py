@@ -150,11 +150,12 @@ def _base_generation_config(run_dir: Path, out_dir: str | Path) -> dict | None:
     if not init_from:
         return None
     if not Path(init_from).is_dir():
-        print(f"megakv-convert: warning: checkpoint.init_from {init_from} (the model this run fine-tuned) no longer "
-              f"exists, so {out_dir} gets no {GENERATION_FILE} from it: the base model's sampling defaults (do_sample, "
-              f"temperature, top_p...), if it had any, are lost and transformers' generate() on the export decodes "
-              f"greedily. Fix: copy {GENERATION_FILE} from the base model (its transformers directory or megakv "
-              f"model directory) into {out_dir}", file=sys.stderr, flush=True)
+        where = Path(init_from).absolute()  # a relative path is read from the current directory
+        print(f"megakv-convert: warning: checkpoint.init_from {init_from} (the model this run fine-tuned) is not "
+              f"found at {where}, so {out_dir} gets no {GENERATION_FILE} from it: the base model's sampling "
+              f"defaults (do_sample, temperature, top_p...), if it had any, are lost and transformers' generate() on "
+              f"the export decodes greedily. Fix: run from the directory the run was launched from, or copy "
+              f"{GENERATION_FILE} from the base model into {out_dir}", file=sys.stderr, flush=True)
         return None
     return read_generation_config(init_from)
 
